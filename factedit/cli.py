@@ -1,0 +1,165 @@
+"""The `factedit` command line.
+
+    factedit edit --prompt P --target T [--method ft_l] [--journal F] [--model M] [--set key=value]
+    factedit revert ID --journal F
+    factedit history --journal F
+    factedit diff ID --journal F [--probe P ...]
+    factedit eval method=ft_l data=counterfact n=200 ...      (Hydra overrides; see configs/eval.yaml)
+    factedit train-mend ...                                    (Hydra overrides; see configs/mend/)
+
+Each run with a journal reloads the base model recorded in the journal and replays its active edits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import display
+from .editing.editor import Editor
+from .editing.errors import FacteditError
+from .editing.journal import Journal
+from .editing.loading import load_model
+
+DEFAULT_METHOD = "ft_l"
+
+
+def _parse_value(text: str) -> Any:
+    """`--set` values: JSON when it parses (numbers, lists, null), else the plain string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    result = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set takes key=value, got {pair!r}")
+        result[key] = _parse_value(value)
+    return result
+
+
+def _journal_model_and_method(path: Path | None, model_arg: str | None) -> tuple[str | None, str | None]:
+    """The model to load (the journal's, unless it is new) and the journal's last method."""
+    if path is None or not path.exists():
+        return model_arg, None
+    with Journal(path) as journal:
+        if journal.is_new:
+            return model_arg, None
+        recorded = journal.meta["model_id"]
+        if model_arg is not None and model_arg != recorded:
+            raise SystemExit(f"journal {path} was made with model {recorded!r}, not {model_arg!r}")
+        order = journal.order()
+        method = journal.record(order[-1]).method if order else None
+    return (None if recorded == "default" else recorded), method
+
+
+def _open(args: argparse.Namespace, method: str | None = None, **overrides: Any):
+    journal = Path(args.journal) if args.journal else None
+    model_name, journal_method = _journal_model_and_method(journal, getattr(args, "model", None))
+    model, tokenizer = load_model(model_name)
+    editor = Editor(method or journal_method or DEFAULT_METHOD, tokenizer=tokenizer, journal=journal, **overrides)
+    editor.attach(model)
+    return model, editor
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    model, editor = _open(args, args.method, **_overrides(args.set))
+    with editor:
+        record = editor.edit(model, args.prompt, args.target, paraphrases=args.paraphrase, locality=args.locality)
+        print(json.dumps(record.to_dict(), indent=2) if args.json else display.format_record(record))
+    return 0
+
+
+def cmd_revert(args: argparse.Namespace) -> int:
+    model, editor = _open(args)
+    with editor:
+        record = editor.revert(model, args.id)
+        print(f"reverted {record.id} ({record.request.prompt!r} -> {record.request.target!r})")
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    with Journal(args.journal) as journal:
+        records = journal.records()
+    if args.json:
+        print(json.dumps([r.to_dict() for r in records], indent=2))
+    else:
+        print(display.format_history(records))
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    model, editor = _open(args)
+    with editor:
+        diff = editor.diff(args.id, model=model, probes=args.probe)
+        print(json.dumps(diff.to_dict(), indent=2) if args.json else display.format_diff(diff))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="factedit", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    edit = sub.add_parser("edit", help="apply one edit")
+    edit.add_argument("--prompt", required=True)
+    edit.add_argument("--target", required=True)
+    edit.add_argument("--method", default=None, help=f"registered method (default {DEFAULT_METHOD})")
+    edit.add_argument("--journal", help="journal file (created if missing); without it nothing persists")
+    edit.add_argument("--model", help="hub id or local folder for a new journal (default: embedded model)")
+    edit.add_argument("--paraphrase", action="append", default=[])
+    edit.add_argument("--locality", action="append", default=[])
+    edit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method config override")
+    edit.add_argument("--json", action="store_true")
+    edit.set_defaults(func=cmd_edit)
+
+    revert = sub.add_parser("revert", help="revert one edit exactly")
+    revert.add_argument("id")
+    revert.add_argument("--journal", required=True)
+    revert.set_defaults(func=cmd_revert)
+
+    history = sub.add_parser("history", help="list a journal's edits")
+    history.add_argument("--journal", required=True)
+    history.add_argument("--json", action="store_true")
+    history.set_defaults(func=cmd_history)
+
+    diff = sub.add_parser("diff", help="what one edit changed")
+    diff.add_argument("id")
+    diff.add_argument("--journal", required=True)
+    diff.add_argument("--probe", action="append", default=[], help="extra prompt to compare before/after")
+    diff.add_argument("--json", action="store_true")
+    diff.set_defaults(func=cmd_diff)
+    return parser
+
+
+# Subcommands that take Hydra overrides are dispatched before argparse sees them.
+_HYDRA_COMMANDS = {
+    "eval": "factedit.evaluation.cli",
+    "train-mend": "factedit.mend.train",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if argv and argv[0] in _HYDRA_COMMANDS:
+        import importlib
+
+        return importlib.import_module(_HYDRA_COMMANDS[argv[0]]).main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FacteditError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,158 @@
+"""Deltas: what an edit method computed, per parameter, before anything touches the weights.
+
+A `Delta` maps parameter names to `ParamDelta`s, each either a dense tensor shaped like the parameter
+or low-rank factors `left @ right` in the parameter's own layout (so the Editor never needs to know
+about Conv1D orientation). Entries carry a `kind` so editors that add modules (adapters, codebooks)
+can join later without changing the journal format.
+
+Low-rank factors are materialised in float64 on the CPU and then rounded to the parameter's dtype:
+the rounding absorbs differences in BLAS summation order, so replaying an edit in another process
+gives the same bits.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Iterator, Mapping
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from .errors import InvalidDeltaError
+
+DENSE = "dense"
+LOW_RANK = "low_rank"
+_FORMAT = "factedit.delta/1"
+
+
+@dataclass(frozen=True)
+class ParamDelta:
+    """The change to one parameter: `dense`, or `left @ right` (rank = left.shape[1])."""
+
+    dense: torch.Tensor | None = None
+    left: torch.Tensor | None = None  # (rows, r) in the parameter's layout
+    right: torch.Tensor | None = None  # (r, cols)
+
+    def __post_init__(self) -> None:
+        if (self.dense is None) == (self.left is None or self.right is None):
+            raise InvalidDeltaError("a ParamDelta is either dense or a pair of low-rank factors")
+        if self.left is not None and (
+            self.left.dim() != 2 or self.right.dim() != 2 or self.left.shape[1] != self.right.shape[0]
+        ):
+            raise InvalidDeltaError(
+                f"low-rank factors must be (rows, r) and (r, cols); got {tuple(self.left.shape)} "
+                f"and {tuple(self.right.shape)}"
+            )
+
+    @property
+    def kind(self) -> str:
+        return DENSE if self.dense is not None else LOW_RANK
+
+    @property
+    def shape(self) -> torch.Size:
+        if self.dense is not None:
+            return self.dense.shape
+        return torch.Size((self.left.shape[0], self.right.shape[1]))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        if self.dense is not None:
+            return {"dense": self.dense}
+        return {"left": self.left, "right": self.right}
+
+    def is_finite(self) -> bool:
+        return all(bool(torch.isfinite(t).all()) for t in self.tensors().values())
+
+    def materialize(self, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The dense change in `dtype` on `device` (deterministic, see the module docstring)."""
+        if self.dense is not None:
+            return self.dense.to(device=device, dtype=dtype)
+        product = self.left.detach().cpu().double() @ self.right.detach().cpu().double()  # (rows, cols)
+        return product.to(dtype=dtype).to(device)
+
+    def detached_cpu(self) -> "ParamDelta":
+        return ParamDelta(**{k: v.detach().to("cpu").contiguous() for k, v in self.tensors().items()})
+
+
+@dataclass(frozen=True)
+class Delta:
+    """A whole edit's change: parameter name -> ParamDelta, in a fixed order."""
+
+    params: Mapping[str, ParamDelta]
+
+    def __post_init__(self) -> None:
+        if not self.params:
+            raise InvalidDeltaError("a delta must change at least one parameter")
+        object.__setattr__(self, "params", dict(self.params))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.params)
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def items(self):
+        return self.params.items()
+
+    def names(self) -> list[str]:
+        return list(self.params)
+
+    def detached_cpu(self) -> "Delta":
+        return Delta({name: p.detached_cpu() for name, p in self.params.items()})
+
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for p in self.params.values() for t in p.tensors().values())
+
+    def check_against(self, named_params: Mapping[str, torch.nn.Parameter]) -> None:
+        """Refuse a delta that names unknown parameters, has the wrong shape, or holds NaN/inf."""
+        for name, pdelta in self.params.items():
+            if name not in named_params:
+                raise InvalidDeltaError(f"the delta changes {name!r}, which the model does not have")
+            if tuple(pdelta.shape) != tuple(named_params[name].shape):
+                raise InvalidDeltaError(
+                    f"the delta for {name!r} has shape {tuple(pdelta.shape)}, the parameter "
+                    f"{tuple(named_params[name].shape)}"
+                )
+            if not pdelta.is_finite():
+                raise InvalidDeltaError(f"the delta for {name!r} contains NaN or inf; nothing was applied")
+
+    # --- serialisation: safetensors bytes, never pickle -------------------------------------------
+    def to_bytes(self, metadata: Mapping[str, str] | None = None) -> bytes:
+        tensors: dict[str, torch.Tensor] = {}
+        layout = {}
+        for name, pdelta in self.params.items():
+            layout[name] = pdelta.kind
+            for part, tensor in pdelta.tensors().items():
+                tensors[f"{name}::{part}"] = tensor.detach().cpu().contiguous()
+        meta = {"format": _FORMAT, "layout": json.dumps(layout)}
+        meta.update(metadata or {})
+        return save_safetensors(tensors, metadata=meta)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Delta":
+
+        tensors = load_safetensors(data)
+        layout = json.loads(delta_metadata(data).get("layout", "{}"))
+        if not layout:
+            raise InvalidDeltaError("not a factedit delta: its safetensors metadata has no layout")
+        params = {}
+        for name, kind in layout.items():
+            parts = ("dense",) if kind == DENSE else ("left", "right")
+            try:
+                params[name] = ParamDelta(**{p: tensors[f"{name}::{p}"] for p in parts})
+            except KeyError as exc:
+                raise InvalidDeltaError(f"the delta for {name!r} lacks its {exc.args[0]!r} tensor") from None
+        return cls(params)
+
+
+def delta_metadata(data: bytes) -> dict[str, str]:
+    """The string metadata of a safetensors blob (its JSON header), without loading tensors."""
+    if len(data) < 8:
+        raise InvalidDeltaError("not a safetensors blob: too short")
+    header_len = int.from_bytes(data[:8], "little")
+    try:
+        header = json.loads(data[8 : 8 + header_len])
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidDeltaError("not a safetensors blob: unreadable header") from None
+    return dict(header.get("__metadata__", {}))

@@ -1,0 +1,107 @@
+"""What one edit changed: parameter norms and ranks, and predictions before and after."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from transformers import PreTrainedTokenizerBase
+
+from .record import EditRecord
+from .scoring import score_requests
+from .weights import WeightState
+
+
+@dataclass(frozen=True)
+class ParamChange:
+    name: str
+    shape: tuple[int, ...]
+    kind: str  # "dense" or "low_rank"
+    fro_norm: float  # ‖Δ‖_F
+    relative_norm: float  # ‖Δ‖_F / ‖W_base‖_F
+    rank: int  # numerical rank of Δ
+
+
+@dataclass(frozen=True)
+class EditDiff:
+    edit_id: str
+    params: list[ParamChange]
+    predictions: list[dict[str, Any]]  # per prompt: {"prompt", "before": top-k, "after": top-k}
+    probes: list[dict[str, Any]] = field(default_factory=list)  # same shape, for probe prompts
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "edit_id": self.edit_id,
+            "params": [vars(p) for p in self.params],
+            "predictions": self.predictions,
+            "probes": self.probes,
+        }
+
+
+def param_changes(record: EditRecord, state: WeightState, model: nn.Module | None) -> list[ParamChange]:
+    changes = []
+    params = dict(model.named_parameters()) if model is not None else {}
+    for name, pdelta in record.delta.items():
+        dense = pdelta.materialize(torch.float32)  # (rows, cols)
+        base = state.base.get(name)
+        if base is None and name in params:
+            base = params[name].detach().cpu()
+        base_norm = float(base.float().norm()) if base is not None else float("nan")
+        norm = float(dense.norm())
+        changes.append(
+            ParamChange(
+                name=name, shape=tuple(dense.shape), kind=pdelta.kind, fro_norm=norm,
+                relative_norm=norm / base_norm if base_norm else float("nan"),
+                rank=int(torch.linalg.matrix_rank(dense)) if norm > 0 else 0,
+            )
+        )
+    return changes
+
+
+def diff_edit(
+    record: EditRecord,
+    state: WeightState,
+    tokenizer: PreTrainedTokenizerBase,
+    model: nn.Module | None,
+    probes: Sequence[str],
+) -> EditDiff:
+    predictions = [
+        {"prompt": request.prompt, "before": pre["top"], "after": post["top"]}
+        for request, pre, post in zip(
+            record.requests, record.pre.get("requests", []), record.post.get("requests", [])
+        )
+    ]
+    probe_rows: list[dict[str, Any]] = []
+    if probes:
+        if model is None:
+            raise ValueError("diff with probes needs the model")
+        after = score_requests(model, tokenizer, [], probes=probes)["probes"]
+        if record.id in state.active:
+            without = state.weights_without(model, record.id)
+            with torch.no_grad():
+                before_model = _FunctionalModel(model, without)
+                before = score_requests(before_model, tokenizer, [], probes=probes)["probes"]
+        else:
+            before = after  # a reverted edit changes nothing now
+        probe_rows = [
+            {"prompt": b["prompt"], "before": b["top"], "after": a["top"]} for b, a in zip(before, after)
+        ]
+    return EditDiff(record.id, param_changes(record, state, model), predictions, probe_rows)
+
+
+class _FunctionalModel(nn.Module):
+    """`model` with some parameters replaced, through functional_call (the model is not touched)."""
+
+    def __init__(self, model: nn.Module, replaced: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self._model = [model]  # a list, so the model is not registered as a submodule
+        self._replaced = replaced
+
+    def parameters(self, recurse: bool = True):
+        return self._model[0].parameters(recurse)
+
+    def forward(self, **kwargs: Any):
+        return functional_call(self._model[0], self._replaced, args=(), kwargs=kwargs)

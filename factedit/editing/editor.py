@@ -1,0 +1,284 @@
+"""The Editor: the one object that computes, applies, records and reverts edits.
+
+    editor = Editor("ft_l", tokenizer=tok, journal="edits.sqlite")
+    record = editor.edit(model, "The capital of France is", "Rome")
+    editor.revert(model, record.id)
+
+An Editor binds to the first model it is used with (and, with a journal, replays the journal's
+active edits onto it, after checking it is the journal's base model). See design.md for the steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import weakref
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from .._version import __version__
+from .delta import Delta, delta_metadata
+from .diff import EditDiff, diff_edit
+from .errors import ConfigError, EditNotFoundError, InvalidDeltaError, ModelMismatchError
+from .journal import Journal
+from .loading import model_id as model_id_of
+from .methods import config_to_dict, get_method, make_config
+from .record import EditRecord, new_edit_id
+from .request import EditRequest, TokenizedRequest, as_requests, max_context, tokenize_request
+from .scoring import score_requests
+from .weights import WeightState, model_fingerprint, tensor_sha256
+
+
+EXPORT_FORMAT = "factedit.edit/1"
+
+
+def _ms(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000, 3)
+
+
+class Editor:
+    """Edits facts in a causal LM with one registered method and undoes them exactly.
+
+    Args:
+        method: a registered method name (`factedit.available_methods()`).
+        tokenizer: the model's tokenizer.
+        journal: path of a persistent journal (created if missing), or an open `Journal`; None keeps
+            history in memory only.
+        score: measure each edit before and after (target probability, top-5, locality); turn off
+            when an evaluation measures on its own.
+        **overrides: fields of the method's config dataclass; unknown names are errors.
+    """
+
+    def __init__(
+        self,
+        method: str,
+        *,
+        tokenizer: PreTrainedTokenizerBase,
+        journal: str | os.PathLike | Journal | None = None,
+        score: bool = True,
+        **overrides: Any,
+    ) -> None:
+        spec = get_method(method)
+        self.method = method
+        self.config = make_config(spec.config_cls, overrides)
+        self.tokenizer = tokenizer
+        self.score = score
+        self._impl = spec.build(self.config)
+        self._journal = journal if isinstance(journal, Journal) or journal is None else Journal(journal)
+        self._records: dict[str, EditRecord] = {}
+        self._state = WeightState()
+        self._model_ref: weakref.ref | None = None
+        self._model_id = ""
+        self._fingerprint = ""
+        self._lock = threading.RLock()  # edits from several threads (app sessions) are serialised
+
+    # --- public API --------------------------------------------------------------------------------
+    @property
+    def history(self) -> list[EditRecord]:
+        """Every edit, oldest first, with status active or reverted."""
+        with self._lock:
+            if self._model_ref is None and self._journal is not None:
+                return self._journal.records()
+            return list(self._records.values())
+
+    @property
+    def journal_path(self) -> Path | None:
+        return self._journal.path if self._journal is not None else None
+
+    def edit(
+        self,
+        model: nn.Module,
+        prompt: str,
+        target: str,
+        *,
+        subject: str | None = None,
+        paraphrases: Sequence[str] = (),
+        locality: Sequence[str] = (),
+    ) -> EditRecord:
+        """Make `prompt` continue with `target`; edits `model` in place and returns the record."""
+        request = EditRequest(prompt, target, subject, tuple(paraphrases), tuple(locality))
+        return self.edit_batch(model, [request])
+
+    def edit_batch(self, model: nn.Module, requests: Sequence[EditRequest | Mapping[str, Any]]) -> EditRecord:
+        """Several facts in one update (one record)."""
+        return self._edit(
+            model, as_requests(requests), lambda tokenized: self._impl.compute(model, self.tokenizer, tokenized),
+            self.method, config_to_dict(self.config),
+        )
+
+    def export_edit(self, edit_id: str, path: str | os.PathLike) -> Path:
+        """Write one edit to a self-describing file: safetensors holding the delta, with the record
+        (requests, method, config, base model id and fingerprint, version) as JSON metadata."""
+        record = self._record_with_delta(edit_id)
+        meta = {"format": EXPORT_FORMAT, "record": json.dumps(record.to_dict())}
+        path = Path(path)
+        path.write_bytes(record.delta.to_bytes(meta))
+        return path
+
+    def import_edit(self, model: nn.Module, path: str | os.PathLike) -> EditRecord:
+        """Apply an edit exported by `export_edit` (from any method) as a new edit of this Editor.
+        Refused, with nothing changed, if it was made on another base model."""
+        data = Path(path).read_bytes()
+        meta = delta_metadata(data)
+        if meta.get("format") != EXPORT_FORMAT:
+            raise InvalidDeltaError(f"{path} is not an exported factedit edit")
+        exported = json.loads(meta["record"])
+        delta = Delta.from_bytes(data)
+        with self._lock:
+            self.attach(model)
+            if exported["model_fingerprint"] != self._fingerprint:
+                raise ModelMismatchError(
+                    f"{path} was made on model {exported['model_id']!r} (fingerprint "
+                    f"{exported['model_fingerprint']}), not this one ({self._fingerprint})"
+                )
+            requests = [EditRequest.from_dict(r) for r in exported["requests"]]
+            return self._edit(model, requests, lambda _: delta, exported["method"], exported["config"])
+
+    def _edit(
+        self,
+        model: nn.Module,
+        requests: list[EditRequest],
+        compute: Callable[[list[TokenizedRequest]], Delta],
+        method: str,
+        config: Mapping[str, Any],
+    ) -> EditRecord:
+        """Steps 1-7 of an edit (design.md): tokenize, score, compute, apply, score, record, journal."""
+        start = time.perf_counter()
+        with self._lock:
+            self.attach(model)
+            context = max_context(model.config)
+            tokenized = [tokenize_request(r, self.tokenizer, context) for r in requests]
+            timings: dict[str, float] = {}
+
+            t = time.perf_counter()
+            pre = score_requests(model, self.tokenizer, tokenized) if self.score else {}
+            timings["score_ms"] = _ms(t)
+
+            t = time.perf_counter()
+            delta = compute(tokenized).detached_cpu()
+            timings["compute_ms"] = _ms(t)
+
+            edit_id = new_edit_id()
+            first_touched = [n for n in delta.names() if n not in self._state.base]
+            t = time.perf_counter()
+            self._state.apply(model, edit_id, delta)  # validates; refuses before writing anything
+            timings["apply_ms"] = _ms(t)
+
+            t = time.perf_counter()
+            if self.score:
+                old = [r["old_answer"]["id"] for r in pre["requests"]]
+                post = score_requests(model, self.tokenizer, tokenized, old_answers=old)
+            else:
+                post = {}
+            timings["score_ms"] += _ms(t)
+
+            timings["edit_ms"] = _ms(start)  # the journal write is timed apart, as journal_ms
+            record = EditRecord(
+                id=edit_id, method=method, config=dict(config), requests=tuple(requests), pre=pre,
+                post=post, timings=timings, model_id=self._model_id, model_fingerprint=self._fingerprint,
+                factedit_version=__version__, delta=delta,
+            )
+            if self._journal is not None:
+                t = time.perf_counter()
+                base_hashes = {n: tensor_sha256(self._state.base[n]) for n in first_touched}
+                try:
+                    self._journal.append(record, base_hashes)
+                except Exception:
+                    self._state.revert(model, edit_id)  # the journal refused: undo, change nothing
+                    raise
+                timings["journal_ms"] = _ms(t)
+            self._records[edit_id] = record
+            return record
+
+    def revert(self, model: nn.Module, edit_id: str) -> EditRecord:
+        """Undo one active edit exactly; the other edits stay. Returns the updated record."""
+        with self._lock:
+            self.attach(model)
+            record = self._records.get(edit_id)
+            if record is None:
+                raise EditNotFoundError(f"no edit with id {edit_id!r}; known: {', '.join(self._records) or 'none'}")
+            if record.status != "active":
+                raise EditNotFoundError(f"edit {edit_id} is already reverted")
+            updated = record.with_status("reverted")
+            if self._journal is not None:
+                self._journal.set_status(updated)  # first: a failed write leaves the model as it was
+            self._state.revert(model, edit_id)
+            self._records[edit_id] = updated
+            return updated
+
+    def revert_all(self, model: nn.Module) -> list[EditRecord]:
+        """Revert every active edit, newest first."""
+        with self._lock:
+            self.attach(model)
+            active = [r.id for r in self._records.values() if r.status == "active"]
+            return [self.revert(model, edit_id) for edit_id in reversed(active)]
+
+    def diff(self, edit_id: str, model: nn.Module | None = None, probes: Sequence[str] = ()) -> EditDiff:
+        """What an edit changed: per parameter ‖Δ‖_F, ‖Δ‖/‖W‖ and rank, and the top-5 next tokens
+        before and after on its prompts; with `model` and `probes`, also on those prompts (scored
+        with and without the edit, the model untouched)."""
+        with self._lock:
+            record = self._record_with_delta(edit_id)
+            if model is not None:
+                self.attach(model)
+            return diff_edit(record, self._state, self.tokenizer, model, probes)
+
+    def delta(self, edit_id: str) -> Delta:
+        return self._record_with_delta(edit_id).delta
+
+    def attach(self, model: nn.Module) -> None:
+        """Bind to `model`; with a journal, check it is the journal's base model and replay the
+        journal's active edits onto it. Called by the first edit/revert; idempotent."""
+        with self._lock:
+            bound = self._model_ref() if self._model_ref is not None else None
+            if bound is model:
+                return
+            if self._model_ref is not None:
+                raise ConfigError("this Editor is bound to another model; make one Editor per model")
+            model_id, fingerprint = model_id_of(model), model_fingerprint(model)
+            records: list[EditRecord] = []
+            if self._journal is not None:
+                self._journal.check_model(model_id, fingerprint)
+                self._check_base_hashes(model)
+                records = self._journal.records()
+            state = WeightState()
+            for record in records:
+                if record.status == "active":
+                    state.apply(model, record.id, record.delta)
+            self._state, self._records = state, {r.id: r for r in records}
+            self._model_ref, self._model_id, self._fingerprint = weakref.ref(model), model_id, fingerprint
+
+    def close(self) -> None:
+        """Close the journal (releases its lock)."""
+        if self._journal is not None:
+            self._journal.close()
+
+    def __enter__(self) -> "Editor":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- internals ---------------------------------------------------------------------------------
+    def _check_base_hashes(self, model: nn.Module) -> None:
+        params = dict(model.named_parameters())
+        for name, expected in self._journal.meta.get("base_hashes", {}).items():
+            if name not in params or tensor_sha256(params[name]) != expected:
+                raise ModelMismatchError(
+                    f"parameter {name!r} of the given model differs from the base that journal "
+                    f"{self._journal.path} was made on (another model, or a model already edited). "
+                    "Give a freshly loaded copy of the journal's base model."
+                )
+
+    def _record_with_delta(self, edit_id: str) -> EditRecord:
+        record = self._records.get(edit_id)
+        if record is None and self._journal is not None and self._model_ref is None:
+            record = self._journal.record(edit_id)
+        if record is None:
+            raise EditNotFoundError(f"no edit with id {edit_id!r}")
+        return record

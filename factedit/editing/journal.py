@@ -1,0 +1,189 @@
+"""The persistent edit journal: one sqlite file through sqlitedict, with no pickle anywhere.
+
+Keys and values are bytes: `meta` and `record/<id>` hold UTF-8 JSON, `delta/<id>` holds safetensors
+bytes, `order` the JSON list of edit ids. Decoding is the identity, so opening a journal cannot run
+code. Each edit (record, delta, order and the base hashes of newly touched parameters) is committed
+in one sqlite transaction, so a crash leaves the journal at the last whole edit. An exclusive file
+lock beside the journal keeps a second process out while one has it open.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from sqlitedict import SqliteDict
+
+from .delta import Delta
+from .errors import EditNotFoundError, JournalError, ModelMismatchError
+from .record import EditRecord
+
+FORMAT = "factedit.journal/1"
+TABLE = "factedit_journal"
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def _encode(value: bytes) -> sqlite3.Binary:
+    return sqlite3.Binary(value)
+
+
+def _decode(value: bytes) -> bytes:
+    return bytes(value)
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True).encode()
+
+
+class Journal:
+    """An open journal file. Use as a context manager, or call `close()`.
+
+    lock_timeout: seconds to wait for another process to close the journal before giving up.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, lock_timeout: float = 10.0) -> None:
+        self.path = Path(path)
+        _check_is_journal_or_new(self.path)
+        self._lock_file = _acquire_lock(self.path.with_name(self.path.name + ".lock"), lock_timeout)
+        try:
+            self._db = self._open_db()
+            self.meta: dict[str, Any] = json.loads(self._db["meta"]) if "meta" in self._db else {}
+            if self.meta and self.meta.get("format") != FORMAT:
+                raise JournalError(f"{self.path} has journal format {self.meta.get('format')!r}, not {FORMAT}")
+        except Exception:
+            self.close()
+            raise
+
+    # --- reading -----------------------------------------------------------------------------------
+    @property
+    def is_new(self) -> bool:
+        return not self.meta
+
+    def order(self) -> list[str]:
+        return json.loads(self._db["order"]) if "order" in self._db else []
+
+    def records(self) -> list[EditRecord]:
+        """Every record with its delta, oldest first."""
+        return [self.record(edit_id) for edit_id in self.order()]
+
+    def record(self, edit_id: str) -> EditRecord:
+        try:
+            data = json.loads(self._db[f"record/{edit_id}"])
+            delta = Delta.from_bytes(self._db[f"delta/{edit_id}"])
+        except KeyError:
+            raise EditNotFoundError(f"edit {edit_id} is not in journal {self.path}") from None
+        return EditRecord.from_dict(data, delta=delta)
+
+    def check_model(self, model_id: str, fingerprint: str) -> None:
+        """Refuse a model other than the one the journal was made with."""
+        if self.meta and self.meta["model_fingerprint"] != fingerprint:
+            raise ModelMismatchError(
+                f"journal {self.path} was made with model {self.meta['model_id']!r} (fingerprint "
+                f"{self.meta['model_fingerprint']}); the given model {model_id!r} has fingerprint "
+                f"{fingerprint}. Load the journal's model, or start a new journal."
+            )
+
+    # --- writing (each call is one transaction) ----------------------------------------------------
+    def append(self, record: EditRecord, base_hashes: Mapping[str, str]) -> None:
+        """Store `record` and its delta; `base_hashes` are hashes of parameters it touches first."""
+        if record.delta is None:
+            raise JournalError("a record must carry its delta to be journaled")
+        meta = self.meta or {
+            "format": FORMAT,
+            "model_id": record.model_id,
+            "model_fingerprint": record.model_fingerprint,
+            "factedit_version": record.factedit_version,
+            "created_at": time.time(),
+            "base_hashes": {},
+        }
+        meta = {**meta, "base_hashes": {**meta["base_hashes"], **base_hashes}}
+        delta_meta = {"edit_id": record.id, "method": record.method, "model_id": record.model_id}
+        self._commit(
+            {
+                f"record/{record.id}": _json_bytes(record.to_dict()),
+                f"delta/{record.id}": record.delta.to_bytes(delta_meta),
+                "order": _json_bytes(self.order() + [record.id]),
+                "meta": _json_bytes(meta),
+            }
+        )
+        self.meta = meta
+
+    def set_status(self, record: EditRecord) -> None:
+        """Rewrite the record's status fields (revert)."""
+        key = f"record/{record.id}"
+        if key not in self._db:
+            raise EditNotFoundError(f"edit {record.id} is not in journal {self.path}")
+        self._commit({key: _json_bytes(record.to_dict())})
+
+    def _commit(self, items: Mapping[str, bytes]) -> None:
+        try:
+            for key, value in items.items():
+                self._db[key] = value
+            self._db.commit(blocking=True)
+        except Exception as exc:
+            # Drop the uncommitted writes: the file stays at the last whole transaction.
+            self._reopen()
+            raise JournalError(f"could not write journal {self.path}: {exc}") from exc
+
+    def _open_db(self) -> SqliteDict:
+        return SqliteDict(
+            str(self.path), tablename=TABLE, flag="c", autocommit=False,
+            encode=_encode, decode=_decode, outer_stack=False,
+        )
+
+    def _reopen(self) -> None:
+        self._db.close(do_log=False)  # without autocommit, closing rolls back what was not committed
+        self._db = self._open_db()
+
+    def close(self) -> None:
+        db = getattr(self, "_db", None)
+        if db is not None:
+            db.close()
+            self._db = None
+        if getattr(self, "_lock_file", None) is not None:
+            self._lock_file.close()  # releases the flock
+            self._lock_file = None
+
+    def __enter__(self) -> "Journal":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _check_is_journal_or_new(path: Path) -> None:
+    """A missing or empty file becomes a new journal; anything else must be one already."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb") as handle:
+        if handle.read(16) != _SQLITE_MAGIC:
+            raise JournalError(f"{path} is not a factedit journal (not an sqlite file)")
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+            found = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (TABLE,)).fetchone()
+    except sqlite3.DatabaseError as exc:
+        raise JournalError(f"{path} is not a readable factedit journal: {exc}") from exc
+    if not found:
+        raise JournalError(f"{path} is an sqlite file but not a factedit journal (no {TABLE} table)")
+
+
+def _acquire_lock(lock_path: Path, timeout: float):
+    handle = open(lock_path, "a+")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return handle
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                handle.close()
+                raise JournalError(
+                    f"journal {lock_path.with_suffix('')} is in use by another process; waited {timeout:.0f} s. "
+                    "Close the other factedit process (CLI, app) or use another journal file."
+                ) from None
+            time.sleep(0.05)

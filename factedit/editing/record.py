@@ -1,0 +1,81 @@
+"""EditRecord: everything about one applied edit, serialisable as JSON (the delta travels apart,
+as safetensors bytes)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, Mapping
+
+from .delta import Delta
+from .request import EditRequest
+
+Status = Literal["active", "reverted"]
+
+
+def new_edit_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+@dataclass(frozen=True)
+class EditRecord:
+    """One edit (one `edit` or `edit_batch` call).
+
+    pre/post: measurements on the requests before and after the edit (see `scoring.score_requests`).
+    timings: milliseconds (`compute_ms`, `apply_ms`, `edit_ms` for the whole call).
+    model_id/model_fingerprint: the base model the edit was made on (artifacts describe themselves).
+    """
+
+    id: str
+    method: str
+    config: Mapping[str, Any]
+    requests: tuple[EditRequest, ...]
+    pre: Mapping[str, Any]
+    post: Mapping[str, Any]
+    timings: Mapping[str, float]
+    model_id: str
+    model_fingerprint: str
+    factedit_version: str
+    created_at: float = field(default_factory=time.time)
+    status: Status = "active"
+    reverted_at: float | None = None
+    delta: Delta | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def request(self) -> EditRequest:
+        """The first (for `edit`, the only) request."""
+        return self.requests[0]
+
+    @property
+    def params(self) -> list[str]:
+        return self.delta.names() if self.delta is not None else []
+
+    def with_status(self, status: Status) -> "EditRecord":
+        return replace(self, status=status, reverted_at=time.time() if status == "reverted" else None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (without the delta tensors)."""
+        return {
+            "id": self.id,
+            "method": self.method,
+            "config": dict(self.config),
+            "requests": [r.to_dict() for r in self.requests],
+            "pre": dict(self.pre),
+            "post": dict(self.post),
+            "timings": dict(self.timings),
+            "model_id": self.model_id,
+            "model_fingerprint": self.model_fingerprint,
+            "factedit_version": self.factedit_version,
+            "created_at": self.created_at,
+            "status": self.status,
+            "reverted_at": self.reverted_at,
+            "params": self.params,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], delta: Delta | None = None) -> "EditRecord":
+        fields = dict(data)
+        fields.pop("params", None)
+        fields["requests"] = tuple(EditRequest.from_dict(r) for r in fields["requests"])
+        return cls(**fields, delta=delta)

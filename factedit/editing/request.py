@@ -1,0 +1,145 @@
+"""Edit requests: what to change, validated and tokenized once.
+
+The target is a continuation of the prompt. They are joined with one space unless the target already
+begins with whitespace or the prompt ends with it (`continuation`). Prompt and continuation are
+tokenized separately and concatenated, so the target's tokens never merge with the prompt's; every
+part of factedit that scores a target uses this one rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from transformers import PreTrainedTokenizerBase
+
+from .errors import InvalidRequestError
+
+
+def continuation(prompt: str, target: str) -> str:
+    """The text that follows `prompt` for `target`: `target` with one leading space unless either
+    side already has whitespace at the join."""
+    if target[:1].isspace() or prompt[-1:].isspace():
+        return target
+    return " " + target
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One fact to write: after the edit, `prompt` should continue with `target`.
+
+    subject: the entity the fact is about (used by methods that locate it; optional).
+    paraphrases: other prompts stating the same fact (generalization is measured on them).
+    locality: prompts whose predictions must not change (locality is measured on them).
+    """
+
+    prompt: str
+    target: str
+    subject: str | None = None
+    paraphrases: tuple[str, ...] = ()
+    locality: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Accept lists from callers but keep the request hashable and immutable.
+        object.__setattr__(self, "paraphrases", tuple(self.paraphrases))
+        object.__setattr__(self, "locality", tuple(self.locality))
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise InvalidRequestError("the prompt is empty: give the text the new fact should follow")
+        if not isinstance(self.target, str) or not self.target.strip():
+            raise InvalidRequestError("the target is empty: give the continuation the prompt should get")
+        for kind, texts in (("paraphrase", self.paraphrases), ("locality prompt", self.locality)):
+            if any(not isinstance(t, str) or not t.strip() for t in texts):
+                raise InvalidRequestError(f"a {kind} is empty")
+
+    @property
+    def continuation(self) -> str:
+        return continuation(self.prompt, self.target)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "prompt": self.prompt,
+            "target": self.target,
+            "subject": self.subject,
+            "paraphrases": list(self.paraphrases),
+            "locality": list(self.locality),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "EditRequest":
+        known = {"prompt", "target", "subject", "paraphrases", "locality"}
+        unknown = set(data) - known
+        if unknown:
+            raise InvalidRequestError(f"unknown request fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class TokenizedRequest:
+    """An EditRequest with its token ids: `prompt_ids + target_ids` is the training/scoring text."""
+
+    request: EditRequest
+    prompt_ids: tuple[int, ...]
+    target_ids: tuple[int, ...]
+    paraphrase_ids: tuple[tuple[int, ...], ...] = field(default=())
+
+    @property
+    def input_ids(self) -> tuple[int, ...]:
+        return self.prompt_ids + self.target_ids
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    """Prompt ids, with the special tokens the tokenizer adds at the start of a text (if any)."""
+    return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+
+def encode_target(tokenizer: PreTrainedTokenizerBase, prompt: str, target: str) -> list[int]:
+    """Ids of the target's continuation of `prompt`, without special tokens."""
+    return list(tokenizer(continuation(prompt, target), add_special_tokens=False)["input_ids"])
+
+
+def max_context(model_config: Any) -> int | None:
+    """The model's context length, from its config; None when the config does not say."""
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(model_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def tokenize_request(
+    request: EditRequest, tokenizer: PreTrainedTokenizerBase, context_length: int | None
+) -> TokenizedRequest:
+    """Tokenize and check that the request can be learned and scored by a model of that context."""
+    prompt_ids = encode_prompt(tokenizer, request.prompt)
+    target_ids = encode_target(tokenizer, request.prompt, request.target)
+    if not target_ids:
+        raise InvalidRequestError(f"the target {request.target!r} tokenizes to nothing")
+    texts = [(request.prompt, prompt_ids)]
+    paraphrase_ids = []
+    for text in request.paraphrases:
+        ids = encode_prompt(tokenizer, text)
+        paraphrase_ids.append(tuple(ids))
+        texts.append((text, ids))
+    for text, ids in texts:
+        if context_length is not None and len(ids) + len(target_ids) > context_length:
+            raise InvalidRequestError(
+                f"prompt plus target is {len(ids) + len(target_ids)} tokens, longer than the model's "
+                f"context of {context_length}: {text[:60]!r}..."
+            )
+    return TokenizedRequest(request, tuple(prompt_ids), tuple(target_ids), tuple(paraphrase_ids))
+
+
+def as_request(item: EditRequest | Mapping[str, Any]) -> EditRequest:
+    """An EditRequest from a request or a mapping with its fields."""
+    if isinstance(item, EditRequest):
+        return item
+    if isinstance(item, Mapping):
+        return EditRequest.from_dict(item)
+    raise InvalidRequestError(f"expected an EditRequest or a mapping, got {type(item).__name__}")
+
+
+def as_requests(items: Sequence[EditRequest | Mapping[str, Any]]) -> list[EditRequest]:
+    requests = [as_request(item) for item in items]
+    if not requests:
+        raise InvalidRequestError("no requests given")
+    return requests

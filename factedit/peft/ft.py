@@ -1,0 +1,89 @@
+"""Fine-tuning editors: `ft` (plain) and `ft_l` (constrained, Zhu et al. 2020; the FT+L baseline of
+the ROME paper).
+
+Both train copies of the chosen MLP matrices on the new targets through `torch.func.functional_call`,
+so the model's own weights are never written, and return `trained - original` as a dense delta.
+`ft_l` keeps every weight within an L∞ ball of radius `norm_constraint` around its original value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from transformers import PreTrainedTokenizerBase
+
+from ..editing.delta import Delta, ParamDelta
+from ..editing.methods import MethodSpec
+from ..editing.request import TokenizedRequest
+from ..editing.scoring import pad_id_of
+from ..editing.specs import mlp_param_names
+from .training import TrainingBatch, frozen, make_batch, optimize, seeded
+
+
+@dataclass(frozen=True)
+class FTConfig:
+    layers: tuple[int, ...] = (-8,)  # transformer blocks to edit; negative counts from the end
+    matrices: tuple[str, ...] = ("out",)  # MLP roles to train: "in", "gate" (gated MLPs), "out"
+    lr: float = 5e-4  # Adam learning rate
+    max_steps: int = 25  # cap on optimisation steps (early stop when every target token is argmax)
+    norm_constraint: float | None = None  # L∞ radius around the original weights; None = off
+    seed: int | None = 0  # fixes any randomness; None leaves torch's RNG as it is
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.max_steps < 1:
+            raise ValueError("lr must be > 0 and max_steps >= 1")
+        if self.norm_constraint is not None and self.norm_constraint <= 0:
+            raise ValueError("norm_constraint must be > 0, or None to turn it off")
+        if not self.layers or not self.matrices:
+            raise ValueError("layers and matrices must not be empty")
+
+
+@dataclass(frozen=True)
+class FTLConfig(FTConfig):
+    """FT with the L∞ constraint on by default."""
+
+    layers: tuple[int, ...] = (-8,)
+    lr: float = 5e-4
+    max_steps: int = 25
+    norm_constraint: float | None = 5e-4
+
+
+class FineTune:
+    """Compute a dense delta by fine-tuning the chosen MLP matrices (see module docstring)."""
+
+    def __init__(self, config: FTConfig) -> None:
+        self.config = config
+
+    def compute(
+        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[TokenizedRequest]
+    ) -> Delta:
+        cfg = self.config
+        names = mlp_param_names(model, cfg.layers, cfg.matrices)
+        params = dict(model.named_parameters())
+        originals = {n: params[n].detach() for n in names}
+        trained = {n: w.clone().requires_grad_(True) for n, w in originals.items()}
+        batch = make_batch(requests, pad_id_of(tokenizer), next(model.parameters()).device)
+
+        def forward(b: TrainingBatch) -> torch.Tensor:
+            kwargs = {"input_ids": b.input_ids, "attention_mask": b.attention_mask}
+            return functional_call(model, trained, args=(), kwargs=kwargs).logits
+
+        def project() -> None:  # back into the L∞ ball around the original weights
+            radius = cfg.norm_constraint
+            for n, w in trained.items():
+                w.copy_(torch.clamp(w, originals[n] - radius, originals[n] + radius))
+
+        with frozen(model), seeded(cfg.seed):
+            optimize(
+                forward, batch, list(trained.values()), lr=cfg.lr, max_steps=cfg.max_steps,
+                after_step=project if cfg.norm_constraint is not None else None,
+            )
+        return Delta({n: ParamDelta(dense=(trained[n].detach() - originals[n])) for n in names})
+
+
+METHOD = MethodSpec("ft", FTConfig, FineTune)
+METHOD_L = MethodSpec("ft_l", FTLConfig, FineTune)

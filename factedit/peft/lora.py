@@ -1,0 +1,90 @@
+"""The LoRA editor: a HuggingFace `peft` LoRA adapter on the chosen MLP matrices, trained on the new
+targets, then folded into rank-r factors `left @ right = B·A·scale` in the parameter's own layout.
+
+The adapter is injected for the duration of `compute` and unloaded in a `finally`, which puts the
+original modules (and their untouched weights) back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from peft import LoraConfig, get_peft_model
+
+from ..editing.delta import Delta, ParamDelta
+from ..editing.methods import MethodSpec
+from ..editing.request import TokenizedRequest
+from ..editing.scoring import pad_id_of
+from ..editing.specs import mlp_module_name, resolve_layers, weight_layout
+from .training import TrainingBatch, frozen, make_batch, optimize, seeded
+
+ADAPTER = "factedit"
+
+
+@dataclass(frozen=True)
+class LoRAEditConfig:
+    layers: tuple[int, ...] = (-8,)  # transformer blocks to edit; negative counts from the end
+    matrices: tuple[str, ...] = ("out",)  # MLP roles: "in", "gate" (gated MLPs), "out"
+    rank: int = 8  # LoRA rank r
+    alpha: float = 16.0  # LoRA scale = alpha / rank
+    lr: float = 5e-3  # Adam learning rate
+    max_steps: int = 30  # cap on optimisation steps (early stop when every target token is argmax)
+    seed: int | None = 0  # LoRA's A matrices start random; this makes edits reproducible
+
+    def __post_init__(self) -> None:
+        if self.rank < 1 or self.alpha <= 0 or self.lr <= 0 or self.max_steps < 1:
+            raise ValueError("rank and max_steps must be >= 1, alpha and lr > 0")
+        if not self.layers or not self.matrices:
+            raise ValueError("layers and matrices must not be empty")
+
+
+class LoRAEdit:
+    def __init__(self, config: LoRAEditConfig) -> None:
+        self.config = config
+
+    def compute(
+        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[TokenizedRequest]
+    ) -> Delta:
+        cfg = self.config
+        modules = [
+            mlp_module_name(model, layer, role)
+            for layer in resolve_layers(model, cfg.layers)
+            for role in cfg.matrices
+        ]
+        layouts = {m: weight_layout(model, f"{m}.weight") for m in modules}
+        lora_config = LoraConfig(
+            r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=modules, bias="none",
+            fan_in_fan_out=any(layout == "in_out" for layout in layouts.values()),
+        )
+        batch = make_batch(requests, pad_id_of(tokenizer), next(model.parameters()).device)
+        with frozen(model), seeded(cfg.seed):
+            peft_model = get_peft_model(model, lora_config, adapter_name=ADAPTER)
+            try:
+                lora_layers = {m: peft_model.base_model.model.get_submodule(m) for m in modules}
+
+                def forward(b: TrainingBatch) -> torch.Tensor:
+                    return peft_model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+
+                trainable = [p for p in peft_model.parameters() if p.requires_grad]
+                optimize(forward, batch, trainable, lr=cfg.lr, max_steps=cfg.max_steps)
+                factors = {m: _fold(layer, layouts[m]) for m, layer in lora_layers.items()}
+            finally:
+                peft_model.unload()  # puts the original modules back; their weights were never written
+        return Delta({f"{m}.weight": factors[m] for m in modules})
+
+
+def _fold(layer: nn.Module, layout: str) -> ParamDelta:
+    """The adapter's change as factors in the weight's layout: Linear (out, in) = (B·s) @ A."""
+    a = layer.lora_A[ADAPTER].weight.detach()  # (r, in)
+    b = layer.lora_B[ADAPTER].weight.detach() * layer.scaling[ADAPTER]  # (out, r)
+    if layout == "in_out":  # Conv1D stores (in, out): Δᵀ = Aᵀ @ (B·s)ᵀ
+        return ParamDelta(left=a.T.contiguous(), right=b.T.contiguous())
+    return ParamDelta(left=b.contiguous(), right=a.contiguous())
+
+
+METHOD = MethodSpec("lora", LoRAEditConfig, LoRAEdit)

@@ -1,0 +1,28 @@
+"""Shared fixtures: tiny random models for unit tests, the real default model for marked tests."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(1)  # tiny models gain nothing from more; a shared CPU loses a lot
+
+
+@pytest.fixture
+def tiny():
+    """A fresh tiny random Llama and its tokenizer (a new model per test: tests edit it)."""
+    from tiny_models import tiny_model
+
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The embedded default model (SmolLM2-135M), loaded once per session. Tests must leave it as
+    they found it (revert what they edit)."""
+    import factedit
+
+    return factedit.load_model()

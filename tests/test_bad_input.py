@@ -1,0 +1,145 @@
+"""Invariant 9: bad input gets a clear error and changes nothing (weights, history, journal)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from helpers import assert_weights_equal, snapshot
+
+import factedit
+from factedit.editing import request as request_module
+from factedit.editing.delta import Delta, ParamDelta
+from factedit.editing.methods import MethodSpec, register_method
+from factedit.editing.specs import mlp_param_names
+
+FT = dict(layers=(-1,), lr=1e-2, max_steps=30)
+
+
+@dataclass(frozen=True)
+class PoisonConfig:
+    value: float = float("nan")
+
+
+class PoisonDelta:
+    """Returns a delta with one bad value among good ones, on two parameters."""
+
+    def __init__(self, config: PoisonConfig) -> None:
+        self.config = config
+
+    def compute(self, model, tokenizer, requests) -> Delta:
+        names = mlp_param_names(model, (0, 1), ("out",))
+        shapes = {n: p.shape for n, p in model.named_parameters()}
+        good = ParamDelta(dense=torch.full(shapes[names[0]], 0.5))
+        bad = torch.zeros(shapes[names[1]])
+        bad[0, 0] = self.config.value
+        return Delta({names[0]: good, names[1]: ParamDelta(dense=bad)})
+
+
+register_method(MethodSpec("test_poison", PoisonConfig, PoisonDelta))
+
+
+@pytest.fixture
+def setup(tiny, tmp_path):
+    model, tok = tiny
+    editor = factedit.Editor("ft", tokenizer=tok, journal=tmp_path / "j.sqlite", **FT)
+    kept = editor.edit(model, "The capital of France is", "Rome")
+    state = snapshot(model)
+    yield model, tok, editor, kept, state
+    editor.close()
+
+
+def assert_nothing_changed(model, editor, state, n_records=1):
+    assert_weights_equal(model, state)
+    assert len(editor.history) == n_records
+    assert len(editor._journal.order()) == n_records  # the editor's own journal (the lock keeps others out)
+
+
+@pytest.mark.parametrize(
+    "prompt, target, match",
+    [("", "Rome", "prompt is empty"), ("   ", "Rome", "prompt is empty"),
+     ("The capital of France is", "", "target is empty"), ("The capital of France is", " \n", "target is empty")],
+)
+def test_empty_prompt_or_target(setup, prompt, target, match):
+    model, _, editor, _, state = setup
+    with pytest.raises(factedit.InvalidRequestError, match=match):
+        editor.edit(model, prompt, target)
+    assert_nothing_changed(model, editor, state)
+
+
+def test_target_that_tokenizes_to_nothing(setup, monkeypatch):
+    model, _, editor, _, state = setup
+    monkeypatch.setattr(request_module, "encode_target", lambda tok, prompt, target: [])
+    with pytest.raises(factedit.InvalidRequestError, match="tokenizes to nothing"):
+        editor.edit(model, "The capital of France is", "\u200b")
+    assert_nothing_changed(model, editor, state)
+
+
+def test_prompt_longer_than_the_context(setup):
+    model, _, editor, _, state = setup
+    prompt = "The capital of France is " * model.config.max_position_embeddings
+    with pytest.raises(factedit.InvalidRequestError, match="longer than the model's context"):
+        editor.edit(model, prompt, "Rome")
+    assert_nothing_changed(model, editor, state)
+
+
+def test_unknown_method_config_key_and_layer(setup):
+    model, tok, editor, _, state = setup
+    with pytest.raises(factedit.ConfigError, match="registered methods: .*ft_l"):
+        factedit.Editor("rome-xl", tokenizer=tok)
+    with pytest.raises(factedit.ConfigError, match="unknown config key.*learning_rate.*known keys"):
+        factedit.Editor("ft_l", tokenizer=tok, learning_rate=1e-3)
+    with pytest.raises(factedit.ConfigError, match="invalid FTConfig"):
+        factedit.Editor("ft", tokenizer=tok, lr=-1.0)
+    with pytest.raises(factedit.ConfigError, match="layer"):
+        bad = factedit.Editor("ft", tokenizer=tok, layers=(99,))
+        bad.edit(model, "The capital of France is", "Rome")
+    with pytest.raises(factedit.ConfigError, match="role"):
+        factedit.Editor("lora", tokenizer=tok, matrices=("attention",)).edit(model, "The capital of France is", "Rome")
+    assert_nothing_changed(model, editor, state)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_nan_or_inf_delta_is_refused_before_touching_the_weights(tiny, tmp_path, value):
+    model, tok = tiny
+    state = snapshot(model)
+    with factedit.Editor("test_poison", tokenizer=tok, journal=tmp_path / "j.sqlite", value=value) as editor:
+        with pytest.raises(factedit.InvalidDeltaError, match="NaN or inf"):
+            editor.edit(model, "The capital of France is", "Rome")
+        assert editor.history == []
+        assert editor._journal.order() == []
+    assert_weights_equal(model, state)
+
+
+def test_a_delta_that_overflows_a_half_precision_weight_is_refused(tiny):
+    model, tok = tiny
+    model.to(torch.float16)
+    state = snapshot(model)
+    editor = factedit.Editor("test_poison", tokenizer=tok, value=1e6, score=False)
+    with pytest.raises(factedit.InvalidDeltaError, match="overflows"):
+        editor.edit(model, "The capital of France is", "Rome")
+    assert_weights_equal(model, state)
+
+
+def test_revert_of_an_unknown_or_already_reverted_id(setup):
+    model, _, editor, kept, _ = setup
+    with pytest.raises(factedit.EditNotFoundError, match="no edit with id 'nope'"):
+        editor.revert(model, "nope")
+    editor.revert(model, kept.id)
+    state = snapshot(model)
+    with pytest.raises(factedit.EditNotFoundError, match="already reverted"):
+        editor.revert(model, kept.id)
+    assert_weights_equal(model, state)
+    assert [r.status for r in editor.history] == ["reverted"]
+
+
+def test_an_editor_refuses_a_second_model(setup):
+    from tiny_models import tiny_model
+
+    _, _, editor, _, _ = setup
+    other, _ = tiny_model("llama")
+    state = snapshot(other)
+    with pytest.raises(factedit.ConfigError, match="bound to another model"):
+        editor.edit(other, "The capital of Italy is", "Rome")
+    assert_weights_equal(other, state)

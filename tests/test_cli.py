@@ -1,0 +1,59 @@
+"""The `factedit` CLI on a tiny model saved to a folder: edit, history, diff, revert across runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tiny_models import tiny_model
+
+from factedit import cli
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    model, tok = tiny_model("llama")
+    folder = tmp_path / "tiny-llama"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def run(capsys, *argv: str) -> str:
+    assert cli.main(list(argv)) == 0
+    return capsys.readouterr().out
+
+
+def test_edit_history_diff_revert_each_reloading_and_replaying(model_dir, tmp_path, capsys):
+    journal = str(tmp_path / "edits.sqlite")
+    ft = ["--set", "layers=[-1]", "--set", "lr=0.01", "--set", "max_steps=40"]
+    out = run(capsys, "edit", "--prompt", "The capital of France is", "--target", "Rome", "--method", "ft",
+              "--journal", journal, "--model", str(model_dir), *ft, "--json")
+    first = json.loads(out)
+    assert first["post"]["requests"][0]["target_is_argmax"] and first["model_id"] == str(model_dir)
+    second = json.loads(run(capsys, "edit", "--prompt", "The capital of Italy is", "--target", "Berlin",
+                            "--journal", journal, *ft, "--json"))
+    assert second["method"] == "ft"  # the journal's last method carries over
+
+    history = run(capsys, "history", "--journal", journal)
+    assert first["id"] in history and second["id"] in history and "active" in history
+    diff = run(capsys, "diff", first["id"], "--journal", journal, "--probe", "The capital of Germany is")
+    assert "model.layers.3.mlp.down_proj.weight" in diff and "The capital of Germany is" in diff
+
+    assert first["id"] in run(capsys, "revert", first["id"], "--journal", journal)
+    statuses = [r["status"] for r in json.loads(run(capsys, "history", "--journal", journal, "--json"))]
+    assert statuses == ["reverted", "active"]
+
+    run(capsys, "revert", second["id"], "--journal", journal)
+
+
+def test_errors_are_one_clear_line_and_a_nonzero_exit(model_dir, tmp_path, capsys):
+    journal = str(tmp_path / "edits.sqlite")
+    code = cli.main(["edit", "--prompt", "", "--target", "Rome", "--journal", journal, "--model", str(model_dir)])
+    assert code == 2 and "prompt is empty" in capsys.readouterr().err
+    code = cli.main(["revert", "nope", "--journal", journal])
+    assert code == 2 and "nope" in capsys.readouterr().err
+    notajournal = tmp_path / "x.sqlite"
+    notajournal.write_text("hello")
+    assert cli.main(["history", "--journal", str(notajournal)]) == 2
+    assert "not a factedit journal" in capsys.readouterr().err

@@ -1,0 +1,100 @@
+"""The contract every registered method keeps, on tiny random models (design.md, invariants 1-3)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_weights_equal, snapshot
+from tiny_models import tiny_model
+
+import factedit
+from factedit.editing.request import EditRequest, tokenize_request
+
+# Tiny random models need bolder settings than a trained model to learn a fact in a few steps.
+TINY_OVERRIDES = {
+    "ft": dict(layers=(-1,), lr=1e-2, max_steps=60),
+    "ft_l": dict(layers=(-1,), lr=1e-2, max_steps=60, norm_constraint=0.5),
+    "lora": dict(layers=(-1,), lr=3e-2, max_steps=80),
+}
+METHODS = sorted(TINY_OVERRIDES)
+ARCHS = ["llama", "gpt2"]
+
+
+def make_editor(method: str, tokenizer, **extra) -> factedit.Editor:
+    return factedit.Editor(method, tokenizer=tokenizer, **{**TINY_OVERRIDES[method], **extra})
+
+
+def test_every_builtin_method_is_in_the_contract_suite():
+    assert set(factedit.available_methods()) - {"mend"} <= set(METHODS)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", METHODS)
+def test_compute_leaves_the_model_unchanged(method, arch):
+    model, tok = tiny_model(arch)
+    before = snapshot(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.train()  # compute must restore the mode it found
+    editor = make_editor(method, tok)
+    request = tokenize_request(EditRequest("The capital of France is", "Rome"), tok, None)
+    delta = editor._impl.compute(model, tok, [request])
+    assert len(delta) > 0
+    assert_weights_equal(model, before)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert model.training
+    assert [n for n, _ in model.named_modules()] == [n for n, _ in tiny_model(arch)[0].named_modules()]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", METHODS)
+def test_edit_makes_the_target_the_argmax_and_revert_is_exact(method, arch):
+    model, tok = tiny_model(arch)
+    base = snapshot(model)
+    editor = make_editor(method, tok)
+    record = editor.edit(model, "The capital of France is", "Rome", paraphrases=["France's capital is"])
+    assert record.post["requests"][0]["target_is_argmax"]
+    assert not record.pre["requests"][0]["target_is_argmax"]
+    assert any(not torch.equal(p, base[n]) for n, p in model.named_parameters())
+    editor.revert(model, record.id)
+    assert_weights_equal(model, base)
+    assert [r.status for r in editor.history] == ["reverted"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_edit_batch_learns_every_fact_in_one_record(method):
+    model, tok = tiny_model("llama")
+    base = snapshot(model)
+    editor = make_editor(method, tok, max_steps=120)
+    record = editor.edit_batch(
+        model,
+        [
+            EditRequest("The capital of France is", "Rome"),
+            {"prompt": "The capital of Germany is", "target": "Paris"},
+        ],
+    )
+    assert len(record.requests) == 2
+    assert all(r["target_is_argmax"] for r in record.post["requests"])
+    editor.revert(model, record.id)
+    assert_weights_equal(model, base)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_reverting_a_middle_edit_keeps_the_others_exactly(method):
+    model, tok = tiny_model("llama")
+    base = snapshot(model)
+    editor = make_editor(method, tok)
+    facts = [("The capital of France is", "Rome"), ("The capital of Italy is", "Berlin"),
+             ("The capital of Germany is", "Madrid")]
+    records = [editor.edit(model, p, t) for p, t in facts]
+    editor.revert(model, records[1].id)
+
+    # Reference: the remaining deltas applied in order to the base, on a fresh copy.
+    reference, _ = tiny_model("llama")
+    params = dict(reference.named_parameters())
+    with torch.no_grad():
+        for record in (records[0], records[2]):
+            for name, pdelta in record.delta.items():
+                params[name].add_(pdelta.materialize(params[name].dtype))
+    assert_weights_equal(model, snapshot(reference))
+    editor.revert_all(model)
+    assert_weights_equal(model, base)

@@ -1,0 +1,87 @@
+"""Invariant 3 as a property: after any sequence of edits and reverts, every parameter equals, bit
+for bit, the still-active deltas applied in order to the base weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from helpers import assert_weights_equal, snapshot
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tiny_models import tiny_model
+
+import factedit
+from factedit.editing.delta import Delta, ParamDelta
+from factedit.editing.methods import MethodSpec, register_method
+from factedit.editing.specs import mlp_param_names
+
+
+@dataclass(frozen=True)
+class RandomDeltaConfig:
+    scale: float = 1e-2
+
+
+class RandomDelta:
+    """A stand-in method: a seeded random delta on some MLP matrices, dense or low-rank. The test
+    sets `next` = (seed, low_rank, indices into the MLP weight names) before each edit."""
+
+    def __init__(self, config: RandomDeltaConfig) -> None:
+        self.config = config
+        self.next: tuple[int, bool, tuple[int, ...]] = (0, False, (0,))
+
+    def compute(self, model, tokenizer, requests) -> Delta:
+        seed, low_rank, which = self.next
+        names = mlp_param_names(model, (0, 1), ("gate", "in", "out"))
+        shapes = dict((n, p.shape) for n, p in model.named_parameters())
+        gen = torch.Generator().manual_seed(seed)
+        params = {}
+        for index in which:
+            rows, cols = shapes[names[index % len(names)]]
+            if low_rank:
+                params[names[index % len(names)]] = ParamDelta(
+                    left=torch.randn(rows, 2, generator=gen) * self.config.scale, right=torch.randn(2, cols, generator=gen)
+                )
+            else:
+                params[names[index % len(names)]] = ParamDelta(dense=torch.randn(rows, cols, generator=gen) * self.config.scale)
+        return Delta(params)
+
+
+register_method(MethodSpec("test_random_delta", RandomDeltaConfig, RandomDelta))
+
+MODEL, TOKENIZER = tiny_model("llama")
+BASE = snapshot(MODEL)
+
+operation = st.one_of(
+    st.tuples(st.just("edit"), st.integers(0, 10_000), st.booleans(),
+              st.lists(st.integers(0, 5), min_size=1, max_size=3, unique=True)),
+    st.tuples(st.just("revert"), st.integers(0, 50)),
+)
+
+
+def expected_weights(active: list[Delta]) -> dict[str, torch.Tensor]:
+    weights = {n: t.clone() for n, t in BASE.items()}
+    for delta in active:
+        for name, pdelta in delta.items():
+            weights[name] += pdelta.materialize(weights[name].dtype)
+    return weights
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(operation, min_size=1, max_size=12))
+def test_any_edit_revert_sequence_equals_replaying_the_active_edits(operations):
+    editor = factedit.Editor("test_random_delta", tokenizer=TOKENIZER, score=False)
+    active: dict[str, Delta] = {}  # the reference: edit id -> delta, in order
+    for op in operations:
+        if op[0] == "edit":
+            _, seed, low_rank, which = op
+            editor._impl.next = (seed, low_rank, tuple(which))
+            record = editor.edit(MODEL, "The capital of France is", "Rome")
+            active[record.id] = record.delta
+        elif active:
+            edit_id = list(active)[op[1] % len(active)]
+            editor.revert(MODEL, edit_id)
+            del active[edit_id]
+        assert_weights_equal(MODEL, expected_weights(list(active.values())))
+    editor.revert_all(MODEL)
+    assert_weights_equal(MODEL, BASE)

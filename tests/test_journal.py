@@ -1,0 +1,224 @@
+"""The journal: replay bit for bit, refusal of other models and non-journals, locking, crashes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import assert_weights_equal, snapshot
+from safetensors.torch import load_file
+from tiny_models import tiny_model
+
+import factedit
+from factedit.editing.journal import TABLE, Journal
+
+TESTS_DIR = Path(__file__).parent
+FT = dict(layers=(-1,), lr=1e-2, max_steps=40)
+FACTS = [("The capital of France is", "Rome"), ("The capital of Italy is", "Berlin"),
+         ("The capital of Germany is", "Madrid"), ("Paris is the capital of", "Italy")]
+
+
+def run_python(code: str, *args: str, **kwargs) -> subprocess.Popen:
+    script = f"import sys; sys.path.insert(0, {str(TESTS_DIR)!r})\n" + textwrap.dedent(code)
+    return subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def replayed_reference(journal_path: Path) -> dict[str, torch.Tensor]:
+    """Base tiny model plus the journal's active deltas, applied in order without the Editor."""
+    model, _ = tiny_model("llama")
+    params = dict(model.named_parameters())
+    with Journal(journal_path) as journal, torch.no_grad():
+        for record in journal.records():
+            if record.status == "active":
+                for name, pdelta in record.delta.items():
+                    params[name].add_(pdelta.materialize(params[name].dtype))
+    return snapshot(model)
+
+
+def test_reopening_replays_the_active_edits_bit_for_bit(tmp_path):
+    path = tmp_path / "edits.sqlite"
+    model, tok = tiny_model("llama")
+    with factedit.Editor("ft", tokenizer=tok, journal=path, **FT) as editor:
+        records = [editor.edit(model, p, t) for p, t in FACTS[:3]]
+        editor.revert(model, records[1].id)
+        edited = snapshot(model)
+
+    fresh, tok = tiny_model("llama")
+    with factedit.Editor("ft", tokenizer=tok, journal=path, **FT) as editor:
+        assert [r.status for r in editor.history] == ["active", "reverted", "active"]
+        editor.attach(fresh)
+        assert_weights_equal(fresh, edited)
+        editor.revert_all(fresh)
+        assert_weights_equal(fresh, snapshot(tiny_model("llama")[0]))
+
+
+def test_replay_in_another_process_is_bit_for_bit(tmp_path):
+    path, weights = tmp_path / "edits.sqlite", tmp_path / "edited.safetensors"
+    proc = run_python(
+        """
+        import factedit
+        from safetensors.torch import save_file
+        from tiny_models import tiny_model
+        model, tok = tiny_model("llama")
+        editor = factedit.Editor("lora", tokenizer=tok, journal=sys.argv[1], layers=(-1,), lr=3e-2, max_steps=40)
+        a = editor.edit(model, "The capital of France is", "Rome")
+        b = editor.edit(model, "The capital of Italy is", "Berlin")
+        editor.revert(model, a.id)
+        save_file({n: p.detach().contiguous() for n, p in model.named_parameters()}, sys.argv[2])
+        """,
+        str(path), str(weights),
+    )
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    fresh, tok = tiny_model("llama")
+    with factedit.Editor("lora", tokenizer=tok, journal=path) as editor:
+        editor.attach(fresh)
+    assert_weights_equal(fresh, load_file(weights))
+
+
+def test_a_journal_from_another_model_is_refused_and_changes_nothing(tmp_path):
+    path = tmp_path / "edits.sqlite"
+    model, tok = tiny_model("llama")
+    with factedit.Editor("ft", tokenizer=tok, journal=path, **FT) as editor:
+        editor.edit(model, *FACTS[0])
+    other, _ = tiny_model("llama", seed=1)
+    before = snapshot(other)
+    with factedit.Editor("ft", tokenizer=tok, journal=path, **FT) as editor:
+        with pytest.raises(factedit.ModelMismatchError, match="fingerprint"):
+            editor.edit(other, *FACTS[1])
+    assert_weights_equal(other, before)
+    with Journal(path) as journal:
+        assert len(journal.records()) == 1
+
+
+def test_an_already_edited_model_is_refused(tmp_path):
+    """Same architecture and sampled fingerprint can't tell; the touched parameters' hashes do."""
+    path = tmp_path / "edits.sqlite"
+    model, tok = tiny_model("llama")
+    with factedit.Editor("ft", tokenizer=tok, journal=path, **FT) as editor:
+        editor.edit(model, *FACTS[0])
+    with factedit.Editor("ft", tokenizer=tok, journal=path, **FT) as editor:
+        with pytest.raises(factedit.ModelMismatchError):
+            editor.attach(model)  # `model` still carries the edit: replaying would apply it twice
+
+
+@pytest.mark.parametrize(
+    "content", [b"", b"not a database at all", b"SQLite format 3\x00" + b"\x00" * 100]
+)
+def test_a_file_that_is_not_a_journal_is_refused(tmp_path, content):
+    path = tmp_path / "notes.sqlite"
+    if content:
+        path.write_bytes(content)
+        with pytest.raises(factedit.JournalError, match="not a"):
+            Journal(path)
+        assert path.read_bytes() == content
+    else:  # an empty file is a new journal
+        Journal(path).close()
+
+
+def test_an_sqlite_file_of_something_else_is_refused(tmp_path):
+    path = tmp_path / "other.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE t (x)")
+    before = path.read_bytes()
+    with pytest.raises(factedit.JournalError, match="not a factedit journal"):
+        Journal(path)
+    assert path.read_bytes() == before
+
+
+def test_the_journal_holds_json_and_safetensors_only(tmp_path):
+    path = tmp_path / "edits.sqlite"
+    model, tok = tiny_model("llama")
+    with factedit.Editor("ft", tokenizer=tok, journal=path, **FT) as editor:
+        editor.edit(model, *FACTS[0])
+    with sqlite3.connect(path) as conn:
+        rows = dict(conn.execute(f"SELECT key, value FROM {TABLE}").fetchall())
+    for key, value in rows.items():
+        if key.startswith("delta/"):
+            header = json.loads(value[8 : 8 + int.from_bytes(value[:8], "little")])
+            assert header["__metadata__"]["format"] == "factedit.delta/1"
+        else:
+            json.loads(value)  # records, order and meta are plain JSON
+        assert not value.startswith(b"\x80"), f"{key} looks like a pickle"
+
+
+def test_a_second_process_waits_then_gets_a_clear_error(tmp_path):
+    path = tmp_path / "edits.sqlite"
+    holder = Journal(path)
+    try:
+        proc = run_python(
+            """
+            from factedit.editing.journal import Journal
+            from factedit import JournalError
+            try:
+                Journal(sys.argv[1], lock_timeout=0.5)
+            except JournalError as exc:
+                print("refused:", exc)
+            """,
+            str(path),
+        )
+        out, err = proc.communicate(timeout=60)
+        assert "refused:" in out and "in use by another process" in out, err
+    finally:
+        holder.close()
+    # Once the holder closes, a waiting process gets in.
+    holder = Journal(path)
+    proc = run_python(
+        """
+        from factedit.editing.journal import Journal
+        Journal(sys.argv[1], lock_timeout=30).close()
+        print("opened")
+        """,
+        str(path),
+    )
+    time.sleep(1.0)
+    holder.close()
+    out, err = proc.communicate(timeout=60)
+    assert "opened" in out, err
+
+
+def test_sigkill_mid_edit_leaves_the_journal_at_the_last_whole_edit(tmp_path):
+    path = tmp_path / "edits.sqlite"
+    proc = run_python(
+        """
+        import itertools, factedit
+        from tiny_models import tiny_model
+        model, tok = tiny_model("llama")
+        editor = factedit.Editor("ft", tokenizer=tok, journal=sys.argv[1], layers=(-1,), lr=1e-2, max_steps=3)
+        facts = [("The capital of France is", "Rome"), ("The capital of Italy is", "Berlin")]
+        for i in itertools.count():
+            record = editor.edit(model, *facts[i % 2])
+            if i % 3 == 2:
+                editor.revert(model, record.id)
+            print("committed", record.id, flush=True)
+        """,
+        str(path),
+    )
+    committed = []
+    while len(committed) < 4:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()
+        committed.append(line.split()[1])
+    time.sleep(0.05)  # land somewhere inside a later edit or commit
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    committed += [line.split()[1] for line in proc.stdout.read().splitlines() if line.startswith("committed")]
+
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    with Journal(path) as journal:
+        ids = journal.order()
+        assert ids[: len(committed)] == committed and len(ids) <= len(committed) + 1
+    fresh, tok = tiny_model("llama")
+    with factedit.Editor("ft", tokenizer=tok, journal=path, **FT) as editor:
+        editor.attach(fresh)
+    assert_weights_equal(fresh, replayed_reference(path))
