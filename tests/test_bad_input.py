@@ -96,7 +96,7 @@ def test_unknown_method_config_key_and_layer(setup):
         bad = factedit.Editor("ft", tokenizer=tok, layers=(99,))
         bad.edit(model, "The capital of France is", "Rome")
     with pytest.raises(factedit.ConfigError, match="role"):
-        factedit.Editor("lora", tokenizer=tok, matrices=("attention",)).edit(model, "The capital of France is", "Rome")
+        factedit.Editor("lora", tokenizer=tok, layers=(-1,), matrices=("attention",)).edit(model, "The capital of France is", "Rome")
     assert_nothing_changed(model, editor, state)
 
 
@@ -143,3 +143,16 @@ def test_an_editor_refuses_a_second_model(setup):
     with pytest.raises(factedit.ConfigError, match="bound to another model"):
         editor.edit(other, "The capital of Italy is", "Rome")
     assert_weights_equal(other, state)
+
+
+def test_a_journal_write_failure_undoes_the_edit(setup, monkeypatch):
+    model, _, editor, _, state = setup
+
+    def refuse(record, base_hashes):
+        raise factedit.JournalError("disk full")
+
+    monkeypatch.setattr(editor._journal, "append", refuse)
+    with pytest.raises(factedit.JournalError, match="disk full"):
+        editor.edit(model, "The capital of Italy is", "Berlin")
+    monkeypatch.undo()
+    assert_nothing_changed(model, editor, state)

@@ -168,32 +168,38 @@ class Editor:
             t = time.perf_counter()
             self._state.apply(model, edit_id, delta)  # validates; refuses before writing anything
             timings["apply_ms"] = _ms(t)
-
-            t = time.perf_counter()
-            if self.score:
-                old = [r["old_answer"]["id"] for r in pre["requests"]]
-                post = score_requests(model, self.tokenizer, tokenized, old_answers=old)
-            else:
-                post = {}
-            timings["score_ms"] += _ms(t)
-
-            timings["edit_ms"] = _ms(start)  # the journal write is timed apart, as journal_ms
-            record = EditRecord(
-                id=edit_id, method=method, config=dict(config), requests=tuple(requests), pre=pre,
-                post=post, timings=timings, model_id=self._model_id, model_fingerprint=self._fingerprint,
-                factedit_version=__version__, delta=delta,
-            )
-            if self._journal is not None:
-                t = time.perf_counter()
-                base_hashes = {n: tensor_sha256(self._state.base[n]) for n in first_touched}
-                try:
-                    self._journal.append(record, base_hashes)
-                except Exception:
-                    self._state.revert(model, edit_id)  # the journal refused: undo, change nothing
-                    raise
-                timings["journal_ms"] = _ms(t)
+            try:
+                record = self._measure_and_record(model, edit_id, tokenized, pre, delta, method, config,
+                                                  timings, start, first_touched)
+            except BaseException:
+                self._state.revert(model, edit_id)  # scoring or the journal failed: change nothing
+                raise
             self._records[edit_id] = record
             return record
+
+    def _measure_and_record(
+        self, model, edit_id, tokenized, pre, delta, method, config, timings, start, first_touched
+    ) -> EditRecord:
+        """Steps 5-7: score after the edit, build the record, append it to the journal."""
+        t = time.perf_counter()
+        if self.score:
+            old = [r["old_answer"]["id"] for r in pre["requests"]]
+            post = score_requests(model, self.tokenizer, tokenized, old_answers=old)
+        else:
+            post = {}
+        timings["score_ms"] += _ms(t)
+        timings["edit_ms"] = _ms(start)  # the journal write is timed apart, as journal_ms
+        record = EditRecord(
+            id=edit_id, method=method, config=dict(config), requests=tuple(r.request for r in tokenized),
+            pre=pre, post=post, timings=timings, model_id=self._model_id, model_fingerprint=self._fingerprint,
+            factedit_version=__version__, delta=delta,
+        )
+        if self._journal is not None:
+            t = time.perf_counter()
+            base_hashes = {n: tensor_sha256(self._state.base[n]) for n in first_touched}
+            self._journal.append(record, base_hashes)
+            timings["journal_ms"] = _ms(t)
+        return record
 
     def revert(self, model: nn.Module, edit_id: str) -> EditRecord:
         """Undo one active edit exactly; the other edits stay. Returns the updated record."""

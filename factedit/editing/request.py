@@ -120,11 +120,13 @@ def tokenize_request(
         ids = encode_prompt(tokenizer, text)
         paraphrase_ids.append(tuple(ids))
         texts.append((text, ids))
-    for text, ids in texts:
-        if context_length is not None and len(ids) + len(target_ids) > context_length:
+    scored = [(text, len(ids) + len(target_ids)) for text, ids in texts]
+    scored += [(text, len(encode_prompt(tokenizer, text))) for text in request.locality]
+    for text, length in scored:
+        if context_length is not None and length > context_length:
             raise InvalidRequestError(
-                f"prompt plus target is {len(ids) + len(target_ids)} tokens, longer than the model's "
-                f"context of {context_length}: {text[:60]!r}..."
+                f"prompt plus target is {length} tokens, longer than the model's context of "
+                f"{context_length}: {text[:60]!r}..."
             )
     return TokenizedRequest(request, tuple(prompt_ids), tuple(target_ids), tuple(paraphrase_ids))
 
