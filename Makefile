@@ -29,7 +29,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not default_model and not browser"
 
 app: setup
-	$(VENV)/bin/streamlit run apps/app.py --server.port $(PORT) --server.address 127.0.0.1 --server.headless true
+	$(VENV)/bin/streamlit run apps/app.py --server.port $(PORT) --server.address 127.0.0.1 --server.headless true --browser.gatherUsageStats false
 
 bench: setup
 	$(PY) bench/bench_editing.py
