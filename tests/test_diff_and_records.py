@@ -105,3 +105,19 @@ def test_export_then_import_on_a_fresh_model_reproduces_the_edit(tmp_path):
     bogus.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}              ")
     with pytest.raises(factedit.InvalidDeltaError):
         other_editor.import_edit(fresh, bogus)
+
+
+def test_set_method_keeps_weights_and_history(tiny):
+    model, tok = tiny
+    base = snapshot(model)
+    editor = factedit.Editor("ft", tokenizer=tok, **FT)
+    first = editor.edit(model, "The capital of France is", "Rome")
+    with pytest.raises(factedit.ConfigError):
+        editor.set_method("lora", learning_rate=1.0)
+    assert editor.method == "ft"
+    editor.set_method("lora", layers=(-1,), lr=3e-2, max_steps=40)
+    second = editor.edit(model, "The capital of Italy is", "Berlin")
+    assert [r.method for r in editor.history] == ["ft", "lora"] and second.delta.params
+    editor.revert(model, first.id)
+    editor.revert(model, second.id)
+    assert_weights_equal(model, base)

@@ -3,12 +3,9 @@
 Every browser tab of one server process shares one `EditService` (cached by `st.cache_resource`), so
 all tabs see the same model and history, and edits are serialised by `lock`.
 
-Methods: an Editor is bound to one method, while the journal holds edits of any method (replay only
-adds the stored deltas). The service keeps the journal open and, when an edit asks for another
-method, builds an Editor for it on the same open journal, loads a fresh copy of the base model and
-lets the new Editor replay the journal onto it (a new Editor must start from the base weights: it
-checks them against the journal's hashes). That costs one model load (about a second for the
-default model once it is converted); edits with the same method cost nothing extra.
+Methods: the journal holds edits of any method (replay only adds the stored deltas); when an edit
+asks for another method, the one Editor switches with `Editor.set_method`, keeping weights, history
+and journal.
 """
 
 from __future__ import annotations
@@ -129,17 +126,13 @@ class EditService:
             return self.editor
         if method not in self.methods:
             raise factedit.ConfigError(f"unknown method {method!r}; registered: {', '.join(self.methods)}")
+        editor = self._require_editor()
         try:
-            editor = factedit.Editor(method, tokenizer=self.tokenizer, journal=self._journal,
-                                     **self.config.overrides_for(method))
+            editor.set_method(method, **self.config.overrides_for(method))
         except factedit.FacteditError:
             raise
         except Exception as exc:  # e.g. the method's module or checkpoint is missing
             raise factedit.ConfigError(f"method {method!r} is not available: {type(exc).__name__}: {exc}") from exc
-        model, _ = factedit.load_model(self.config.model_source)  # the same tokenizer: keep ours
-        editor.attach(model)  # checks the fresh model against the journal, replays its active edits
-        self.model, self.editor = model, editor
-        self.version += 1
         return editor
 
     def close(self) -> None:

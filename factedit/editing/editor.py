@@ -111,6 +111,15 @@ class Editor:
             self.method, config_to_dict(self.config),
         )
 
+    def set_method(self, method: str, **overrides: Any) -> None:
+        """Edit with another registered method from now on; weights, history and journal stay.
+        Refused (nothing changed) for an unknown method or config key."""
+        spec = get_method(method)
+        config = make_config(spec.config_cls, overrides)
+        impl = spec.build(config)
+        with self._lock:
+            self.method, self.config, self._impl = method, config, impl
+
     def export_edit(self, edit_id: str, path: str | os.PathLike) -> Path:
         """Write one edit to a self-describing file: safetensors holding the delta, with the record
         (requests, method, config, base model id and fingerprint, version) as JSON metadata."""
