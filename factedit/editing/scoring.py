@@ -77,7 +77,7 @@ def score_sequences(
                 SequenceScore(
                     target_logprobs=predicting.gather(1, target_t[:, None]).squeeze(1),
                     target_argmax=predicting.argmax(-1) == target_t,
-                    next_logprobs=logprobs[row, n_prompt - 1],
+                    next_logprobs=logprobs[row, n_prompt - 1].clone(),  # not a view: frees the batch
                 )
             )
     return scores

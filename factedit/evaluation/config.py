@@ -1,0 +1,191 @@
+"""The evaluation's typed config, validated at the boundary from the composed Hydra config."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import factedit
+
+from ..editing.errors import ConfigError
+from .loaders import FORMATS
+
+MODES = ("single", "batch", "sequential")
+NONE_METHOD = "none"  # the unedited baseline
+
+
+def repo_root() -> Path:
+    """The repository (or source tree) that holds `configs/` and `data/`."""
+    return Path(factedit.__file__).resolve().parents[1]
+
+
+def config_dir() -> Path:
+    return repo_root() / "configs"
+
+
+def resolve_path(path: str | Path) -> Path:
+    """An absolute path as is; a relative one from the working directory, else from the repository."""
+    candidate = Path(path).expanduser()
+    if candidate.is_absolute() or candidate.exists():
+        return candidate.resolve()
+    from_repo = repo_root() / candidate
+    return from_repo if from_repo.exists() else candidate.resolve()
+
+
+@dataclass(frozen=True)
+class MethodRun:
+    name: str  # a registered method, or "none"
+    overrides: Mapping[str, Any] = field(default_factory=dict)  # Editor(...) keyword arguments
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: Path
+    name: str | None = None  # the named dataset, if one was chosen
+    format: str = "auto"
+    fields: Mapping[str, str] | None = None
+    skip_invalid: bool = False  # the dataset's own default (the top-level skip_invalid overrides it)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str | None = None  # None: the embedded default model; else a hub id or a local folder
+    dtype: str | None = None
+    device: str | None = None
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """One evaluation run (see configs/eval.yaml for what each field does)."""
+
+    methods: tuple[MethodRun, ...]
+    data: DataConfig
+    out: Path
+    model: ModelConfig = ModelConfig()
+    n: int | None = None
+    mode: str = "single"
+    batch_size: int = 8
+    checkpoints: tuple[int, ...] = (10, 25, 50, 100)
+    shuffle: bool = False
+    seed: int = 0
+    skip_invalid: bool = False
+    fluency: bool = False
+    gen_tokens: int = 100
+    score_batch_size: int = 16
+    padding_side: str = "right"
+    resume: bool = True
+    journal: bool = True
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.methods:
+            problems.append("no method given")
+        if self.mode not in MODES:
+            problems.append(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.n is not None and self.n < 1:
+            problems.append("n must be >= 1 (or null for every record)")
+        if self.batch_size < 1 or self.score_batch_size < 1 or self.gen_tokens < 1:
+            problems.append("batch_size, score_batch_size and gen_tokens must be >= 1")
+        if any(c < 1 for c in self.checkpoints):
+            problems.append("checkpoints must be >= 1")
+        if self.data.format not in FORMATS:
+            problems.append(f"data.format must be one of {', '.join(FORMATS)}")
+        if self.padding_side not in ("left", "right"):
+            problems.append("padding_side must be left or right")
+        if problems:
+            raise ConfigError("invalid eval config: " + "; ".join(problems))
+
+    def identity(self) -> dict[str, Any]:
+        """What must match for an output folder to be resumed."""
+        return {
+            "data": str(self.data.path),
+            "format": self.data.format,
+            "n": self.n,
+            "mode": self.mode,
+            "batch_size": self.batch_size if self.mode == "batch" else None,
+            "shuffle": self.shuffle,
+            "seed": self.seed if self.shuffle else None,
+            "model": self.model.path,
+            "dtype": self.model.dtype,
+            "fluency": self.fluency,
+            "gen_tokens": self.gen_tokens if self.fluency else None,
+            "skip_invalid": self.skip_invalid,
+        }
+
+
+def _method_runs(cfg: Mapping[str, Any]) -> tuple[MethodRun, ...]:
+    """Methods in the order chosen; the kwargs of configs/method/<name>.yaml, then method_overrides."""
+    extra = dict(cfg.get("method_overrides") or {})
+    runs = []
+    for name, kwargs in (cfg.get("methods") or {}).items():
+        merged = {**dict(kwargs or {}), **dict(extra.pop(name, None) or {})}
+        if name == NONE_METHOD and merged:
+            raise ConfigError("method none (the unedited baseline) takes no overrides")
+        runs.append(MethodRun(name, merged))
+    if extra:
+        raise ConfigError(f"method_overrides for {sorted(extra)}, which are not chosen methods")
+    return tuple(runs)
+
+
+def default_out(methods: tuple[MethodRun, ...], data: DataConfig) -> Path:
+    stem = data.name or data.path.stem
+    return (
+        Path("runs") / "eval" / f"{time.strftime('%Y%m%d-%H%M%S')}-{'+'.join(m.name for m in methods)}-{stem}"
+    )
+
+
+def from_container(cfg: Mapping[str, Any]) -> EvalConfig:
+    """EvalConfig from the composed config as plain Python containers (OmegaConf.to_container)."""
+    known = {
+        "methods",
+        "method_overrides",
+        "data",
+        "model",
+        "out",
+        "n",
+        "mode",
+        "batch_size",
+        "checkpoints",
+        "shuffle",
+        "seed",
+        "skip_invalid",
+        "fluency",
+        "gen_tokens",
+        "score_batch_size",
+        "padding_side",
+        "resume",
+        "journal",
+        "threads",
+    }
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise ConfigError(f"unknown eval config key(s) {unknown}; known: {sorted(known)}")
+    data_cfg = dict(cfg.get("data") or {})
+    if not data_cfg.get("path"):
+        raise ConfigError(
+            "no dataset: give data=<name> (counterfact, counterfact_train, zsre) or data=<file>"
+        )
+    data = DataConfig(
+        path=resolve_path(data_cfg["path"]),
+        name=data_cfg.get("name"),
+        format=data_cfg.get("format") or "auto",
+        fields=data_cfg.get("fields") or None,
+        skip_invalid=bool(data_cfg.get("skip_invalid", False)),
+    )
+    model_cfg = dict(cfg.get("model") or {})
+    model = ModelConfig(model_cfg.get("path"), model_cfg.get("dtype"), model_cfg.get("device"))
+    methods = _method_runs(cfg)
+    simple = {k: cfg[k] for k in known - {"methods", "method_overrides", "data", "model", "out"} if k in cfg}
+    if simple.get("skip_invalid") is None:
+        simple["skip_invalid"] = data.skip_invalid
+    if "checkpoints" in simple:
+        simple["checkpoints"] = tuple(sorted({int(c) for c in simple["checkpoints"] or ()}))
+    out = Path(cfg["out"]) if cfg.get("out") else default_out(methods, data)
+    try:
+        return EvalConfig(methods=methods, data=data, model=model, out=out, **simple)
+    except TypeError as exc:
+        raise ConfigError(f"invalid eval config: {exc}") from exc

@@ -1,0 +1,299 @@
+"""The three evaluation modes, each resumable from the run's JSON-lines files.
+
+single      per record: edit, measure, revert (a fresh Editor per edit, so reverted deltas are not
+            kept in memory)
+batch       per chunk of `batch_size` records: one `edit_batch`, measure each record, revert
+sequential  edit every record in turn without reverting; after each edit measure it, and at each
+            checkpoint re-measure every edit so far (retention, drift). The edits go to a journal in
+            the output folder, so an interrupted run replays them instead of recomputing.
+The unedited baseline (method "none") scores each record once: post = pre.
+
+Per-case timings: edit_ms (the whole Editor call), compute_ms/apply_ms (its parts), metrics_ms (the
+post-edit scoring plus this case's share of the batched pre-edit scoring), revert_ms.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from ..editing.editor import Editor
+from ..editing.errors import InvalidDeltaError, InvalidRequestError
+from ..editing.metrics import CaseScores, compute_metrics, score_cases, stopwatch
+from .config import EvalConfig, MethodRun
+from .records import EvalRecord
+from .store import JsonLines
+
+logger = logging.getLogger(__name__)
+
+# Errors that refuse one request (recorded in its case line; the run goes on). Anything else, such as a
+# config the model does not fit, stops the run.
+REFUSED = (InvalidRequestError, InvalidDeltaError)
+
+
+@dataclass
+class RunContext:
+    """What every mode needs: the model, the chosen records, their pre-edit scores, the output files."""
+
+    config: EvalConfig
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    records: list[EvalRecord]  # the chosen records, in evaluation order
+    cases: JsonLines
+    checkpoints: JsonLines
+    pre: dict[int, CaseScores] = field(default_factory=dict)  # record index -> unedited scores
+    pre_ms: float = 0.0  # per-case share of the batched pre-edit scoring
+
+    def score(self, records: Sequence[EvalRecord]) -> list[CaseScores]:
+        cfg = self.config
+        return score_cases(
+            self.model,
+            self.tokenizer,
+            records,
+            batch_size=cfg.score_batch_size,
+            padding_side=cfg.padding_side,
+            fluency_tokens=cfg.gen_tokens if cfg.fluency else None,
+        )
+
+    def editor(self, method: MethodRun, journal: Path | None = None) -> Editor:
+        return Editor(
+            method.name, tokenizer=self.tokenizer, journal=journal, score=False, **dict(method.overrides)
+        )
+
+    def progress(self, method: MethodRun, done: int) -> tqdm:
+        return tqdm(
+            total=len(self.records),
+            initial=done,
+            desc=f"{method.name} ({self.config.mode})",
+            unit="case",
+            dynamic_ncols=True,
+        )
+
+
+def case_row(
+    method: str,
+    mode: str,
+    record: EvalRecord,
+    pre: CaseScores,
+    post: CaseScores | None,
+    timings: dict[str, float],
+    **extra: Any,
+) -> dict[str, Any]:
+    """One line of cases.jsonl."""
+    return {
+        "method": method,
+        "mode": mode,
+        "index": record.index,
+        "case_id": record.case_id,
+        "prompt": record.prompt,
+        "target_new": record.target_new,
+        "target_true": record.target_true,
+        "pre": pre.to_dict(),
+        "post": post.to_dict() if post is not None else None,
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        **extra,
+    }
+
+
+def _edit_timings(record_timings: dict[str, float], share: int = 1) -> dict[str, float]:
+    return {
+        k: record_timings[k] / share for k in ("edit_ms", "compute_ms", "apply_ms") if k in record_timings
+    }
+
+
+def run_none(ctx: RunContext, method: MethodRun, pending: list[EvalRecord], bar: tqdm) -> None:
+    for record in pending:
+        pre = ctx.pre[record.index]
+        ctx.cases.append(
+            [case_row(method.name, ctx.config.mode, record, pre, pre, {"metrics_ms": ctx.pre_ms})]
+        )
+        bar.update(1)
+
+
+def run_single(ctx: RunContext, method: MethodRun, pending: list[EvalRecord], bar: tqdm) -> None:
+    for record in pending:
+        ctx.cases.append([_edit_measure_revert(ctx, method, [record])[0]])
+        bar.update(1)
+
+
+def run_batch(ctx: RunContext, method: MethodRun, chunks: list[list[EvalRecord]], bar: tqdm) -> None:
+    for chunk in chunks:
+        ctx.cases.append(_edit_measure_revert(ctx, method, chunk))
+        bar.update(len(chunk))
+
+
+def _edit_measure_revert(
+    ctx: RunContext, method: MethodRun, records: list[EvalRecord]
+) -> list[dict[str, Any]]:
+    """One Editor call for `records`, then their post scores, then the exact revert."""
+    mode, k = ctx.config.mode, len(records)
+    editor = ctx.editor(method)
+    try:
+        edit = editor.edit_batch(ctx.model, [r.to_request() for r in records])
+    except REFUSED as exc:  # a request the method refuses: recorded, the run goes on
+        logger.warning("%s refused records %s: %s", method.name, [r.index for r in records], exc)
+        return [case_row(method.name, mode, r, ctx.pre[r.index], None, {}, error=str(exc)) for r in records]
+    with stopwatch() as post_t:
+        posts = ctx.score(records)
+    with stopwatch() as revert_t:
+        editor.revert(ctx.model, edit.id)
+    rows = []
+    for record, post in zip(records, posts):
+        timings = {
+            **_edit_timings(dict(edit.timings), k),
+            "metrics_ms": post_t["ms"] / k + ctx.pre_ms,
+            "revert_ms": revert_t["ms"] / k,
+        }
+        extra = (
+            {"batch_edit_ms": edit.timings.get("edit_ms"), "batch": [r.index for r in records]}
+            if mode == "batch"
+            else {}
+        )
+        rows.append(case_row(method.name, mode, record, ctx.pre[record.index], post, timings, **extra))
+    return rows
+
+
+# --- sequential ---------------------------------------------------------------------------------------
+
+
+def checkpoint_targets(config: EvalConfig, n: int) -> list[int]:
+    """Edit counts at which every edit so far is re-measured: the configured ones up to n, and n."""
+    return sorted({c for c in config.checkpoints if c <= n} | {n})
+
+
+def retention(immediate: Sequence[CaseScores], now: Sequence[CaseScores]) -> float | None:
+    """Share of the edits that succeeded (P(o*) > P(oᶜ)) right after they were made that still do."""
+    kept = [
+        b.new_nll < b.true_nll
+        for a, b in zip(immediate, now)
+        if a.true_nll is not None and b.true_nll is not None and a.new_nll < a.true_nll
+    ]
+    return sum(kept) / len(kept) if kept else None
+
+
+def _journal_path(ctx: RunContext, method: MethodRun) -> Path:
+    return ctx.cases.path.parent / f"journal-{method.name}.sqlite"
+
+
+def _remove_journal(path: Path) -> None:
+    for candidate in (path, path.with_name(path.name + ".lock"), path.with_name(path.name + "-journal")):
+        candidate.unlink(missing_ok=True)
+
+
+def _open_sequential(
+    ctx: RunContext, method: MethodRun, rows: list[dict[str, Any]]
+) -> tuple[Editor, list[dict[str, Any]]]:
+    """The Editor holding the edits of `rows` (replayed from the journal), or a fresh one and no rows
+    when they cannot be replayed."""
+    path = _journal_path(ctx, method) if ctx.config.journal else None
+    if path is not None and rows:
+        editor = ctx.editor(method, path)
+        editor.attach(ctx.model)  # replays the journal's active edits
+        active = [r.id for r in editor.history if r.status == "active"]
+        expected = [row["edit_id"] for row in rows if row.get("edit_id")]
+        if active[: len(expected)] == expected:
+            for extra in reversed(active[len(expected) :]):  # edited, but the case line was lost
+                editor.revert(ctx.model, extra)
+            logger.info("%s: resumed %d sequential edits from %s", method.name, len(rows), path)
+            return editor, rows
+        logger.warning("%s: journal %s does not match cases.jsonl; restarting this method", method.name, path)
+        editor.revert_all(ctx.model)
+        editor.close()
+    elif rows:
+        logger.warning(
+            "%s: sequential run without a journal cannot resume; restarting this method", method.name
+        )
+    if path is not None:
+        _remove_journal(path)
+    return ctx.editor(method, path), []
+
+
+def _measured_checkpoints(ctx: RunContext, method: str) -> set[int]:
+    return {row["edits"] for row in ctx.checkpoints.rows() if row["method"] == method}
+
+
+def sequential_done(ctx: RunContext, method: MethodRun, rows: list[dict[str, Any]]) -> bool:
+    """Whether every edit and every checkpoint of this method is already on disk."""
+    targets = checkpoint_targets(ctx.config, len(ctx.records))
+    return len(rows) == len(ctx.records) and set(targets) <= _measured_checkpoints(ctx, method.name)
+
+
+def run_sequential(ctx: RunContext, method: MethodRun, rows: list[dict[str, Any]]) -> float:
+    """Apply every record's edit in turn; returns the time (ms) to revert them all at the end."""
+    mode, name = ctx.config.mode, method.name
+    measured = _measured_checkpoints(ctx, name)
+    targets = checkpoint_targets(ctx.config, len(ctx.records))
+    editor, rows = _open_sequential(ctx, method, rows)
+    if not rows:  # restarting: drop this method's old lines
+        ctx.cases.rewrite(lambda r: r["method"] != name)
+        ctx.checkpoints.rewrite(lambda r: r["method"] != name)
+        measured = set()
+    immediate = {row["index"]: CaseScores.from_dict(row["post"]) for row in rows if row.get("post")}
+    with editor, ctx.progress(method, len(rows)) as bar:
+        for position in range(len(rows), len(ctx.records) + 1):
+            if position in targets and position not in measured:
+                _checkpoint(ctx, name, position, immediate)
+            if position == len(ctx.records):
+                break
+            record = ctx.records[position]
+            try:
+                edit = editor.edit_batch(ctx.model, [record.to_request()])
+            except REFUSED as exc:  # refused: recorded, not applied, the run goes on
+                logger.warning("%s refused record %d: %s", name, record.index, exc)
+                ctx.cases.append(
+                    [case_row(name, mode, record, ctx.pre[record.index], None, {}, error=str(exc))]
+                )
+                bar.update(1)
+                continue
+            with stopwatch() as post_t:
+                immediate[record.index] = post = ctx.score([record])[0]
+            timings = {**_edit_timings(dict(edit.timings)), "metrics_ms": post_t["ms"] + ctx.pre_ms}
+            if "journal_ms" in edit.timings:
+                timings["journal_ms"] = edit.timings["journal_ms"]
+            ctx.cases.append(
+                [case_row(name, mode, record, ctx.pre[record.index], post, timings, edit_id=edit.id)]
+            )
+            bar.update(1)
+        start = time.perf_counter()
+        editor.revert_all(ctx.model)
+        return (time.perf_counter() - start) * 1000
+
+
+def _checkpoint(ctx: RunContext, method: str, edits: int, immediate: dict[int, CaseScores]) -> None:
+    """Re-measure the edits among the first `edits` records with all of them applied (refused ones
+    are left out); one line of checkpoints.jsonl."""
+    records = [r for r in ctx.records[:edits] if r.index in immediate]
+    if not records:
+        return
+    start = time.perf_counter()
+    now = ctx.score(records)
+    metrics = compute_metrics([ctx.pre[r.index] for r in records], now)
+    kept = retention([immediate[r.index] for r in records], now)
+    if kept is not None:
+        metrics["seq/retention"] = kept
+    ctx.checkpoints.append(
+        [
+            {
+                "method": method,
+                "edits": edits,
+                "metrics": metrics,
+                "score_ms": (time.perf_counter() - start) * 1000,
+                "indices": [r.index for r in records],
+                "post": [s.to_dict() for s in now],
+            }
+        ]
+    )
+    logger.info(
+        "%s: checkpoint after %d edits: %s",
+        method,
+        edits,
+        ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k.startswith(("cf/", "tok/", "seq/"))),
+    )

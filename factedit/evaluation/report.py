@@ -1,0 +1,262 @@
+"""The run's summary (summary.json) and its formatted views (report.md, plots). Metrics are computed by
+`factedit.editing.metrics.compute_metrics` only; this module collects and formats them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..editing.metrics import CaseScores, compute_metrics
+from .config import NONE_METHOD, EvalConfig
+from .loaders import LoadedData
+from .modes import retention
+from .records import EvalRecord
+
+PROTOCOL = {
+    "name": "factedit-eval/1",
+    "counterfact": (
+        "CounterFact (ROME, Meng et al. 2022): P(o) = exp(-mean per-token NLL of o after the prompt). "
+        "cf/es, cf/ps: share of edit prompts / paraphrases with P(o*) > P(oc); cf/ns: share of neighbourhood "
+        "prompts with P(oc) > P(o*); cf/em, cf/pm: mean P(o*) - P(oc); cf/nm: mean P(oc) - P(o*); "
+        "cf/score: harmonic mean of es, ps, ns"
+    ),
+    "token_accuracy": (
+        "EasyEdit (Yao et al. 2023): tok/reliability, tok/generalization: teacher-forced share of o* tokens "
+        "that are the argmax after the edit prompt / paraphrases; tok/locality: share of argmax tokens over "
+        "the answers of locality pairs and neighbourhood prompts that are the same before and after the edit"
+    ),
+    "fluency": "fluency/ngram_entropy: ROME's weighted bi-/tri-gram entropy of greedy generations (opt-in)",
+    "aggregation": "per case first (mean over its paraphrases, neighbours, ...), then the mean over cases",
+    "join_rule": "target = continuation of the prompt: one space between them unless either side has it",
+    "sequential": "metrics of a sequential run are re-measured after the last edit, over every edit; "
+    "seq/retention: share of edits with P(o*) > P(oc) right after editing that keep it",
+}
+
+ROW_ORDER = [
+    "cf/es",
+    "cf/ps",
+    "cf/ns",
+    "cf/score",
+    "cf/em",
+    "cf/pm",
+    "cf/nm",
+    "tok/reliability",
+    "tok/generalization",
+    "tok/locality",
+    "fluency/ngram_entropy",
+    "seq/retention",
+    "time/edit_ms",
+    "time/compute_ms",
+    "time/apply_ms",
+    "time/metrics_ms",
+    "time/revert_ms",
+    "time/metrics_share",
+    "mem/peak_mb",
+    "data/cases",
+    "data/errors",
+]
+CHECKPOINT_KEYS = [
+    "cf/es",
+    "cf/ps",
+    "cf/ns",
+    "cf/score",
+    "tok/reliability",
+    "tok/generalization",
+    "tok/locality",
+    "seq/retention",
+]
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    config: EvalConfig
+    data: LoadedData
+    records: list[EvalRecord]
+    model_id: str
+    model_fingerprint: str
+    version: str
+
+
+def _scores(items: Sequence[Mapping[str, Any]]) -> list[CaseScores]:
+    return [CaseScores.from_dict(item) for item in items]
+
+
+def _sequential_metrics(
+    rows: list[dict[str, Any]],
+    checkpoints: list[dict[str, Any]],
+    state: Mapping[str, Any],
+    pre: Mapping[int, CaseScores],
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """Metrics after the last edit (re-measured over all edits) and the per-checkpoint view."""
+    immediate = compute_metrics(
+        _scores([r["pre"] for r in rows]), _scores([r["post"] for r in rows]), [r["timings"] for r in rows]
+    )
+    timings = [dict(r["timings"]) for r in rows]
+    if state.get("revert_all_ms") and rows:
+        for t in timings:  # revert_all's time, spread over the edits
+            t["revert_ms"] = state["revert_all_ms"] / len(rows)
+    final = checkpoints[-1] if checkpoints else None
+    if final is None:
+        return immediate, {"immediate": immediate, "checkpoints": []}
+    now = _scores(final["post"])
+    metrics = compute_metrics([pre[i] for i in final["indices"]], now, timings, state.get("peak_mb"))
+    by_index = {r["index"]: CaseScores.from_dict(r["post"]) for r in rows}
+    kept = retention([by_index[i] for i in final["indices"]], now)
+    if kept is not None:
+        metrics["seq/retention"] = kept
+    view = {
+        "immediate": immediate,
+        "checkpoints": [{"edits": c["edits"], "metrics": c["metrics"]} for c in checkpoints],
+    }
+    return metrics, view
+
+
+def build_summary(
+    info: RunInfo,
+    rows: list[dict[str, Any]],
+    checkpoints: list[dict[str, Any]],
+    states: Mapping[str, Mapping[str, Any]],
+    pre: Mapping[int, CaseScores],
+) -> dict[str, Any]:
+    """summary.json's content: the metrics of every method, the baseline, and what the run was."""
+    config = info.config
+    position = {r.index: i for i, r in enumerate(info.records)}
+    unedited = [pre[r.index] for r in info.records]
+    metrics: dict[str, dict[str, float]] = {}
+    sequential: dict[str, Any] = {}
+    for method in config.methods:
+        mine = sorted(
+            (r for r in rows if r["method"] == method.name and r["index"] in position),
+            key=lambda r: position[r["index"]],
+        )
+        ok = [r for r in mine if r.get("post")]
+        state = states.get(method.name, {})
+        if config.mode == "sequential" and method.name != NONE_METHOD:
+            cps = sorted((c for c in checkpoints if c["method"] == method.name), key=lambda c: c["edits"])
+            values, sequential[method.name] = _sequential_metrics(ok, cps, state, pre)
+        else:
+            values = compute_metrics(
+                _scores([r["pre"] for r in ok]),
+                _scores([r["post"] for r in ok]),
+                [r["timings"] for r in ok],
+                state.get("peak_mb"),
+            )
+        values["data/errors"] = float(len(mine) - len(ok))
+        metrics[method.name] = values
+    summary = {
+        "factedit_version": info.version,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "protocol": PROTOCOL,
+        "model": {"id": info.model_id, "path": config.model.path, "fingerprint": info.model_fingerprint},
+        "data": {
+            "path": str(info.data.path),
+            "name": config.data.name,
+            "format": info.data.format,
+            "sha256": info.data.sha256,
+            "records_in_file": info.data.total,
+            "skipped_invalid": info.data.skipped,
+            "evaluated": len(info.records),
+            "shuffle": config.shuffle,
+            "seed": config.seed,
+        },
+        "mode": config.mode,
+        "methods": [m.name for m in config.methods],
+        "method_configs": {m.name: states.get(m.name, {}).get("config", {}) for m in config.methods},
+        "config": json.loads(json.dumps(dataclasses.asdict(config), default=str)),
+        "baseline": compute_metrics(unedited, unedited),
+        "metrics": metrics,
+    }
+    if sequential:
+        summary["sequential"] = sequential
+    return summary
+
+
+def _fmt(key: str, value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if key.startswith("data/"):
+        return str(int(value))
+    if key.startswith("mem/"):
+        return f"{value:.0f}"
+    if key.endswith("_ms"):
+        return f"{value:.1f}"
+    return f"{value:.3f}"
+
+
+def _ordered_keys(dicts: Sequence[Mapping[str, float]]) -> list[str]:
+    present = {k for d in dicts for k in d}
+    return [k for k in ROW_ORDER if k in present] + sorted(present - set(ROW_ORDER))
+
+
+def metrics_table(summary: Mapping[str, Any]) -> str:
+    """Markdown table: one row per metric, one column per method, after the unedited model."""
+    columns = {
+        "unedited": {k: v for k, v in summary["baseline"].items() if not k.startswith(("time/", "mem/"))}
+    }
+    columns.update(summary["metrics"])
+    keys = _ordered_keys(list(columns.values()))
+    lines = ["| metric | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    lines += [f"| {k} | " + " | ".join(_fmt(k, c.get(k)) for c in columns.values()) + " |" for k in keys]
+    return "\n".join(lines)
+
+
+def checkpoint_table(summary: Mapping[str, Any]) -> str:
+    lines = [
+        "| method | edits | " + " | ".join(CHECKPOINT_KEYS) + " |",
+        "|---|---:|" + "---:|" * len(CHECKPOINT_KEYS),
+    ]
+    for method, view in summary.get("sequential", {}).items():
+        for cp in view["checkpoints"]:
+            cells = " | ".join(_fmt(k, cp["metrics"].get(k)) for k in CHECKPOINT_KEYS)
+            lines.append(f"| {method} | {cp['edits']} | {cells} |")
+    return "\n".join(lines)
+
+
+def render_report(summary: Mapping[str, Any], plots: Sequence[str]) -> str:
+    data, model = summary["data"], summary["model"]
+    source = f"`{data['path']}` ({data['format']}, sha256 {data['sha256'][:12]}…)"
+    order = f"shuffled (seed {data['seed']})" if data["shuffle"] else "file order"
+    skipped = f"; {data['skipped_invalid']} malformed skipped" if data["skipped_invalid"] else ""
+    methods = ", ".join(summary["methods"])
+    head = [
+        "# factedit evaluation",
+        "",
+        f"- model: `{model['id']}` (fingerprint {model['fingerprint'][:12]})",
+        f"- data: {source}: {data['evaluated']} of {data['records_in_file']} records, {order}{skipped}",
+        f"- mode: {summary['mode']}; methods: {methods}; factedit {summary['factedit_version']}",
+        (
+            f"- protocol: {summary['protocol']['name']}: CounterFact (cf/*, ROME) and token accuracy "
+            "(tok/*, EasyEdit); per-case values averaged over cases. Definitions: summary.json → protocol."
+        ),
+        "",
+        metrics_table(summary),
+        "",
+    ]
+    if summary.get("sequential"):
+        head += [
+            "## Sequential: every edit so far, re-measured at each checkpoint",
+            "",
+            checkpoint_table(summary),
+            "",
+        ]
+    head += [f"![{Path(p).stem}]({p})" for p in plots]
+    return "\n".join(head) + "\n"
+
+
+def write_outputs(out: Path, summary: dict[str, Any]) -> str:
+    """summary.json, the plots and report.md; returns report.md's text."""
+    from .plots import plot_metrics, plot_retention
+
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=False))
+    plots = [plot_metrics(summary, out / "metrics.png")]
+    if summary.get("sequential"):
+        plots.append(plot_retention(summary, out / "retention.png"))
+    report = render_report(summary, [p.name for p in plots if p is not None])
+    (out / "report.md").write_text(report)
+    return report

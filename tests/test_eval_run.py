@@ -1,0 +1,168 @@
+"""`factedit eval` end to end on a tiny model saved to disk: every output, every mode, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from factedit.editing.editor import Editor
+from factedit.evaluation.cli import main, normalize_overrides
+from factedit.evaluation.store import read_lines
+
+FIXTURES = Path(__file__).parent / "fixtures"
+FAST = [
+    "method_overrides.ft_l.layers=[-1]",
+    "method_overrides.ft_l.max_steps=3",
+    "method_overrides.ft_l.norm_constraint=0.05",
+    "method_overrides.ft_l.lr=0.05",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    from tiny_models import tiny_model
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model, tok = tiny_model("llama")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _eval(tiny_dir: Path, out: Path, *args: str) -> int:
+    return main([f"model={tiny_dir}", f"data={FIXTURES / 'counterfact_small.json'}", f"out={out}", *args])
+
+
+def _cases(out: Path) -> list[dict]:
+    return read_lines(out / "cases.jsonl")
+
+
+def test_single_mode_writes_every_output(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _eval(tiny_dir, out, "method=[none,ft_l]", "fluency=true", "gen_tokens=4", *FAST) == 0
+    for name in ("summary.json", "cases.jsonl", "report.md", "metrics.png", "run.json"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["methods"] == ["none", "ft_l"] and summary["mode"] == "single"
+    assert summary["data"]["sha256"] and summary["data"]["evaluated"] == 3
+    assert summary["model"]["id"] and summary["factedit_version"] and "counterfact" in summary["protocol"]
+    assert summary["method_configs"]["ft_l"]["layers"] == [-1]
+    ft = summary["metrics"]["ft_l"]
+    for key in (
+        "cf/es",
+        "cf/ps",
+        "cf/ns",
+        "cf/score",
+        "tok/reliability",
+        "tok/locality",
+        "time/edit_ms",
+        "time/revert_ms",
+        "time/metrics_ms",
+        "mem/peak_mb",
+        "fluency/ngram_entropy",
+    ):
+        assert key in ft, key
+    assert summary["metrics"]["none"]["cf/es"] == summary["baseline"]["cf/es"]
+    rows = _cases(out)
+    assert len(rows) == 6 and {r["method"] for r in rows} == {"none", "ft_l"}
+    assert all(r["pre"] and r["post"] and r["post"]["generations"] for r in rows)
+    report = (out / "report.md").read_text()
+    assert "| metric | unedited | none | ft_l |" in report and "| cf/es |" in report
+    assert "| cf/es |" in capsys.readouterr().out
+
+
+SEQUENTIAL = ("method=ft_l", "mode=sequential", "checkpoints=[1,2]", *FAST)
+
+
+@pytest.fixture(scope="module")
+def sequential_run(tiny_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("seq") / "run"
+    assert _eval(tiny_dir, out, *SEQUENTIAL) == 0
+    return out
+
+
+def test_batch_mode(tiny_dir, tmp_path):
+    out = tmp_path / "batch"
+    assert _eval(tiny_dir, out, "method=ft_l", "mode=batch", "batch_size=2", *FAST) == 0
+    rows = _cases(out)
+    assert [r["batch"] for r in rows] == [[0, 1], [0, 1], [2]]
+
+
+def test_sequential_mode_measures_retention(sequential_run):
+    cps = read_lines(sequential_run / "checkpoints.jsonl")
+    assert [c["edits"] for c in cps] == [1, 2, 3]
+    assert [c["indices"] for c in cps] == [[0], [0, 1], [0, 1, 2]]
+    assert (sequential_run / "retention.png").is_file()
+    summary = json.loads((sequential_run / "summary.json").read_text())
+    assert [c["edits"] for c in summary["sequential"]["ft_l"]["checkpoints"]] == [1, 2, 3]
+    assert (
+        "seq/retention" in summary["metrics"]["ft_l"]
+        or summary["sequential"]["ft_l"]["immediate"]["cf/es"] == 0
+    )
+    assert "| ft_l | 3 |" in (sequential_run / "report.md").read_text()
+
+
+def test_resume_skips_done_records_and_ignores_a_half_written_line(tiny_dir, tmp_path):
+    out = tmp_path / "resume"
+    assert _eval(tiny_dir, out, "method=ft_l", *FAST) == 0
+    full = _cases(out)
+    lines = (out / "cases.jsonl").read_text().splitlines()
+    (out / "cases.jsonl").write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])  # interrupted mid-line
+    assert _eval(tiny_dir, out, "method=ft_l", *FAST) == 0
+    resumed = _cases(out)
+    assert [r["index"] for r in resumed] == [0, 1, 2]
+    assert resumed[0] == full[0]  # kept, not recomputed (its timings would differ)
+    assert resumed[1]["post"]["new_nll"] == pytest.approx(
+        full[1]["post"]["new_nll"], abs=1e-6
+    )  # redone, same edit
+    # another config in the same folder is refused, not mixed in: other records, or another method config
+    assert _eval(tiny_dir, out, "method=ft_l", "n=2", *FAST) == 2
+    assert _eval(tiny_dir, out, "method=ft_l", *FAST, "method_overrides.ft_l.lr=0.01") == 2
+    assert json.loads((out / "run.json").read_text())["methods"]["ft_l"]["config"]["lr"] == 0.05
+
+
+def test_sequential_resume_replays_the_journal(tiny_dir, sequential_run, tmp_path, monkeypatch):
+    out = tmp_path / "interrupted"
+    real_edit = Editor.edit_batch
+    calls = {"n": 0}
+
+    def flaky(self, model, requests):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # the third edit is interrupted
+        return real_edit(self, model, requests)
+
+    monkeypatch.setattr(Editor, "edit_batch", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        _eval(tiny_dir, out, *SEQUENTIAL)
+    monkeypatch.setattr(Editor, "edit_batch", real_edit)
+    assert len(_cases(out)) == 2 and (out / "journal-ft_l.sqlite").exists()
+    assert _eval(tiny_dir, out, *SEQUENTIAL) == 0
+    got = json.loads((out / "summary.json").read_text())["metrics"]["ft_l"]
+    want = json.loads((sequential_run / "summary.json").read_text())["metrics"]["ft_l"]
+    for key in ("cf/es", "cf/ps", "cf/ns", "tok/reliability", "tok/locality", "cf/em"):
+        assert got[key] == pytest.approx(want[key], abs=1e-6), key
+    assert [c["edits"] for c in read_lines(out / "checkpoints.jsonl")] == [1, 2, 3]
+
+
+def test_bad_config_is_a_clear_error(tiny_dir, tmp_path, capsys):
+    assert _eval(tiny_dir, tmp_path / "x", "method=nope") == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+    assert _eval(tiny_dir, tmp_path / "x", "mode=sideways") == 2
+    assert "mode must be one of" in capsys.readouterr().err
+
+
+def test_override_conveniences():
+    assert normalize_overrides(
+        ["data=counterfact", "data=/x/y.json", "model=/m", "method_overrides.ft.lr=1"]
+    ) == [
+        "data=counterfact",
+        "data=file",
+        "data.path=/x/y.json",
+        "model=local",
+        "model.path=/m",
+        "++method_overrides.ft.lr=1",
+    ]
+    assert normalize_overrides(["method=[ft_l,lora,custom]"]) == ["method=[ft_l,lora]", "++methods.custom={}"]
