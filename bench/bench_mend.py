@@ -1,0 +1,134 @@
+"""Benchmark of the MEND editor on CounterFact (ROME-paper protocol), one edit at a time then revert.
+
+    .venv/bin/python bench/bench_mend.py                       # the shipped editor, first 200 val records
+    .venv/bin/python bench/bench_mend.py --checkpoint /tmp/mend-quick --n 200
+
+Per record: edit through `factedit.Editor("mend", tokenizer=tok, score=False)`, score the six
+sequences with `score_sequences` (mean per-token log-prob of the new and the true object on the edit
+prompt, the rephrase prompt and the neighbourhood prompt), revert, and check that the edited
+parameters equal (torch.equal) a copy of their base taken before the first edit.
+
+ES = share with mean logprob(target_new) > mean logprob(ground_truth) on the edit prompt;
+PS = the same on rephrase_prompt; NS = share of locality_prompt with
+mean logprob(locality_ground_truth) > mean logprob(target_new).
+
+Timing (same run, medians): the MEND compute time of one edit; one forward+backward of the base
+model on the same text (prompt + target, mean NLL of the target, every parameter requiring grad, as
+loaded); their ratio; and one `edit_batch` of 16 records against the median single edit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import factedit
+from factedit.editing.request import EditRequest, encode_prompt, encode_target, tokenize_request
+from factedit.editing.scoring import pad_id_of, score_sequences
+from factedit.peft.training import make_batch, target_nll
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cf_scores(model, tok, rec) -> dict[str, float]:
+    pairs = []
+    for prompt, first, second in (
+        (rec["prompt"], rec["target_new"], rec["ground_truth"]),
+        (rec["rephrase_prompt"], rec["target_new"], rec["ground_truth"]),
+        (rec["locality_prompt"], rec["target_new"], rec["locality_ground_truth"]),
+    ):
+        ids = encode_prompt(tok, prompt)
+        pairs += [(ids, encode_target(tok, prompt, first)), (ids, encode_target(tok, prompt, second))]
+    s = [x.mean_logprob for x in score_sequences(model, pairs, pad_id_of(tok))]
+    return {"es": float(s[0] > s[1]), "ps": float(s[2] > s[3]), "ns": float(s[5] > s[4])}
+
+
+def fwd_bwd_ms(model, tok, rec) -> float:
+    """One forward + backward of the base model on prompt + target (all parameters trainable)."""
+    treq = tokenize_request(EditRequest(rec["prompt"], rec["target_new"]), tok, None)
+    batch = make_batch([treq], pad_id_of(tok), next(model.parameters()).device)
+    start = time.perf_counter()
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    loss, _ = target_nll(logits, batch.labels)
+    loss.backward()
+    elapsed = (time.perf_counter() - start) * 1000
+    model.zero_grad(set_to_none=True)
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default=None, help="MEND checkpoint dir (default: the shipped one)")
+    parser.add_argument("--n", type=int, default=200, help="first n records of val.json")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=16, help="size of the edit_batch timing")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model, tok = factedit.load_model()
+    records = json.loads((ROOT / "data/counterfact/val.json").read_text())[: args.n]
+    editor = factedit.Editor("mend", tokenizer=tok, score=False, checkpoint=args.checkpoint)
+    names = editor._impl.network.param_names
+    params = dict(model.named_parameters())
+    base = {n: params[n].detach().clone() for n in names}
+
+    unedited = [cf_scores(model, tok, r) for r in records]
+    for r in records[:3]:  # warm-up
+        fwd_bwd_ms(model, tok, r)
+        editor.revert(model, editor.edit(model, r["prompt"], r["target_new"]).id)
+
+    flags, compute_ms, edit_ms, fb_ms, exact = [], [], [], [], True
+    for rec in records:
+        fb_ms.append(fwd_bwd_ms(model, tok, rec))
+        record = editor.edit(model, rec["prompt"], rec["target_new"])
+        compute_ms.append(record.timings["compute_ms"])
+        edit_ms.append(record.timings["edit_ms"])
+        flags.append(cf_scores(model, tok, rec))
+        editor.revert(model, record.id)
+        exact &= all(torch.equal(params[n], base[n]) for n in names)
+
+    single_ms = statistics.median(compute_ms)
+    batch_ms, batch_edit_ms = [], []
+    requests = [{"prompt": r["prompt"], "target": r["target_new"]} for r in records[: args.batch]]
+    for _ in range(3):
+        record = editor.edit_batch(model, requests)
+        batch_ms.append(record.timings["compute_ms"])
+        batch_edit_ms.append(record.timings["edit_ms"])
+        editor.revert(model, record.id)
+        exact &= all(torch.equal(params[n], base[n]) for n in names)
+
+    def mean(rows, key):
+        return sum(r[key] for r in rows) / len(rows)
+
+    figures = {
+        "checkpoint": args.checkpoint or "shipped",
+        "n": len(records),
+        "edit/es": mean(flags, "es"), "edit/ps": mean(flags, "ps"), "loc/ns": mean(flags, "ns"),
+        "unedited/es": mean(unedited, "es"), "unedited/ps": mean(unedited, "ps"), "unedited/ns": mean(unedited, "ns"),
+        "revert/exact": exact,
+        "time/edit_compute_ms": single_ms,
+        "time/edit_total_ms": statistics.median(edit_ms),
+        "time/fwd_bwd_ms": statistics.median(fb_ms),
+        "time/edit_over_fwd_bwd": single_ms / statistics.median(fb_ms),
+        f"time/batch{args.batch}_compute_ms": statistics.median(batch_ms),
+        f"time/batch{args.batch}_over_single": statistics.median(batch_ms) / single_ms,
+        f"time/batch{args.batch}_total_over_single_total": statistics.median(batch_edit_ms) / statistics.median(edit_ms),
+        "threads": args.threads,
+    }
+    width = max(len(k) for k in figures)
+    print(f"MEND on CounterFact val[:{len(records)}], one edit at a time then revert")
+    for key, value in figures.items():
+        shown = f"{value:.3f}" if isinstance(value, float) else str(value)
+        print(f"  {key:<{width}}  {shown}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()

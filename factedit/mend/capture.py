@@ -1,0 +1,148 @@
+"""Capture of MEND's inputs: per edited matrix, the rows u_t and δ_t at the positions that matter.
+
+One forward and one backward pass of the frozen base model. The edit loss is the sum over requests
+of each request's mean per-token NLL of its target, so one request's δ does not depend on how many
+others share the batch. Autograd runs only down to the earliest edited matrix (see
+`capture_linear_io`), and the language-model head is evaluated only at the positions that predict
+target tokens (`logits_to_keep`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..editing.hooks import capture_linear_io
+from ..peft.training import IGNORE, TrainingBatch
+
+
+@dataclass(frozen=True)
+class Captured:
+    """u/δ rows per edited parameter name, and the edit loss they came from."""
+
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (u (N, d_in), δ (N, d_out))
+    loss: float
+    logits: torch.Tensor  # (M, V) detached: pre-edit logits at `select`, row-major
+    select: torch.Tensor  # (B, T) positions predicting any row's labelled tokens (edit rows or not)
+
+
+def loss_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: position t whose output predicts a labelled token t + 1."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != IGNORE
+    return mask
+
+
+def supports_logits_to_keep(model: nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def kept_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Sorted union over rows of the positions set in `mask` (B, T) -> (K,) long."""
+    return mask.any(0).nonzero().squeeze(1)
+
+
+def next_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T): the label of token t + 1, the one position t predicts (IGNORE at the end)."""
+    out = torch.full_like(labels, IGNORE)
+    out[:, :-1] = labels[:, 1:]
+    return out
+
+
+def logits_at(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    select: torch.Tensor,
+    params: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Logits (M, V) at the positions set in `select` (B, T), row-major.
+
+    The language-model head runs on those M positions only: `logits_to_keep` trims the positions to
+    the union over rows, and a pre-hook on the head keeps each row's own. `params` (optional) go to
+    `torch.func.functional_call`; the model's tensors are never written.
+    """
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    keep = kept_positions(select)
+    if supports_logits_to_keep(model):
+        kwargs["logits_to_keep"] = keep
+        rows = select[:, keep]  # (B, K)
+    else:
+        rows = select  # (B, T)
+
+    def gather(module: nn.Module, args: tuple) -> tuple:
+        return (args[0][rows].unsqueeze(0), *args[1:])  # (1, M, d)
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(gather)
+    try:
+        if params is not None:
+            out = torch.func.functional_call(model, params, args=(), kwargs=kwargs, strict=False)
+        else:
+            out = model(**kwargs)
+    finally:
+        handle.remove()
+    return out.logits.squeeze(0)  # (M, V)
+
+
+def per_request_nll(logits: torch.Tensor, labels: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
+    """Mean per-token NLL of each row's labelled tokens, from logits (M, V) at `select` (B, T).
+
+    Returns (B,); rows without labelled tokens get 0.
+    """
+    targets = next_tokens(labels)[select]  # (M,)
+    row_ids = select.nonzero()[:, 0]  # (M,)
+    valid = targets != IGNORE
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (M, V)
+    picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * valid  # (M,)
+    n_rows = labels.shape[0]
+    total = torch.zeros(n_rows, device=logits.device).index_add(0, row_ids, -picked)
+    count = torch.zeros(n_rows, device=logits.device).index_add(0, row_ids, valid.float())
+    return total / count.clamp(min=1)
+
+
+def capture(
+    model: nn.Module,
+    module_names: Sequence[str],
+    param_names: Sequence[str],
+    batch: TrainingBatch,
+    rows: torch.Tensor | None = None,
+    positions: str = "loss",
+) -> Captured:
+    """Run the edit loss forward and backward on the frozen `model` and collect u/δ rows.
+
+    module_names[i] owns param_names[i]. `rows` (B,) bool selects the rows that are edits (others,
+    e.g. locality prompts sharing the pass, contribute nothing); default: all rows.
+    positions: "loss" keeps the positions predicting a target token; "all" every non-padding one.
+    The caller must have frozen the model (no parameter requires grad).
+    """
+    edit_rows = torch.ones(batch.labels.shape[0], dtype=torch.bool, device=batch.labels.device)
+    if rows is not None:
+        edit_rows = rows.to(batch.labels.device)
+    labels = batch.labels.masked_fill(~edit_rows[:, None], IGNORE)  # (B, T)
+    target_mask = loss_positions(labels)  # (B, T)
+    all_targets = loss_positions(batch.labels)  # (B, T)
+    with torch.enable_grad(), capture_linear_io(model, module_names) as io:
+        logits = logits_at(model, batch.input_ids, batch.attention_mask, all_targets)  # (M, V)
+        loss = per_request_nll(logits, labels, all_targets)[edit_rows].sum()
+        loss.backward()
+    if positions == "loss":
+        select = target_mask
+    else:
+        select = batch.attention_mask.bool() & edit_rows[:, None]  # (B, T)
+    factors = {}
+    for module, param in zip(module_names, param_names):
+        u = io.inputs[module][select]  # (N, d_in)
+        grad = io.output_grads.get(module)
+        if grad is None:  # the module does not influence the loss (cannot happen for MLP matrices)
+            grad = torch.zeros(*io.inputs[module].shape[:2], _out_features(model, module), device=u.device)
+        factors[param] = (u, grad[select])  # (N, d_in), (N, d_out)
+    return Captured(factors, float(loss.detach()), logits.detach(), all_targets)
+
+
+def _out_features(model: nn.Module, module_name: str) -> int:
+    module = model.get_submodule(module_name)
+    return int(getattr(module, "out_features", None) or module.nf)

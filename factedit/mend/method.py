@@ -1,0 +1,127 @@
+"""The registered `mend` method: one forward and one backward pass of the base model per edit batch,
+then the trained editor network turns the captured u/δ rows into low-rank factors.
+
+The checkpoint is loaded once, when the method is built (`Editor("mend", ...)`); the base model is
+checked against it the first time `compute` sees that model.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from ..editing.delta import Delta, ParamDelta
+from ..editing.errors import ConfigError
+from ..editing.methods import MethodSpec
+from ..editing.request import TokenizedRequest
+from ..editing.scoring import pad_id_of
+from ..editing.specs import mlp_param_names, weight_layout
+from ..peft.training import frozen, make_batch
+from .capture import capture
+from .checkpoint import MENDCheckpoint, check_model, load_checkpoint
+from .config import MENDConfig
+from .network import EditedParam, MENDNetwork
+
+LOG = logging.getLogger(__name__)
+
+
+def length_groups(requests: Sequence[TokenizedRequest], size: int | None) -> list[list[TokenizedRequest]]:
+    """Requests sorted by length, in passes of at most `size` (None: one pass): less padding.
+
+    The edit loss is a sum over requests, so the passes' u/δ rows together are those of one pass.
+    """
+    ordered = sorted(requests, key=lambda r: len(r.input_ids))
+    if size is None:
+        return [ordered]
+    return [ordered[i : i + size] for i in range(0, len(ordered), size)]
+
+
+def module_of(param_name: str) -> str:
+    return param_name.rpartition(".")[0]
+
+
+def edited_params(model: nn.Module, layers: Sequence[int], matrices: Sequence[str]) -> list[EditedParam]:
+    """The matrices MEND edits, with their widths and layouts (from the ModelSpec, never from shapes)."""
+    out = []
+    params = dict(model.named_parameters())
+    for name in mlp_param_names(model, layers, matrices):
+        layout = weight_layout(model, name)
+        rows, cols = params[name].shape
+        d_in, d_out = (rows, cols) if layout == "in_out" else (cols, rows)
+        out.append(EditedParam(name, int(d_in), int(d_out), layout))
+    return out
+
+
+def new_network(
+    model: nn.Module, layers: Sequence[int] = (-3, -2, -1), matrices: Sequence[str] = ("gate", "in", "out"),
+    *, rank: int = 256, n_hidden: int = 1, alpha_init: float = 1.0,
+) -> MENDNetwork:
+    """An untrained editor for `model` (identity network, no statistics, step size `alpha_init`)."""
+    return MENDNetwork(edited_params(model, layers, matrices), rank=rank, n_hidden=n_hidden,
+                       alpha_init=alpha_init)
+
+
+def factors_to_delta(network: MENDNetwork, transformed: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Delta:
+    """Low-rank ParamDeltas in each parameter's layout from rows ũ (N, d_in) and −α·δ̃ (N, d_out)."""
+    params = {}
+    for p in network.params:
+        u_t, d_t = transformed[p.name]
+        u_t, d_t = u_t.detach(), d_t.detach()
+        if p.layout == "in_out":
+            params[p.name] = ParamDelta(left=u_t.T.contiguous(), right=d_t.contiguous())  # (d_in, N), (N, d_out)
+        else:
+            params[p.name] = ParamDelta(left=d_t.T.contiguous(), right=u_t.contiguous())  # (d_out, N), (N, d_in)
+    return Delta(params)
+
+
+class MEND:
+    """Computes MEND deltas with a loaded editor (see module docstring)."""
+
+    def __init__(self, config: MENDConfig, checkpoint: MENDCheckpoint | None = None) -> None:
+        self.config = config
+        self.checkpoint = checkpoint if checkpoint is not None else load_checkpoint(config.checkpoint)
+        self.network = self.checkpoint.network.eval()
+        self._checked: weakref.WeakSet = weakref.WeakSet()
+
+    def _check(self, model: nn.Module) -> list[str]:
+        if model not in self._checked:
+            check_model(self.checkpoint, model)
+        names = mlp_param_names(model, self.config.layers, self.config.matrices)
+        if sorted(names) != sorted(self.network.param_names):
+            raise ConfigError(
+                f"layers={self.config.layers} matrices={self.config.matrices} select {names}, but the MEND "
+                f"checkpoint edits {self.network.param_names}; pass the layers/matrices it was trained for"
+            )
+        self._checked.add(model)
+        return self.network.param_names
+
+    def compute(
+        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[TokenizedRequest]
+    ) -> Delta:
+        names = self._check(model)
+        device = next(model.parameters()).device
+        factors: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in names}
+        with frozen(model):
+            for group in length_groups(requests, self.config.pass_size):
+                batch = make_batch(group, pad_id_of(tokenizer), device)
+                captured = capture(model, [module_of(n) for n in names], names, batch,
+                                   positions=self.config.positions)
+                for name in names:
+                    factors[name].append(captured.factors[name])
+        rows = {n: (torch.cat([u for u, _ in f]), torch.cat([d for _, d in f])) for n, f in factors.items()}
+        network = self.network.to(device)
+        with torch.no_grad():
+            transformed = network(rows, alpha_scale=self.config.edit_scale)
+        return factors_to_delta(network, transformed)
+
+
+def build(config: MENDConfig) -> MEND:
+    return MEND(config)
+
+
+METHOD = MethodSpec("mend", MENDConfig, build)

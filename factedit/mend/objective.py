@@ -1,0 +1,164 @@
+"""MEND's training objective and its validation metrics, on a frozen base model.
+
+One training step on a batch of edit examples (all edits applied together, as one batch edit):
+
+1. capture pass (frozen model, hooks): edit sequences and locality sequences in one forward; the
+   edit loss is backpropagated to the edited matrices (u/δ rows), the locality rows give the
+   pre-edit distributions;
+2. the editor network maps the rows to ΔW = Σ_t (−α δ̃_t) ũ_tᵀ per matrix (gradients flow into it);
+3. edited pass through `torch.func.functional_call` with W + ΔW (the model's own tensors are never
+   written) on edit, paraphrase and locality sequences;
+4. loss = c_edit · (NLL(edit) + NLL(paraphrase)) / 2 + c_loc · KL(pre ‖ post) at the positions
+   that predict the locality answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..editing.scoring import pad_right
+from ..peft.training import IGNORE, make_batch
+from .capture import capture, logits_at, loss_positions, next_tokens, per_request_nll
+from .data import EditExample, Pair, cf_pairs, counterfact_flags
+from .network import MENDNetwork, dense_update
+from .prefix import PrefixCache
+
+
+def _skip(cache: PrefixCache | None, model: nn.Module, requests, pad_id: int):
+    """Run only the edited blocks when a prefix cache is given (see prefix.py). `requests` are
+    TokenizedRequests or (prompt_ids, target_ids) pairs, the rows of the batch about to run."""
+    if cache is None:
+        return contextlib.nullcontext()
+    rows = [tuple(r.input_ids) if hasattr(r, "input_ids") else tuple(r[0]) + tuple(r[1]) for r in requests]
+    return cache.skipping(model, rows, pad_id)
+
+
+def module_of(param_name: str) -> str:
+    return param_name.rpartition(".")[0]
+
+
+def rows_from(logits: torch.Tensor, select: torch.Tensor, first_row: int) -> torch.Tensor:
+    """The part (M', V) of row-major logits (M, V) at `select` (B, T) that belongs to rows >= first_row."""
+    return logits[select.nonzero()[:, 0] >= first_row]
+
+
+def edited_params(
+    model: nn.Module, network: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """{name: W + ΔW} for `functional_call`, ΔW differentiable w.r.t. the editor network."""
+    base = unwrap(network)
+    transformed = network(factors)
+    params = dict(model.named_parameters())
+    return {
+        p.name: params[p.name].detach() + dense_update(*transformed[p.name], p.layout).to(params[p.name].dtype)
+        for p in base.params
+    }
+
+
+def unwrap(network: nn.Module) -> MENDNetwork:
+    return network.module if hasattr(network, "module") else network  # DDP wraps it in .module
+
+
+def edit_step_loss(
+    model: nn.Module,
+    network: nn.Module,
+    examples: Sequence[EditExample],
+    pad_id: int,
+    *,
+    c_edit: float,
+    c_loc: float,
+    positions: str = "loss",
+    cache: PrefixCache | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The training loss of one batch edit (module docstring) and its metrics. Model must be frozen."""
+    device = next(model.parameters()).device
+    names = unwrap(network).param_names
+    n = len(examples)
+    pre_requests = [e.edit for e in examples] + [e.loc for e in examples]
+    pre_batch = make_batch(pre_requests, pad_id, device)
+    rows = torch.arange(2 * n, device=device) < n
+    with _skip(cache, model, pre_requests, pad_id):
+        captured = capture(model, [module_of(x) for x in names], names, pre_batch, rows=rows, positions=positions)
+    pre_loc = rows_from(captured.logits, captured.select, n)  # (M_loc, V)
+
+    new_params = edited_params(model, network, captured.factors)
+    post_requests = [e.edit for e in examples] + [e.rephrase for e in examples] + [e.loc for e in examples]
+    post_batch = make_batch(post_requests, pad_id, device)
+    select = loss_positions(post_batch.labels)  # (3n, T)
+    with _skip(cache, model, post_requests, pad_id):
+        logits = logits_at(model, post_batch.input_ids, post_batch.attention_mask, select, params=new_params)
+    nll = per_request_nll(logits, post_batch.labels, select)  # (3n,)
+    nll_edit, nll_rephrase = nll[:n].mean(), nll[n : 2 * n].mean()
+    post_loc = rows_from(logits, select, 2 * n)  # (M_loc, V)
+    pre_logp = torch.log_softmax(pre_loc.float(), -1)
+    kl = (pre_logp.exp() * (pre_logp - torch.log_softmax(post_loc.float(), -1))).sum(-1).mean()
+    loss = c_edit * (nll_edit + nll_rephrase) / 2 + c_loc * kl
+
+    with torch.no_grad():
+        is_edit = select.nonzero()[:, 0] < n
+        targets = next_tokens(post_batch.labels)[select]
+        edit_acc = (logits[is_edit].argmax(-1) == targets[is_edit]).float().mean()
+    metrics = {
+        "edit/nll_pre": captured.loss / n,
+        "edit/nll": nll_edit.item(),
+        "edit/nll_rephrase": nll_rephrase.item(),
+        "edit/acc": float(edit_acc),
+        "loc/kl": kl.item(),
+        "loss/total": loss.item(),
+        "edit/alpha_mean": float(unwrap(network).alpha.detach().mean()),
+    }
+    return loss, metrics
+
+
+def mean_logprobs(
+    model: nn.Module, pairs: Sequence[Pair], pad_id: int, params: dict[str, torch.Tensor] | None,
+    cache: PrefixCache | None = None,
+) -> list[float]:
+    """Mean per-token log-prob of each (prompt, target) pair, optionally under edited `params`."""
+    device = next(model.parameters()).device
+    ids, mask = pad_right([list(p) + list(t) for p, t in pairs], pad_id)
+    labels = torch.full_like(ids, IGNORE)
+    for row, (p, t) in enumerate(pairs):
+        labels[row, len(p) : len(p) + len(t)] = torch.tensor(t)
+    labels = labels.to(device)
+    select = loss_positions(labels)
+    with _skip(cache, model, pairs, pad_id):
+        logits = logits_at(model, ids.to(device), mask.to(device), select, params=params)
+    return [-float(x) for x in per_request_nll(logits, labels, select)]
+
+
+@torch.no_grad()
+def evaluate_single_edits(
+    model: nn.Module, network: nn.Module, examples: Sequence[EditExample], tokenizer, pad_id: int,
+    positions: str = "loss", cache: PrefixCache | None = None,
+) -> dict[str, float]:
+    """CounterFact ES/PS/NS of one edit at a time (the model itself is never written)."""
+    from ..peft.training import frozen
+
+    base = unwrap(network)
+    was_training = base.training
+    base.eval()
+    names = base.param_names
+    totals = {"es": 0.0, "ps": 0.0, "ns": 0.0, "nll": 0.0}
+    try:
+        with frozen(model):
+            for example in examples:
+                batch = make_batch([example.edit], pad_id, next(model.parameters()).device)
+                with torch.enable_grad(), _skip(cache, model, [example.edit], pad_id):
+                    captured = capture(model, [module_of(x) for x in names], names, batch, positions=positions)
+                params = edited_params(model, base, captured.factors)
+                scores = mean_logprobs(model, cf_pairs(example, tokenizer), pad_id, params, cache)
+                for key, value in counterfact_flags(scores).items():
+                    totals[key] += value
+                totals["nll"] -= scores[0]
+    finally:
+        base.train(was_training)
+    count = max(1, len(examples))
+    out = {f"val/{k}": v / count for k, v in totals.items()}
+    es, ps, ns = out["val/es"], out["val/ps"], out["val/ns"]
+    out["val/score"] = 3 / (1 / max(es, 1e-9) + 1 / max(ps, 1e-9) + 1 / max(ns, 1e-9))
+    return out

