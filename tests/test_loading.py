@@ -115,8 +115,8 @@ def test_first_load_converts_once_then_reads_cache(fake_default):
 
 def test_sha_is_remembered_by_path_size_mtime(fake_default, monkeypatch):
     hashed = []
-    real = loading._sha256_file
-    monkeypatch.setattr(loading, "_sha256_file", lambda p: hashed.append(p) or real(p))
+    real = loading.file_sha256
+    monkeypatch.setattr(loading, "file_sha256", lambda p: hashed.append(p) or real(p))
     load_model()
     load_model()
     assert len(hashed) == 1

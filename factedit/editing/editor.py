@@ -33,7 +33,6 @@ from .request import EditRequest, TokenizedRequest, as_requests, max_context, to
 from .scoring import score_requests
 from .weights import WeightState, model_fingerprint, tensor_sha256
 
-
 EXPORT_FORMAT = "factedit.edit/1"
 
 

@@ -25,7 +25,6 @@ Nothing here runs at import time and nothing is cached in memory between calls.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import json
 import logging
@@ -40,6 +39,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .errors import ConfigError, DefaultModelMissingError
+from .hashing import file_sha256
 
 __all__ = [
     "DEFAULT_MODEL_ID",
@@ -112,14 +112,6 @@ def default_gguf_path() -> Path:
 # sha256 of the GGUF, remembered in a stamp file keyed by (path, size, mtime)
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f"{_TMP_PREFIX}{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
@@ -149,7 +141,7 @@ def _gguf_sha256(gguf: Path, cache: Path) -> str:
         and len(entry["sha256"]) == 64
     ):
         return entry["sha256"]
-    sha = _sha256_file(gguf)
+    sha = file_sha256(gguf)
     stamps[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha}
     try:
         cache.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,6 @@ A malformed record raises DatasetError naming the file, the record (0-based) and
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..editing.errors import FacteditError
+from ..editing.hashing import file_sha256
 from .records import EvalRecord
 
 logger = logging.getLogger(__name__)
@@ -275,14 +275,6 @@ def _read_rows(path: Path) -> list[Any]:
         except json.JSONDecodeError as exc:
             rows.append(_Unparsable(f"line {number} is not JSON ({exc.msg})"))
     return rows
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_records(

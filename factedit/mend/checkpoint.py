@@ -28,6 +28,7 @@ from torch import nn
 
 from .._version import __version__
 from ..editing.errors import CheckpointError, ModelMismatchError
+from ..editing.hashing import file_sha256
 from ..editing.weights import _VOLATILE_CONFIG_KEYS, model_fingerprint
 from .network import EditedParam, MENDNetwork
 
@@ -47,14 +48,6 @@ class MENDCheckpoint:
     network: MENDNetwork
     meta: dict[str, Any]
     path: Path | None = None
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def anchor_fingerprint(model: nn.Module, samples: int = 8192) -> str:

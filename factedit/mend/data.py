@@ -8,7 +8,6 @@ unrelated Natural Questions pair. The true object is kept for the CounterFact me
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -34,10 +33,6 @@ class EditExample:
     loc: TokenizedRequest  # locality prompt -> its own (true) answer
     true_target: str | None = None  # the object before the edit (CounterFact metrics)
     source: str = ""
-
-
-def file_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _request(tokenizer: PreTrainedTokenizerBase, prompt: str, target: str) -> TokenizedRequest:

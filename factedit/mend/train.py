@@ -31,10 +31,11 @@ from safetensors.torch import load_file, save_file
 import factedit
 
 from ..editing.errors import CheckpointError, ConfigError
+from ..editing.hashing import file_sha256
 from ..editing.scoring import pad_id_of
 from ..editing.specs import resolve_layers
 from .checkpoint import base_model_info, check_model, load_checkpoint, save_checkpoint
-from .data import EditExample, file_sha256, load_examples
+from .data import EditExample, load_examples
 from .method import new_network
 from .objective import _skip, edit_step_loss, evaluate_single_edits, module_of
 from .prefix import PrefixCache

@@ -11,10 +11,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import PreTrainedTokenizerBase
-
-from peft import LoraConfig, get_peft_model
 
 from ..editing.delta import Delta, ParamDelta
 from ..editing.methods import MethodSpec
