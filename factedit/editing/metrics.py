@@ -55,7 +55,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from .request import encode_prompt, encode_target
-from .scoring import DEFAULT_BATCH_SIZE, pad_id_of, pad_right
+from .scoring import DEFAULT_BATCH_SIZE, pad_id_of, pad_sequences
 
 PaddingSide = Literal["left", "right"]
 
@@ -120,22 +120,11 @@ class TargetScore:
         return float((self.predictions == torch.tensor(list(target_ids))).double().mean())
 
 
-def pad_left(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) ids and attention mask for left-padded sequences."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, width - len(seq) :] = torch.tensor(list(seq), dtype=torch.long)
-        mask[row, width - len(seq) :] = 1
-    return ids, mask
-
-
 def _padded(
     sequences: Sequence[Sequence[int]], pad_id: int, side: PaddingSide
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ids, attention mask and position ids (B, T); positions count real tokens only."""
-    ids, mask = pad_left(sequences, pad_id) if side == "left" else pad_right(sequences, pad_id)
+    ids, mask = pad_sequences(sequences, pad_id, side)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return ids, mask, positions
 
@@ -217,7 +206,7 @@ def _score_prompt_batch(
         rows = torch.tensor([b for b, _ in follow], device=device)
         cache = out.past_key_values
         cache.batch_select_indices(rows)
-        cont_ids, cont_mask = pad_right([targets[b][j][:-1] for b, j in follow], pad_id)
+        cont_ids, cont_mask = pad_sequences([targets[b][j][:-1] for b, j in follow], pad_id)
         cont_ids, cont_mask = cont_ids.to(device), cont_mask.to(device)
         cont_positions = (
             mask.sum(-1)[rows][:, None] + torch.arange(cont_ids.shape[1], device=device)[None]
@@ -330,7 +319,7 @@ def generate_greedy(
     texts: list[str] = []
     for start in range(0, len(prompts), batch_size):
         chunk = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
-        ids, mask = pad_left(chunk, pad_id)
+        ids, mask = pad_sequences(chunk, pad_id, "left")
         out = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),

@@ -35,14 +35,17 @@ class SequenceScore:
         return float(self.target_logprobs.sum().exp())
 
 
-def pad_right(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) ids and attention mask for right-padded sequences."""
+def pad_sequences(
+    sequences: Sequence[Sequence[int]], pad_id: int, side: str = "right"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids and attention mask, padded on the right (default) or the left."""
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
+        start = 0 if side == "right" else width - len(seq)
+        ids[row, start : start + len(seq)] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, start : start + len(seq)] = 1
     return ids, mask
 
 
@@ -65,7 +68,7 @@ def score_sequences(
     scores: list[SequenceScore] = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        ids, mask = pad_right([list(p) + list(t) for p, t in chunk], pad_id)
+        ids, mask = pad_sequences([list(p) + list(t) for p, t in chunk], pad_id)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # (B, T, V)
         logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
         for row, (prompt, target) in enumerate(chunk):
@@ -114,7 +117,7 @@ def score_requests(
     for treq in requests:
         pairs.append((treq.prompt_ids, treq.target_ids))
         pairs.extend((ids, treq.target_ids) for ids in treq.paraphrase_ids)
-        pairs.extend((encode_prompt(tokenizer, text), ()) for text in treq.request.locality)
+        pairs.extend((ids, ()) for ids in treq.locality_ids)
     pairs.extend((encode_prompt(tokenizer, text), ()) for text in probes)
     scores = iter(score_sequences(model, pairs, pad_id_of(tokenizer)))
 

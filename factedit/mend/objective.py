@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..editing.scoring import pad_right
+from ..editing.scoring import pad_sequences
 from ..peft.training import IGNORE, make_batch
 from .capture import capture, logits_at, loss_positions, next_tokens, per_request_nll
 from .data import EditExample, Pair, cf_pairs, counterfact_flags
@@ -120,7 +120,7 @@ def mean_logprobs(
 ) -> list[float]:
     """Mean per-token log-prob of each (prompt, target) pair, optionally under edited `params`."""
     device = next(model.parameters()).device
-    ids, mask = pad_right([list(p) + list(t) for p, t in pairs], pad_id)
+    ids, mask = pad_sequences([list(p) + list(t) for p, t in pairs], pad_id)
     labels = torch.full_like(ids, IGNORE)
     for row, (p, t) in enumerate(pairs):
         labels[row, len(p) : len(p) + len(t)] = torch.tensor(t)

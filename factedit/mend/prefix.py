@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..editing.scoring import pad_right
+from ..editing.scoring import pad_sequences
 from ..editing.specs import resolve_layers, spec_for
 
 Ids = tuple[int, ...]
@@ -75,7 +75,7 @@ class PrefixCache:
         device = next(model.parameters()).device
         for begin in range(0, len(missing), self.batch_size):
             chunk = missing[begin : begin + self.batch_size]
-            ids, mask = pad_right(chunk, pad_id)
+            ids, mask = pad_sequences(chunk, pad_id)
             seen: dict[str, torch.Tensor] = {}
 
             def stop(module: nn.Module, args: tuple, kwargs: dict, seen: dict = seen) -> None:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..editing.request import TokenizedRequest
-from ..editing.scoring import pad_right
+from ..editing.scoring import pad_sequences
 
 IGNORE = -100
 
@@ -28,7 +28,7 @@ class TrainingBatch:
 
 
 def make_batch(requests: Sequence[TokenizedRequest], pad_id: int, device: torch.device) -> TrainingBatch:
-    ids, mask = pad_right([r.input_ids for r in requests], pad_id)
+    ids, mask = pad_sequences([r.input_ids for r in requests], pad_id)
     labels = torch.full_like(ids, IGNORE)
     for row, r in enumerate(requests):
         start = len(r.prompt_ids)
