@@ -81,6 +81,7 @@ class TokenizedRequest:
     prompt_ids: tuple[int, ...]
     target_ids: tuple[int, ...]
     paraphrase_ids: tuple[tuple[int, ...], ...] = field(default=())
+    locality_ids: tuple[tuple[int, ...], ...] = field(default=())
 
     @property
     def input_ids(self) -> tuple[int, ...]:
@@ -120,15 +121,18 @@ def tokenize_request(
         ids = encode_prompt(tokenizer, text)
         paraphrase_ids.append(tuple(ids))
         texts.append((text, ids))
+    locality_ids = [tuple(encode_prompt(tokenizer, text)) for text in request.locality]
     scored = [(text, len(ids) + len(target_ids)) for text, ids in texts]
-    scored += [(text, len(encode_prompt(tokenizer, text))) for text in request.locality]
+    scored += [(text, len(ids)) for text, ids in zip(request.locality, locality_ids)]
     for text, length in scored:
         if context_length is not None and length > context_length:
             raise InvalidRequestError(
                 f"prompt plus target is {length} tokens, longer than the model's context of "
                 f"{context_length}: {text[:60]!r}..."
             )
-    return TokenizedRequest(request, tuple(prompt_ids), tuple(target_ids), tuple(paraphrase_ids))
+    return TokenizedRequest(
+        request, tuple(prompt_ids), tuple(target_ids), tuple(paraphrase_ids), tuple(locality_ids)
+    )
 
 
 def as_request(item: EditRequest | Mapping[str, Any]) -> EditRequest:
