@@ -46,7 +46,7 @@ def test_identity_editor_gives_minus_alpha_times_the_gradient(arch, tmp_path):
     roles = ROLES[arch]
     alpha = 0.5
     path, _ = tiny_checkpoint(tmp_path, model, roles=roles, alpha=alpha)
-    editor = mend_editor(tok, path, roles=roles, positions="all")
+    editor = mend_editor(tok, path, roles=roles, positions="all", step_scales=(1.0,))
     requests = requests_for(tok)
     delta = editor._impl.compute(model, tok, requests)
 
@@ -60,6 +60,32 @@ def test_identity_editor_gives_minus_alpha_times_the_gradient(arch, tmp_path):
     for name, pdelta in delta.items():
         assert pdelta.kind == "low_rank"
         assert torch.allclose(pdelta.left @ pdelta.right, -alpha * params[name].grad, atol=1e-7, rtol=1e-4), name
+
+
+def test_a_step_that_does_not_take_is_grown_through_the_step_scales(tmp_path):
+    model, tok = tiny_model("llama")
+    path, _ = tiny_checkpoint(tmp_path, model, alpha=1e-9)  # far too small to make any target the argmax
+    requests = requests_for(tok)
+    plain = mend_editor(tok, path, step_scales=(1.0,))._impl.compute(model, tok, requests)
+    grown = mend_editor(tok, path, step_scales=(1.0, 2.0, 3.0))._impl.compute(model, tok, requests)
+    for name, pdelta in plain.items():  # low rank (d_out, N) @ (N, d_in): the step scales the left factor
+        assert torch.equal(grown.params[name].right, pdelta.right)
+        assert torch.equal(grown.params[name].left, 3.0 * pdelta.left), name
+
+
+def test_the_first_step_scale_that_takes_is_kept(tmp_path, monkeypatch):
+    import factedit.mend.method as method
+
+    model, tok = tiny_model("llama")
+    path, _ = tiny_checkpoint(tmp_path, model, alpha=0.1)
+    requests = requests_for(tok)
+    plain = mend_editor(tok, path, step_scales=(1.0,))._impl.compute(model, tok, requests)
+    tried = []
+    monkeypatch.setattr(method, "_targets_are_argmax", lambda *args: tried.append(1) or len(tried) == 2)
+    chosen = mend_editor(tok, path, step_scales=(0.5, 2.0, 3.0))._impl.compute(model, tok, requests)
+    assert len(tried) == 2  # 0.5 did not take, 2.0 did, 3.0 was never tried
+    for name, pdelta in plain.items():
+        assert torch.equal(chosen.params[name].left, 2.0 * pdelta.left), name
 
 
 def test_low_rank_factors_reproduce_the_dense_delta(tmp_path):

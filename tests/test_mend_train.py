@@ -50,14 +50,33 @@ def test_the_prefix_cache_gives_the_same_loss_and_leaves_no_trace():
     before = snapshot(model)
     pad = pad_id_of(tok)
     with frozen(model):
-        plain, m1 = edit_step_loss(model, network, examples, pad, c_edit=1.0, c_loc=1.0)
-        cached, m2 = edit_step_loss(model, network, examples, pad, c_edit=1.0, c_loc=1.0,
+        plain, m1 = edit_step_loss(model, network, examples, pad, c_edit=1.0, c_loc=1.0, c_margin=1.0)
+        cached, m2 = edit_step_loss(model, network, examples, pad, c_edit=1.0, c_loc=1.0, c_margin=1.0,
                                     cache=PrefixCache(model, -2))
     assert torch.allclose(plain, cached, rtol=1e-4, atol=1e-5)
     assert m1["edit/nll_pre"] == pytest.approx(m2["edit/nll_pre"], rel=1e-5)
     assert_weights_equal(model, before)
     assert all("forward" not in m.__dict__ for m in model.modules())
     assert sum(len(m._forward_pre_hooks) for m in model.modules()) == 0
+
+
+def test_the_locality_terms_vanish_without_an_edit_and_the_margin_term_adds_up():
+    model, tok = tiny_model("llama")
+    examples = tiny_examples(tok)
+    network = new_network(model, (-2, -1), ("in", "out"), rank=8, alpha_init=0.05).eval()
+    pad = pad_id_of(tok)
+    with frozen(model):
+        with torch.no_grad():
+            network.alpha.zero_()  # ΔW = 0: post == pre
+        _, still = edit_step_loss(model, network, examples, pad, c_edit=1.0, c_loc=1.0, c_margin=1.0)
+        assert still["loc/margin_drop"] == 0.0 and still["loc/kl"] == pytest.approx(0.0, abs=1e-6)
+        with torch.no_grad():
+            network.alpha.fill_(5.0)  # a large edit that moves the locality prompts
+        without, _ = edit_step_loss(model, network, examples, pad, c_edit=1.0, c_loc=1.0)
+        with_margin, m = edit_step_loss(model, network, examples, pad, c_edit=1.0, c_loc=1.0, c_margin=3.0,
+                                        margin=50.0)
+    assert m["loc/margin_drop"] > 0
+    assert (with_margin - without).item() == pytest.approx(3.0 * m["loc/margin_drop"], rel=1e-4)
 
 
 def test_hydra_config_is_validated():

@@ -17,17 +17,20 @@ class MENDConfig:
         they must name exactly the parameters the checkpoint was trained for.
     positions: which token positions feed the editor: "loss" = the positions whose output predicts
         a target token (MEND's masking); "all" = every non-padding position (the exact gradient).
-    edit_scale: multiplies every learned step size α (1.0 = as trained).
     pass_size: `edit_batch` runs the base model on at most this many requests at a time, sorted by
         length so little padding is computed (the result does not depend on it); None = one pass.
+    step_scales: multipliers of the learned step sizes α, tried in order: the first under which every
+        target token is the argmax (the criterion the fine-tuning editors stop on) is kept, else the
+        last. Each try costs one forward pass; a single value is applied without a check (1.0 = the
+        step as trained). An edit thus gets no more of the step than it needs to take.
     """
 
     checkpoint: str | None = None
     layers: tuple[int, ...] = (-3, -2, -1)
     matrices: tuple[str, ...] = ("gate", "in", "out")
     positions: str = "loss"
-    edit_scale: float = 1.0
     pass_size: int | None = None
+    step_scales: tuple[float, ...] = (1.0, 1.5, 2.25)
 
     def __post_init__(self) -> None:
         if not self.layers or not self.matrices:
@@ -36,5 +39,5 @@ class MENDConfig:
             raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
         if self.pass_size is not None and self.pass_size < 1:
             raise ValueError("pass_size must be >= 1, or None for one pass")
-        if not self.edit_scale > 0:
-            raise ValueError("edit_scale must be > 0")
+        if not self.step_scales or any(not scale > 0 for scale in self.step_scales):
+            raise ValueError("step_scales must be one or more numbers > 0")

@@ -31,6 +31,7 @@ class EditExample:
     edit: TokenizedRequest  # prompt -> new target
     rephrase: TokenizedRequest  # paraphrase -> new target
     loc: TokenizedRequest  # locality prompt -> its own (true) answer
+    loc_new: TokenizedRequest  # locality prompt -> the edit's new target (what must not rise there)
     true_target: str | None = None  # the object before the edit (CounterFact metrics)
     source: str = ""
 
@@ -44,6 +45,7 @@ def counterfact_example(record: dict[str, Any], tokenizer: PreTrainedTokenizerBa
         edit=_request(tokenizer, record["prompt"], record["target_new"]),
         rephrase=_request(tokenizer, record["rephrase_prompt"], record["target_new"]),
         loc=_request(tokenizer, record["locality_prompt"], record["locality_ground_truth"]),
+        loc_new=_request(tokenizer, record["locality_prompt"], record["target_new"]),
         true_target=record["ground_truth"],
         source=f"counterfact:{record.get('case_id', '')}",
     )
@@ -55,6 +57,7 @@ def zsre_example(record: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> 
         edit=_request(tokenizer, record["src"], record["alt"]),
         rephrase=_request(tokenizer, record["rephrase"], record["alt"]),
         loc=_request(tokenizer, record["loc"], record["loc_ans"]),
+        loc_new=_request(tokenizer, record["loc"], record["alt"]),
         true_target=answers[0],
         source="zsre",
     )

@@ -22,10 +22,10 @@ from ..editing.request import TokenizedRequest
 from ..editing.scoring import pad_id_of
 from ..editing.specs import mlp_param_names, weight_layout
 from ..peft.training import frozen, make_batch
-from .capture import capture
+from .capture import capture, logits_at, loss_positions, next_tokens
 from .checkpoint import MENDCheckpoint, check_model, load_checkpoint
 from .config import MENDConfig
-from .network import EditedParam, MENDNetwork
+from .network import EditedParam, MENDNetwork, dense_update
 
 LOG = logging.getLogger(__name__)
 
@@ -116,8 +116,49 @@ class MEND:
         rows = {n: (torch.cat([u for u, _ in f]), torch.cat([d for _, d in f])) for n, f in factors.items()}
         network = self.network.to(device)
         with torch.no_grad():
-            transformed = network(rows, alpha_scale=self.config.edit_scale)
+            transformed = network(rows)
+            transformed = scaled_step(model, pad_id_of(tokenizer), requests, transformed, network,
+                                      self.config.step_scales, self.config.pass_size)
         return factors_to_delta(network, transformed)
+
+
+def dense_params(
+    model: nn.Module, network: MENDNetwork, transformed: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    scale: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """{name: W + scale·ΔW} for `functional_call` (the model's own tensors are not written)."""
+    params = dict(model.named_parameters())
+    return {
+        p.name: params[p.name].detach() + scale * dense_update(*transformed[p.name], p.layout).to(params[p.name].dtype)
+        for p in network.params
+    }
+
+
+def scaled_step(
+    model: nn.Module, pad_id: int, requests: Sequence[TokenizedRequest],
+    transformed: dict[str, tuple[torch.Tensor, torch.Tensor]], network: MENDNetwork,
+    step_scales: Sequence[float], pass_size: int | None = None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The step (rows ũ, −α·δ̃) times the first of `step_scales` under which every target token is
+    the argmax, else times the last (MENDConfig.step_scales); one scale is applied unchecked."""
+    scale = step_scales[-1]
+    if len(step_scales) > 1:
+        for scale in step_scales:
+            edited = dense_params(model, network, transformed, scale)
+            if all(_targets_are_argmax(model, pad_id, group, edited) for group in length_groups(requests, pass_size)):
+                break
+    if scale == 1.0:
+        return transformed
+    return {name: (u_t, scale * d_t) for name, (u_t, d_t) in transformed.items()}
+
+
+def _targets_are_argmax(
+    model: nn.Module, pad_id: int, requests: Sequence[TokenizedRequest], params: dict[str, torch.Tensor]
+) -> bool:
+    batch = make_batch(requests, pad_id, next(model.parameters()).device)
+    select = loss_positions(batch.labels)  # (B, T)
+    logits = logits_at(model, batch.input_ids, batch.attention_mask, select, params=params)  # (M, V)
+    return bool((logits.argmax(-1) == next_tokens(batch.labels)[select]).all())
 
 
 def build(config: MENDConfig) -> MEND:

@@ -140,14 +140,14 @@ class MENDNetwork(nn.Module):
         return [p.name for p in self.params]
 
     def forward(
-        self, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], alpha_scale: float = 1.0
+        self, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """name -> (u (N, d_in), δ (N, d_out)) to name -> (ũ (N, d_in), −α·δ̃ (N, d_out))."""
         out = {}
         for index, p in enumerate(self.params):
             u, delta = factors[p.name]
             u_t, d_t = self.editors[p.shape_key](u, delta, self.modes[p.name])
-            out[p.name] = (u_t, d_t * (-self.alpha[index] * alpha_scale))
+            out[p.name] = (u_t, d_t * -self.alpha[index])
         return out
 
 

@@ -9,7 +9,15 @@ One training step on a batch of edit examples (all edits applied together, as on
 3. edited pass through `torch.func.functional_call` with W + ΔW (the model's own tensors are never
    written) on edit, paraphrase and locality sequences;
 4. loss = c_edit · (NLL(edit) + NLL(paraphrase)) / 2 + c_loc · KL(pre ‖ post) at the positions
-   that predict the locality answer.
+   that predict the locality answer + c_margin · the neighbour margin loss (below).
+
+Why the margin term: CounterFact's neighbourhood prompts share the edit's relation and its true
+object o, and NS asks that o still beats the new target o* there. KL(pre ‖ post) is taken at the
+positions of o's tokens and weighs each token by its pre-edit probability, so lifting a rare o* from
+1e-4 to 0.3 costs little, yet it flips the neighbour. The margin m = logP(o) − logP(o*) (mean
+per-token log-probs, as NS compares them) is the quantity NS thresholds at 0; the term is
+relu(min(m_pre, margin) − m_post): the edit may not shrink a neighbour's margin below its pre-edit
+value, capped at `margin` nats so that large margins leave room to move.
 """
 
 from __future__ import annotations
@@ -24,7 +32,8 @@ from ..editing.scoring import pad_sequences
 from ..peft.training import IGNORE, make_batch
 from .capture import capture, logits_at, loss_positions, next_tokens, per_request_nll
 from .data import EditExample, Pair, cf_pairs, counterfact_flags
-from .network import MENDNetwork, dense_update
+from .method import dense_params, scaled_step
+from .network import MENDNetwork
 from .prefix import PrefixCache
 
 
@@ -41,22 +50,23 @@ def module_of(param_name: str) -> str:
     return param_name.rpartition(".")[0]
 
 
-def rows_from(logits: torch.Tensor, select: torch.Tensor, first_row: int) -> torch.Tensor:
-    """The part (M', V) of row-major logits (M, V) at `select` (B, T) that belongs to rows >= first_row."""
-    return logits[select.nonzero()[:, 0] >= first_row]
+def rows_in(logits: torch.Tensor, select: torch.Tensor, first: int, end: int) -> torch.Tensor:
+    """The part (M', V) of row-major logits (M, V) at `select` (B, T) that belongs to rows [first, end)."""
+    row_ids = select.nonzero()[:, 0]  # (M,)
+    return logits[(row_ids >= first) & (row_ids < end)]
+
+
+def margin_loss(nll_true: torch.Tensor, nll_new: torch.Tensor, pre_margin: torch.Tensor, cap: float) -> torch.Tensor:
+    """Mean of relu(min(m_pre, cap) − m_post), m = logP(true) − logP(new) per locality prompt; (n,) each."""
+    post_margin = nll_new - nll_true  # (n,)
+    return torch.relu(pre_margin.clamp(max=cap) - post_margin).mean()
 
 
 def edited_params(
     model: nn.Module, network: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
 ) -> dict[str, torch.Tensor]:
     """{name: W + ΔW} for `functional_call`, ΔW differentiable w.r.t. the editor network."""
-    base = unwrap(network)
-    transformed = network(factors)
-    params = dict(model.named_parameters())
-    return {
-        p.name: params[p.name].detach() + dense_update(*transformed[p.name], p.layout).to(params[p.name].dtype)
-        for p in base.params
-    }
+    return dense_params(model, unwrap(network), network(factors))
 
 
 def unwrap(network: nn.Module) -> MENDNetwork:
@@ -71,38 +81,53 @@ def edit_step_loss(
     *,
     c_edit: float,
     c_loc: float,
+    c_margin: float = 0.0,
+    margin: float = 2.0,
     positions: str = "loss",
     cache: PrefixCache | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The training loss of one batch edit (module docstring) and its metrics. Model must be frozen."""
+    """The training loss of one batch edit (module docstring) and its metrics. Model must be frozen.
+
+    Rows of both passes, n each: edits, (paraphrases, post only), locality prompts with their own
+    answer, and the locality prompts with the new target (only when c_margin > 0).
+    """
     device = next(model.parameters()).device
     names = unwrap(network).param_names
     n = len(examples)
-    pre_requests = [e.edit for e in examples] + [e.loc for e in examples]
+    loc_new = [e.loc_new for e in examples] if c_margin > 0 else []
+    pre_requests = [e.edit for e in examples] + [e.loc for e in examples] + loc_new
     pre_batch = make_batch(pre_requests, pad_id, device)
-    rows = torch.arange(2 * n, device=device) < n
+    rows = torch.arange(len(pre_requests), device=device) < n
     with _skip(cache, model, pre_requests, pad_id):
         captured = capture(model, [module_of(x) for x in names], names, pre_batch, rows=rows, positions=positions)
-    pre_loc = rows_from(captured.logits, captured.select, n)  # (M_loc, V)
+    pre_loc = rows_in(captured.logits, captured.select, n, 2 * n)  # (M_loc, V)
 
     new_params = edited_params(model, network, captured.factors)
-    post_requests = [e.edit for e in examples] + [e.rephrase for e in examples] + [e.loc for e in examples]
+    post_requests = [e.edit for e in examples] + [e.rephrase for e in examples] + [e.loc for e in examples] + loc_new
     post_batch = make_batch(post_requests, pad_id, device)
-    select = loss_positions(post_batch.labels)  # (3n, T)
+    select = loss_positions(post_batch.labels)  # (3n or 4n, T)
     with _skip(cache, model, post_requests, pad_id):
         logits = logits_at(model, post_batch.input_ids, post_batch.attention_mask, select, params=new_params)
-    nll = per_request_nll(logits, post_batch.labels, select)  # (3n,)
+    nll = per_request_nll(logits, post_batch.labels, select)  # (3n or 4n,)
     nll_edit, nll_rephrase = nll[:n].mean(), nll[n : 2 * n].mean()
-    post_loc = rows_from(logits, select, 2 * n)  # (M_loc, V)
+    post_loc = rows_in(logits, select, 2 * n, 3 * n)  # (M_loc, V)
     pre_logp = torch.log_softmax(pre_loc.float(), -1)
     kl = (pre_logp.exp() * (pre_logp - torch.log_softmax(post_loc.float(), -1))).sum(-1).mean()
     loss = c_edit * (nll_edit + nll_rephrase) / 2 + c_loc * kl
+    metrics: dict[str, float] = {}
+    if loc_new:
+        pre_nll = per_request_nll(captured.logits, pre_batch.labels, captured.select)  # (3n,)
+        pre_margin = pre_nll[2 * n :] - pre_nll[n : 2 * n]  # (n,)
+        drop = margin_loss(nll[2 * n : 3 * n], nll[3 * n :], pre_margin, margin)
+        loss = loss + c_margin * drop
+        metrics["loc/margin_drop"] = drop.item()
+        metrics["loc/ns"] = float((nll[3 * n :] > nll[2 * n : 3 * n]).float().mean())
 
     with torch.no_grad():
         is_edit = select.nonzero()[:, 0] < n
         targets = next_tokens(post_batch.labels)[select]
         edit_acc = (logits[is_edit].argmax(-1) == targets[is_edit]).float().mean()
-    metrics = {
+    metrics.update({
         "edit/nll_pre": captured.loss / n,
         "edit/nll": nll_edit.item(),
         "edit/nll_rephrase": nll_rephrase.item(),
@@ -110,7 +135,7 @@ def edit_step_loss(
         "loc/kl": kl.item(),
         "loss/total": loss.item(),
         "edit/alpha_mean": float(unwrap(network).alpha.detach().mean()),
-    }
+    })
     return loss, metrics
 
 
@@ -134,9 +159,10 @@ def mean_logprobs(
 @torch.no_grad()
 def evaluate_single_edits(
     model: nn.Module, network: nn.Module, examples: Sequence[EditExample], tokenizer, pad_id: int,
-    positions: str = "loss", cache: PrefixCache | None = None,
+    positions: str = "loss", cache: PrefixCache | None = None, step_scales: Sequence[float] = (1.0,),
 ) -> dict[str, float]:
-    """CounterFact ES/PS/NS of one edit at a time (the model itself is never written)."""
+    """CounterFact ES/PS/NS of one edit at a time (the model itself is never written), the step
+    scaled as the `mend` method does (MENDConfig.step_scales)."""
     from ..peft.training import frozen
 
     base = unwrap(network)
@@ -150,7 +176,10 @@ def evaluate_single_edits(
                 batch = make_batch([example.edit], pad_id, next(model.parameters()).device)
                 with torch.enable_grad(), _skip(cache, model, [example.edit], pad_id):
                     captured = capture(model, [module_of(x) for x in names], names, batch, positions=positions)
-                params = edited_params(model, base, captured.factors)
+                with _skip(cache, model, [example.edit], pad_id):
+                    transformed = scaled_step(model, pad_id, [example.edit], base(captured.factors), base,
+                                              step_scales)
+                params = dense_params(model, base, transformed)
                 scores = mean_logprobs(model, cf_pairs(example, tokenizer), pad_id, params, cache)
                 for key, value in counterfact_flags(scores).items():
                     totals[key] += value

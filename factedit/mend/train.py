@@ -64,6 +64,8 @@ class TrainConfig:
     lr_alpha: float = 1e-4  # Adam, step sizes
     c_edit: float = 1.0
     c_loc: float = 1.0
+    c_margin: float = 0.0  # neighbour margin term (objective.py); 0 = off
+    margin: float = 2.0  # its cap, in nats of mean per-token log-prob
     batch_size: int = 4  # edits per step (applied together)
     max_steps: int = 2000
     max_minutes: float | None = None  # wall-clock cap; None = off
@@ -78,6 +80,7 @@ class TrainConfig:
     val_every: int = 200
     patience: int = 5  # evaluations without improvement before stopping; None-like 0 = never stop
     early_stop_key: str = "val/score"
+    step_scales: tuple[float, ...] = (1.0, 1.5, 2.25)  # validate as the `mend` method edits (MENDConfig)
     grad_clip: float = 100.0
     seed: int = 0
     threads: int | None = None  # torch.set_num_threads; None leaves it
@@ -244,7 +247,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> dict[str, Any]:
         nonlocal best_value, best, bad_evals
         t = time.perf_counter()
         metrics = evaluate_single_edits(model, accelerator.unwrap_model(network), val_set, tokenizer, pad_id,
-                                        cfg.positions, cache)
+                                        cfg.positions, cache, cfg.step_scales)
         metrics.update({"step": at_step, "time/val_s": round(time.perf_counter() - t, 2),
                         "time/elapsed_min": round((time.perf_counter() - start_time) / 60, 2)})
         log(metrics)
@@ -277,7 +280,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> dict[str, Any]:
             mine = indices[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]
             t = time.perf_counter()
             loss, metrics = edit_step_loss(model, network, [train_set[i] for i in mine], pad_id,
-                                           c_edit=cfg.c_edit, c_loc=cfg.c_loc, positions=cfg.positions,
+                                           c_edit=cfg.c_edit, c_loc=cfg.c_loc, c_margin=cfg.c_margin,
+                                           margin=cfg.margin, positions=cfg.positions,
                                            cache=cache)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
