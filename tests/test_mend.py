@@ -88,6 +88,27 @@ def test_the_first_step_scale_that_takes_is_kept(tmp_path, monkeypatch):
         assert torch.equal(chosen.params[name].left, 2.0 * pdelta.left), name
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_step_checks_from_the_recorded_states_decide_as_full_forwards_do(arch, tmp_path, monkeypatch):
+    import factedit.mend.method as method
+
+    model, tok = tiny_model(arch)
+    path, _ = tiny_checkpoint(tmp_path, model, roles=ROLES[arch], alpha=1.0)
+    scales = tuple(10.0**k for k in range(-4, 4))  # from no effect to a step that makes the target win
+    editor = mend_editor(tok, path, roles=ROLES[arch], step_scales=scales)
+    check, pairs = method._targets_are_argmax, []
+
+    def both_ways(model_, pad_id, requests, params, cache=None):  # and never stop: every scale is checked
+        pairs.append((check(model_, pad_id, requests, params, cache), check(model_, pad_id, requests, params)))
+        return False
+
+    monkeypatch.setattr(method, "_targets_are_argmax", both_ways)
+    editor._impl.compute(model, tok, requests_for(tok)[:1])
+    assert len(pairs) == len(scales) and {full for _, full in pairs} == {True, False}, pairs
+    assert all(cached == full for cached, full in pairs), pairs
+    assert hook_count(model) == 0 and all("forward" not in m.__dict__ for m in model.modules())
+
+
 def test_low_rank_factors_reproduce_the_dense_delta(tmp_path):
     model, tok = tiny_model("llama")
     path, network = tiny_checkpoint(tmp_path, model)

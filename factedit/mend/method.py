@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -20,12 +21,13 @@ from ..editing.errors import ConfigError
 from ..editing.methods import MethodSpec
 from ..editing.request import TokenizedRequest
 from ..editing.scoring import pad_id_of
-from ..editing.specs import mlp_param_names, weight_layout
+from ..editing.specs import mlp_param_names, resolve_layers, weight_layout
 from ..peft.training import frozen, make_batch
 from .capture import capture, logits_at, loss_positions, next_tokens
 from .checkpoint import MENDCheckpoint, check_model, load_checkpoint
 from .config import MENDConfig
 from .network import EditedParam, MENDNetwork, dense_update
+from .prefix import PrefixCache
 
 LOG = logging.getLogger(__name__)
 
@@ -106,11 +108,15 @@ class MEND:
         names = self._check(model)
         device = next(model.parameters()).device
         factors: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in names}
+        # The hidden states entering the first edited block, recorded by the capture pass, let each
+        # step_scales check run only the edited blocks.
+        checks = PrefixCache(model, min(resolve_layers(model, self.config.layers)))
         with frozen(model):
             for group in length_groups(requests, self.config.pass_size):
                 batch = make_batch(group, pad_id_of(tokenizer), device)
-                captured = capture(model, [module_of(n) for n in names], names, batch,
-                                   positions=self.config.positions)
+                with checks.recording(model, [r.input_ids for r in group]):
+                    captured = capture(model, [module_of(n) for n in names], names, batch,
+                                       positions=self.config.positions)
                 for name in names:
                     factors[name].append(captured.factors[name])
         rows = {n: (torch.cat([u for u, _ in f]), torch.cat([d for _, d in f])) for n, f in factors.items()}
@@ -118,7 +124,7 @@ class MEND:
         with torch.no_grad():
             transformed = network(rows)
             transformed = scaled_step(model, pad_id_of(tokenizer), requests, transformed, network,
-                                      self.config.step_scales, self.config.pass_size)
+                                      self.config.step_scales, self.config.pass_size, checks)
         return factors_to_delta(network, transformed)
 
 
@@ -137,15 +143,17 @@ def dense_params(
 def scaled_step(
     model: nn.Module, pad_id: int, requests: Sequence[TokenizedRequest],
     transformed: dict[str, tuple[torch.Tensor, torch.Tensor]], network: MENDNetwork,
-    step_scales: Sequence[float], pass_size: int | None = None,
+    step_scales: Sequence[float], pass_size: int | None = None, cache: PrefixCache | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The step (rows ũ, −α·δ̃) times the first of `step_scales` under which every target token is
-    the argmax, else times the last (MENDConfig.step_scales); one scale is applied unchecked."""
+    the argmax, else times the last (MENDConfig.step_scales); one scale is applied unchecked.
+    With `cache` holding the requests' states below the edited blocks, checks run only those blocks."""
     scale = step_scales[-1]
     if len(step_scales) > 1:
         for scale in step_scales:
             edited = dense_params(model, network, transformed, scale)
-            if all(_targets_are_argmax(model, pad_id, group, edited) for group in length_groups(requests, pass_size)):
+            if all(_targets_are_argmax(model, pad_id, group, edited, cache)
+                   for group in length_groups(requests, pass_size)):
                 break
     if scale == 1.0:
         return transformed
@@ -153,11 +161,14 @@ def scaled_step(
 
 
 def _targets_are_argmax(
-    model: nn.Module, pad_id: int, requests: Sequence[TokenizedRequest], params: dict[str, torch.Tensor]
+    model: nn.Module, pad_id: int, requests: Sequence[TokenizedRequest], params: dict[str, torch.Tensor],
+    cache: PrefixCache | None = None,
 ) -> bool:
     batch = make_batch(requests, pad_id, next(model.parameters()).device)
     select = loss_positions(batch.labels)  # (B, T)
-    logits = logits_at(model, batch.input_ids, batch.attention_mask, select, params=params)  # (M, V)
+    skip = cache.skipping(model, [tuple(r.input_ids) for r in requests], pad_id) if cache else nullcontext()
+    with skip:
+        logits = logits_at(model, batch.input_ids, batch.attention_mask, select, params=params)  # (M, V)
     return bool((logits.argmax(-1) == next_tokens(batch.labels)[select]).all())
 
 

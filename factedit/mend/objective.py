@@ -176,9 +176,8 @@ def evaluate_single_edits(
                 batch = make_batch([example.edit], pad_id, next(model.parameters()).device)
                 with torch.enable_grad(), _skip(cache, model, [example.edit], pad_id):
                     captured = capture(model, [module_of(x) for x in names], names, batch, positions=positions)
-                with _skip(cache, model, [example.edit], pad_id):
-                    transformed = scaled_step(model, pad_id, [example.edit], base(captured.factors), base,
-                                              step_scales)
+                transformed = scaled_step(model, pad_id, [example.edit], base(captured.factors), base,
+                                          step_scales, cache=cache)
                 params = dense_params(model, base, transformed)
                 scores = mean_logprobs(model, cf_pairs(example, tokenizer), pad_id, params, cache)
                 for key, value in counterfact_flags(scores).items():

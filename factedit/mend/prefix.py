@@ -94,6 +94,22 @@ class PrefixCache:
                 self.store[seq] = seen["h"][row, : len(seq)].clone()  # (T_i, d)
 
     @contextlib.contextmanager
+    def recording(self, model: nn.Module, sequences: Sequence[Ids]) -> Iterator[None]:
+        """Inside: a forward of exactly these right-padded rows also stores their states entering
+        block `start` (a forward the caller runs anyway fills the cache for free)."""
+
+        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = _hidden_arg(args, kwargs).detach()  # (B, T, d)
+            for row, seq in enumerate(sequences):
+                self.store[tuple(seq)] = hidden[row, : len(seq)].clone()  # (T_i, d)
+
+        handle = self._block(model, self.start).register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    @contextlib.contextmanager
     def skipping(self, model: nn.Module, sequences: Sequence[Ids], pad_id: int) -> Iterator[None]:
         """Inside: a forward of exactly these right-padded rows runs only blocks >= start."""
         self.fill(model, sequences, pad_id)
