@@ -152,7 +152,7 @@ def test_diff_of_an_edit(app_env):
     at = run(at)
     assert any(h.value.startswith("Diff of edit") for h in at.subheader)
     params = table_with(at, "parameter")
-    assert list(params["parameter"]) == ["model.layers.3.mlp.down_proj.weight"]
+    assert list(params["parameter"]) == ["model.layers.3.mlp.up_proj.weight", "model.layers.3.mlp.down_proj.weight"]
     assert int(params["rank"][0]) >= 1
     changes = table_with(at, "without the edit")
     assert changes["prompt"][0] == PROMPT and changes["changed"][0] == "changed"
