@@ -110,11 +110,13 @@ class MEND:
         factors: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in names}
         # The hidden states entering the first edited block, recorded by the capture pass, let each
         # step_scales check run only the edited blocks.
-        checks = PrefixCache(model, min(resolve_layers(model, self.config.layers)))
+        checks = None
+        if len(self.config.step_scales) > 1:
+            checks = PrefixCache(model, min(resolve_layers(model, self.config.layers)))
         with frozen(model):
             for group in length_groups(requests, self.config.pass_size):
                 batch = make_batch(group, pad_id_of(tokenizer), device)
-                with checks.recording(model, [r.input_ids for r in group]):
+                with checks.recording(model, [r.input_ids for r in group]) if checks else nullcontext():
                     captured = capture(model, [module_of(n) for n in names], names, batch,
                                        positions=self.config.positions)
                 for name in names:
