@@ -68,6 +68,11 @@ class PrefixCache:
     def _block(self, model: nn.Module, index: int) -> nn.Module:
         return model.get_submodule(f"{self.prefix}.{index}")
 
+    def _keep(self, hidden: torch.Tensor, sequences: Sequence[Ids]) -> None:
+        """Store each row's states (T_i, d) from right-padded `hidden` (B, T, d)."""
+        for row, seq in enumerate(sequences):
+            self.store[tuple(seq)] = hidden[row, : len(seq)].clone()
+
     @torch.no_grad()
     def fill(self, model: nn.Module, sequences: Sequence[Ids], pad_id: int) -> None:
         """Compute the states of the sequences not cached yet (model frozen, no gradients)."""
@@ -90,8 +95,7 @@ class PrefixCache:
                 pass
             finally:
                 handle.remove()
-            for row, seq in enumerate(chunk):
-                self.store[seq] = seen["h"][row, : len(seq)].clone()  # (T_i, d)
+            self._keep(seen["h"], chunk)
 
     @contextlib.contextmanager
     def recording(self, model: nn.Module, sequences: Sequence[Ids]) -> Iterator[None]:
@@ -99,9 +103,7 @@ class PrefixCache:
         block `start` (a forward the caller runs anyway fills the cache for free)."""
 
         def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            hidden = _hidden_arg(args, kwargs).detach()  # (B, T, d)
-            for row, seq in enumerate(sequences):
-                self.store[tuple(seq)] = hidden[row, : len(seq)].clone()  # (T_i, d)
+            self._keep(_hidden_arg(args, kwargs).detach(), sequences)
 
         handle = self._block(model, self.start).register_forward_pre_hook(record, with_kwargs=True)
         try:
