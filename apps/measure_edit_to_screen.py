@@ -153,7 +153,7 @@ def _editor_times(journal: Path) -> list[float]:
     from factedit.editing.journal import Journal
 
     with Journal(journal) as opened:
-        return [round(r.timings.get("edit_ms", float("nan")), 1) for r in opened.records()]
+        return [round(r.timings.get("edit_ms", float("nan")), 1) for r in opened.records(deltas=False)]
 
 
 def main(argv: list[str] | None = None) -> int:

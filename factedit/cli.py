@@ -57,7 +57,7 @@ def _journal_model_and_method(path: Path | None, model_arg: str | None) -> tuple
         if model_arg is not None and model_arg != recorded:
             raise SystemExit(f"journal {path} was made with model {recorded!r}, not {model_arg!r}")
         order = journal.order()
-        method = journal.record(order[-1]).method if order else None
+        method = journal.record(order[-1], delta=False).method if order else None
     return (None if recorded == "default" else recorded), method
 
 
@@ -88,7 +88,7 @@ def cmd_revert(args: argparse.Namespace) -> int:
 
 def cmd_history(args: argparse.Namespace) -> int:
     with Journal(args.journal) as journal:
-        records = journal.records()
+        records = journal.records(deltas=False)
     if args.json:
         print(json.dumps([r.to_dict() for r in records], indent=2))
     else:

@@ -61,6 +61,28 @@ def test_reopening_replays_the_active_edits_bit_for_bit(tmp_path):
         assert_weights_equal(fresh, snapshot(tiny_model("llama")[0]))
 
 
+def test_a_reverted_delta_is_read_back_from_the_journal_when_needed(tmp_path):
+    """With a journal, a reverted edit's tensors leave memory; diff and export read the same bytes back."""
+    path = tmp_path / "edits.sqlite"
+    model, tok = tiny_model("llama")
+    with factedit.Editor("ft", tokenizer=tok, journal=path, **FT) as editor:
+        record = editor.edit(model, *FACTS[0])
+        kept = {name: pdelta.dense.clone() for name, pdelta in record.delta.items()}
+        editor.revert(model, record.id)
+        (in_memory,) = editor.history
+        assert in_memory.delta is None and in_memory.params == record.params == tuple(kept)
+        read_back = editor.delta(record.id)
+        assert set(read_back.names()) == set(kept)
+        for name, dense in kept.items():
+            assert torch.equal(read_back.params[name].dense, dense)
+        assert [p.name for p in editor.diff(record.id).params] == list(kept)
+        exported = factedit.Delta.from_bytes(editor.export_edit(record.id, tmp_path / "e.safetensors").read_bytes())
+        assert all(torch.equal(exported.params[name].dense, dense) for name, dense in kept.items())
+    with Journal(path) as journal:
+        (listed,) = journal.records()
+        assert listed.status == "reverted" and listed.delta is None and listed.params == tuple(kept)
+
+
 def test_replay_in_another_process_is_bit_for_bit(tmp_path):
     path, weights = tmp_path / "edits.sqlite", tmp_path / "edited.safetensors"
     proc = run_python(

@@ -82,7 +82,7 @@ class Editor:
         """Every edit, oldest first, with status active or reverted."""
         with self._lock:
             if self._model_ref is None and self._journal is not None:
-                return self._journal.records()
+                return self._journal.records(deltas=False)
             return list(self._records.values())
 
     @property
@@ -222,7 +222,8 @@ class Editor:
             if self._journal is not None:
                 self._journal.set_status(updated)  # first: a failed write leaves the model as it was
             self._state.revert(model, edit_id)
-            self._records[edit_id] = updated
+            # With a journal the reverted delta lives on disk; `diff`/`export_edit` read it back.
+            self._records[edit_id] = updated.without_delta() if self._journal is not None else updated
             return updated
 
     def revert_all(self, model: nn.Module) -> list[EditRecord]:
@@ -295,4 +296,6 @@ class Editor:
             record = self._journal.record(edit_id)
         if record is None:
             raise EditNotFoundError(f"no edit with id {edit_id!r}")
+        if record.delta is None:  # a reverted edit whose delta stays in the journal
+            record = self._journal.record(edit_id)
         return record

@@ -67,17 +67,22 @@ class Journal:
     def order(self) -> list[str]:
         return json.loads(self._db["order"]) if "order" in self._db else []
 
-    def records(self) -> list[EditRecord]:
-        """Every record with its delta, oldest first."""
-        return [self.record(edit_id) for edit_id in self.order()]
+    def records(self, *, deltas: bool = True) -> list[EditRecord]:
+        """Every record, oldest first. With `deltas`, the active edits carry theirs; a reverted edit's
+        delta is read only when asked for, through `record` (to diff or export it)."""
+        records = [self.record(edit_id, delta=False) for edit_id in self.order()]
+        if not deltas:
+            return records
+        return [self.record(r.id) if r.status == "active" else r for r in records]
 
-    def record(self, edit_id: str) -> EditRecord:
+    def record(self, edit_id: str, *, delta: bool = True) -> EditRecord:
+        """One record, with its delta unless `delta` is False."""
         try:
             data = json.loads(self._db[f"record/{edit_id}"])
-            delta = Delta.from_bytes(self._db[f"delta/{edit_id}"])
+            tensors = Delta.from_bytes(self._db[f"delta/{edit_id}"]) if delta else None
         except KeyError:
             raise EditNotFoundError(f"edit {edit_id} is not in journal {self.path}") from None
-        return EditRecord.from_dict(data, delta=delta)
+        return EditRecord.from_dict(data, delta=tensors)
 
     def check_model(self, model_id: str, fingerprint: str) -> None:
         """Refuse a model other than the one the journal was made with."""

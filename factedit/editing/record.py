@@ -40,18 +40,24 @@ class EditRecord:
     created_at: float = field(default_factory=time.time)
     status: Status = "active"
     reverted_at: float | None = None
+    # The delta's parameter names; known without the delta, which a journal may keep on disk only.
+    params: tuple[str, ...] = ()
     delta: Delta | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.delta is not None:
+            object.__setattr__(self, "params", tuple(self.delta.names()))
 
     @property
     def request(self) -> EditRequest:
         """The first (for `edit`, the only) request."""
         return self.requests[0]
 
-    @property
-    def params(self) -> list[str]:
-        return self.delta.names() if self.delta is not None else []
+    def without_delta(self) -> EditRecord:
+        """This record without its tensors (its `params` stay)."""
+        return replace(self, delta=None)
 
-    def with_status(self, status: Status) -> "EditRecord":
+    def with_status(self, status: Status) -> EditRecord:
         return replace(self, status=status, reverted_at=time.time() if status == "reverted" else None)
 
     def to_dict(self) -> dict[str, Any]:
@@ -70,12 +76,12 @@ class EditRecord:
             "created_at": self.created_at,
             "status": self.status,
             "reverted_at": self.reverted_at,
-            "params": self.params,
+            "params": list(self.params),
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], delta: Delta | None = None) -> "EditRecord":
+    def from_dict(cls, data: Mapping[str, Any], delta: Delta | None = None) -> EditRecord:
         fields = dict(data)
-        fields.pop("params", None)
+        fields["params"] = tuple(fields.get("params", ()))
         fields["requests"] = tuple(EditRequest.from_dict(r) for r in fields["requests"])
         return cls(**fields, delta=delta)
