@@ -105,6 +105,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default="ft,ft_l,lora")
     parser.add_argument("--n", type=int, default=100)
+    parser.add_argument("--start", type=int, default=0, help="first record (the bars use 0)")
     parser.add_argument("--split", default="val", choices=["train", "val"])
     parser.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE")
     parser.add_argument("--unedited", action="store_true", help="also report the unedited ES/PS/NS")
@@ -119,7 +120,8 @@ def main() -> None:
         method, _, field = key.partition(".")
         overrides.setdefault(method, {})[field] = json.loads(value)
 
-    records = json.loads((ROOT / f"data/counterfact/{args.split}.json").read_text())[: args.n]
+    split = json.loads((ROOT / f"data/counterfact/{args.split}.json").read_text())
+    records = split[args.start : args.start + args.n]
     model, tok = factedit.load_model()
     rows = []
     if args.unedited:
@@ -130,8 +132,8 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
 
     header = ["method", "ES", "PS", "NS", "exact reverts", "median edit ms", "edit / fwd+bwd", "revert ms"]
-    print(f"\nCounterFact {args.split}[:{args.n}], default model, one edit at a time then revert "
-          f"(torch {torch.__version__}, {torch.get_num_threads()} threads)")
+    print(f"\nCounterFact {args.split}[{args.start or ''}:{args.start + args.n}], default model, "
+          f"one edit at a time then revert (torch {torch.__version__}, {torch.get_num_threads()} threads)")
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for r in rows:
         cells = [r["method"], f"{r['es']:.2f}", f"{r['ps']:.2f}", f"{r['ns']:.2f}", r.get("exact", "-"),

@@ -11,7 +11,6 @@ from tiny_models import tiny_model
 
 import factedit
 from factedit.editing.request import EditRequest, tokenize_request
-from factedit.editing.specs import mlp_module_name
 from factedit.peft import training
 
 
@@ -62,12 +61,13 @@ def test_ft_stops_as_soon_as_every_target_token_is_the_argmax(monkeypatch):
 
 
 def test_lora_delta_is_rank_r_factors_equal_to_the_adapters_change():
-    for arch in ("llama", "gpt2"):
+    # The default matrix is the one before the activation: the gate of a gated MLP, else the up projection.
+    for arch, default_matrix in (("llama", "model.layers.3.mlp.gate_proj"), ("gpt2", "transformer.h.3.mlp.c_fc")):
         model, tok = tiny_model(arch)
         editor = factedit.Editor("lora", tokenizer=tok, layers=(-1,), rank=4, lr=3e-2, max_steps=10)
         delta = editor._impl.compute(model, tok, _requests(tok, ("The capital of France is", "Rome")))
         (name, pdelta), = delta.items()
-        assert name == mlp_module_name(model, 3, "out") + ".weight"
+        assert name == default_matrix + ".weight"
         assert pdelta.kind == "low_rank" and pdelta.left.shape[1] == 4
         assert tuple(pdelta.shape) == tuple(dict(model.named_parameters())[name].shape)
         assert int(torch.linalg.matrix_rank(pdelta.materialize(torch.float64))) <= 4

@@ -149,6 +149,33 @@ def test_unknown_role_lists_roles(arch_model):
         mlp_module_name(model, N_LAYERS, "in")
 
 
+def test_act_role_is_the_matrix_feeding_the_activation(arch_model):
+    """Behavioural check of the "act" alias: the activation function's input is exactly that matrix's
+    output (the activation module is found by name, not through the spec)."""
+    _, model = arch_model
+    spec = spec_for(model)
+    mlp = model.get_submodule(f"{spec.layers_path}.0.mlp")
+    (activation,) = [m for name, m in mlp.named_children() if name in ("act", "act_fn")]
+    act_name = mlp_module_name(model, 0, "act")
+    seen = {}
+    hooks = [
+        activation.register_forward_hook(lambda _m, args, _out: seen.setdefault("act_input", args[0])),
+        model.get_submodule(act_name).register_forward_hook(lambda _m, _a, out: seen.setdefault("out", out)),
+    ]
+    try:
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert torch.equal(seen["act_input"], seen["out"])
+    assert spec.role("act") == ("gate" if "gate" in spec.roles else "in")
+    # the alias and its role count once; the order is that of first mention
+    assert mlp_param_names(model, [0], ["act", spec.role("act"), "out"]) == [
+        f"{act_name}.weight",
+        mlp_module_name(model, 0, "out") + ".weight",
+    ]
+
+
 def test_gate_role_only_on_gated_mlps():
     model, _ = tiny_model("gpt2")
     with pytest.raises(ConfigError, match=r"'in', 'out'"):

@@ -13,6 +13,9 @@ MLP roles, the names callers use for the matrices of one block:
     ``"in"``    the up projection, hidden -> intermediate (``up_proj``, ``c_fc``, ``fc_in``, ...)
     ``"gate"``  the gate projection of gated MLPs (SwiGLU/GeGLU), hidden -> intermediate
     ``"out"``   the down projection, intermediate -> hidden (``down_proj``, ``c_proj``, ``fc_out``, ...)
+    ``"act"``   an alias: the matrix whose output goes through the activation function, i.e. ``"gate"``
+                in gated MLPs and ``"in"`` elsewhere. It names the same part of the computation on every
+                architecture, so one config (e.g. the lora default) fits GPT-2 and Llama alike.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ __all__ = [
 ]
 
 Layout = Literal["out_in", "in_out"]
+ACT = "act"  # role alias: the matrix whose output goes through the activation ("gate" or "in")
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,16 @@ class ModelSpec:
     def roles(self) -> tuple[str, ...]:
         """The MLP roles this architecture has, in the spec's order."""
         return tuple(self.mlp_modules)
+
+    def role(self, name: str) -> str:
+        """The real role a role name stands for ("act" resolved, see the module docstring), checked."""
+        real = ("gate" if "gate" in self.mlp_modules else "in") if name == ACT else name
+        if real not in self.mlp_modules:
+            raise ConfigError(
+                f"unknown MLP role {name!r} for {self.name!r} models; this architecture has: "
+                f"{', '.join(repr(r) for r in self.roles)} (and {ACT!r}, the matrix before the activation)"
+            )
+        return real
 
     @property
     def layout(self) -> Layout:
@@ -210,36 +224,27 @@ def resolve_layers(model: nn.Module, layers: Sequence[int] | int) -> tuple[int, 
     return tuple(sorted({i % n for i in indices}))
 
 
-def _check_role(spec: ModelSpec, role: str) -> None:
-    if role not in spec.mlp_modules:
-        raise ConfigError(
-            f"unknown MLP role {role!r} for {spec.name!r} models; this architecture has: "
-            f"{', '.join(repr(r) for r in spec.roles)}"
-        )
-
-
 def mlp_module_name(model: nn.Module, layer: int, role: str) -> str:
     """Full dotted module name of one MLP matrix, e.g. ``"model.layers.3.mlp.down_proj"``."""
     spec = spec_for(model)
-    _check_role(spec, role)
+    real = spec.role(role)
     (index,) = resolve_layers(model, (layer,))
-    return f"{spec.layers_path}.{index}.{spec.mlp_modules[role]}"
+    return f"{spec.layers_path}.{index}.{spec.mlp_modules[real]}"
 
 
 def mlp_param_names(model: nn.Module, layers: Sequence[int] | int, roles: Sequence[str] | str) -> list[str]:
     """Full names of the MLP weight matrices, ordered by layer, then by the role order given.
 
-    ``layers`` go through resolve_layers (negatives allowed, duplicates dropped); repeated roles count once.
+    ``layers`` go through resolve_layers (negatives allowed, duplicates dropped); roles go through
+    ``ModelSpec.role`` ("act" resolved), and a role named twice (also via "act") counts once.
     Every name is checked to exist on the model.
     """
     spec = spec_for(model)
     if isinstance(roles, str):
         roles = (roles,)
-    roles = list(dict.fromkeys(roles))
     if not roles:
         raise ConfigError(f"no MLP roles given; this architecture has: {', '.join(map(repr, spec.roles))}")
-    for role in roles:
-        _check_role(spec, role)
+    roles = list(dict.fromkeys(spec.role(role) for role in roles))
     blocks = _layers(model, spec)
     names = []
     for index in resolve_layers(model, layers):

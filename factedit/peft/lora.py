@@ -7,8 +7,8 @@ original modules (and their untouched weights) back.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -19,7 +19,7 @@ from ..editing.delta import Delta, ParamDelta
 from ..editing.methods import MethodSpec
 from ..editing.request import TokenizedRequest
 from ..editing.scoring import pad_id_of
-from ..editing.specs import mlp_module_name, resolve_layers, weight_layout
+from ..editing.specs import mlp_param_names, weight_layout
 from .training import TrainingBatch, frozen, make_batch, optimize, seeded
 
 ADAPTER = "factedit"
@@ -29,8 +29,10 @@ ADAPTER = "factedit"
 class LoRAEditConfig:
     # Defaults tuned on the default model with CounterFact train[:20] (bench/bench_editing.py --split
     # train): block 8 as for ft; smaller steps keep neighbours (lr 5e-3: NS 0.60, 2e-3: 0.65, 1e-3: 0.70).
+    # The matrix was chosen on val[:100]: at ES 0.98-1.00 the down projection kept NS 0.56, the up
+    # projection 0.62, the gate projection 0.65 ("act" is the gate on gated MLPs, the up projection else).
     layers: tuple[int, ...] = (8,)  # transformer blocks to edit; negative counts from the end
-    matrices: tuple[str, ...] = ("out",)  # MLP roles: "in", "gate" (gated MLPs), "out"
+    matrices: tuple[str, ...] = ("act",)  # MLP roles: "in", "gate" (gated MLPs), "out", "act" (alias)
     rank: int = 8  # LoRA rank r
     alpha: float = 16.0  # LoRA scale = alpha / rank
     lr: float = 1e-3  # Adam learning rate
@@ -52,11 +54,7 @@ class LoRAEdit:
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[TokenizedRequest]
     ) -> Delta:
         cfg = self.config
-        modules = [
-            mlp_module_name(model, layer, role)
-            for layer in resolve_layers(model, cfg.layers)
-            for role in cfg.matrices
-        ]
+        modules = [name.removesuffix(".weight") for name in mlp_param_names(model, cfg.layers, cfg.matrices)]
         layouts = {m: weight_layout(model, f"{m}.weight") for m in modules}
         lora_config = LoraConfig(
             r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=modules, bias="none",
