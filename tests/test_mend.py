@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -81,11 +82,52 @@ def test_the_first_step_scale_that_takes_is_kept(tmp_path, monkeypatch):
     requests = requests_for(tok)
     plain = mend_editor(tok, path, step_scales=(1.0,))._impl.compute(model, tok, requests)
     tried = []
-    monkeypatch.setattr(method, "_targets_are_argmax", lambda *args: tried.append(1) or len(tried) == 2)
+
+    def second_check_takes(_model, _pad, group, *_):
+        tried.append(1)
+        return torch.full((len(group),), len(tried) == 2)
+
+    monkeypatch.setattr(method, "_targets_taken", second_check_takes)
     chosen = mend_editor(tok, path, step_scales=(0.5, 2.0, 3.0))._impl.compute(model, tok, requests)
     assert len(tried) == 2  # 0.5 did not take, 2.0 did, 3.0 was never tried
     for name, pdelta in plain.items():
         assert torch.equal(chosen.params[name].left, 2.0 * pdelta.left), name
+
+
+def test_each_request_of_a_batch_gets_its_own_step_scale(tmp_path, monkeypatch):
+    """A fact that takes keeps its step while another grows: only the hard fact's rows are scaled."""
+    import factedit.mend.method as method
+
+    model, tok = tiny_model("llama")
+    path, _ = tiny_checkpoint(tmp_path, model, alpha=0.1)
+    easy, hard = requests_for(tok)
+    plain = mend_editor(tok, path, step_scales=(1.0,))._impl.compute(model, tok, [easy, hard])
+    checks = []
+
+    def only_easy_takes(_model, _pad, group, *_):
+        checks.append(len(group))
+        return torch.tensor([r is easy for r in group])
+
+    monkeypatch.setattr(method, "_targets_taken", only_easy_takes)
+    mixed = mend_editor(tok, path, step_scales=(1.0, 2.0, 3.0))._impl.compute(model, tok, [easy, hard])
+    assert checks == [2, 2, 2]  # hard grows 1 -> 2 -> 3 and stops at the last scale; easy stays at 1
+    # Rows (columns of the low-rank left factor) follow the length-sorted requests, one per target token.
+    ordered = sorted([easy, hard], key=lambda r: len(r.input_ids))
+    expected = torch.cat([torch.full((len(r.target_ids),), 1.0 if r is easy else 3.0) for r in ordered])
+    for name, pdelta in plain.items():
+        assert torch.equal(mixed.params[name].left, pdelta.left * expected), name
+        assert torch.equal(mixed.params[name].right, pdelta.right), name
+
+
+def test_a_step_check_answers_for_each_request():
+    import factedit.mend.method as method
+
+    model, tok = tiny_model("llama")
+    other, request = requests_for(tok)
+    with torch.no_grad():
+        greedy = int(model(input_ids=torch.tensor([request.prompt_ids])).logits[0, -1].argmax())
+    taken = dataclasses.replace(request, target_ids=(greedy,))  # the unedited model's own next token
+    assert method._targets_taken(model, pad_id_of(tok), [other, taken], {}).tolist() == [False, True]
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -96,13 +138,14 @@ def test_step_checks_from_the_recorded_states_decide_as_full_forwards_do(arch, t
     path, _ = tiny_checkpoint(tmp_path, model, roles=ROLES[arch], alpha=1.0)
     scales = tuple(10.0**k for k in range(-4, 4))  # from no effect to a step that makes the target win
     editor = mend_editor(tok, path, roles=ROLES[arch], step_scales=scales)
-    check, pairs = method._targets_are_argmax, []
+    check, pairs = method._targets_taken, []
 
     def both_ways(model_, pad_id, requests, params, cache=None):  # and never stop: every scale is checked
-        pairs.append((check(model_, pad_id, requests, params, cache), check(model_, pad_id, requests, params)))
-        return False
+        (cached,), (full,) = check(model_, pad_id, requests, params, cache), check(model_, pad_id, requests, params)
+        pairs.append((bool(cached), bool(full)))
+        return torch.tensor([False])
 
-    monkeypatch.setattr(method, "_targets_are_argmax", both_ways)
+    monkeypatch.setattr(method, "_targets_taken", both_ways)
     editor._impl.compute(model, tok, requests_for(tok)[:1])
     assert len(pairs) == len(scales) and {full for _, full in pairs} == {True, False}, pairs
     assert all(cached == full for cached, full in pairs), pairs

@@ -28,6 +28,7 @@ class Captured:
     loss: float
     logits: torch.Tensor  # (M, V) detached: pre-edit logits at `select`, row-major
     select: torch.Tensor  # (B, T) positions predicting any row's labelled tokens (edit rows or not)
+    owners: torch.Tensor  # (N,) long: the batch row each u/δ row came from
 
 
 def loss_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -140,7 +141,8 @@ def capture(
         if grad is None:  # the module does not influence the loss (cannot happen for MLP matrices)
             grad = torch.zeros(*io.inputs[module].shape[:2], _out_features(model, module), device=u.device)
         factors[param] = (u, grad[select])  # (N, d_in), (N, d_out)
-    return Captured(factors, float(loss.detach()), logits.detach(), all_targets)
+    owners = select.nonzero()[:, 0]  # (N,) row-major, as the boolean indexing above
+    return Captured(factors, float(loss.detach()), logits.detach(), all_targets, owners)
 
 
 def _out_features(model: nn.Module, module_name: str) -> int:

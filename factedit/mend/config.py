@@ -21,8 +21,10 @@ class MENDConfig:
         length so little padding is computed (the result does not depend on it); None = one pass.
     step_scales: multipliers of the learned step sizes α, tried in order: the first under which every
         target token is the argmax (the criterion the fine-tuning editors stop on) is kept, else the
-        last. Each try runs the edited blocks once (from states the capture pass keeps); a single
-        value is applied without a check (1.0 = the step as trained). An edit thus gets no more of the step than it needs to take.
+        last. In `edit_batch` each request's rows get their own scale: those that take keep theirs
+        while the others grow. Each try runs the edited blocks once (from states the capture pass
+        keeps); a single value is applied without a check (1.0 = the step as trained). An edit thus
+        gets no more of the step than it needs to take.
     """
 
     checkpoint: str | None = None

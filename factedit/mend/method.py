@@ -108,6 +108,7 @@ class MEND:
         names = self._check(model)
         device = next(model.parameters()).device
         factors: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in names}
+        owners, seen = [], 0  # each row's request, as an index into the length-sorted order
         # The hidden states entering the first edited block, recorded by the capture pass, let each
         # step_scales check run only the edited blocks.
         checks = None
@@ -121,23 +122,25 @@ class MEND:
                                        positions=self.config.positions)
                 for name in names:
                     factors[name].append(captured.factors[name])
+                owners.append(captured.owners + seen)
+                seen += len(group)
         rows = {n: (torch.cat([u for u, _ in f]), torch.cat([d for _, d in f])) for n, f in factors.items()}
         network = self.network.to(device)
         with torch.no_grad():
             transformed = network(rows)
             transformed = scaled_step(model, pad_id_of(tokenizer), requests, transformed, network,
-                                      self.config.step_scales, self.config.pass_size, checks)
+                                      self.config.step_scales, torch.cat(owners), self.config.pass_size,
+                                      checks)
         return factors_to_delta(network, transformed)
 
 
 def dense_params(
     model: nn.Module, network: MENDNetwork, transformed: dict[str, tuple[torch.Tensor, torch.Tensor]],
-    scale: float = 1.0,
 ) -> dict[str, torch.Tensor]:
-    """{name: W + scale·ΔW} for `functional_call` (the model's own tensors are not written)."""
+    """{name: W + ΔW} for `functional_call` (the model's own tensors are not written)."""
     params = dict(model.named_parameters())
     return {
-        p.name: params[p.name].detach() + scale * dense_update(*transformed[p.name], p.layout).to(params[p.name].dtype)
+        p.name: params[p.name].detach() + dense_update(*transformed[p.name], p.layout).to(params[p.name].dtype)
         for p in network.params
     }
 
@@ -145,33 +148,55 @@ def dense_params(
 def scaled_step(
     model: nn.Module, pad_id: int, requests: Sequence[TokenizedRequest],
     transformed: dict[str, tuple[torch.Tensor, torch.Tensor]], network: MENDNetwork,
-    step_scales: Sequence[float], pass_size: int | None = None, cache: PrefixCache | None = None,
+    step_scales: Sequence[float], owners: torch.Tensor, pass_size: int | None = None,
+    cache: PrefixCache | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The step (rows ũ, −α·δ̃) times the first of `step_scales` under which every target token is
-    the argmax, else times the last (MENDConfig.step_scales); one scale is applied unchecked.
-    With `cache` holding the requests' states below the edited blocks, checks run only those blocks."""
-    scale = step_scales[-1]
+    """The step (rows ũ, −α·δ̃) with each request's rows times the first of `step_scales` under which
+    every one of its target tokens is the argmax, given the others' steps; a request no scale makes
+    take gets the last (MENDConfig.step_scales). One scale is applied unchecked.
+
+    owners (N,): each row's request, as an index into the length-sorted order of `length_groups`.
+    Requests that take keep their scale while the others grow, so each fact of a batch gets the
+    smallest step that works for it. With `cache` holding the requests' states below the edited
+    blocks, checks run only those blocks.
+    """
+    scales = torch.tensor(step_scales, dtype=torch.float32, device=owners.device)
+    level = torch.zeros(len(requests), dtype=torch.long, device=owners.device)  # (R,) into step_scales
     if len(step_scales) > 1:
-        for scale in step_scales:
-            edited = dense_params(model, network, transformed, scale)
-            if all(_targets_are_argmax(model, pad_id, group, edited, cache)
-                   for group in length_groups(requests, pass_size)):
+        groups = length_groups(requests, pass_size)
+        while True:
+            edited = dense_params(model, network, _rows_scaled(transformed, scales[level][owners]))
+            taken = torch.cat([_targets_taken(model, pad_id, group, edited, cache) for group in groups])  # (R,)
+            grow = ~taken.to(level.device) & (level < len(step_scales) - 1)
+            if not bool(grow.any()):
                 break
-    if scale == 1.0:
+            level = level + grow.long()
+    row_scale = scales[level][owners]  # (N,)
+    if bool((row_scale == 1.0).all()):
         return transformed
-    return {name: (u_t, scale * d_t) for name, (u_t, d_t) in transformed.items()}
+    return _rows_scaled(transformed, row_scale)
 
 
-def _targets_are_argmax(
+def _rows_scaled(
+    transformed: dict[str, tuple[torch.Tensor, torch.Tensor]], row_scale: torch.Tensor
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Rows (ũ, −α·δ̃) with each δ̃ row times its scale (N,)."""
+    return {name: (u_t, d_t * row_scale.to(d_t)[:, None]) for name, (u_t, d_t) in transformed.items()}
+
+
+def _targets_taken(
     model: nn.Module, pad_id: int, requests: Sequence[TokenizedRequest], params: dict[str, torch.Tensor],
     cache: PrefixCache | None = None,
-) -> bool:
+) -> torch.Tensor:
+    """(B,) bool: whether every target token of each request is the argmax under `params`."""
     batch = make_batch(requests, pad_id, next(model.parameters()).device)
     select = loss_positions(batch.labels)  # (B, T)
     skip = cache.skipping(model, [tuple(r.input_ids) for r in requests], pad_id) if cache else nullcontext()
     with skip:
         logits = logits_at(model, batch.input_ids, batch.attention_mask, select, params=params)  # (M, V)
-    return bool((logits.argmax(-1) == next_tokens(batch.labels)[select]).all())
+    misses = (logits.argmax(-1) != next_tokens(batch.labels)[select]).float()  # (M,)
+    request_of = select.nonzero()[:, 0]  # (M,) row-major, as logits_at returns them
+    return torch.zeros(len(requests), device=misses.device).index_add(0, request_of, misses) == 0
 
 
 def build(config: MENDConfig) -> MEND:

@@ -177,7 +177,7 @@ def evaluate_single_edits(
                 with torch.enable_grad(), _skip(cache, model, [example.edit], pad_id):
                     captured = capture(model, [module_of(x) for x in names], names, batch, positions=positions)
                 transformed = scaled_step(model, pad_id, [example.edit], base(captured.factors), base,
-                                          step_scales, cache=cache)
+                                          step_scales, captured.owners, cache=cache)
                 params = dense_params(model, base, transformed)
                 scores = mean_logprobs(model, cf_pairs(example, tokenizer), pad_id, params, cache)
                 for key, value in counterfact_flags(scores).items():
