@@ -162,15 +162,16 @@ def scaled_step(
     """
     scales = torch.tensor(step_scales, dtype=torch.float32, device=owners.device)
     level = torch.zeros(len(requests), dtype=torch.long, device=owners.device)  # (R,) into step_scales
-    if len(step_scales) > 1:
-        groups = length_groups(requests, pass_size)
-        while True:
-            edited = dense_params(model, network, _rows_scaled(transformed, scales[level][owners]))
-            taken = torch.cat([_targets_taken(model, pad_id, group, edited, cache) for group in groups])  # (R,)
-            grow = ~taken.to(level.device) & (level < len(step_scales) - 1)
-            if not bool(grow.any()):
-                break
-            level = level + grow.long()
+    groups = length_groups(requests, pass_size)
+    # At most one check per scale, as for a single edit; requests still short at the last check move
+    # one scale up unchecked.
+    for _ in range(len(step_scales) if len(step_scales) > 1 else 0):
+        edited = dense_params(model, network, _rows_scaled(transformed, scales[level][owners]))
+        taken = torch.cat([_targets_taken(model, pad_id, group, edited, cache) for group in groups])  # (R,)
+        grow = ~taken.to(level.device) & (level < len(step_scales) - 1)
+        if not bool(grow.any()):
+            break
+        level = level + grow.long()
     row_scale = scales[level][owners]  # (N,)
     if bool((row_scale == 1.0).all()):
         return transformed
