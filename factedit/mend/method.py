@@ -164,8 +164,9 @@ def scaled_step(
     level = torch.zeros(len(requests), dtype=torch.long, device=owners.device)  # (R,) into step_scales
     groups = length_groups(requests, pass_size)
     # At most one check per scale, as for a single edit; requests still short at the last check move
-    # one scale up unchecked.
-    for _ in range(len(step_scales) if len(step_scales) > 1 else 0):
+    # one scale up unchecked. A single scale is applied without a check.
+    n_checks = len(step_scales) if len(step_scales) > 1 else 0
+    for _ in range(n_checks):
         edited = dense_params(model, network, _rows_scaled(transformed, scales[level][owners]))
         taken = torch.cat([_targets_taken(model, pad_id, group, edited, cache) for group in groups])  # (R,)
         grow = ~taken.to(level.device) & (level < len(step_scales) - 1)
