@@ -14,6 +14,7 @@ import json
 import os
 import sqlite3
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -73,16 +74,21 @@ class Journal:
         records = [self.record(edit_id, delta=False) for edit_id in self.order()]
         if not deltas:
             return records
-        return [self.record(r.id) if r.status == "active" else r for r in records]
+        return [replace(r, delta=self._delta(r.id)) if r.status == "active" else r for r in records]
 
     def record(self, edit_id: str, *, delta: bool = True) -> EditRecord:
         """One record, with its delta unless `delta` is False."""
         try:
             data = json.loads(self._db[f"record/{edit_id}"])
-            tensors = Delta.from_bytes(self._db[f"delta/{edit_id}"]) if delta else None
         except KeyError:
             raise EditNotFoundError(f"edit {edit_id} is not in journal {self.path}") from None
-        return EditRecord.from_dict(data, delta=tensors)
+        return EditRecord.from_dict(data, delta=self._delta(edit_id) if delta else None)
+
+    def _delta(self, edit_id: str) -> Delta:
+        try:
+            return Delta.from_bytes(self._db[f"delta/{edit_id}"])
+        except KeyError:
+            raise EditNotFoundError(f"edit {edit_id} has no delta in journal {self.path}") from None
 
     def check_model(self, model_id: str, fingerprint: str) -> None:
         """Refuse a model other than the one the journal was made with."""
