@@ -1,8 +1,11 @@
-"""The main job (`make demo`): edit a fact in the default model, show it, revert it exactly.
+"""The main job (`make demo`): keep several facts at once in the default model, check them, revert exactly.
 
-Loads the embedded SmolLM2-135M, shows the top predictions for the edit prompt, a paraphrase and an
-unrelated prompt, edits "The capital of France is" to " Rome" with constrained fine-tuning (ft_l),
-shows them again, reverts, checks every parameter against the original bit for bit, prints timings.
+Loads the embedded SmolLM2-135M and edits four facts one after another with the method the
+accumulated-edits benchmark shows best (`mend`, with key preservation and the drift guard), keeping
+all of them. It then shows that each new fact holds (with a paraphrase), that unrelated facts keep
+their answers, and how far plain text drifted (perplexity of the reference text over the base
+model's). It reverts one edit (the others stay), then the rest, and checks every parameter against
+the original bit for bit.
 """
 
 from __future__ import annotations
@@ -14,58 +17,81 @@ import time
 import torch
 
 from . import display
+from .editing.drift import reference_perplexity
 from .editing.editor import Editor
 from .editing.loading import load_model
+from .editing.reference import reference_texts
 from .editing.request import encode_prompt
 from .editing.scoring import pad_id_of, score_sequences, top_tokens
 
-PROMPT, TARGET = "The capital of France is", " Rome"
-PARAPHRASE = "The capital city of France is"
-UNRELATED = "The capital of Germany is"
+# (prompt, new target, paraphrase)
+FACTS = [
+    ("The capital of France is", "Rome", "The capital city of France is"),
+    ("The Eiffel Tower is located in the city of", "London", "The Eiffel Tower stands in the city of"),
+    ("The mother tongue of Danielle Darrieux is", "English", "Danielle Darrieux's native language is"),
+    ("Water freezes at a temperature of zero degrees", "Fahrenheit", "Water turns to ice at zero degrees"),
+]
+UNRELATED = [
+    "The capital of Germany is",
+    "The capital of Italy is",
+    "The Colosseum is located in the city of",
+    "The mother tongue of Vladimir Putin is",
+]
 
 
-def show_predictions(model, tokenizer, title: str) -> None:
-    prompts = [PROMPT, PARAPHRASE, UNRELATED]
-    scores = score_sequences(model, [(encode_prompt(tokenizer, p), ()) for p in prompts], pad_id_of(tokenizer))
-    rows = [(repr(p), display.format_top(top_tokens(tokenizer, s.next_logprobs, 3))) for p, s in zip(prompts, scores)]
+def top1(model, tokenizer, prompts: list[str]) -> list[str]:
+    pairs = [(encode_prompt(tokenizer, p), ()) for p in prompts]
+    scores = score_sequences(model, pairs, pad_id_of(tokenizer))
+    return [display.format_top(top_tokens(tokenizer, s.next_logprobs, 1), 1) for s in scores]
+
+
+def show(model, tokenizer, title: str, rows: list[tuple[str, str]], base_ppl: float) -> None:
+    prompts = [p for p, _ in rows]
     print(f"\n{title}")
-    print(display.format_table(rows, ["prompt", "top-3 next tokens"]))
+    table = [(repr(p), want, got) for (p, want), got in zip(rows, top1(model, tokenizer, prompts))]
+    print(display.format_table(table, ["prompt", "wanted", "top next token"]))
+    ppl = reference_perplexity(model, tokenizer, reference_texts("samples"))
+    print(f"plain text: perplexity {ppl:.3f}, {ppl / base_ppl:.4f}× the unedited model's")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--method", default="ft_l")
+    parser.add_argument("--method", default="mend")
     parser.add_argument("--model", default=None, help="hub id or local folder (default: embedded model)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
     t = time.perf_counter()
     model, tokenizer = load_model(args.model)
-    load_s = time.perf_counter() - t
     print(f"loaded {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) "
-          f"in {load_s:.1f} s")
+          f"in {time.perf_counter() - t:.1f} s")
     original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    base_ppl = reference_perplexity(model, tokenizer, reference_texts("samples"))
+    checks = [(p, f"{t!r}") for p, t, _ in FACTS] + [(q, f"{t!r}") for _, t, q in FACTS]
+    unrelated = [(p, "unchanged") for p in UNRELATED]
+    show(model, tokenizer, "Before any edit", checks + unrelated, base_ppl)
 
-    show_predictions(model, tokenizer, "Before the edit")
     editor = Editor(args.method, tokenizer=tokenizer)
-    record = editor.edit(model, PROMPT, TARGET, paraphrases=[PARAPHRASE], locality=[UNRELATED])
-    print(f"\nEdit {record.id} with {args.method}: {PROMPT!r} -> {TARGET!r}")
-    print(f"  touched {', '.join(record.params)}")
-    show_predictions(model, tokenizer, "After the edit")
+    records = []
+    print(f"\nEditing {len(FACTS)} facts one after another with {args.method} (guard: {editor.guard})")
+    for prompt, target, _ in FACTS:
+        record = editor.edit(model, prompt, target)
+        records.append(record)
+        drift = f", drift {record.drift:.4f}×" if record.drift is not None else ""
+        print(f"  {record.id}: {prompt!r} -> {target!r}  {record.timings['edit_ms']:.0f} ms{drift}")
+    show(model, tokenizer, f"With all {len(records)} edits active", checks + unrelated, base_ppl)
 
     t = time.perf_counter()
-    editor.revert(model, record.id)
-    revert_ms = (time.perf_counter() - t) * 1000
-    exact = all(torch.equal(p, original[n]) for n, p in model.named_parameters())
-    show_predictions(model, tokenizer, "After the revert")
+    editor.revert(model, records[0].id)
+    print(f"\nReverted {records[0].id} ({FACTS[0][0]!r}) in {(time.perf_counter() - t) * 1000:.0f} ms; "
+          "the other edits stay")
+    show(model, tokenizer, "After reverting the first edit", [(FACTS[0][0], "original")] + checks[1:len(FACTS)],
+         base_ppl)
 
-    timings = record.timings
-    print(
-        f"\nTimings: model load {load_s * 1000:.0f} ms | edit {timings['edit_ms']:.0f} ms "
-        f"(compute {timings['compute_ms']:.0f}, apply {timings['apply_ms']:.1f}, scoring {timings['score_ms']:.0f}) "
-        f"| revert {revert_ms:.1f} ms"
-    )
-    print(f"Revert bit-for-bit exact on all {len(original)} parameters: {'yes' if exact else 'NO'}")
+    editor.revert_all(model)
+    exact = all(torch.equal(p, original[n]) for n, p in model.named_parameters())
+    print(f"\nReverted the rest. Every parameter equals the original bit for bit: {'yes' if exact else 'NO'} "
+          f"({len(original)} parameters)")
     return 0 if exact else 1
 
 

@@ -83,25 +83,60 @@ def sequential_run(tiny_dir, tmp_path_factory) -> Path:
     return out
 
 
-def test_batch_mode(tiny_dir, tmp_path):
+def test_batch_mode_measures_drift_per_batch(tiny_dir, tmp_path):
     out = tmp_path / "batch"
     assert _eval(tiny_dir, out, "method=ft_l", "mode=batch", "batch_size=2", *FAST) == 0
     rows = _cases(out)
     assert [r["batch"] for r in rows] == [[0, 1], [0, 1], [2]]
+    ratios = [r["drift"]["drift/ppl_ratio"] for r in rows]
+    assert ratios[0] == ratios[1] and all(ratio > 0 for ratio in ratios)
+    ft = json.loads((out / "summary.json").read_text())["metrics"]["ft_l"]
+    assert ft["drift/ppl_ratio"] == pytest.approx((ratios[0] + ratios[2]) / 2)  # each batch once
+    assert ft["drift/ppl_ratio_max"] == max(ratios)
 
 
-def test_sequential_mode_measures_retention(sequential_run):
+def test_sequential_mode_measures_retention_and_drift(sequential_run):
     cps = read_lines(sequential_run / "checkpoints.jsonl")
     assert [c["edits"] for c in cps] == [1, 2, 3]
     assert [c["indices"] for c in cps] == [[0], [0, 1], [0, 1, 2]]
+    for cp in cps:  # retention: share of edits so far whose whole target is the greedy continuation
+        whole = [post["new_acc"] == 1.0 for post in cp["post"]]
+        assert cp["metrics"]["seq/retention"] == sum(whole) / len(whole)
+        assert cp["metrics"]["drift/ppl"] > 0
+        assert cp["metrics"]["drift/ppl_ratio"] == pytest.approx(cp["metrics"]["drift/ppl"] / base_ppl(cps))
     assert (sequential_run / "retention.png").is_file()
     summary = json.loads((sequential_run / "summary.json").read_text())
     assert [c["edits"] for c in summary["sequential"]["ft_l"]["checkpoints"]] == [1, 2, 3]
-    assert (
-        "seq/retention" in summary["metrics"]["ft_l"]
-        or summary["sequential"]["ft_l"]["immediate"]["cf/es"] == 0
+    ft = summary["metrics"]["ft_l"]
+    assert ft["seq/retention"] == cps[-1]["metrics"]["seq/retention"]
+    assert ft["drift/ppl_ratio"] == cps[-1]["metrics"]["drift/ppl_ratio"]
+    assert ft["revert/exact"] == 1.0
+    report = (sequential_run / "report.md").read_text()
+    assert "| ft_l | 3 |" in report and "drift/ppl_ratio" in report
+
+
+def base_ppl(checkpoints) -> float:
+    """The unedited reference perplexity a checkpoint's ratio divides by (ppl / ratio)."""
+    first = checkpoints[0]["metrics"]
+    return first["drift/ppl"] / first["drift/ppl_ratio"]
+
+
+def test_a_breaking_run_is_flagged(tiny_dir, tmp_path, caplog):
+    from wreck import WRECK
+
+    from factedit.evaluation.config import DataConfig, EvalConfig, MethodRun, ModelConfig
+    from factedit.evaluation.runner import run_eval
+
+    config = EvalConfig(
+        methods=(MethodRun("none"), MethodRun(WRECK)), out=tmp_path / "broken", mode="sequential",
+        data=DataConfig(path=FIXTURES / "counterfact_small.json"), model=ModelConfig(str(tiny_dir)),
+        checkpoints=(1,),
     )
-    assert "| ft_l | 3 |" in (sequential_run / "report.md").read_text()
+    result = run_eval(config)
+    assert result.summary["metrics"][WRECK]["drift/ppl_ratio"] > 2
+    assert "breaking the model" in caplog.text
+    assert f"**Warning: {WRECK} broke the model**" in result.report
+    assert "broke" not in result.report.replace(f"{WRECK} broke", "")  # the baseline is not flagged
 
 
 def test_resume_skips_done_records_and_ignores_a_half_written_line(tiny_dir, tmp_path):

@@ -34,6 +34,8 @@ def tiny_checkpoint(tmp_path, model, layers=(-2, -1), roles=("in", "out"), alpha
 
 
 def mend_editor(tok, path, layers=(-2, -1), roles=("in", "out"), **extra):
+    """A MEND Editor over a summing tiny checkpoint, without preservation unless asked."""
+    extra.setdefault("preserve", None)
     return factedit.Editor("mend", tokenizer=tok, checkpoint=str(path), layers=layers, matrices=roles, **extra)
 
 

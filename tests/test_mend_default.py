@@ -42,3 +42,31 @@ def test_the_shipped_editor_refuses_another_model(tmp_path):
     model, tok = tiny_model("llama")
     with pytest.raises(factedit.ModelMismatchError):
         factedit.Editor("mend", tokenizer=tok, layers=(-3, -2, -1)).edit(model, "The capital of France is", "Rome")
+
+
+def test_shipped_editor_keeps_accumulated_edits_and_the_model_whole(default_model):
+    """Ten CounterFact facts edited one after another (the old editor broke the model by edit 7):
+    every edit's target holds at the end, plain text barely moves, and reverting all is exact."""
+    import json
+    from pathlib import Path
+
+    from factedit.editing.drift import reference_perplexity
+    from factedit.editing.reference import reference_texts
+    from factedit.editing.request import encode_prompt, encode_target
+    from factedit.editing.scoring import pad_id_of, score_sequences
+
+    model, tok = default_model
+    records = json.loads((Path(__file__).parents[1] / "data/counterfact/val.json").read_text())[300:310]
+    texts = reference_texts("samples")[:16]
+    before = reference_perplexity(model, tok, texts)
+    editor = factedit.Editor("mend", tokenizer=tok)
+    try:
+        for r in records:
+            editor.edit(model, r["prompt"], r["target_new"])
+        assert reference_perplexity(model, tok, texts) < 1.05 * before
+        pairs = [(encode_prompt(tok, r["prompt"]), encode_target(tok, r["prompt"], r["target_new"])) for r in records]
+        held = [bool(s.target_argmax.all()) for s in score_sequences(model, pairs, pad_id_of(tok))]
+        assert sum(held) >= 8, held
+    finally:
+        editor.revert_all(model)
+    assert editor.weights_are_base(model)

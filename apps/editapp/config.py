@@ -49,12 +49,17 @@ class AppConfig:
     example_prompt: str = "The capital of France is"  # pre-filled in the edit form
     example_target: str = "Rome"
     torch_threads: int | None = None  # CPU threads of the app process; None = torch's default
+    # The drift guard of every edit made in the app (factedit.editing.drift): an edit that raises the
+    # reference text's perplexity past this many times the base model's is undone and reported.
+    guard_max_ratio: float = 1.5
 
     def __post_init__(self) -> None:
         if not self.model.strip():
             raise ConfigError("app config: model is empty; use 'default' or a local model folder")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ConfigError("app config: torch_threads must be >= 1, or null for torch's default")
+        if not (isinstance(self.guard_max_ratio, (int, float)) and self.guard_max_ratio > 1):
+            raise ConfigError("app config: guard_max_ratio must be a number > 1")
         if not 1 <= self.continuation_tokens <= 64:
             raise ConfigError("app config: continuation_tokens must be between 1 and 64")
         for method, overrides in self.method_overrides.items():

@@ -83,7 +83,7 @@ class EditService:
         for method in self._method_order():
             try:
                 editor = factedit.Editor(method, tokenizer=self.tokenizer, journal=self._journal,
-                                         **self.config.overrides_for(method))
+                                         guard=self.config.guard_max_ratio, **self.config.overrides_for(method))
             except Exception as exc:  # noqa: BLE001 - a method that cannot be built (e.g. no MEND checkpoint yet)
                 errors.append(f"{method}: {exc}")
                 continue

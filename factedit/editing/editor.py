@@ -18,6 +18,7 @@ import weakref
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -29,7 +30,9 @@ from .journal import Journal
 from .loading import model_id as model_id_of
 from .methods import config_to_dict, get_method, make_config
 from .record import EditRecord, new_edit_id
+from .drift import GuardConfig
 from .request import EditRequest, TokenizedRequest, as_requests, max_context, tokenize_request
+from .safeguards import Guard, Safeguards, accepts_preserver, resolve_guard
 from .scoring import score_requests
 from .weights import WeightState, model_fingerprint, tensor_sha256
 
@@ -50,7 +53,12 @@ class Editor:
             history in memory only.
         score: measure each edit before and after (target probability, top-5, locality); turn off
             when an evaluation measures on its own.
-        **overrides: fields of the method's config dataclass; unknown names are errors.
+        guard: the drift guard (drift.py): a `GuardConfig`, a largest allowed perplexity ratio of the
+            reference text against the base model, None (off), or "auto" (on for methods registered
+            as guarded, i.e. `mend`). An edit past the bound is undone and raises `DriftError`.
+        **overrides: fields of the method's config dataclass; unknown names are errors. Methods whose
+            config has `preserve` (a `PreserveConfig`, or None for off) keep their deltas in the null
+            space of the reference corpus's keys (preserve.py).
     """
 
     def __init__(
@@ -60,10 +68,14 @@ class Editor:
         tokenizer: PreTrainedTokenizerBase,
         journal: str | os.PathLike | Journal | None = None,
         score: bool = True,
+        guard: Guard = "auto",
         **overrides: Any,
     ) -> None:
         spec = get_method(method)
+        resolve_guard(guard, spec.guarded)  # refuse a bad guard option before anything else
         self.method = method
+        self._spec = spec
+        self._guard_option = guard
         self.config = make_config(spec.config_cls, overrides)
         self.tokenizer = tokenizer
         self.score = score
@@ -74,6 +86,7 @@ class Editor:
         self._model_ref: weakref.ref | None = None
         self._model_id = ""
         self._fingerprint = ""
+        self._safeguards: Safeguards | None = None  # set when the Editor binds to its model
         self._lock = threading.RLock()  # edits from several threads (app sessions) are serialised
 
     # --- public API --------------------------------------------------------------------------------
@@ -84,6 +97,11 @@ class Editor:
             if self._model_ref is None and self._journal is not None:
                 return self._journal.records(deltas=False)
             return list(self._records.values())
+
+    @property
+    def guard(self) -> GuardConfig | None:
+        """The drift guard in force for the current method (None: off)."""
+        return resolve_guard(self._guard_option, self._spec.guarded)
 
     @property
     def journal_path(self) -> Path | None:
@@ -105,10 +123,23 @@ class Editor:
 
     def edit_batch(self, model: nn.Module, requests: Sequence[EditRequest | Mapping[str, Any]]) -> EditRecord:
         """Several facts in one update (one record)."""
-        return self._edit(
-            model, as_requests(requests), lambda tokenized: self._impl.compute(model, self.tokenizer, tokenized),
-            self.method, config_to_dict(self.config),
+        return self._edit(model, as_requests(requests), self._compute, self.method, config_to_dict(self.config))
+
+    def _compute(self, model: nn.Module, tokenized: list[TokenizedRequest]) -> Delta:
+        """The current method's delta, kept in the null space of preserved keys when its config says so."""
+        config = getattr(self.config, "preserve", None)
+        if config is None:
+            return self._impl.compute(model, self.tokenizer, tokenized)
+        preserver = self._safeguards.preserver_for(
+            model, self.tokenizer, self._state, self._impl.param_names(model), config,
+            lambda: [(r.id, [tokenize_request(q, self.tokenizer, None) for q in r.requests])
+                     for r in self._records.values() if r.status == "active"],
         )
+        if accepts_preserver(self._impl.compute):
+            delta = self._impl.compute(model, self.tokenizer, tokenized, preserver=preserver)
+        else:
+            delta = self._impl.compute(model, self.tokenizer, tokenized)
+        return preserver.project(delta)
 
     def set_method(self, method: str, **overrides: Any) -> None:
         """Edit with another registered method from now on; weights, history and journal stay.
@@ -117,7 +148,7 @@ class Editor:
         config = make_config(spec.config_cls, overrides)
         impl = spec.build(config)
         with self._lock:
-            self.method, self.config, self._impl = method, config, impl
+            self.method, self._spec, self.config, self._impl = method, spec, config, impl
 
     def export_edit(self, edit_id: str, path: str | os.PathLike) -> Path:
         """Write one edit to a self-describing file: safetensors holding the delta, with the record
@@ -145,13 +176,13 @@ class Editor:
                     f"{exported['model_fingerprint']}), not this one ({self._fingerprint})"
                 )
             requests = [EditRequest.from_dict(r) for r in exported["requests"]]
-            return self._edit(model, requests, lambda _: delta, exported["method"], exported["config"])
+            return self._edit(model, requests, lambda *_: delta, exported["method"], exported["config"])
 
     def _edit(
         self,
         model: nn.Module,
         requests: list[EditRequest],
-        compute: Callable[[list[TokenizedRequest]], Delta],
+        compute: Callable[[nn.Module, list[TokenizedRequest]], Delta],
         method: str,
         config: Mapping[str, Any],
     ) -> EditRecord:
@@ -168,7 +199,7 @@ class Editor:
             timings["score_ms"] = _ms(t)
 
             t = time.perf_counter()
-            delta = compute(tokenized).detached_cpu()
+            delta = compute(model, tokenized).detached_cpu()
             timings["compute_ms"] = _ms(t)
 
             edit_id = new_edit_id()
@@ -177,16 +208,20 @@ class Editor:
             self._state.apply(model, edit_id, delta)  # validates; refuses before writing anything
             timings["apply_ms"] = _ms(t)
             try:
+                what = f"this {method} edit of {len(requests)} fact(s)"
+                drift = self._safeguards.check_drift(model, self.tokenizer, self._state, self.guard, what, timings)
+                self._safeguards.protect(model, self.tokenizer, edit_id, delta, tokenized)
                 record = self._measure_and_record(model, edit_id, tokenized, pre, delta, method, config,
-                                                  timings, start, first_touched)
+                                                  timings, start, first_touched, drift)
             except BaseException:
-                self._state.revert(model, edit_id)  # scoring or the journal failed: change nothing
+                self._state.revert(model, edit_id)  # guard, scoring or journal failed: change nothing
+                self._safeguards.release(edit_id)
                 raise
             self._records[edit_id] = record
             return record
 
     def _measure_and_record(
-        self, model, edit_id, tokenized, pre, delta, method, config, timings, start, first_touched
+        self, model, edit_id, tokenized, pre, delta, method, config, timings, start, first_touched, drift,
     ) -> EditRecord:
         """Steps 5-7: score after the edit, build the record, append it to the journal."""
         t = time.perf_counter()
@@ -200,7 +235,7 @@ class Editor:
         record = EditRecord(
             id=edit_id, method=method, config=dict(config), requests=tuple(r.request for r in tokenized),
             pre=pre, post=post, timings=timings, model_id=self._model_id, model_fingerprint=self._fingerprint,
-            factedit_version=__version__, delta=delta,
+            factedit_version=__version__, delta=delta, drift=drift,
         )
         if self._journal is not None:
             t = time.perf_counter()
@@ -222,6 +257,7 @@ class Editor:
             if self._journal is not None:
                 self._journal.set_status(updated)  # first: a failed write leaves the model as it was
             self._state.revert(model, edit_id)
+            self._safeguards.release(edit_id)
             # With a journal the reverted delta lives on disk; `diff`/`export_edit` read it back.
             self._records[edit_id] = updated.without_delta() if self._journal is not None else updated
             return updated
@@ -246,6 +282,13 @@ class Editor:
     def delta(self, edit_id: str) -> Delta:
         return self._record_with_delta(edit_id).delta
 
+    def weights_are_base(self, model: nn.Module) -> bool:
+        """Whether every parameter an edit has touched equals its base value bit for bit
+        (`torch.equal`); true after every edit is reverted."""
+        with self._lock:
+            params = dict(model.named_parameters())
+            return all(torch.equal(params[n].detach().cpu(), base) for n, base in self._state.base.items())
+
     def attach(self, model: nn.Module) -> None:
         """Bind to `model`; with a journal, check it is the journal's base model and replay the
         journal's active edits onto it. Called by the first edit/revert; idempotent."""
@@ -267,6 +310,7 @@ class Editor:
                     state.apply(model, record.id, record.delta)
             self._state, self._records = state, {r.id: r for r in records}
             self._model_ref, self._model_id, self._fingerprint = weakref.ref(model), model_id, fingerprint
+            self._safeguards = Safeguards(model_id, fingerprint)
 
     def close(self) -> None:
         """Close the journal (releases its lock)."""

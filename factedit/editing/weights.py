@@ -94,6 +94,10 @@ class WeightState:
                     if name in names:
                         params[name].add_(pdelta.materialize(params[name].dtype, params[name].device))
 
+    def base_values(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Base values of those of `names` that an edit has touched (the others are still base)."""
+        return {n: self.base[n] for n in names if n in self.base}
+
     def weights_without(self, model: nn.Module, edit_id: str) -> dict[str, torch.Tensor]:
         """The values the parameters of `edit_id` would have without it (the model is not changed)."""
         params = dict(model.named_parameters())

@@ -100,8 +100,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FacteditError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from .report import metrics_table
+    from .report import drift_warnings, metrics_table
 
+    for warning in drift_warnings(result.summary):
+        print(warning.replace("**", ""), file=sys.stderr)
     print(metrics_table(result.summary))
     print(f"\noutputs in {Path(result.out).resolve()}: summary.json, cases.jsonl, report.md, plots")
     return 0

@@ -66,6 +66,7 @@ class EvalConfig:
     out: Path
     model: ModelConfig = ModelConfig()
     n: int | None = None
+    start: int = 0
     mode: str = "single"
     batch_size: int = 8
     checkpoints: tuple[int, ...] = (10, 25, 50, 100)
@@ -88,6 +89,8 @@ class EvalConfig:
             problems.append(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.n is not None and self.n < 1:
             problems.append("n must be >= 1 (or null for every record)")
+        if self.start < 0:
+            problems.append("start must be >= 0")
         if self.batch_size < 1 or self.score_batch_size < 1 or self.gen_tokens < 1:
             problems.append("batch_size, score_batch_size and gen_tokens must be >= 1")
         if any(c < 1 for c in self.checkpoints):
@@ -105,6 +108,7 @@ class EvalConfig:
             "data": str(self.data.path),
             "format": self.data.format,
             "n": self.n,
+            "start": self.start,
             "mode": self.mode,
             "batch_size": self.batch_size if self.mode == "batch" else None,
             "shuffle": self.shuffle,
@@ -147,6 +151,7 @@ def from_container(cfg: Mapping[str, Any]) -> EvalConfig:
         "model",
         "out",
         "n",
+        "start",
         "mode",
         "batch_size",
         "checkpoints",

@@ -318,12 +318,14 @@ def load_records(
 
 
 def select_records(
-    records: Sequence[EvalRecord], n: int | None = None, shuffle: bool = False, seed: int = 0
+    records: Sequence[EvalRecord], n: int | None = None, shuffle: bool = False, seed: int = 0, start: int = 0
 ) -> list[EvalRecord]:
-    """The first `n` records, in file order or (shuffle) in a seeded random order."""
+    """`n` records from position `start` (e.g. held-out ones past those tuned on), in file order or
+    (shuffle) in a seeded random order."""
     import random
 
     chosen = list(records)
     if shuffle:
         random.Random(seed).shuffle(chosen)
+    chosen = chosen[start:]
     return chosen if n is None else chosen[:n]

@@ -6,6 +6,10 @@ batch       per chunk of `batch_size` records: one `edit_batch`, measure each re
 sequential  edit every record in turn without reverting; after each edit measure it, and at each
             checkpoint re-measure every edit so far (retention, drift). The edits go to a journal in
             the output folder, so an interrupted run replays them instead of recomputing.
+
+Drift: with every batch edit (batch mode) and at every checkpoint (sequential mode) the perplexity of
+the shipped reference text (drift.py) is measured, as `drift/ppl` and as `drift/ppl_ratio` over the
+unedited model's; a ratio above `DRIFT_WARNING` is logged as a warning: the model is breaking.
 The unedited baseline (method "none") scores each record once: post = pre.
 
 Per-case timings: edit_ms (the whole Editor call), compute_ms/apply_ms (its parts), metrics_ms (the
@@ -26,7 +30,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from ..editing.editor import Editor
-from ..editing.errors import InvalidDeltaError, InvalidRequestError
+from ..editing.drift import reference_perplexity
+from ..editing.errors import DriftError, InvalidDeltaError, InvalidRequestError
+from ..editing.reference import reference_texts
 from ..editing.metrics import CaseScores, compute_metrics, score_cases, stopwatch
 from .config import EvalConfig, MethodRun
 from .records import EvalRecord
@@ -36,7 +42,8 @@ logger = logging.getLogger(__name__)
 
 # Errors that refuse one request (recorded in its case line; the run goes on). Anything else, such as a
 # config the model does not fit, stops the run.
-REFUSED = (InvalidRequestError, InvalidDeltaError)
+REFUSED = (InvalidRequestError, InvalidDeltaError, DriftError)
+DRIFT_WARNING = 2.0  # perplexity ratio past which a run warns that the model is breaking
 
 
 @dataclass
@@ -51,6 +58,21 @@ class RunContext:
     checkpoints: JsonLines
     pre: dict[int, CaseScores] = field(default_factory=dict)  # record index -> unedited scores
     pre_ms: float = 0.0  # per-case share of the batched pre-edit scoring
+    base_perplexity: float | None = None  # of the reference text, on the unedited model
+
+    def drift(self, where: str) -> dict[str, float]:
+        """Perplexity of the reference text now, and over the unedited model's (warns past 2×)."""
+        texts = reference_texts("samples")
+        now = reference_perplexity(self.model, self.tokenizer, texts, batch_size=self.config.score_batch_size)
+        if self.base_perplexity is None:
+            self.base_perplexity = now
+        ratio = now / self.base_perplexity
+        if not ratio <= DRIFT_WARNING:
+            logger.warning(
+                "%s: the perplexity of the reference text is %.3g× the unedited model's (%.2f -> %.2f): "
+                "the edits are breaking the model", where, ratio, self.base_perplexity, now,
+            )
+        return {"drift/ppl": now, "drift/ppl_ratio": ratio}
 
     def score(self, records: Sequence[EvalRecord]) -> list[CaseScores]:
         cfg = self.config
@@ -105,7 +127,9 @@ def case_row(
 
 def _edit_timings(record_timings: dict[str, float], share: int = 1) -> dict[str, float]:
     return {
-        k: record_timings[k] / share for k in ("edit_ms", "compute_ms", "apply_ms") if k in record_timings
+        k: record_timings[k] / share
+        for k in ("edit_ms", "compute_ms", "apply_ms", "guard_ms")
+        if k in record_timings
     }
 
 
@@ -143,6 +167,7 @@ def _edit_measure_revert(
         return [case_row(method.name, mode, r, ctx.pre[r.index], None, {}, error=str(exc)) for r in records]
     with stopwatch() as post_t:
         posts = ctx.score(records)
+    drift = ctx.drift(f"{method.name}, batch of records {records[0].index}..") if mode == "batch" else None
     with stopwatch() as revert_t:
         editor.revert(ctx.model, edit.id)
     rows = []
@@ -153,7 +178,7 @@ def _edit_measure_revert(
             "revert_ms": revert_t["ms"] / k,
         }
         extra = (
-            {"batch_edit_ms": edit.timings.get("edit_ms"), "batch": [r.index for r in records]}
+            {"batch_edit_ms": edit.timings.get("edit_ms"), "batch": [r.index for r in records], "drift": drift}
             if mode == "batch"
             else {}
         )
@@ -169,14 +194,10 @@ def checkpoint_targets(config: EvalConfig, n: int) -> list[int]:
     return sorted({c for c in config.checkpoints if c <= n} | {n})
 
 
-def retention(immediate: Sequence[CaseScores], now: Sequence[CaseScores]) -> float | None:
-    """Share of the edits that succeeded (P(o*) > P(oᶜ)) right after they were made that still do."""
-    kept = [
-        b.new_nll < b.true_nll
-        for a, b in zip(immediate, now)
-        if a.true_nll is not None and b.true_nll is not None and a.new_nll < a.true_nll
-    ]
-    return sum(kept) / len(kept) if kept else None
+def retention(now: Sequence[CaseScores]) -> float | None:
+    """Share of the edits so far whose whole target is still the greedy continuation of its prompt
+    (every target token the argmax, teacher-forced, which is what greedy decoding then produces)."""
+    return sum(s.new_acc == 1.0 for s in now) / len(now) if now else None
 
 
 def _journal_path(ctx: RunContext, method: MethodRun) -> Path:
@@ -226,8 +247,9 @@ def sequential_done(ctx: RunContext, method: MethodRun, rows: list[dict[str, Any
     return len(rows) == len(ctx.records) and set(targets) <= _measured_checkpoints(ctx, method.name)
 
 
-def run_sequential(ctx: RunContext, method: MethodRun, rows: list[dict[str, Any]]) -> float:
-    """Apply every record's edit in turn; returns the time (ms) to revert them all at the end."""
+def run_sequential(ctx: RunContext, method: MethodRun, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Apply every record's edit in turn, then revert them all; returns that revert's time (ms) and
+    whether it gave the base weights back bit for bit (`torch.equal` on every touched parameter)."""
     mode, name = ctx.config.mode, method.name
     measured = _measured_checkpoints(ctx, name)
     targets = checkpoint_targets(ctx.config, len(ctx.records))
@@ -264,7 +286,8 @@ def run_sequential(ctx: RunContext, method: MethodRun, rows: list[dict[str, Any]
             bar.update(1)
         start = time.perf_counter()
         editor.revert_all(ctx.model)
-        return (time.perf_counter() - start) * 1000
+        revert_ms = (time.perf_counter() - start) * 1000
+        return {"revert_all_ms": revert_ms, "revert_exact": editor.weights_are_base(ctx.model)}
 
 
 def _checkpoint(ctx: RunContext, method: str, edits: int, immediate: dict[int, CaseScores]) -> None:
@@ -276,9 +299,10 @@ def _checkpoint(ctx: RunContext, method: str, edits: int, immediate: dict[int, C
     start = time.perf_counter()
     now = ctx.score(records)
     metrics = compute_metrics([ctx.pre[r.index] for r in records], now)
-    kept = retention([immediate[r.index] for r in records], now)
+    kept = retention(now)
     if kept is not None:
         metrics["seq/retention"] = kept
+    metrics.update(ctx.drift(f"{method} after {edits} sequential edits"))
     ctx.checkpoints.append(
         [
             {

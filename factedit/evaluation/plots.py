@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 BAR_KEYS = ["cf/es", "cf/ps", "cf/ns", "cf/score", "tok/reliability", "tok/generalization", "tok/locality"]
-CURVE_KEYS = ["cf/es", "cf/ps", "cf/ns", "tok/reliability", "tok/locality", "seq/retention"]
+CURVE_KEYS = ["cf/es", "cf/ps", "cf/ns", "tok/locality", "seq/retention", "drift/ppl_ratio"]
 
 
 def _figure(width: float, height: float):
@@ -61,6 +61,12 @@ def plot_retention(summary: Mapping[str, Any], path: Path) -> Path | None:
             axes.axhline(summary["baseline"][key], color="grey", linestyle=":", label="unedited")
         axes.set_title(key)
         axes.set_xlabel("edits made")
+        if key.startswith("drift/"):  # a ratio: 1 = the unedited model; log scale shows a collapse too
+            axes.set_yscale("log")
+            axes.axhline(1.0, color="grey", linestyle=":")
+            axes.set_title(f"{key} (reference perplexity / unedited)")
+            axes.grid(alpha=0.3)
+            continue
         axes.set_ylim(-0.02, 1.02)
         axes.grid(alpha=0.3)
     figure.axes[0].legend(fontsize="small")

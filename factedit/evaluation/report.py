@@ -15,7 +15,6 @@ from typing import Any
 from ..editing.metrics import CaseScores, compute_metrics
 from .config import NONE_METHOD, EvalConfig
 from .loaders import LoadedData
-from .modes import retention
 from .records import EvalRecord
 
 PROTOCOL = {
@@ -35,7 +34,11 @@ PROTOCOL = {
     "aggregation": "per case first (mean over its paraphrases, neighbours, ...), then the mean over cases",
     "join_rule": "target = continuation of the prompt: one space between them unless either side has it",
     "sequential": "metrics of a sequential run are re-measured after the last edit, over every edit; "
-    "seq/retention: share of edits with P(o*) > P(oc) right after editing that keep it",
+    "seq/retention: share of the edits so far whose whole target is still the greedy continuation of "
+    "its prompt",
+    "drift": "drift/ppl: perplexity of the shipped reference text (sampled from the unedited default model); "
+    "drift/ppl_ratio: over the unedited model's (1 = unchanged). Batch mode: mean over batches, with "
+    "drift/ppl_ratio_max; sequential: at each checkpoint",
 }
 
 ROW_ORDER = [
@@ -51,9 +54,14 @@ ROW_ORDER = [
     "tok/locality",
     "fluency/ngram_entropy",
     "seq/retention",
+    "drift/ppl_ratio",
+    "drift/ppl_ratio_max",
+    "drift/ppl",
+    "revert/exact",
     "time/edit_ms",
     "time/compute_ms",
     "time/apply_ms",
+    "time/guard_ms",
     "time/metrics_ms",
     "time/revert_ms",
     "time/metrics_share",
@@ -70,6 +78,7 @@ CHECKPOINT_KEYS = [
     "tok/generalization",
     "tok/locality",
     "seq/retention",
+    "drift/ppl_ratio",
 ]
 
 
@@ -106,15 +115,44 @@ def _sequential_metrics(
         return immediate, {"immediate": immediate, "checkpoints": []}
     now = _scores(final["post"])
     metrics = compute_metrics([pre[i] for i in final["indices"]], now, timings, state.get("peak_mb"))
-    by_index = {r["index"]: CaseScores.from_dict(r["post"]) for r in rows}
-    kept = retention([by_index[i] for i in final["indices"]], now)
-    if kept is not None:
-        metrics["seq/retention"] = kept
+    for key in ("seq/retention", "drift/ppl", "drift/ppl_ratio"):
+        if key in final["metrics"]:
+            metrics[key] = final["metrics"][key]
+    if "revert_exact" in state:  # revert of every edit gave the base back bit for bit (torch.equal)
+        metrics["revert/exact"] = float(state["revert_exact"])
     view = {
         "immediate": immediate,
         "checkpoints": [{"edits": c["edits"], "metrics": c["metrics"]} for c in checkpoints],
     }
     return metrics, view
+
+
+def _batch_drift(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Mean and max of the per-batch drift (each batch counted once)."""
+    batches = {tuple(r["batch"]): r["drift"] for r in rows if r.get("drift")}
+    if not batches:
+        return {}
+    ratios = [d["drift/ppl_ratio"] for d in batches.values()]
+    return {
+        "drift/ppl_ratio": sum(ratios) / len(ratios),
+        "drift/ppl_ratio_max": max(ratios),
+        "drift/ppl": sum(d["drift/ppl"] for d in batches.values()) / len(batches),
+    }
+
+
+def drift_warnings(summary: Mapping[str, Any]) -> list[str]:
+    """One line per method whose model more than doubled the reference perplexity."""
+    from .modes import DRIFT_WARNING
+
+    lines = []
+    for method, values in summary["metrics"].items():
+        worst = values.get("drift/ppl_ratio_max", values.get("drift/ppl_ratio"))
+        if worst is not None and not worst <= DRIFT_WARNING:
+            lines.append(
+                f"**Warning: {method} broke the model**: the perplexity of the reference text reached "
+                f"{worst:.3g}× the unedited model's; its other figures describe a damaged model."
+            )
+    return lines
 
 
 def build_summary(
@@ -147,6 +185,7 @@ def build_summary(
                 [r["timings"] for r in ok],
                 state.get("peak_mb"),
             )
+            values.update(_batch_drift(ok))
         values["data/errors"] = float(len(mine) - len(ok))
         metrics[method.name] = values
     summary = {
@@ -186,6 +225,8 @@ def _fmt(key: str, value: float | None) -> str:
         return f"{value:.0f}"
     if key.endswith("_ms"):
         return f"{value:.1f}"
+    if key.startswith("drift/"):
+        return f"{value:.4g}"
     return f"{value:.3f}"
 
 
@@ -235,6 +276,7 @@ def render_report(summary: Mapping[str, Any], plots: Sequence[str]) -> str:
             "(tok/*, EasyEdit); per-case values averaged over cases. Definitions: summary.json → protocol."
         ),
         "",
+        *[line + "\n" for line in drift_warnings(summary)],
         metrics_table(summary),
         "",
     ]

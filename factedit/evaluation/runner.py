@@ -168,14 +168,14 @@ def _run_method(ctx: RunContext, method: MethodRun, rows: list[dict[str, Any]]) 
             with ctx.progress(method, len(done)) as bar:
                 run_batch(ctx, method, [c for c in chunks if c[0].index not in done], bar)
         else:
-            state["revert_all_ms"] = run_sequential(ctx, method, rows)
+            state.update(run_sequential(ctx, method, rows))
     state["peak_mb"] = memory.peak_mb
     return state
 
 
 def load_data(config: EvalConfig) -> tuple[LoadedData, list]:
     data = load_records(config.data.path, config.data.format, config.data.fields, config.skip_invalid)
-    return data, select_records(data.records, config.n, config.shuffle, config.seed)
+    return data, select_records(data.records, config.n, config.shuffle, config.seed, config.start)
 
 
 def run_eval(config: EvalConfig) -> EvalResult:
@@ -195,6 +195,8 @@ def run_eval(config: EvalConfig) -> EvalResult:
     rows = cases.replace(_resumable_rows(config, records, cases.rows()))
     ctx = RunContext(config, model, tokenizer, records, cases, checkpoints)
     _score_unedited(ctx, rows)
+    if config.mode in ("batch", "sequential"):
+        ctx.drift("unedited model")  # the base perplexity every drift ratio divides by
     fingerprint = model_fingerprint(model)
     for method in config.methods:
         method_rows = [row for row in rows if row["method"] == method.name]

@@ -83,6 +83,7 @@ def save_checkpoint(
     data_hashes: Mapping[str, str] | None = None,
     metrics: Mapping[str, float] | None = None,
     step: int = 0,
+    preserve: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the editor to `directory` (created); returns the directory."""
     directory = Path(directory)
@@ -96,7 +97,8 @@ def save_checkpoint(
         "factedit_version": __version__,
         "base_model": dict(base_model),
         "params": [p.__dict__ for p in network.params],
-        "network": {"rank": network.rank, "n_hidden": network.n_hidden},
+        "network": {"rank": network.rank, "n_hidden": network.n_hidden, "aggregation": network.aggregation},
+        "preserve": dict(preserve or {}),
         "train_config": dict(train_config or {}),
         "data": dict(data_hashes or {}),
         "metrics": dict(metrics or {}),
@@ -112,8 +114,9 @@ def save_checkpoint(
 def build_network(meta: Mapping[str, Any]) -> MENDNetwork:
     """An untrained network of the shape `meta` describes (identity init, α = 0 until loaded)."""
     params = [EditedParam(**p) for p in meta["params"]]
-    return MENDNetwork(params, rank=int(meta["network"]["rank"]), n_hidden=int(meta["network"]["n_hidden"]),
-                       alpha_init=0.0)
+    net = meta["network"]
+    return MENDNetwork(params, rank=int(net["rank"]), n_hidden=int(net["n_hidden"]), alpha_init=0.0,
+                       aggregation=net.get("aggregation", "sum"))
 
 
 def read_meta(directory: str | Path) -> dict[str, Any]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..editing.preserve import PreserveConfig, preserve_field
+
 POSITIONS = ("loss", "all")
 
 
@@ -14,9 +16,10 @@ class MENDConfig:
     checkpoint: a directory written by `save_checkpoint` (or `factedit train-mend`); None = the
         editor shipped for the default model (`factedit/mend/checkpoints/smollm2-135m`).
     layers / matrices: the blocks and MLP roles ("gate", "in", "out") whose weights are edited;
-        they must name exactly the parameters the checkpoint was trained for.
+        None = those the checkpoint was trained for (given, they must name exactly those).
     positions: which token positions feed the editor: "loss" = the positions whose output predicts
-        a target token (MEND's masking); "all" = every non-padding position (the exact gradient).
+        a target token (MEND's masking); "all" = every non-padding position (the exact gradient);
+        None = as the checkpoint was trained.
     pass_size: `edit_batch` runs the base model on at most this many requests at a time, sorted by
         length so little padding is computed (the result does not depend on it); None = one pass.
     step_scales: multipliers of the learned step sizes α, tried in order: the first under which every
@@ -28,16 +31,17 @@ class MENDConfig:
     """
 
     checkpoint: str | None = None
-    layers: tuple[int, ...] = (-3, -2, -1)
-    matrices: tuple[str, ...] = ("gate", "in", "out")
-    positions: str = "loss"
+    layers: tuple[int, ...] | None = None
+    matrices: tuple[str, ...] | None = None
+    positions: str | None = None
     pass_size: int | None = None
     step_scales: tuple[float, ...] = (1.0, 1.5, 2.25)
+    preserve: PreserveConfig | None = preserve_field(PreserveConfig(threshold=0.5, ridge=1.0))
 
     def __post_init__(self) -> None:
-        if not self.layers or not self.matrices:
-            raise ValueError("layers and matrices must not be empty")
-        if self.positions not in POSITIONS:
+        if (self.layers is not None and not self.layers) or (self.matrices is not None and not self.matrices):
+            raise ValueError("layers and matrices must not be empty (None: as the checkpoint was trained)")
+        if self.positions is not None and self.positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
         if self.pass_size is not None and self.pass_size < 1:
             raise ValueError("pass_size must be >= 1, or None for one pass")

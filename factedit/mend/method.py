@@ -19,9 +19,10 @@ from transformers import PreTrainedTokenizerBase
 from ..editing.delta import Delta, ParamDelta
 from ..editing.errors import ConfigError
 from ..editing.methods import MethodSpec
+from ..editing.preserve import KeyPreserver
 from ..editing.request import TokenizedRequest
 from ..editing.scoring import pad_id_of
-from ..editing.specs import mlp_param_names, resolve_layers, weight_layout
+from ..editing.specs import layer_index, mlp_param_names, weight_layout
 from ..peft.training import frozen, make_batch
 from .capture import capture, logits_at, loss_positions, next_tokens
 from .checkpoint import MENDCheckpoint, check_model, load_checkpoint
@@ -61,11 +62,28 @@ def edited_params(model: nn.Module, layers: Sequence[int], matrices: Sequence[st
 
 def new_network(
     model: nn.Module, layers: Sequence[int] = (-3, -2, -1), matrices: Sequence[str] = ("gate", "in", "out"),
-    *, rank: int = 256, n_hidden: int = 1, alpha_init: float = 1.0,
+    *, rank: int = 256, n_hidden: int = 1, alpha_init: float = 1.0, aggregation: str = "sum",
 ) -> MENDNetwork:
     """An untrained editor for `model` (identity network, no statistics, step size `alpha_init`)."""
     return MENDNetwork(edited_params(model, layers, matrices), rank=rank, n_hidden=n_hidden,
-                       alpha_init=alpha_init)
+                       alpha_init=alpha_init, aggregation=aggregation)
+
+
+def edit_rows(
+    network: MENDNetwork, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], preserver: KeyPreserver | None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The editor's update as rows (x (N, d_in), v (N, d_out)), ΔW = Σ v xᵀ, by its aggregation
+    (network.py): the transformed rows themselves, or the least-squares fit of the values at the keys."""
+    transformed = network(factors)
+    if getattr(network, "module", network).aggregation == "sum":  # DDP wraps the network in .module
+        return transformed
+    if preserver is None:
+        raise ConfigError(
+            "this MEND editor aggregates by least squares in the null space of preserved keys; "
+            "it needs `preserve` (a PreserveConfig), not None"
+        )
+    keys = {name: u for name, (u, _) in factors.items()}
+    return preserver.solve_rows(keys, {name: v for name, (_, v) in transformed.items()})
 
 
 def factors_to_delta(network: MENDNetwork, transformed: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Delta:
@@ -90,20 +108,36 @@ class MEND:
         self.network = self.checkpoint.network.eval()
         self._checked: weakref.WeakSet = weakref.WeakSet()
 
+    def param_names(self, model: nn.Module) -> list[str]:
+        return self._check(model)
+
+    @property
+    def positions(self) -> str:
+        """The positions feeding the editor: the config's, else those the checkpoint was trained with."""
+        trained = self.checkpoint.meta.get("train_config", {}).get("positions", "loss")
+        return self.config.positions or trained
+
     def _check(self, model: nn.Module) -> list[str]:
         if model not in self._checked:
             check_model(self.checkpoint, model)
-        names = mlp_param_names(model, self.config.layers, self.config.matrices)
+        if self.config.layers is None and self.config.matrices is None:
+            self._checked.add(model)
+            return self.network.param_names
+        trained = self.checkpoint.meta.get("train_config", {})
+        layers = self.config.layers if self.config.layers is not None else trained.get("layers", ())
+        matrices = self.config.matrices if self.config.matrices is not None else trained.get("matrices", ())
+        names = mlp_param_names(model, layers, matrices)
         if sorted(names) != sorted(self.network.param_names):
             raise ConfigError(
-                f"layers={self.config.layers} matrices={self.config.matrices} select {names}, but the MEND "
+                f"layers={layers} matrices={matrices} select {names}, but the MEND "
                 f"checkpoint edits {self.network.param_names}; pass the layers/matrices it was trained for"
             )
         self._checked.add(model)
         return self.network.param_names
 
     def compute(
-        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[TokenizedRequest]
+        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[TokenizedRequest],
+        preserver: KeyPreserver | None = None,
     ) -> Delta:
         names = self._check(model)
         device = next(model.parameters()).device
@@ -113,13 +147,13 @@ class MEND:
         # step_scales check run only the edited blocks.
         checks = None
         if len(self.config.step_scales) > 1:
-            checks = PrefixCache(model, min(resolve_layers(model, self.config.layers)))
+            checks = PrefixCache(model, min(layer_index(model, n) for n in names))
         with frozen(model):
             for group in length_groups(requests, self.config.pass_size):
                 batch = make_batch(group, pad_id_of(tokenizer), device)
                 with checks.recording(model, [r.input_ids for r in group]) if checks else nullcontext():
                     captured = capture(model, [module_of(n) for n in names], names, batch,
-                                       positions=self.config.positions)
+                                       positions=self.positions)
                 for name in names:
                     factors[name].append(captured.factors[name])
                 owners.append(captured.owners + seen)
@@ -127,7 +161,7 @@ class MEND:
         rows = {n: (torch.cat([u for u, _ in f]), torch.cat([d for _, d in f])) for n, f in factors.items()}
         network = self.network.to(device)
         with torch.no_grad():
-            transformed = network(rows)
+            transformed = edit_rows(network, rows, preserver)
             transformed = scaled_step(model, pad_id_of(tokenizer), requests, transformed, network,
                                       self.config.step_scales, torch.cat(owners), self.config.pass_size,
                                       checks)
@@ -205,4 +239,4 @@ def build(config: MENDConfig) -> MEND:
     return MEND(config)
 
 
-METHOD = MethodSpec("mend", MENDConfig, build)
+METHOD = MethodSpec("mend", MENDConfig, build, guarded=True)

@@ -14,6 +14,13 @@ One `ShapeEditor` serves every edited matrix of one (d_in, d_out) shape. It
    last).
 
 With identity initialisation, no statistics and α = 1 the update is exactly minus the gradient.
+
+Aggregation: how the per-token outputs become one update of a matrix.
+- "sum" (MEND): ΔW = Σ_t δ̃_t ũ_tᵀ.
+- "least_squares" (MALMEN-style, inside AlphaEdit's null space): δ̃_t is the value the edited matrix
+  should add at the token's own key u_t, and ΔW is the least-squares update that does so within the
+  null space of the reference corpus's keys while holding earlier edits' keys
+  (`KeyPreserver.solve_rows`). Updates then stay off ordinary text, which is what lets edits accumulate.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import torch
 from torch import nn
 
 STD_EPS = 1e-7
+AGGREGATIONS = ("sum", "least_squares")
 
 
 @dataclass(frozen=True)
@@ -119,10 +127,14 @@ class MENDNetwork(nn.Module):
     Σ_t δ̃_t ũ_tᵀ in (out, in) terms.
     """
 
-    def __init__(self, params: Sequence[EditedParam], rank: int, n_hidden: int, alpha_init: float) -> None:
+    def __init__(
+        self, params: Sequence[EditedParam], rank: int, n_hidden: int, alpha_init: float, aggregation: str = "sum",
+    ) -> None:
         super().__init__()
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
         self.params = tuple(params)
-        self.rank, self.n_hidden = rank, n_hidden
+        self.rank, self.n_hidden, self.aggregation = rank, n_hidden, aggregation
         groups: dict[str, list[EditedParam]] = {}
         for p in self.params:
             groups.setdefault(p.shape_key, []).append(p)

@@ -32,7 +32,8 @@ from ..editing.scoring import pad_sequences
 from ..peft.training import IGNORE, make_batch
 from .capture import capture, logits_at, loss_positions, next_tokens, per_request_nll
 from .data import EditExample, Pair, cf_pairs, counterfact_flags
-from .method import dense_params, scaled_step
+from ..editing.preserve import KeyPreserver
+from .method import dense_params, edit_rows, scaled_step
 from .network import MENDNetwork
 from .prefix import PrefixCache
 
@@ -63,10 +64,11 @@ def margin_loss(nll_true: torch.Tensor, nll_new: torch.Tensor, pre_margin: torch
 
 
 def edited_params(
-    model: nn.Module, network: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    model: nn.Module, network: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    preserver: KeyPreserver | None = None,
 ) -> dict[str, torch.Tensor]:
     """{name: W + ΔW} for `functional_call`, ΔW differentiable w.r.t. the editor network."""
-    return dense_params(model, unwrap(network), network(factors))
+    return dense_params(model, unwrap(network), edit_rows(network, factors, preserver))
 
 
 def unwrap(network: nn.Module) -> MENDNetwork:
@@ -85,6 +87,7 @@ def edit_step_loss(
     margin: float = 2.0,
     positions: str = "loss",
     cache: PrefixCache | None = None,
+    preserver: KeyPreserver | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The training loss of one batch edit (module docstring) and its metrics. Model must be frozen.
 
@@ -102,7 +105,7 @@ def edit_step_loss(
         captured = capture(model, [module_of(x) for x in names], names, pre_batch, rows=rows, positions=positions)
     pre_loc = rows_in(captured.logits, captured.select, n, 2 * n)  # (M_loc, V)
 
-    new_params = edited_params(model, network, captured.factors)
+    new_params = edited_params(model, network, captured.factors, preserver)
     post_requests = [e.edit for e in examples] + [e.rephrase for e in examples] + [e.loc for e in examples] + loc_new
     post_batch = make_batch(post_requests, pad_id, device)
     select = loss_positions(post_batch.labels)  # (3n or 4n, T)
@@ -160,6 +163,7 @@ def mean_logprobs(
 def evaluate_single_edits(
     model: nn.Module, network: nn.Module, examples: Sequence[EditExample], tokenizer, pad_id: int,
     positions: str = "loss", cache: PrefixCache | None = None, step_scales: Sequence[float] = (1.0,),
+    preserver: KeyPreserver | None = None,
 ) -> dict[str, float]:
     """CounterFact ES/PS/NS of one edit at a time (the model itself is never written), the step
     scaled as the `mend` method does (MENDConfig.step_scales)."""
@@ -176,7 +180,7 @@ def evaluate_single_edits(
                 batch = make_batch([example.edit], pad_id, next(model.parameters()).device)
                 with torch.enable_grad(), _skip(cache, model, [example.edit], pad_id):
                     captured = capture(model, [module_of(x) for x in names], names, batch, positions=positions)
-                transformed = scaled_step(model, pad_id, [example.edit], base(captured.factors), base,
+                transformed = scaled_step(model, pad_id, [example.edit], edit_rows(base, captured.factors, preserver), base,
                                           step_scales, captured.owners, cache=cache)
                 params = dense_params(model, base, transformed)
                 scores = mean_logprobs(model, cf_pairs(example, tokenizer), pad_id, params, cache)

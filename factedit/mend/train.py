@@ -34,6 +34,7 @@ from ..editing.errors import CheckpointError, ConfigError
 from ..editing.hashing import file_sha256
 from ..editing.scoring import pad_id_of
 from ..editing.specs import resolve_layers
+from ..editing.preserve import PreserveConfig, build_preserver
 from .checkpoint import base_model_info, check_model, load_checkpoint, save_checkpoint
 from .data import EditExample, load_examples
 from .method import new_network
@@ -57,6 +58,9 @@ class TrainConfig:
     layers: tuple[int, ...] = (-3, -2, -1)
     matrices: tuple[str, ...] = ("gate", "in", "out")
     positions: str = "loss"  # "loss" | "all" (see MENDConfig)
+    aggregation: str = "sum"  # "sum" (MEND) | "least_squares" (values fitted in the null space, network.py)
+    preserve_threshold: float = 0.1  # PreserveConfig.threshold (least_squares only)
+    preserve_ridge: float = 1.0  # PreserveConfig.ridge (least_squares only)
     rank: int = 256  # rank of each low-rank residual layer
     n_hidden: int = 1  # hidden layers of the editor MLP (n_hidden + 1 residual layers)
     alpha_init: float = 1e-4  # initial step size α of every matrix
@@ -213,7 +217,13 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> dict[str, Any]:
             cache.save(cfg.prefix_cache_file, base_info["anchor_fingerprint"])
 
     network = new_network(model, cfg.layers, cfg.matrices, rank=cfg.rank, n_hidden=cfg.n_hidden,
-                          alpha_init=cfg.alpha_init)
+                          alpha_init=cfg.alpha_init, aggregation=cfg.aggregation)
+    preserve = None
+    preserver = None
+    if cfg.aggregation == "least_squares":
+        preserve = PreserveConfig(threshold=cfg.preserve_threshold, ridge=cfg.preserve_ridge, protect_edits=False)
+        preserver = build_preserver(model, tokenizer, network.param_names, preserve,
+                                    fingerprint=base_info["fingerprint"], model_id=base_info["id"])
     state: dict[str, Any] = {}
     if cfg.resume:
         loaded = load_checkpoint(cfg.resume)
@@ -236,6 +246,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> dict[str, Any]:
         out_dir.mkdir(parents=True, exist_ok=True)
     rank, world = accelerator.process_index, accelerator.num_processes
     cfg_dict = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+    preserve_meta = dataclasses.asdict(preserve) if preserve is not None else None
 
     def log(metrics: dict[str, Any]) -> None:
         if accelerator.is_main_process:
@@ -247,7 +258,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> dict[str, Any]:
         nonlocal best_value, best, bad_evals
         t = time.perf_counter()
         metrics = evaluate_single_edits(model, accelerator.unwrap_model(network), val_set, tokenizer, pad_id,
-                                        cfg.positions, cache, cfg.step_scales)
+                                        cfg.positions, cache, cfg.step_scales, preserver)
         metrics.update({"step": at_step, "time/val_s": round(time.perf_counter() - t, 2),
                         "time/elapsed_min": round((time.perf_counter() - start_time) / 60, 2)})
         log(metrics)
@@ -257,14 +268,14 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> dict[str, Any]:
             best_value, best, bad_evals = metrics[cfg.early_stop_key], metrics, 0
             if accelerator.is_main_process:
                 save_checkpoint(out_dir, accelerator.unwrap_model(network), base_info, train_config=cfg_dict,
-                                data_hashes=hashes, metrics=metrics, step=at_step)
+                                data_hashes=hashes, metrics=metrics, step=at_step, preserve=preserve_meta)
         else:
             bad_evals += 1
         save_cache()
         if accelerator.is_main_process:
             save_training_state(out_dir / "last", optimizer, {"step": at_step, "best": best, "bad_evals": bad_evals})
             save_checkpoint(out_dir / "last", accelerator.unwrap_model(network), base_info, train_config=cfg_dict,
-                            data_hashes=hashes, metrics=metrics, step=at_step)
+                            data_hashes=hashes, metrics=metrics, step=at_step, preserve=preserve_meta)
         return cfg.patience > 0 and bad_evals >= cfg.patience
 
     stream = batches(len(train_set), cfg.batch_size * world, cfg.seed + 1, step)
@@ -282,7 +293,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> dict[str, Any]:
             loss, metrics = edit_step_loss(model, network, [train_set[i] for i in mine], pad_id,
                                            c_edit=cfg.c_edit, c_loc=cfg.c_loc, c_margin=cfg.c_margin,
                                            margin=cfg.margin, positions=cfg.positions,
-                                           cache=cache)
+                                           cache=cache, preserver=preserver)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(network.parameters(), cfg.grad_clip)

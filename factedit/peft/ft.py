@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..editing.delta import Delta, ParamDelta
 from ..editing.methods import MethodSpec
+from ..editing.preserve import KeyPreserver, PreserveConfig, preserve_field
 from ..editing.request import TokenizedRequest
 from ..editing.scoring import pad_id_of
 from ..editing.specs import mlp_param_names
@@ -34,6 +35,8 @@ class FTConfig:
     max_steps: int = 25  # cap on optimisation steps (early stop when every target token is argmax)
     norm_constraint: float | None = None  # L∞ radius around the original weights; None = off
     seed: int | None = 0  # fixes any randomness; None leaves torch's RNG as it is
+    # Keep the change in the null space of the reference corpus's keys (preserve.py); None = off.
+    preserve: PreserveConfig | None = preserve_field(None)
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.max_steps < 1:
@@ -64,11 +67,15 @@ class FineTune:
     def __init__(self, config: FTConfig) -> None:
         self.config = config
 
+    def param_names(self, model: nn.Module) -> list[str]:
+        return mlp_param_names(model, self.config.layers, self.config.matrices)
+
     def compute(
-        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[TokenizedRequest]
+        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[TokenizedRequest],
+        preserver: KeyPreserver | None = None,
     ) -> Delta:
         cfg = self.config
-        names = mlp_param_names(model, cfg.layers, cfg.matrices)
+        names = self.param_names(model)
         params = dict(model.named_parameters())
         originals = {n: params[n].detach() for n in names}
         trained = {n: w.clone().requires_grad_(True) for n, w in originals.items()}
@@ -78,15 +85,18 @@ class FineTune:
             kwargs = {"input_ids": b.input_ids, "attention_mask": b.attention_mask}
             return functional_call(model, trained, args=(), kwargs=kwargs).logits
 
-        def project() -> None:  # back into the L∞ ball around the original weights
-            radius = cfg.norm_constraint
+        def constrain() -> None:
             for n, w in trained.items():
-                w.copy_(torch.clamp(w, originals[n] - radius, originals[n] + radius))
+                if cfg.norm_constraint is not None:  # back into the L∞ ball around the original weights
+                    radius = cfg.norm_constraint
+                    w.copy_(torch.clamp(w, originals[n] - radius, originals[n] + radius))
+                if preserver is not None:  # the change back into the null space of preserved keys
+                    w.copy_(originals[n] + preserver.project_tensor(n, w - originals[n]))
 
         with frozen(model), seeded(cfg.seed):
             optimize(
                 forward, batch, list(trained.values()), lr=cfg.lr, max_steps=cfg.max_steps,
-                after_step=project if cfg.norm_constraint is not None else None,
+                after_step=constrain if cfg.norm_constraint is not None or preserver is not None else None,
             )
         return Delta({n: ParamDelta(dense=(trained[n].detach() - originals[n])) for n in names})
 

@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..editing.delta import Delta, ParamDelta
 from ..editing.methods import MethodSpec
+from ..editing.preserve import KeyPreserver, PreserveConfig, preserve_field
 from ..editing.request import TokenizedRequest
 from ..editing.scoring import pad_id_of
 from ..editing.specs import mlp_param_names, weight_layout
@@ -39,6 +40,9 @@ class LoRAEditConfig:
     lr: float = 1e-3  # Adam learning rate
     max_steps: int = 60  # cap on optimisation steps (early stop when every target token is argmax)
     seed: int | None = 0  # LoRA's A matrices start random; this makes edits reproducible
+    # Keep the change in the null space of the reference corpus's keys (preserve.py: the A factors,
+    # the input side, are projected at every step); None = off.
+    preserve: PreserveConfig | None = preserve_field(None)
 
     def __post_init__(self) -> None:
         if self.rank < 1 or self.alpha <= 0 or self.lr <= 0 or self.max_steps < 1:
@@ -51,11 +55,15 @@ class LoRAEdit:
     def __init__(self, config: LoRAEditConfig) -> None:
         self.config = config
 
+    def param_names(self, model: nn.Module) -> list[str]:
+        return mlp_param_names(model, self.config.layers, self.config.matrices)
+
     def compute(
-        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[TokenizedRequest]
+        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[TokenizedRequest],
+        preserver: KeyPreserver | None = None,
     ) -> Delta:
         cfg = self.config
-        modules = [name.removesuffix(".weight") for name in mlp_param_names(model, cfg.layers, cfg.matrices)]
+        modules = [name.removesuffix(".weight") for name in self.param_names(model)]
         layouts = {m: weight_layout(model, f"{m}.weight") for m in modules}
         lora_config = LoraConfig(
             r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=modules, bias="none",
@@ -71,7 +79,17 @@ class LoRAEdit:
                     return peft_model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
 
                 trainable = [p for p in peft_model.parameters() if p.requires_grad]
-                optimize(forward, batch, trainable, lr=cfg.lr, max_steps=cfg.max_steps)
+
+                def project_inputs() -> None:  # A (r, in) rows into the null space of preserved keys
+                    for m, layer in lora_layers.items():
+                        a = layer.lora_A[ADAPTER].weight
+                        a.copy_(preserver.project_rows(f"{m}.weight", a))
+
+                if preserver is not None:
+                    with torch.no_grad():
+                        project_inputs()
+                optimize(forward, batch, trainable, lr=cfg.lr, max_steps=cfg.max_steps,
+                         after_step=project_inputs if preserver is not None else None)
                 factors = {m: _fold(layer, layouts[m]) for m, layer in lora_layers.items()}
             finally:
                 peft_model.unload()  # puts the original modules back; their weights were never written

@@ -1,0 +1,114 @@
+"""Drift of the whole model: perplexity of reference text, against the base model's, and the guard.
+
+`reference_perplexity` is the perplexity of text sampled from the unedited default model
+(`reference.py`); divided by the base model's value it is the drift ratio that evaluation reports and
+the guard bounds (1.0 = unchanged; collapsing models reach 10-10⁹).
+
+The guard (`DriftGuard`) measures the ratio on a few of those texts after an edit is applied and,
+past `max_ratio`, has the Editor undo the edit and raise `DriftError` with the numbers: nothing
+changed, nothing journaled.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from .errors import ConfigError, DriftError
+from .reference import reference_texts
+from .request import max_context
+from .scoring import pad_id_of, pad_sequences
+
+
+@torch.no_grad()
+def reference_perplexity(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    *,
+    max_tokens: int | None = None,
+    batch_size: int = 16,
+    params: Mapping[str, torch.Tensor] | None = None,
+) -> float:
+    """exp(mean NLL) over every predicted token of `texts` (each cut at `max_tokens`).
+
+    `params` replace some of the model's tensors (through `functional_call`; the model is not written),
+    e.g. base values to measure the unedited model while edits are applied.
+    """
+    device = next(model.parameters()).device
+    limits = [x for x in (max_tokens, max_context(model.config)) if x is not None]
+    limit = min(limits) if limits else None
+    total, count = 0.0, 0
+    for start in range(0, len(texts), batch_size):
+        encoded = [tokenizer(t).input_ids[:limit] for t in texts[start : start + batch_size]]
+        ids, mask = pad_sequences([e for e in encoded if len(e) > 1], pad_id_of(tokenizer))
+        ids, mask = ids.to(device), mask.to(device)
+        kwargs = {"input_ids": ids, "attention_mask": mask}
+        if params:
+            on_device = {name: value.to(device) for name, value in params.items()}
+            logits = torch.func.functional_call(model, on_device, args=(), kwargs=kwargs, strict=False).logits
+        else:
+            logits = model(**kwargs).logits  # (B, T, V)
+        logprobs = torch.log_softmax(logits[:, :-1].float(), -1)  # (B, T-1, V): position t predicts t + 1
+        picked = logprobs.gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+        valid = mask[:, 1:].bool()
+        total -= float(picked[valid].double().sum())
+        count += int(valid.sum())
+    return math.exp(total / max(count, 1))
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """The Editor's drift guard. `max_ratio`: largest allowed perplexity of the reference text after an
+    edit, over the base model's; `texts`/`max_tokens`: how much of the shipped samples it reads (the
+    cost of one forward pass over texts × max_tokens tokens per edit, reported as `guard_ms`)."""
+
+    max_ratio: float = 1.5
+    texts: int = 4
+    max_tokens: int = 48
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.max_ratio, (int, float)) and self.max_ratio > 1.0):
+            raise ConfigError(f"guard max_ratio must be a number > 1, got {self.max_ratio!r}")
+        if not (isinstance(self.texts, int) and self.texts >= 1 and isinstance(self.max_tokens, int)
+                and self.max_tokens >= 2):
+            raise ConfigError("guard texts must be an int >= 1 and max_tokens an int >= 2")
+
+
+class DriftGuard:
+    """Measures drift against the base model's perplexity, taken once (see module docstring)."""
+
+    def __init__(self, config: GuardConfig) -> None:
+        self.config = config
+        self.texts = reference_texts("samples")[: config.texts]
+        self.base_perplexity: float | None = None
+
+    def measure_base(
+        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, base_params: Mapping[str, torch.Tensor]
+    ) -> None:
+        """The base model's perplexity; `base_params` hold base values of parameters already edited."""
+        self.base_perplexity = reference_perplexity(
+            model, tokenizer, self.texts, max_tokens=self.config.max_tokens, params=base_params
+        )
+
+    def ratio(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> float:
+        if self.base_perplexity is None:
+            raise RuntimeError("measure_base first")
+        now = reference_perplexity(model, tokenizer, self.texts, max_tokens=self.config.max_tokens)
+        return now / self.base_perplexity
+
+    def check(self, ratio: float, what: str) -> None:
+        """Raise DriftError when `ratio` is past the bound (or not a number)."""
+        if not ratio <= self.config.max_ratio:  # NaN fails too
+            raise DriftError(
+                f"{what} would raise the perplexity of the reference text to {ratio:.3g}× the base model's "
+                f"(the guard allows {self.config.max_ratio:g}×, base perplexity {self.base_perplexity:.3f}); "
+                "it was undone and not journaled. Try another method, fewer facts at once, or raise the "
+                "bound with Editor(..., guard=GuardConfig(max_ratio=...)) / guard=None.",
+                ratio=ratio, max_ratio=self.config.max_ratio,
+            )

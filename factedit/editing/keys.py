@@ -1,0 +1,177 @@
+"""Keys: the inputs of the edited matrices, and their second moment over a reference corpus.
+
+For a matrix W applied as y = W k, the inputs k it sees on ordinary text are the keys an edit ΔW must
+leave alone (ΔW k ≈ 0; AlphaEdit, Fang et al. 2025). `key_statistics` computes, per module, the mean
+outer product C = E[k kᵀ] (in, in) over every non-padding token of a corpus, on the *base* weights.
+It is computed once per (base model, corpus, module) and cached as safetensors in
+`cache_dir()/keys/<base fingerprint>/<corpus sha256[:16]>/<module>.safetensors`, with its provenance
+in the file's metadata (model id and fingerprint, corpus hash, token count, factedit version).
+
+`edit_keys` records the keys one edit's own sequences give (used to protect earlier edits).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from .._version import __version__
+from .hooks import capture_linear_io, forward_hooks
+from .loading import cache_dir
+from .reference import texts_sha256
+from .request import TokenizedRequest, max_context
+from .scoring import pad_id_of, pad_sequences
+
+LOG = logging.getLogger(__name__)
+STATS_FORMAT = "factedit.keys/1"
+
+
+class _Done(Exception):
+    """Ends a statistics forward once the last module of interest has run (nothing above is needed)."""
+
+
+@contextlib.contextmanager
+def _stop_after(model: nn.Module, module_name: str) -> Iterator[None]:
+    def stop(module: nn.Module, args: tuple, output: object) -> None:
+        raise _Done
+
+    with forward_hooks(model, hooks={module_name: stop}):
+        try:
+            yield
+        except _Done:
+            pass
+
+
+def _last_module(model: nn.Module, modules: Sequence[str]) -> str:
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return max(modules, key=order.__getitem__)
+
+
+@torch.no_grad()
+def compute_key_statistics(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    modules: Sequence[str],
+    texts: Sequence[str],
+    *,
+    params: Mapping[str, torch.Tensor] | None = None,
+    batch_size: int = 32,
+    max_tokens: int = 128,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """({module: E[k kᵀ] (in, in) float64}, tokens) over every non-padding token of `texts`.
+
+    `params` replace some of the model's tensors (through `functional_call`, the model is not written),
+    e.g. the base values of parameters an Editor has already edited. Texts are cut at `max_tokens`.
+    """
+    pad_id = pad_id_of(tokenizer)
+    sums: dict[str, torch.Tensor] = {}
+    tokens = 0
+    last = _last_module(model, modules)
+    limit = min(max_tokens, max_context(model.config) or max_tokens)
+    for start in range(0, len(texts), batch_size):
+        encoded = [tokenizer(t).input_ids[:limit] for t in texts[start : start + batch_size]]
+        ids, mask = pad_sequences([e for e in encoded if e], pad_id)
+        device = next(model.parameters()).device
+        kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+        with capture_linear_io(model, modules, grads=False) as io, _stop_after(model, last):
+            if params:
+                on_device = {name: value.to(device) for name, value in params.items()}
+                torch.func.functional_call(model, on_device, args=(), kwargs=kwargs, strict=False)
+            else:
+                model(**kwargs)
+        keep = mask.bool().to(device)  # (B, T)
+        for name in modules:
+            k = io.inputs[name][keep].double()  # (n, in)
+            sums[name] = sums[name] + k.T @ k if name in sums else k.T @ k
+        tokens += int(keep.sum())
+    return {name: (s / max(tokens, 1)).cpu() for name, s in sums.items()}, tokens
+
+
+def _stats_path(fingerprint: str, corpus_sha: str, module: str) -> Path:
+    return cache_dir() / "keys" / fingerprint / corpus_sha[:16] / f"{module}.safetensors"
+
+
+def key_statistics(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    modules: Sequence[str],
+    texts: Sequence[str],
+    *,
+    fingerprint: str,
+    model_id: str,
+    params: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """E[k kᵀ] per module over `texts` on the base weights, from the cache or computed and cached.
+
+    `fingerprint`/`model_id` name the base model (an Editor passes its base fingerprint, taken before
+    any edit); `params` hold base values for parameters already edited (see compute_key_statistics).
+    """
+    corpus_sha = texts_sha256(list(texts))
+    out: dict[str, torch.Tensor] = {}
+    missing = []
+    for module in modules:
+        path = _stats_path(fingerprint, corpus_sha, module)
+        if path.is_file():
+            with safe_open(str(path), "pt") as handle:
+                meta = handle.metadata() or {}
+                if meta.get("format") == STATS_FORMAT and meta.get("corpus_sha256") == corpus_sha:
+                    out[module] = handle.get_tensor("second_moment")
+                    continue
+        missing.append(module)
+    if missing:
+        LOG.info("computing key statistics of %d module(s) over %d texts (once per model)", len(missing), len(texts))
+        computed, tokens = compute_key_statistics(model, tokenizer, missing, texts, params=params)
+        for module, moment in computed.items():
+            meta = {"format": STATS_FORMAT, "module": module, "model_id": model_id, "model_fingerprint": fingerprint,
+                    "corpus_sha256": corpus_sha, "tokens": str(tokens), "factedit_version": __version__}
+            _write_atomic(_stats_path(fingerprint, corpus_sha, module), {"second_moment": moment.contiguous()}, meta)
+            out[module] = moment
+    return out
+
+
+def cached_derivative(
+    fingerprint: str, corpus: Sequence[str], module: str, tag: str, compute: Callable[[], dict[str, torch.Tensor]],
+) -> dict[str, torch.Tensor]:
+    """Tensors derived from a module's statistics (e.g. a null-space basis for one threshold), cached
+    beside them as `<module>.<tag>.safetensors`; `compute()` makes them when the file is missing."""
+    corpus_sha = texts_sha256(list(corpus))
+    path = _stats_path(fingerprint, corpus_sha, module).with_name(f"{module}.{tag}.safetensors")
+    if path.is_file():
+        with safe_open(str(path), "pt") as handle:
+            if (handle.metadata() or {}).get("corpus_sha256") == corpus_sha:
+                return {key: handle.get_tensor(key) for key in handle.keys()}
+    tensors = compute()
+    meta = {"format": STATS_FORMAT, "module": module, "derived": tag, "model_fingerprint": fingerprint,
+            "corpus_sha256": corpus_sha, "factedit_version": __version__}
+    _write_atomic(path, {k: v.contiguous() for k, v in tensors.items()}, meta)
+    return tensors
+
+
+def _write_atomic(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+@torch.no_grad()
+def edit_keys(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, modules: Sequence[str],
+    requests: Sequence[TokenizedRequest],
+) -> dict[str, torch.Tensor]:
+    """{module: (N, in)}: the inputs of `modules` at every token of the requests' prompt + target."""
+    ids, mask = pad_sequences([r.input_ids for r in requests], pad_id_of(tokenizer))
+    device = next(model.parameters()).device
+    with capture_linear_io(model, modules, grads=False) as io, _stop_after(model, _last_module(model, modules)):
+        model(input_ids=ids.to(device), attention_mask=mask.to(device))
+    keep = mask.bool().to(device)
+    return {name: io.inputs[name][keep].detach().cpu() for name in modules}

@@ -1,0 +1,211 @@
+"""Preserving what an edit must not change: the null-space projection shared by every method.
+
+An edited matrix maps keys k (its inputs) to values. Over a reference corpus the keys span a few
+dominant directions; `null_space_basis` keeps the directions in which they have (almost) no energy:
+eigenvectors of E[k kᵀ] whose eigenvalue is below `threshold` × the mean eigenvalue. P = Q Qᵀ
+projects onto them. An update ΔW P (Linear layout; P ΔW for GPT-2 Conv1D) leaves the outputs on the
+corpus keys unchanged up to their small residual energy (AlphaEdit, Fang et al. 2025).
+
+- `project(delta)` applies P to any Delta on the input side: a low-rank delta stays low-rank
+  (only the input-side factor changes, its rank is kept), a dense one stays dense. Fine-tuning editors
+  also project their gradients (`project_tensor`) so the edit is fitted inside the null space.
+- `solve_rows(keys, values)` is the least-squares update of AlphaEdit's closed form: the ΔW = Y P that
+  maps each projected key to its value, with a ridge, and with the keys of earlier active edits held
+  at zero change: Y = V (P K)ᵀ (P (K Kᵀ + K_p K_pᵀ) P + r I)^{-1}. MEND uses it to aggregate its
+  per-token values (MALMEN, Tan et al. 2024, without the projection).
+- Earlier edits' keys enter through `protect` / `release` (Woodbury updates of the inverse kept per
+  matrix, in float64).
+
+All of this is a transform of deltas before they are applied: the Editor still stores and reverts
+exactly the delta it applied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from .delta import Delta, ParamDelta
+from .errors import ConfigError
+from .keys import cached_derivative, key_statistics
+from .reference import key_corpus
+from .specs import weight_layout
+
+
+@dataclass(frozen=True)
+class PreserveConfig:
+    """How edits are kept off the keys of the reference corpus (see the module docstring)."""
+
+    threshold: float = 0.1  # null space: eigenvalues of E[kkᵀ] below threshold × their mean
+    ridge: float = 1.0  # r of solve_rows, × the mean projected energy of a corpus key
+    protect_edits: bool = True  # earlier active edits' keys are held at zero change (solve_rows)
+
+    def __post_init__(self) -> None:
+        if not self.threshold > 0 or not self.ridge > 0:
+            raise ConfigError("preserve threshold and ridge must be > 0")
+
+
+def preserve_field(default: PreserveConfig | None) -> PreserveConfig | None:
+    """A method config's `preserve` field: a PreserveConfig (or a mapping of its fields), None = off."""
+    return field(default=default, metadata={"dataclass": PreserveConfig})
+
+
+def null_space_basis(second_moment: torch.Tensor, threshold: float) -> tuple[torch.Tensor, float]:
+    """(Q (in, m), e): orthonormal directions whose eigenvalue of `second_moment` (in, in) is below
+    threshold × the mean eigenvalue, and the scale of the ridge: the mean energy a corpus key keeps in
+    them (Σ of those eigenvalues), at least 1e-6 of its whole energy (an exact null space has none)."""
+    eigenvalues, vectors = torch.linalg.eigh(second_moment.double())  # ascending
+    eigenvalues = eigenvalues.clamp(min=0)
+    keep = eigenvalues < threshold * eigenvalues.mean()
+    if not bool(keep.any()):
+        raise ConfigError(
+            f"no null space at threshold {threshold}: every direction carries corpus keys; raise the threshold"
+        )
+    energy = max(float(eigenvalues[keep].sum()), 1e-6 * float(eigenvalues.sum()))
+    return vectors[:, keep].contiguous(), energy
+
+
+class KeyPreserver:
+    """Null-space projections and the least-squares solve for a set of edited matrices.
+
+    bases: parameter name -> (Q (in, m), mean projected key energy), from `null_space_basis`.
+    layouts: parameter name -> "out_in" (nn.Linear) or "in_out" (GPT-2 Conv1D).
+    """
+
+    def __init__(
+        self, bases: Mapping[str, tuple[torch.Tensor, float]], layouts: Mapping[str, str], config: PreserveConfig,
+    ) -> None:
+        self.config = config
+        self.layouts = dict(layouts)
+        self.bases = {name: q for name, (q, _) in bases.items()}
+        self.ridge = {name: config.ridge * energy for name, (_, energy) in bases.items()}
+        # (m, m) inverse of Qᵀ K_pᵀ K_p Q + r I per matrix: earlier edits' keys in null-space coordinates.
+        self._inverse = {name: torch.eye(q.shape[1], dtype=torch.float64) / self.ridge[name]
+                         for name, q in self.bases.items()}
+        self._protected: dict[str, dict[str, torch.Tensor]] = {}  # edit id -> {name: (N, m)}
+        self._converted: dict[tuple, torch.Tensor] = {}  # bases in the dtype/device a caller works in
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.bases)
+
+    # --- projection -------------------------------------------------------------------------------
+    def project_tensor(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A dense (param-shaped) tensor with its input side projected onto the null space (computed
+        in float32 at least: a projection needs no more, and fine-tuners call it every step)."""
+        dtype = torch.promote_types(tensor.dtype, torch.float32)
+        q = self._basis(name, tensor.device, dtype)
+        if self.layouts[name] == "in_out":  # Conv1D (in, out): P @ Δ
+            return (q @ (q.T @ tensor.to(dtype))).to(tensor.dtype)
+        return ((tensor.to(dtype) @ q) @ q.T).to(tensor.dtype)  # Linear (out, in): Δ @ P
+
+    def _basis(self, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (name, str(device), dtype)
+        if key not in self._converted:
+            self._converted[key] = self.bases[name].to(device, dtype)
+        return self._converted[key]
+
+    def project(self, delta: Delta) -> Delta:
+        """`delta` with every matrix this preserver covers projected on its input side."""
+        params = {}
+        for name, pd in delta.items():
+            if name not in self.bases:
+                params[name] = pd
+            elif pd.dense is not None:
+                params[name] = ParamDelta(dense=self.project_tensor(name, pd.dense))
+            elif self.layouts[name] == "in_out":  # left (in, r) is the input side
+                params[name] = ParamDelta(left=self.project_rows(name, pd.left.T).T.contiguous(), right=pd.right)
+            else:  # right (r, in) is the input side
+                params[name] = ParamDelta(left=pd.left, right=self.project_rows(name, pd.right))
+        return Delta(params)
+
+    def project_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """Rows (n, in) of input-side vectors projected onto the null space: rows Q Qᵀ."""
+        dtype = torch.promote_types(rows.dtype, torch.float32)
+        q = self._basis(name, rows.device, dtype)
+        return ((rows.to(dtype) @ q) @ q.T).to(rows.dtype).contiguous()
+
+    # --- least squares ----------------------------------------------------------------------------
+    def solve_rows(
+        self, keys: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tensor]
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """name -> rows (X (N, in), V (N, out)) with ΔW = Σ_i v_i x_iᵀ the least-squares update
+        (module docstring): every key k_i (N, in) mapped to its value v_i (N, out) as far as the
+        null space, the ridge and the protected keys allow. Differentiable in the values."""
+        out = {}
+        for name, k in keys.items():
+            v = values[name]
+            q = self.bases[name].to(k.device, torch.float64)
+            b_inv = self._inverse[name].to(k.device)
+            z = k.detach().double() @ q  # (N, m): keys in null-space coordinates
+            b_z = b_inv @ z.T  # (m, N)
+            inner = torch.eye(z.shape[0], dtype=torch.float64, device=k.device) + z @ b_z  # (N, N)
+            x = torch.linalg.solve(inner, b_z.T) @ q.T  # (N, in): rows of ((PKKᵀP + B)^{-1} P K)ᵀ
+            out[name] = (x.to(v.dtype), v)
+        return out
+
+    # --- earlier edits ----------------------------------------------------------------------------
+    def protect(self, edit_id: str, keys: Mapping[str, torch.Tensor]) -> None:
+        """Hold `keys` (name -> (N, in)) of an applied edit at zero change in later solves."""
+        if not self.config.protect_edits:
+            return
+        coords = {name: k.detach().cpu().double() @ self.bases[name] for name, k in keys.items() if name in self.bases}
+        for name, z in coords.items():
+            self._inverse[name] = _woodbury(self._inverse[name], z)
+        self._protected[edit_id] = coords
+
+    def release(self, edit_id: str) -> None:
+        """Stop protecting a reverted edit's keys. The inverse is rebuilt from the edits still
+        protected (a Woodbury downdate loses precision when the ridge is small)."""
+        released = self._protected.pop(edit_id, {})
+        for name in released:
+            gram = torch.eye(self.bases[name].shape[1], dtype=torch.float64) * self.ridge[name]
+            for coords in self._protected.values():
+                if name in coords:
+                    gram += coords[name].T @ coords[name]
+            self._inverse[name] = torch.linalg.inv(gram)
+
+    def protected_edits(self) -> list[str]:
+        return list(self._protected)
+
+
+def _woodbury(inverse: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """(B + zᵀz)^{-1} from B^{-1} (m, m) and rows z (N, m)."""
+    b_z = inverse @ z.T  # (m, N)
+    inner = torch.eye(z.shape[0], dtype=torch.float64) + z @ b_z  # (N, N)
+    updated = inverse - b_z @ torch.linalg.solve(inner, b_z.T)
+    return (updated + updated.T) / 2  # keep it symmetric against rounding
+
+
+def build_preserver(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    names: Sequence[str],
+    config: PreserveConfig,
+    *,
+    fingerprint: str,
+    model_id: str,
+    base_params: Mapping[str, torch.Tensor] | None = None,
+) -> KeyPreserver:
+    """A KeyPreserver for the weight matrices `names` of `model`, from the key statistics of the
+    shipped reference corpus on the base weights (`base_params` hold base values of parameters that
+    are already edited). Statistics and bases are cached (keys.py)."""
+    modules = {name: name.rpartition(".")[0] for name in names}
+    corpus = key_corpus()
+    moments = key_statistics(model, tokenizer, sorted(set(modules.values())), corpus,
+                             fingerprint=fingerprint, model_id=model_id, params=base_params)
+
+    def basis(module: str) -> tuple[torch.Tensor, float]:  # the eigendecomposition is cached too
+        def compute() -> dict[str, torch.Tensor]:
+            q, energy = null_space_basis(moments[module], config.threshold)
+            return {"basis": q, "energy": torch.tensor(energy, dtype=torch.float64)}
+
+        tensors = cached_derivative(fingerprint, corpus, module, f"null-{config.threshold:g}", compute)
+        return tensors["basis"], float(tensors["energy"])
+
+    bases = {name: basis(module) for name, module in modules.items()}
+    return KeyPreserver(bases, {name: weight_layout(model, name) for name in names}, config)

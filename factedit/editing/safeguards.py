@@ -1,0 +1,114 @@
+"""What keeps accumulated edits from breaking a model, for one Editor: key preservation and the guard.
+
+- Preservation (`preserve.py`): when the method's config has `preserve` set, every delta is projected
+  onto the null space of the reference corpus's keys before it is applied (methods that accept a
+  `preserver` also fit inside it), and the keys of each applied edit are protected in later
+  least-squares solves until it is reverted.
+- The guard (`drift.py`): after an edit is applied, the perplexity of reference text over the base
+  model's; past the bound the Editor undoes the edit and raises `DriftError`.
+
+Both are measured on the base weights (`WeightState.base` for parameters already edited), so an
+Editor that replayed a journal sees the same base as the one that wrote it. Keys of edits replayed
+from a journal are taken on the replayed model, when preservation is first needed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from .delta import Delta
+from .drift import DriftGuard, GuardConfig
+from .keys import edit_keys
+from .preserve import KeyPreserver, PreserveConfig, build_preserver
+from .request import TokenizedRequest
+from .weights import WeightState
+
+Guard = GuardConfig | float | None | str  # what Editor(guard=...) accepts; "auto": the method's default
+
+
+def resolve_guard(option: Guard, guarded_by_default: bool) -> GuardConfig | None:
+    """GuardConfig from `Editor(guard=...)`: a GuardConfig, a max ratio, None (off) or "auto"."""
+    if isinstance(option, GuardConfig) or option is None:
+        return option
+    if option == "auto":
+        return GuardConfig() if guarded_by_default else None
+    if isinstance(option, (int, float)) and not isinstance(option, bool):
+        return GuardConfig(max_ratio=float(option))
+    from .errors import ConfigError
+
+    raise ConfigError(f"guard must be a GuardConfig, a max perplexity ratio > 1, None or 'auto'; got {option!r}")
+
+
+def accepts_preserver(compute: Callable[..., Any]) -> bool:
+    return "preserver" in inspect.signature(compute).parameters
+
+
+class Safeguards:
+    """The preserver and the guard of one Editor bound to one model (see the module docstring)."""
+
+    def __init__(self, model_id: str, fingerprint: str) -> None:
+        self.model_id, self.fingerprint = model_id, fingerprint
+        self.preserver: KeyPreserver | None = None
+        self.guard: DriftGuard | None = None
+
+    def preserver_for(
+        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, state: WeightState,
+        names: Sequence[str], config: PreserveConfig,
+        active: Callable[[], Sequence[tuple[str, Sequence[TokenizedRequest]]]],
+    ) -> KeyPreserver:
+        """The preserver for `names` under `config`, built on first need; the keys of the `active()`
+        edits (id, requests) are protected when it is built."""
+        current = self.preserver
+        if current is not None and current.config == config and set(names) <= set(current.names):
+            return current
+        wanted = sorted(set(names) | (set(current.names) if current and current.config == config else set()))
+        preserver = build_preserver(model, tokenizer, wanted, config, fingerprint=self.fingerprint,
+                                    model_id=self.model_id, base_params=state.base_values(wanted))
+        for edit_id, requests in active() if config.protect_edits else ():
+            preserver.protect(edit_id, self._keys(model, tokenizer, preserver.names, requests))
+        self.preserver = preserver
+        return preserver
+
+    def protect(
+        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, edit_id: str, delta: Delta,
+        requests: Sequence[TokenizedRequest],
+    ) -> None:
+        """Protect the keys an applied edit's sequences give, for the matrices the preserver covers."""
+        if self.preserver is None or not self.preserver.config.protect_edits:
+            return
+        names = [n for n in delta.names() if n in self.preserver.bases]
+        if names:
+            self.preserver.protect(edit_id, self._keys(model, tokenizer, names, requests))
+
+    def release(self, edit_id: str) -> None:
+        if self.preserver is not None:
+            self.preserver.release(edit_id)
+
+    @staticmethod
+    def _keys(model, tokenizer, names: Sequence[str], requests: Sequence[TokenizedRequest]) -> dict[str, torch.Tensor]:
+        modules = {name: name.rpartition(".")[0] for name in names}
+        keys = edit_keys(model, tokenizer, sorted(set(modules.values())), requests)
+        return {name: keys[module] for name, module in modules.items()}
+
+    def check_drift(
+        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, state: WeightState, config: GuardConfig | None,
+        what: str, timings: dict[str, float],
+    ) -> float | None:
+        """The drift ratio after an edit (None with the guard off); raises DriftError past the bound."""
+        if config is None:
+            return None
+        if self.guard is None or self.guard.config != config:
+            self.guard = DriftGuard(config)
+            self.guard.measure_base(model, tokenizer, state.base_values(list(state.base)))
+        start = time.perf_counter()
+        ratio = self.guard.ratio(model, tokenizer)
+        timings["guard_ms"] = round((time.perf_counter() - start) * 1000, 3)
+        self.guard.check(ratio, what)
+        return ratio

@@ -1,0 +1,166 @@
+"""Key preservation (null-space projection, least squares, protected edits) and the drift guard."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_weights_equal, snapshot
+from wreck import WRECK
+
+import factedit
+from factedit.editing.delta import Delta, ParamDelta
+from factedit.editing.drift import GuardConfig, reference_perplexity
+from factedit.editing.errors import ConfigError, DriftError
+from factedit.editing.keys import compute_key_statistics
+from factedit.editing.preserve import KeyPreserver, PreserveConfig, null_space_basis
+from factedit.editing.reference import key_corpus, reference_texts
+from factedit.editing.specs import mlp_param_names
+
+
+def low_rank_keys(d_in: int, rank: int, n: int, seed: int = 0) -> torch.Tensor:
+    """n keys (n, d_in) spanning a `rank`-dimensional subspace: its complement is an exact null space."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, rank, generator=g, dtype=torch.float64) @ torch.randn(rank, d_in, generator=g,
+                                                                                  dtype=torch.float64)
+
+
+def preserver_from_keys(keys: torch.Tensor, d_out: int, layout: str = "out_in", **config) -> KeyPreserver:
+    moment = keys.T @ keys / keys.shape[0]
+    return KeyPreserver({"w": null_space_basis(moment, 1e-6)}, {"w": layout}, PreserveConfig(**config))
+
+
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+def test_projection_leaves_the_protected_keys_outputs_unchanged(layout):
+    keys = low_rank_keys(16, 5, 40)  # (40, 16)
+    preserver = preserver_from_keys(keys, 8, layout)
+    g = torch.Generator().manual_seed(1)
+    left, right = torch.randn(8, 3, generator=g), torch.randn(3, 16, generator=g)  # ΔW (8, 16), rank 3
+    if layout == "in_out":  # Conv1D stores (in, out): the input side is the left factor
+        left, right = right.T.contiguous(), left.T.contiguous()
+    raw = Delta({"w": ParamDelta(left=left, right=right)})
+    projected = preserver.project(raw).params["w"]
+    assert projected.kind == "low_rank" and projected.left.shape[1] == 3  # still rank-3 factors
+
+    def outputs(pd: ParamDelta) -> torch.Tensor:  # ΔW k for every protected key: (40, 8)
+        dense = pd.materialize(torch.float64)
+        return keys @ (dense if layout == "in_out" else dense.T)
+
+    assert outputs(raw.params["w"]).abs().max() > 1.0  # the raw delta does move them
+    assert outputs(projected).abs().max() < 1e-4
+    dense = preserver.project(Delta({"w": ParamDelta(dense=raw.params["w"].materialize(torch.float32))}))
+    assert torch.allclose(dense.params["w"].dense.double(), projected.materialize(torch.float64), atol=1e-5)
+
+
+def test_least_squares_fits_the_values_and_holds_protected_keys():
+    keys = low_rank_keys(24, 6, 60)
+    preserver = preserver_from_keys(keys, 4, ridge=1e-6)
+    g = torch.Generator().manual_seed(2)
+    earlier = torch.randn(2, 24, generator=g, dtype=torch.float64)  # an applied edit's keys
+    preserver.protect("e1", {"w": earlier})
+    new_keys = torch.randn(3, 24, generator=g, dtype=torch.float64)
+    values = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    x, v = preserver.solve_rows({"w": new_keys}, {"w": values})["w"]
+    delta_w = v.T @ x  # (4, 24)
+    assert (keys @ delta_w.T).abs().max() < 1e-6  # corpus keys untouched
+    assert (earlier @ delta_w.T).abs().max() < 1e-4  # the earlier edit's keys held
+    # the new keys reach their values as far as their null-space part allows (here: fully)
+    assert torch.allclose(new_keys @ delta_w.T, values, atol=1e-4)
+    preserver.release("e1")
+    assert preserver.protected_edits() == []
+    x2, v2 = preserver.solve_rows({"w": new_keys}, {"w": values})["w"]
+    assert (earlier @ (v2.T @ x2).T).abs().max() > 1e-2  # released: no longer held
+
+
+def test_protect_then_release_gives_back_the_inverse():
+    preserver = preserver_from_keys(low_rank_keys(12, 3, 20), 4)
+    before = preserver._inverse["w"].clone()
+    preserver.protect("a", {"w": torch.randn(4, 12, dtype=torch.float64)})
+    preserver.protect("b", {"w": torch.randn(2, 12, dtype=torch.float64)})
+    preserver.release("a")
+    preserver.release("b")
+    assert torch.allclose(preserver._inverse["w"], before, atol=1e-9)
+
+
+def test_no_null_space_is_refused():
+    full = torch.eye(8, dtype=torch.float64)
+    with pytest.raises(ConfigError, match="no null space"):
+        null_space_basis(full, 0.5)
+
+
+def test_key_statistics_are_the_second_moment_of_the_module_inputs(tiny):
+    model, tok = tiny
+    (name,) = mlp_param_names(model, (1,), ("out",))
+    module = name.rpartition(".")[0]
+    texts = ["The capital of France is Paris.", "Rome is in Italy."]
+    moments, tokens = compute_key_statistics(model, tok, [module], texts)
+    seen = []
+    handle = model.get_submodule(module).register_forward_pre_hook(lambda m, a: seen.append(a[0][0]))
+    try:
+        for text in texts:
+            model(input_ids=torch.tensor([tok(text).input_ids]))
+    finally:
+        handle.remove()
+    keys = torch.cat(seen).double()  # (tokens, d_in)
+    assert tokens == keys.shape[0]
+    assert torch.allclose(moments[module], keys.T @ keys / tokens, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["ft", "lora"])
+def test_preserving_editors_stay_in_the_null_space_and_revert_exactly(tiny, method):
+    model, tok = tiny
+    base = snapshot(model)
+    overrides = dict(layers=(-1,), matrices=("out",), lr=5e-2, max_steps=40)
+    (name,) = mlp_param_names(model, (-1,), ("out",))
+    module = name.rpartition(".")[0]
+    moment = compute_key_statistics(model, tok, [module], key_corpus())[0][module]  # C = E[k kᵀ]
+    threshold = 0.3
+    bound = threshold * float(torch.linalg.eigvalsh(moment).clamp(min=0).mean())
+
+    def energy_per_unit_change(editor) -> float:  # E ||ΔW k||² / ||ΔW||²_F over the corpus keys
+        record = editor.edit(model, "The capital of France is", "Rome")
+        dense = record.delta.params[name].materialize(torch.float64)
+        editor.revert(model, record.id)
+        assert_weights_equal(model, base)
+        return float(torch.trace(dense @ moment @ dense.T) / dense.square().sum())
+
+    plain = energy_per_unit_change(factedit.Editor(method, tokenizer=tok, **overrides))
+    kept = energy_per_unit_change(
+        factedit.Editor(method, tokenizer=tok, preserve={"threshold": threshold}, **overrides))
+    assert plain > bound  # unconstrained, the change lands on directions the corpus uses
+    assert kept <= bound * (1 + 1e-4)  # preserved, only on directions below the threshold
+
+
+def test_guard_refuses_a_breaking_edit_and_changes_nothing(tiny, tmp_path):
+    model, tok = tiny
+    path = tmp_path / "j.sqlite"
+    editor = factedit.Editor(WRECK, tokenizer=tok, journal=path, guard=1.5)
+    ok = factedit.Editor("ft", tokenizer=tok, guard=1.5, layers=(-1,), lr=1e-2)
+    base = snapshot(model)
+    with pytest.raises(DriftError, match="perplexity of the reference text") as caught:
+        editor.edit(model, "The capital of France is", "Rome")
+    assert caught.value.ratio > 1.5 and caught.value.max_ratio == 1.5
+    assert_weights_equal(model, base)
+    assert editor.history == []
+    editor.close()
+    assert factedit.Editor(WRECK, tokenizer=tok, journal=path).history == []  # nothing journaled
+    record = ok.edit(model, "The capital of France is", "Rome")  # a gentle edit passes
+    assert record.drift is not None and record.drift < 1.5 and record.timings["guard_ms"] > 0
+
+
+def test_guard_options():
+    with pytest.raises(ConfigError, match="guard"):
+        factedit.Editor("ft", tokenizer=None, guard="strict")
+    with pytest.raises(ConfigError, match="> 1"):
+        factedit.Editor("ft", tokenizer=None, guard=0.5)
+    assert factedit.Editor("ft", tokenizer=None).guard is None
+    assert factedit.Editor("ft", tokenizer=None, guard=3).guard == GuardConfig(max_ratio=3.0)
+
+
+def test_reference_perplexity_with_base_params_ignores_the_edit(tiny):
+    model, tok = tiny
+    texts = reference_texts("samples")[:3]
+    before = reference_perplexity(model, tok, texts)
+    editor = factedit.Editor(WRECK, tokenizer=tok)
+    editor.edit(model, "The capital of France is", "Rome")
+    assert reference_perplexity(model, tok, texts) != pytest.approx(before)
+    assert reference_perplexity(model, tok, texts, params=editor._state.base) == pytest.approx(before)
