@@ -71,6 +71,7 @@ def run_method(method, overrides, model, tok, records) -> dict:
         ratios.append(edit_ms[-1] / fwd_bwd)
         base = editor._state.base
         exact += all(torch.equal(dict(model.named_parameters())[n], base[n]) for n in edit.params)
+    editor.close()  # releases the model for the next method's Editor
     share = lambda key: sum(o[key] for o in outcomes) / len(outcomes)  # noqa: E731
     return {
         "method": method, "es": share("es"), "ps": share("ps"), "ns": share("ns"),
@@ -92,6 +93,7 @@ def journal_append_ms(model, tok, record: dict, repeats: int = 5) -> float:
             journal.append(copy, base_hashes)
             times.append((time.perf_counter() - t) * 1000)
     editor.revert(model, edit.id)
+    editor.close()
     return statistics.median(times)
 
 

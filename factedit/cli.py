@@ -46,11 +46,14 @@ def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
     return result
 
 
-def _journal_model_and_method(path: Path | None, model_arg: str | None) -> tuple[str | None, str | None]:
-    """The model to load (the journal's, unless it is new) and the journal's last method."""
-    if path is None or not path.exists():
+def _journal_model_and_method(
+    path: Path | None, model_arg: str | None, create: bool
+) -> tuple[str | None, str | None]:
+    """The model to load (the journal's, unless it is new) and the journal's last method. Without
+    `create`, a missing journal is an error (nothing is created)."""
+    if path is None or (create and not path.exists()):
         return model_arg, None
-    with Journal(path) as journal:
+    with Journal(path, create=create) as journal:
         if journal.is_new:
             return model_arg, None
         recorded = journal.meta["model_id"]
@@ -61,9 +64,10 @@ def _journal_model_and_method(path: Path | None, model_arg: str | None) -> tuple
     return (None if recorded == "default" else recorded), method
 
 
-def _open(args: argparse.Namespace, method: str | None = None, **overrides: Any):
+def _open(args: argparse.Namespace, method: str | None = None, *, create: bool = False, **overrides: Any):
+    """Load the journal's model and an Editor that replayed it; only `edit` may create a journal."""
     journal = Path(args.journal) if args.journal else None
-    model_name, journal_method = _journal_model_and_method(journal, getattr(args, "model", None))
+    model_name, journal_method = _journal_model_and_method(journal, getattr(args, "model", None), create)
     model, tokenizer = load_model(model_name)
     editor = Editor(method or journal_method or DEFAULT_METHOD, tokenizer=tokenizer, journal=journal, **overrides)
     editor.attach(model)
@@ -71,7 +75,7 @@ def _open(args: argparse.Namespace, method: str | None = None, **overrides: Any)
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
-    model, editor = _open(args, args.method, **_overrides(args.set))
+    model, editor = _open(args, args.method, create=True, **_overrides(args.set))
     with editor:
         record = editor.edit(model, args.prompt, args.target, paraphrases=args.paraphrase, locality=args.locality)
         print(json.dumps(record.to_dict(), indent=2) if args.json else display.format_record(record))
@@ -87,7 +91,7 @@ def cmd_revert(args: argparse.Namespace) -> int:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    with Journal(args.journal) as journal:
+    with Journal(args.journal, create=False) as journal:
         records = journal.records(deltas=False)
     if args.json:
         print(json.dumps([r.to_dict() for r in records], indent=2))

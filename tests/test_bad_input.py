@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 from dataclasses import dataclass
 
 import pytest
@@ -9,7 +11,6 @@ import torch
 from helpers import assert_weights_equal, snapshot
 
 import factedit
-from factedit.editing import request as request_module
 from factedit.editing.delta import Delta, ParamDelta
 from factedit.editing.methods import MethodSpec, register_method
 from factedit.editing.specs import mlp_param_names
@@ -68,12 +69,71 @@ def test_empty_prompt_or_target(setup, prompt, target, match):
     assert_nothing_changed(model, editor, state)
 
 
-def test_target_that_tokenizes_to_nothing(setup, monkeypatch):
-    model, _, editor, _, state = setup
-    monkeypatch.setattr(request_module, "encode_target", lambda tok, prompt, target: [])
-    with pytest.raises(factedit.InvalidRequestError, match="tokenizes to nothing"):
-        editor.edit(model, "The capital of France is", "\u200b")
+def test_target_that_tokenizes_to_nothing(setup):
+    """A real tokenizer whose normalizer drops zero-width spaces (as some do): the target is gone."""
+    from tokenizers import normalizers
+
+    model, tok, editor, _, state = setup
+    tok.backend_tokenizer.normalizer = normalizers.Replace("\u200b", "")
+    with pytest.raises(factedit.InvalidRequestError, match="tokenizes to nothing the model can learn"):
+        editor.edit(model, "The capital of France is", "\u200b\u200b")
     assert_nothing_changed(model, editor, state)
+
+
+@pytest.mark.parametrize(
+    "prompt, target, match",
+    [("The capital of France is", "<|endoftext|>", "target .* tokenizes to nothing"),
+     ("<pad><|endoftext|>", "Rome", "prompt .* special tokens or whitespace only")],
+)
+def test_special_token_prompt_or_target(setup, prompt, target, match):
+    model, _, editor, _, state = setup
+    with pytest.raises(factedit.InvalidRequestError, match=match):
+        editor.edit(model, prompt, target)
+    assert_nothing_changed(model, editor, state)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [(dict(paraphrases="Paris"), "paraphrases must be a list of prompts"),
+     (dict(locality="The capital of Italy is"), "locality must be a list"),
+     (dict(target=None), "target must be a string"),
+     (dict(prompt=12), "prompt must be a string"),
+     (dict(subject=3), "subject must be a string")],
+)
+def test_ill_typed_request_fields(setup, call, match):
+    model, _, editor, _, state = setup
+    args = {"prompt": "The capital of France is", "target": "Rome", **call}
+    with pytest.raises(factedit.InvalidRequestError, match=match):
+        editor.edit(model, args.pop("prompt"), args.pop("target"), **args)
+    assert_nothing_changed(model, editor, state)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [(dict(lr=float("nan")), "lr must be a finite number"), (dict(max_steps=2.5), "key 'max_steps'"),
+     (dict(seed="x"), "key 'seed'"), (dict(lr="fast"), "key 'lr'.*'fast'"),
+     (dict(layers="8"), "key 'layers'"), (dict(preserve={"threshold": "high"}), "preserve.threshold")],
+)
+def test_ill_typed_config_is_refused_when_the_editor_is_made(tiny, overrides, match):
+    _, tok = tiny
+    with pytest.raises(factedit.ConfigError, match=match):
+        factedit.Editor("ft", tokenizer=tok, **overrides)
+
+
+def test_lora_rank_and_tokenizer_types(tiny):
+    _, tok = tiny
+    with pytest.raises(factedit.ConfigError, match="key 'rank'"):
+        factedit.Editor("lora", tokenizer=tok, rank=2.5)
+    with pytest.raises(factedit.ConfigError, match="tokenizer must be"):
+        factedit.Editor("ft", tokenizer=None)
+
+
+def test_diff_with_probes_needs_the_model(setup):
+    _, _, editor, kept, _ = setup
+    with pytest.raises(factedit.ConfigError, match="needs the model"):
+        editor.diff(kept.id, probes=["The capital of Italy is"])
+    with pytest.raises(factedit.InvalidRequestError, match="list of prompts"):
+        editor.diff(kept.id, probes="The capital of Italy is")
 
 
 def test_prompt_longer_than_the_context(setup):
@@ -93,11 +153,25 @@ def test_unknown_method_config_key_and_layer(setup):
     with pytest.raises(factedit.ConfigError, match="invalid FTConfig"):
         factedit.Editor("ft", tokenizer=tok, lr=-1.0)
     with pytest.raises(factedit.ConfigError, match="layer"):
-        bad = factedit.Editor("ft", tokenizer=tok, layers=(99,))
-        bad.edit(model, "The capital of France is", "Rome")
+        editor.set_method("ft", layers=(99,))
+        editor.edit(model, "The capital of France is", "Rome")
     with pytest.raises(factedit.ConfigError, match="role"):
-        factedit.Editor("lora", tokenizer=tok, layers=(-1,), matrices=("attention",)).edit(model, "The capital of France is", "Rome")
+        editor.set_method("lora", layers=(-1,), matrices=("attention",))
+        editor.edit(model, "The capital of France is", "Rome")
     assert_nothing_changed(model, editor, state)
+
+
+def test_a_model_belongs_to_one_editor_at_a_time(setup):
+    model, tok, editor, kept, state = setup
+    other = factedit.Editor("ft", tokenizer=tok, **FT)
+    with pytest.raises(factedit.ConfigError, match="already edited by another Editor.*close"):
+        other.edit(model, "The capital of Italy is", "Paris")
+    with pytest.raises(factedit.ConfigError, match="already edited by another Editor"):
+        other.revert(model, kept.id)
+    assert_nothing_changed(model, editor, state)
+    editor.close()  # releases the model
+    other.edit(model, "The capital of Italy is", "Paris")
+    assert model.factedit_editor() is other
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
@@ -145,14 +219,15 @@ def test_an_editor_refuses_a_second_model(setup):
     assert_weights_equal(other, state)
 
 
-def test_a_journal_write_failure_undoes_the_edit(setup, monkeypatch):
+def test_a_journal_write_failure_undoes_the_edit(setup):
     model, _, editor, _, state = setup
-
-    def refuse(record, base_hashes):
-        raise factedit.JournalError("disk full")
-
-    monkeypatch.setattr(editor._journal, "append", refuse)
-    with pytest.raises(factedit.JournalError, match="disk full"):
-        editor.edit(model, "The capital of Italy is", "Berlin")
-    monkeypatch.undo()
+    # A real failure of the sqlite write: another connection holds the database's write lock.
+    blocker = sqlite3.connect(editor.journal_path, timeout=0)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(factedit.JournalError, match="could not write journal.*locked"):
+            editor.edit(model, "The capital of Italy is", "Berlin")
+    finally:
+        blocker.rollback()
+        blocker.close()
     assert_nothing_changed(model, editor, state)

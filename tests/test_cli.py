@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from tiny_models import tiny_model
@@ -57,3 +58,23 @@ def test_errors_are_one_clear_line_and_a_nonzero_exit(model_dir, tmp_path, capsy
     notajournal.write_text("hello")
     assert cli.main(["history", "--journal", str(notajournal)]) == 2
     assert "not a factedit journal" in capsys.readouterr().err
+
+
+def test_read_commands_do_not_create_a_misspelled_journal(model_dir, tmp_path, capsys):
+    typo = tmp_path / "typo.sqlite"
+    for argv in (["history", "--journal", str(typo)], ["revert", "abc", "--journal", str(typo)],
+                 ["diff", "abc", "--journal", str(typo)]):
+        assert cli.main(argv) == 2
+        assert "no journal at" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [model_dir]
+
+
+@pytest.mark.parametrize("override, match", [("foo=1", "unknown train-mend key"), ("lr=abc", "key 'lr'"),
+                                             ("max_steps=0", "max_steps")])
+def test_train_mend_refuses_a_bad_config_before_loading_anything(override, match, capsys, monkeypatch):
+    from factedit.mend import train
+
+    monkeypatch.setattr(train, "train", lambda cfg: pytest.fail("training started"))
+    assert cli.main(["train-mend", "--config-name", "tiny", override]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and re.search(match, err) and "Traceback" not in err

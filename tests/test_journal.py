@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from tiny_models import tiny_model
 
 import factedit
+from factedit.editing.delta import Delta, ParamDelta
 from factedit.editing.journal import TABLE, Journal
 
 TESTS_DIR = Path(__file__).parent
@@ -115,11 +116,67 @@ def test_a_journal_from_another_model_is_refused_and_changes_nothing(tmp_path):
     other, _ = tiny_model("llama", seed=1)
     before = snapshot(other)
     with factedit.Editor("ft", tokenizer=tok, journal=path, **FT) as editor:
-        with pytest.raises(factedit.ModelMismatchError, match="fingerprint"):
+        with pytest.raises(factedit.ModelMismatchError, match="other weights .*sha256 of all parameters"):
             editor.edit(other, *FACTS[1])
     assert_weights_equal(other, before)
     with Journal(path) as journal:
         assert len(journal.records()) == 1
+
+
+def test_one_changed_value_in_an_untouched_parameter_is_refused(tmp_path):
+    """The base check hashes every parameter: +1.0 in one element of a matrix no edit touches."""
+    path = tmp_path / "edits.sqlite"
+    model, tok = tiny_model("llama")
+    with factedit.Editor("ft", tokenizer=tok, journal=path, **FT) as editor:
+        editor.edit(model, *FACTS[0])
+    fresh, _ = tiny_model("llama")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    with torch.no_grad():
+        dict(fresh.named_parameters())[name][3, 5] += 1.0
+    before = snapshot(fresh)
+    with factedit.Editor("ft", tokenizer=tok, journal=path, **FT) as editor:
+        with pytest.raises(factedit.ModelMismatchError, match="other weights"):
+            editor.attach(fresh)
+        assert editor.attach_timings["hash_ms"] > 0
+    assert_weights_equal(fresh, before)
+
+
+def test_a_journal_with_a_corrupt_delta_replays_nothing(tmp_path):
+    """The second of two active edits holds a NaN: attaching fails and the first is undone too."""
+    path = tmp_path / "edits.sqlite"
+    model, tok = tiny_model("llama")
+    with factedit.Editor("ft", tokenizer=tok, journal=path, **FT) as editor:
+        editor.edit(model, *FACTS[0])
+        second = editor.edit(model, *FACTS[1])
+    with Journal(path) as journal:  # corrupt the stored delta of the second edit
+        delta = journal.record(second.id).delta
+        name = delta.names()[0]
+        bad = delta.params[name].dense.clone()
+        bad[0, 0] = float("nan")
+        corrupt = Delta({**delta.params, name: ParamDelta(dense=bad)})
+        journal._commit({f"delta/{second.id}": corrupt.to_bytes({"edit_id": second.id})})
+    fresh, _ = tiny_model("llama")
+    before = snapshot(fresh)
+    editor = factedit.Editor("ft", tokenizer=tok, journal=path, **FT)
+    with pytest.raises(factedit.InvalidDeltaError, match="NaN"):
+        editor.attach(fresh)
+    assert_weights_equal(fresh, before)
+    assert editor._model_ref is None and not hasattr(fresh, "factedit_editor")  # unbound, model free
+    editor.close()
+
+
+def test_a_refused_first_request_replays_nothing(tmp_path):
+    path = tmp_path / "edits.sqlite"
+    model, tok = tiny_model("llama")
+    with factedit.Editor("ft", tokenizer=tok, journal=path, **FT) as editor:
+        editor.edit(model, *FACTS[0])
+    fresh, _ = tiny_model("llama")
+    before = snapshot(fresh)
+    with factedit.Editor("ft", tokenizer=tok, journal=path, **FT) as editor:
+        too_long = "The capital of France is " * fresh.config.max_position_embeddings
+        with pytest.raises(factedit.InvalidRequestError, match="context"):
+            editor.edit(fresh, too_long, "Rome")
+        assert_weights_equal(fresh, before)  # the journal's edit was not replayed first
 
 
 def test_an_already_edited_model_is_refused(tmp_path):
@@ -244,3 +301,26 @@ def test_sigkill_mid_edit_leaves_the_journal_at_the_last_whole_edit(tmp_path):
     with factedit.Editor("ft", tokenizer=tok, journal=path, **FT) as editor:
         editor.attach(fresh)
     assert_weights_equal(fresh, replayed_reference(path))
+
+
+@pytest.mark.parametrize("meta", [b"not json", b'{"format": "factedit.journal/1"}', b"[1, 2]",
+                                  b'{"format": "other/9", "model_id": "m"}'])
+def test_a_journal_with_bad_metadata_is_refused(tmp_path, meta):
+    path = tmp_path / "edits.sqlite"
+    model, tok = tiny_model("llama")
+    with factedit.Editor("ft", tokenizer=tok, journal=path, **FT) as editor:
+        editor.edit(model, *FACTS[0])
+    with Journal(path) as journal:
+        journal._commit({"meta": meta})
+    with pytest.raises(factedit.JournalError, match="metadata|format"):
+        Journal(path)
+
+
+def test_paths_that_cannot_be_journals_are_refused_and_nothing_is_created(tmp_path):
+    with pytest.raises(factedit.JournalError, match="is a directory"):
+        Journal(tmp_path)
+    with pytest.raises(factedit.JournalError, match="does not exist"):
+        Journal(tmp_path / "missing" / "edits.sqlite")
+    with pytest.raises(factedit.JournalError, match="no journal at"):
+        Journal(tmp_path / "typo.sqlite", create=False)
+    assert list(tmp_path.iterdir()) == []  # no journal, no lock file

@@ -147,13 +147,14 @@ def test_guard_refuses_a_breaking_edit_and_changes_nothing(tiny, tmp_path):
     assert record.drift is not None and record.drift < 1.5 and record.timings["guard_ms"] > 0
 
 
-def test_guard_options():
+def test_guard_options(tiny):
+    _, tok = tiny
     with pytest.raises(ConfigError, match="guard"):
-        factedit.Editor("ft", tokenizer=None, guard="strict")
+        factedit.Editor("ft", tokenizer=tok, guard="strict")
     with pytest.raises(ConfigError, match="> 1"):
-        factedit.Editor("ft", tokenizer=None, guard=0.5)
-    assert factedit.Editor("ft", tokenizer=None).guard is None
-    assert factedit.Editor("ft", tokenizer=None, guard=3).guard == GuardConfig(max_ratio=3.0)
+        factedit.Editor("ft", tokenizer=tok, guard=0.5)
+    assert factedit.Editor("ft", tokenizer=tok).guard is None
+    assert factedit.Editor("ft", tokenizer=tok, guard=3).guard == GuardConfig(max_ratio=3.0)
 
 
 def test_reference_perplexity_with_base_params_ignores_the_edit(tiny):

@@ -10,6 +10,7 @@ from torch import nn
 from torch.func import functional_call
 from transformers import PreTrainedTokenizerBase
 
+from .errors import ConfigError
 from .record import EditRecord
 from .scoring import score_requests
 from .weights import WeightState
@@ -77,7 +78,7 @@ def diff_edit(
     probe_rows: list[dict[str, Any]] = []
     if probes:
         if model is None:
-            raise ValueError("diff with probes needs the model")
+            raise ConfigError("diff with probes needs the model: editor.diff(edit_id, model=model, probes=[...])")
         after = score_requests(model, tokenizer, [], probes=probes)["probes"]
         if record.id in state.active:
             without = state.weights_without(model, record.id)

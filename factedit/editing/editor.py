@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerBase
 from .._version import __version__
 from .delta import Delta, delta_metadata
 from .diff import EditDiff, diff_edit
-from .errors import ConfigError, EditNotFoundError, InvalidDeltaError, ModelMismatchError
+from .errors import ConfigError, EditNotFoundError, InvalidDeltaError, InvalidRequestError, ModelMismatchError
 from .journal import Journal
 from .loading import model_id as model_id_of
 from .methods import config_to_dict, get_method, make_config
@@ -34,9 +34,10 @@ from .drift import GuardConfig
 from .request import EditRequest, TokenizedRequest, as_requests, max_context, tokenize_request
 from .safeguards import Guard, Safeguards, accepts_preserver, resolve_guard
 from .scoring import score_requests
-from .weights import WeightState, model_fingerprint, tensor_sha256
+from .weights import WeightState, model_fingerprint, model_sha256, tensor_sha256
 
 EXPORT_FORMAT = "factedit.edit/1"
+OWNER_ATTRIBUTE = "factedit_editor"  # set on a model: a weak reference to the Editor it belongs to
 
 
 def _ms(start: float) -> float:
@@ -72,6 +73,11 @@ class Editor:
         **overrides: Any,
     ) -> None:
         spec = get_method(method)
+        if not isinstance(tokenizer, PreTrainedTokenizerBase):
+            raise ConfigError(
+                f"tokenizer must be the model's HuggingFace tokenizer, not {type(tokenizer).__name__} "
+                "(factedit.load_model returns both)"
+            )
         resolve_guard(guard, spec.guarded)  # refuse a bad guard option before anything else
         self.method = method
         self._spec = spec
@@ -87,6 +93,8 @@ class Editor:
         self._model_id = ""
         self._fingerprint = ""
         self._safeguards: Safeguards | None = None  # set when the Editor binds to its model
+        self._base_sha256: str | None = None  # with a journal: sha256 of all base parameters
+        self.attach_timings: dict[str, float] = {}  # what binding to the model cost (hash_ms)
         self._lock = threading.RLock()  # edits from several threads (app sessions) are serialised
 
     # --- public API --------------------------------------------------------------------------------
@@ -118,7 +126,7 @@ class Editor:
         locality: Sequence[str] = (),
     ) -> EditRecord:
         """Make `prompt` continue with `target`; edits `model` in place and returns the record."""
-        request = EditRequest(prompt, target, subject, tuple(paraphrases), tuple(locality))
+        request = EditRequest(prompt, target, subject, paraphrases, locality)  # validates the types
         return self.edit_batch(model, [request])
 
     def edit_batch(self, model: nn.Module, requests: Sequence[EditRequest | Mapping[str, Any]]) -> EditRecord:
@@ -189,9 +197,9 @@ class Editor:
         """Steps 1-7 of an edit (design.md): tokenize, score, compute, apply, score, record, journal."""
         start = time.perf_counter()
         with self._lock:
-            self.attach(model)
-            context = max_context(model.config)
+            context = max_context(model.config)  # validate first: a refused request replays nothing
             tokenized = [tokenize_request(r, self.tokenizer, context) for r in requests]
+            self.attach(model)
             timings: dict[str, float] = {}
 
             t = time.perf_counter()
@@ -240,7 +248,7 @@ class Editor:
         if self._journal is not None:
             t = time.perf_counter()
             base_hashes = {n: tensor_sha256(self._state.base[n]) for n in first_touched}
-            self._journal.append(record, base_hashes)
+            self._journal.append(record, base_hashes, self._base_sha256)
             timings["journal_ms"] = _ms(t)
         return record
 
@@ -273,11 +281,13 @@ class Editor:
         """What an edit changed: per parameter ‖Δ‖_F, ‖Δ‖/‖W‖ and rank, and the top-5 next tokens
         before and after on its prompts; with `model` and `probes`, also on those prompts (scored
         with and without the edit, the model untouched)."""
+        if isinstance(probes, str):
+            raise InvalidRequestError(f"probes must be a list of prompts (write [{probes!r}] for one)")
         with self._lock:
             record = self._record_with_delta(edit_id)
             if model is not None:
                 self.attach(model)
-            return diff_edit(record, self._state, self.tokenizer, model, probes)
+            return diff_edit(record, self._state, self.tokenizer, model, list(probes))
 
     def delta(self, edit_id: str) -> Delta:
         return self._record_with_delta(edit_id).delta
@@ -291,31 +301,58 @@ class Editor:
 
     def attach(self, model: nn.Module) -> None:
         """Bind to `model`; with a journal, check it is the journal's base model and replay the
-        journal's active edits onto it. Called by the first edit/revert; idempotent."""
+        journal's active edits onto it. Called by the first edit/revert; idempotent.
+
+        A model belongs to one Editor at a time (its `factedit_editor` attribute names it): another
+        open Editor bound to it is refused, since two Editors would each restore their own idea of the
+        base weights. `close()` releases the model. A replay that fails (a corrupt delta) leaves the
+        model as it was and the Editor unbound.
+        """
         with self._lock:
             bound = self._model_ref() if self._model_ref is not None else None
             if bound is model:
                 return
             if self._model_ref is not None:
                 raise ConfigError("this Editor is bound to another model; make one Editor per model")
+            owner = getattr(model, OWNER_ATTRIBUTE, None)
+            owner = owner() if owner is not None else None
+            if owner is not None and owner is not self:
+                raise ConfigError(
+                    f"this model is already edited by another Editor (method {owner.method!r}, journal "
+                    f"{owner.journal_path}); keep using that one (set_method switches its method) or "
+                    "close() it first"
+                )
             model_id, fingerprint = model_id_of(model), model_fingerprint(model)
             records: list[EditRecord] = []
             if self._journal is not None:
-                self._journal.check_model(model_id, fingerprint)
+                t = time.perf_counter()
+                self._base_sha256 = model_sha256(model)  # exact: every byte of every parameter
+                self.attach_timings["hash_ms"] = _ms(t)
+                self._journal.check_model(model_id, fingerprint, self._base_sha256)
                 self._check_base_hashes(model)
                 records = self._journal.records()
             state = WeightState()
-            for record in records:
-                if record.status == "active":
-                    state.apply(model, record.id, record.delta)
+            try:
+                for record in records:
+                    if record.status == "active":
+                        state.apply(model, record.id, record.delta)
+            except BaseException:
+                state.restore_base(model)  # a corrupt delta: undo the ones already replayed
+                raise
             self._state, self._records = state, {r.id: r for r in records}
             self._model_ref, self._model_id, self._fingerprint = weakref.ref(model), model_id, fingerprint
             self._safeguards = Safeguards(model_id, fingerprint)
+            setattr(model, OWNER_ATTRIBUTE, weakref.ref(self))
 
     def close(self) -> None:
-        """Close the journal (releases its lock)."""
-        if self._journal is not None:
-            self._journal.close()
+        """Close the journal (releases its lock) and release the model to other Editors."""
+        with self._lock:
+            if self._journal is not None:
+                self._journal.close()
+            model = self._model_ref() if self._model_ref is not None else None
+            owner = getattr(model, OWNER_ATTRIBUTE, None) if model is not None else None
+            if owner is not None and owner() is self:
+                delattr(model, OWNER_ATTRIBUTE)
 
     def __enter__(self) -> "Editor":
         return self

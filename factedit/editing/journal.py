@@ -45,17 +45,19 @@ class Journal:
     """An open journal file. Use as a context manager, or call `close()`.
 
     lock_timeout: seconds to wait for another process to close the journal before giving up.
+    create: make a new journal when `path` does not exist (False: refuse, for readers such as the
+        CLI's `history` and `revert`, which must not create a misspelled file).
+    Anything that is not a usable journal (a directory, a missing folder, another file, unreadable
+    metadata) is refused with a JournalError, and no file is created.
     """
 
-    def __init__(self, path: str | os.PathLike, *, lock_timeout: float = 10.0) -> None:
+    def __init__(self, path: str | os.PathLike, *, lock_timeout: float = 10.0, create: bool = True) -> None:
         self.path = Path(path)
-        _check_is_journal_or_new(self.path)
+        _check_is_journal_or_new(self.path, create)
         self._lock_file = _acquire_lock(self.path.with_name(self.path.name + ".lock"), lock_timeout)
         try:
             self._db = self._open_db()
-            self.meta: dict[str, Any] = json.loads(self._db["meta"]) if "meta" in self._db else {}
-            if self.meta and self.meta.get("format") != FORMAT:
-                raise JournalError(f"{self.path} has journal format {self.meta.get('format')!r}, not {FORMAT}")
+            self.meta: dict[str, Any] = _read_meta(self.path, self._db["meta"]) if "meta" in self._db else {}
         except Exception:
             self.close()
             raise
@@ -90,9 +92,22 @@ class Journal:
         except KeyError:
             raise EditNotFoundError(f"edit {edit_id} has no delta in journal {self.path}") from None
 
-    def check_model(self, model_id: str, fingerprint: str) -> None:
-        """Refuse a model other than the one the journal was made with."""
-        if self.meta and self.meta["model_fingerprint"] != fingerprint:
+    def check_model(self, model_id: str, fingerprint: str, sha256: str | None = None) -> None:
+        """Refuse a model other than the one the journal was made with: by the sha256 of all its
+        parameters (`model_sha256`) when the journal has it, else by the sampled fingerprint."""
+        if not self.meta:
+            return
+        recorded = self.meta.get("model_sha256")
+        if recorded is not None and sha256 is not None:
+            if recorded != sha256:
+                raise ModelMismatchError(
+                    f"journal {self.path} was made on model {self.meta['model_id']!r} with other weights "
+                    f"(sha256 of all parameters {recorded[:16]}…, the given model {model_id!r} has "
+                    f"{sha256[:16]}…): another model, or one already edited. Give a freshly loaded copy "
+                    "of the journal's base model, or start a new journal."
+                )
+            return
+        if self.meta["model_fingerprint"] != fingerprint:
             raise ModelMismatchError(
                 f"journal {self.path} was made with model {self.meta['model_id']!r} (fingerprint "
                 f"{self.meta['model_fingerprint']}); the given model {model_id!r} has fingerprint "
@@ -100,25 +115,31 @@ class Journal:
             )
 
     # --- writing (each call is one transaction) ----------------------------------------------------
-    def append(self, record: EditRecord, base_hashes: Mapping[str, str]) -> None:
-        """Store `record` and its delta; `base_hashes` are hashes of parameters it touches first."""
+    def append(self, record: EditRecord, base_hashes: Mapping[str, str], model_sha256: str | None = None) -> None:
+        """Store `record` and its delta; `base_hashes` are hashes of parameters it touches first;
+        `model_sha256` (the base model's, all parameters) is recorded with the first edit."""
         if record.delta is None:
             raise JournalError("a record must carry its delta to be journaled")
         meta = self.meta or {
             "format": FORMAT,
             "model_id": record.model_id,
             "model_fingerprint": record.model_fingerprint,
+            "model_sha256": model_sha256,
             "factedit_version": record.factedit_version,
             "created_at": time.time(),
             "base_hashes": {},
         }
         meta = {**meta, "base_hashes": {**meta["base_hashes"], **base_hashes}}
         delta_meta = {"edit_id": record.id, "method": record.method, "model_id": record.model_id}
+        try:
+            order = self.order()
+        except sqlite3.Error as exc:
+            raise JournalError(f"could not write journal {self.path}: {exc}") from exc
         self._commit(
             {
                 f"record/{record.id}": _json_bytes(record.to_dict()),
                 f"delta/{record.id}": record.delta.to_bytes(delta_meta),
-                "order": _json_bytes(self.order() + [record.id]),
+                "order": _json_bytes(order + [record.id]),
                 "meta": _json_bytes(meta),
             }
         )
@@ -127,7 +148,11 @@ class Journal:
     def set_status(self, record: EditRecord) -> None:
         """Rewrite the record's status fields (revert)."""
         key = f"record/{record.id}"
-        if key not in self._db:
+        try:
+            known = key in self._db
+        except sqlite3.Error as exc:
+            raise JournalError(f"could not write journal {self.path}: {exc}") from exc
+        if not known:
             raise EditNotFoundError(f"edit {record.id} is not in journal {self.path}")
         self._commit({key: _json_bytes(record.to_dict())})
 
@@ -167,8 +192,32 @@ class Journal:
         self.close()
 
 
-def _check_is_journal_or_new(path: Path) -> None:
-    """A missing or empty file becomes a new journal; anything else must be one already."""
+_META_KEYS = ("format", "model_id", "model_fingerprint", "base_hashes")
+
+
+def _read_meta(path: Path, raw: bytes) -> dict[str, Any]:
+    """The journal's metadata, checked: JSON, this format, the keys every journal has."""
+    try:
+        meta = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise JournalError(f"{path}: its metadata is not JSON; the file is corrupt") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise JournalError(f"{path} has journal format {found!r}, not {FORMAT}")
+    missing = [k for k in _META_KEYS if k not in meta]
+    if missing or not isinstance(meta["base_hashes"], dict):
+        raise JournalError(f"{path}: its metadata lacks {missing or ['base_hashes']}; the file is corrupt")
+    return meta
+
+
+def _check_is_journal_or_new(path: Path, create: bool) -> None:
+    """A missing or empty file becomes a new journal (when `create`); anything else must be one."""
+    if path.is_dir():
+        raise JournalError(f"{path} is a directory; give a journal file path such as {path / 'edits.sqlite'}")
+    if not path.parent.is_dir():
+        raise JournalError(f"cannot create journal {path}: folder {path.parent} does not exist")
+    if not path.exists() and not create:
+        raise JournalError(f"no journal at {path} (check the path; `factedit edit --journal` creates one)")
     if not path.exists() or path.stat().st_size == 0:
         return
     with open(path, "rb") as handle:

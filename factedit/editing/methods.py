@@ -6,7 +6,6 @@ MEND code until a method is used. Adding a method is one line in `_BUILTIN` (or 
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol, Sequence
@@ -14,6 +13,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from .configs import as_dict, validated
 from .delta import Delta
 from .errors import ConfigError
 from .request import TokenizedRequest
@@ -74,30 +74,10 @@ def get_method(name: str) -> MethodSpec:
 
 
 def make_config(config_cls: type, overrides: Mapping[str, Any]) -> Any:
-    """`config_cls(**overrides)` with a clear error for unknown keys and list->tuple coercion."""
-    fields = {f.name: f for f in dataclasses.fields(config_cls)}
-    unknown = sorted(set(overrides) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"unknown config key(s) {unknown} for {config_cls.__name__}; known keys: {sorted(fields)}"
-        )
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
-    try:
-        for name, value in values.items():
-            nested = _dataclass_of(fields[name])
-            if nested is not None and isinstance(value, Mapping):
-                values[name] = make_config(nested, value)
-        config = config_cls(**values)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"invalid {config_cls.__name__}: {exc}") from exc
-    return config
-
-
-def _dataclass_of(field: dataclasses.Field) -> type | None:
-    """The config dataclass a field holds (e.g. `preserve: PreserveConfig | None`), named in its
-    metadata (`preserve.preserve_field`), so a mapping given for it becomes that dataclass."""
-    return field.metadata.get("dataclass")
+    """The method's config from keyword overrides, validated by OmegaConf (configs.py): unknown keys
+    and ill-typed values are ConfigErrors that name the key."""
+    return validated(config_cls, overrides)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+    return as_dict(config)

@@ -8,12 +8,15 @@ part of factedit that scores a target uses this one rule.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
 from .errors import InvalidRequestError
+
+LOG = logging.getLogger(__name__)
 
 
 def continuation(prompt: str, target: str) -> str:
@@ -122,8 +125,7 @@ def tokenize_request(
     """Tokenize and check that the request can be learned and scored by a model of that context."""
     prompt_ids = encode_prompt(tokenizer, request.prompt)
     target_ids = encode_target(tokenizer, request.prompt, request.target)
-    if not target_ids:
-        raise InvalidRequestError(f"the target {request.target!r} tokenizes to nothing")
+    _check_tokens(tokenizer, request, prompt_ids, target_ids)
     texts = [(request.prompt, prompt_ids)]
     paraphrase_ids = []
     for text in request.paraphrases:
@@ -142,6 +144,35 @@ def tokenize_request(
     return TokenizedRequest(
         request, tuple(prompt_ids), tuple(target_ids), tuple(paraphrase_ids), tuple(locality_ids)
     )
+
+
+def _check_tokens(
+    tokenizer: PreTrainedTokenizerBase, request: EditRequest, prompt_ids: Sequence[int], target_ids: Sequence[int]
+) -> None:
+    """Refuse what no edit can learn; warn about a target the tokenizer does not keep as written."""
+    if not _has_words(tokenizer, prompt_ids):
+        raise InvalidRequestError(
+            f"the prompt {request.prompt!r} tokenizes to special tokens or whitespace only: it states no fact"
+        )
+    if not _has_words(tokenizer, target_ids):
+        raise InvalidRequestError(
+            f"the target {request.target!r} tokenizes to nothing the model can learn (only whitespace or "
+            "special tokens such as end-of-text): give the words the prompt should continue with"
+        )
+    if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in target_ids:
+        raise InvalidRequestError(
+            f"the target {request.target!r} has characters this tokenizer cannot represent (they become "
+            f"{tokenizer.unk_token!r}); the model can never write it"
+        )
+    decoded = tokenizer.decode(list(target_ids))
+    if decoded.strip() != request.target.strip():
+        LOG.warning("the target %r tokenizes to %r, which decodes to %r: the model will learn that instead",
+                    request.target, list(target_ids), decoded)
+
+
+def _has_words(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> bool:
+    special = set(tokenizer.all_special_ids)
+    return bool(tokenizer.decode([i for i in ids if i not in special]).strip())
 
 
 def as_request(item: EditRequest | Mapping[str, Any]) -> EditRequest:

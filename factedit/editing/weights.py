@@ -44,6 +44,17 @@ def model_fingerprint(model: nn.Module, samples_per_param: int = 2048) -> str:
     return digest.hexdigest()[:32]
 
 
+def model_sha256(model: nn.Module) -> str:
+    """sha256 of every parameter's name, shape, dtype and bytes: an exact identity of the weights
+    (the journal's base-model check; about a second for the 135M default model)."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            digest.update(f"{name}:{tuple(param.shape)}:{param.dtype}:".encode())
+            digest.update(param.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "name_or_path", "dtype", "torch_dtype", "use_cache"}
 
 
@@ -93,6 +104,14 @@ class WeightState:
                 for name, pdelta in delta.items():
                     if name in names:
                         params[name].add_(pdelta.materialize(params[name].dtype, params[name].device))
+
+    def restore_base(self, model: nn.Module) -> None:
+        """Put every touched parameter back to its base value and forget all deltas."""
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in self.base.items():
+                params[name].copy_(value)
+        self.active.clear()
 
     def base_values(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         """Base values of those of `names` that an edit has touched (the others are still base)."""

@@ -159,17 +159,17 @@ def _edit_measure_revert(
 ) -> list[dict[str, Any]]:
     """One Editor call for `records`, then their post scores, then the exact revert."""
     mode, k = ctx.config.mode, len(records)
-    editor = ctx.editor(method)
-    try:
-        edit = editor.edit_batch(ctx.model, [r.to_request() for r in records])
-    except REFUSED as exc:  # a request the method refuses: recorded, the run goes on
-        logger.warning("%s refused records %s: %s", method.name, [r.index for r in records], exc)
-        return [case_row(method.name, mode, r, ctx.pre[r.index], None, {}, error=str(exc)) for r in records]
-    with stopwatch() as post_t:
-        posts = ctx.score(records)
-    drift = ctx.drift(f"{method.name}, batch of records {records[0].index}..") if mode == "batch" else None
-    with stopwatch() as revert_t:
-        editor.revert(ctx.model, edit.id)
+    with ctx.editor(method) as editor:  # closed after the revert: the model is free for the next one
+        try:
+            edit = editor.edit_batch(ctx.model, [r.to_request() for r in records])
+        except REFUSED as exc:  # a request the method refuses: recorded, the run goes on
+            logger.warning("%s refused records %s: %s", method.name, [r.index for r in records], exc)
+            return [case_row(method.name, mode, r, ctx.pre[r.index], None, {}, error=str(exc)) for r in records]
+        with stopwatch() as post_t:
+            posts = ctx.score(records)
+        drift = ctx.drift(f"{method.name}, batch of records {records[0].index}..") if mode == "batch" else None
+        with stopwatch() as revert_t:
+            editor.revert(ctx.model, edit.id)
     rows = []
     for record, post in zip(records, posts):
         timings = {

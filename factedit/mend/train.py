@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 import factedit
 
+from ..editing.configs import validated
 from ..editing.errors import CheckpointError, ConfigError
 from ..editing.hashing import file_sha256
 from ..editing.scoring import pad_id_of
@@ -38,6 +39,7 @@ from ..editing.preserve import PreserveConfig, build_preserver
 from .checkpoint import base_model_info, check_model, load_checkpoint, save_checkpoint
 from .data import EditExample, load_examples
 from .method import new_network
+from .network import AGGREGATIONS
 from .objective import _skip, edit_step_loss, evaluate_single_edits, module_of
 from .prefix import PrefixCache
 
@@ -98,6 +100,13 @@ class TrainConfig:
             raise ValueError("batch_size, max_steps and val_every must be >= 1")
         if self.positions not in ("loss", "all"):
             raise ValueError("positions must be 'loss' or 'all'")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}")
+        positive = ("lr", "lr_alpha", "preserve_threshold", "preserve_ridge", "grad_clip", "margin")
+        if not all(0 < getattr(self, name) < math.inf for name in positive):
+            raise ValueError(f"{', '.join(positive)} must be finite numbers > 0")
+        if not all(0 <= getattr(self, name) < math.inf for name in ("alpha_init", "c_edit", "c_loc", "c_margin")):
+            raise ValueError("alpha_init, c_edit, c_loc and c_margin must be finite numbers >= 0")
 
 
 def repo_path(path: str) -> Path:
@@ -106,28 +115,32 @@ def repo_path(path: str) -> Path:
 
 
 def compose_config(argv: Sequence[str] = ()) -> TrainConfig:
-    """A TrainConfig from `[--config-name NAME] key=value ...` (Hydra compose over configs/mend)."""
+    """A TrainConfig from `[--config-name NAME] key=value ...` (Hydra compose over configs/mend),
+    validated (unknown keys, types, ranges) before anything is loaded."""
     from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     argv, name = list(argv), "default"
     for flag in ("--config-name", "-cn"):
         if flag in argv:
             i = argv.index(flag)
+            if i + 1 >= len(argv):
+                raise ConfigError(f"{flag} needs a config name: one of {sorted(p.stem for p in CONFIG_DIR.glob('*.yaml'))}")
             name = argv[i + 1]
             del argv[i : i + 2]
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name=name, overrides=argv)
-    values: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - fields)
+    fields = sorted(f.name for f in dataclasses.fields(TrainConfig))
+    unknown = sorted({a.partition("=")[0].lstrip("+~") for a in argv} - set(fields))
     if unknown:
-        raise ConfigError(f"unknown train-mend key(s) {unknown}; known: {sorted(fields)}")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        raise ConfigError(f"unknown train-mend key(s) {unknown}; known: {fields}")
     try:
-        return TrainConfig(**values)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"invalid train-mend config: {exc}") from exc
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose(config_name=name, overrides=argv)
+        values: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(f"train-mend config: {str(exc).splitlines()[0]}") from None
+    return validated(TrainConfig, values, "train-mend config")
 
 
 def load_data(cfg: TrainConfig, tokenizer) -> tuple[list[EditExample], list[EditExample], dict[str, str]]:
@@ -340,7 +353,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     import sys
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = compose_config(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = compose_config(sys.argv[1:] if argv is None else argv)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     result = train(cfg)
     print(json.dumps(result, indent=2))
     return 0

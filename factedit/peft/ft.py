@@ -39,9 +39,9 @@ class FTConfig:
     preserve: PreserveConfig | None = preserve_field(None)
 
     def __post_init__(self) -> None:
-        if self.lr <= 0 or self.max_steps < 1:
-            raise ValueError("lr must be > 0 and max_steps >= 1")
-        if self.norm_constraint is not None and self.norm_constraint <= 0:
+        if not (0 < self.lr < float("inf")) or self.max_steps < 1:
+            raise ValueError("lr must be a finite number > 0 and max_steps >= 1")
+        if self.norm_constraint is not None and not (0 < self.norm_constraint < float("inf")):
             raise ValueError("norm_constraint must be > 0, or None to turn it off")
         if not self.layers or not self.matrices:
             raise ValueError("layers and matrices must not be empty")

@@ -45,8 +45,9 @@ class LoRAEditConfig:
     preserve: PreserveConfig | None = preserve_field(None)
 
     def __post_init__(self) -> None:
-        if self.rank < 1 or self.alpha <= 0 or self.lr <= 0 or self.max_steps < 1:
-            raise ValueError("rank and max_steps must be >= 1, alpha and lr > 0")
+        finite = float("inf")
+        if self.rank < 1 or self.max_steps < 1 or not (0 < self.alpha < finite) or not (0 < self.lr < finite):
+            raise ValueError("rank and max_steps must be >= 1, alpha and lr finite numbers > 0")
         if not self.layers or not self.matrices:
             raise ValueError("layers and matrices must not be empty")
 
