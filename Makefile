@@ -23,6 +23,7 @@ demo: setup
 	$(PY) -m factedit.demo
 
 test: setup
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 test-fast: setup

@@ -2,7 +2,7 @@
 
     make app                      # then open http://127.0.0.1:8501 (PORT=... for another port)
 
-Settings come from configs/app.yaml; FACTEDIT_APP_MODEL (a local model folder), FACTEDIT_APP_JOURNAL
+Settings come from factedit/conf/app.yaml; FACTEDIT_APP_MODEL (a local model folder), FACTEDIT_APP_JOURNAL
 and FACTEDIT_APP_CONFIG override it (see apps/editapp/config.py). The model, the journal and the
 Editor live in one EditService per server process, shared by every tab (apps/editapp/service.py).
 """
@@ -51,7 +51,7 @@ def main() -> None:
     try:
         config = load_app_config()
         service = get_service(config.cache_key(), config)
-    except Exception as exc:  # noqa: BLE001 - a missing model or bad settings: say so instead of a traceback
+    except Exception as exc:
         st.error(f"The app could not start: {type(exc).__name__}: {exc}", icon="⚠️")
         st.stop()
     header(service)

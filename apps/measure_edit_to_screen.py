@@ -50,7 +50,8 @@ def app_server(env: dict[str, str], log_path: Path, timeout: float = 120.0) -> I
         sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(port),
         "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false",
     ]
-    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+    python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    full_env = {**os.environ, "PYTHONPATH": python_path,
                 **env}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--screenshots", default=None, help="folder for screenshots (default: a temp folder)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for any one step")
     parser.add_argument("--threads", type=int, default=None,
-                        help="FACTEDIT_APP_THREADS for the app (default: configs/app.yaml; 0: torch's default)")
+                        help="FACTEDIT_APP_THREADS for the app (default: factedit/conf/app.yaml; 0: torch's default)")
     args = parser.parse_args(argv)
     if not CHROMIUM.exists():
         print(f"{CHROMIUM} is missing: apt-get install -y chromium chromium-driver", file=sys.stderr)
@@ -209,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         "revert_to_screen_s": [round(t, 3) for t in reverts],
         "median_revert_to_screen_s": round(statistics.median(reverts), 3),
         "editor_edit_ms": edit_ms, "median_editor_edit_ms": round(statistics.median(edit_ms), 1) if edit_ms else None,
-        "app_threads": env.get("FACTEDIT_APP_THREADS", "configs/app.yaml"), "cpu_count": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2), "screenshots": str(shots),
+        "app_threads": env.get("FACTEDIT_APP_THREADS", "factedit/conf/app.yaml"), "cpu_count": os.cpu_count(),
+        "load_avg_1min": round(os.getloadavg()[0], 2), "screenshots": str(shots),
     }, indent=1))
     return 0
 

@@ -26,8 +26,8 @@ import torch
 
 from factedit.evaluation.config import DataConfig, EvalConfig, MethodRun
 from factedit.evaluation.runner import run_eval
+from factedit.paths import PACKAGE_DIR
 
-ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ("cf/es", "cf/ps", "cf/ns", "seq/retention", "drift/ppl_ratio", "drift/ppl_ratio_max", "revert/exact",
            "time/edit_ms")
 
@@ -35,7 +35,7 @@ COLUMNS = ("cf/es", "cf/ps", "cf/ns", "seq/retention", "drift/ppl_ratio", "drift
 def evaluate(methods, mode: str, start: int, n: int, out: Path, checkpoints, threads: int) -> dict:
     config = EvalConfig(
         methods=tuple(MethodRun(m) for m in ["none", *methods]),
-        data=DataConfig(path=ROOT / "data/counterfact/val.json", name="counterfact", format="counterfact"),
+        data=DataConfig(path=PACKAGE_DIR / "data/counterfact/val.json", name="counterfact", format="counterfact"),
         out=out, n=n, start=start, mode=mode, batch_size=n, checkpoints=tuple(checkpoints), threads=threads,
     )
     return run_eval(config).summary

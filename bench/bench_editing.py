@@ -26,9 +26,7 @@ import factedit
 from factedit.editing.journal import Journal
 from factedit.editing.request import encode_prompt, encode_target
 from factedit.editing.scoring import pad_id_of, score_sequences
-from factedit.editing.weights import WeightState
-
-ROOT = Path(__file__).resolve().parents[1]
+from factedit.paths import PACKAGE_DIR
 
 
 def mean_logprobs(model, tok, prompt: str, targets: list[str]) -> list[float]:
@@ -122,7 +120,7 @@ def main() -> None:
         method, _, field = key.partition(".")
         overrides.setdefault(method, {})[field] = json.loads(value)
 
-    split = json.loads((ROOT / f"data/counterfact/{args.split}.json").read_text())
+    split = json.loads((PACKAGE_DIR / f"data/counterfact/{args.split}.json").read_text())
     records = split[args.start : args.start + args.n]
     model, tok = factedit.load_model()
     rows = []

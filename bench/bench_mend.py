@@ -33,9 +33,8 @@ import torch
 import factedit
 from factedit.editing.request import EditRequest, encode_prompt, encode_target, tokenize_request
 from factedit.editing.scoring import pad_id_of, score_sequences
+from factedit.paths import PACKAGE_DIR
 from factedit.peft.training import make_batch, target_nll
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def cf_scores(model, tok, rec) -> dict[str, float]:
@@ -75,7 +74,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     model, tok = factedit.load_model()
-    records = json.loads((ROOT / "data/counterfact/val.json").read_text())[: args.n]
+    records = json.loads((PACKAGE_DIR / "data/counterfact/val.json").read_text())[: args.n]
     editor = factedit.Editor("mend", tokenizer=tok, score=False, checkpoint=args.checkpoint)
     names = editor._impl.network.param_names
     params = dict(model.named_parameters())
@@ -133,7 +132,8 @@ def main() -> None:
         "time/edit_over_fwd_bwd": single_ms / statistics.median(fb_ms),
         f"time/batch{args.batch}_compute_ms": statistics.median(batch_ms),
         f"time/batch{args.batch}_over_single": statistics.median(batch_ms) / single_ms,
-        f"time/batch{args.batch}_total_over_single_total": statistics.median(batch_edit_ms) / statistics.median(edit_ms),
+        f"time/batch{args.batch}_total_over_single_total":
+            statistics.median(batch_edit_ms) / statistics.median(edit_ms),
         "threads": args.threads,
     }
     width = max(len(k) for k in figures)

@@ -27,7 +27,6 @@ from .editing.record import EditRecord
 from .editing.request import EditRequest
 
 __all__ = [
-    "__version__",
     "CheckpointError",
     "ConfigError",
     "Delta",
@@ -43,6 +42,7 @@ __all__ = [
     "ModelMismatchError",
     "ParamDelta",
     "UnsupportedModelError",
+    "__version__",
     "available_methods",
     "load_model",
     "register_method",

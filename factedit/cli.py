@@ -4,8 +4,8 @@
     factedit revert ID --journal F
     factedit history --journal F
     factedit diff ID --journal F [--probe P ...]
-    factedit eval method=ft_l data=counterfact n=200 ...      (Hydra overrides; see configs/eval.yaml)
-    factedit train-mend ...                                    (Hydra overrides; see configs/mend/)
+    factedit eval method=ft_l data=counterfact n=200 ...      (Hydra overrides; see factedit/conf/eval.yaml)
+    factedit train-mend ...                                    (Hydra overrides; see factedit/conf/mend/)
 
 Each run with a journal reloads the base model recorded in the journal and replays its active edits.
 """
@@ -16,8 +16,9 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from . import display
 from .editing.editor import Editor

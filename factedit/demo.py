@@ -48,7 +48,7 @@ def top1(model, tokenizer, prompts: list[str]) -> list[str]:
 def show(model, tokenizer, title: str, rows: list[tuple[str, str]], base_ppl: float) -> None:
     prompts = [p for p, _ in rows]
     print(f"\n{title}")
-    table = [(repr(p), want, got) for (p, want), got in zip(rows, top1(model, tokenizer, prompts))]
+    table = [(repr(p), want, got) for (p, want), got in zip(rows, top1(model, tokenizer, prompts), strict=True)]
     print(display.format_table(table, ["prompt", "wanted", "top next token"]))
     ppl = reference_perplexity(model, tokenizer, reference_texts("samples"))
     print(f"plain text: perplexity {ppl:.3f}, {ppl / base_ppl:.4f}× the unedited model's")
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     editor.revert(model, records[0].id)
     print(f"\nReverted {records[0].id} ({FACTS[0][0]!r}) in {(time.perf_counter() - t) * 1000:.0f} ms; "
           "the other edits stay")
-    show(model, tokenizer, "After reverting the first edit", [(FACTS[0][0], "original")] + checks[1:len(FACTS)],
+    show(model, tokenizer, "After reverting the first edit", [(FACTS[0][0], "original"), *checks[1:len(FACTS)]],
          base_ppl)
 
     editor.revert_all(model)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .editing.diff import EditDiff
 from .editing.record import EditRecord
@@ -16,7 +17,7 @@ def format_top(top: Sequence[dict[str, Any]], k: int = 3) -> str:
 def format_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     cells = [list(map(str, header))] + [[str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -48,5 +49,6 @@ def format_diff(diff: EditDiff) -> str:
             for p in diff.params]
     parts = [format_table(rows, ["parameter", "shape", "kind", "|Δ|_F", "|Δ|/|W|", "rank"])]
     for row in diff.predictions + diff.probes:
-        parts.append(f"{row['prompt']!r}\n  before: {format_top(row['before'], 5)}\n  after:  {format_top(row['after'], 5)}")
+        before, after = format_top(row["before"], 5), format_top(row["after"], 5)
+        parts.append(f"{row['prompt']!r}\n  before: {before}\n  after:  {after}")
     return "\n\n".join(parts)

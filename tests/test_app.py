@@ -23,8 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "apps" / "app.py"
 sys.path.insert(0, str(REPO / "apps"))  # the app's modules (editapp), for the service-level tests
 
-from editapp.config import load_app_config
-from editapp.service import EditService
+from editapp.config import load_app_config  # noqa: E402 - found through the path set above
+from editapp.service import EditService  # noqa: E402
 
 PROMPT, TARGET = "The capital of France is", "Rome"
 # Settings that make the tiny model's top token " Rome" after one edit, in a few steps.
@@ -212,7 +212,7 @@ def test_journal_from_another_model_is_refused_inline(app_env):
     with factedit.Editor("ft", tokenizer=tok, journal=app_env.journal, layers=[-1]) as editor:
         editor.edit(other, PROMPT, TARGET)
     at = start()
-    assert any("journal cannot be used" in e and "fingerprint" in e for e in errors(at)), errors(at)
+    assert any("journal cannot be used" in e and "other weights" in e for e in errors(at)), errors(at)
     at = apply_edit(at)
     assert any("The edit failed" in e for e in errors(at))
     at.button(key="new_journal").click()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import assert_weights_equal, snapshot
-from tiny_models import tiny_model
+from tiny_models import ARCHS, tiny_model
 
 import factedit
 from factedit.editing.request import EditRequest, tokenize_request
@@ -14,10 +14,9 @@ from factedit.editing.request import EditRequest, tokenize_request
 TINY_OVERRIDES = {
     "ft": dict(layers=(-1,), lr=1e-2, max_steps=60),
     "ft_l": dict(layers=(-1,), lr=1e-2, max_steps=60, norm_constraint=0.5),
-    "lora": dict(layers=(-1,), lr=3e-2, max_steps=80),
+    "lora": dict(layers=(-1,), matrices=("act", "out"), lr=3e-2, max_steps=80),
 }
 METHODS = sorted(TINY_OVERRIDES)
-ARCHS = ["llama", "gpt2"]
 
 
 def make_editor(method: str, tokenizer, **extra) -> factedit.Editor:

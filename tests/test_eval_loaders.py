@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from factedit.evaluation import DatasetError, EvalRecord, load_records, select_records
+from factedit.paths import PACKAGE_DIR
 
 FIXTURES = Path(__file__).parent / "fixtures"
-DATA = Path(__file__).resolve().parents[1] / "data"
+DATA = PACKAGE_DIR / "data"
 
 
 def test_counterfact_flat_format():
@@ -80,7 +81,7 @@ def test_shipped_files_load():
     assert cf.total == 1919 and cf.skipped == 0
     with pytest.raises(DatasetError, match="record 534: field 'alt': empty"):
         load_records(DATA / "zsre" / "train-1k.json")
-    zsre = load_records(DATA / "zsre" / "train-1k.json", skip_invalid=True)  # as configs/data/zsre.yaml does
+    zsre = load_records(DATA / "zsre" / "train-1k.json", skip_invalid=True)  # as conf/data/zsre.yaml does
     assert zsre.format == "zsre" and zsre.total == 1000 and zsre.skipped == 2
 
 

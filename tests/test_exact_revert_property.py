@@ -39,11 +39,11 @@ class RandomDelta:
         for index in which:
             rows, cols = shapes[names[index % len(names)]]
             if low_rank:
-                params[names[index % len(names)]] = ParamDelta(
-                    left=torch.randn(rows, 2, generator=gen) * self.config.scale, right=torch.randn(2, cols, generator=gen)
-                )
+                left = torch.randn(rows, 2, generator=gen) * self.config.scale
+                params[names[index % len(names)]] = ParamDelta(left=left, right=torch.randn(2, cols, generator=gen))
             else:
-                params[names[index % len(names)]] = ParamDelta(dense=torch.randn(rows, cols, generator=gen) * self.config.scale)
+                dense = torch.randn(rows, cols, generator=gen) * self.config.scale
+                params[names[index % len(names)]] = ParamDelta(dense=dense)
         return Delta(params)
 
 
@@ -84,4 +84,5 @@ def test_any_edit_revert_sequence_equals_replaying_the_active_edits(operations):
             del active[edit_id]
         assert_weights_equal(MODEL, expected_weights(list(active.values())))
     editor.revert_all(MODEL)
+    editor.close()
     assert_weights_equal(MODEL, BASE)

@@ -115,9 +115,9 @@ def test_a_journal_from_another_model_is_refused_and_changes_nothing(tmp_path):
         editor.edit(model, *FACTS[0])
     other, _ = tiny_model("llama", seed=1)
     before = snapshot(other)
-    with factedit.Editor("ft", tokenizer=tok, journal=path, **FT) as editor:
-        with pytest.raises(factedit.ModelMismatchError, match="other weights .*sha256 of all parameters"):
-            editor.edit(other, *FACTS[1])
+    with (factedit.Editor("ft", tokenizer=tok, journal=path, **FT) as editor,
+          pytest.raises(factedit.ModelMismatchError, match="other weights .*sha256 of all parameters")):
+        editor.edit(other, *FACTS[1])
     assert_weights_equal(other, before)
     with Journal(path) as journal:
         assert len(journal.records()) == 1
@@ -185,9 +185,8 @@ def test_an_already_edited_model_is_refused(tmp_path):
     model, tok = tiny_model("llama")
     with factedit.Editor("ft", tokenizer=tok, journal=path, **FT) as editor:
         editor.edit(model, *FACTS[0])
-    with factedit.Editor("ft", tokenizer=tok, journal=path, **FT) as editor:
-        with pytest.raises(factedit.ModelMismatchError):
-            editor.attach(model)  # `model` still carries the edit: replaying would apply it twice
+    with factedit.Editor("ft", tokenizer=tok, journal=path, **FT) as editor, pytest.raises(factedit.ModelMismatchError):
+        editor.attach(model)  # `model` still carries the edit: replaying would apply it twice
 
 
 @pytest.mark.parametrize(

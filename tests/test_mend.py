@@ -154,16 +154,54 @@ def test_step_checks_from_the_recorded_states_decide_as_full_forwards_do(arch, t
     assert hook_count(model) == 0 and all("forward" not in m.__dict__ for m in model.modules())
 
 
-def test_low_rank_factors_reproduce_the_dense_delta(tmp_path):
+def test_an_error_inside_a_step_check_leaves_the_model_as_it_was(tmp_path):
+    """The step checks skip the blocks below the edited ones by shadowing their `forward` inside a
+    context manager; an error raised mid-edit, while they are shadowed, must restore every one."""
     model, tok = tiny_model("llama")
-    path, network = tiny_checkpoint(tmp_path, model)
+    path, _ = tiny_checkpoint(tmp_path, model, layers=(-1,), roles=("out",))
+    editor = mend_editor(tok, path, layers=(-1,), roles=("out",), step_scales=(1.0, 2.0))
+    base = snapshot(model)
+    calls = []
+
+    def fail_in_a_check(module, args, output):  # scoring, capture, then the first check
+        calls.append(all("forward" in b.__dict__ for b in model.model.layers[:-1]))
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+
+    with forward_hooks(model, hooks={"model.layers.3": fail_in_a_check}), pytest.raises(RuntimeError, match="boom"):
+        editor.edit(model, "The capital of France is", "Rome")
+    assert calls == [False, False, True]  # the error came while the lower blocks were shadowed
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert hook_count(model) == 0
+    assert_weights_equal(model, base)
+    assert editor.history == []
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_the_applied_delta_is_the_update_mend_was_trained_with(arch, tmp_path):
+    """The low-rank factors the method returns, in each parameter's own layout (Conv1D included),
+    add exactly the W + ΔW that the training objective evaluates (`objective.edited_params`)."""
+    from factedit.mend.capture import capture
+    from factedit.mend.objective import edited_params, module_of
+    from factedit.peft.training import frozen
+
+    model, tok = tiny_model(arch)
+    path, network = tiny_checkpoint(tmp_path, model, roles=ROLES[arch])
     network.editors[next(iter(network.editors))].layers[0].up.data.normal_()  # not the identity any more
     save_checkpoint(tmp_path / "ck", network, base_model_info(model))
-    delta = mend_editor(tok, path)._impl.compute(model, tok, requests_for(tok))
-    for pdelta in delta.params.values():
-        dense = pdelta.materialize(torch.float64)
-        assert torch.allclose(dense, pdelta.left.double() @ pdelta.right.double())
-        assert pdelta.left.shape[1] == pdelta.right.shape[0] <= 8  # one row per target token
+    editor = mend_editor(tok, path, roles=ROLES[arch], step_scales=(1.0,), guard=None, positions="loss")
+    base = snapshot(model)
+    requests = requests_for(tok)
+    names = editor._impl.network.param_names
+    with frozen(model):
+        captured = capture(model, [module_of(n) for n in names], names, make_batch(requests, pad_id_of(tok), "cpu"))
+        trained = edited_params(model, editor._impl.network, captured.factors)  # W + ΔW as in training
+    record = editor.edit_batch(model, [r.request for r in requests])
+    params = dict(model.named_parameters())
+    for name in names:
+        pdelta = record.delta.params[name]
+        assert pdelta.kind == "low_rank" and pdelta.left.shape[1] <= 8  # one row per target token
+        assert torch.allclose(params[name] - base[name], trained[name].detach() - base[name], atol=1e-6)
 
 
 def test_hooks_are_removed_after_an_exception():
@@ -201,7 +239,7 @@ def test_checkpoint_round_trips_bit_for_bit(tmp_path):
         for p in network.parameters():
             p.normal_()
     network.train()
-    network({n: (torch.randn(5, p.d_in), torch.randn(5, p.d_out)) for n, p in zip(network.param_names, network.params)})
+    network({p.name: (torch.randn(5, p.d_in), torch.randn(5, p.d_out)) for p in network.params})
     save_checkpoint(tmp_path / "ck", network, base_model_info(model), train_config={"lr": 1.0},
                     data_hashes={"x.json": "abc"}, metrics={"val/es": 0.5}, step=7)
     loaded = load_checkpoint(tmp_path / "ck")

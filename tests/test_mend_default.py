@@ -7,6 +7,7 @@ import torch
 
 import factedit
 from factedit.mend.checkpoint import SHIPPED, load_checkpoint
+from factedit.paths import PACKAGE_DIR
 
 pytestmark = pytest.mark.default_model
 
@@ -48,7 +49,6 @@ def test_shipped_editor_keeps_accumulated_edits_and_the_model_whole(default_mode
     """Ten CounterFact facts edited one after another (the old editor broke the model by edit 7):
     every edit's target holds at the end, plain text barely moves, and reverting all is exact."""
     import json
-    from pathlib import Path
 
     from factedit.editing.drift import reference_perplexity
     from factedit.editing.reference import reference_texts
@@ -56,7 +56,7 @@ def test_shipped_editor_keeps_accumulated_edits_and_the_model_whole(default_mode
     from factedit.editing.scoring import pad_id_of, score_sequences
 
     model, tok = default_model
-    records = json.loads((Path(__file__).parents[1] / "data/counterfact/val.json").read_text())[300:310]
+    records = json.loads((PACKAGE_DIR / "data/counterfact/val.json").read_text())[300:310]
     texts = reference_texts("samples")[:16]
     before = reference_perplexity(model, tok, texts)
     editor = factedit.Editor("mend", tokenizer=tok)

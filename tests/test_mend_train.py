@@ -18,12 +18,13 @@ from factedit.mend.data import load_examples
 from factedit.mend.method import new_network
 from factedit.mend.objective import edit_step_loss
 from factedit.mend.prefix import PrefixCache
-from factedit.mend.train import CONFIG_DIR, ROOT, TrainConfig, compose_config, train
+from factedit.mend.train import CONFIG_DIR, TrainConfig, compose_config, train
+from factedit.paths import PACKAGE_DIR
 from factedit.peft.training import frozen
 
 
 def tiny_examples(tok, n=4):
-    return load_examples(ROOT / "data/counterfact/train.json", tok, "counterfact", limit=n)
+    return load_examples(PACKAGE_DIR / "data/counterfact/train.json", tok, "counterfact", limit=n)
 
 
 def test_a_short_training_run_lowers_the_edit_loss():

@@ -6,6 +6,7 @@ import importlib
 import sysconfig
 from pathlib import Path
 
+import pytest
 import torch
 from tiny_models import tiny_model
 
@@ -73,25 +74,31 @@ def test_lora_delta_is_rank_r_factors_equal_to_the_adapters_change():
         assert int(torch.linalg.matrix_rank(pdelta.materialize(torch.float64))) <= 4
 
 
-def test_lora_edit_changes_the_output_as_the_trained_adapter_did():
-    """Folding must be exact up to float rounding: the edited model's logits match the adapter's."""
-    from peft import LoraConfig, get_peft_model
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_lora_edit_changes_the_output_as_the_trained_adapter_did(arch, monkeypatch):
+    """Folding must be exact up to float rounding: the edited model's logits match those of the model
+    with the trained adapter still in it (its real scale alpha / r), read just before folding."""
+    from factedit.peft import lora
 
-    model, tok = tiny_model("gpt2")
-    editor = factedit.Editor("lora", tokenizer=tok, layers=(-1,), rank=4, lr=3e-2, max_steps=10, score=False)
-    record = editor.edit(model, "The capital of France is", "Rome")
+    model, tok = tiny_model(arch)
     ids = torch.tensor([tok("The capital of France is Rome")["input_ids"]])
+    adapter_logits = []
+    real_fold = lora._fold
+
+    def fold_after_reading_the_adapters_output(layer, layout):
+        if not adapter_logits:  # the adapter is injected into `model` in place while compute runs
+            with torch.no_grad():
+                adapter_logits.append(model(input_ids=ids).logits)
+        return real_fold(layer, layout)
+
+    monkeypatch.setattr(lora, "_fold", fold_after_reading_the_adapters_output)
+    editor = factedit.Editor("lora", tokenizer=tok, layers=(-1,), rank=4, alpha=12.0, lr=3e-2, max_steps=10,
+                             score=False)
+    record = editor.edit(model, "The capital of France is", "Rome")
     with torch.no_grad():
         edited_logits = model(input_ids=ids).logits
     editor.revert(model, record.id)
-    (name, pdelta), = record.delta.items()
-    # Recreate the adapter from the folded factors on the unedited model (Conv1D: Δ = Aᵀ Bᵀ s).
-    module = name.removesuffix(".weight")
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=4, target_modules=[module], fan_in_fan_out=True))
-    layer = peft_model.base_model.model.get_submodule(module)
     with torch.no_grad():
-        layer.lora_A["default"].weight.copy_(pdelta.left.T)
-        layer.lora_B["default"].weight.copy_(pdelta.right.T)
-        adapter_logits = peft_model(input_ids=ids).logits
-    peft_model.unload()
-    assert torch.allclose(edited_logits, adapter_logits, atol=1e-5)
+        base_logits = model(input_ids=ids).logits
+    assert not torch.allclose(edited_logits, base_logits, atol=1e-3)  # the edit did something
+    assert torch.allclose(edited_logits, adapter_logits[0], atol=1e-5)

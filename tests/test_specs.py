@@ -89,7 +89,7 @@ def test_spec_matches_real_module_names(arch_model):
 
 
 def test_param_names_exist_with_expected_orientation(arch_model):
-    _arch, model = arch_model
+    arch, model = arch_model
     spec = spec_for(model)
     params = dict(model.named_parameters())
     roles = list(spec.roles)
@@ -103,7 +103,7 @@ def test_param_names_exist_with_expected_orientation(arch_model):
         # in/gate map hidden -> intermediate, out maps intermediate -> hidden
         in_f, out_f = (INTERMEDIATE, HIDDEN) if roles[role] == "out" else (HIDDEN, INTERMEDIATE)
         layout = weight_layout(model, name)
-        assert layout == spec.layout == ("in_out" if spec.conv1d else "out_in")
+        assert layout == ("in_out" if arch == "gpt2" else "out_in")  # gpt2's MLP matrices are Conv1D
         expected_shape = (in_f, out_f) if layout == "in_out" else (out_f, in_f)
         assert tuple(params[name].shape) == expected_shape, name
 
@@ -193,6 +193,20 @@ def test_layout_comes_from_spec_not_shape(arch):
     for name in mlp_param_names(model, [0, -1], spec_for(model).roles):
         assert params[name].shape[0] == params[name].shape[1]
         assert weight_layout(model, name) == expected
+
+
+def test_a_spec_whose_layout_disagrees_with_the_model_is_refused(monkeypatch):
+    """The MLP layout is the spec's: a spec claiming Linear for GPT-2's Conv1D MLP must not be trusted."""
+    import dataclasses
+
+    from factedit.editing import specs
+
+    model, _ = tiny_model("gpt2")
+    wrong = dataclasses.replace(spec_for(model), conv1d=False)
+    monkeypatch.setattr(specs, "spec_for", lambda _model: wrong)
+    with pytest.raises(UnsupportedModelError, match="does not fit this model"):
+        weight_layout(model, "transformer.h.0.mlp.c_fc.weight")
+    assert weight_layout(model, "lm_head.weight") == "out_in"  # not an MLP matrix: its class decides
 
 
 def test_gpt2_layout_is_per_parameter():

@@ -1,6 +1,6 @@
-"""The app's settings: `configs/app.yaml`, then environment variables, validated into one dataclass.
+"""The app's settings: `factedit/conf/app.yaml`, then environment variables, validated into one dataclass.
 
-    FACTEDIT_APP_CONFIG    another YAML file instead of configs/app.yaml
+    FACTEDIT_APP_CONFIG    another YAML file instead of factedit/conf/app.yaml
     FACTEDIT_APP_MODEL     "default" (the embedded SmolLM2-135M) or a local HuggingFace model folder
     FACTEDIT_APP_JOURNAL   the journal file (default: runs/app/edits-<model>.sqlite under the repository)
     FACTEDIT_APP_THREADS   torch CPU threads for the app process (0: torch's default, all cores)
@@ -19,9 +19,10 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from factedit import ConfigError
+from factedit.paths import CONFIG_DIR
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG_FILE = REPO_ROOT / "configs" / "app.yaml"
+DEFAULT_CONFIG_FILE = CONFIG_DIR / "app.yaml"
 DEFAULT_MODEL = "default"
 
 ENV_CONFIG = "FACTEDIT_APP_CONFIG"

@@ -87,11 +87,13 @@ def _extras(request, pre: dict, post: dict) -> None:
         st.table(pd.DataFrame([
             {"paraphrase": text, "before": f"{b['target_prob']:.3f}", "after": f"{a['target_prob']:.3f}",
              "target is argmax after": "yes" if a["target_is_argmax"] else "no"}
-            for text, b, a in zip(request.paraphrases, pre.get("paraphrases", []), post.get("paraphrases", []))
+            for text, b, a in zip(
+                request.paraphrases, pre.get("paraphrases", []), post.get("paraphrases", []), strict=False
+            )
         ]))
     if request.locality:
         rows = []
-        for b, a in zip(pre.get("locality", []), post.get("locality", [])):
+        for b, a in zip(pre.get("locality", []), post.get("locality", []), strict=False):
             before, after = b["top"][0], a["top"][0]
             rows.append({"locality prompt": b["prompt"], "before": f"{token(before['token'])} {before['prob']:.3f}",
                          "after": f"{token(after['token'])} {after['prob']:.3f}",
@@ -123,7 +125,7 @@ def _now(service: EditService, prompt: str) -> None:
     st.markdown("**The model now**")
     try:
         prediction: Prediction = service.predict(prompt)
-    except Exception as exc:  # noqa: BLE001 - e.g. a prompt the tokenizer cannot handle
+    except Exception as exc:
         st.error(f"Could not score the prompt: {type(exc).__name__}: {exc}")
         return
     first = prediction.top[0]

@@ -17,7 +17,7 @@ def render_probes(service: EditService) -> None:
     show_messages(SECTION)
     try:
         scored = service.score_probes()
-    except Exception as exc:  # noqa: BLE001 - shown inline instead of crashing
+    except Exception as exc:
         st.error(f"Could not score the probes: {type(exc).__name__}: {exc}")
         scored = []
     if scored:

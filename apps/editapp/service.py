@@ -76,7 +76,7 @@ class EditService:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._journal = Journal(path)
-        except Exception as exc:  # noqa: BLE001 - not a journal, locked by another process, unreadable
+        except Exception as exc:
             self.journal_error = f"{type(exc).__name__}: {exc}"
             return
         errors = []
@@ -84,12 +84,12 @@ class EditService:
             try:
                 editor = factedit.Editor(method, tokenizer=self.tokenizer, journal=self._journal,
                                          guard=self.config.guard_max_ratio, **self.config.overrides_for(method))
-            except Exception as exc:  # noqa: BLE001 - a method that cannot be built (e.g. no MEND checkpoint yet)
+            except Exception as exc:
                 errors.append(f"{method}: {exc}")
                 continue
             try:
                 editor.attach(self.model)
-            except Exception as exc:  # noqa: BLE001 - shown inline instead of crashing
+            except Exception as exc:
                 self.journal_error = f"{type(exc).__name__}: {exc}"
                 self._reload_model()  # a failed replay may have touched the weights
                 self._journal.close()

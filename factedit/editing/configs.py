@@ -24,18 +24,28 @@ T = TypeVar("T")
 def validated(config_cls: type[T], overrides: Mapping[str, Any], what: str | None = None) -> T:
     """An instance of `config_cls` from `overrides`, type-checked by OmegaConf (module docstring)."""
     what = what or config_cls.__name__
+    if not isinstance(overrides, Mapping):
+        raise ConfigError(f"{what} takes a mapping of its fields, not {type(overrides).__name__} {overrides!r}")
     known = [f.name for f in dataclasses.fields(config_cls)]
     unknown = sorted(set(overrides) - set(known))
     if unknown:
         raise ConfigError(f"unknown config key(s) {unknown} for {what}; known keys: {sorted(known)}")
+    # Nested config dataclasses are validated on their own (OmegaConf makes nodes it creates from a
+    # frozen dataclass read-only), then put in place of their mapping.
+    nested = {f.name: f.metadata["dataclass"] for f in dataclasses.fields(config_cls) if "dataclass" in f.metadata}
+    inner = {
+        name: value if value is None or isinstance(value, nested[name]) else validated(nested[name], value, f"{what}.{name}")
+        for name, value in overrides.items() if name in nested
+    }
+    plain = {k: v for k, v in overrides.items() if k not in nested}
     try:
-        merged = OmegaConf.merge(_writable(OmegaConf.structured(config_cls)), _plain(overrides))
+        merged = OmegaConf.merge(_writable(OmegaConf.structured(config_cls)), _plain(plain))
         values = OmegaConf.to_container(merged, resolve=True, structured_config_mode=SCMode.DICT)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None)
         reason = str(exc.msg).splitlines()[0]
         raise ConfigError(f"invalid {what}{f' key {key!r}' if key else ''}: {reason}") from None
-    return _build(config_cls, values, what)
+    return _build(config_cls, {**values, **inner}, what)
 
 
 def _writable(node: DictConfig) -> DictConfig:
@@ -65,7 +75,7 @@ def _build(config_cls: type[T], values: Mapping[str, Any], what: str) -> T:
         value = values[field.name]
         nested = field.metadata.get("dataclass")
         if nested is not None and isinstance(value, Mapping):
-            value = _build(nested, value, f"{what}.{field.name}")
+            value = _build(nested, value, f"{what}.{field.name}")  # a default left as a mapping
         elif isinstance(value, list):
             value = tuple(value)
         kwargs[field.name] = value

@@ -13,8 +13,8 @@ gives the same bits.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Iterator, Mapping
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -71,7 +71,7 @@ class ParamDelta:
         product = self.left.detach().cpu().double() @ self.right.detach().cpu().double()  # (rows, cols)
         return product.to(dtype=dtype).to(device)
 
-    def detached_cpu(self) -> "ParamDelta":
+    def detached_cpu(self) -> ParamDelta:
         return ParamDelta(**{k: v.detach().to("cpu").contiguous() for k, v in self.tensors().items()})
 
 
@@ -98,7 +98,7 @@ class Delta:
     def names(self) -> list[str]:
         return list(self.params)
 
-    def detached_cpu(self) -> "Delta":
+    def detached_cpu(self) -> Delta:
         return Delta({name: p.detached_cpu() for name, p in self.params.items()})
 
     def num_bytes(self) -> int:
@@ -130,7 +130,7 @@ class Delta:
         return save_safetensors(tensors, metadata=meta)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "Delta":
+    def from_bytes(cls, data: bytes) -> Delta:
 
         tensors = load_safetensors(data)
         layout = json.loads(delta_metadata(data).get("layout", "{}"))

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -72,7 +73,7 @@ def diff_edit(
     predictions = [
         {"prompt": request.prompt, "before": pre["top"], "after": post["top"]}
         for request, pre, post in zip(
-            record.requests, record.pre.get("requests", []), record.post.get("requests", [])
+            record.requests, record.pre.get("requests", []), record.post.get("requests", []), strict=False
         )
     ]
     probe_rows: list[dict[str, Any]] = []
@@ -88,7 +89,7 @@ def diff_edit(
         else:
             before = after  # a reverted edit changes nothing now
         probe_rows = [
-            {"prompt": b["prompt"], "before": b["top"], "after": a["top"]} for b, a in zip(before, after)
+            {"prompt": b["prompt"], "before": b["top"], "after": a["top"]} for b, a in zip(before, after, strict=True)
         ]
     return EditDiff(record.id, param_changes(record, state, model), predictions, probe_rows)
 

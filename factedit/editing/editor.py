@@ -15,8 +15,9 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,12 +26,12 @@ from transformers import PreTrainedTokenizerBase
 from .._version import __version__
 from .delta import Delta, delta_metadata
 from .diff import EditDiff, diff_edit
+from .drift import GuardConfig
 from .errors import ConfigError, EditNotFoundError, InvalidDeltaError, InvalidRequestError, ModelMismatchError
 from .journal import Journal
 from .loading import model_id as model_id_of
 from .methods import config_to_dict, get_method, make_config
 from .record import EditRecord, new_edit_id
-from .drift import GuardConfig
 from .request import EditRequest, TokenizedRequest, as_requests, max_context, tokenize_request
 from .safeguards import Guard, Safeguards, accepts_preserver, resolve_guard
 from .scoring import score_requests
@@ -354,7 +355,7 @@ class Editor:
             if owner is not None and owner() is self:
                 delattr(model, OWNER_ATTRIBUTE)
 
-    def __enter__(self) -> "Editor":
+    def __enter__(self) -> Editor:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -14,9 +14,10 @@ import json
 import os
 import sqlite3
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from sqlitedict import SqliteDict
 
@@ -139,7 +140,7 @@ class Journal:
             {
                 f"record/{record.id}": _json_bytes(record.to_dict()),
                 f"delta/{record.id}": record.delta.to_bytes(delta_meta),
-                "order": _json_bytes(order + [record.id]),
+                "order": _json_bytes([*order, record.id]),
                 "meta": _json_bytes(meta),
             }
         )
@@ -185,7 +186,7 @@ class Journal:
             self._lock_file.close()  # releases the flock
             self._lock_file = None
 
-    def __enter__(self) -> "Journal":
+    def __enter__(self) -> Journal:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -233,7 +234,7 @@ def _check_is_journal_or_new(path: Path, create: bool) -> None:
 
 
 def _acquire_lock(lock_path: Path, timeout: float):
-    handle = open(lock_path, "a+")
+    handle = open(lock_path, "a+")  # noqa: SIM115 - kept open: the flock lives as long as the journal
     deadline = time.monotonic() + timeout
     while True:
         try:

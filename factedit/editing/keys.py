@@ -44,11 +44,8 @@ def _stop_after(model: nn.Module, module_name: str) -> Iterator[None]:
     def stop(module: nn.Module, args: tuple, output: object) -> None:
         raise _Done
 
-    with forward_hooks(model, hooks={module_name: stop}):
-        try:
-            yield
-        except _Done:
-            pass
+    with forward_hooks(model, hooks={module_name: stop}), contextlib.suppress(_Done):
+        yield
 
 
 def _last_module(model: nn.Module, modules: Sequence[str]) -> str:
@@ -148,7 +145,7 @@ def cached_derivative(
     if path.is_file():
         with safe_open(str(path), "pt") as handle:
             if (handle.metadata() or {}).get("corpus_sha256") == corpus_sha:
-                return {key: handle.get_tensor(key) for key in handle.keys()}
+                return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
     tensors = compute()
     meta = {"format": STATS_FORMAT, "module": module, "derived": tag, "model_fingerprint": fingerprint,
             "corpus_sha256": corpus_sha, "factedit_version": __version__}

@@ -7,8 +7,9 @@ MEND code until a method is used. Adding a method is one line in `_BUILTIN` (or 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 from torch import nn
 from transformers import PreTrainedTokenizerBase

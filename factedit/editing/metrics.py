@@ -160,8 +160,8 @@ def score_targets(
         scores = _score_prompt_batch(
             model, batch, [[pairs[i][1] for i in m] for m in members], pad_id, padding_side
         )
-        for indices, prompt_scores in zip(members, scores):
-            for i, score in zip(indices, prompt_scores):
+        for indices, prompt_scores in zip(members, scores, strict=True):
+            for i, score in zip(indices, prompt_scores, strict=True):
                 results[i] = score
     return results  # type: ignore[return-value]
 
@@ -258,7 +258,7 @@ def _case_pairs(tokenizer: PreTrainedTokenizerBase, case: FactCase) -> list[tupl
 
 def _collect(pairs: list[tuple[str, list[int], list[int]]], scores: Sequence[TargetScore]) -> CaseScores:
     by_kind: dict[str, list[tuple[list[int], TargetScore]]] = {}
-    for (kind, _, target), score in zip(pairs, scores):
+    for (kind, _, target), score in zip(pairs, scores, strict=True):
         by_kind.setdefault(kind, []).append((target, score))
     new_target, new = by_kind["new"][0]
     true = by_kind.get("true")
@@ -295,7 +295,7 @@ def score_cases(
     scores = iter(score_targets(model, flat, pad_id_of(tokenizer), batch_size, padding_side))
     results = [_collect(pairs, [next(scores) for _ in pairs]) for pairs in per_case]
     if fluency_tokens:
-        for case, result in zip(cases, results):
+        for case, result in zip(cases, results, strict=True):
             prompts = list(case.generation_prompts) or [case.prompt]
             result.generations = generate_greedy(model, tokenizer, prompts, fluency_tokens, batch_size)
             result.entropy = sum(ngram_entropy(t) for t in result.generations) / len(result.generations)
@@ -419,18 +419,18 @@ def case_metrics(pre: CaseScores, post: CaseScores) -> dict[str, float]:
     if post.true_nll is not None:
         values["cf/es"] = float(post.new_nll < post.true_nll)
         values["cf/em"] = _prob(post.new_nll) - _prob(post.true_nll)
-        pairs = list(zip(post.para_new_nll, post.para_true_nll))
+        pairs = list(zip(post.para_new_nll, post.para_true_nll, strict=True))
         values["cf/ps"] = _mean([float(n < t) for n, t in pairs])
         values["cf/pm"] = _mean([_prob(n) - _prob(t) for n, t in pairs])
-    neigh = list(zip(post.neigh_new_nll, post.neigh_true_nll))
+    neigh = list(zip(post.neigh_new_nll, post.neigh_true_nll, strict=True))
     values["cf/ns"] = _mean([float(t < n) for n, t in neigh])
     values["cf/nm"] = _mean([_prob(t) - _prob(n) for n, t in neigh])
     if len(pre.loc_pred) != len(post.loc_pred):
         raise ValueError("pre and post scores of a case have different locality prompts")
     values["tok/locality"] = _mean(
         [
-            _mean([float(a == b) for a, b in zip(before, after)]) or 0.0
-            for before, after in zip(pre.loc_pred, post.loc_pred)
+            _mean([float(a == b) for a, b in zip(before, after, strict=True)]) or 0.0
+            for before, after in zip(pre.loc_pred, post.loc_pred, strict=True)
         ]
     )
     return {k: v for k, v in values.items() if v is not None}
@@ -456,7 +456,7 @@ def compute_metrics(
     """
     if len(pre) != len(post):
         raise ValueError(f"{len(pre)} pre scores but {len(post)} post scores")
-    per_case = [case_metrics(a, b) for a, b in zip(pre, post)]
+    per_case = [case_metrics(a, b) for a, b in zip(pre, post, strict=True)]
     keys = sorted({k for values in per_case for k in values})
     metrics: dict[str, float] = {"data/cases": float(len(per_case))}
     for key in keys:

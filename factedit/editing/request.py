@@ -9,8 +9,9 @@ part of factedit that scores a target uses this one rule.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
@@ -77,7 +78,7 @@ class EditRequest:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "EditRequest":
+    def from_dict(cls, data: Mapping[str, Any]) -> EditRequest:
         known = {"prompt", "target", "subject", "paraphrases", "locality"}
         unknown = set(data) - known
         if unknown:
@@ -134,7 +135,7 @@ def tokenize_request(
         texts.append((text, ids))
     locality_ids = [tuple(encode_prompt(tokenizer, text)) for text in request.locality]
     scored = [(text, len(ids) + len(target_ids)) for text, ids in texts]
-    scored += [(text, len(ids)) for text, ids in zip(request.locality, locality_ids)]
+    scored += [(text, len(ids)) for text, ids in zip(request.locality, locality_ids, strict=True)]
     for text, length in scored:
         if context_length is not None and length > context_length:
             raise InvalidRequestError(

@@ -6,8 +6,9 @@ sequence is read at its own positions, which makes batched and unbatched numbers
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -93,7 +94,7 @@ def top_tokens(
     values, ids = logprobs.topk(k)
     return [
         {"token": tokenizer.decode([int(i)]), "id": int(i), "prob": round(float(v.exp()), 6)}
-        for v, i in zip(values, ids)
+        for v, i in zip(values, ids, strict=True)
     ]
 
 

@@ -270,11 +270,12 @@ def layer_index(model: nn.Module, param_name: str) -> int:
 def weight_layout(model: nn.Module, param_name: str) -> Layout:
     """How a weight matrix is stored: ``"out_in"`` (nn.Linear) or ``"in_out"`` (GPT-2 Conv1D).
 
-    The answer comes from the class of the module that owns the parameter (for the MLP matrices this is
-    what the spec records as ``conv1d``), never from the shape: a square matrix is no problem. It is per
-    parameter because one model can mix both, e.g. GPT-2's blocks are Conv1D but its lm_head is Linear.
+    For the MLP matrices the answer is the spec's (``ModelSpec.conv1d``), checked against the class of
+    the module that owns the parameter: a spec that disagrees with the model is refused rather than
+    trusted. Other matrices (e.g. GPT-2's lm_head, a Linear) are told by their module's class. Never
+    from the shape: a square matrix is no problem.
     """
-    spec_for(model)  # refuse unsupported architectures
+    spec = spec_for(model)
     module_name, _, leaf = param_name.rpartition(".")
     try:
         module = model.get_submodule(module_name)
@@ -285,4 +286,18 @@ def weight_layout(model: nn.Module, param_name: str) -> Layout:
             f"{param_name!r} is not the weight matrix of a Linear or Conv1D module "
             f"(its module is a {type(module).__name__})"
         )
-    return "in_out" if isinstance(module, Conv1D) else "out_in"
+    actual: Layout = "in_out" if isinstance(module, Conv1D) else "out_in"
+    if _is_mlp_matrix(spec, module_name) and actual != spec.layout:
+        raise UnsupportedModelError(
+            f"the {spec.name!r} spec stores MLP matrices as {spec.layout!r}, but {module_name} is a "
+            f"{type(module).__name__} ({actual!r}); the spec does not fit this model"
+        )
+    return actual
+
+
+def _is_mlp_matrix(spec: ModelSpec, module_name: str) -> bool:
+    prefix = spec.layers_path + "."
+    if not module_name.startswith(prefix):
+        return False
+    _, _, inside = module_name[len(prefix) :].partition(".")
+    return inside in spec.mlp_modules.values()

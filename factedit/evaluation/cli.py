@@ -1,4 +1,4 @@
-"""`factedit eval ...`: Hydra overrides in, an evaluation run out (see configs/eval.yaml).
+"""`factedit eval ...`: Hydra overrides in, an evaluation run out (see factedit/conf/eval.yaml).
 
     factedit eval method=ft_l data=counterfact n=200 mode=single out=DIR
     factedit eval method=[ft,ft_l,lora] data=counterfact n=200
@@ -7,9 +7,9 @@
     factedit eval --help
 
 Conveniences on top of plain Hydra overrides:
-    data=<file>      a path (not a config of configs/data/) selects `data=file data.path=<file>`
-    model=<folder>   a path (not a config of configs/model/) selects `model=local model.path=<folder>`
-    method=<name>    a registered method without a configs/method/<name>.yaml runs with its defaults
+    data=<file>      a path (not a config of conf/data/) selects `data=file data.path=<file>`
+    model=<folder>   a path (not a config of conf/model/) selects `model=local model.path=<folder>`
+    method=<name>    a registered method without a conf/method/<name>.yaml runs with its defaults
     method_overrides.<method>.<key>=<value>   works without Hydra's `++` prefix
 """
 
@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from ..editing.errors import FacteditError
-from .config import config_dir, from_container
+from ..paths import CONFIG_DIR, CONFIG_MODULE
+from .config import from_container
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ PATH_GROUPS = {"data": ("file", "path"), "model": ("local", "path")}
 
 
 def _options(group: str) -> set[str]:
-    return {p.stem for p in (config_dir() / group).glob("*.yaml")}
+    return {p.stem for p in (CONFIG_DIR / group).glob("*.yaml")}
 
 
 def _split_list(value: str) -> list[str]:
@@ -63,9 +64,9 @@ def normalize_overrides(argv: Sequence[str]) -> list[str]:
 def compose(argv: Sequence[str]) -> Any:
     """The composed eval config (an OmegaConf DictConfig) for these command-line overrides."""
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from hydra import initialize_config_module
 
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="factedit_eval"):
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3", job_name="factedit_eval"):
         return hydra_compose("eval", overrides=normalize_overrides(argv))
 
 
@@ -79,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if {"-h", "--help", "help"} & set(argv):
         print(__doc__)
         print(
-            f"config: {config_dir() / 'eval.yaml'}; groups: "
+            f"config: {CONFIG_DIR / 'eval.yaml'}; groups: "
             + "; ".join(f"{g}: {', '.join(sorted(_options(g)))}" for g in ("method", "data", "model"))
         )
         return 0

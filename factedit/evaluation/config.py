@@ -8,31 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import factedit
-
 from ..editing.errors import ConfigError
+from ..paths import resolve_path
 from .loaders import FORMATS
 
 MODES = ("single", "batch", "sequential")
 NONE_METHOD = "none"  # the unedited baseline
-
-
-def repo_root() -> Path:
-    """The repository (or source tree) that holds `configs/` and `data/`."""
-    return Path(factedit.__file__).resolve().parents[1]
-
-
-def config_dir() -> Path:
-    return repo_root() / "configs"
-
-
-def resolve_path(path: str | Path) -> Path:
-    """An absolute path as is; a relative one from the working directory, else from the repository."""
-    candidate = Path(path).expanduser()
-    if candidate.is_absolute() or candidate.exists():
-        return candidate.resolve()
-    from_repo = repo_root() / candidate
-    return from_repo if from_repo.exists() else candidate.resolve()
 
 
 @dataclass(frozen=True)
@@ -59,7 +40,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """One evaluation run (see configs/eval.yaml for what each field does)."""
+    """One evaluation run (see factedit/conf/eval.yaml for what each field does)."""
 
     methods: tuple[MethodRun, ...]
     data: DataConfig
@@ -122,7 +103,7 @@ class EvalConfig:
 
 
 def _method_runs(cfg: Mapping[str, Any]) -> tuple[MethodRun, ...]:
-    """Methods in the order chosen; the kwargs of configs/method/<name>.yaml, then method_overrides."""
+    """Methods in the order chosen; the kwargs of conf/method/<name>.yaml, then method_overrides."""
     extra = dict(cfg.get("method_overrides") or {})
     runs = []
     for name, kwargs in (cfg.get("methods") or {}).items():

@@ -1,7 +1,7 @@
 """Evaluation datasets: local JSON/JSONL files read with HuggingFace `datasets`, normalised to EvalRecord.
 
 Formats (`format=`):
-    counterfact  the flat CounterFact of data/counterfact/*.json (EasyEdit's): prompt, target_new,
+    counterfact  the flat CounterFact of factedit/data/counterfact/*.json (EasyEdit's): prompt, target_new,
                  ground_truth, subject, rephrase_prompt, locality_prompt + locality_ground_truth
                  (the neighbourhood prompt, same relation, true answer: CounterFact NS)
     rome         the original ROME CounterFact: requested_rewrite {prompt template with "{}", subject,

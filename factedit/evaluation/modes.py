@@ -29,11 +29,11 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from ..editing.editor import Editor
 from ..editing.drift import reference_perplexity
+from ..editing.editor import Editor
 from ..editing.errors import DriftError, InvalidDeltaError, InvalidRequestError
-from ..editing.reference import reference_texts
 from ..editing.metrics import CaseScores, compute_metrics, score_cases, stopwatch
+from ..editing.reference import reference_texts
 from .config import EvalConfig, MethodRun
 from .records import EvalRecord
 from .store import JsonLines
@@ -171,7 +171,7 @@ def _edit_measure_revert(
         with stopwatch() as revert_t:
             editor.revert(ctx.model, edit.id)
     rows = []
-    for record, post in zip(records, posts):
+    for record, post in zip(records, posts, strict=True):
         timings = {
             **_edit_timings(dict(edit.timings), k),
             "metrics_ms": post_t["ms"] / k + ctx.pre_ms,

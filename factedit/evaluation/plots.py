@@ -56,7 +56,7 @@ def plot_retention(summary: Mapping[str, Any], path: Path) -> Path | None:
         for method, view in runs.items():
             points = [(c["edits"], c["metrics"][key]) for c in view["checkpoints"] if key in c["metrics"]]
             if points:
-                axes.plot(*zip(*points), marker="o", label=method)
+                axes.plot(*zip(*points, strict=True), marker="o", label=method)
         if key in summary["baseline"] and key.startswith("cf/ns"):
             axes.axhline(summary["baseline"][key], color="grey", linestyle=":", label="unedited")
         axes.set_title(key)

@@ -140,7 +140,7 @@ def _score_unedited(ctx: RunContext, rows: list[dict[str, Any]]) -> None:
     ):
         for start in range(0, len(missing), PRE_CHUNK):
             chunk = missing[start : start + PRE_CHUNK]
-            for record, scores in zip(chunk, ctx.score(chunk)):
+            for record, scores in zip(chunk, ctx.score(chunk), strict=True):
                 ctx.pre[record.index] = scores
             bar.update(len(chunk))
     ctx.pre_ms = t["ms"] / len(missing)

@@ -34,7 +34,7 @@ def read_lines(path: Path) -> list[dict[str, Any]]:
                 break
             raise ValueError(
                 f"{path}: line {number} is not JSON; the file is damaged (delete it to start over)"
-            )
+            ) from None
     return rows
 
 

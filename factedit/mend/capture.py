@@ -135,7 +135,7 @@ def capture(
     else:
         select = batch.attention_mask.bool() & edit_rows[:, None]  # (B, T)
     factors = {}
-    for module, param in zip(module_names, param_names):
+    for module, param in zip(module_names, param_names, strict=True):
         u = io.inputs[module][select]  # (N, d_in)
         grad = io.output_grads.get(module)
         if grad is None:  # the module does not influence the loss (cannot happen for MLP matrices)

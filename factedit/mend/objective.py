@@ -28,11 +28,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..editing.preserve import KeyPreserver
 from ..editing.scoring import pad_sequences
 from ..peft.training import IGNORE, make_batch
 from .capture import capture, logits_at, loss_positions, next_tokens, per_request_nll
 from .data import EditExample, Pair, cf_pairs, counterfact_flags
-from ..editing.preserve import KeyPreserver
 from .method import dense_params, edit_rows, scaled_step
 from .network import MENDNetwork
 from .prefix import PrefixCache
@@ -180,7 +180,8 @@ def evaluate_single_edits(
                 batch = make_batch([example.edit], pad_id, next(model.parameters()).device)
                 with torch.enable_grad(), _skip(cache, model, [example.edit], pad_id):
                     captured = capture(model, [module_of(x) for x in names], names, batch, positions=positions)
-                transformed = scaled_step(model, pad_id, [example.edit], edit_rows(base, captured.factors, preserver), base,
+                rows = edit_rows(base, captured.factors, preserver)
+                transformed = scaled_step(model, pad_id, [example.edit], rows, base,
                                           step_scales, captured.owners, cache=cache)
                 params = dense_params(model, base, transformed)
                 scores = mean_logprobs(model, cf_pairs(example, tokenizer), pad_id, params, cache)

@@ -1,6 +1,6 @@
-"""`factedit train-mend`: train a MEND editor (Hydra configs in `configs/mend/`, run with accelerate).
+"""`factedit train-mend`: train a MEND editor (Hydra configs in `factedit/conf/mend/`, run with accelerate).
 
-    factedit train-mend                              # configs/mend/default.yaml
+    factedit train-mend                              # conf/mend/default.yaml
     factedit train-mend --config-name quick output_dir=/tmp/mend-quick
     accelerate launch -m factedit.cli train-mend ...  # same command on one or many GPUs
 
@@ -33,9 +33,11 @@ import factedit
 from ..editing.configs import validated
 from ..editing.errors import CheckpointError, ConfigError
 from ..editing.hashing import file_sha256
+from ..editing.preserve import PreserveConfig, build_preserver
 from ..editing.scoring import pad_id_of
 from ..editing.specs import resolve_layers
-from ..editing.preserve import PreserveConfig, build_preserver
+from ..paths import CONFIG_DIR as PACKAGE_CONFIG_DIR
+from ..paths import CONFIG_MODULE, resolve_path
 from .checkpoint import base_model_info, check_model, load_checkpoint, save_checkpoint
 from .data import EditExample, load_examples
 from .method import new_network
@@ -44,15 +46,14 @@ from .objective import _skip, edit_step_loss, evaluate_single_edits, module_of
 from .prefix import PrefixCache
 
 LOG = logging.getLogger(__name__)
-ROOT = Path(factedit.__file__).resolve().parents[1]
-CONFIG_DIR = ROOT / "configs" / "mend"
+CONFIG_DIR = PACKAGE_CONFIG_DIR / "mend"
 OPTIMIZER = "optimizer.safetensors"
 STATE = "trainer_state.json"
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training run; YAML in configs/mend/ is validated into this at the boundary."""
+    """One training run; YAML in conf/mend/ is validated into this at the boundary."""
 
     model: str = "default"  # load_model() name or path
     output_dir: str = "runs/mend"  # checkpoint + metrics.jsonl (relative paths: to the cwd)
@@ -76,7 +77,7 @@ class TrainConfig:
     max_steps: int = 2000
     max_minutes: float | None = None  # wall-clock cap; None = off
     stats_batches: int = 20  # batches used to initialise the normalisation statistics
-    train_counterfact: str = "data/counterfact/train.json"  # relative paths: to the repository
+    train_counterfact: str = "data/counterfact/train.json"  # relative: to the cwd, else the package
     train_zsre: str | None = "data/zsre/train-1k.json"
     n_train: int | None = None  # first n CounterFact train records; None = all
     n_zsre: int | None = None  # first n zsRE records; None = all
@@ -109,15 +110,12 @@ class TrainConfig:
             raise ValueError("alpha_init, c_edit, c_loc and c_margin must be finite numbers >= 0")
 
 
-def repo_path(path: str) -> Path:
-    p = Path(path)
-    return p if p.is_absolute() else ROOT / p
 
 
 def compose_config(argv: Sequence[str] = ()) -> TrainConfig:
-    """A TrainConfig from `[--config-name NAME] key=value ...` (Hydra compose over configs/mend),
+    """A TrainConfig from `[--config-name NAME] key=value ...` (Hydra compose over conf/mend),
     validated (unknown keys, types, ranges) before anything is loaded."""
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_module
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
@@ -127,7 +125,8 @@ def compose_config(argv: Sequence[str] = ()) -> TrainConfig:
         if flag in argv:
             i = argv.index(flag)
             if i + 1 >= len(argv):
-                raise ConfigError(f"{flag} needs a config name: one of {sorted(p.stem for p in CONFIG_DIR.glob('*.yaml'))}")
+                names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+                raise ConfigError(f"{flag} needs a config name: one of {names}")
             name = argv[i + 1]
             del argv[i : i + 2]
     fields = sorted(f.name for f in dataclasses.fields(TrainConfig))
@@ -135,7 +134,7 @@ def compose_config(argv: Sequence[str] = ()) -> TrainConfig:
     if unknown:
         raise ConfigError(f"unknown train-mend key(s) {unknown}; known: {fields}")
     try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        with initialize_config_module(config_module=f"{CONFIG_MODULE}.mend", version_base="1.3"):
             cfg = compose(config_name=name, overrides=argv)
         values: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     except (HydraException, OmegaConfBaseException) as exc:
@@ -144,14 +143,14 @@ def compose_config(argv: Sequence[str] = ()) -> TrainConfig:
 
 
 def load_data(cfg: TrainConfig, tokenizer) -> tuple[list[EditExample], list[EditExample], dict[str, str]]:
-    cf = repo_path(cfg.train_counterfact)
+    cf = resolve_path(cfg.train_counterfact)
     train = load_examples(cf, tokenizer, "counterfact", limit=cfg.n_train)
     hashes = {cfg.train_counterfact: file_sha256(cf)}
     if cfg.train_zsre:
-        zs = repo_path(cfg.train_zsre)
+        zs = resolve_path(cfg.train_zsre)
         train += load_examples(zs, tokenizer, "zsre", limit=cfg.n_zsre)
         hashes[cfg.train_zsre] = file_sha256(zs)
-    val_path = repo_path(cfg.val_file)
+    val_path = resolve_path(cfg.val_file)
     val = load_examples(val_path, tokenizer, "counterfact", start=cfg.val_start, limit=cfg.n_val)
     hashes[cfg.val_file] = file_sha256(val_path)
     return train, val, hashes
@@ -352,9 +351,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `factedit train-mend [--config-name NAME] key=value ...`; returns an exit code."""
     import sys
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if {"-h", "--help", "help"} & set(argv):
+        print(__doc__)
+        print(f"configs ({CONFIG_DIR}): {', '.join(sorted(p.stem for p in CONFIG_DIR.glob('*.yaml')))}")
+        print("keys: " + ", ".join(f.name for f in dataclasses.fields(TrainConfig)))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = compose_config(sys.argv[1:] if argv is None else argv)
+        cfg = compose_config(argv)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -8,8 +8,8 @@ so the model's own weights are never written, and return `trained - original` as
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn

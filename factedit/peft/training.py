@@ -8,8 +8,8 @@ log-likelihood of the target tokens. The loop stops as soon as every target toke
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn

@@ -1,0 +1,1 @@
+"""Hydra configs of `factedit train-mend`."""
