@@ -34,8 +34,10 @@ def validated(config_cls: type[T], overrides: Mapping[str, Any], what: str | Non
     # frozen dataclass read-only), then put in place of their mapping.
     nested = {f.name: f.metadata["dataclass"] for f in dataclasses.fields(config_cls) if "dataclass" in f.metadata}
     inner = {
-        name: value if value is None or isinstance(value, nested[name]) else validated(nested[name], value, f"{what}.{name}")
-        for name, value in overrides.items() if name in nested
+        name: value if value is None or isinstance(value, nested[name])
+        else validated(nested[name], value, f"{what}.{name}")
+        for name, value in overrides.items()
+        if name in nested
     }
     plain = {k: v for k, v in overrides.items() if k not in nested}
     try:
