@@ -28,8 +28,9 @@ from factedit.evaluation.config import DataConfig, EvalConfig, MethodRun
 from factedit.evaluation.runner import run_eval
 from factedit.paths import PACKAGE_DIR
 
+# data/errors: edits refused (by the drift guard, for mend); the cf/ figures cover the applied ones.
 COLUMNS = ("cf/es", "cf/ps", "cf/ns", "seq/retention", "drift/ppl_ratio", "drift/ppl_ratio_max", "revert/exact",
-           "time/edit_ms")
+           "data/errors", "time/edit_ms")
 
 
 def evaluate(methods, mode: str, start: int, n: int, out: Path, checkpoints, threads: int) -> dict:
@@ -48,7 +49,11 @@ def table(rows: list[tuple[str, str, int, dict, dict]]) -> str:
         cells = []
         for key in COLUMNS:
             value = values.get(key)
-            cells.append("–" if value is None else f"{value:.1f}" if key.endswith("_ms") else f"{value:.3f}")
+            if value is None:
+                cells.append("–")
+            else:
+                cells.append(f"{value:.1f}" if key.endswith("_ms") else f"{value:.0f}" if key == "data/errors"
+                             else f"{value:.3f}")
         lines.append(f"| {method} | {mode} | {edits} | " + " | ".join(cells) + f" | {baseline['cf/ns']:.3f} |")
     return "\n".join(lines)
 

@@ -9,10 +9,12 @@
 
 from ._version import __version__
 from .editing.delta import Delta, ParamDelta
+from .editing.drift import GuardConfig
 from .editing.editor import Editor
 from .editing.errors import (
     CheckpointError,
     ConfigError,
+    DriftError,
     EditNotFoundError,
     FacteditError,
     InvalidDeltaError,
@@ -23,6 +25,7 @@ from .editing.errors import (
 )
 from .editing.loading import load_model
 from .editing.methods import MethodSpec, available_methods, register_method
+from .editing.preserve import PreserveConfig
 from .editing.record import EditRecord
 from .editing.request import EditRequest
 
@@ -30,17 +33,20 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "Delta",
+    "DriftError",
     "EditNotFoundError",
     "EditRecord",
     "EditRequest",
     "Editor",
     "FacteditError",
+    "GuardConfig",
     "InvalidDeltaError",
     "InvalidRequestError",
     "JournalError",
     "MethodSpec",
     "ModelMismatchError",
     "ParamDelta",
+    "PreserveConfig",
     "UnsupportedModelError",
     "__version__",
     "available_methods",

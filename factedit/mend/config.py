@@ -28,6 +28,12 @@ class MENDConfig:
         while the others grow. Each try runs the edited blocks once (from states the capture pass
         keeps); a single value is applied without a check (1.0 = the step as trained). An edit thus
         gets no more of the step than it needs to take.
+    preserve: the null space and ridge of the least-squares solve (`aggregation: least_squares`
+        editors; for "sum" editors, the projection of the summed update); None = no preservation.
+        The shipped editor was trained with ridge 1; editing with ridge 10 keeps the same single-edit
+        success and slows drift under accumulation about fivefold (60 sequential edits on
+        CounterFact val[240:300]: perplexity ×1.11 at ridge 10, ×1.03 at 20 with PS 0.55 instead of
+        0.67; ridge 1 reached ×1.15 after five edits). See the README's accumulated-edit figures.
     """
 
     checkpoint: str | None = None
@@ -36,7 +42,7 @@ class MENDConfig:
     positions: str | None = None
     pass_size: int | None = None
     step_scales: tuple[float, ...] = (1.0, 1.5, 2.25)
-    preserve: PreserveConfig | None = preserve_field(PreserveConfig(threshold=0.5, ridge=1.0))
+    preserve: PreserveConfig | None = preserve_field(PreserveConfig(threshold=0.5, ridge=10.0))
 
     def __post_init__(self) -> None:
         if (self.layers is not None and not self.layers) or (self.matrices is not None and not self.matrices):
