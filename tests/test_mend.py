@@ -121,6 +121,48 @@ def test_each_request_of_a_batch_gets_its_own_step_scale(tmp_path, monkeypatch):
         assert torch.equal(mixed.params[name].right, pdelta.right), name
 
 
+def test_an_edit_no_scale_makes_take_falls_back_to_the_smaller_ridge(tmp_path, monkeypatch):
+    """Least-squares editors try every step scale at the preserve ridge, then at each fallback ridge:
+    the step of the level that takes is the one a plain editor at that ridge and scale computes."""
+    import factedit.mend.method as method
+
+    model, tok = tiny_model("llama")
+    network = new_network(model, (-1,), ("out",), rank=4, alpha_init=0.1, aggregation="least_squares")
+    path = save_checkpoint(tmp_path / "ls", network, base_model_info(model))
+    requests = requests_for(tok)[:1]
+
+    def editor(ridge, **extra):
+        return mend_editor(tok, path, layers=(-1,), roles=("out",),
+                           preserve={"threshold": 0.5, "ridge": ridge}, **extra)
+
+    tried = []
+
+    def fourth_check_takes(_model, _pad, group, *_):
+        tried.append(1)
+        return torch.full((len(group),), len(tried) == 4)
+
+    at_small_ridge = editor(0.5, step_scales=(2.0,), fallback_ridges=())._impl
+    expected = at_small_ridge.compute(model, tok, requests, preserver=_preserver(at_small_ridge, model, tok, 0.5))
+    monkeypatch.setattr(method, "_targets_taken", fourth_check_takes)
+    ladder = editor(8.0, step_scales=(1.0, 2.0), fallback_ridges=(0.5,))._impl
+    chosen = ladder.compute(model, tok, requests, preserver=_preserver(ladder, model, tok, 8.0))
+    assert len(tried) == 4  # ridge 8 at scales 1 and 2, ridge 0.5 at scale 1 did not take; scale 2 did
+    for name, pdelta in expected.items():
+        assert torch.allclose(chosen.params[name].materialize(torch.float64), pdelta.materialize(torch.float64),
+                              rtol=1e-5, atol=1e-9), name
+    with pytest.raises(ValueError, match="fallback_ridges"):
+        editor(1.0, fallback_ridges=(0.0,))
+
+
+def _preserver(impl, model, tok, ridge):
+    from factedit.editing.loading import model_id as model_id_of
+    from factedit.editing.preserve import PreserveConfig, build_preserver
+    from factedit.editing.weights import model_fingerprint
+
+    return build_preserver(model, tok, impl.param_names(model), PreserveConfig(threshold=0.5, ridge=ridge),
+                           fingerprint=model_fingerprint(model), model_id=model_id_of(model))
+
+
 def test_a_step_check_answers_for_each_request():
     import factedit.mend.method as method
 

@@ -24,7 +24,8 @@ def test_the_shipped_editor_is_small_and_describes_itself():
 def test_the_shipped_editor_edits_the_default_model_and_reverts_exactly(default_model):
     model, tok = default_model
     params = dict(model.named_parameters())
-    editor = factedit.Editor("mend", tokenizer=tok)
+    # The fallback ridge lets an edit reach further than the default (MENDConfig.fallback_ridges).
+    editor = factedit.Editor("mend", tokenizer=tok, fallback_ridges=(3.0,))
     names = editor._impl.network.param_names
     base = {n: params[n].detach().clone() for n in names}
     record = editor.edit(model, "The capital of France is", "Rome")

@@ -9,7 +9,7 @@ from wreck import WRECK
 
 import factedit
 from factedit.editing.delta import Delta, ParamDelta
-from factedit.editing.drift import GuardConfig, reference_perplexity
+from factedit.editing.drift import DriftGuard, GuardConfig, reference_perplexity
 from factedit.editing.errors import ConfigError, DriftError
 from factedit.editing.keys import compute_key_statistics
 from factedit.editing.preserve import KeyPreserver, PreserveConfig, null_space_basis
@@ -123,7 +123,7 @@ def test_preserving_editors_stay_in_the_null_space_and_revert_exactly(tiny, meth
         assert_weights_equal(model, base)
         return float(torch.trace(dense @ moment @ dense.T) / dense.square().sum())
 
-    plain = energy_per_unit_change(factedit.Editor(method, tokenizer=tok, **overrides))
+    plain = energy_per_unit_change(factedit.Editor(method, tokenizer=tok, preserve=None, **overrides))
     kept = energy_per_unit_change(
         factedit.Editor(method, tokenizer=tok, preserve={"threshold": threshold}, **overrides))
     assert plain > bound  # unconstrained, the change lands on directions the corpus uses
@@ -165,3 +165,16 @@ def test_reference_perplexity_with_base_params_ignores_the_edit(tiny):
     editor.edit(model, "The capital of France is", "Rome")
     assert reference_perplexity(model, tok, texts) != pytest.approx(before)
     assert reference_perplexity(model, tok, texts, params=editor._state.base) == pytest.approx(before)
+
+
+def test_the_guard_reads_the_next_texts_at_each_check(tiny):
+    """A fixed few texts would let edits that spare them through: each check reads the next group."""
+    model, tok = tiny
+    guard = DriftGuard(GuardConfig(texts=4, max_tokens=8))
+    assert len(guard.groups) == len(reference_texts("samples")) // 4
+    bases = []
+    for _ in range(len(guard.groups) + 1):
+        assert guard.ratio(model, tok, {}) == pytest.approx(1.0)  # nothing edited
+        bases.append(guard.base_perplexity)
+    assert len(set(bases[:-1])) == len(guard.groups)  # a different group at each check
+    assert bases[-1] == bases[0]  # then round again

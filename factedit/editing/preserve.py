@@ -131,16 +131,17 @@ class KeyPreserver:
 
     # --- least squares ----------------------------------------------------------------------------
     def solve_rows(
-        self, keys: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tensor]
+        self, keys: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tensor], ridge: float | None = None,
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """name -> rows (X (N, in), V (N, out)) with ΔW = Σ_i v_i x_iᵀ the least-squares update
         (module docstring): every key k_i (N, in) mapped to its value v_i (N, out) as far as the
-        null space, the ridge and the protected keys allow. Differentiable in the values."""
+        null space, the ridge and the protected keys allow. Differentiable in the values.
+        `ridge` replaces the config's for this solve (a smaller one lets the update reach further)."""
         out = {}
         for name, k in keys.items():
             v = values[name]
             q = self.bases[name].to(k.device, torch.float64)
-            b_inv = self._inverse[name].to(k.device)
+            b_inv = self._inverse_at(name, ridge).to(k.device)
             z = k.detach().double() @ q  # (N, m): keys in null-space coordinates
             b_z = b_inv @ z.T  # (m, N)
             inner = torch.eye(z.shape[0], dtype=torch.float64, device=k.device) + z @ b_z  # (N, N)
@@ -163,11 +164,20 @@ class KeyPreserver:
         protected (a Woodbury downdate loses precision when the ridge is small)."""
         released = self._protected.pop(edit_id, {})
         for name in released:
-            gram = torch.eye(self.bases[name].shape[1], dtype=torch.float64) * self.ridge[name]
-            for coords in self._protected.values():
-                if name in coords:
-                    gram += coords[name].T @ coords[name]
-            self._inverse[name] = torch.linalg.inv(gram)
+            self._inverse[name] = torch.linalg.inv(self._gram(name, self.ridge[name]))
+
+    def _inverse_at(self, name: str, ridge: float | None) -> torch.Tensor:
+        """(m, m) inverse of the protected keys' Gram matrix plus the ridge (the config's when None)."""
+        if ridge is None or ridge == self.config.ridge:
+            return self._inverse[name]
+        return torch.linalg.inv(self._gram(name, ridge * self.ridge[name] / self.config.ridge))
+
+    def _gram(self, name: str, ridge: float) -> torch.Tensor:
+        gram = torch.eye(self.bases[name].shape[1], dtype=torch.float64) * ridge
+        for coords in self._protected.values():
+            if name in coords:
+                gram += coords[name].T @ coords[name]
+        return gram
 
     def protected_edits(self) -> list[str]:
         return list(self._protected)

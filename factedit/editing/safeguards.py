@@ -106,9 +106,8 @@ class Safeguards:
             return None
         if self.guard is None or self.guard.config != config:
             self.guard = DriftGuard(config)
-            self.guard.measure_base(model, tokenizer, state.base_values(list(state.base)))
         start = time.perf_counter()
-        ratio = self.guard.ratio(model, tokenizer)
+        ratio = self.guard.ratio(model, tokenizer, state.base_values(list(state.base)))
         timings["guard_ms"] = round((time.perf_counter() - start) * 1000, 3)
         self.guard.check(ratio, what)
         return ratio

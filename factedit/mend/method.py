@@ -74,16 +74,26 @@ def edit_rows(
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The editor's update as rows (x (N, d_in), v (N, d_out)), ΔW = Σ v xᵀ, by its aggregation
     (network.py): the transformed rows themselves, or the least-squares fit of the values at the keys."""
+    return candidate_rows(network, factors, preserver, (None,))[0]
+
+
+def candidate_rows(
+    network: MENDNetwork, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], preserver: KeyPreserver | None,
+    ridges: Sequence[float | None],
+) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """`edit_rows` under each ridge of the least-squares solve (None = the preserver's own); one
+    candidate for editors that sum their rows (a ridge means nothing to them)."""
     transformed = network(factors)
     if getattr(network, "module", network).aggregation == "sum":  # DDP wraps the network in .module
-        return transformed
+        return [transformed]
     if preserver is None:
         raise ConfigError(
             "this MEND editor aggregates by least squares in the null space of preserved keys; "
             "it needs `preserve` (a PreserveConfig), not None"
         )
     keys = {name: u for name, (u, _) in factors.items()}
-    return preserver.solve_rows(keys, {name: v for name, (_, v) in transformed.items()})
+    values = {name: v for name, (_, v) in transformed.items()}
+    return [preserver.solve_rows(keys, values, ridge) for ridge in ridges]
 
 
 def factors_to_delta(network: MENDNetwork, transformed: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Delta:
@@ -161,8 +171,8 @@ class MEND:
         rows = {n: (torch.cat([u for u, _ in f]), torch.cat([d for _, d in f])) for n, f in factors.items()}
         network = self.network.to(device)
         with torch.no_grad():
-            transformed = edit_rows(network, rows, preserver)
-            transformed = scaled_step(model, pad_id_of(tokenizer), requests, transformed, network,
+            candidates = candidate_rows(network, rows, preserver, (None, *self.config.fallback_ridges))
+            transformed = scaled_step(model, pad_id_of(tokenizer), requests, candidates, network,
                                       self.config.step_scales, torch.cat(owners), self.config.pass_size,
                                       checks)
         return factors_to_delta(network, transformed)
@@ -181,36 +191,53 @@ def dense_params(
 
 def scaled_step(
     model: nn.Module, pad_id: int, requests: Sequence[TokenizedRequest],
-    transformed: dict[str, tuple[torch.Tensor, torch.Tensor]], network: MENDNetwork,
+    candidates: Sequence[dict[str, tuple[torch.Tensor, torch.Tensor]]], network: MENDNetwork,
     step_scales: Sequence[float], owners: torch.Tensor, pass_size: int | None = None,
     cache: PrefixCache | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The step (rows ũ, −α·δ̃) with each request's rows times the first of `step_scales` under which
-    every one of its target tokens is the argmax, given the others' steps; a request no scale makes
-    take gets the last (MENDConfig.step_scales). One scale is applied unchecked.
+    """The step (rows ũ, −α·δ̃) each request gets: the first level under which every one of its
+    target tokens is the argmax, given the others' steps; a request no level makes take gets the last.
+    The levels are each candidate (rows of the same shape, `candidate_rows`, smallest first) times
+    each of `step_scales` (MENDConfig). A single level is applied unchecked.
 
     owners (N,): each row's request, as an index into the length-sorted order of `length_groups`.
-    Requests that take keep their scale while the others grow, so each fact of a batch gets the
+    Requests that take keep their level while the others grow, so each fact of a batch gets the
     smallest step that works for it. With `cache` holding the requests' states below the edited
     blocks, checks run only those blocks.
     """
-    scales = torch.tensor(step_scales, dtype=torch.float32, device=owners.device)
-    level = torch.zeros(len(requests), dtype=torch.long, device=owners.device)  # (R,) into step_scales
+    n_levels = len(candidates) * len(step_scales)
+    scales = torch.tensor(step_scales, dtype=torch.float32, device=owners.device).repeat(len(candidates))  # (L,)
+    which = torch.arange(len(candidates), device=owners.device).repeat_interleave(len(step_scales))  # (L,)
+    level = torch.zeros(len(requests), dtype=torch.long, device=owners.device)  # (R,) into the levels
     groups = length_groups(requests, pass_size)
-    # At most one check per scale, as for a single edit; requests still short at the last check move
-    # one scale up unchecked. A single scale is applied without a check.
-    n_checks = len(step_scales) if len(step_scales) > 1 else 0
-    for _ in range(n_checks):
-        edited = dense_params(model, network, _rows_scaled(transformed, scales[level][owners]))
-        taken = torch.cat([_targets_taken(model, pad_id, group, edited, cache) for group in groups])  # (R,)
-        grow = ~taken.to(level.device) & (level < len(step_scales) - 1)
+    # At most one check per level, as for a single edit; requests still short at the last check move
+    # one level up unchecked. A single level is applied without a check.
+    for _ in range(n_levels if n_levels > 1 else 0):
+        step = _rows_at(candidates, which[level][owners], scales[level][owners])
+        taken = torch.cat([_targets_taken(model, pad_id, group, dense_params(model, network, step), cache)
+                           for group in groups])  # (R,)
+        grow = ~taken.to(level.device) & (level < n_levels - 1)
         if not bool(grow.any()):
             break
         level = level + grow.long()
-    row_scale = scales[level][owners]  # (N,)
-    if bool((row_scale == 1.0).all()):
-        return transformed
-    return _rows_scaled(transformed, row_scale)
+    return _rows_at(candidates, which[level][owners], scales[level][owners])
+
+
+def _rows_at(
+    candidates: Sequence[dict[str, tuple[torch.Tensor, torch.Tensor]]], row_candidate: torch.Tensor,
+    row_scale: torch.Tensor,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Rows (ũ, −α·δ̃) with row i taken from candidate row_candidate[i] (N,) and its δ̃ times row_scale[i]."""
+    if len(candidates) == 1:
+        return candidates[0] if bool((row_scale == 1.0).all()) else _rows_scaled(candidates[0], row_scale)
+    index = row_candidate.to(torch.long)
+    rows = torch.arange(index.shape[0], device=index.device)
+    picked = {
+        name: (torch.stack([c[name][0] for c in candidates])[index, rows],  # (L, N, d_in) -> (N, d_in)
+               torch.stack([c[name][1] for c in candidates])[index, rows])  # (L, N, d_out) -> (N, d_out)
+        for name in candidates[0]
+    }
+    return _rows_scaled(picked, row_scale)
 
 
 def _rows_scaled(
