@@ -88,8 +88,13 @@ def test_hydra_config_is_validated():
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     for name in ("default", "quick", "tiny"):  # every key present, so any `key=value` override works
         assert set(yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())) == fields, name
-    for name in ("default", "quick"):
-        assert compose_config(["--config-name", name]).layers == (-3, -2, -1)
+    assert compose_config(["--config-name", "quick"]).layers == (-3, -2, -1)
+    # default.yaml is the shipped editor's last stage: the settings its checkpoint records
+    default, shipped = compose_config(["--config-name", "default"]), load_checkpoint().meta["train_config"]
+    for key in ("layers", "matrices", "positions", "aggregation", "rank", "lr", "lr_alpha", "c_loc", "c_margin",
+                "preserve_threshold", "preserve_ridge", "step_scales", "max_steps"):
+        value = getattr(default, key)
+        assert (list(value) if isinstance(value, tuple) else value) == shipped[key], key
 
 
 def test_train_writes_a_checkpoint_metrics_and_resumes(tmp_path):

@@ -167,14 +167,15 @@ def test_reference_perplexity_with_base_params_ignores_the_edit(tiny):
     assert reference_perplexity(model, tok, texts, params=editor._state.base) == pytest.approx(before)
 
 
-def test_the_guard_reads_the_next_texts_at_each_check(tiny):
-    """A fixed few texts would let edits that spare them through: each check reads the next group."""
+def test_the_guard_reads_the_next_texts_and_the_worst_at_each_check(tiny):
+    """A fixed few texts would let edits that spare them through: each check reads the next group,
+    and the group that read worst so far again."""
     model, tok = tiny
     guard = DriftGuard(GuardConfig(texts=4, max_tokens=8))
     assert len(guard.groups) == len(reference_texts("samples")) // 4
-    bases = []
-    for _ in range(len(guard.groups) + 1):
+    for checks in range(1, len(guard.groups) + 1):
         assert guard.ratio(model, tok, {}) == pytest.approx(1.0)  # nothing edited
-        bases.append(guard.base_perplexity)
-    assert len(set(bases[:-1])) == len(guard.groups)  # a different group at each check
-    assert bases[-1] == bases[0]  # then round again
+        assert len(guard._last) == checks  # a new group at each check
+    guard._last[5] = 3.0  # as if group 5 had read badly at the last check
+    assert guard.ratio(model, tok, {}) == pytest.approx(1.0)
+    assert guard._last[5] == pytest.approx(1.0)  # read again (the next group is 0)

@@ -4,9 +4,9 @@
 (`reference.py`); divided by the base model's value it is the drift ratio that evaluation reports and
 the guard bounds (1.0 = unchanged; collapsing models reach 10-10⁹).
 
-The guard (`DriftGuard`) measures the ratio on a few of those texts (the next few at each check)
-after an edit is applied and, past `max_ratio`, has the Editor undo the edit and raise `DriftError`
-with the numbers: nothing changed, nothing journaled.
+The guard (`DriftGuard`) measures the ratio on a few of those texts (the next few and the worst so
+far, at each check) after an edit is applied and, past `max_ratio`, has the Editor undo the edit and
+raise `DriftError` with the numbers: nothing changed, nothing journaled.
 """
 
 from __future__ import annotations
@@ -83,10 +83,12 @@ class GuardConfig:
 class DriftGuard:
     """Measures drift against the base model's perplexity (see module docstring).
 
-    Each check reads the next `texts` of the shipped samples in turn, not always the same few: with a
-    fixed few, edits that spare those texts pass while the rest of the text drifts (a selection effect:
-    after 500 sequential `mend` edits the four fixed texts were at 1.5× while all 64 were at 5.5×).
-    The base model's perplexity of each group is measured the first time the group is read.
+    The shipped samples are split into groups of `texts`. Each check reads the next group in turn and
+    the group that read worst so far, and answers the larger ratio. Reading always the same few would
+    let edits that spare them through while the rest drifts; reading only the next group lets edits
+    through whenever it happens to be a mild one (a selection effect: after 1,000 attempted sequential
+    `mend` edits, all 64 texts were at 2.7× under a 1.5× bound). The base model's perplexity of each
+    group is measured the first time the group is read.
     """
 
     def __init__(self, config: GuardConfig) -> None:
@@ -95,23 +97,29 @@ class DriftGuard:
         size = min(config.texts, len(samples))
         self.groups = [samples[i : i + size] for i in range(0, len(samples) - size + 1, size)]
         self._base: dict[int, float] = {}  # group index -> the base model's perplexity of it
+        self._last: dict[int, float] = {}  # group index -> its ratio when last read
         self._next = 0
-        self.base_perplexity: float | None = None  # of the group read last
+        self.base_perplexity: float | None = None  # of the worst group of the last check
 
     def ratio(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, base_params: Mapping[str, torch.Tensor]
     ) -> float:
-        """Perplexity of the next group of texts over the base model's; `base_params` hold the base
-        values of the parameters edits have touched (used once per group)."""
+        """The larger perplexity ratio, over the base model's, of the next group of texts and of the
+        worst group so far; `base_params` hold the base values of the parameters edits have touched
+        (used once per group)."""
         index, self._next = self._next, (self._next + 1) % len(self.groups)
-        texts = self.groups[index]
-        if index not in self._base:
-            self._base[index] = reference_perplexity(
-                model, tokenizer, texts, max_tokens=self.config.max_tokens, params=base_params
-            )
-        self.base_perplexity = self._base[index]
-        now = reference_perplexity(model, tokenizer, texts, max_tokens=self.config.max_tokens)
-        return now / self.base_perplexity
+        worst = max(self._last, key=self._last.__getitem__, default=index)
+        for group in dict.fromkeys((index, worst)):
+            texts = self.groups[group]
+            if group not in self._base:
+                self._base[group] = reference_perplexity(
+                    model, tokenizer, texts, max_tokens=self.config.max_tokens, params=base_params
+                )
+            now = reference_perplexity(model, tokenizer, texts, max_tokens=self.config.max_tokens)
+            self._last[group] = now / self._base[group]
+        group = max((index, worst), key=self._last.__getitem__)
+        self.base_perplexity = self._base[group]
+        return self._last[group]
 
     def check(self, ratio: float, what: str) -> None:
         """Raise DriftError when `ratio` is past the bound (or not a number)."""
