@@ -33,6 +33,15 @@ def run_python(code: str, *args: str, **kwargs) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, **kwargs)
 
 
+def journal_with_one_edit(tmp_path: Path):
+    """A journal holding one active `ft` edit (FACTS[0]) of a tiny Llama: (path, edited model, tokenizer)."""
+    path = tmp_path / "edits.sqlite"
+    model, tok = tiny_model("llama")
+    with factedit.Editor("ft", tokenizer=tok, journal=path, **FT) as editor:
+        editor.edit(model, *FACTS[0])
+    return path, model, tok
+
+
 def replayed_reference(journal_path: Path) -> dict[str, torch.Tensor]:
     """Base tiny model plus the journal's active deltas, applied in order without the Editor."""
     model, _ = tiny_model("llama")
@@ -109,10 +118,7 @@ def test_replay_in_another_process_is_bit_for_bit(tmp_path):
 
 
 def test_a_journal_from_another_model_is_refused_and_changes_nothing(tmp_path):
-    path = tmp_path / "edits.sqlite"
-    model, tok = tiny_model("llama")
-    with factedit.Editor("ft", tokenizer=tok, journal=path, **FT) as editor:
-        editor.edit(model, *FACTS[0])
+    path, _, tok = journal_with_one_edit(tmp_path)
     other, _ = tiny_model("llama", seed=1)
     before = snapshot(other)
     with (factedit.Editor("ft", tokenizer=tok, journal=path, **FT) as editor,
@@ -125,10 +131,7 @@ def test_a_journal_from_another_model_is_refused_and_changes_nothing(tmp_path):
 
 def test_one_changed_value_in_an_untouched_parameter_is_refused(tmp_path):
     """The base check hashes every parameter: +1.0 in one element of a matrix no edit touches."""
-    path = tmp_path / "edits.sqlite"
-    model, tok = tiny_model("llama")
-    with factedit.Editor("ft", tokenizer=tok, journal=path, **FT) as editor:
-        editor.edit(model, *FACTS[0])
+    path, _, tok = journal_with_one_edit(tmp_path)
     fresh, _ = tiny_model("llama")
     name = "model.layers.0.self_attn.q_proj.weight"
     with torch.no_grad():
@@ -166,10 +169,7 @@ def test_a_journal_with_a_corrupt_delta_replays_nothing(tmp_path):
 
 
 def test_a_refused_first_request_replays_nothing(tmp_path):
-    path = tmp_path / "edits.sqlite"
-    model, tok = tiny_model("llama")
-    with factedit.Editor("ft", tokenizer=tok, journal=path, **FT) as editor:
-        editor.edit(model, *FACTS[0])
+    path, _, tok = journal_with_one_edit(tmp_path)
     fresh, _ = tiny_model("llama")
     before = snapshot(fresh)
     with factedit.Editor("ft", tokenizer=tok, journal=path, **FT) as editor:
@@ -181,10 +181,7 @@ def test_a_refused_first_request_replays_nothing(tmp_path):
 
 def test_an_already_edited_model_is_refused(tmp_path):
     """Same architecture and sampled fingerprint can't tell; the touched parameters' hashes do."""
-    path = tmp_path / "edits.sqlite"
-    model, tok = tiny_model("llama")
-    with factedit.Editor("ft", tokenizer=tok, journal=path, **FT) as editor:
-        editor.edit(model, *FACTS[0])
+    path, model, tok = journal_with_one_edit(tmp_path)
     with factedit.Editor("ft", tokenizer=tok, journal=path, **FT) as editor, pytest.raises(factedit.ModelMismatchError):
         editor.attach(model)  # `model` still carries the edit: replaying would apply it twice
 
@@ -214,10 +211,7 @@ def test_an_sqlite_file_of_something_else_is_refused(tmp_path):
 
 
 def test_the_journal_holds_json_and_safetensors_only(tmp_path):
-    path = tmp_path / "edits.sqlite"
-    model, tok = tiny_model("llama")
-    with factedit.Editor("ft", tokenizer=tok, journal=path, **FT) as editor:
-        editor.edit(model, *FACTS[0])
+    path, _, _ = journal_with_one_edit(tmp_path)
     with sqlite3.connect(path) as conn:
         rows = dict(conn.execute(f"SELECT key, value FROM {TABLE}").fetchall())
     for key, value in rows.items():
@@ -305,10 +299,7 @@ def test_sigkill_mid_edit_leaves_the_journal_at_the_last_whole_edit(tmp_path):
 @pytest.mark.parametrize("meta", [b"not json", b'{"format": "factedit.journal/1"}', b"[1, 2]",
                                   b'{"format": "other/9", "model_id": "m"}'])
 def test_a_journal_with_bad_metadata_is_refused(tmp_path, meta):
-    path = tmp_path / "edits.sqlite"
-    model, tok = tiny_model("llama")
-    with factedit.Editor("ft", tokenizer=tok, journal=path, **FT) as editor:
-        editor.edit(model, *FACTS[0])
+    path, _, _ = journal_with_one_edit(tmp_path)
     with Journal(path) as journal:
         journal._commit({"meta": meta})
     with pytest.raises(factedit.JournalError, match="metadata|format"):
