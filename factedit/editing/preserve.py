@@ -170,10 +170,12 @@ class KeyPreserver:
         """(m, m) inverse of the protected keys' Gram matrix plus the ridge (the config's when None)."""
         if ridge is None or ridge == self.config.ridge:
             return self._inverse[name]
-        return torch.linalg.inv(self._gram(name, ridge * self.ridge[name] / self.config.ridge))
+        energy = self.ridge[name] / self.config.ridge  # the mean projected energy of a corpus key
+        return torch.linalg.inv(self._gram(name, ridge * energy))
 
-    def _gram(self, name: str, ridge: float) -> torch.Tensor:
-        gram = torch.eye(self.bases[name].shape[1], dtype=torch.float64) * ridge
+    def _gram(self, name: str, scaled_ridge: float) -> torch.Tensor:
+        """(m, m) Gram matrix of the protected keys in null-space coordinates, plus scaled_ridge · I."""
+        gram = torch.eye(self.bases[name].shape[1], dtype=torch.float64) * scaled_ridge
         for coords in self._protected.values():
             if name in coords:
                 gram += coords[name].T @ coords[name]

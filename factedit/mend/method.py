@@ -156,7 +156,7 @@ class MEND:
         # The hidden states entering the first edited block, recorded by the capture pass, let each
         # step_scales check run only the edited blocks.
         checks = None
-        if len(self.config.step_scales) > 1:
+        if len(self.config.step_scales) > 1 or self.config.fallback_ridges:  # more than one level to check
             checks = PrefixCache(model, min(layer_index(model, n) for n in names))
         with frozen(model):
             for group in length_groups(requests, self.config.pass_size):
