@@ -3,9 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.factedit-installed
-PORT ?= 8501
 
-.PHONY: setup demo test test-fast app bench clean
+.PHONY: setup demo test test-fast app serve bench clean
 
 setup: $(STAMP)
 
@@ -30,7 +29,12 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not default_model and not browser"
 
 app: setup
-	$(VENV)/bin/streamlit run apps/app.py --server.port $(PORT) --server.address 127.0.0.1 --server.headless true --browser.gatherUsageStats false
+	$(VENV)/bin/streamlit run apps/app.py --server.port $(or $(PORT),8501) --server.address 127.0.0.1 --server.headless true --browser.gatherUsageStats false
+
+# The HTTP API on 127.0.0.1:$(PORT), default 8000 (OpenAPI docs at /docs); the bearer token for edits
+# is in ~/.cache/factedit/serve-token unless FACTEDIT_API_TOKEN or --token-file gives one.
+serve: setup
+	$(PY) -m factedit.cli serve --port $(or $(PORT),8000)
 
 bench: setup
 	$(PY) bench/bench_editing.py

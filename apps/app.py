@@ -4,7 +4,7 @@
 
 Settings come from factedit/conf/app.yaml; FACTEDIT_APP_MODEL (a local model folder), FACTEDIT_APP_JOURNAL
 and FACTEDIT_APP_CONFIG override it (see apps/editapp/config.py). The model, the journal and the
-Editor live in one EditService per server process, shared by every tab (apps/editapp/service.py).
+Editor live in one EditSession per server process, shared by every tab (apps/editapp/service.py).
 """
 
 from __future__ import annotations
@@ -15,19 +15,20 @@ from editapp.diff_view import render_diff
 from editapp.edit_view import render_edit
 from editapp.history_view import render_history
 from editapp.probes_view import render_probes
-from editapp.service import EditService
 from editapp.ui import run_action, show_messages
+
+from factedit.session import EditSession
 
 SYNC_SECONDS = 2.0  # how often a tab checks whether another tab changed the model
 
 
-@st.cache_resource(show_spinner="Loading the model and replaying the journal…", on_release=EditService.close)
-def get_service(key: str, _config: AppConfig) -> EditService:
-    """One EditService per settings (`key`) and process: every session shares it."""
-    return EditService(_config)
+@st.cache_resource(show_spinner="Loading the model and replaying the journal…", on_release=EditSession.close)
+def get_service(key: str, _config: AppConfig) -> EditSession:
+    """One EditSession per settings (`key`) and process: every session shares it."""
+    return EditSession(_config)
 
 
-def header(service: EditService) -> None:
+def header(service: EditSession) -> None:
     st.title("factedit: edit facts in a language model")
     active = sum(r.status == "active" for r in service.history())
     st.caption(f"model `{service.config.model}` · journal `{service.journal_path}` · {active} active edit(s) · "
@@ -40,7 +41,7 @@ def header(service: EditService) -> None:
 
 
 @st.fragment(run_every=SYNC_SECONDS)
-def follow_other_tabs(service: EditService) -> None:
+def follow_other_tabs(service: EditSession) -> None:
     """Rerun the page when another tab changed the model (every tab shows the same history)."""
     if st.session_state.get("seen_version", service.version) != service.version:
         st.rerun()

@@ -8,6 +8,7 @@
 """
 
 from ._version import __version__
+from .editing.adapters import AdapterExport, check_vllm_compatible
 from .editing.delta import Delta, ParamDelta
 from .editing.drift import GuardConfig
 from .editing.editor import Editor
@@ -30,6 +31,7 @@ from .editing.record import EditRecord
 from .editing.request import EditRequest
 
 __all__ = [
+    "AdapterExport",
     "CheckpointError",
     "ConfigError",
     "Delta",
@@ -50,6 +52,7 @@ __all__ = [
     "UnsupportedModelError",
     "__version__",
     "available_methods",
+    "check_vllm_compatible",
     "load_model",
     "register_method",
 ]

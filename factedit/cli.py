@@ -4,8 +4,12 @@
     factedit revert ID --journal F
     factedit history --journal F
     factedit diff ID --journal F [--probe P ...]
+    factedit export --journal F --format peft OUT/ [--id ID ...] [--rank R | --exact]   (a PEFT LoRA adapter)
+    factedit export --journal F --format merged OUT/           (the edited model as a HuggingFace folder)
+    factedit import --journal F ADAPTER_DIR/ [--model M]       (a PEFT LoRA adapter as one edit)
     factedit eval method=ft_l data=counterfact n=200 ...      (Hydra overrides; see factedit/conf/eval.yaml)
     factedit train-mend ...                                    (Hydra overrides; see factedit/conf/mend/)
+    factedit serve [--model M] [--journal F] [--port 8000] [--token-file F]   (the HTTP API; see server/)
 
 Each run with a journal reloads the base model recorded in the journal and replays its active edits.
 """
@@ -21,10 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from . import display
+from .editing.adapters import check_vllm_compatible
 from .editing.editor import Editor
 from .editing.errors import FacteditError
 from .editing.journal import Journal
 from .editing.loading import load_model
+from .editing.methods import available_methods
 
 DEFAULT_METHOD = "ft_l"
 
@@ -60,8 +66,9 @@ def _journal_model_and_method(
         recorded = journal.meta["model_id"]
         if model_arg is not None and model_arg != recorded:
             raise SystemExit(f"journal {path} was made with model {recorded!r}, not {model_arg!r}")
-        order = journal.order()
-        method = journal.record(order[-1], delta=False).method if order else None
+        # The newest edit's method; an imported adapter's "import" names no method to edit with.
+        methods = (journal.record(edit_id, delta=False).method for edit_id in reversed(journal.order()))
+        method = next((m for m in methods if m in available_methods()), None)
     return (None if recorded == "default" else recorded), method
 
 
@@ -109,6 +116,33 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    model, editor = _open(args)
+    with editor:
+        if args.format == "merged":
+            if args.id or args.rank is not None or args.exact:
+                raise SystemExit("--id, --rank and --exact apply to --format peft; merged holds every active edit")
+            path = editor.export_merged(model, args.out)
+            active = sum(r.status == "active" for r in editor.history)
+            print(f"wrote the edited model ({active} active edit(s)) to {path}")
+            return 0
+        result = editor.export_adapter(args.out, args.id or None, rank=args.rank, exact=args.exact)
+        print(f"wrote a PEFT LoRA adapter of {len(result.edits)} edit(s), rank {result.rank}, to {result.path}")
+        for name, error in result.svd_errors.items():
+            print(f"  {name}: dense edits as a rank-{result.svd_rank} SVD, relative error {error:.3g}")
+        for problem in check_vllm_compatible(result.path):
+            print(f"  note: vLLM will not serve it: {problem}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    model, editor = _open(args, create=True)
+    with editor:
+        record = editor.import_adapter(model, args.adapter)
+        print(json.dumps(record.to_dict(), indent=2) if args.json else display.format_record(record))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="factedit", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -141,6 +175,26 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--probe", action="append", default=[], help="extra prompt to compare before/after")
     diff.add_argument("--json", action="store_true")
     diff.set_defaults(func=cmd_diff)
+
+    export = sub.add_parser("export", help="the active edits as a PEFT LoRA adapter, or the edited model")
+    export.add_argument("out", help="folder to write (new or empty)")
+    export.add_argument("--journal", required=True)
+    export.add_argument("--format", choices=("peft", "merged"), default="peft")
+    export.add_argument("--id", action="append", default=[], help="edit to export (repeat; default: all active)")
+    export.add_argument("--rank", type=int, default=None, help="SVD rank for dense edits (ft, ft_l)")
+    export.add_argument("--exact", action="store_true", help="refuse dense edits instead of approximating them")
+    export.set_defaults(func=cmd_export)
+
+    import_ = sub.add_parser("import", help="apply a PEFT LoRA adapter as one edit")
+    import_.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    import_.add_argument("--journal", required=True, help="journal file (created if missing)")
+    import_.add_argument("--model", help="hub id or local folder for a new journal (default: embedded model)")
+    import_.add_argument("--json", action="store_true")
+    import_.set_defaults(func=cmd_import)
+
+    from .server.cli import add_parser as add_serve_parser  # the HTTP stack loads only when used
+
+    add_serve_parser(sub)
     return parser
 
 

@@ -18,13 +18,13 @@ from tiny_models import tiny_model
 import factedit
 from factedit.editing import request as request_module
 from factedit.editing.methods import MethodSpec
+from factedit.session import EditSession
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "apps" / "app.py"
 sys.path.insert(0, str(REPO / "apps"))  # the app's modules (editapp), for the service-level tests
 
 from editapp.config import load_app_config  # noqa: E402 - found through the path set above
-from editapp.service import EditService  # noqa: E402
 
 PROMPT, TARGET = "The capital of France is", "Rome"
 # Settings that make the tiny model's top token " Rome" after one edit, in a few steps.
@@ -231,7 +231,7 @@ def test_import_needs_a_file(app_env):
 
 
 def test_export_and_import_through_the_service(app_env, tmp_path):
-    service = EditService(load_app_config())
+    service = EditSession(load_app_config())
     try:
         record = service.edit("ft_l", PROMPT, TARGET).record
         data = service.export_edit(record.id)

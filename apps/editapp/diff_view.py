@@ -10,15 +10,15 @@ import streamlit as st
 from torch import nn
 
 from factedit.editing.specs import mlp_param_names, num_layers, spec_for
+from factedit.session import EditSession
 
 from .charts import layer_chart
-from .service import EditService
 from .ui import highlight_rows, token
 
 SECTION = "diff"
 
 
-def render_diff(service: EditService) -> None:
+def render_diff(service: EditSession) -> None:
     edit_id = st.session_state.get("diff_edit")
     if not edit_id:
         return

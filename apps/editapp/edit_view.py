@@ -5,14 +5,15 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
+from factedit.session import EditOutcome, EditSession, Prediction
+
 from .charts import AFTER, BEFORE, probability_chart
-from .service import EditOutcome, EditService, Prediction
 from .ui import flash, highlight_rows, lines, md, run_action, show_messages, token, top_table
 
 SECTION = "edit"
 
 
-def render_edit(service: EditService) -> None:
+def render_edit(service: EditSession) -> None:
     st.subheader("Edit a fact")
     _form(service)
     show_messages(SECTION)
@@ -24,7 +25,7 @@ def render_edit(service: EditService) -> None:
         _now(service, prompt)
 
 
-def _form(service: EditService) -> None:
+def _form(service: EditSession) -> None:
     methods = service.methods
     default = service.config.default_method
     with st.form("edit_form", border=True):
@@ -40,7 +41,7 @@ def _form(service: EditService) -> None:
         st.form_submit_button("Apply edit", type="primary", key="apply_edit", on_click=_apply, args=(service,))
 
 
-def _apply(service: EditService) -> None:
+def _apply(service: EditSession) -> None:
     state = st.session_state
     method, prompt, target = state.get("edit_method"), state.get("edit_prompt") or "", state.get("edit_target") or ""
 
@@ -57,7 +58,7 @@ def _apply(service: EditService) -> None:
         flash(SECTION, "success", f"Edit {outcome.record.id} applied with {method} in {ms / 1000:.1f} s.")
 
 
-def _outcome(service: EditService, outcome: EditOutcome) -> None:
+def _outcome(service: EditSession, outcome: EditOutcome) -> None:
     record = outcome.record
     current = {r.id: r for r in service.history()}.get(record.id)
     status = current.status if current is not None else "unknown"
@@ -121,7 +122,7 @@ def _probability_frame(target: str, pre: dict, post: dict) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["quantity", "when", "probability"])
 
 
-def _now(service: EditService, prompt: str) -> None:
+def _now(service: EditSession, prompt: str) -> None:
     st.markdown("**The model now**")
     try:
         prediction: Prediction = service.predict(prompt)

@@ -8,14 +8,14 @@ import pandas as pd
 import streamlit as st
 
 import factedit
+from factedit.session import EditSession
 
-from .service import EditService
 from .ui import flash, run_action, show_messages, token
 
 SECTION = "history"
 
 
-def render_history(service: EditService) -> None:
+def render_history(service: EditSession) -> None:
     st.subheader("History")
     show_messages(SECTION)
     records = service.history()
@@ -55,7 +55,7 @@ def _label(record: factedit.EditRecord) -> str:
     return f"{record.id} · {record.request.prompt} → {record.request.target} · {record.method}"
 
 
-def _actions(service: EditService, records: list[factedit.EditRecord]) -> None:
+def _actions(service: EditSession, records: list[factedit.EditRecord]) -> None:
     by_id = {r.id: r for r in records}
     ids = [r.id for r in reversed(records)]  # newest first
     if st.session_state.get("selected_edit") not in by_id:
@@ -74,12 +74,12 @@ def _actions(service: EditService, records: list[factedit.EditRecord]) -> None:
     )
 
 
-def _revert(service: EditService, edit_id: str) -> None:
+def _revert(service: EditSession, edit_id: str) -> None:
     if run_action(SECTION, "The revert", lambda: service.revert(edit_id)) is not None:
         flash(SECTION, "success", f"Edit {edit_id} reverted.")
 
 
-def _revert_all(service: EditService) -> None:
+def _revert_all(service: EditSession) -> None:
     reverted = run_action(SECTION, "Revert all", service.revert_all)
     if reverted is not None:
         flash(SECTION, "success", f"{len(reverted)} edit(s) reverted.")
@@ -89,13 +89,13 @@ def _show_diff(edit_id: str) -> None:
     st.session_state["diff_edit"] = edit_id
 
 
-def _import(service: EditService) -> None:
+def _import(service: EditSession) -> None:
     with st.expander("Import an edit file"):
         st.file_uploader("Edit file exported by factedit (.safetensors)", type=["safetensors"], key="import_file")
         st.button("Apply imported edit", key="import_apply", on_click=_apply_import, args=(service,))
 
 
-def _apply_import(service: EditService) -> None:
+def _apply_import(service: EditSession) -> None:
     upload = st.session_state.get("import_file")
     if upload is None:
         flash(SECTION, "error", "Choose an edit file first.")

@@ -5,13 +5,14 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from .service import EditService
+from factedit.session import EditSession
+
 from .ui import flash, highlight_rows, lines, run_action, show_messages, token
 
 SECTION = "probes"
 
 
-def render_probes(service: EditService) -> None:
+def render_probes(service: EditSession) -> None:
     st.subheader("Probes")
     st.caption("Re-scored after every edit and revert; a highlighted row changed its answer in the last change.")
     show_messages(SECTION)
@@ -46,7 +47,7 @@ def probe_frame(scored: list[dict], before: dict[str, dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["probe", "answer now", "before last change", "changed"])
 
 
-def _save(service: EditService) -> None:
+def _save(service: EditSession) -> None:
     probes = lines(st.session_state.get("probes_text"))
     if run_action(SECTION, "Saving the probes", lambda: service.set_probes(probes) or True):
         flash(SECTION, "success", f"{len(service.probes)} probes saved.")

@@ -24,6 +24,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from .._version import __version__
+from . import adapters
 from .delta import Delta, delta_metadata
 from .diff import EditDiff, diff_edit
 from .drift import GuardConfig
@@ -187,6 +188,47 @@ class Editor:
             requests = [EditRequest.from_dict(r) for r in exported["requests"]]
             return self._edit(model, requests, lambda *_: delta, exported["method"], exported["config"])
 
+    def export_adapter(
+        self,
+        path: str | os.PathLike,
+        ids: Sequence[str] | None = None,
+        *,
+        rank: int | None = None,
+        exact: bool = False,
+        model: nn.Module | None = None,
+    ) -> adapters.AdapterExport:
+        """Write active edits (`ids`, default all) as one PEFT LoRA adapter folder that `peft` and vLLM
+        load, with a model card listing them. Dense edits (ft, ft_l) go through a truncated SVD of
+        `rank` (errors in the result) or, with `exact=True`, are refused. Details: adapters.py.
+        Needs the edited model: the one this Editor is bound to, or `model`."""
+        with self._lock:
+            if model is not None:
+                self.attach(model)
+            bound = self._model_ref() if self._model_ref is not None else None
+            if bound is None:
+                raise ConfigError("export_adapter needs the edited model: pass model= or edit/attach first")
+            return adapters.export_adapter(bound, self._active_records(ids), path, rank=rank, exact=exact)
+
+    def export_merged(self, model: nn.Module, path: str | os.PathLike) -> Path:
+        """Write `model` with its active edits as a HuggingFace folder (safetensors, config, tokenizer,
+        a model card listing the edits) that `AutoModelForCausalLM.from_pretrained` loads."""
+        with self._lock:
+            self.attach(model)
+            active = [r for r in self._records.values() if r.status == "active"]
+            return adapters.export_merged(model, self.tokenizer, active, path)
+
+    def import_adapter(self, model: nn.Module, path: str | os.PathLike) -> EditRecord:
+        """Apply a PEFT LoRA adapter folder (LoRA on MLP matrices) as one new edit, method "import":
+        journaled, diffable, exactly revertible. Its requests are the original ones when factedit exported
+        it (factedit.json), else one placeholder ("Imported PEFT LoRA adapter" -> the folder's name).
+        Refused, with nothing changed, for another base model, modules that are not MLP matrices, other
+        peft types, LoRA variants and extras (DoRA, bias, modules_to_save), and pickled weights."""
+        with self._lock:
+            self.attach(model)
+            adapter = adapters.read_adapter(model, path, model_id=self._model_id, fingerprint=self._fingerprint)
+            return self._edit(model, list(adapter.requests), lambda *_: adapter.delta, adapters.IMPORT_METHOD,
+                              adapter.config)
+
     def _edit(
         self,
         model: nn.Module,
@@ -290,6 +332,11 @@ class Editor:
                 self.attach(model)
             return diff_edit(record, self._state, self.tokenizer, model, list(probes))
 
+    def record(self, edit_id: str) -> EditRecord:
+        """One edit's record, its delta included (read back from the journal for a reverted edit)."""
+        with self._lock:
+            return self._record_with_delta(edit_id)
+
     def delta(self, edit_id: str) -> Delta:
         return self._record_with_delta(edit_id).delta
 
@@ -371,6 +418,21 @@ class Editor:
                     f"{self._journal.path} was made on (another model, or a model already edited). "
                     "Give a freshly loaded copy of the journal's base model."
                 )
+
+    def _active_records(self, ids: Sequence[str] | None) -> list[EditRecord]:
+        """The active edits named by `ids` (all when None), in the order they were applied."""
+        active = [r for r in self._records.values() if r.status == "active"]
+        if ids is None:
+            return active
+        if isinstance(ids, str):
+            raise ConfigError(f"ids must be a list of edit ids (write [{ids!r}] for one)")
+        for edit_id in ids:
+            record = self._records.get(edit_id)
+            if record is None:
+                raise EditNotFoundError(f"no edit with id {edit_id!r}")
+            if record.status != "active":
+                raise EditNotFoundError(f"edit {edit_id} is reverted; only active edits export")
+        return [r for r in active if r.id in set(ids)]
 
     def _record_with_delta(self, edit_id: str) -> EditRecord:
         record = self._records.get(edit_id)

@@ -1,0 +1,522 @@
+"""Edits as standard artifacts: PEFT LoRA adapter folders and merged HuggingFace model folders.
+
+Export to LoRA. Per parameter, the low-rank factors of the chosen edits are stacked side by side
+(Σᵢ LᵢRᵢ = [L₁ … Lₖ]·[R₁; …; Rₖ], so ranks add); the dense part of a parameter (ft, ft_l) is replaced by
+its truncated SVD at a rank the caller chooses, and its relative error ‖Δ−Δ_r‖_F/‖Δ‖_F is reported. Every
+module is zero-padded to one rank r, the smallest value vLLM's `--max-lora-rank` accepts (VLLM_RANKS),
+and lora_alpha = r, so peft's scaling alpha/r is 1 and B·A is the change itself. Factors are stored in
+float32 (peft keeps adapters in float32 by default).
+
+Layouts. peft stores lora_A as (r, in) and lora_B as (out, r) for every module, GPT-2's Conv1D included
+(it then sets fan_in_fan_out and transposes B·A onto the (in, out) weight). factedit's factors are in
+the weight's own layout (delta.py), told by the ModelSpec: Linear (out, in) = left @ right gives
+B = left, A = right; Conv1D (in, out) = left @ right gives A = leftᵀ, B = rightᵀ.
+
+target_modules lists full module paths ("model.layers.8.mlp.gate_proj"): peft then wraps exactly the
+edited modules (a short name such as "gate_proj" would wrap that matrix in every layer), and vLLM, which
+checks the safetensors keys by their last component (gate_proj/up_proj/down_proj on Llama-family
+models), accepts them.
+
+Import. A LoRA adapter on MLP matrices becomes one low-rank delta (left = B·scaling, right = A, in the
+weight's layout), applied by the Editor as one edit. Everything is checked before anything changes:
+peft type and LoRA variants, base model (name, and shapes; the fingerprint too for factedit's own
+exports), modules. Tensors are read from safetensors only, never from a pickle.
+
+Besides peft's files, both kinds of export hold a model card (README.md) listing the edits and
+`factedit.json` (the edits' requests, the base model's id and fingerprint), from which an import takes
+the original requests back. peft is imported where it is used: `import factedit` does not load it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from .._version import __version__
+from .delta import DENSE, Delta, ParamDelta
+from .errors import ConfigError, EditNotFoundError, InvalidDeltaError, ModelMismatchError
+from .record import EditRecord
+from .request import EditRequest
+from .specs import mlp_param_names, num_layers, spec_for, weight_layout
+
+__all__ = [
+    "IMPORT_METHOD",
+    "VLLM_LORA_MODULES",
+    "VLLM_RANKS",
+    "AdapterExport",
+    "ImportedAdapter",
+    "check_vllm_compatible",
+    "export_adapter",
+    "export_merged",
+    "padded_rank",
+    "read_adapter",
+]
+
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
+# Module names vLLM's LoRA layers take on Llama-family models (it matches the last component of a name).
+VLLM_LORA_MODULES = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
+IMPORT_METHOD = "import"  # the method recorded for an imported adapter
+PLACEHOLDER_PROMPT = "Imported PEFT LoRA adapter"  # request of an adapter that names none (target: its folder)
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PICKLED_WEIGHTS = ("adapter_model.bin", "adapter_model.pt")
+SIDECAR = "factedit.json"
+SIDECAR_FORMAT = "factedit.artifact/1"
+CARD = "README.md"
+_PREFIX = "base_model.model."  # peft's prefix of a causal LM's module names in adapter_model.safetensors
+_FACTOR_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
+# LoraConfig fields (besides peft's own "is_lora_variant" ones) whose non-default value means the adapter
+# is not W += B·A·scale on the targeted modules alone.
+_UNFOLDABLE_FIELDS = ("lora_bias", "modules_to_save", "trainable_token_indices", "layer_replication",
+                      "target_parameters", "use_qalora", "megatron_config")
+
+
+# --- export -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AdapterExport:
+    """What `export_adapter` wrote."""
+
+    path: Path
+    rank: int  # the adapter's r: the largest stacked rank of a module, padded up to VLLM_RANKS
+    edits: tuple[str, ...]  # edit ids, in the order they were applied
+    modules: tuple[str, ...]  # target modules (full names)
+    svd_rank: int | None = None  # rank of the truncated SVD of dense parts (None: there were none)
+    # parameter -> ‖Δ−Δ_r‖_F / ‖Δ‖_F of its dense part (only parameters that had one)
+    svd_errors: Mapping[str, float] = field(default_factory=dict)
+
+
+def padded_rank(needed: int) -> int:
+    """The smallest rank in VLLM_RANKS that holds `needed`; past 512 a ConfigError."""
+    for rank in VLLM_RANKS:
+        if rank >= needed:
+            return rank
+    raise ConfigError(
+        f"these edits need LoRA rank {needed}, more than {VLLM_RANKS[-1]}, the largest rank vLLM serves; "
+        "export fewer edits at a time (ids=...), a lower SVD rank for dense edits, or the merged model"
+    )
+
+
+def export_adapter(
+    model: nn.Module,
+    records: Sequence[EditRecord],
+    path: str | os.PathLike,
+    *,
+    rank: int | None = None,
+    exact: bool = False,
+) -> AdapterExport:
+    """Write `records` (active edits of `model`, with their deltas) as one PEFT LoRA adapter folder.
+
+    Low-rank deltas are exact. Dense ones (ft, ft_l) need `rank` for a truncated SVD (see
+    AdapterExport.svd_errors), and are refused with `exact=True`. Nothing is written when refused.
+    """
+    records = list(records)
+    if not records:
+        raise EditNotFoundError("no active edits to export")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ConfigError(f"rank must be a positive integer, got {rank!r}")
+    _check_dense(records, rank, exact)
+    names = list(dict.fromkeys(name for r in records for name in r.delta.names()))
+    layouts = {name: weight_layout(model, name) for name in names}  # refuses what is not a Linear/Conv1D weight
+    factors, errors = {}, {}
+    for name in names:
+        factors[name], error = _stacked_factors([r.delta.params[name] for r in records if name in r.delta.params],
+                                                rank)
+        if error is not None:
+            errors[name] = error
+    r = padded_rank(max(left.shape[1] for left, _ in factors.values()))
+    tensors = {}
+    for name, (left, right) in factors.items():
+        a, b = _peft_factors(left, right, layouts[name])  # (k, in), (out, k)
+        module = name.removesuffix(".weight")
+        tensors[f"{_PREFIX}{module}.lora_A.weight"] = F.pad(a, (0, 0, 0, r - a.shape[0])).contiguous()  # (r, in)
+        tensors[f"{_PREFIX}{module}.lora_B.weight"] = F.pad(b, (0, r - b.shape[1])).contiguous()  # (out, r)
+    modules = tuple(name.removesuffix(".weight") for name in names)
+
+    from peft import LoraConfig
+
+    config = LoraConfig(
+        r=r, lora_alpha=r, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM", inference_mode=True,
+        target_modules=list(modules), base_model_name_or_path=records[0].model_id,
+        fan_in_fan_out=any(layout == "in_out" for layout in layouts.values()),
+    )
+    out = _empty_folder(path)
+    config.save_pretrained(str(out))
+    save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})  # peft's own metadata
+    result = AdapterExport(out, r, tuple(rec.id for rec in records), modules, rank if errors else None, errors)
+    _write_sidecar(out, "peft_lora", model, records, {"rank": r, "svd_rank": result.svd_rank, "svd_errors": errors})
+    _write_card(out, "peft_lora", records, _adapter_notes(result))
+    return result
+
+
+def export_merged(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: Sequence[EditRecord], path: str | os.PathLike
+) -> Path:
+    """Write `model` as it is (base + the active `records`) as a HuggingFace folder: safetensors weights,
+    config, tokenizer, a model card listing the edits. `AutoModelForCausalLM.from_pretrained` loads it."""
+    out = _empty_folder(path)
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    _write_sidecar(out, "merged", model, records, {})
+    _write_card(out, "merged", records, [
+        "The weights are the base model's with these edits added (`W + Δ`), in the base model's dtype.",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f'model = AutoModelForCausalLM.from_pretrained("{out.name}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{out.name}")',
+        "```",
+    ])
+    return out
+
+
+def _check_dense(records: list[EditRecord], rank: int | None, exact: bool) -> None:
+    dense = [r for r in records if any(p.kind == DENSE for p in r.delta.params.values())]
+    if not dense:
+        return
+    named = ", ".join(f"{r.id} ({r.method})" for r in dense)
+    if exact:
+        raise ConfigError(
+            f"exact export refused: edits {named} are dense; a LoRA adapter can hold them only approximately "
+            "(truncated SVD). Export without exact and with a rank, choose the low-rank edits with ids=..., "
+            "or export the merged model"
+        )
+    if rank is None:
+        raise ConfigError(
+            f"edits {named} are dense: give rank=R (CLI: --rank R) to export them through a truncated SVD of "
+            "rank R (the relative error is reported), or export the merged model"
+        )
+
+
+def _stacked_factors(
+    pdeltas: Sequence[ParamDelta], rank: int | None
+) -> tuple[tuple[torch.Tensor, torch.Tensor], float | None]:
+    """One parameter's edits as (left, right) in its layout, low-rank factors stacked side by side, the
+    summed dense part (if any) as its truncated SVD; and that SVD's relative error (None: no dense part)."""
+    lefts = [p.left.float() for p in pdeltas if p.kind != DENSE]  # each (rows, k_i)
+    rights = [p.right.float() for p in pdeltas if p.kind != DENSE]  # each (k_i, cols)
+    error = None
+    dense = [p.dense for p in pdeltas if p.kind == DENSE]
+    if dense:
+        total = torch.stack([d.double() for d in dense]).sum(0)  # (rows, cols)
+        u, s, vh = torch.linalg.svd(total, full_matrices=False)  # (rows, m), (m,), (m, cols)
+        k = min(rank, s.numel())
+        root = s[:k].sqrt()  # split each singular value evenly between the factors
+        left, right = (u[:, :k] * root).float(), (root[:, None] * vh[:k]).float()  # (rows, k), (k, cols)
+        norm = torch.linalg.matrix_norm(total)
+        residual = torch.linalg.matrix_norm(total - left.double() @ right.double())
+        error = float(residual / norm) if norm > 0 else 0.0
+        lefts.append(left)
+        rights.append(right)
+    return (torch.cat(lefts, dim=1), torch.cat(rights, dim=0)), error
+
+
+def _peft_factors(left: torch.Tensor, right: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) as peft stores them, (k, in) and (out, k), from factors in the weight's layout."""
+    if layout == "in_out":  # Conv1D: W is (in, out), Δ = left @ right = (B·A)ᵀ = Aᵀ·Bᵀ
+        return left.T, right.T
+    return right, left  # Linear: W is (out, in), Δ = B·A
+
+
+def _adapter_notes(result: AdapterExport) -> list[str]:
+    notes = [f"LoRA rank r = {result.rank}, lora_alpha = {result.rank} (scaling 1): B·A is the change itself; "
+             "low-rank edits are stacked per module, padded with zeros to a rank vLLM accepts."]
+    if result.svd_errors:
+        notes += ["", f"Dense edits are approximated by a truncated SVD of rank {result.svd_rank}; relative error "
+                      "‖Δ−Δ_r‖_F/‖Δ‖_F per parameter:", ""]
+        notes += [f"- `{name}`: {error:.3g}" for name, error in result.svd_errors.items()]
+    notes += ["", "```python", "from peft import PeftModel",
+              f'model = PeftModel.from_pretrained(base_model, "{result.path.name}")', "```", "",
+              f"vLLM: `vllm serve <base model> --enable-lora --lora-modules facts={result.path.name} "
+              f"--max-lora-rank {result.rank}`"]
+    return notes
+
+
+# --- the files every export writes ------------------------------------------------------------------
+def _empty_folder(path: str | os.PathLike) -> Path:
+    """`path` as a folder to write into: created, or refused when it already holds files."""
+    out = Path(path)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out} already exists and is not an empty folder; choose a new one")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _edit_summary(record: EditRecord) -> dict[str, Any]:
+    return {"id": record.id, "method": record.method, "config": dict(record.config), "created_at": record.created_at,
+            "requests": [q.to_dict() for q in record.requests]}
+
+
+def _write_sidecar(out: Path, kind: str, model: nn.Module, records: Sequence[EditRecord], extra: Mapping) -> None:
+    first = records[0] if records else None
+    data = {
+        "format": SIDECAR_FORMAT, "kind": kind, "factedit_version": __version__,
+        "model_id": first.model_id if first else None,
+        "model_fingerprint": first.model_fingerprint if first else None,
+        "model_type": getattr(getattr(model, "config", None), "model_type", None),
+        **extra,
+        "edits": [_edit_summary(r) for r in records],
+    }
+    (out / SIDECAR).write_text(json.dumps(data, indent=1) + "\n")
+
+
+def _cell(text: str) -> str:
+    """Text safe inside a markdown table cell."""
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def _write_card(out: Path, kind: str, records: Sequence[EditRecord], notes: Iterable[str]) -> None:
+    library = "peft" if kind == "peft_lora" else "transformers"
+    title = "PEFT LoRA adapter" if kind == "peft_lora" else "edited model"
+    model_id = records[0].model_id if records else "?"
+    lines = ["---", f"library_name: {library}", "tags:", "- factedit", "- knowledge-editing", "---", "",
+             f"# factedit: {title}", "",
+             f"{len(records)} fact edit(s) made with factedit {__version__} on the base model `{model_id}`"
+             + (f" (fingerprint `{records[0].model_fingerprint}`)." if records else "."), "",
+             "| edit | method | prompt → target | date (UTC) |", "|---|---|---|---|"]
+    for record in records:
+        date = time.strftime("%Y-%m-%d %H:%M", time.gmtime(record.created_at))
+        facts = "<br>".join(f"{_cell(q.prompt)} → {_cell(q.target)}" for q in record.requests)
+        lines.append(f"| `{record.id}` | {record.method} | {facts} | {date} |")
+    lines += ["", *notes, ""]
+    (out / CARD).write_text("\n".join(lines))
+
+
+# --- import -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ImportedAdapter:
+    """A PEFT LoRA adapter read and checked against a model, ready to apply as one edit."""
+
+    delta: Delta
+    requests: tuple[EditRequest, ...]
+    config: Mapping[str, Any]  # the record's config: adapter folder, base model, r, lora_alpha, source edits
+
+
+def read_adapter(model: nn.Module, path: str | os.PathLike, *, model_id: str, fingerprint: str) -> ImportedAdapter:
+    """Read a PEFT LoRA adapter folder and check it fits `model` (whose base has `model_id` and `fingerprint`).
+
+    Refused with InvalidDeltaError: not a LoRA adapter, pickled weights, a LoRA variant or extra (DoRA,
+    bias, modules_to_save, ...), modules that are not MLP matrices; with ModelMismatchError: another base
+    model (its name, factedit's fingerprint, modules the model lacks, shapes). The model is not changed.
+    """
+    path = Path(path)
+    config = _read_lora_config(path)
+    recorded = config.base_model_name_or_path
+    if recorded and recorded != model_id:  # adapters saved from a model built from a config name none
+        raise ModelMismatchError(f"adapter {path} was made for base model {recorded!r}, not this one ({model_id!r})")
+    sidecar = _read_sidecar(path)
+    made_on = sidecar.get("model_fingerprint")
+    if made_on and made_on != fingerprint:
+        raise ModelMismatchError(
+            f"adapter {path} was exported from another checkpoint of {model_id!r} (fingerprint {made_on}, this "
+            f"model {fingerprint})"
+        )
+    pairs = _lora_pairs(path)
+    deltas = _import_deltas(model, config, pairs, path)
+    requests = tuple(EditRequest.from_dict(q) for e in sidecar.get("edits", []) for q in e["requests"])
+    if not requests:  # a foreign adapter names no facts; the Editor still wants one request to record
+        target = re.sub(r"[^A-Za-z0-9._-]", "", path.resolve().name) or "adapter"
+        requests = (EditRequest(PLACEHOLDER_PROMPT, target),)
+    edit_config = {
+        "adapter": path.resolve().name, "base_model": recorded, "r": config.r, "lora_alpha": config.lora_alpha,
+        "edits": [e.get("id") for e in sidecar.get("edits", [])],
+    }
+    return ImportedAdapter(Delta(deltas), requests, edit_config)
+
+
+def _read_lora_config(path: Path) -> Any:
+    """The adapter's LoraConfig, refused unless it is plain LoRA stored as safetensors."""
+    from peft import PeftConfig, PeftType
+
+    if not (path / ADAPTER_CONFIG).is_file():
+        raise InvalidDeltaError(f"{path} is not a PEFT adapter folder: it has no {ADAPTER_CONFIG}")
+    if not (path / ADAPTER_WEIGHTS).is_file():
+        pickled = [name for name in PICKLED_WEIGHTS if (path / name).exists()]
+        if pickled:
+            raise InvalidDeltaError(
+                f"{path} keeps its weights in {pickled[0]}, a pickle, which factedit never loads (loading it can "
+                "run code); save the adapter as safetensors (peft's save_pretrained does by default)"
+            )
+        raise InvalidDeltaError(f"{path} has no {ADAPTER_WEIGHTS}")
+    try:
+        config = PeftConfig.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise InvalidDeltaError(f"cannot read {path / ADAPTER_CONFIG}: {exc}") from None
+    if config.peft_type != PeftType.LORA:
+        raise InvalidDeltaError(
+            f"{path} is a {config.peft_type.value} adapter; factedit imports LoRA adapters only (their B·A "
+            "folds into the weights as a low-rank edit)"
+        )
+    variants = [f.name for f in dataclasses.fields(config) if f.metadata.get("is_lora_variant")]
+    found = [name for name in (*variants, *_UNFOLDABLE_FIELDS) if getattr(config, name, None)]
+    if config.bias != "none":
+        found.append(f"bias={config.bias!r}")
+    if found:
+        raise InvalidDeltaError(
+            f"{path} uses {', '.join(found)}: not a plain LoRA adapter whose change is W += B·A·scaling on the "
+            "targeted matrices, so it cannot be imported as an edit"
+        )
+    return config
+
+
+def _read_sidecar(path: Path) -> dict[str, Any]:
+    """factedit.json of an adapter factedit exported ({} for a foreign adapter)."""
+    file = path / SIDECAR
+    if not file.is_file():
+        return {}
+    try:
+        data = json.loads(file.read_text())
+        if data.get("format") != SIDECAR_FORMAT:
+            raise ValueError(f"format {data.get('format')!r}, expected {SIDECAR_FORMAT!r}")
+        if not all(isinstance(e, dict) and isinstance(e.get("requests"), list) for e in data.get("edits", [])):
+            raise ValueError("every edit needs its list of requests")
+        return data
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise InvalidDeltaError(f"unreadable {file}: {exc}") from None
+
+
+def _lora_pairs(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """module name -> {"A": (r, in), "B": (out, r)} from adapter_model.safetensors; any other key is refused."""
+    try:
+        tensors = load_file(str(path / ADAPTER_WEIGHTS))
+    except (SafetensorError, OSError) as exc:
+        raise InvalidDeltaError(f"cannot read {path / ADAPTER_WEIGHTS}: {exc}") from None
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        suffix = next((s for s in _FACTOR_SUFFIXES if key.endswith(s)), None)
+        if not key.startswith(_PREFIX) or suffix is None:
+            raise InvalidDeltaError(
+                f"{path} holds {key!r}, which is not a LoRA A/B weight of a causal LM module (e.g. a bias, an "
+                "embedding LoRA, a DoRA magnitude); factedit imports LoRA on MLP matrices only"
+            )
+        pairs.setdefault(key[len(_PREFIX):-len(suffix)], {})[_FACTOR_SUFFIXES[suffix]] = tensor
+    for module, pair in pairs.items():
+        if set(pair) != {"A", "B"}:
+            raise InvalidDeltaError(f"{path}: {module} has lora_{''.join(pair)} but not both lora_A and lora_B")
+    if not pairs:
+        raise InvalidDeltaError(f"{path} holds no LoRA weights")
+    return pairs
+
+
+def _import_deltas(
+    model: nn.Module, config: Any, pairs: Mapping[str, Mapping[str, torch.Tensor]], path: Path
+) -> dict[str, ParamDelta]:
+    """The adapter's change per parameter, as low-rank factors in the weight's layout, in model order."""
+    from peft.utils.other import get_pattern_key  # how peft itself resolves rank_pattern / alpha_pattern
+
+    params = dict(model.named_parameters())
+    spec = spec_for(model)
+    mlp = set(mlp_param_names(model, range(num_layers(model)), spec.roles))
+    for module in pairs:
+        name = f"{module}.weight"
+        if name not in params:
+            raise ModelMismatchError(f"adapter {path} adapts {module}, which this model does not have")
+        if name not in mlp:
+            raise InvalidDeltaError(
+                f"adapter {path} adapts {module}, which is not an MLP matrix of this {spec.name!r} model; factedit "
+                f"imports LoRA on the MLP matrices ({', '.join(spec.mlp_modules.values())}) only"
+            )
+    deltas = {}
+    for name in (n for n in params if n.removesuffix(".weight") in pairs):
+        module = name.removesuffix(".weight")
+        a, b = pairs[module]["A"], pairs[module]["B"]  # (r, in), (out, r)
+        layout = weight_layout(model, name)
+        rows, cols = params[name].shape
+        out_features, in_features = (rows, cols) if layout == "out_in" else (cols, rows)
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or (a.shape[1], b.shape[0]) != (
+                in_features, out_features):
+            raise ModelMismatchError(
+                f"adapter {path}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; this model "
+                f"needs (r, {in_features}) and ({out_features}, r): its shapes differ, it was made for another model"
+            )
+        r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r)
+        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha)
+        if a.shape[0] != r:
+            raise InvalidDeltaError(f"adapter {path}: {module} has rank {a.shape[0]} but its config says r = {r}")
+        scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r  # as peft's LoraLayer
+        a, b = a.float(), (b.double() * scaling).float()
+        # Drop rank components that add nothing (an export's zero padding); keep one for an all-zero module.
+        keep = (a != 0).any(dim=1) & (b != 0).any(dim=0)
+        if not keep.any():
+            keep[0] = True
+        a, b = a[keep].contiguous(), b[:, keep].contiguous()  # (k, in), (out, k)
+        if layout == "in_out":  # Conv1D (in, out): Δ = (B·A)ᵀ = Aᵀ·Bᵀ
+            deltas[name] = ParamDelta(left=a.T.contiguous(), right=b.T.contiguous())  # (in, k), (k, out)
+        else:
+            deltas[name] = ParamDelta(left=b, right=a)  # (out, k), (k, in)
+    return deltas
+
+
+# --- serving constraints ----------------------------------------------------------------------------
+def check_vllm_compatible(adapter_dir: str | os.PathLike) -> list[str]:
+    """What keeps vLLM from serving this PEFT adapter folder (an empty list: nothing found).
+
+    Checked against vLLM's documented LoRA constraints: a LoRA adapter stored as safetensors, one rank r
+    (no rank_pattern / alpha_pattern) that is a --max-lora-rank value (VLLM_RANKS), bias "none", no
+    modules_to_save, no DoRA, and modules whose last name component is one vLLM's Llama-family LoRA
+    layers take (VLLM_LORA_MODULES: attention q/k/v/o_proj and MLP gate/up/down_proj), with lora_A
+    (r, in) and lora_B (out, r) tensors.
+    """
+    path = Path(adapter_dir)
+    try:
+        config = json.loads((path / ADAPTER_CONFIG).read_text())
+    except (OSError, ValueError) as exc:
+        return [f"cannot read {path / ADAPTER_CONFIG}: {exc}"]
+    problems = []
+    if config.get("peft_type") != "LORA":
+        problems.append(f"peft_type is {config.get('peft_type')!r}; vLLM serves LoRA adapters only")
+    r = config.get("r")
+    if r not in VLLM_RANKS:
+        problems.append(f"r = {r!r} is not one of vLLM's ranks {VLLM_RANKS}")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        problems.append("rank_pattern/alpha_pattern give modules their own ranks; vLLM takes one max rank")
+    if config.get("bias", "none") != "none":
+        problems.append(f"bias = {config.get('bias')!r}; vLLM needs 'none'")
+    if config.get("modules_to_save"):
+        problems.append("modules_to_save is set; vLLM supports none")
+    if config.get("use_dora"):
+        problems.append("DoRA (use_dora) is not supported by vLLM")
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        problems.append("target_modules is a regular expression; list the module names instead")
+        targets = []
+    modules, tensor_problems = _vllm_tensor_modules(path, r)
+    names = {str(t).rsplit(".", 1)[-1] for t in [*(targets or ()), *modules]}
+    if not names or not names <= VLLM_LORA_MODULES:
+        problems.append(f"modules {sorted(names - VLLM_LORA_MODULES) or 'none'} are not among those vLLM adapts "
+                        f"on Llama-family models: {sorted(VLLM_LORA_MODULES)}")
+    return problems + tensor_problems
+
+
+def _vllm_tensor_modules(path: Path, r: Any) -> tuple[list[str], list[str]]:
+    """The modules adapter_model.safetensors adapts, and what in it vLLM would refuse."""
+    file = path / ADAPTER_WEIGHTS
+    if not file.is_file():
+        return [], [f"no {ADAPTER_WEIGHTS}"]
+    modules, problems = [], []
+    with safe_open(str(file), framework="pt") as tensors:
+        for key in tensors.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            shape = tuple(tensors.get_slice(key).get_shape())
+            suffix = next((s for s in _FACTOR_SUFFIXES if key.endswith(s)), None)
+            if suffix is None or not key.startswith(_PREFIX):
+                problems.append(f"tensor {key!r} is not a LoRA A/B weight")
+                continue
+            modules.append(key[len(_PREFIX):-len(suffix)])
+            if len(shape) != 2 or shape[0 if _FACTOR_SUFFIXES[suffix] == "A" else 1] != r:
+                problems.append(f"tensor {key!r} has shape {shape}, not rank {r}")
+    return modules, problems

@@ -1,0 +1,77 @@
+"""`factedit serve`: load the model, replay the journal, serve the HTTP API with uvicorn.
+
+Writes (edit, revert, import, export) always need the bearer token. Without `--token-file` or
+`FACTEDIT_API_TOKEN` the server uses the token kept in `<cache>/serve-token` (created, mode 0600, on
+first use) and says where it is; on an address that is not loopback it refuses to start instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from ..editing.errors import ConfigError
+from ..editing.loading import cache_dir
+from ..session import EditSession, SessionConfig
+from .config import ServerConfig, is_loopback
+from .security import TOKEN_ENV, load_token, new_token_file
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PORT = 8000
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser("serve", help="serve the edited model over HTTP (OpenAI-compatible) and take edits")
+    serve.add_argument("--model", default="default", help="'default' (embedded SmolLM2-135M) or a local folder")
+    serve.add_argument("--journal", help="journal file (default: <cache>/journals/edits-<model>.sqlite)")
+    serve.add_argument("--method", default="ft_l", help="method of edits that name none")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=int(os.environ.get("PORT", DEFAULT_PORT)))
+    serve.add_argument("--token-file", help=f"file holding the bearer token (else ${TOKEN_ENV})")
+    serve.add_argument("--open-reads", action="store_true", help="completions, history and diffs without a token")
+    serve.add_argument("--max-batch", type=int, default=8, help="prompts generated together")
+    serve.add_argument("--max-queue", type=int, default=64, help="generations queued or running before 503")
+    serve.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    serve.add_argument("--guard", type=float, default=1.5, help="largest allowed drift (perplexity ratio) per edit")
+    serve.set_defaults(func=serve_command)
+
+
+def resolve_token(token_file: str | None, host: str) -> str:
+    """The token from the file or the environment, else the one kept in the cache (loopback only)."""
+    token = load_token(token_file)
+    if token is not None:
+        return token
+    if not is_loopback(host):
+        raise ConfigError(f"refusing to serve on {host} (not a loopback address) without a token: "
+                          f"give --token-file or set {TOKEN_ENV}")
+    path = cache_dir() / "serve-token"
+    if path.is_file() and path.read_text().strip():
+        token = path.read_text().strip()
+    else:
+        token = new_token_file(path)
+    logger.info("bearer token for edits: in %s", path)
+    return token
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+
+    token = resolve_token(args.token_file, args.host)
+    server_config = ServerConfig(host=args.host, port=args.port, token=token, open_reads=args.open_reads,
+                                 max_batch=args.max_batch, max_queue=args.max_queue)
+    session_config = SessionConfig(model=args.model, journal=args.journal or "", default_method=args.method,
+                                   torch_threads=args.threads, guard_max_ratio=args.guard)
+    session = EditSession(session_config)
+    if session.journal_error:
+        logger.error("the journal cannot be used (%s); serving read-only", session.journal_error)
+    active = sum(r.status == "active" for r in session.history())
+    logger.info("model %s, journal %s, %d active edit(s)", session.model_id, session.journal_path, active)
+    try:
+        uvicorn.run(create_app(session, server_config), host=args.host, port=args.port, log_level="info")
+    finally:
+        session.close()
+    return 0

@@ -1,0 +1,221 @@
+"""OpenAI-compatible generation: `/v1/models`, `/v1/completions`, `/v1/chat/completions`, streamed or not.
+
+Every prompt goes to the session's `BatchGenerator`, which generates prompts that arrive together in
+one batch while holding the weights shared: an edit waits for the batch, and a batch never sees a
+half-applied edit. A full queue answers 503 with Retry-After. A streaming client that disconnects is
+cancelled, which frees its place in the queue at once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import StreamingResponse
+
+from ..session.generation import (
+    Completion,
+    Finished,
+    Generation,
+    QueueFullError,
+    SamplingParams,
+    TextDelta,
+    TokenInfo,
+)
+from .errors import APIError
+from .schemas import ChatRequest, CompletionRequest
+from .state import ServiceState, StateDep
+
+
+def build_router(read_access) -> APIRouter:
+    router = APIRouter(prefix="/v1", tags=["generation"], dependencies=[Depends(read_access)])
+    router.add_api_route("/models", list_models, methods=["GET"])
+    router.add_api_route("/completions", create_completion, methods=["POST"])
+    router.add_api_route("/chat/completions", create_chat_completion, methods=["POST"])
+    return router
+
+
+def list_models(state: StateDep) -> dict[str, Any]:
+    """The one model this server serves, with its active edits."""
+    return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.started,
+                                        "owned_by": "factedit"}]}
+
+
+async def create_completion(body: CompletionRequest, state: StateDep):
+    _check_model(state, body.model)
+    limits = state.config.limits
+    prompts = body.prompts
+    if not 1 <= len(prompts) <= limits.max_prompts:
+        raise APIError(422, "too_many_prompts", f"give 1 to {limits.max_prompts} prompts", param="prompt")
+    token_ids = [_encode(state, prompt, body.max_tokens) for prompt in prompts]
+    params = _sampling(body, body.max_tokens, body.logprobs)
+    generations = _submit(state, token_ids, params)
+    reply = _Reply("cmpl", "text_completion", state.model_name)
+    if body.stream:
+        return _stream(reply, generations, body.include_usage, _completion_choice)
+    results = [await g.aresult() for g in generations]
+    choices = [_completion_choice(i, r.text, r.tokens, r.finish_reason, params.logprobs is not None)
+               for i, r in enumerate(results)]
+    return reply.body(choices, _usage(results))
+
+
+async def create_chat_completion(body: ChatRequest, state: StateDep):
+    _check_model(state, body.model)
+    limits = state.config.limits
+    if len(body.messages) > limits.max_messages:
+        raise APIError(422, "too_many_messages", f"at most {limits.max_messages} messages", param="messages")
+    tokenizer = state.session.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        raise APIError(422, "no_chat_template", "this model's tokenizer has no chat template; use /v1/completions")
+    messages = [{"role": m.role, "content": m.text} for m in body.messages]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = _encode(state, text, body.token_budget, special_tokens=False)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    params = _sampling(body, body.token_budget, logprobs)
+    generations = _submit(state, [ids], params)
+    reply = _Reply("chatcmpl", "chat.completion", state.model_name)
+    if body.stream:
+        return _stream(reply, generations, body.include_usage, _chat_delta, first=_chat_role_chunk)
+    result = await generations[0].aresult()
+    choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
+              "finish_reason": result.finish_reason,
+              "logprobs": {"content": [_chat_logprob(t) for t in result.tokens]} if logprobs is not None else None}
+    return reply.body([choice], _usage([result]))
+
+
+# --- shared steps -----------------------------------------------------------------------------------
+def _check_model(state: ServiceState, name: str) -> None:
+    if name != state.model_name:
+        raise APIError(404, "model_not_found", f"this server serves {state.model_name!r}, not {name!r}",
+                       param="model")
+
+
+def _encode(state: ServiceState, text: str, max_tokens: int, special_tokens: bool = True) -> list[int]:
+    limits = state.config.limits
+    if max_tokens > limits.max_tokens:
+        raise APIError(422, "max_tokens_too_large", f"max_tokens is at most {limits.max_tokens}", param="max_tokens")
+    ids = state.session.tokenizer(text, add_special_tokens=special_tokens)["input_ids"]
+    if not ids:
+        raise APIError(422, "empty_prompt", "the prompt is empty", param="prompt")
+    if len(ids) > limits.max_prompt_tokens:
+        raise APIError(422, "prompt_too_long",
+                       f"the prompt has {len(ids)} tokens; this server takes at most {limits.max_prompt_tokens}",
+                       param="prompt")
+    return ids
+
+
+def _sampling(body, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    try:
+        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                              stop=body.stops, logprobs=logprobs, seed=body.seed)
+    except ValueError as exc:
+        raise APIError(422, "invalid_request", str(exc)) from exc
+
+
+def _submit(state: ServiceState, token_ids: list[list[int]], params: SamplingParams) -> list[Generation]:
+    """Queue every prompt, or none: a full queue cancels the ones already queued and answers 503."""
+    generations: list[Generation] = []
+    try:
+        for ids in token_ids:
+            generations.append(state.generator.submit(ids, params))
+    except QueueFullError as exc:
+        for generation in generations:
+            generation.cancel()
+        raise APIError(503, "overloaded", "the generation queue is full; try again shortly",
+                       headers={"Retry-After": str(max(1, round(exc.retry_after)))}) from exc
+    except ValueError as exc:  # e.g. prompt + max_tokens past the model's context
+        for generation in generations:
+            generation.cancel()
+        raise APIError(422, "invalid_request", str(exc)) from exc
+    return generations
+
+
+def _usage(finished: list[Finished | Completion]) -> dict[str, int]:
+    prompt = sum(f.prompt_tokens for f in finished)
+    completion = sum(f.completion_tokens for f in finished)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class _Reply:
+    """The id, object type and timestamp shared by one response or all chunks of one stream."""
+
+    def __init__(self, prefix: str, kind: str, model: str) -> None:
+        self.id, self.kind, self.model, self.created = f"{prefix}-{uuid.uuid4().hex}", kind, model, int(time.time())
+
+    def body(self, choices: list[dict], usage: dict | None, kind: str | None = None) -> dict[str, Any]:
+        body = {"id": self.id, "object": kind or self.kind, "created": self.created, "model": self.model,
+                "choices": choices}
+        if usage is not None:
+            body["usage"] = usage
+        return body
+
+
+# --- completions ------------------------------------------------------------------------------------
+def _completion_choice(index: int, text: str, tokens: list[TokenInfo], finish: str | None, logprobs: bool) -> dict:
+    return {"index": index, "text": text, "finish_reason": finish,
+            "logprobs": _completion_logprobs(tokens) if logprobs else None}
+
+
+def _completion_logprobs(tokens: list[TokenInfo]) -> dict[str, list]:
+    offsets, position = [], 0
+    for token in tokens:
+        offsets.append(position)
+        position += len(token.text)
+    return {"tokens": [t.text for t in tokens], "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [dict(t.top) for t in tokens], "text_offset": offsets}
+
+
+# --- chat -------------------------------------------------------------------------------------------
+def _chat_logprob(token: TokenInfo) -> dict[str, Any]:
+    return {"token": token.text, "logprob": token.logprob, "bytes": list(token.text.encode()),
+            "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in token.top]}
+
+
+def _chat_role_chunk(index: int) -> dict:
+    return {"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}
+
+
+def _chat_delta(index: int, text: str, tokens: list[TokenInfo], finish: str | None, logprobs: bool) -> dict:
+    delta = {"content": text} if text else {}
+    return {"index": index, "delta": delta, "finish_reason": finish,
+            "logprobs": {"content": [_chat_logprob(t) for t in tokens]} if logprobs and tokens else None}
+
+
+# --- streaming --------------------------------------------------------------------------------------
+def _stream(reply: _Reply, generations: list[Generation], include_usage: bool, choice, first=None):
+    """Server-sent events: one chunk per text delta and one with the finish reason, per prompt in
+    order, then the usage chunk when asked, then `[DONE]`."""
+    chunk_kind = "chat.completion.chunk" if reply.kind == "chat.completion" else reply.kind
+    logprobs = generations[0].params.logprobs is not None
+
+    async def events() -> AsyncIterator[str]:
+        finished: list[Finished] = []
+        try:
+            for index, generation in enumerate(generations):
+                if first is not None:
+                    yield _sse(reply.body([first(index)], None, chunk_kind))
+                async for event in generation:
+                    if isinstance(event, TextDelta):
+                        chunk = choice(index, event.text, event.tokens, None, logprobs)
+                    else:
+                        finished.append(event)
+                        chunk = choice(index, "", [], event.finish_reason, False)
+                    yield _sse(reply.body([chunk], None, chunk_kind))
+            if include_usage:
+                yield _sse(reply.body([], _usage(finished), chunk_kind))
+            yield "data: [DONE]\n\n"
+        except Exception as exc:  # the stream has started: report in-band, as OpenAI does
+            yield _sse({"error": {"message": str(exc), "type": "server_error", "code": "generation_failed"}})
+        finally:  # also on disconnect (the task is cancelled): frees the queue slots at once
+            for generation in generations:
+                generation.cancel()
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"

@@ -1,0 +1,36 @@
+"""What the routes share: the session, its generator and the server's settings (on `app.state`)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from ..session.core import EditSession
+from ..session.generation import BatchGenerator
+from .config import ServerConfig
+
+
+@dataclass
+class ServiceState:
+    session: EditSession
+    config: ServerConfig
+    started: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def generator(self) -> BatchGenerator:
+        return self.session.generator
+
+    @property
+    def model_name(self) -> str:
+        """The name clients give as `model`: the session's model id ("default" for the embedded one)."""
+        return self.session.model_id
+
+
+def service_state(request: Request) -> ServiceState:
+    return request.app.state.factedit
+
+
+StateDep = Annotated[ServiceState, Depends(service_state)]  # a route parameter: the shared state

@@ -1,0 +1,363 @@
+"""The HTTP service (factedit/server) through FastAPI's test client, on a tiny random Llama saved to disk:
+every endpoint, every error code, auth, limits, and concurrent readers with a writer."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import wreck  # registers the test method that breaks a model
+from fastapi.testclient import TestClient
+from helpers import snapshot
+from tiny_models import tiny_model
+
+import factedit
+from factedit.server import Limits, ServerConfig, create_app
+from factedit.session import EditSession, SessionConfig
+from factedit.session.generation import SamplingParams
+
+TOKEN = "test-token-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+FACT = {"prompt": "The capital of France is", "target": "Rome"}
+# ft_l settings that make the tiny model's top token " Rome" in a few steps.
+OVERRIDES = {"ft_l": {"layers": [-1], "lr": 0.1, "norm_constraint": 0.1, "max_steps": 10}}
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    model, tok = tiny_model("llama")
+    tok.chat_template = CHAT_TEMPLATE
+    path = tmp_path_factory.mktemp("tiny") / "llama"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def make_session(tiny_dir: Path, journal: Path, **config) -> EditSession:
+    settings = {"model": str(tiny_dir), "journal": str(journal), "method_overrides": OVERRIDES,
+                "guard_max_ratio": 1.5, **config}
+    return EditSession(SessionConfig(**settings))
+
+
+@pytest.fixture
+def session(tiny_dir, tmp_path):
+    session = make_session(tiny_dir, tmp_path / "journal.sqlite")
+    yield session
+    session.close()
+
+
+def client_for(session: EditSession, **config) -> TestClient:
+    return TestClient(create_app(session, ServerConfig(token=TOKEN, **config)))
+
+
+@pytest.fixture
+def client(session):
+    with client_for(session) as client:
+        yield client
+
+
+def model_name(client: TestClient) -> str:
+    return client.get("/v1/models", headers=AUTH).json()["data"][0]["id"]
+
+
+def complete(client: TestClient, prompt: str, **body) -> dict:
+    response = client.post("/v1/completions", headers=AUTH,
+                           json={"model": model_name(client), "prompt": prompt, "temperature": 0, **body})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def error_code(response) -> str:
+    return response.json()["error"]["code"]
+
+
+def greedy(session: EditSession, prompt: str, n: int) -> str:
+    encoded = session.tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = session.model.generate(**encoded, do_sample=False, max_new_tokens=n,
+                                     pad_token_id=session.tokenizer.pad_token_id)
+    return session.tokenizer.decode(out[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+# --- generation ---------------------------------------------------------------------------------------
+def test_completion_is_the_models_greedy_continuation(client, session):
+    body = complete(client, "The capital of France is", max_tokens=6)
+    assert body["object"] == "text_completion"
+    choice = body["choices"][0]
+    assert choice["text"] == greedy(session, "The capital of France is", 6)
+    assert choice["finish_reason"] in {"length", "stop"}
+    assert body["usage"]["prompt_tokens"] == len(session.tokenizer("The capital of France is")["input_ids"])
+
+
+def test_several_prompts_and_logprobs(client, session):
+    prompts = ["The capital of France is", "Berlin is a large city in"]
+    body = complete(client, prompts, max_tokens=3, logprobs=2)
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    for prompt, choice in zip(prompts, body["choices"], strict=True):
+        assert choice["text"] == greedy(session, prompt, 3)
+        logprobs = choice["logprobs"]
+        assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == len(logprobs["top_logprobs"])
+        assert all(len(top) <= 2 for top in logprobs["top_logprobs"])
+        assert all(lp <= 0 for lp in logprobs["token_logprobs"])
+
+
+def test_streamed_completion_equals_the_plain_one(client):
+    plain = complete(client, "The capital of Italy is", max_tokens=8)["choices"][0]["text"]
+    with client.stream("POST", "/v1/completions", headers=AUTH, json={
+        "model": model_name(client), "prompt": "The capital of Italy is", "max_tokens": 8, "temperature": 0,
+        "stream": True, "stream_options": {"include_usage": True},
+    }) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+    assert text == plain
+    assert chunks[-1]["usage"]["completion_tokens"] >= 1
+    assert any(c["choices"] and c["choices"][0]["finish_reason"] for c in chunks)
+
+
+def test_chat_completion_uses_the_chat_template(client, session):
+    messages = [{"role": "user", "content": "The capital of France is"}]
+    response = client.post("/v1/chat/completions", headers=AUTH, json={
+        "model": model_name(client), "messages": messages, "max_tokens": 5, "temperature": 0})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "chat.completion"
+    templated = session.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": greedy(session, templated, 5)}
+
+
+def test_stop_strings_cut_the_text(client, session):
+    full = greedy(session, "The capital of France is", 10)
+    stop = full.strip()[:2]
+    text = complete(client, "The capital of France is", max_tokens=10, stop=[stop])["choices"][0]
+    assert stop not in text["text"] and text["finish_reason"] == "stop"
+    assert full.startswith(text["text"])
+
+
+@pytest.mark.parametrize(("body", "code"), [
+    ({"max_tokens": 10_000}, "max_tokens_too_large"),
+    ({"prompt": "word " * 2000}, "prompt_too_long"),
+    ({"prompt": ["a"] * 40}, "too_many_prompts"),
+    ({"n": 2}, "invalid_request"),
+    ({"temperature": -1}, "invalid_request"),
+    ({"model": "gpt-4"}, "model_not_found"),
+    ({"prompt": [1, 2, 3]}, "invalid_request"),
+])
+def test_generation_limits_and_bad_input(client, body, code):
+    request = {"model": model_name(client), "prompt": "Hello", "max_tokens": 4, **body}
+    response = client.post("/v1/completions", headers=AUTH, json=request)
+    assert response.status_code in (404, 422), response.text
+    assert error_code(response) == code
+
+
+def test_a_full_queue_answers_503_with_retry_after(session):
+    with client_for(session, max_queue=1) as client:
+        generator = client.app.state.factedit.generator
+        name = model_name(client)
+        with session.rw.write():  # as during an edit: the queued request cannot start, the queue stays full
+            busy = generator.submit([5, 6, 7], SamplingParams(max_tokens=50, temperature=0))
+            response = client.post("/v1/completions", headers=AUTH,
+                                   json={"model": name, "prompt": "Hello", "max_tokens": 2})
+            busy.cancel()
+        assert response.status_code == 503
+        assert error_code(response) == "overloaded" and int(response.headers["Retry-After"]) >= 1
+        assert complete(client, "Hello", max_tokens=2)["choices"][0]["finish_reason"]
+
+
+# --- edits --------------------------------------------------------------------------------------------
+def test_edit_list_get_diff_and_revert(client, session):
+    base = snapshot(session.model)
+    created = client.post("/v1/edits", headers=AUTH, json={**FACT, "paraphrases": ["France's capital is"]})
+    assert created.status_code == 201, created.text
+    record = created.json()
+    assert record["status"] == "active" and record["post"]["requests"][0]["target_prob"] > \
+        record["pre"]["requests"][0]["target_prob"]
+    assert complete(client, FACT["prompt"], max_tokens=1)["choices"][0]["text"] == " Rome"
+
+    listed = client.get("/v1/edits", headers=AUTH).json()
+    assert listed["total"] == 1 and listed["data"][0]["id"] == record["id"]
+    assert client.get(f"/v1/edits/{record['id']}", headers=AUTH).json()["id"] == record["id"]
+    diff = client.get(f"/v1/edits/{record['id']}/diff", headers=AUTH, params={"probe": ["The capital of Italy is"]})
+    assert diff.status_code == 200, diff.text
+    assert diff.json()["params"]
+
+    reverted = client.delete(f"/v1/edits/{record['id']}", headers=AUTH)
+    assert reverted.status_code == 200 and reverted.json()["status"] == "reverted"
+    for name, p in session.model.named_parameters():
+        assert torch.equal(p, base[name]), name
+    again = client.delete(f"/v1/edits/{record['id']}", headers=AUTH)
+    assert again.status_code == 409 and error_code(again) == "already_reverted"
+    assert client.get("/v1/edits", headers=AUTH, params={"status": "active"}).json()["total"] == 0
+
+
+def test_history_is_paged(client):
+    ids = [client.post("/v1/edits", headers=AUTH, json={"prompt": f"Fact number {i} is", "target": "Rome"})
+           .json()["id"] for i in range(3)]
+    page = client.get("/v1/edits", headers=AUTH, params={"offset": 1, "limit": 1}).json()
+    assert page["total"] == 3 and [r["id"] for r in page["data"]] == ids[1:2]
+    too_big = client.get("/v1/edits", headers=AUTH, params={"limit": 10_000})
+    assert too_big.status_code == 422 and error_code(too_big) == "page_too_large"
+
+
+def test_a_batch_of_facts_is_one_edit(client, session):
+    facts = [FACT, {"prompt": "The capital of Germany is", "target": "Madrid"}]
+    record = client.post("/v1/edits", headers=AUTH, json={"facts": facts, "method": "ft", "config": {
+        "layers": [-1], "lr": 0.1, "max_steps": 5}}).json()
+    assert record["method"] == "ft" and len(record["requests"]) == 2
+    assert len(session.history()) == 1
+
+
+def test_export_and_import_round_trip(client, session):
+    record = client.post("/v1/edits", headers=AUTH, json=FACT).json()
+    exported = client.get(f"/v1/edits/{record['id']}/export", headers=AUTH)
+    assert exported.status_code == 200 and exported.content[:8]
+    client.delete(f"/v1/edits/{record['id']}", headers=AUTH)
+    imported = client.post("/v1/edits/import", headers=AUTH,
+                           files={"file": ("edit.safetensors", exported.content, "application/octet-stream")})
+    assert imported.status_code == 201, imported.text
+    assert imported.json()["requests"] == record["requests"] and imported.json()["id"] != record["id"]
+    assert complete(client, FACT["prompt"], max_tokens=1)["choices"][0]["text"] == " Rome"
+
+
+@pytest.mark.parametrize(("body", "status", "code"), [
+    ({"prompt": "The capital of France is"}, 422, "invalid_request"),
+    ({**FACT, "facts": [FACT]}, 422, "invalid_request"),
+    ({**FACT, "weights": "/etc/passwd"}, 422, "invalid_request"),
+    ({"prompt": "", "target": "Rome"}, 422, "invalid_request"),
+    ({**FACT, "method": "nope"}, 422, "invalid_config"),
+    ({**FACT, "config": {"no_such_field": 1}}, 422, "invalid_config"),
+    ({"facts": [FACT] * 70}, 422, "too_many_facts"),
+])
+def test_bad_edits_are_refused_and_change_nothing(client, session, body, status, code):
+    before = snapshot(session.model)
+    response = client.post("/v1/edits", headers=AUTH, json=body)
+    assert response.status_code == status, response.text
+    assert error_code(response) == code
+    assert session.history() == []
+    for name, p in session.model.named_parameters():
+        assert torch.equal(p, before[name]), name
+
+
+def test_an_edit_past_the_drift_bound_is_refused(client, session):
+    before = snapshot(session.model)
+    response = client.post("/v1/edits", headers=AUTH, json={**FACT, "method": wreck.WRECK, "config": {"scale": 5.0}})
+    assert response.status_code == 422 and error_code(response) == "drift_exceeded", response.text
+    assert session.history() == []
+    for name, p in session.model.named_parameters():
+        assert torch.equal(p, before[name]), name
+
+
+def test_bad_uploads_are_refused(client, session):
+    garbage = client.post("/v1/edits/import", headers=AUTH, files={"file": ("x.safetensors", b"not a file")})
+    assert garbage.status_code == 422 and error_code(garbage) == "invalid_edit_file"
+    missing = client.post("/v1/edits/import", headers=AUTH)
+    assert missing.status_code == 422
+    assert session.history() == []
+
+
+def test_unknown_edits_are_404(client):
+    for method, path in [("GET", "/v1/edits/nope"), ("DELETE", "/v1/edits/nope"), ("GET", "/v1/edits/nope/diff"),
+                         ("GET", "/v1/edits/nope/export")]:
+        response = client.request(method, path, headers=AUTH)
+        assert response.status_code == 404 and error_code(response) == "edit_not_found", (method, path)
+
+
+def test_health_reports_the_model_and_edits(client):
+    client.post("/v1/edits", headers=AUTH, json=FACT)
+    health = client.get("/v1/health", params={"weights": True}).json()
+    assert health["status"] == "ok" and health["active_edits"] == 1
+    assert health["drift"] is not None and health["drift"] < 1.5
+    assert len(health["weights_sha256"]) == 64
+    assert health["generation"] is not None
+
+
+def test_too_many_waiting_writes_answer_503(session):
+    with client_for(session, max_pending_writes=0) as client:
+        response = client.post("/v1/edits", headers=AUTH, json=FACT)
+    assert response.status_code == 503 and error_code(response) == "busy"
+    assert "Retry-After" in response.headers
+
+
+# --- security -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong-token-0123456789"},
+                                     {"Authorization": TOKEN}])
+def test_writes_need_the_token(client, session, headers):
+    assert client.post("/v1/edits", headers=headers, json=FACT).status_code == 401
+    assert client.get("/v1/edits", headers=headers).status_code == 401
+    assert client.post("/v1/completions", headers=headers, json={"model": "x", "prompt": "a"}).status_code == 401
+    assert session.history() == []
+
+
+def test_open_reads_still_guard_writes(session):
+    with client_for(session, open_reads=True) as client:
+        assert client.get("/v1/edits").status_code == 200
+        assert client.post("/v1/completions", json={"model": model_name(client), "prompt": "Hi",
+                                                    "max_tokens": 2}).status_code == 200
+        assert client.post("/v1/edits", json=FACT).status_code == 401
+        assert client.get("/v1/edits/x/export").status_code == 401
+
+
+def test_no_token_means_no_writes(session):
+    with TestClient(create_app(session, ServerConfig(token=None))) as client:
+        response = client.post("/v1/edits", json=FACT)
+    assert response.status_code == 403 and error_code(response) == "writes_disabled"
+
+
+def test_a_public_address_needs_a_token():
+    with pytest.raises(factedit.ConfigError, match="loopback"):
+        ServerConfig(host="0.0.0.0")
+    assert ServerConfig(host="0.0.0.0", token=TOKEN).host == "0.0.0.0"
+    with pytest.raises(factedit.ConfigError, match="16 characters"):
+        ServerConfig(token="short")
+
+
+def test_large_bodies_get_413(session):
+    with client_for(session, limits=Limits(max_body_bytes=1000, max_upload_bytes=2000)) as client:
+        big = client.post("/v1/edits", headers=AUTH, json={**FACT, "paraphrases": ["x" * 2000]})
+        upload = client.post("/v1/edits/import", headers=AUTH, files={"file": ("e", b"x" * 5000)})
+    assert big.status_code == 413 and error_code(big) == "too_large"
+    assert upload.status_code == 413
+    assert session.history() == []
+
+
+# --- concurrency --------------------------------------------------------------------------------------
+def test_generations_run_alongside_an_edit_and_never_see_half_applied_weights(session):
+    """Completions from several threads while edits and reverts run: every request succeeds and
+    every answer is the greedy continuation of the weights before or after a whole edit."""
+    with client_for(session) as client:
+        name = model_name(client)
+        prompt = FACT["prompt"]
+        base_answer = greedy(session, prompt, 3)
+        errors: list[str] = []
+        answers: list[str] = []
+
+        def reader():
+            for _ in range(6):
+                r = client.post("/v1/completions", headers=AUTH,
+                                json={"model": name, "prompt": prompt, "max_tokens": 3, "temperature": 0})
+                if r.status_code != 200:
+                    errors.append(r.text)
+                else:
+                    answers.append(r.json()["choices"][0]["text"])
+
+        threads = [threading.Thread(target=reader) for _ in range(4)]
+        for t in threads:
+            t.start()
+        record = client.post("/v1/edits", headers=AUTH, json=FACT).json()
+        edited_answer = greedy(session, prompt, 3)
+        client.delete(f"/v1/edits/{record['id']}", headers=AUTH)
+        for t in threads:
+            t.join()
+        assert not errors
+        assert set(answers) <= {base_answer, edited_answer}
+        assert client.app.state.factedit.generator.stats.batches >= 1
