@@ -57,7 +57,11 @@ async def create_completion(body: CompletionRequest, state: StateDep):
     reply = _Reply("cmpl", "text_completion", state.model_name)
     if body.stream:
         return _stream(reply, generations, body.include_usage, _completion_choice)
-    results = [await g.aresult() for g in generations]
+    try:
+        results = [await g.aresult() for g in generations]
+    finally:  # a cancelled request (client gone) frees every prompt's slot, not only the awaited one
+        for generation in generations:
+            generation.cancel()
     choices = [_completion_choice(i, r.text, r.tokens, r.finish_reason, params.logprobs is not None)
                for i, r in enumerate(results)]
     return reply.body(choices, _usage(results))

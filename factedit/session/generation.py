@@ -41,11 +41,13 @@ an exception, a cancelled task: a client that disconnected) cancels the request 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import logging
 import math
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -74,6 +76,16 @@ logger = logging.getLogger(__name__)
 MAX_LOGPROBS = 20  # the most top alternatives a request may ask for (OpenAI's limit)
 MAX_STOP_STRINGS = 16
 _UNKNOWN_RETRY_S = 1.0  # retry_after when nothing runs yet to measure (e.g. an edit holds the lock)
+
+_LIVE: weakref.WeakSet[BatchGenerator] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all_at_exit() -> None:
+    # A worker thread still alive while the interpreter tears down aborts the process now and then
+    # ("terminate called without an active exception" from torch's thread pools), so stop them first.
+    for generator in list(_LIVE):
+        generator.close(timeout=5)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -481,6 +493,7 @@ class BatchGenerator:
         )
         self._busy_s = 0.0
         self._thread = threading.Thread(target=self._worker, name="factedit-generation", daemon=True)
+        _LIVE.add(self)
         self._thread.start()
 
     # -- public API
@@ -550,7 +563,10 @@ class BatchGenerator:
             )
 
     def close(self, timeout: float | None = 10.0) -> None:
-        """Stop the worker: queued requests and the running batch fail with GenerationError; idempotent."""
+        """Stop the worker: queued requests and the running batch fail with GenerationError; idempotent.
+
+        Call it when the service stops (it also runs at interpreter exit: a torch worker thread left running
+        while the interpreter tears down can abort the process)."""
         with self._lock:
             self._closed = True
             queued = list(self._queue)
