@@ -116,6 +116,16 @@ def test_the_openai_client_gets_the_edited_models_answers(tiny_dir, tmp_path):
         assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == \
             chat.choices[0].message.content
 
+        # A client that drops a stream frees its place in the queue.
+        body = {"model": name, "prompt": prompt, "max_tokens": 100, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{server.url}/v1/completions", headers=AUTH, json=body, timeout=60) as response:
+            next(response.iter_lines())
+        deadline = time.monotonic() + 30
+        while (generation := server.get("/v1/health").json()["generation"])["pending"]:
+            assert time.monotonic() < deadline, generation
+            time.sleep(0.1)
+        assert generation["requests_cancelled"] >= 1
+
         assert httpx.delete(f"{server.url}/v1/edits/{record.json()['id']}", headers=AUTH).status_code == 200
         assert first_token() == before
         unauthorised = OpenAI(base_url=f"{server.url}/v1", api_key="wrong-token-0123456789", max_retries=0)

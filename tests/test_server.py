@@ -361,3 +361,82 @@ def test_generations_run_alongside_an_edit_and_never_see_half_applied_weights(se
         assert not errors
         assert set(answers) <= {base_answer, edited_answer}
         assert client.app.state.factedit.generator.stats.batches >= 1
+
+
+# --- the remaining error codes ------------------------------------------------------------------------
+@pytest.mark.parametrize(("body", "code"), [
+    ({"messages": []}, "invalid_request"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "invalid_request"),
+    ({"messages": [{"role": "user", "content": "x"}] * 70}, "too_many_messages"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 10_000}, "max_tokens_too_large"),
+])
+def test_bad_chat_requests(client, body, code):
+    response = client.post("/v1/chat/completions", headers=AUTH, json={"model": model_name(client), **body})
+    assert response.status_code == 422 and error_code(response) == code, response.text
+
+
+def test_a_model_without_a_chat_template_refuses_chat(tmp_path):
+    model, tok = tiny_model("llama")
+    folder = tmp_path / "plain"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    session = make_session(folder, tmp_path / "journal.sqlite")
+    try:
+        with client_for(session) as client:
+            response = client.post("/v1/chat/completions", headers=AUTH, json={
+                "model": model_name(client), "messages": [{"role": "user", "content": "Hi"}]})
+    finally:
+        session.close()
+    assert response.status_code == 422 and error_code(response) == "no_chat_template"
+
+
+def test_empty_prompts_probes_and_unknown_routes(client):
+    empty = client.post("/v1/completions", headers=AUTH, json={"model": model_name(client), "prompt": ""})
+    assert empty.status_code == 422 and error_code(empty) == "empty_prompt"
+    record = client.post("/v1/edits", headers=AUTH, json=FACT).json()
+    probes = client.get(f"/v1/edits/{record['id']}/diff", headers=AUTH, params={"probe": ["p"] * 40})
+    assert probes.status_code == 422 and error_code(probes) == "too_many_probes"
+    unknown = client.get("/v1/nothing-here", headers=AUTH)
+    assert unknown.status_code == 404 and error_code(unknown) == "not_found"
+
+
+def test_an_edit_of_another_model_is_refused_on_import(client, session, tmp_path):
+    other, tok = tiny_model("llama", seed=1)
+    editor = factedit.Editor("ft_l", tokenizer=tok, **OVERRIDES["ft_l"])
+    record = editor.edit(other, FACT["prompt"], FACT["target"])
+    exported = editor.export_edit(record.id, tmp_path / "other.safetensors").read_bytes()
+    response = client.post("/v1/edits/import", headers=AUTH, files={"file": ("other.safetensors", exported)})
+    assert response.status_code == 422 and error_code(response) == "model_mismatch", response.text
+    assert session.history() == []
+
+
+def test_an_unusable_journal_serves_read_only(tiny_dir, tmp_path):
+    journal = tmp_path / "not-a-journal.sqlite"
+    journal.write_text("plain text, not sqlite")
+    session = make_session(tiny_dir, journal)
+    try:
+        with client_for(session) as client:
+            assert client.get("/v1/health").json()["status"] == "read_only"
+            assert complete(client, "Hello", max_tokens=2)["choices"][0]["text"] is not None
+            response = client.post("/v1/edits", headers=AUTH, json=FACT)
+    finally:
+        session.close()
+    assert response.status_code == 503 and error_code(response) == "journal_unavailable"
+    assert journal.read_text() == "plain text, not sqlite"
+
+
+def test_serve_token_sources(tmp_path, monkeypatch):
+    from factedit.server.cli import resolve_token
+
+    monkeypatch.delenv("FACTEDIT_API_TOKEN", raising=False)
+    monkeypatch.setenv("FACTEDIT_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(factedit.ConfigError, match="loopback"):
+        resolve_token(None, "0.0.0.0")
+    kept = resolve_token(None, "127.0.0.1")  # created once, mode 0600, then reused
+    path = tmp_path / "cache" / "serve-token"
+    assert path.read_text().strip() == kept and (path.stat().st_mode & 0o777) == 0o600
+    assert resolve_token(None, "127.0.0.1") == kept
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    assert resolve_token(str(tmp_path / "token"), "0.0.0.0") == TOKEN
+    monkeypatch.setenv("FACTEDIT_API_TOKEN", "from-the-environment-123")
+    assert resolve_token(None, "0.0.0.0") == "from-the-environment-123"
