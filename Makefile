@@ -29,7 +29,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not default_model and not browser"
 
 app: setup
-	$(VENV)/bin/streamlit run apps/app.py --server.port $(or $(PORT),8501) --server.address 127.0.0.1 --server.headless true --browser.gatherUsageStats false
+	$(VENV)/bin/streamlit run apps/app.py --server.port $(or $(PORT),8501) --server.address 127.0.0.1 --server.headless true --browser.gatherUsageStats false --client.toolbarMode minimal
 
 # The HTTP API on 127.0.0.1:$(PORT), default 8000 (OpenAPI docs at /docs); the bearer token for edits
 # is in ~/.cache/factedit/serve-token unless FACTEDIT_API_TOKEN or --token-file gives one.

@@ -1,43 +1,38 @@
-"""factedit's fact-editing app: apply, inspect, revert and diff facts in a browser.
+"""factedit's fact-editing app: apply, compare, inspect, revert and diff facts in a browser.
 
     make app                      # then open http://127.0.0.1:8501 (PORT=... for another port)
 
 Settings come from factedit/conf/app.yaml; FACTEDIT_APP_MODEL (a local model folder), FACTEDIT_APP_JOURNAL
-and FACTEDIT_APP_CONFIG override it (see apps/editapp/config.py). The model, the journal and the
-Editor live in one EditSession per server process, shared by every tab (apps/editapp/service.py).
+and FACTEDIT_APP_CONFIG override it (see apps/editapp/config.py). The model, the journal and the Editor
+live in one factedit.session.EditSession per server process, shared by every tab.
 """
 
 from __future__ import annotations
 
+import logging
+import time
+
 import streamlit as st
+from editapp.compare_view import render_compare
 from editapp.config import AppConfig, load_app_config
 from editapp.diff_view import render_diff
 from editapp.edit_view import render_edit
+from editapp.health_view import render_header
 from editapp.history_view import render_history
 from editapp.probes_view import render_probes
-from editapp.ui import run_action, show_messages
+from editapp.try_view import render_try
+from editapp.ui import write_timing
 
 from factedit.session import EditSession
 
 SYNC_SECONDS = 2.0  # how often a tab checks whether another tab changed the model
+logger = logging.getLogger("factedit.app")
 
 
 @st.cache_resource(show_spinner="Loading the model and replaying the journal…", on_release=EditSession.close)
 def get_service(key: str, _config: AppConfig) -> EditSession:
     """One EditSession per settings (`key`) and process: every session shares it."""
     return EditSession(_config)
-
-
-def header(service: EditSession) -> None:
-    st.title("factedit: edit facts in a language model")
-    active = sum(r.status == "active" for r in service.history())
-    st.caption(f"model `{service.config.model}` · journal `{service.journal_path}` · {active} active edit(s) · "
-               "every tab of this server shares the model and history")
-    if service.journal_error:
-        st.error(f"The journal cannot be used: {service.journal_error}", icon="⚠️")
-        st.button("Start a new journal (the old file is kept)", key="new_journal",
-                  on_click=lambda: run_action("journal", "Starting a new journal", service.start_new_journal))
-    show_messages("journal")
 
 
 @st.fragment(run_every=SYNC_SECONDS)
@@ -48,6 +43,7 @@ def follow_other_tabs(service: EditSession) -> None:
 
 
 def main() -> None:
+    start, started_at = time.perf_counter(), time.time()
     st.set_page_config(page_title="factedit", layout="wide")
     try:
         config = load_app_config()
@@ -55,15 +51,24 @@ def main() -> None:
     except Exception as exc:
         st.error(f"The app could not start: {type(exc).__name__}: {exc}", icon="⚠️")
         st.stop()
-    header(service)
+    header = st.container()
+    acting = "pending" in st.session_state  # an action runs in this run: draw the header after it
+    if not acting:
+        render_header(service, header)
     left, right = st.columns([3, 2], gap="large")
     with left:
         render_edit(service)
     with right:
         render_probes(service)
-    render_history(service)
-    render_diff(service)
+    render_compare(service)
+    selected = render_history(service)
+    render_diff(service, selected)
+    render_try(service, selected)
+    if acting:
+        render_header(service, header)
     st.session_state["seen_version"] = service.version
+    logger.debug("page run: %.3f s (weights version %d)", time.perf_counter() - start, service.version)
+    write_timing(started_at)
     follow_other_tabs(service)
 
 

@@ -1,13 +1,17 @@
 """Edit-to-screen time of the app in a real headless Chromium, and the helpers the browser test uses.
 
     .venv/bin/python apps/measure_edit_to_screen.py                 # ft_l on the default model, 5 edits
-    .venv/bin/python apps/measure_edit_to_screen.py --runs 5 --method ft_l --screenshots runs/app-shots
+    .venv/bin/python apps/measure_edit_to_screen.py --runs 5 --method mend --screenshots runs/app-shots
 
 It starts `streamlit run apps/app.py` on a free port with a throwaway journal, opens the page, and
 `--runs` times: types the prompt and target, clicks "Apply edit" and times the click until the line
-"Now: <prompt> → top prediction '<new>'" is on the screen (the edit, the before/after predictions and
-the page update, as a person sees them); then reverts the edit and waits for the old answer to come
-back. Prints every time and the median as JSON. Needs Debian's chromium (/usr/bin/chromium).
+"Now: <prompt> → top prediction ..." shows the edited model (with `--expect`, until that token is the
+top prediction; by default until the line differs from the one before the click): the edit, the
+before/after predictions and the page update, as a person sees them; then reverts the edit and waits
+for the old line to come back. Prints every time, the medians and where the time went (the app writes
+its side to $FACTEDIT_APP_TIMINGS): from the click until the page's run starts the edit, the session's
+edit call (of it the Editor's own edit_ms: compute, drift guard, scoring), and from the end of that call
+until the line is on the screen. Needs Debian's chromium (/usr/bin/chromium).
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ def app_server(env: dict[str, str], log_path: Path, timeout: float = 120.0) -> I
     cmd = [
         sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(port),
         "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false",
+        "--client.toolbarMode", "minimal",
     ]
     python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     full_env = {**os.environ, "PYTHONPATH": python_path,
@@ -91,9 +96,21 @@ def browser_page(width: int = 1400, height: int = 2600):
             browser.close()
 
 
-def now_line(page, prompt: str, answer: str):
-    """The locator of the line that shows `answer` as the prompt's current top prediction."""
-    return page.get_by_text(re.compile(re.escape(f"Now: {prompt} → top prediction {answer!r}")))
+def now_line(page, prompt: str, answer: str | None = None):
+    """The locator of the line that shows `answer` as the prompt's current top prediction (any answer
+    when None)."""
+    shown = f"Now: {prompt} → top prediction " + (repr(answer) if answer is not None else "")
+    return page.get_by_text(re.compile("^" + re.escape(shown)))
+
+
+def wait_for_change(page, prompt: str, old_text: str, timeout_s: float) -> str:
+    """Wait until the prompt's "Now:" line reads other than `old_text`; returns the new text."""
+    line = now_line(page, prompt)
+    page.wait_for_function(
+        "([pattern, old]) => [...document.querySelectorAll('p')].some("
+        "p => p.innerText.startsWith(pattern) && p.innerText !== old)",
+        arg=[f"Now: {prompt} → top prediction ", old_text], timeout=timeout_s * 1000)
+    return line.first.inner_text()
 
 
 def open_app(page, url: str, timeout_s: float) -> None:
@@ -103,33 +120,49 @@ def open_app(page, url: str, timeout_s: float) -> None:
 
 
 def wait_idle(page, timeout_s: float) -> None:
-    """Wait until no script run is in progress (Streamlit shows its status widget while running)."""
-    page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')",
-                           timeout=timeout_s * 1000)
+    """Wait until no script run is in progress: the app root says so and no status widget is shown."""
+    page.wait_for_function(
+        "() => document.querySelector('[data-testid=\"stApp\"]')?.getAttribute('data-test-script-state')"
+        " === 'notRunning' && !document.querySelector('[data-testid=\"stStatusWidget\"]')",
+        timeout=timeout_s * 1000)
 
 
-def apply_edit(page, method: str, prompt: str, target: str, expect: str, timeout_s: float) -> float:
-    """Fill the form, click "Apply edit"; seconds from the click until the new prediction shows."""
+def apply_edit(
+    page, method: str, prompt: str, target: str, expect: str | None, timeout_s: float,
+) -> tuple[float, float]:
+    """Fill the form, click "Apply edit"; (wall-clock time of the click, seconds from the click until the new
+    prediction shows): `expect` as the top prediction, or (None) any change of the "Now:" line."""
     wait_idle(page, timeout_s)
     _choose_method(page, method)
     for label, value in (("Prompt", prompt), ("New target", target)):
         box = page.get_by_role("textbox", name=label, exact=True)
         box.fill(value)
+    old_text = now_line(page, prompt).first.inner_text() if expect is None else ""
     button = page.get_by_role("button", name="Apply edit")
-    start = time.perf_counter()
+    clicked, start = time.time(), time.perf_counter()
     button.click()
-    now_line(page, prompt, expect).wait_for(timeout=timeout_s * 1000)
-    return time.perf_counter() - start
+    if expect is None:
+        wait_for_change(page, prompt, old_text, timeout_s)
+    else:
+        now_line(page, prompt, expect).wait_for(timeout=timeout_s * 1000)
+    seconds = time.perf_counter() - start
+    applied = page.get_by_text(re.compile(rf"^Edit \w+ applied with {re.escape(method)}"))
+    applied.wait_for(timeout=timeout_s * 1000)  # not timed: that the change shown is this edit's
+    return clicked, seconds
 
 
 def revert_selected(page, prompt: str, expect: str, timeout_s: float) -> float:
-    """Click "Revert selected" (the newest edit is selected after an edit); seconds until `expect` shows."""
+    """Click "Revert selected" (the newest edit is selected after an edit); seconds until the "Now:" line is
+    `expect` (its whole text, or the top prediction's token when it starts with a quote-less token)."""
     button = page.get_by_role("button", name="Revert selected")
     button.wait_for(timeout=timeout_s * 1000)
     wait_idle(page, timeout_s)
     start = time.perf_counter()
     button.click()
-    now_line(page, prompt, expect).wait_for(timeout=timeout_s * 1000)
+    if expect.startswith("Now: "):
+        page.get_by_text(expect, exact=True).wait_for(timeout=timeout_s * 1000)
+    else:
+        now_line(page, prompt, expect).wait_for(timeout=timeout_s * 1000)
     return time.perf_counter() - start
 
 
@@ -142,11 +175,36 @@ def show_diff(page, timeout_s: float) -> None:
 
 
 def _choose_method(page, method: str) -> None:
-    box = page.get_by_role("combobox", name=re.compile("Method"))
-    if method in (box.input_value() if box.count() else ""):
+    box = page.get_by_role("combobox", name="Method", exact=True)
+    if (box.input_value() if box.count() else "") == method:
         return
     box.click()
+    box.fill(method)  # filters the options (the list may open filtered by the current value)
     page.get_by_role("option", name=method, exact=True).click()
+    page.get_by_text(f"Settings of {method}", exact=True).wait_for()  # the page reran for the chosen method
+    wait_idle(page, 60)
+
+
+def _split(clicks: list[float], screens: list[float], timings_file: Path) -> list[dict]:
+    """Per run, where the edit-to-screen time went (seconds), from the app's timings and the click times:
+    the click until the page's run starts the edit (browser, websocket, the page down to the form), the
+    session's edit call (of it the Editor's compute, drift guard and scoring), and from the end of the
+    call until the new line is on the screen (the page from the status line to the "Now:" line, the
+    websocket and the browser). `page_run` is the whole run that made the edit and drew the page."""
+    lines = [json.loads(line) for line in timings_file.read_text().splitlines()] if timings_file.exists() else []
+    edits = [t for t in lines if t.get("action") == "edit"]
+    out = []
+    for clicked, screen, app in zip(clicks, screens, edits, strict=False):
+        editor = app.get("editor") or {}
+        out.append({
+            "click_to_edit_start": round(app["action_start"] - clicked, 3),
+            "session_edit_call": round(app["session_s"], 3),
+            "editor_edit_ms": editor.get("edit_ms"), "compute_ms": editor.get("compute_ms"),
+            "guard_ms": editor.get("guard_ms"), "score_ms": editor.get("score_ms"),
+            "edit_end_to_screen": round(clicked + screen - app["action_end"], 3),
+            "page_run": round(app["page_end"] - app["page_start"], 3),
+        })
+    return out
 
 
 def _editor_times(journal: Path) -> list[float]:
@@ -163,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", default="ft_l")
     parser.add_argument("--prompt", default="The capital of France is")
     parser.add_argument("--target", default="Rome")
-    parser.add_argument("--expect", default=None, help="the token that should become top (default: ' '+target)")
+    parser.add_argument("--expect", default=None,
+                        help="the token that should become top (default: any change of the prompt's top prediction)")
     parser.add_argument("--old", default=" Paris", help="the top token before the edit")
     parser.add_argument("--model", default=None, help="FACTEDIT_APP_MODEL for the app (default: the default model)")
     parser.add_argument("--screenshots", default=None, help="folder for screenshots (default: a temp folder)")
@@ -174,29 +233,32 @@ def main(argv: list[str] | None = None) -> int:
     if not CHROMIUM.exists():
         print(f"{CHROMIUM} is missing: apt-get install -y chromium chromium-driver", file=sys.stderr)
         return 2
-    expect = args.expect or " " + args.target
+    expect = args.expect
     work = Path(tempfile.mkdtemp(prefix="factedit-measure-"))
     shots = Path(args.screenshots) if args.screenshots else work
     shots.mkdir(parents=True, exist_ok=True)
-    env = {"FACTEDIT_APP_JOURNAL": str(work / "journal.sqlite")}
+    env = {"FACTEDIT_APP_JOURNAL": str(work / "journal.sqlite"), "FACTEDIT_APP_TIMINGS": str(work / "timings.jsonl")}
     if args.model:
         env["FACTEDIT_APP_MODEL"] = args.model
     if args.threads is not None:
         env["FACTEDIT_APP_THREADS"] = str(args.threads)
-    times, reverts = [], []
+    times, reverts, clicks = [], [], []
     with app_server(env, work / "server.log", timeout=args.timeout) as url, browser_page() as page:
         open_app(page, url, args.timeout)
         now_line(page, args.prompt, args.old).wait_for(timeout=args.timeout * 1000)
         wait_idle(page, args.timeout)
+        original = now_line(page, args.prompt).first.inner_text()
         page.screenshot(path=str(shots / "0-start.png"), full_page=True)
         for run in range(args.runs):
-            times.append(apply_edit(page, args.method, args.prompt, args.target, expect, args.timeout))
+            clicked, seconds = apply_edit(page, args.method, args.prompt, args.target, expect, args.timeout)
+            clicks.append(clicked)
+            times.append(seconds)
             if run == 0:
                 wait_idle(page, args.timeout)
                 page.screenshot(path=str(shots / "1-edited.png"), full_page=True)
                 show_diff(page, args.timeout)
                 page.screenshot(path=str(shots / "2-diff.png"), full_page=True)
-            reverts.append(revert_selected(page, args.prompt, args.old, args.timeout))
+            reverts.append(revert_selected(page, args.prompt, original, args.timeout))
             if run == 0:
                 wait_idle(page, args.timeout)
                 page.screenshot(path=str(shots / "3-reverted.png"), full_page=True)
@@ -210,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
         "revert_to_screen_s": [round(t, 3) for t in reverts],
         "median_revert_to_screen_s": round(statistics.median(reverts), 3),
         "editor_edit_ms": edit_ms, "median_editor_edit_ms": round(statistics.median(edit_ms), 1) if edit_ms else None,
+        "split_s": (split := _split(clicks, times, work / "timings.jsonl")),
+        "median_split_s": {k: statistics.median(s[k] for s in split) for k in (split[0] if split else {})
+                           if all(s[k] is not None for s in split)},
         "app_threads": env.get("FACTEDIT_APP_THREADS", "factedit/conf/app.yaml"), "cpu_count": os.cpu_count(),
         "load_avg_1min": round(os.getloadavg()[0], 2), "screenshots": str(shots),
     }, indent=1))

@@ -6,6 +6,7 @@ app state is its own; the state is released (journal closed) after every test.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -124,7 +125,8 @@ def test_edit_shows_before_after_probes_and_history(app_env):
     assert frame["edit ms"][0] > 0
     probes = table_with(at, "probe")  # the probe table: the edited prompt's answer changed
     france = probes[probes["probe"] == PROMPT].iloc[0]
-    assert france["changed"] == "changed" and france["answer now"].startswith("' Rome'")
+    assert france["flag"] == "top changed" and france["answer now"].startswith("' Rome'")
+    assert any(m.startswith(f"**Last edit** `{frame['id'][0]}` (ft_l, active)") for m in markdown(at))
 
 
 def test_revert_one_and_revert_all(app_env):
@@ -144,21 +146,56 @@ def test_revert_one_and_revert_all(app_env):
     assert list(history(at)["status"]) == ["reverted"] * 3
     assert now_line(at) == original
     assert errors(at) == []
+    assert any(s.value.startswith("2 edit(s) reverted") for s in at.success)  # the first was reverted already
+
+
+def selected_edit(at: AppTest):
+    return next(s for s in at.selectbox if s.label == "Selected edit")
+
+
+def diff_heading(at: AppTest) -> str | None:
+    return next((h.value for h in at.subheader if h.value.startswith("Diff of edit")), None)
 
 
 def test_diff_of_an_edit(app_env):
     at = apply_edit(start())
     at.button(key="diff_selected").click()
     at = run(at)
-    assert any(h.value.startswith("Diff of edit") for h in at.subheader)
+    edit_id = history(at)["id"][0]
+    assert diff_heading(at) == f"Diff of edit {edit_id} (active)"
     params = table_with(at, "parameter")
     assert list(params["parameter"]) == ["model.layers.3.mlp.up_proj.weight", "model.layers.3.mlp.down_proj.weight"]
     assert int(params["rank"][0]) >= 1
     changes = table_with(at, "without the edit")
-    assert changes["prompt"][0] == PROMPT and changes["changed"][0] == "changed"
+    assert changes["prompt"][0] == PROMPT and changes["changed"][0] == "top changed"
+    assert changes["with the edit"][0].startswith("' Rome'")
     at.button(key="hide_diff").click()
     at = run(at)
-    assert not any(h.value.startswith("Diff of edit") for h in at.subheader)
+    assert diff_heading(at) is None
+
+
+def test_diff_follows_the_selected_edit_and_shows_what_a_reverted_edit_did(app_env):
+    at = apply_edit(start())  # A: France -> Rome
+    first = history(at)["id"][0]
+    at.button(key="diff_selected").click()
+    at = apply_edit(run(at), target="Madrid")  # B, on top of A
+    second = history(at)["id"][1]
+    assert selected_edit(at).value == second
+    assert diff_heading(at) == f"Diff of edit {second} (active)"  # the diff follows the newest edit
+    at.button(key="revert_selected").click()
+    at = run(at)
+    assert diff_heading(at) == f"Diff of edit {second} (reverted)"
+    assert any("is not active (reverted)" in i.value for i in at.info)
+    changes = table_with(at, "without the edit")
+    # Not two identical columns, and not A's effect: the model now (A) against B re-applied.
+    assert changes["without the edit"][0].startswith("' Rome'")
+    assert changes["with the edit"][0].startswith("' Madrid'")
+    selected_edit(at).select(first)
+    at = run(at)
+    assert diff_heading(at) == f"Diff of edit {first} (active)"
+    changes = table_with(at, "without the edit")
+    assert changes["with the edit"][0].startswith("' Rome'")
+    assert not changes["without the edit"][0].startswith("' Rome'")
 
 
 def test_probes_can_be_changed_and_persist(app_env):
@@ -230,14 +267,143 @@ def test_import_needs_a_file(app_env):
     assert "Choose an edit file first." in errors(at)
 
 
+def exported_edit(app_env, tmp_path) -> tuple[bytes, factedit.EditRecord]:
+    """An edit file made on another copy of the app's model (the same weights)."""
+    model, tok = factedit.load_model(str(app_env.model))
+    editor = factedit.Editor("ft", tokenizer=tok, layers=[-1], lr=0.1, max_steps=10)
+    record = editor.edit(model, PROMPT, TARGET)
+    return editor.export_edit(record.id, tmp_path / "rome.safetensors").read_bytes(), record
+
+
+def test_an_import_is_marked_keeps_its_timings_and_becomes_the_last_edit(app_env, tmp_path):
+    data, original = exported_edit(app_env, tmp_path)
+    at = apply_edit(start(), target="Berlin")
+    at.button(key="revert_selected").click()
+    at = run(at)
+    at.file_uploader(key="import_file").set_value(("rome.safetensors", data, "application/octet-stream"))
+    at = run(at)
+    assert at.button(key="import_apply")  # choosing a file keeps the import section and its button
+    at.button(key="import_apply").click()
+    at = run(at)
+    assert errors(at) == []
+    frame = history(at)
+    imported = frame.iloc[-1]
+    assert imported["status"] == "active" and imported["method"] == "ft"
+    assert imported["origin"].startswith(f"imported from {original.id}")
+    assert imported["edit ms"] == pytest.approx(original.timings["edit_ms"], abs=1)
+    assert frame.iloc[0]["origin"] == "edit"
+    assert selected_edit(at).value == imported["id"]
+    last = [m for m in markdown(at) if m.startswith("**Last edit**")]
+    assert last == [f"**Last edit** `{imported['id']}` (ft, active, imported from edit `{original.id}`): "
+                    "The capital of France is → 'Rome'"]
+    assert "' Rome'" in now_line(at)
+
+
+def test_compare_methods_then_apply_one(app_env):
+    at = start()
+    original = now_line(at)
+    at.multiselect(key="compare_methods").set_value(["ft_l", "ft"])
+    at.text_input(key="edit_prompt").input(PROMPT)
+    at.text_input(key="edit_target").input(TARGET)
+    at.button(key="compare").click()
+    at = run(at)
+    assert errors(at) == []
+    assert any(h.value == f"Compare methods: {PROMPT} → {TARGET}" for h in at.subheader)
+    summary = table_with(at, "ft_l")
+    assert list(summary.columns) == ["ft_l", "ft"]
+    assert summary.loc["top answer with the edit", "ft"].startswith("' Rome'")
+    assert summary.loc["layers touched", "ft_l"] == "3"
+    assert not any("status" in t.value.columns for t in at.table)  # nothing applied
+    assert now_line(at) == original
+    prompts = table_with(at, "now")
+    assert list(prompts.columns) == ["now", "ft_l", "ft"] and len(prompts) == 3  # the prompt and two probes
+    at.button(key="apply_preview:ft").click()
+    at = run(at)
+    assert errors(at) == []
+    frame = history(at)
+    assert list(frame["method"]) == ["ft"] and frame["origin"][0] == "compared, applied as computed"
+    assert "' Rome'" in now_line(at)
+    assert at.button(key="apply_preview:ft_l").disabled  # fitted to weights that changed since
+    assert any("weights changed since this comparison" in i.value for i in at.info)
+    health = next(m for m in markdown(at) if m.startswith("**Model health**"))
+    assert "**1** active edit(s) of 1" in health and re.search(r"drift \*\*\d\.\d{3}×\*\*", health)
+
+
+def test_the_guards_refusal_is_shown_in_the_header(app_env):
+    app_env.config.write_text(TEST_CONFIG + "guard_max_ratio: 1.0000001\n")
+    at = apply_edit(start())
+    assert any("refused by the drift guard" in e for e in errors(at)), errors(at)
+    assert any(e.startswith("The drift guard refused the ft_l edit of 'The capital of France is'")
+               for e in errors(at))
+    assert not any("status" in t.value.columns for t in at.table)  # nothing recorded
+    health = next(m for m in markdown(at) if m.startswith("**Model health**"))
+    assert "**0** active edit(s)" in health
+
+
+def test_method_settings_descriptions_and_help(app_env):
+    at = start()
+    assert any(c.value.startswith("Constrained fine-tuning (FT+L)") for c in at.caption)
+    lr = at.text_input(key="setting:ft_l:lr")
+    assert lr.value == "0.1" and lr.help == "Adam learning rate"  # factedit/conf/app.yaml's value, FTConfig's help
+    at.text_input(key="setting:ft_l:max_steps").input("2")
+    at.text_input(key="setting:ft_l:lr").input("fast")
+    at = run(at)
+    assert any("These settings would be refused" in e and "lr" in e for e in errors(at))
+    at.text_input(key="setting:ft_l:lr").input("0.1")
+    at = apply_edit(run(at))
+    assert errors(at) == []
+    st.cache_resource.clear()  # closes the journal, to read it here
+    with factedit.editing.journal.Journal(app_env.journal) as journal:
+        (record,) = journal.records(deltas=False)
+    assert record.config["max_steps"] == 2 and record.config["lr"] == 0.1
+
+
+def test_probes_are_flagged_by_probability_shift():
+    from editapp.probes_view import probe_frame
+
+    def row(before, after, flipped):
+        top = [{"token": " Rome", "id": 1, "prob": after}]
+        return {"prompt": "The capital of Italy is", "before": [{"token": " Rome", "id": 1, "prob": before}],
+                "after": top, "flipped": flipped, "shift": after - before,
+                "shift_token": {"token": " Rome", "id": 1, "before": before, "after": after}}
+
+    italy = row(0.380, 0.545, False)  # the same top answer, 0.165 more likely
+    assert probe_frame([italy], 0.1)["flag"][0] == "moved"
+    assert probe_frame([italy], 0.2)["flag"][0] == ""
+    assert probe_frame([row(0.5, 0.45, True)], 0.2)["flag"][0] == "top changed"
+    assert probe_frame([{**italy, "before": None}], 0.1)["flag"][0] == ""  # a probe added since
+
+
+def test_try_the_model_without_and_with_the_selected_edit(app_env):
+    at = apply_edit(start())
+    edit_id = history(at)["id"][0]
+    at.text_area(key="try_prompt").input("The capital of France is")
+    at.slider(key="try_tokens").set_value(5)
+    at.button(key="try_generate").click()
+    at = run(at)
+    heads = [m for m in markdown(at) if m.startswith(("**Without edit", "**With edit"))]
+    assert len(heads) == 2 and edit_id in heads[0] and "next token" in heads[1]
+    assert "' Rome'" in heads[1] and "' Rome'" not in heads[0]
+    texts = [c.value for c in at.code if c.value.startswith("The capital of France is")]
+    assert len(texts) >= 2
+    at.button(key="revert_selected").click()
+    at = run(at)  # refreshed for the new weights: the reverted edit is shown re-applied
+    heads = [m for m in markdown(at) if m.startswith(("**Without edit", "**With edit"))]
+    assert "the edit is reverted" in heads[0] and "re\\-applied" in heads[1] and "' Rome'" in heads[1]
+
+
 def test_export_and_import_through_the_service(app_env, tmp_path):
     service = EditSession(load_app_config())
     try:
         record = service.edit("ft_l", PROMPT, TARGET).record
         data = service.export_edit(record.id)
         service.revert(record.id)
-        imported = service.import_edit(data)
+        imported = service.import_edit(data, name="rome.safetensors")
         assert imported.id != record.id and imported.method == "ft_l"
+        origin = service.origin(imported.id)
+        assert origin["source_id"] == record.id and origin["timings"] == dict(record.timings)
+        assert service.predict(PROMPT).top[0]["token"] == " Rome"
+        assert service.last_change["kind"] == "import" and service.last_change["edit_ids"] == [imported.id]
         assert service.predict(PROMPT).top[0]["token"] == " Rome"
         with pytest.raises(factedit.InvalidDeltaError):
             service.import_edit(b"not a safetensors file")

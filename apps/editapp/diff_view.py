@@ -1,4 +1,6 @@
-"""Diff of one edit: ‖Δ‖ per layer as a chart, the parameter table (norms, rank), prediction changes."""
+"""Diff of the selected edit: ‖Δ‖ per layer, the parameter table (norms, rank), and what it does on its
+prompts and the probes, scored now without and with it (a reverted edit: re-applied on the current
+weights), with the weights untouched. It always names the edit it shows and follows the selection."""
 
 from __future__ import annotations
 
@@ -13,35 +15,42 @@ from factedit.editing.specs import mlp_param_names, num_layers, spec_for
 from factedit.session import EditSession
 
 from .charts import layer_chart
-from .ui import highlight_rows, token
+from .edit_view import DEFAULT_THRESHOLD
+from .ui import answer, flagged, highlight_rows, shift_text
 
 SECTION = "diff"
 
 
-def render_diff(service: EditSession) -> None:
-    edit_id = st.session_state.get("diff_edit")
-    if not edit_id:
+def render_diff(service: EditSession, edit_id: str | None) -> None:
+    if edit_id is None or not st.session_state.get("show_diff"):
         return
+    status = next((r.status for r in service.history() if r.id == edit_id), "unknown")
     title, close = st.columns([5, 1], vertical_alignment="bottom")
-    title.subheader(f"Diff of edit {edit_id}")
-    close.button("Hide diff", key="hide_diff", on_click=st.session_state.pop, args=("diff_edit", None))
+    title.subheader(f"Diff of edit {edit_id} ({status})")
+    close.button("Hide diff", key="hide_diff", on_click=st.session_state.update, kwargs={"show_diff": False})
     try:
         with st.spinner("Computing the diff…"):
-            diff = service.diff(edit_id)
+            effect = service.effect(edit_id)
     except Exception as exc:
         st.error(f"Could not compute the diff of {edit_id}: {type(exc).__name__}: {exc}")
         return
-    params = diff["params"]
+    if effect["active"]:
+        st.caption(f"Edit {edit_id} is active. “Without the edit”: the current weights without it (the other "
+                   "active edits kept); “with the edit”: the model now.")
+    else:
+        st.info(f"Edit {edit_id} is not active (reverted). “Without the edit”: the model now; “with the edit”: "
+                f"edit {edit_id} re-applied on the current weights, which shows what it does.")
+    params = effect["params"]
     total = math.sqrt(sum(p["fro_norm"] ** 2 for p in params))
     st.markdown(f"**{len(params)}** parameter(s) changed · total ‖Δ‖\\_F **{total:.4g}** · "
-                f"max rank **{max((p['rank'] for p in params), default=0)}**")
+                f"max rank **{max((p['rank'] for p in params), default=0)}** · "
+                f"layers **{', '.join(map(str, effect['layers'])) or '-'}**")
     st.markdown("**‖Δ‖\\_F per layer**")
     st.altair_chart(layer_chart(layer_norms(service.model, params)), width="stretch")
     st.table(param_frame(params))
-    changes = prediction_frame(diff["predictions"], diff["probes"])
-    st.markdown("**Prediction changes**: the edit's prompts before and after it was applied, then the "
-                "probes scored now with and without this edit")
-    st.table(highlight_rows(changes, "changed"))
+    threshold = st.session_state.get("probe_threshold", DEFAULT_THRESHOLD)
+    st.markdown("**Prediction changes**: the edit's prompts and the probes, without and with the edit")
+    st.table(highlight_rows(prediction_frame(effect["rows"], threshold), "changed"))
 
 
 def layer_of_params(model: nn.Module) -> dict[str, int]:
@@ -82,15 +91,20 @@ def param_frame(params: list[dict[str, Any]]) -> pd.DataFrame:
     ])
 
 
-def prediction_frame(predictions: list[dict[str, Any]], probes: list[dict[str, Any]]) -> pd.DataFrame:
+def prediction_frame(rows: list[dict[str, Any]], threshold: float) -> pd.DataFrame:
     out = []
-    for kind, row in [("edit", r) for r in predictions] + [("probe", r) for r in probes]:
-        before, after = row["before"][0], row["after"][0]
+    for row in rows:
+        target = ""
+        if row["target_before"] is not None:
+            target = f"{row['target_before']:.3f} → {row['target_after']:.3f}"
         out.append({
             "prompt": row["prompt"],
-            "kind": kind,
-            "without the edit": f"{token(before['token'])} {before['prob']:.3f}",
-            "with the edit": f"{token(after['token'])} {after['prob']:.3f}",
-            "changed": "changed" if before["id"] != after["id"] else "",
+            "kind": row["kind"],
+            "without the edit": answer(row["before"]),
+            "with the edit": answer(row["after"]),
+            "p(target)": target,
+            "largest change": shift_text(row),
+            "changed": "top changed" if row["flipped"] else "moved" if flagged(row, threshold) else "",
         })
-    return pd.DataFrame(out, columns=["prompt", "kind", "without the edit", "with the edit", "changed"])
+    columns = ["prompt", "kind", "without the edit", "with the edit", "p(target)", "largest change", "changed"]
+    return pd.DataFrame(out, columns=columns)

@@ -1,8 +1,10 @@
-"""History: the journal as a table; revert one edit or all; export an edit, import an edit file."""
+"""History: the journal as a table (imports and compared edits marked, with their original timings); the
+selected edit (the diff and the try box follow it); revert one or all; export an edit, import an edit file."""
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pandas as pd
 import streamlit as st
@@ -10,31 +12,50 @@ import streamlit as st
 import factedit
 from factedit.session import EditSession
 
+from .edit_view import select
 from .ui import flash, run_action, show_messages, token
 
 SECTION = "history"
 
 
-def render_history(service: EditSession) -> None:
+def render_history(service: EditSession) -> str | None:
+    """The history and its actions; returns the selected edit's id (None without edits)."""
     st.subheader("History")
     show_messages(SECTION)
     records = service.history()
+    selected = None
     if not records:
         st.info("No edits yet. Edits are kept in the journal "
                 f"`{service.journal_path}` and replayed when the app starts.")
     else:
-        frame = history_frame(records)
-        st.table(frame.style.apply(_grey_reverted, axis=1).format({"edit ms": "{:.0f}"}, na_rep="?"),
+        frame = history_frame(records, service.origins.all())
+        st.table(frame.style.apply(_grey_reverted, axis=1).format(
+                     {"edit ms": "{:.0f}", "compute ms": "{:.0f}"}, na_rep="?"),
                  hide_index=True, height="content" if len(frame) <= 12 else 480)
-        _actions(service, records)
+        selected = _actions(service, records)
     _import(service)
+    return selected
 
 
-def history_frame(records: list[factedit.EditRecord]) -> pd.DataFrame:
+def history_frame(records: list[factedit.EditRecord], origins: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """One row per edit. "edit ms" and "compute ms" are the original edit's for an import (the import's own
+    time is in its record) and the comparison's compute time for a compared edit applied as computed."""
     rows = []
     for r in records:
         pre = (r.pre.get("requests") or [{}])[0]
         old = pre.get("old_answer", {}).get("token")
+        origin = origins.get(r.id) or {}
+        timings = dict(r.timings)
+        if origin.get("kind") == "import":
+            timings = dict(origin.get("timings") or {})
+            source = f"imported from {origin.get('source_id') or '?'}"
+            if origin.get("source_created_at"):
+                source += time.strftime(" (%Y-%m-%d %H:%M)", time.localtime(origin["source_created_at"]))
+        elif origin.get("kind") == "preview":
+            timings["compute_ms"] = (origin.get("timings") or {}).get("compute_ms")
+            source = "compared, applied as computed"
+        else:
+            source = "edit"
         rows.append({
             "id": r.id,
             "time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at)),
@@ -42,7 +63,9 @@ def history_frame(records: list[factedit.EditRecord]) -> pd.DataFrame:
             "prompt": r.request.prompt + (f" (+{len(r.requests) - 1})" if len(r.requests) > 1 else ""),
             "old → new": f"{token(old) if old is not None else '?'} → {token(r.request.target)}",
             "status": r.status,
-            "edit ms": r.timings.get("edit_ms"),
+            "origin": source,
+            "compute ms": timings.get("compute_ms"),
+            "edit ms": timings.get("edit_ms"),
         })
     return pd.DataFrame(rows)
 
@@ -52,47 +75,69 @@ def _grey_reverted(row: pd.Series) -> list[str]:
 
 
 def _label(record: factedit.EditRecord) -> str:
+    """What the selectbox shows for an edit: nothing that changes (a browser keeps an option's old label)."""
     return f"{record.id} · {record.request.prompt} → {record.request.target} · {record.method}"
 
 
-def _actions(service: EditSession, records: list[factedit.EditRecord]) -> None:
+def _actions(service: EditSession, records: list[factedit.EditRecord]) -> str:
     by_id = {r.id: r for r in records}
     ids = [r.id for r in reversed(records)]  # newest first
-    if st.session_state.get("selected_edit") not in by_id:
-        st.session_state["selected_edit"] = ids[0]
-    selected = st.selectbox("Selected edit", ids, format_func=lambda i: _label(by_id[i]), key="selected_edit")
+    state = st.session_state
+    if state.get("selection") not in by_id:
+        state["selection"] = ids[0]
+    key = f"selected_edit_{state.get('selection_nonce', 0)}"  # see edit_view.select
+    st.selectbox("Selected edit", ids, index=ids.index(state["selection"]), format_func=lambda i: _label(by_id[i]),
+                 key=key, on_change=_picked, args=(key,),
+                 help="The diff and the “try the model” box below are about this edit.")
+    selected = state["selection"]
     record = by_id[selected]
-    any_active = any(r.status == "active" for r in records)
+    active = [r.id for r in records if r.status == "active"]
     cols = st.columns(4)
-    cols[0].button("Revert selected", key="revert_selected", on_click=_revert, args=(service, selected),
+    cols[0].button("Revert selected", key="revert_selected", on_click=_revert, args=(service,),
                    disabled=record.status != "active")
-    cols[1].button("Revert all", key="revert_all", on_click=_revert_all, args=(service,), disabled=not any_active)
-    cols[2].button("Diff selected", key="diff_selected", on_click=_show_diff, args=(selected,))
+    cols[1].button(f"Revert all ({len(active)})", key="revert_all", on_click=_revert_all, args=(service,),
+                   disabled=not active)
+    cols[2].button("Diff selected", key="diff_selected", on_click=st.session_state.update,
+                   kwargs={"show_diff": True})
     cols[3].download_button(
         "Export selected", data=lambda: service.export_edit(selected), file_name=f"edit-{selected}.safetensors",
         mime="application/octet-stream", key="export_selected", on_click="ignore",
     )
+    return selected
 
 
-def _revert(service: EditSession, edit_id: str) -> None:
+def _picked(key: str) -> None:
+    st.session_state["selection"] = st.session_state[key]
+
+
+def _revert(service: EditSession) -> None:
+    """Revert the edit selected when the click arrives (a click during a run must not use the selection of the
+    page before it)."""
+    edit_id = st.session_state.get("selection")
+    if edit_id is None:
+        flash(SECTION, "error", "Select an edit first.")
+        return
     if run_action(SECTION, "The revert", lambda: service.revert(edit_id)) is not None:
         flash(SECTION, "success", f"Edit {edit_id} reverted.")
 
 
 def _revert_all(service: EditSession) -> None:
     reverted = run_action(SECTION, "Revert all", service.revert_all)
-    if reverted is not None:
-        flash(SECTION, "success", f"{len(reverted)} edit(s) reverted.")
-
-
-def _show_diff(edit_id: str) -> None:
-    st.session_state["diff_edit"] = edit_id
+    if reverted is None:
+        return
+    if reverted:
+        flash(SECTION, "success", f"{len(reverted)} edit(s) reverted: {', '.join(r.id for r in reverted)}.")
+    else:  # a second click, or another tab, got there first
+        flash(SECTION, "info", "No edit was active any more: nothing reverted.")
 
 
 def _import(service: EditSession) -> None:
-    with st.expander("Import an edit file"):
-        st.file_uploader("Edit file exported by factedit (.safetensors)", type=["safetensors"], key="import_file")
-        st.button("Apply imported edit", key="import_apply", on_click=_apply_import, args=(service,))
+    """Always shown (an expander would close on the rerun the file choice causes)."""
+    with st.container(border=True):
+        st.markdown("**Import an edit file**")
+        file, button = st.columns([4, 1], vertical_alignment="bottom")
+        file.file_uploader("Edit file exported by factedit (.safetensors)", type=["safetensors"], key="import_file")
+        button.button("Apply imported edit", key="import_apply", on_click=_apply_import, args=(service,))
 
 
 def _apply_import(service: EditSession) -> None:
@@ -100,7 +145,10 @@ def _apply_import(service: EditSession) -> None:
     if upload is None:
         flash(SECTION, "error", "Choose an edit file first.")
         return
-    record = run_action(SECTION, f"Importing {upload.name}", lambda: service.import_edit(upload.getvalue()))
+    record = run_action(SECTION, f"Importing {upload.name}",
+                        lambda: service.import_edit(upload.getvalue(), name=upload.name))
     if record is not None:
-        st.session_state["selected_edit"] = record.id
-        flash(SECTION, "success", f"Imported {upload.name} as edit {record.id} ({record.method}).")
+        select(record.id)
+        origin = service.origin(record.id) or {}
+        flash(SECTION, "success", f"Imported {upload.name} as edit {record.id} ({record.method}, originally edit "
+                                  f"{origin.get('source_id') or '?'}).")

@@ -10,6 +10,8 @@ active edits onto it, after checking it is the journal's base model). See design
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import os
 import threading
@@ -32,6 +34,7 @@ from .errors import ConfigError, EditNotFoundError, InvalidDeltaError, InvalidRe
 from .journal import Journal
 from .loading import model_id as model_id_of
 from .methods import config_to_dict, get_method, make_config
+from .preview import EditPreview, edit_effect, preview_delta, with_delta
 from .record import EditRecord, new_edit_id
 from .request import EditRequest, TokenizedRequest, as_requests, max_context, tokenize_request
 from .safeguards import Guard, Safeguards, accepts_preserver, resolve_guard
@@ -44,6 +47,11 @@ OWNER_ATTRIBUTE = "factedit_editor"  # set on a model: a weak reference to the E
 
 def _ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000, 3)
+
+
+def accepts(compute: Callable[..., Any], name: str) -> bool:
+    """Whether a method's `compute` takes the keyword `name` (e.g. "progress")."""
+    return name in inspect.signature(compute).parameters
 
 
 class Editor:
@@ -98,6 +106,10 @@ class Editor:
         self._base_sha256: str | None = None  # with a journal: sha256 of all base parameters
         self.attach_timings: dict[str, float] = {}  # what binding to the model cost (hash_ms)
         self._lock = threading.RLock()  # edits from several threads (app sessions) are serialised
+        self._preview_methods: dict[tuple[str, str], Any] = {}  # (method, config JSON) -> built, for previews
+        # Called by the fine-tuning methods' loops as progress(step, max_steps, loss) while they compute
+        # (edits and previews); None: no reports. Not part of the config: a callable is not serialisable.
+        self.progress: Callable[[int, int, float], None] | None = None
 
     # --- public API --------------------------------------------------------------------------------
     @property
@@ -137,19 +149,111 @@ class Editor:
 
     def _compute(self, model: nn.Module, tokenized: list[TokenizedRequest]) -> Delta:
         """The current method's delta, kept in the null space of preserved keys when its config says so."""
-        config = getattr(self.config, "preserve", None)
-        if config is None:
-            return self._impl.compute(model, self.tokenizer, tokenized)
+        return self._compute_with(self._impl, self.config, model, tokenized)
+
+    def _compute_with(self, impl: Any, config: Any, model: nn.Module, tokenized: list[TokenizedRequest]) -> Delta:
+        """`impl`'s delta (a built method with its `config`), projected as `_compute` says; a method whose
+        `compute` takes `progress` gets `self.progress`."""
+        extra = {"progress": self.progress} if self.progress is not None and accepts(impl.compute, "progress") else {}
+        preserve = getattr(config, "preserve", None)
+        if preserve is None:
+            return impl.compute(model, self.tokenizer, tokenized, **extra)
         preserver = self._safeguards.preserver_for(
-            model, self.tokenizer, self._state, self._impl.param_names(model), config,
+            model, self.tokenizer, self._state, impl.param_names(model), preserve,
             lambda: [(r.id, [tokenize_request(q, self.tokenizer, None) for q in r.requests])
                      for r in self._records.values() if r.status == "active"],
         )
-        if accepts_preserver(self._impl.compute):
-            delta = self._impl.compute(model, self.tokenizer, tokenized, preserver=preserver)
+        if accepts_preserver(impl.compute):
+            delta = impl.compute(model, self.tokenizer, tokenized, preserver=preserver, **extra)
         else:
-            delta = self._impl.compute(model, self.tokenizer, tokenized)
+            delta = impl.compute(model, self.tokenizer, tokenized, **extra)
         return preserver.project(delta)
+
+    def preview(
+        self,
+        model: nn.Module,
+        requests: Sequence[EditRequest | Mapping[str, Any]],
+        *,
+        probes: Sequence[str] = (),
+        method: str | None = None,
+        **overrides: Any,
+    ) -> EditPreview:
+        """What an edit of `requests` would do, without doing it: the delta is computed as `edit_batch`
+        computes it (the method, then the preservation projection) on the current weights, and scored
+        on the requests' prompts, paraphrases, locality prompts and `probes` with the delta added
+        through functional_call; the weights are not written (preview.py). `method` and `overrides`
+        as `set_method` takes them (default: this Editor's method and config); the Editor keeps its
+        own. `apply_preview` applies exactly the previewed delta."""
+        if isinstance(probes, str):
+            raise InvalidRequestError(f"probes must be a list of prompts (write [{probes!r}] for one)")
+        requests = as_requests(requests)
+        with self._lock:
+            context = max_context(model.config)
+            tokenized = [tokenize_request(r, self.tokenizer, context) for r in requests]
+            self.attach(model)
+            name, config, impl = self._method_for(method, overrides)
+            start = time.perf_counter()
+            delta = self._compute_with(impl, config, model, tokenized).detached_cpu()
+            compute_ms, start = _ms(start), time.perf_counter()
+            result = preview_delta(
+                model, self.tokenizer, self._state, delta, tokenized, list(probes), method=name,
+                config=config_to_dict(config), timings={}, weights=tuple(self._state.active),
+                model_fingerprint=self._fingerprint,
+            )
+            return dataclasses.replace(result, timings={"compute_ms": compute_ms, "score_ms": _ms(start)})
+
+    def apply_preview(self, model: nn.Module, preview: EditPreview) -> EditRecord:
+        """Apply a preview's delta as a new edit (recorded, journaled and guarded like any edit), without
+        computing it again. Refused, with nothing changed, once the weights differ from those it was
+        computed on (an edit applied or reverted since)."""
+        with self._lock:
+            self.attach(model)
+            if preview.model_fingerprint != self._fingerprint:
+                raise ModelMismatchError("this preview was computed on another model")
+            if tuple(preview.weights) != tuple(self._state.active):
+                raise ConfigError(
+                    "the weights changed since this preview was computed (an edit was applied or reverted); "
+                    "preview it again"
+                )
+            delta = preview.delta
+            return self._edit(model, list(preview.requests), lambda *_: delta, preview.method, preview.config)
+
+    def effect(self, edit_id: str, model: nn.Module, probes: Sequence[str] = ()) -> dict[str, Any]:
+        """What an edit does on the current weights, scored with the weights untouched: an active edit
+        without/with it, a reverted one as it is now/re-applied (`preview.edit_effect`)."""
+        if isinstance(probes, str):
+            raise InvalidRequestError(f"probes must be a list of prompts (write [{probes!r}] for one)")
+        with self._lock:
+            record = self._record_with_delta(edit_id)
+            self.attach(model)
+            return edit_effect(record, self._state, model, self.tokenizer, list(probes))
+
+    def toggled_weights(self, edit_id: str, model: nn.Module) -> tuple[bool, dict[str, torch.Tensor]]:
+        """(active, values): whether the edit is active, and the values its parameters would have with it
+        toggled: without it (the other active edits kept) when active, re-applied on the current weights
+        when reverted. The model is not changed (use the values through functional_call)."""
+        with self._lock:
+            record = self._record_with_delta(edit_id)
+            self.attach(model)
+            if record.id in self._state.active:
+                return True, self._state.weights_without(model, record.id)
+            return False, with_delta(model, record.delta)
+
+    def _method_for(self, method: str | None, overrides: Mapping[str, Any]) -> tuple[str, Any, Any]:
+        """(name, config, built method) for a preview: this Editor's own (method None), or one built from
+        `overrides` (as `set_method` takes them) and kept for later previews."""
+        if method is None:
+            if overrides:
+                raise ConfigError("preview: config overrides need the method they are for (method=...)")
+            return self.method, self.config, self._impl
+        spec = get_method(method)
+        config = make_config(spec.config_cls, overrides)
+        key = (method, json.dumps(config_to_dict(config), sort_keys=True, default=str))
+        if key not in self._preview_methods:
+            if len(self._preview_methods) >= 8:
+                self._preview_methods.clear()
+            self._preview_methods[key] = spec.build(config)
+        return method, config, self._preview_methods[key]
 
     def set_method(self, method: str, **overrides: Any) -> None:
         """Edit with another registered method from now on; weights, history and journal stay.

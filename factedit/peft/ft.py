@@ -22,7 +22,7 @@ from ..editing.preserve import KeyPreserver, PreserveConfig, preserve_field
 from ..editing.request import TokenizedRequest
 from ..editing.scoring import pad_id_of
 from ..editing.specs import mlp_param_names
-from .training import TrainingBatch, frozen, make_batch, optimize, seeded
+from .training import Progress, TrainingBatch, frozen, make_batch, optimize, seeded
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class FineTune:
 
     def compute(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[TokenizedRequest],
-        preserver: KeyPreserver | None = None,
+        preserver: KeyPreserver | None = None, progress: Progress | None = None,
     ) -> Delta:
         cfg = self.config
         names = self.param_names(model)
@@ -101,6 +101,7 @@ class FineTune:
             optimize(
                 forward, batch, list(trained.values()), lr=cfg.lr, max_steps=cfg.max_steps,
                 after_step=constrain if cfg.norm_constraint is not None or preserver is not None else None,
+                progress=progress,
             )
         return Delta({n: ParamDelta(dense=(trained[n].detach() - originals[n])) for n in names})
 

@@ -21,7 +21,7 @@ from ..editing.preserve import KeyPreserver, PreserveConfig, preserve_field
 from ..editing.request import TokenizedRequest
 from ..editing.scoring import pad_id_of
 from ..editing.specs import mlp_param_names, weight_layout
-from .training import TrainingBatch, frozen, make_batch, optimize, seeded
+from .training import Progress, TrainingBatch, frozen, make_batch, optimize, seeded
 
 ADAPTER = "factedit"
 
@@ -66,7 +66,7 @@ class LoRAEdit:
 
     def compute(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[TokenizedRequest],
-        preserver: KeyPreserver | None = None,
+        preserver: KeyPreserver | None = None, progress: Progress | None = None,
     ) -> Delta:
         cfg = self.config
         modules = [name.removesuffix(".weight") for name in self.param_names(model)]
@@ -95,7 +95,7 @@ class LoRAEdit:
                     with torch.no_grad():
                         project_inputs()
                 optimize(forward, batch, trainable, lr=cfg.lr, max_steps=cfg.max_steps,
-                         after_step=project_inputs if preserver is not None else None)
+                         after_step=project_inputs if preserver is not None else None, progress=progress)
                 factors = {m: _fold(layer, layouts[m]) for m, layer in lora_layers.items()}
             finally:
                 peft_model.unload()  # puts the original modules back; their weights were never written

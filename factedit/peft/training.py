@@ -19,6 +19,9 @@ from ..editing.scoring import pad_sequences
 
 IGNORE = -100
 
+# progress(step, max_steps, loss): what a caller is told while an editor trains (a UI's progress bar)
+Progress = Callable[[int, int, float], None]
+
 
 @dataclass(frozen=True)
 class TrainingBatch:
@@ -86,11 +89,15 @@ def optimize(
     lr: float,
     max_steps: int,
     after_step: Callable[[], None] | None = None,
+    progress: Progress | None = None,
 ) -> int:
-    """Adam on `parameters` until every target token is the argmax; returns the steps taken."""
+    """Adam on `parameters` until every target token is the argmax; returns the steps taken.
+    `progress(step, max_steps, loss)` is called on every forward pass (step 0 = before any update)."""
     optimizer = torch.optim.Adam(parameters, lr=lr)
     for step in range(max_steps + 1):
         loss, done = target_nll(forward(batch), batch.labels)
+        if progress is not None:
+            progress(step, max_steps, float(loss.detach()))
         if done or step == max_steps:
             return step
         optimizer.zero_grad(set_to_none=True)

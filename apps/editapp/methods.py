@@ -1,0 +1,173 @@
+"""The edit methods on the page: a one-line description each, and their main settings as inputs whose help
+is the config dataclass's own (the comment beside a field, or its paragraph in the class docstring)."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import inspect
+import io
+import re
+import textwrap
+import tokenize
+from collections.abc import Mapping
+from typing import Any
+
+import streamlit as st
+
+from factedit import ConfigError
+from factedit.editing.methods import config_to_dict, get_method, make_config
+from factedit.session import EditSession
+
+DESCRIPTIONS = {
+    "ft_l": "Constrained fine-tuning (FT+L): the MLP matrices of one block are trained on the new target, "
+            "each weight kept within a small L∞ ball and the change off the keys plain text uses. "
+            "Best for edits that accumulate.",
+    "ft": "Plain fine-tuning of one MLP matrix on the new target, unconstrained: the baseline; it drifts "
+          "most when edits accumulate.",
+    "lora": "A LoRA adapter (HuggingFace peft) trained on the new target and folded into a low-rank delta; "
+            "the slowest method.",
+    "mend": "MEND: a trained editor network turns one gradient of the base model into a low-rank update "
+            "(one forward and backward pass): the fastest, but it reaches fewer facts.",
+}
+# The settings the page offers per method (the rest stay as configured in factedit/conf/app.yaml).
+MAIN_SETTINGS = {
+    "ft_l": ("layers", "lr", "max_steps", "norm_constraint"),
+    "ft": ("layers", "lr", "max_steps"),
+    "lora": ("layers", "rank", "lr", "max_steps"),
+    "mend": ("step_scales", "fallback_ridges"),
+}
+FINE_TUNING = ("ft", "ft_l", "lora")  # methods that report progress (step i/N, loss)
+
+
+def description(method: str) -> str:
+    if method in DESCRIPTIONS:
+        return DESCRIPTIONS[method]
+    doc = inspect.getdoc(get_method(method).config_cls) or ""
+    return doc.split("\n\n")[0].replace("\n", " ") or "A registered edit method."
+
+
+@functools.cache
+def field_help(config_cls: type) -> dict[str, str]:
+    """Help text of each field of a config dataclass, from its source: the comment on the field's line,
+    else the field's paragraph in the docstring ("name: text" or "a / b: text"), searched up the classes
+    it derives from."""
+    found: dict[str, str] = {}
+    for cls in config_cls.__mro__:
+        if not dataclasses.is_dataclass(cls):
+            continue
+        for name, text in {**_docstring_help(cls), **_comment_help(cls)}.items():
+            found.setdefault(name, text)
+    return found
+
+
+def _comment_help(cls: type) -> dict[str, str]:
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    comments = {tok.start[0]: tok.string.lstrip("# ").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    out = {}
+    for node in ast.parse(source).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.lineno in comments:
+            out[node.target.id] = comments[node.lineno]
+    return out
+
+
+_PARAGRAPH = re.compile(r"^(\w+(?: / \w+)*): (.*)$")
+
+
+def _docstring_help(cls: type) -> dict[str, str]:
+    doc = cls.__dict__.get("__doc__") or ""
+    out: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in textwrap.dedent("\n".join(doc.splitlines()[1:])).splitlines():
+        match = _PARAGRAPH.match(line)
+        if match:
+            current = [match.group(2)]
+            for name in match.group(1).split(" / "):
+                out[name] = current
+        elif line.startswith((" ", "\t")) and current:
+            current.append(line.strip())
+        else:
+            current = []
+    return {name: " ".join(parts) for name, parts in out.items()}
+
+
+def configured(service: EditSession, method: str) -> dict[str, Any]:
+    """The method's config as the session uses it (its defaults plus factedit/conf/app.yaml's overrides)."""
+    spec = get_method(method)
+    return config_to_dict(make_config(spec.config_cls, service.config.overrides_for(method)))
+
+
+def format_value(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):
+        return ", ".join(format_value(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def parse_value(text: str, default: Any, annotation: str) -> Any:
+    """`text` as the type of the field (from its annotation and default); "" = None where None is allowed."""
+    text = text.strip()
+    if not text:
+        if "None" in annotation:
+            return None
+        raise ConfigError("a value is needed")
+    element = "float" if "float" in annotation else "int" if "int" in annotation else "str"
+    convert = {"float": float, "int": int, "str": str}[element]
+    try:
+        if annotation.startswith("tuple") or isinstance(default, (list, tuple)):
+            return [convert(part.strip()) for part in text.split(",") if part.strip()]
+        return convert(text)
+    except ValueError:
+        raise ConfigError(f"{text!r} is not {'a list of ' if ',' in text else ''}{element}") from None
+
+
+def _texts(method: str) -> dict[str, str]:
+    """What the user typed into a method's settings (kept while other methods are shown)."""
+    return st.session_state.setdefault("setting_texts", {}).setdefault(method, {})
+
+
+def settings_inputs(service: EditSession, method: str) -> None:
+    """Inputs for the method's main settings, with the config's help; shows what is wrong, if anything."""
+    spec = get_method(method)
+    fields = {f.name: f for f in dataclasses.fields(spec.config_cls)}
+    current = configured(service, method)
+    helps = field_help(spec.config_cls)
+    names = [n for n in MAIN_SETTINGS.get(method, ()) if n in fields]
+    texts = _texts(method)
+    for col, name in zip(st.columns(max(len(names), 1)), names, strict=False):
+        optional = " Empty = None." if "None" in str(fields[name].type) else ""
+        texts[name] = col.text_input(name, value=texts.get(name, format_value(current[name])),
+                                     key=f"setting:{method}:{name}", help=helps.get(name, "") + optional)
+    st.caption("Unchanged settings are those of factedit/conf/app.yaml (or the method's defaults).")
+    try:
+        stored_overrides(service, method)
+    except ConfigError as exc:
+        st.error(f"These settings would be refused: {exc}", icon="⚠️")
+
+
+def stored_overrides(service: EditSession, method: str) -> dict[str, Any]:
+    """The settings the user changed for `method`, as config overrides; ConfigError when one is invalid."""
+    spec = get_method(method)
+    fields = {f.name: f for f in dataclasses.fields(spec.config_cls)}
+    current = configured(service, method)
+    overrides = {}
+    for name, text in _texts(method).items():
+        if name not in fields or text.strip() == format_value(current[name]):
+            continue
+        try:
+            overrides[name] = parse_value(text, current[name], str(fields[name].type))
+        except ConfigError as exc:
+            raise ConfigError(f"{name}: {exc}") from None
+    if overrides:
+        make_config(spec.config_cls, {**service.config.overrides_for(method), **overrides})  # raises if invalid
+    return overrides
+
+
+def changed_settings(overrides: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={format_value(v)}" for k, v in overrides.items()) or "as configured"
