@@ -27,6 +27,7 @@ from .editing.errors import (
 from .editing.loading import load_model
 from .editing.methods import MethodSpec, available_methods, register_method
 from .editing.preserve import PreserveConfig
+from .editing.preview import EditPreview
 from .editing.record import EditRecord
 from .editing.request import EditRequest
 
@@ -37,6 +38,7 @@ __all__ = [
     "Delta",
     "DriftError",
     "EditNotFoundError",
+    "EditPreview",
     "EditRecord",
     "EditRequest",
     "Editor",
