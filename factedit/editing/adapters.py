@@ -142,7 +142,7 @@ def export_adapter(
     r = padded_rank(max(left.shape[1] for left, _ in factors.values()))
     tensors = {}
     for name, (left, right) in factors.items():
-        a, b = _peft_factors(left, right, layouts[name])  # (k, in), (out, k)
+        a, b = ParamDelta(left=left, right=right).lora_pair(layouts[name])  # (k, in), (out, k)
         module = name.removesuffix(".weight")
         tensors[f"{_PREFIX}{module}.lora_A.weight"] = F.pad(a, (0, 0, 0, r - a.shape[0])).contiguous()  # (r, in)
         tensors[f"{_PREFIX}{module}.lora_B.weight"] = F.pad(b, (0, r - b.shape[1])).contiguous()  # (out, r)
@@ -224,13 +224,6 @@ def _stacked_factors(
         lefts.append(left)
         rights.append(right)
     return (torch.cat(lefts, dim=1), torch.cat(rights, dim=0)), error
-
-
-def _peft_factors(left: torch.Tensor, right: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) as peft stores them, (k, in) and (out, k), from factors in the weight's layout."""
-    if layout == "in_out":  # Conv1D: W is (in, out), Δ = left @ right = (B·A)ᵀ = Aᵀ·Bᵀ
-        return left.T, right.T
-    return right, left  # Linear: W is (out, in), Δ = B·A
 
 
 def _adapter_notes(result: AdapterExport) -> list[str]:
@@ -454,11 +447,7 @@ def _import_deltas(
         keep = (a != 0).any(dim=1) & (b != 0).any(dim=0)
         if not keep.any():
             keep[0] = True
-        a, b = a[keep].contiguous(), b[:, keep].contiguous()  # (k, in), (out, k)
-        if layout == "in_out":  # Conv1D (in, out): Δ = (B·A)ᵀ = Aᵀ·Bᵀ
-            deltas[name] = ParamDelta(left=a.T.contiguous(), right=b.T.contiguous())  # (in, k), (k, out)
-        else:
-            deltas[name] = ParamDelta(left=b, right=a)  # (out, k), (k, in)
+        deltas[name] = ParamDelta.from_lora(a[keep], b[:, keep], layout)  # (k, in), (out, k) kept
     return deltas
 
 

@@ -74,6 +74,22 @@ class ParamDelta:
     def detached_cpu(self) -> ParamDelta:
         return ParamDelta(**{k: v.detach().to("cpu").contiguous() for k, v in self.tensors().items()})
 
+    @classmethod
+    def from_lora(cls, a: torch.Tensor, b: torch.Tensor, layout: str) -> ParamDelta:
+        """The change B·A of a LoRA pair as peft stores it (A (r, in), B (out, r), the scaling folded into
+        B) as factors in the weight's layout: Linear (out, in) = B @ A; GPT-2's Conv1D (in, out) = Aᵀ @ Bᵀ."""
+        if layout == "in_out":
+            return cls(left=a.T.contiguous(), right=b.T.contiguous())  # (in, r), (r, out)
+        return cls(left=b.contiguous(), right=a.contiguous())  # (out, r), (r, in)
+
+    def lora_pair(self, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) as peft stores them, (r, in) and (out, r), with B·A this change: `from_lora`'s inverse."""
+        if self.dense is not None:
+            raise InvalidDeltaError("a dense change has no LoRA pair; factor it first")
+        if layout == "in_out":
+            return self.left.T, self.right.T
+        return self.right, self.left
+
 
 @dataclass(frozen=True)
 class Delta:

@@ -11,7 +11,6 @@ active edits onto it, after checking it is the journal's base model). See design
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import os
 import threading
@@ -37,7 +36,7 @@ from .methods import config_to_dict, get_method, make_config
 from .preview import EditPreview, edit_effect, preview_delta, with_delta
 from .record import EditRecord, new_edit_id
 from .request import EditRequest, TokenizedRequest, as_requests, max_context, tokenize_request
-from .safeguards import Guard, Safeguards, accepts_preserver, resolve_guard
+from .safeguards import Guard, Safeguards, accepts, resolve_guard
 from .scoring import score_requests
 from .weights import WeightState, model_fingerprint, model_sha256, tensor_sha256
 
@@ -47,11 +46,6 @@ OWNER_ATTRIBUTE = "factedit_editor"  # set on a model: a weak reference to the E
 
 def _ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000, 3)
-
-
-def accepts(compute: Callable[..., Any], name: str) -> bool:
-    """Whether a method's `compute` takes the keyword `name` (e.g. "progress")."""
-    return name in inspect.signature(compute).parameters
 
 
 class Editor:
@@ -163,7 +157,7 @@ class Editor:
             lambda: [(r.id, [tokenize_request(q, self.tokenizer, None) for q in r.requests])
                      for r in self._records.values() if r.status == "active"],
         )
-        if accepts_preserver(impl.compute):
+        if accepts(impl.compute, "preserver"):
             delta = impl.compute(model, self.tokenizer, tokenized, preserver=preserver, **extra)
         else:
             delta = impl.compute(model, self.tokenizer, tokenized, **extra)
@@ -318,8 +312,7 @@ class Editor:
         a model card listing the edits) that `AutoModelForCausalLM.from_pretrained` loads."""
         with self._lock:
             self.attach(model)
-            active = [r for r in self._records.values() if r.status == "active"]
-            return adapters.export_merged(model, self.tokenizer, active, path)
+            return adapters.export_merged(model, self.tokenizer, self._active_records(None), path)
 
     def import_adapter(self, model: nn.Module, path: str | os.PathLike) -> EditRecord:
         """Apply a PEFT LoRA adapter folder (LoRA on MLP matrices) as one new edit, method "import":

@@ -29,12 +29,12 @@ from transformers import PreTrainedTokenizerBase
 
 from .delta import Delta
 from .diff import ParamChange, _FunctionalModel, param_changes
-from .errors import ConfigError, InvalidDeltaError
+from .errors import ConfigError
 from .record import EditRecord
 from .request import EditRequest, TokenizedRequest, encode_prompt, encode_target
 from .scoring import pad_id_of, score_sequences, top_tokens
 from .specs import layer_index
-from .weights import WeightState
+from .weights import WeightState, checked_updates
 
 # What a prompt is, in the rows below: the edit's own prompt, a paraphrase (scored on the target too),
 # a locality prompt of the request, or a probe.
@@ -154,15 +154,7 @@ def with_delta(model: nn.Module, delta: Delta) -> dict[str, torch.Tensor]:
     """The touched parameters' values with `delta` added, as applying it would write them (`W + Δ` in the
     parameter's dtype and device); the model is not changed."""
     params = dict(model.named_parameters())
-    delta.check_against(params)
-    values = {}
-    for name, pdelta in delta.items():
-        param = params[name].detach()
-        update = pdelta.materialize(param.dtype, param.device)
-        if not bool(torch.isfinite(update).all()):
-            raise InvalidDeltaError(f"the delta for {name!r} overflows {param.dtype}")
-        values[name] = param + update
-    return values
+    return {name: params[name].detach() + update for name, update in checked_updates(params, delta).items()}
 
 
 def touched_layers(model: nn.Module, names: Sequence[str]) -> tuple[int, ...]:

@@ -46,8 +46,9 @@ def resolve_guard(option: Guard, guarded_by_default: bool) -> GuardConfig | None
     raise ConfigError(f"guard must be a GuardConfig, a max perplexity ratio > 1, None or 'auto'; got {option!r}")
 
 
-def accepts_preserver(compute: Callable[..., Any]) -> bool:
-    return "preserver" in inspect.signature(compute).parameters
+def accepts(compute: Callable[..., Any], name: str) -> bool:
+    """Whether a method's `compute` takes the keyword `name` ("preserver", "progress")."""
+    return name in inspect.signature(compute).parameters
 
 
 class Safeguards:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -58,6 +58,18 @@ def model_sha256(model: nn.Module) -> str:
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "name_or_path", "dtype", "torch_dtype", "use_cache"}
 
 
+def checked_updates(params: Mapping[str, torch.Tensor], delta: Delta) -> dict[str, torch.Tensor]:
+    """Each parameter's change as the weights would receive it (in the parameter's dtype and device),
+    all materialised and checked before any is used: InvalidDeltaError for a delta that does not fit the
+    parameters or overflows their dtype."""
+    delta.check_against(params)
+    updates = {name: pd.materialize(params[name].dtype, params[name].device) for name, pd in delta.items()}
+    for name, update in updates.items():
+        if not bool(torch.isfinite(update).all()):
+            raise InvalidDeltaError(f"the delta for {name!r} overflows {params[name].dtype}; nothing was applied")
+    return updates
+
+
 class WeightState:
     """Base snapshots and the ordered active deltas of one model."""
 
@@ -70,14 +82,7 @@ class WeightState:
         if edit_id in self.active:
             raise InvalidDeltaError(f"edit {edit_id} is already applied")
         params = dict(model.named_parameters())
-        delta.check_against(params)
-        # Materialise everything before writing anything: no half-applied edit.
-        updates = {name: pd.materialize(params[name].dtype, params[name].device) for name, pd in delta.items()}
-        for name, update in updates.items():
-            if not bool(torch.isfinite(update).all()):
-                raise InvalidDeltaError(
-                    f"the delta for {name!r} overflows {params[name].dtype}; nothing was applied"
-                )
+        updates = checked_updates(params, delta)  # everything materialised before anything is written
         with torch.no_grad():
             for name in updates:
                 if name not in self.base:

@@ -103,12 +103,10 @@ class LoRAEdit:
 
 
 def _fold(layer: nn.Module, layout: str) -> ParamDelta:
-    """The adapter's change as factors in the weight's layout: Linear (out, in) = (B·s) @ A."""
+    """The adapter's change, B·s @ A, as factors in the weight's layout."""
     a = layer.lora_A[ADAPTER].weight.detach()  # (r, in)
     b = layer.lora_B[ADAPTER].weight.detach() * layer.scaling[ADAPTER]  # (out, r)
-    if layout == "in_out":  # Conv1D stores (in, out): Δᵀ = Aᵀ @ (B·s)ᵀ
-        return ParamDelta(left=a.T.contiguous(), right=b.T.contiguous())
-    return ParamDelta(left=b.contiguous(), right=a.contiguous())
+    return ParamDelta.from_lora(a, b, layout)
 
 
 METHOD = MethodSpec("lora", LoRAEditConfig, LoRAEdit)
