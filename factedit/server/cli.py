@@ -47,9 +47,8 @@ def resolve_token(token_file: str | None, host: str) -> str:
         raise ConfigError(f"refusing to serve on {host} (not a loopback address) without a token: "
                           f"give --token-file or set {TOKEN_ENV}")
     path = cache_dir() / "serve-token"
-    if path.is_file() and path.read_text().strip():
-        token = path.read_text().strip()
-    else:
+    token = path.read_text().strip() if path.is_file() else ""
+    if not token:
         token = new_token_file(path)
     logger.info("bearer token for edits: in %s", path)
     return token

@@ -126,14 +126,12 @@ def _submit(state: ServiceState, token_ids: list[list[int]], params: SamplingPar
     try:
         for ids in token_ids:
             generations.append(state.generator.submit(ids, params))
-    except QueueFullError as exc:
+    except (QueueFullError, ValueError) as exc:  # ValueError: e.g. prompt + max_tokens past the context
         for generation in generations:
             generation.cancel()
-        raise APIError(503, "overloaded", "the generation queue is full; try again shortly",
-                       headers={"Retry-After": str(max(1, round(exc.retry_after)))}) from exc
-    except ValueError as exc:  # e.g. prompt + max_tokens past the model's context
-        for generation in generations:
-            generation.cancel()
+        if isinstance(exc, QueueFullError):
+            raise APIError(503, "overloaded", "the generation queue is full; try again shortly",
+                           headers={"Retry-After": str(max(1, round(exc.retry_after)))}) from exc
         raise APIError(422, "invalid_request", str(exc)) from exc
     return generations
 

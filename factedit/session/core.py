@@ -230,21 +230,22 @@ class EditSession:
         """The Editor set to `method` (default: the config's) with the config's settings for it plus
         `overrides`; switches (see the module docstring) only when they differ from the current ones."""
         editor = self._require_editor()
-        method = method or self.config.default_method
-        if method not in self.methods:
-            raise ConfigError(f"unknown method {method!r}; registered: {', '.join(self.methods)}")
+        method = self._known_method(method)
         overrides = dict(overrides or {})
         settings = (method, json.dumps(overrides, sort_keys=True, default=str))
         if settings == self._editor_settings:
             return editor
-        try:
+        with _available(method):
             editor.set_method(method, **{**self.config.overrides_for(method), **overrides})
-        except FacteditError:
-            raise
-        except Exception as exc:  # e.g. the method's module or checkpoint is missing
-            raise ConfigError(f"method {method!r} is not available: {type(exc).__name__}: {exc}") from exc
         self._editor_settings = settings
         return editor
+
+    def _known_method(self, method: str | None) -> str:
+        """`method`, or the config's default; ConfigError for one that is not registered."""
+        method = method or self.config.default_method
+        if method not in self.methods:
+            raise ConfigError(f"unknown method {method!r}; registered: {', '.join(self.methods)}")
+        return method
 
     def _require_editor(self) -> Editor:
         if self.editor is None:
@@ -315,20 +316,13 @@ class EditSession:
         paraphrases, locality prompts and `probes` (default: the session's) without applying anything
         (`Editor.preview`). Holds the model alone while it computes (see `_exclusive`)."""
         request = EditRequest(prompt, target, paraphrases=tuple(paraphrases), locality=tuple(locality))
-        method = method or self.config.default_method
-        if method not in self.methods:
-            raise ConfigError(f"unknown method {method!r}; registered: {', '.join(self.methods)}")
+        method = self._known_method(method)
         settings = {**self.config.overrides_for(method), **(overrides or {})}
         with self._exclusive():
             editor = self._require_editor()
-            with self._reporting(editor, progress):
-                try:
-                    return editor.preview(self.model, [request], probes=list(self.probes if probes is None else probes),
-                                          method=method, **settings)
-                except FacteditError:
-                    raise
-                except Exception as exc:  # e.g. the method's checkpoint is missing
-                    raise ConfigError(f"method {method!r} is not available: {type(exc).__name__}: {exc}") from exc
+            with self._reporting(editor, progress), _available(method):
+                return editor.preview(self.model, [request], probes=list(self.probes if probes is None else probes),
+                                      method=method, **settings)
 
     def apply_preview(self, preview: EditPreview, predict: bool = True) -> EditOutcome:
         """Apply a preview's delta as it was computed (refused once the weights changed since); `predict`
@@ -441,25 +435,24 @@ class EditSession:
         """`EditDiff.to_dict()` of one edit, with `probes` (default: the session's) scored with and
         without it (through functional_call: the model is held alone meanwhile)."""
         probes = tuple(self.probes if probes is None else probes)
-        cached = self._cached(("diff", self.version, edit_id, probes))
+        cached = self._cached(self._key("diff", edit_id, probes))
         if cached is not None:
             return cached
-        with self._exclusive():
-            editor = self._require_editor()
-            diff = editor.diff(edit_id, model=self.model, probes=probes).to_dict()
-            return self._store(("diff", self.version, edit_id, probes), diff)
+        with self._exclusive():  # the weights may have changed while waiting: the key is taken again
+            diff = self._require_editor().diff(edit_id, model=self.model, probes=probes).to_dict()
+            return self._store(self._key("diff", edit_id, probes), diff)
 
     def effect(self, edit_id: str, probes: Sequence[str] | None = None) -> dict[str, Any]:
         """What one edit does on the current weights (`Editor.effect`): its prompts, paraphrases,
         locality prompts and `probes` (default: the session's) without/with it when it is active, as
         they are now/with it re-applied when it is reverted; with its parameter changes. Cached."""
         probes = tuple(self.probes if probes is None else probes)
-        cached = self._cached(("effect", self.version, edit_id, probes))
+        cached = self._cached(self._key("effect", edit_id, probes))
         if cached is not None:
             return cached
         with self._exclusive():
             effect = self._require_editor().effect(edit_id, self.model, probes)
-            return self._store(("effect", self.version, edit_id, probes), effect)
+            return self._store(self._key("effect", edit_id, probes), effect)
 
     def next_tokens(self, prompt: str) -> list[dict[str, Any]]:
         """The top-5 next tokens of `prompt` on the current weights (cached; no generation)."""
@@ -478,8 +471,7 @@ class EditSession:
         now/with it re-applied. Cached per weights."""
         if not prompt.strip():
             raise ConfigError("the prompt is empty")
-        key = ("try", self.version, prompt, edit_id, max_new_tokens)
-        cached = self._cached(key)
+        cached = self._cached(self._key("try", prompt, edit_id, max_new_tokens))
         if cached is not None:
             return cached
         with self._exclusive():
@@ -488,7 +480,7 @@ class EditSession:
             other = self._predict_unlocked(prompt, max_new_tokens, replaced)
             result = {"edit_id": edit_id, "active": active, "without": other if active else now,
                       "with": now if active else other}
-            return self._store(("try", self.version, prompt, edit_id, max_new_tokens), result)
+            return self._store(self._key("try", prompt, edit_id, max_new_tokens), result)
 
     def outcome(self, edit_id: str) -> EditOutcome | None:
         """The predictions around one of the newest edits made through `edit` or `apply_preview` here."""
@@ -521,7 +513,7 @@ class EditSession:
         the old answer's probability, the largest change of any token's probability as `shift`, whether
         the top-1 flipped); a probe added since has "before" None."""
         with self.rw.read():
-            key = ("probe_changes", self.version, tuple(self.probes))
+            key = self._key("probe_changes", tuple(self.probes))
             cached = self._cached(key)
             if cached is not None:
                 return cached
@@ -539,7 +531,7 @@ class EditSession:
         """sha256 over every parameter of the served model (cached per version): two processes serve
         the same weights exactly when these agree."""
         with self.rw.read():
-            key = ("sha256", self.version)
+            key = self._key("sha256")
             cached = self._cached(key)
             return cached if cached is not None else self._store(key, model_sha256(self.model))
 
@@ -578,7 +570,7 @@ class EditSession:
         tokens = self.config.continuation_tokens if max_new_tokens is None else max_new_tokens
         if not 1 <= tokens <= MAX_NEW_TOKENS:
             raise ConfigError(f"a continuation is 1 to {MAX_NEW_TOKENS} tokens long, not {tokens}")
-        key = ("predict", self.version, prompt, tokens)
+        key = self._key("predict", prompt, tokens)
         cached = self._cached(key) if replaced is None else None
         if cached is None:
             if replaced is None:
@@ -592,7 +584,7 @@ class EditSession:
         return cached
 
     def _next_tokens_unlocked(self, prompt: str) -> list[dict[str, Any]]:
-        key = ("next", self.version, prompt)
+        key = self._key("next", prompt)
         cached = self._cached(key)
         if cached is None:
             scored = score_prompts(self.model, self.tokenizer, [("probe", prompt, None)])
@@ -602,7 +594,7 @@ class EditSession:
     def _probe_logprobs_unlocked(self) -> tuple[tuple[str, ...], list[torch.Tensor]]:
         """(probes, their next-token log-distributions) on the current weights (cached per version)."""
         probes = tuple(self.probes)
-        key = ("probe_logprobs", self.version, probes)
+        key = self._key("probe_logprobs", probes)
         cached = self._cached(key)
         if cached is None:
             scored = score_prompts(self.model, self.tokenizer, prompt_items((), probes)) if probes else []
@@ -624,6 +616,10 @@ class EditSession:
                 values = {f"model.{name}": value for name, value in replaced.items()}
                 out = functional_call(_Generating(self.model), values, args=(), kwargs=kwargs, strict=False)
         return self.tokenizer.decode(out[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    def _key(self, kind: str, *parts: Any) -> tuple:
+        """A cache key for the current weights (`_store` drops the keys of older ones)."""
+        return (kind, self.version, *parts)
 
     def _cached(self, key: tuple) -> Any:
         with self._cache_lock:
@@ -668,6 +664,18 @@ class EditSession:
             self._probes_file.write_text(json.dumps(cleaned, indent=1))
         except OSError as exc:  # only persistence is lost
             logger.warning("could not save the probe list to %s: %s", self._probes_file, exc)
+
+
+@contextmanager
+def _available(method: str) -> Iterator[None]:
+    """Building `method` failed for a reason that is not the caller's input (e.g. its module or checkpoint
+    is missing): say so as a ConfigError."""
+    try:
+        yield
+    except FacteditError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"method {method!r} is not available: {type(exc).__name__}: {exc}") from exc
 
 
 def _exported_record(data: bytes) -> dict[str, Any]:
