@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
-from tiny_models import tiny_model
+from tiny_models import save_tiny_model, tiny_model
 
 import factedit
 from factedit.editing import request as request_module
@@ -46,11 +46,7 @@ TIMEOUT = 120  # seconds per script run: the CPU is shared
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    model, tok = tiny_model("llama")
-    path = tmp_path_factory.mktemp("tiny") / "llama"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "llama")
 
 
 @pytest.fixture

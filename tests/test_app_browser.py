@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny_models import tiny_model
+from tiny_models import save_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "apps"))
@@ -49,9 +49,7 @@ def test_compare_apply_health_and_revert_in_a_real_browser(tmp_path):
             pytest.fail(reason)
         pytest.skip(reason)
     pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
-    model, tok = tiny_model("llama")
-    model.save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
+    save_tiny_model(tmp_path / "model")
     (tmp_path / "app.yaml").write_text(CONFIG)
     shots = Path(os.environ.get("FACTEDIT_SCREENSHOT_DIR") or tmp_path / "screenshots")
     shots.mkdir(parents=True, exist_ok=True)

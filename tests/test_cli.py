@@ -6,18 +6,14 @@ import json
 import re
 
 import pytest
-from tiny_models import tiny_model
+from tiny_models import save_tiny_model
 
 from factedit import cli
 
 
 @pytest.fixture
 def model_dir(tmp_path):
-    model, tok = tiny_model("llama")
-    folder = tmp_path / "tiny-llama"
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return save_tiny_model(tmp_path / "tiny-llama")
 
 
 def run(capsys, *argv: str) -> str:

@@ -22,13 +22,9 @@ FAST = [
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    from tiny_models import tiny_model
+    from tiny_models import save_tiny_model
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    model, tok = tiny_model("llama")
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def _eval(tiny_dir: Path, out: Path, *args: str) -> int:

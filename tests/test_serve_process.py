@@ -17,7 +17,7 @@ import httpx
 import pytest
 import torch
 from openai import OpenAI
-from tiny_models import tiny_model
+from tiny_models import CHAT_TEMPLATE, save_tiny_model
 
 import factedit
 from factedit.editing.weights import model_sha256
@@ -26,21 +26,12 @@ TOKEN = "process-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 FACT = {"prompt": "The capital of France is", "target": "Rome", "method": "ft_l",
         "config": {"layers": [-1], "lr": 0.1, "norm_constraint": 0.1, "max_steps": 10}}
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 STARTUP_S = 120  # the shared CPU can be slow to import torch and transformers
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    model, tok = tiny_model("llama")
-    tok.chat_template = CHAT_TEMPLATE
-    path = tmp_path_factory.mktemp("tiny") / "llama"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", chat_template=CHAT_TEMPLATE)
 
 
 class Server:

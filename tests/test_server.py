@@ -12,7 +12,7 @@ import torch
 import wreck  # registers the test method that breaks a model
 from fastapi.testclient import TestClient
 from helpers import snapshot
-from tiny_models import tiny_model
+from tiny_models import CHAT_TEMPLATE, save_tiny_model, tiny_model
 
 import factedit
 from factedit.server import Limits, ServerConfig, create_app
@@ -24,20 +24,11 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 FACT = {"prompt": "The capital of France is", "target": "Rome"}
 # ft_l settings that make the tiny model's top token " Rome" in a few steps.
 OVERRIDES = {"ft_l": {"layers": [-1], "lr": 0.1, "norm_constraint": 0.1, "max_steps": 10}}
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    model, tok = tiny_model("llama")
-    tok.chat_template = CHAT_TEMPLATE
-    path = tmp_path_factory.mktemp("tiny") / "llama"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", chat_template=CHAT_TEMPLATE)
 
 
 def make_session(tiny_dir: Path, journal: Path, **config) -> EditSession:
@@ -376,11 +367,7 @@ def test_bad_chat_requests(client, body, code):
 
 
 def test_a_model_without_a_chat_template_refuses_chat(tmp_path):
-    model, tok = tiny_model("llama")
-    folder = tmp_path / "plain"
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    session = make_session(folder, tmp_path / "journal.sqlite")
+    session = make_session(save_tiny_model(tmp_path / "plain"), tmp_path / "journal.sqlite")
     try:
         with client_for(session) as client:
             response = client.post("/v1/chat/completions", headers=AUTH, json={

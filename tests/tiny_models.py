@@ -17,6 +17,7 @@ Eager attention is used so second-order gradients work (SDPA on CPU has no doubl
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -181,3 +182,21 @@ def tiny_model(
         model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
     model.eval()
     return model, tiny_tokenizer()
+
+
+# A minimal chat template for the tiny tokenizer (it has none), for the service's chat endpoint.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def save_tiny_model(folder: Path, arch: str = "llama", chat_template: str | None = None) -> Path:
+    """`tiny_model(arch)` and its tokenizer written to `folder` as a HuggingFace model folder (what
+    `factedit.load_model(folder)`, the app and `factedit serve` load); returns `folder`."""
+    model, tok = tiny_model(arch)
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
