@@ -11,51 +11,42 @@ would queue past `max_pending_writes` are refused with `SessionBusyError` (the s
 The public methods take the lock once; the `_unlocked` helpers below them assume it is held (the lock
 is not reentrant).
 
-Methods: the journal holds edits of any method (replay only adds the stored deltas); when an edit
-asks for another method or other settings, the one Editor switches with `Editor.set_method`, keeping
-weights, history and journal.
+Methods: one Editor serves edits of every method, switched in place when an edit asks for another
+(`switch.py`).
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-from torch.func import functional_call
 
-from ..editing.delta import delta_metadata
-from ..editing.diff import _FunctionalModel
-from ..editing.editor import EXPORT_FORMAT, Editor
-from ..editing.errors import ConfigError, DriftError, FacteditError, InvalidDeltaError, JournalError
+from ..editing.editor import Editor
+from ..editing.errors import ConfigError, FacteditError, InvalidDeltaError, JournalError
 from ..editing.journal import Journal
 from ..editing.loading import load_model, model_id
 from ..editing.methods import available_methods
-from ..editing.preview import EditPreview, compare_prompts, prompt_items, score_prompts
+from ..editing.preview import EditPreview
 from ..editing.record import EditRecord
 from ..editing.request import EditRequest
-from ..editing.scoring import top_tokens
 from ..editing.weights import model_sha256
+from .cache import VersionedCache
+from .changes import ChangeLog, EditOutcome
 from .config import SessionConfig
 from .generation import BatchGenerator
-from .origins import PREVIEW, Origins
+from .origins import PREVIEW, Origins, exported_record
+from .probes import ProbeList, top_rows
+from .reads import Prediction, continuation, next_token_logprobs, top_next_tokens
 from .rwlock import LockTimeout, ReadWriteLock
+from .switch import MethodSwitch, available
 
-logger = logging.getLogger(__name__)
-
-MAX_PROBES = 20
-MAX_CACHED = 64  # predictions kept for the current weights
 MAX_NEW_TOKENS = 64  # longest continuation `predict` and `try_prompt` generate
-MAX_OUTCOMES = 32  # EditOutcomes kept (by edit id) for views that show an edit's before/after
 
 
 class SessionBusyError(FacteditError):
@@ -64,37 +55,6 @@ class SessionBusyError(FacteditError):
     def __init__(self, message: str, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """What the model does with one prompt now: top-5 next tokens and a greedy continuation."""
-
-    prompt: str
-    top: list[dict[str, Any]]  # [{"token", "id", "prob"}] x 5
-    continuation: str
-
-
-@dataclass(frozen=True)
-class EditOutcome:
-    """An edit and its prompt's predictions (top-5 and greedy continuation) just before and just after it;
-    both None when the edit was asked for without them (`edit(..., predict=False)`: the record's
-    `pre`/`post` still hold the top-5, and generating costs a second or more on a CPU)."""
-
-    record: EditRecord
-    before: Prediction | None
-    after: Prediction | None
-
-
-class _Generating(nn.Module):
-    """`model.generate` as a forward, so functional_call can run it with some weights replaced."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, **kwargs: Any) -> torch.Tensor:
-        return self.model.generate(**kwargs)
 
 
 class EditSession:
@@ -121,22 +81,17 @@ class EditSession:
         self.journal_error: str | None = None  # why the journal cannot be used (then nothing can be edited)
         self.editor: Editor | None = None
         self._journal: Journal | None = None
-        self._editor_settings: tuple[str, str] | None = None  # (method, overrides as JSON) the Editor has
-        self._cache: dict[tuple, Any] = {}
-        self._cache_lock = threading.Lock()  # readers share the cache
-        # The probes' next-token log-distributions just before the last change: (version, probes, logprobs).
-        self._probes_before: tuple[int, tuple[str, ...], list[torch.Tensor]] | None = None
-        self._last_change: dict[str, Any] | None = None  # what the last change was (health, views)
-        self._last_refusal: dict[str, Any] | None = None  # the guard's last refusal, until an edit succeeds
-        self._outcomes: dict[str, EditOutcome] = {}  # edit id -> predictions around it (the newest few)
+        self._switch = MethodSwitch(config, self.methods)
+        self._cache = VersionedCache(lambda: self.version)
+        self._log = ChangeLog()
         self._generator: BatchGenerator | None = None
         self._generator_options: dict[str, Any] = {}
         self._generator_lock = threading.Lock()
-        self._summary: dict[str, Any] = {}
-        self.probes = self._load_probes()
-        self.origins = Origins(self._sidecar("origins"))
+        # Beside the first journal: the probes outlive `start_new_journal`.
+        self._probes = ProbeList(_sidecar(config.journal_path, "probes"), config.probes)
+        self.origins = Origins(_sidecar(self.journal_path, "origins"))
         self._open(self.journal_path)
-        self._summarize()
+        self._log.summarize(self._history_unlocked())
 
     # --- locking ------------------------------------------------------------------------------------
     @contextmanager
@@ -180,29 +135,21 @@ class EditSession:
         except Exception as exc:
             self.journal_error = f"{type(exc).__name__}: {exc}"
             return
-        errors = []
-        for method in self._method_order():
-            try:
-                editor = Editor(method, tokenizer=self.tokenizer, journal=self._journal,
-                                guard=self.config.guard_max_ratio, **self.config.overrides_for(method))
-            except Exception as exc:
-                errors.append(f"{method}: {exc}")
-                continue
-            try:
-                editor.attach(self.model)
-            except Exception as exc:
-                self.journal_error = f"{type(exc).__name__}: {exc}"
-                self._reload_model()  # a failed replay may have touched the weights
-                self._journal.close()
-                self._journal = None
-                return
-            self.editor, self._editor_settings = editor, (method, "{}")
+        try:
+            method, editor = self._switch.first_editor(self._journal, self.tokenizer)
+        except ConfigError as exc:
+            self.journal_error = str(exc)
             return
-        self.journal_error = "no edit method could be built: " + "; ".join(errors)
-
-    def _method_order(self) -> list[str]:
-        first = self.config.default_method
-        return [first] + [m for m in self.methods if m != first]
+        try:
+            editor.attach(self.model)
+        except Exception as exc:
+            self.journal_error = f"{type(exc).__name__}: {exc}"
+            self._reload_model()  # a failed replay may have touched the weights
+            self._journal.close()
+            self._journal = None
+            return
+        self.editor = editor
+        self._switch.built(method)
 
     def _reload_model(self) -> None:
         self.model, _ = load_model(self.config.model_source)
@@ -220,32 +167,11 @@ class EditSession:
             path = self.journal_path.with_name(f"{self.journal_path.stem}-{stamp}{self.journal_path.suffix}")
             self._reload_model()
             self.journal_path = path
-            self.origins = Origins(self._sidecar("origins"))
-            self._outcomes.clear()
+            self.origins = Origins(_sidecar(path, "origins"))
+            self._log.forget_outcomes()
             self._open(path)
-            self._summarize()
+            self._log.summarize(self._history_unlocked())
             return path
-
-    def _editor_for(self, method: str | None, overrides: Mapping[str, Any] | None = None) -> Editor:
-        """The Editor set to `method` (default: the config's) with the config's settings for it plus
-        `overrides`; switches (see the module docstring) only when they differ from the current ones."""
-        editor = self._require_editor()
-        method = self._known_method(method)
-        overrides = dict(overrides or {})
-        settings = (method, json.dumps(overrides, sort_keys=True, default=str))
-        if settings == self._editor_settings:
-            return editor
-        with _available(method):
-            editor.set_method(method, **{**self.config.overrides_for(method), **overrides})
-        self._editor_settings = settings
-        return editor
-
-    def _known_method(self, method: str | None) -> str:
-        """`method`, or the config's default; ConfigError for one that is not registered."""
-        method = method or self.config.default_method
-        if method not in self.methods:
-            raise ConfigError(f"unknown method {method!r}; registered: {', '.join(self.methods)}")
-        return method
 
     def _require_editor(self) -> Editor:
         if self.editor is None:
@@ -298,10 +224,10 @@ class EditSession:
         `progress(step, max_steps, loss)` is called while a fine-tuning method trains."""
         request = EditRequest(prompt, target, paraphrases=tuple(paraphrases), locality=tuple(locality))
         with self._writing():
-            editor = self._editor_for(method, overrides)
+            editor = self._switch.switch(self._require_editor(), method, overrides)
             before = self._predict_unlocked(prompt) if predict else None
             probes = self._probe_logprobs_unlocked()
-            with self._reporting(editor, progress), self._refusals(f"the {editor.method} edit of {prompt!r}"):
+            with self._reporting(editor, progress), self._log.refusals(f"the {editor.method} edit of {prompt!r}"):
                 record = editor.edit_batch(self.model, [request])
             self._changed(probes, "edit", [record.id])
             return self._outcome(record, before, predict)
@@ -316,11 +242,11 @@ class EditSession:
         paraphrases, locality prompts and `probes` (default: the session's) without applying anything
         (`Editor.preview`). Holds the model alone while it computes (see `_exclusive`)."""
         request = EditRequest(prompt, target, paraphrases=tuple(paraphrases), locality=tuple(locality))
-        method = self._known_method(method)
-        settings = {**self.config.overrides_for(method), **(overrides or {})}
+        method = self._switch.known(method)
+        settings = self._switch.settings(method, overrides)
         with self._exclusive():
             editor = self._require_editor()
-            with self._reporting(editor, progress), _available(method):
+            with self._reporting(editor, progress), available(method):
                 return editor.preview(self.model, [request], probes=list(self.probes if probes is None else probes),
                                       method=method, **settings)
 
@@ -332,7 +258,7 @@ class EditSession:
             editor = self._require_editor()
             before = self._predict_unlocked(prompt) if predict else None
             probes = self._probe_logprobs_unlocked()
-            with self._refusals(f"the {preview.method} edit of {prompt!r}"):
+            with self._log.refusals(f"the {preview.method} edit of {prompt!r}"):
                 record = editor.apply_preview(self.model, preview)
             self.origins.add(record.id, {"kind": PREVIEW, "timings": dict(preview.timings)})
             self._changed(probes, "edit", [record.id])
@@ -345,9 +271,9 @@ class EditSession:
         if not requests:
             raise ConfigError("an edit needs at least one fact")
         with self._writing():
-            editor = self._editor_for(method, overrides)
+            editor = self._switch.switch(self._require_editor(), method, overrides)
             probes = self._probe_logprobs_unlocked()
-            with self._refusals(f"the {editor.method} edit of {len(requests)} fact(s)"):
+            with self._log.refusals(f"the {editor.method} edit of {len(requests)} fact(s)"):
                 record = editor.edit_batch(self.model, list(requests))
             self._changed(probes, "edit", [record.id])
             return record
@@ -370,14 +296,14 @@ class EditSession:
     def import_edit(self, data: bytes, name: str | None = None) -> EditRecord:
         """Apply an exported edit file's bytes as a new edit (checked against this model). Its origin
         (`origin(id)`) keeps the original edit's id, time and timings; `name`: the file's name."""
-        exported = _exported_record(data)
+        exported = exported_record(data)
         with self._writing():
             editor, probes = self._require_editor(), self._probe_logprobs_unlocked()
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "upload.safetensors"
                 path.write_bytes(data)
                 try:
-                    with self._refusals(f"the import of {name or 'an edit file'}"):
+                    with self._log.refusals(f"the import of {name or 'an edit file'}"):
                         record = editor.import_edit(self.model, path)
                 except FacteditError:
                     raise
@@ -390,35 +316,19 @@ class EditSession:
     def _changed(self, probes_before: tuple[tuple[str, ...], list[torch.Tensor]], kind: str, ids: list[str]) -> None:
         """After a successful change: new cache version; remember the probes as they were before it and
         what the change was."""
-        self._probes_before = (self.version, *probes_before)
+        self._probes.before = probes_before
         self.version += 1
-        self._last_change = {"kind": kind, "edit_ids": ids, "version": self.version, "at": time.time()}
-        if kind != "revert":
-            self._last_refusal = None
-        self._summarize()
+        self._log.changed(kind, ids, self.version, self._history_unlocked())
 
     def _outcome(self, record: EditRecord, before: Prediction | None, predict: bool) -> EditOutcome:
-        outcome = EditOutcome(record, before, self._predict_unlocked(record.request.prompt) if predict else None)
-        self._outcomes[record.id] = outcome
-        while len(self._outcomes) > MAX_OUTCOMES:
-            del self._outcomes[next(iter(self._outcomes))]
-        return outcome
-
-    @contextmanager
-    def _refusals(self, what: str) -> Iterator[None]:
-        """Keep the guard's refusal of `what` for `health` (the header shows it), then re-raise it."""
-        try:
-            yield
-        except DriftError as exc:
-            self._last_refusal = {"what": what, "ratio": exc.ratio, "max_ratio": exc.max_ratio,
-                                  "message": str(exc), "at": time.time()}
-            raise
+        after = self._predict_unlocked(record.request.prompt) if predict else None
+        return self._log.keep(EditOutcome(record, before, after))
 
     # --- reading ------------------------------------------------------------------------------------
     def history(self) -> list[EditRecord]:
         """Every edit, oldest first (records without their deltas' tensors)."""
         with self.rw.read():
-            return self.editor.history if self.editor is not None else []
+            return self._history_unlocked()
 
     def record(self, edit_id: str) -> EditRecord:
         """One edit's record (its delta included)."""
@@ -435,24 +345,24 @@ class EditSession:
         """`EditDiff.to_dict()` of one edit, with `probes` (default: the session's) scored with and
         without it (through functional_call: the model is held alone meanwhile)."""
         probes = tuple(self.probes if probes is None else probes)
-        cached = self._cached(self._key("diff", edit_id, probes))
+        cached = self._cache.get(self._cache.key("diff", edit_id, probes))
         if cached is not None:
             return cached
         with self._exclusive():  # the weights may have changed while waiting: the key is taken again
             diff = self._require_editor().diff(edit_id, model=self.model, probes=probes).to_dict()
-            return self._store(self._key("diff", edit_id, probes), diff)
+            return self._cache.store(self._cache.key("diff", edit_id, probes), diff)
 
     def effect(self, edit_id: str, probes: Sequence[str] | None = None) -> dict[str, Any]:
         """What one edit does on the current weights (`Editor.effect`): its prompts, paraphrases,
         locality prompts and `probes` (default: the session's) without/with it when it is active, as
         they are now/with it re-applied when it is reverted; with its parameter changes. Cached."""
         probes = tuple(self.probes if probes is None else probes)
-        cached = self._cached(self._key("effect", edit_id, probes))
+        cached = self._cache.get(self._cache.key("effect", edit_id, probes))
         if cached is not None:
             return cached
         with self._exclusive():
             effect = self._require_editor().effect(edit_id, self.model, probes)
-            return self._store(self._key("effect", edit_id, probes), effect)
+            return self._cache.store(self._cache.key("effect", edit_id, probes), effect)
 
     def next_tokens(self, prompt: str) -> list[dict[str, Any]]:
         """The top-5 next tokens of `prompt` on the current weights (cached; no generation)."""
@@ -471,7 +381,7 @@ class EditSession:
         now/with it re-applied. Cached per weights."""
         if not prompt.strip():
             raise ConfigError("the prompt is empty")
-        cached = self._cached(self._key("try", prompt, edit_id, max_new_tokens))
+        cached = self._cache.get(self._cache.key("try", prompt, edit_id, max_new_tokens))
         if cached is not None:
             return cached
         with self._exclusive():
@@ -480,11 +390,11 @@ class EditSession:
             other = self._predict_unlocked(prompt, max_new_tokens, replaced)
             result = {"edit_id": edit_id, "active": active, "without": other if active else now,
                       "with": now if active else other}
-            return self._store(self._key("try", prompt, edit_id, max_new_tokens), result)
+            return self._cache.store(self._cache.key("try", prompt, edit_id, max_new_tokens), result)
 
     def outcome(self, edit_id: str) -> EditOutcome | None:
         """The predictions around one of the newest edits made through `edit` or `apply_preview` here."""
-        return self._outcomes.get(edit_id)
+        return self._log.outcome(edit_id)
 
     def origin(self, edit_id: str) -> dict[str, Any] | None:
         """Where an edit came from when not from an edit call (origins.py): import or applied preview."""
@@ -493,47 +403,39 @@ class EditSession:
     @property
     def last_change(self) -> dict[str, Any] | None:
         """{"kind": "edit"/"revert"/"import", "edit_ids", "version", "at"} of the last change (None before)."""
-        return self._last_change
+        return self._log.last_change
+
+    @property
+    def probes(self) -> list[str]:
+        """The probe prompts, shared by every user of the session (kept beside the first journal)."""
+        return self._probes.prompts
+
+    def set_probes(self, probes: Sequence[str]) -> None:
+        """Use and save `probes` (stripped, each once; ConfigError past `probes.MAX_PROBES`)."""
+        self._probes.set(probes)
 
     def score_probes(self) -> list[dict[str, Any]]:
         """[{"prompt", "top"}] for every probe on the current weights (cached per version)."""
         with self.rw.read():
-            return self._score_probes_unlocked()
+            return top_rows(self.tokenizer, *self._probe_logprobs_unlocked())
 
     def probes_before_last_change(self) -> dict[str, dict[str, Any]]:
         """Probe scores just before the last edit or revert, by prompt ({} before the first)."""
-        if self._probes_before is None:
-            return {}
-        _, probes, logprobs = self._probes_before
-        return {p: {"prompt": p, "top": top_tokens(self.tokenizer, lp, 5)}
-                for p, lp in zip(probes, logprobs, strict=True)}
+        return self._probes.before_rows(self.tokenizer)
 
     def probe_changes(self) -> list[dict[str, Any]]:
         """Every probe now against just before the last change (`preview.compare_prompts` rows: top-5,
         the old answer's probability, the largest change of any token's probability as `shift`, whether
         the top-1 flipped); a probe added since has "before" None."""
         with self.rw.read():
-            key = self._key("probe_changes", tuple(self.probes))
-            cached = self._cached(key)
-            if cached is not None:
-                return cached
-            probes, now = self._probe_logprobs_unlocked()
-            before = dict(zip(*self._probes_before[1:], strict=True)) if self._probes_before else {}
-            rows = []
-            for prompt, logprobs in zip(probes, now, strict=True):
-                prior = before.get(prompt, logprobs)
-                item = [("probe", prompt, None)]
-                row = compare_prompts(self.tokenizer, item, [(prior, None)], [(logprobs, None)])[0]
-                rows.append(row if prompt in before else {**row, "before": None})
-            return self._store(key, rows)
+            return self._cache.fetch(self._cache.key("probe_changes", tuple(self.probes)),
+                                     lambda: self._probes.changes(self.tokenizer, *self._probe_logprobs_unlocked()))
 
     def weights_sha256(self) -> str:
         """sha256 over every parameter of the served model (cached per version): two processes serve
         the same weights exactly when these agree."""
         with self.rw.read():
-            key = self._key("sha256")
-            cached = self._cached(key)
-            return cached if cached is not None else self._store(key, model_sha256(self.model))
+            return self._cache.fetch(self._cache.key("sha256"), lambda: model_sha256(self.model))
 
     def health(self) -> dict[str, Any]:
         """Model, method, journal and edit counts, and the drift the guard measured last. Never waits for
@@ -541,26 +443,20 @@ class EditSession:
         return {
             "status": "ok" if self.editor is not None else "read_only",
             "model": self.model_id,
-            "method": self._editor_settings[0] if self._editor_settings else None,
+            "method": self._switch.method,
             "methods": list(self.methods),
             "journal": {"name": self.journal_path.name, "error": self.journal_error},
-            **self._summary,
+            **self._log.summary,
             "guard_max_ratio": self.config.guard_max_ratio,
-            "last_change": self._last_change,
-            "last_refusal": self._last_refusal,
+            "last_change": self._log.last_change,
+            "last_refusal": self._log.last_refusal,
             "weights_version": self.version,
             "writing": self.rw.writing,
             "pending_writes": self.rw.waiting_writers,
         }
 
-    def _summarize(self) -> None:
-        """Refresh the figures `health` reports (called with the lock held, after every change)."""
-        history = self.editor.history if self.editor is not None else []
-        active = [r for r in history if r.status == "active"]
-        measured = next((r for r in reversed(active) if r.drift), None)
-        self._summary = {"edits": len(history), "active_edits": len(active),
-                         "drift": measured.drift if measured else None,
-                         "drift_edit": measured.id if measured else None}
+    def _history_unlocked(self) -> list[EditRecord]:
+        return self.editor.history if self.editor is not None else []
 
     def _predict_unlocked(
         self, prompt: str, max_new_tokens: int | None = None, replaced: Mapping[str, torch.Tensor] | None = None,
@@ -570,118 +466,23 @@ class EditSession:
         tokens = self.config.continuation_tokens if max_new_tokens is None else max_new_tokens
         if not 1 <= tokens <= MAX_NEW_TOKENS:
             raise ConfigError(f"a continuation is 1 to {MAX_NEW_TOKENS} tokens long, not {tokens}")
-        key = self._key("predict", prompt, tokens)
-        cached = self._cached(key) if replaced is None else None
-        if cached is None:
-            if replaced is None:
-                top = self._next_tokens_unlocked(prompt)
-            else:
-                scored = score_prompts(_FunctionalModel(self.model, dict(replaced)), self.tokenizer,
-                                       [("probe", prompt, None)])
-                top = top_tokens(self.tokenizer, scored[0][0], 5)
-            prediction = Prediction(prompt, top, self._continue(prompt, tokens, replaced))
-            cached = prediction if replaced is not None else self._store(key, prediction)
-        return cached
+        if replaced is not None:
+            return Prediction(prompt, top_next_tokens(self.model, self.tokenizer, prompt, replaced),
+                              continuation(self.model, self.tokenizer, prompt, tokens, replaced))
+        return self._cache.fetch(self._cache.key("predict", prompt, tokens), lambda: Prediction(
+            prompt, self._next_tokens_unlocked(prompt), continuation(self.model, self.tokenizer, prompt, tokens)))
 
     def _next_tokens_unlocked(self, prompt: str) -> list[dict[str, Any]]:
-        key = self._key("next", prompt)
-        cached = self._cached(key)
-        if cached is None:
-            scored = score_prompts(self.model, self.tokenizer, [("probe", prompt, None)])
-            cached = self._store(key, top_tokens(self.tokenizer, scored[0][0], 5))
-        return cached
+        return self._cache.fetch(self._cache.key("next", prompt),
+                                 lambda: top_next_tokens(self.model, self.tokenizer, prompt))
 
     def _probe_logprobs_unlocked(self) -> tuple[tuple[str, ...], list[torch.Tensor]]:
         """(probes, their next-token log-distributions) on the current weights (cached per version)."""
         probes = tuple(self.probes)
-        key = self._key("probe_logprobs", probes)
-        cached = self._cached(key)
-        if cached is None:
-            scored = score_prompts(self.model, self.tokenizer, prompt_items((), probes)) if probes else []
-            cached = self._store(key, (probes, [logprobs for logprobs, _ in scored]))
-        return cached
-
-    def _score_probes_unlocked(self) -> list[dict[str, Any]]:
-        probes, logprobs = self._probe_logprobs_unlocked()
-        return [{"prompt": p, "top": top_tokens(self.tokenizer, lp, 5)} for p, lp in zip(probes, logprobs, strict=True)]
-
-    def _continue(self, prompt: str, tokens: int, replaced: Mapping[str, torch.Tensor] | None = None) -> str:
-        encoded = self.tokenizer(prompt, return_tensors="pt").to(next(self.model.parameters()).device)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        kwargs = {**encoded, "do_sample": False, "max_new_tokens": tokens, "pad_token_id": pad}
-        with torch.no_grad():
-            if replaced is None:
-                out = self.model.generate(**kwargs)
-            else:
-                values = {f"model.{name}": value for name, value in replaced.items()}
-                out = functional_call(_Generating(self.model), values, args=(), kwargs=kwargs, strict=False)
-        return self.tokenizer.decode(out[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
-
-    def _key(self, kind: str, *parts: Any) -> tuple:
-        """A cache key for the current weights (`_store` drops the keys of older ones)."""
-        return (kind, self.version, *parts)
-
-    def _cached(self, key: tuple) -> Any:
-        with self._cache_lock:
-            return self._cache.get(key)
-
-    def _store(self, key: tuple, value: Any) -> Any:
-        """Cache `value` for the current weights; drop entries of older weights and keep it small."""
-        with self._cache_lock:
-            for stale in [k for k in self._cache if k[1] != self.version]:
-                del self._cache[stale]
-            if len(self._cache) >= MAX_CACHED:
-                self._cache.clear()
-            self._cache[key] = value
-        return value
-
-    # --- probes (kept beside the journal, shared by all users of the session) ------------------------
-    @property
-    def _probes_file(self) -> Path:
-        return self._sidecar("probes", self.config.journal_path)
-
-    def _sidecar(self, what: str, journal: Path | None = None) -> Path:
-        """`<journal>.<what>.json`, beside the journal."""
-        journal = journal or self.journal_path
-        return journal.with_name(f"{journal.name}.{what}.json")
-
-    def _load_probes(self) -> list[str]:
-        try:
-            probes = json.loads(self._probes_file.read_text())
-            if isinstance(probes, list) and all(isinstance(p, str) for p in probes):
-                return probes
-        except (OSError, ValueError):
-            pass
-        return list(self.config.probes)
-
-    def set_probes(self, probes: Sequence[str]) -> None:
-        cleaned = list(dict.fromkeys(p.strip() for p in probes if p.strip()))
-        if len(cleaned) > MAX_PROBES:
-            raise ConfigError(f"at most {MAX_PROBES} probes; remove some first")
-        self.probes = cleaned
-        try:
-            self._probes_file.parent.mkdir(parents=True, exist_ok=True)
-            self._probes_file.write_text(json.dumps(cleaned, indent=1))
-        except OSError as exc:  # only persistence is lost
-            logger.warning("could not save the probe list to %s: %s", self._probes_file, exc)
+        return self._cache.fetch(self._cache.key("probe_logprobs", probes),
+                                 lambda: (probes, next_token_logprobs(self.model, self.tokenizer, probes)))
 
 
-@contextmanager
-def _available(method: str) -> Iterator[None]:
-    """Building `method` failed for a reason that is not the caller's input (e.g. its module or checkpoint
-    is missing): say so as a ConfigError."""
-    try:
-        yield
-    except FacteditError:
-        raise
-    except Exception as exc:
-        raise ConfigError(f"method {method!r} is not available: {type(exc).__name__}: {exc}") from exc
-
-
-def _exported_record(data: bytes) -> dict[str, Any]:
-    """The record an exported edit file carries in its metadata ({} when it carries none)."""
-    try:
-        meta = delta_metadata(data)
-        return json.loads(meta["record"]) if meta.get("format") == EXPORT_FORMAT else {}
-    except (FacteditError, KeyError, ValueError):
-        return {}  # Editor.import_edit says what is wrong with the file
+def _sidecar(journal: Path, what: str) -> Path:
+    """`<journal>.<what>.json`, beside the journal."""
+    return journal.with_name(f"{journal.name}.{what}.json")

@@ -14,6 +14,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from ..editing.delta import delta_metadata
+from ..editing.editor import EXPORT_FORMAT
+from ..editing.errors import FacteditError
+
 logger = logging.getLogger(__name__)
 
 IMPORT, PREVIEW = "import", "preview"
@@ -38,7 +42,7 @@ class Origins:
         return dict(self._origins)
 
     def imported(self, edit_id: str, exported: dict[str, Any], file: str | None, at: float) -> dict[str, Any]:
-        """Record that `edit_id` is the import of the exported record `exported` (its JSON dict)."""
+        """Record that `edit_id` is the import of the exported record `exported` (`exported_record`)."""
         source = self._origins.get(exported.get("id", ""))
         first = source if source is not None and source.get("kind") == IMPORT else None
         origin = {
@@ -58,3 +62,12 @@ class Origins:
                 self.path.write_text(json.dumps(self._origins, indent=1))
             except OSError as exc:  # only persistence is lost
                 logger.warning("could not save edit origins to %s: %s", self.path, exc)
+
+
+def exported_record(data: bytes) -> dict[str, Any]:
+    """The record an exported edit file carries in its metadata ({} when it carries none)."""
+    try:
+        meta = delta_metadata(data)
+        return json.loads(meta["record"]) if meta.get("format") == EXPORT_FORMAT else {}
+    except (FacteditError, KeyError, ValueError):
+        return {}  # Editor.import_edit says what is wrong with the file

@@ -1,0 +1,87 @@
+"""`MethodSwitch`: which method and settings the session's one Editor has, and switching them. The
+journal holds edits of any method (replay only adds the stored deltas), so when an edit asks for another
+method or other settings the Editor switches in place with `Editor.set_method`, keeping weights,
+history and journal."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from ..editing.editor import Editor
+from ..editing.errors import ConfigError, FacteditError
+from ..editing.journal import Journal
+from .config import SessionConfig
+
+
+class MethodSwitch:
+    """Args:
+    config: the default method, each method's settings and the guard.
+    methods: the registered methods.
+    """
+
+    def __init__(self, config: SessionConfig, methods: Sequence[str]) -> None:
+        self.config = config
+        self.methods = methods
+        self.current: tuple[str, str] | None = None  # (method, overrides as JSON) the Editor has
+
+    @property
+    def method(self) -> str | None:
+        return self.current[0] if self.current else None
+
+    def first_editor(self, journal: Journal, tokenizer: PreTrainedTokenizerBase) -> tuple[str, Editor]:
+        """(method, an Editor over `journal`, not yet attached) for the first method that builds, the
+        config's default first; ConfigError saying why each failed when none does."""
+        first = self.config.default_method
+        errors = []
+        for method in [first] + [m for m in self.methods if m != first]:
+            try:
+                return method, Editor(method, tokenizer=tokenizer, journal=journal,
+                                      guard=self.config.guard_max_ratio, **self.config.overrides_for(method))
+            except Exception as exc:  # a method whose module or checkpoint is missing: try the next
+                errors.append(f"{method}: {exc}")
+        raise ConfigError("no edit method could be built: " + "; ".join(errors))
+
+    def built(self, method: str) -> None:
+        """The Editor now in use was built with `method` and the config's settings for it."""
+        self.current = (method, "{}")
+
+    def known(self, method: str | None) -> str:
+        """`method`, or the config's default; ConfigError for one that is not registered."""
+        method = method or self.config.default_method
+        if method not in self.methods:
+            raise ConfigError(f"unknown method {method!r}; registered: {', '.join(self.methods)}")
+        return method
+
+    def settings(self, method: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The config's settings for `method` with `overrides` on top."""
+        return {**self.config.overrides_for(method), **(overrides or {})}
+
+    def switch(self, editor: Editor, method: str | None, overrides: Mapping[str, Any] | None = None) -> Editor:
+        """`editor` set to `method` (default: the config's) with `settings(method, overrides)`; switched
+        only when they differ from the current ones."""
+        method = self.known(method)
+        overrides = dict(overrides or {})
+        settings = (method, json.dumps(overrides, sort_keys=True, default=str))
+        if settings == self.current:
+            return editor
+        with available(method):
+            editor.set_method(method, **self.settings(method, overrides))
+        self.current = settings
+        return editor
+
+
+@contextmanager
+def available(method: str) -> Iterator[None]:
+    """Building `method` failed for a reason that is not the caller's input (e.g. its module or checkpoint
+    is missing): say so as a ConfigError."""
+    try:
+        yield
+    except FacteditError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"method {method!r} is not available: {type(exc).__name__}: {exc}") from exc
