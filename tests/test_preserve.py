@@ -175,7 +175,7 @@ def test_the_guard_reads_the_next_texts_and_the_worst_at_each_check(tiny):
     assert len(guard.groups) == len(reference_texts("samples")) // 4
     for checks in range(1, len(guard.groups) + 1):
         assert guard.ratio(model, tok, {}) == pytest.approx(1.0)  # nothing edited
-        assert len(guard._last) == checks  # a new group at each check
-    guard._last[5] = 3.0  # as if group 5 had read badly at the last check
+        assert sum(g.last is not None for g in guard.groups) == checks  # a new group at each check
+    guard.groups[5].last = 3.0  # as if group 5 had read badly at the last check
     assert guard.ratio(model, tok, {}) == pytest.approx(1.0)
-    assert guard._last[5] == pytest.approx(1.0)  # read again (the next group is 0)
+    assert guard.groups[5].last == pytest.approx(1.0)  # read again (the next group is 0)

@@ -11,18 +11,24 @@ raise `DriftError` with the numbers: nothing changed, nothing journaled.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from .errors import ConfigError, DriftError
+from .guard_store import GuardStore
 from .reference import reference_texts
+from .replay import BlockForm, capture_block_input, start_at_block
 from .request import max_context
 from .scoring import pad_id_of, pad_sequences
+
+LOG = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -40,26 +46,42 @@ def reference_perplexity(
     `params` replace some of the model's tensors (through `functional_call`; the model is not written),
     e.g. base values to measure the unedited model while edits are applied.
     """
-    device = next(model.parameters()).device
     limits = [x for x in (max_tokens, max_context(model.config)) if x is not None]
     limit = min(limits) if limits else None
     total, count = 0.0, 0
     for start in range(0, len(texts), batch_size):
         encoded = [tokenizer(t).input_ids[:limit] for t in texts[start : start + batch_size]]
         ids, mask = pad_sequences([e for e in encoded if len(e) > 1], pad_id_of(tokenizer))
-        ids, mask = ids.to(device), mask.to(device)
-        kwargs = {"input_ids": ids, "attention_mask": mask}
-        if params:
-            on_device = {name: value.to(device) for name, value in params.items()}
-            logits = torch.func.functional_call(model, on_device, args=(), kwargs=kwargs, strict=False).logits
-        else:
-            logits = model(**kwargs).logits  # (B, T, V)
-        logprobs = torch.log_softmax(logits[:, :-1].float(), -1)  # (B, T-1, V): position t predicts t + 1
-        picked = logprobs.gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
-        valid = mask[:, 1:].bool()
-        total -= float(picked[valid].double().sum())
-        count += int(valid.sum())
+        nll, tokens = _batch_nll(model, ids, mask, params)
+        total, count = total + nll, count + tokens
     return math.exp(total / max(count, 1))
+
+
+@torch.no_grad()
+def batch_perplexity(
+    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None,
+) -> float:
+    """exp(mean NLL) of one padded batch, ids and mask (B, T)."""
+    nll, tokens = _batch_nll(model, ids, mask, params)
+    return math.exp(nll / max(tokens, 1))
+
+
+def _batch_nll(
+    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, params: Mapping[str, torch.Tensor] | None,
+) -> tuple[float, int]:
+    """(summed NLL, predicted tokens) of one padded batch (B, T)."""
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
+    kwargs = {"input_ids": ids, "attention_mask": mask}
+    if params:
+        on_device = {name: value.to(device) for name, value in params.items()}
+        logits = torch.func.functional_call(model, on_device, args=(), kwargs=kwargs, strict=False).logits
+    else:
+        logits = model(**kwargs).logits  # (B, T, V)
+    logprobs = torch.log_softmax(logits[:, :-1].float(), -1)  # (B, T-1, V): position t predicts t + 1
+    picked = logprobs.gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+    valid = mask[:, 1:].bool()
+    return -float(picked[valid].double().sum()), int(valid.sum())
 
 
 @dataclass(frozen=True)
@@ -70,7 +92,7 @@ class GuardConfig:
 
     max_ratio: float = 1.5
     texts: int = 4
-    max_tokens: int = 48
+    max_tokens: int = 24
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_ratio, (int, float)) and self.max_ratio > 1.0):
@@ -80,6 +102,23 @@ class GuardConfig:
             raise ConfigError("guard texts must be an int >= 1 and max_tokens an int >= 2")
 
 
+@dataclass
+class _Group:
+    """One group of reference texts the guard reads, and what is known of it."""
+
+    texts: list[str]
+    ids: torch.Tensor | None = None  # (B, T), tokenized on first read
+    mask: torch.Tensor | None = None  # (B, T)
+    base: float | None = None  # the base model's perplexity of it
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # block L -> its input (B, T, H) on base weights
+    last: float | None = None  # its ratio when last read
+
+
+_NOT_REPLAYABLE = "not replayable"
+_REPLAY_RTOL = 1e-4  # a replayed base perplexity must match the full pass's (cached inputs may come from
+# another process, whose thread count can move the last bits)
+
+
 class DriftGuard:
     """Measures drift against the base model's perplexity (see module docstring).
 
@@ -87,39 +126,105 @@ class DriftGuard:
     the group that read worst so far, and answers the larger ratio. Reading always the same few would
     let edits that spare them through while the rest drifts; reading only the next group lets edits
     through whenever it happens to be a mild one (a selection effect: after 1,000 attempted sequential
-    `mend` edits, all 64 texts were at 2.7× under a 1.5× bound). The base model's perplexity of each
-    group is measured the first time the group is read.
+    `mend` edits, all 64 texts were at 2.7× under a 1.5× bound).
+
+    Cost: the base model's perplexity of a group is measured the first time the group is read (or
+    taken from `store`). When the caller says no parameter below block `start_layer` has been touched,
+    the group's input to that block is kept from that first full pass (or the store), and reads run only
+    blocks `start_layer`.. and the head (replay.py). Replaying is checked once per block: it must give
+    a group's base perplexity again; where it does not, the guard reads in full.
     """
 
-    def __init__(self, config: GuardConfig) -> None:
+    def __init__(self, config: GuardConfig, store: GuardStore | None = None) -> None:
         self.config = config
+        self.store = store
         samples = reference_texts("samples")
         size = min(config.texts, len(samples))
-        self.groups = [samples[i : i + size] for i in range(0, len(samples) - size + 1, size)]
-        self._base: dict[int, float] = {}  # group index -> the base model's perplexity of it
-        self._last: dict[int, float] = {}  # group index -> its ratio when last read
+        self.groups = [_Group(samples[i : i + size]) for i in range(0, len(samples) - size + 1, size)]
         self._next = 0
+        self._forms: dict[int, BlockForm | str] = {}  # block -> its checked output form, or _NOT_REPLAYABLE
         self.base_perplexity: float | None = None  # of the worst group of the last check
 
     def ratio(
-        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, base_params: Mapping[str, torch.Tensor]
+        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, base_params: Mapping[str, torch.Tensor],
+        start_layer: int | None = None,
     ) -> float:
         """The larger perplexity ratio, over the base model's, of the next group of texts and of the
-        worst group so far; `base_params` hold the base values of the parameters edits have touched
-        (used once per group)."""
+        worst group so far. `base_params` hold the base values of the parameters edits have touched;
+        `start_layer`, when given, is a block below which no parameter has been touched."""
         index, self._next = self._next, (self._next + 1) % len(self.groups)
-        worst = max(self._last, key=self._last.__getitem__, default=index)
-        for group in dict.fromkeys((index, worst)):
-            texts = self.groups[group]
-            if group not in self._base:
-                self._base[group] = reference_perplexity(
-                    model, tokenizer, texts, max_tokens=self.config.max_tokens, params=base_params
-                )
-            now = reference_perplexity(model, tokenizer, texts, max_tokens=self.config.max_tokens)
-            self._last[group] = now / self._base[group]
-        group = max((index, worst), key=self._last.__getitem__)
-        self.base_perplexity = self._base[group]
-        return self._last[group]
+        read = [i for i, g in enumerate(self.groups) if g.last is not None]
+        worst = max(read, key=lambda i: self.groups[i].last, default=index)
+        layer = start_layer if start_layer is not None and start_layer > 0 else None
+        for i in dict.fromkeys((index, worst)):
+            group = self._prepared(model, tokenizer, i, base_params, layer)
+            if layer is not None and layer not in self._forms:
+                self._check_replay(model, group, base_params, layer)
+            group.last = self._perplexity(model, group, None, layer) / group.base
+        chosen = max((index, worst), key=lambda i: self.groups[i].last)
+        self.base_perplexity = self.groups[chosen].base
+        return self.groups[chosen].last
+
+    def _prepared(
+        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, index: int,
+        base_params: Mapping[str, torch.Tensor], layer: int | None,
+    ) -> _Group:
+        """A group tokenized, with its base perplexity and its input to `layer` (from the store, or
+        from one full pass on the base weights)."""
+        group = self.groups[index]
+        if group.ids is None:
+            limits = [x for x in (self.config.max_tokens, max_context(model.config)) if x is not None]
+            encoded = [tokenizer(t).input_ids[: min(limits)] for t in group.texts]
+            group.ids, group.mask = pad_sequences([e for e in encoded if len(e) > 1], pad_id_of(tokenizer))
+            if self.store is not None:
+                group.base, group.hidden = self.store.load(index)
+        if group.base is not None and (layer is None or layer in group.hidden):
+            return group
+        with contextlib.ExitStack() as stack:
+            captured = stack.enter_context(capture_block_input(model, layer)) if layer is not None else None
+            group.base = self._perplexity(model, group, base_params, None)
+        if captured is not None and captured.hidden is not None:
+            group.hidden[layer] = captured.hidden
+        if self.store is not None:
+            self.store.save(index, group.base, group.hidden)
+        return group
+
+    def _check_replay(
+        self, model: nn.Module, group: _Group, base_params: Mapping[str, torch.Tensor], layer: int,
+    ) -> None:
+        """Whether reads may start at `layer`: the block's output form (from a two-token pass) and one
+        replayed read on the base weights, which must give the group's base perplexity."""
+        self._forms[layer] = _NOT_REPLAYABLE
+        if layer not in group.hidden:
+            return
+        assert group.ids is not None and group.mask is not None
+        device = next(model.parameters()).device
+        with torch.no_grad(), capture_block_input(model, layer) as captured:
+            model(input_ids=group.ids[:1, :2].to(device), attention_mask=group.mask[:1, :2].to(device))
+        if captured.form == "unknown":
+            LOG.info("the guard reads in full: block %d's output is not replayable", layer - 1)
+            return
+        self._forms[layer] = captured.form
+        try:
+            replayed = self._perplexity(model, group, base_params, layer)
+        except (TypeError, IndexError, AttributeError, RuntimeError) as error:  # blocks that pass on more
+            LOG.warning("the guard reads in full: starting at block %d failed (%s)", layer, error)
+            self._forms[layer] = _NOT_REPLAYABLE
+            return
+        if not math.isclose(replayed, group.base, rel_tol=_REPLAY_RTOL):
+            LOG.warning("the guard reads in full: starting at block %d gave perplexity %.6g, a full pass %.6g",
+                        layer, replayed, group.base)
+            self._forms[layer] = _NOT_REPLAYABLE
+
+    def _perplexity(
+        self, model: nn.Module, group: _Group, params: Mapping[str, torch.Tensor] | None, layer: int | None,
+    ) -> float:
+        """Perplexity of one group (one batch); from block `layer`'s kept input where replay is checked."""
+        assert group.ids is not None and group.mask is not None
+        form = self._forms.get(layer, _NOT_REPLAYABLE) if layer in group.hidden else _NOT_REPLAYABLE
+        replay = start_at_block(model, layer, group.hidden[layer], form) if form != _NOT_REPLAYABLE else None
+        with replay or contextlib.nullcontext():
+            return batch_perplexity(model, group.ids, group.mask, params)
 
     def check(self, ratio: float, what: str) -> None:
         """Raise DriftError when `ratio` is past the bound (or not a number)."""

@@ -13,6 +13,8 @@ Later loads read that folder (well under a second for the weights). The cache di
                                      hashed once, not on every load
     smollm2-135m-<sha16>/            the converted model; complete whenever it exists
     .tmp-smollm2-135m-<sha16>-<pid>-<rand>/   a conversion in progress (or left by a killed one)
+    keys/<fingerprint>/...           key statistics and null-space bases of edited matrices (keys.py)
+    guard/<fingerprint>/...          the drift guard's base perplexities and block inputs (guard_store.py)
 
 The conversion writes into a temporary folder and renames it into place, so a killed conversion
 never leaves a half-written model where a load would find it; stale temporary folders (their process

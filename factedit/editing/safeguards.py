@@ -25,9 +25,13 @@ from transformers import PreTrainedTokenizerBase
 
 from .delta import Delta
 from .drift import DriftGuard, GuardConfig
+from .errors import ConfigError
+from .guard_store import GuardStore
 from .keys import edit_keys
 from .preserve import KeyPreserver, PreserveConfig, build_preserver
+from .reference import reference_texts
 from .request import TokenizedRequest
+from .specs import layer_index
 from .weights import WeightState
 
 Guard = GuardConfig | float | None | str  # what Editor(guard=...) accepts; "auto": the method's default
@@ -41,9 +45,16 @@ def resolve_guard(option: Guard, guarded_by_default: bool) -> GuardConfig | None
         return GuardConfig() if guarded_by_default else None
     if isinstance(option, (int, float)) and not isinstance(option, bool):
         return GuardConfig(max_ratio=float(option))
-    from .errors import ConfigError
-
     raise ConfigError(f"guard must be a GuardConfig, a max perplexity ratio > 1, None or 'auto'; got {option!r}")
+
+
+def lowest_touched_block(model: nn.Module, state: WeightState) -> int | None:
+    """The lowest block holding a parameter an edit has touched (None: a touched one is outside the
+    blocks); the weights below it are the base model's, so the guard may start its reads there."""
+    try:
+        return min((layer_index(model, name) for name in state.base), default=None)
+    except ConfigError:
+        return None
 
 
 def accepts(compute: Callable[..., Any], name: str) -> bool:
@@ -106,9 +117,13 @@ class Safeguards:
         if config is None:
             return None
         if self.guard is None or self.guard.config != config:
-            self.guard = DriftGuard(config)
+            param = next(model.parameters())
+            store = GuardStore(self.fingerprint, self.model_id, reference_texts("samples"), config.texts,
+                               config.max_tokens, param.dtype, param.device)
+            self.guard = DriftGuard(config, store)
         start = time.perf_counter()
-        ratio = self.guard.ratio(model, tokenizer, state.base_values(list(state.base)))
+        base = state.base_values(list(state.base))
+        ratio = self.guard.ratio(model, tokenizer, base, lowest_touched_block(model, state))
         timings["guard_ms"] = round((time.perf_counter() - start) * 1000, 3)
         self.guard.check(ratio, what)
         return ratio

@@ -34,6 +34,7 @@ from .errors import ConfigError, UnsupportedModelError
 __all__ = [
     "SPECS",
     "ModelSpec",
+    "blocks",
     "layer_index",
     "mlp_module_name",
     "mlp_param_names",
@@ -175,6 +176,11 @@ def _layers(model: nn.Module, spec: ModelSpec) -> nn.ModuleList:
             "itself (e.g. AutoModelForCausalLM), not a base model or a wrapper around it"
         )
     return obj
+
+
+def blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's transformer blocks, in order (the ModuleList at its spec's `layers_path`)."""
+    return _layers(model, spec_for(model))
 
 
 def num_layers(model: nn.Module) -> int:

@@ -1,0 +1,82 @@
+"""The drift guard's per-model cache on disk: for each group of reference texts, the base model's
+perplexity of it and the hidden states entering the blocks guard reads have started at (replay.py).
+
+Both depend only on the base weights, the texts and how they are cut, so they are computed once per
+model, not once per process: a fresh process guards its first edits at the cost of the edited blocks
+and the head instead of two full passes per group. One file per group, written atomically:
+
+    cache_dir()/guard/<base fingerprint>/<sha256[:16] of texts, group size, max tokens, dtype, device>/
+        group-<i>.safetensors      base_perplexity (float64 scalar), block.<L> (B, T, H) per block L
+
+with the provenance in the file's metadata. A cache that cannot be written is skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .._version import __version__
+from .loading import cache_dir
+from .reference import texts_sha256
+
+LOG = logging.getLogger(__name__)
+STORE_FORMAT = "factedit.guard/1"
+
+
+class GuardStore:
+    """Base perplexities and block inputs of the guard's text groups for one base model."""
+
+    def __init__(
+        self, fingerprint: str, model_id: str, texts: list[str], group_size: int, max_tokens: int,
+        dtype: torch.dtype, device: torch.device,
+    ) -> None:
+        self.meta = {
+            "format": STORE_FORMAT, "model_id": model_id, "model_fingerprint": fingerprint,
+            "texts_sha256": texts_sha256(texts), "group_size": str(group_size), "max_tokens": str(max_tokens),
+            "dtype": str(dtype), "device_type": device.type, "factedit_version": __version__,
+        }
+        keyed = ("texts_sha256", "group_size", "max_tokens", "dtype", "device_type")
+        key = json.dumps({k: self.meta[k] for k in keyed}, sort_keys=True)
+        self.folder = cache_dir() / "guard" / fingerprint / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    def _path(self, group: int) -> Path:
+        return self.folder / f"group-{group}.safetensors"
+
+    def load(self, group: int) -> tuple[float | None, dict[int, torch.Tensor]]:
+        """(base perplexity or None, {block: its input (B, T, H)}) of one group; nothing if not cached."""
+        path = self._path(group)
+        if not path.is_file():
+            return None, {}
+        try:
+            with safe_open(str(path), "pt") as handle:
+                meta = handle.metadata() or {}
+                if meta.get("format") != STORE_FORMAT or meta.get("texts_sha256") != self.meta["texts_sha256"]:
+                    return None, {}
+                names = list(handle.keys())
+                base = float(handle.get_tensor("base_perplexity")) if "base_perplexity" in names else None
+                hidden = {int(k.split(".", 1)[1]): handle.get_tensor(k) for k in names if k.startswith("block.")}
+        except (OSError, ValueError, RuntimeError) as error:  # a damaged file: recomputed, then rewritten
+            LOG.warning("ignoring the guard cache %s: %s", path, error)
+            return None, {}
+        return base, hidden
+
+    def save(self, group: int, base: float, hidden: dict[int, torch.Tensor]) -> None:
+        """Write one group's entry (replacing the file atomically)."""
+        tensors = {"base_perplexity": torch.tensor(base, dtype=torch.float64)}
+        tensors.update({f"block.{layer}": h.detach().to("cpu").contiguous() for layer, h in hidden.items()})
+        path = self._path(group)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file(tensors, str(tmp), metadata={**self.meta, "group": str(group)})
+            tmp.replace(path)
+        except OSError as error:
+            LOG.warning("could not write the guard cache %s: %s", path, error)

@@ -1,0 +1,130 @@
+"""Passes that start at a block from its cached input (replay.py), and the guard reads that use them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+from tiny_models import ARCHS, tiny_model
+
+import factedit
+from factedit.editing.drift import DriftGuard, GuardConfig, reference_perplexity
+from factedit.editing.guard_store import GuardStore
+from factedit.editing.reference import reference_texts
+from factedit.editing.replay import capture_block_input, start_at_block
+from factedit.editing.scoring import pad_sequences
+from factedit.editing.specs import blocks, mlp_param_names
+
+
+def batch(tok, n: int = 3, length: int = 12) -> dict[str, torch.Tensor]:
+    ids, mask = pad_sequences([tok(t).input_ids[: length - i] for i, t in enumerate(reference_texts("samples")[:n])],
+                              tok.pad_token_id)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def bump(model, name: str, scale: float = 0.5, seed: int = 0) -> torch.Tensor:
+    """Add noise to one parameter; returns its value before."""
+    param = dict(model.named_parameters())[name]
+    before = param.detach().clone()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        param.add_(scale * torch.randn(param.shape, generator=g))
+    return before
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_pass_from_a_cached_block_input_equals_the_full_pass(arch):
+    model, tok = tiny_model(arch)
+    inputs = batch(tok)  # padded rows: the mask matters above the replayed blocks
+    with torch.no_grad(), capture_block_input(model, 2) as captured:
+        model(**inputs)
+    assert captured.hidden is not None and captured.form != "unknown"
+    bump(model, mlp_param_names(model, 3, "out")[0])  # an edit above the cached block
+    with torch.no_grad():
+        full = model(**inputs).logits
+        with start_at_block(model, 2, captured.hidden, captured.form):
+            replayed = model(**inputs).logits
+    assert torch.equal(replayed, full)
+    assert all(type(b).__name__ != "_StandIn" for b in blocks(model))  # the blocks are back
+
+
+def test_the_blocks_come_back_when_the_pass_fails(tiny):
+    model, _ = tiny
+    originals = list(blocks(model))
+    with pytest.raises(RuntimeError), start_at_block(model, 2, torch.zeros(1, 3, 32), None):
+        raise RuntimeError("boom")
+    assert list(blocks(model)) == originals
+    with pytest.raises(ValueError, match="block 1 or above"), start_at_block(model, 0, torch.zeros(1, 3, 32), None):
+        pass
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FACTEDIT_CACHE", str(tmp_path))
+    return tmp_path
+
+
+def store_for(model, config: GuardConfig, fingerprint: str = "tiny") -> GuardStore:
+    return GuardStore(fingerprint, "tiny-llama", reference_texts("samples"), config.texts, config.max_tokens,
+                      torch.float32, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3_text"])
+def test_guard_reads_from_a_block_give_the_full_pass_ratio(arch, cache):
+    model, tok = tiny_model(arch)
+    config = GuardConfig(texts=4, max_tokens=16)
+    name = mlp_param_names(model, 3, "out")[0]
+    base = {name: bump(model, name)}
+    fast, full = DriftGuard(config, store_for(model, config)), DriftGuard(config)
+    for _ in range(3):
+        assert fast.ratio(model, tok, base, start_layer=3) == full.ratio(model, tok, base)
+    assert fast._forms[3] != "not replayable"
+    group = fast.groups[0]
+    assert 3 in group.hidden
+    assert group.last == reference_perplexity(model, tok, group.texts, max_tokens=16) / group.base
+
+
+def test_a_fresh_guard_takes_base_perplexities_and_block_inputs_from_the_store(cache, monkeypatch):
+    model, tok = tiny_model("llama")
+    config = GuardConfig(texts=4, max_tokens=16)
+    name = mlp_param_names(model, 3, "out")[0]
+    base = {name: bump(model, name)}
+    first = DriftGuard(config, store_for(model, config))
+    expected = first.ratio(model, tok, base, start_layer=3)
+    path = store_for(model, config).folder / "group-0.safetensors"
+    with safe_open(str(path), "pt") as handle:
+        assert handle.metadata()["model_fingerprint"] == "tiny" and set(handle.keys()) == {"base_perplexity", "block.3"}
+
+    calls = []
+    real = DriftGuard._perplexity
+
+    def counting(self, model, group, params, layer):
+        calls.append((params is not None and bool(params), layer in self._forms and layer in group.hidden))
+        return real(self, model, group, params, layer)
+
+    monkeypatch.setattr(DriftGuard, "_perplexity", counting)
+    second = DriftGuard(config, store_for(model, config))
+    assert second.ratio(model, tok, base, start_layer=3) == pytest.approx(expected, rel=1e-6)
+    assert calls == [(True, True), (False, True)]  # the replay check on base weights, then the read: no full pass
+
+
+def test_a_store_that_does_not_match_the_model_is_caught_and_read_in_full(cache):
+    model, tok = tiny_model("llama")
+    config = GuardConfig(texts=4, max_tokens=16)
+    DriftGuard(config, store_for(model, config)).ratio(model, tok, {}, start_layer=3)
+    other, _ = tiny_model("llama", seed=1)  # another model under the same (wrong) fingerprint
+    guard = DriftGuard(config, store_for(other, config))
+    ratio = guard.ratio(other, tok, {}, start_layer=3)
+    assert guard._forms[3] == "not replayable"
+    group = guard.groups[0]
+    assert ratio == reference_perplexity(other, tok, group.texts, max_tokens=16) / group.base
+
+
+def test_an_editor_guard_starts_at_the_lowest_edited_block(tiny, cache):
+    model, tok = tiny
+    editor = factedit.Editor("ft", tokenizer=tok, guard=100.0, layers=(-1,), lr=1e-3, max_steps=2)
+    editor.edit(model, "The capital of France is", "Rome")
+    assert set(editor._safeguards.guard._forms) == {3}
+    editor.set_method("ft", layers=(1,), lr=1e-3, max_steps=2)
+    editor.edit(model, "The capital of Spain is", "Paris")
+    assert set(editor._safeguards.guard._forms) == {1, 3}
