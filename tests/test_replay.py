@@ -128,3 +128,34 @@ def test_an_editor_guard_starts_at_the_lowest_edited_block(tiny, cache):
     editor.set_method("ft", layers=(1,), lr=1e-3, max_steps=2)
     editor.edit(model, "The capital of Spain is", "Paris")
     assert set(editor._safeguards.guard._forms) == {1, 3}
+
+
+def test_warm_guard_prepares_every_group_so_the_first_edit_reads_only_from_its_block(tiny, cache, monkeypatch):
+    model, tok = tiny
+    editor = factedit.Editor("ft", tokenizer=tok, guard=100.0, layers=(2, 3), lr=1e-3, max_steps=2)
+    editor.warm_guard(model)
+    guard = editor._safeguards.guard
+    assert all(g.base is not None and set(g.hidden) == {2} for g in guard.groups)
+    assert len(list(guard.store.folder.glob("group-*.safetensors"))) == len(guard.groups)
+
+    full_passes = []
+    real = DriftGuard._perplexity
+
+    def counting(self, model, group, params, layer):
+        full_passes.append(layer is None or layer not in self._forms)
+        return real(self, model, group, params, layer)
+
+    monkeypatch.setattr(DriftGuard, "_perplexity", counting)
+    editor.edit(model, "The capital of France is", "Rome")
+    assert not any(full_passes)
+
+
+def test_a_read_starts_at_the_highest_kept_block_at_or_below_the_lowest_edited_one(cache):
+    model, tok = tiny_model("llama")
+    config = GuardConfig(texts=4, max_tokens=16)
+    guard = DriftGuard(config)
+    guard.prepare(model, tok, {}, start_layer=1)
+    name = mlp_param_names(model, 3, "out")[0]
+    base = {name: bump(model, name)}
+    assert guard.ratio(model, tok, base, start_layer=3) == DriftGuard(config).ratio(model, tok, base)
+    assert set(guard.groups[0].hidden) == {1} and set(guard._forms) == {1}  # block 1's input served block 3

@@ -15,6 +15,7 @@ from helpers import snapshot
 from tiny_models import CHAT_TEMPLATE, save_tiny_model, tiny_model
 
 import factedit
+from factedit.editing.specs import layer_index
 from factedit.server import Limits, ServerConfig, create_app
 from factedit.session import EditSession, SessionConfig
 from factedit.session.generation import SamplingParams
@@ -42,6 +43,23 @@ def session(tiny_dir, tmp_path):
     session = make_session(tiny_dir, tmp_path / "journal.sqlite")
     yield session
     session.close()
+
+
+def test_the_session_prepares_the_guard_for_every_method_when_it_opens(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("FACTEDIT_CACHE", str(tmp_path / "cache"))
+    session = make_session(tiny_dir, tmp_path / "journal.sqlite")
+    try:
+        guard = session.editor._safeguards.guard
+        names = session._switch.edited_params(session.model)
+        lowest = min(layer_index(session.model, name) for name in names)
+        assert all(g.base is not None and lowest in g.hidden for g in guard.groups)
+    finally:
+        session.close()
+    cold = make_session(tiny_dir, tmp_path / "other.sqlite", warm_guard=False)
+    try:
+        assert cold.editor._safeguards.guard is None
+    finally:
+        cold.close()
 
 
 def client_for(session: EditSession, **config) -> TestClient:

@@ -155,8 +155,8 @@ class DriftGuard:
         index, self._next = self._next, (self._next + 1) % len(self.groups)
         read = [i for i, g in enumerate(self.groups) if g.last is not None]
         worst = max(read, key=lambda i: self.groups[i].last, default=index)
-        layer = start_layer if start_layer is not None and start_layer > 0 else None
         for i in dict.fromkeys((index, worst)):
+            layer = self._start_block(self.groups[i], start_layer)
             group = self._prepared(model, tokenizer, i, base_params, layer)
             if layer is not None and layer not in self._forms:
                 self._check_replay(model, group, base_params, layer)
@@ -164,6 +164,25 @@ class DriftGuard:
         chosen = max((index, worst), key=lambda i: self.groups[i].last)
         self.base_perplexity = self.groups[chosen].base
         return self.groups[chosen].last
+
+    @staticmethod
+    def _start_block(group: _Group, start_layer: int | None) -> int | None:
+        """The block a read of `group` starts at: `start_layer`, or the highest block below it whose input
+        is already kept (valid too: nothing below `start_layer` is touched); None for a full pass."""
+        if start_layer is None or start_layer < 1:
+            return None
+        kept = [block for block in group.hidden if 1 <= block <= start_layer]
+        return max(kept) if kept else start_layer
+
+    def prepare(
+        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, base_params: Mapping[str, torch.Tensor],
+        start_layer: int | None = None,
+    ) -> None:
+        """Find every group's base perplexity and input to `start_layer` now (from the store, or one full
+        pass per group missing there), so that later checks read only from that block."""
+        layer = start_layer if start_layer is not None and start_layer > 0 else None
+        for index in range(len(self.groups)):
+            self._prepared(model, tokenizer, index, base_params, layer)
 
     def _prepared(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, index: int,

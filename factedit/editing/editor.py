@@ -437,6 +437,19 @@ class Editor:
     def delta(self, edit_id: str) -> Delta:
         return self._record_with_delta(edit_id).delta
 
+    def warm_guard(self, model: nn.Module, names: Sequence[str] | None = None) -> None:
+        """Prepare the drift guard for edits of `model` ahead of the first one: the base model's
+        perplexity of every group of reference texts and their input to the lowest block that `names`
+        (default: this method's parameters) or earlier edits touch, computed once per model (seconds
+        for the default model on a CPU) and cached on disk, so that no edit pays for it. Nothing to do
+        with the guard off."""
+        if self.guard is None:
+            return
+        self.attach(model)
+        with self._lock:
+            names = self._impl.param_names(model) if names is None else names
+            self._safeguards.warm_guard(model, self.tokenizer, self._state, self.guard, names)
+
     def weights_are_base(self, model: nn.Module) -> bool:
         """Whether every parameter an edit has touched equals its base value bit for bit
         (`torch.equal`); true after every edit is reverted."""

@@ -48,11 +48,11 @@ def resolve_guard(option: Guard, guarded_by_default: bool) -> GuardConfig | None
     raise ConfigError(f"guard must be a GuardConfig, a max perplexity ratio > 1, None or 'auto'; got {option!r}")
 
 
-def lowest_touched_block(model: nn.Module, state: WeightState) -> int | None:
-    """The lowest block holding a parameter an edit has touched (None: a touched one is outside the
-    blocks); the weights below it are the base model's, so the guard may start its reads there."""
+def lowest_touched_block(model: nn.Module, state: WeightState, names: Sequence[str] = ()) -> int | None:
+    """The lowest block holding a parameter an edit has touched, or one of `names` (None: one is
+    outside the blocks); the weights below it are the base model's, so the guard may start its reads there."""
     try:
-        return min((layer_index(model, name) for name in state.base), default=None)
+        return min((layer_index(model, name) for name in [*state.base, *names]), default=None)
     except ConfigError:
         return None
 
@@ -116,14 +116,27 @@ class Safeguards:
         """The drift ratio after an edit (None with the guard off); raises DriftError past the bound."""
         if config is None:
             return None
+        guard = self._guard(model, config)
+        start = time.perf_counter()
+        base = state.base_values(list(state.base))
+        ratio = guard.ratio(model, tokenizer, base, lowest_touched_block(model, state))
+        timings["guard_ms"] = round((time.perf_counter() - start) * 1000, 3)
+        guard.check(ratio, what)
+        return ratio
+
+    def warm_guard(
+        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, state: WeightState, config: GuardConfig,
+        names: Sequence[str],
+    ) -> None:
+        """Prepare the guard for edits of `names` (DriftGuard.prepare at the lowest block they or earlier
+        edits touch): a full pass per group the cache lacks, none when it has them all."""
+        layer = lowest_touched_block(model, state, names)
+        self._guard(model, config).prepare(model, tokenizer, state.base_values(list(state.base)), layer)
+
+    def _guard(self, model: nn.Module, config: GuardConfig) -> DriftGuard:
         if self.guard is None or self.guard.config != config:
             param = next(model.parameters())
             store = GuardStore(self.fingerprint, self.model_id, reference_texts("samples"), config.texts,
                                config.max_tokens, param.dtype, param.device)
             self.guard = DriftGuard(config, store)
-        start = time.perf_counter()
-        base = state.base_values(list(state.base))
-        ratio = self.guard.ratio(model, tokenizer, base, lowest_touched_block(model, state))
-        timings["guard_ms"] = round((time.perf_counter() - start) * 1000, 3)
-        self.guard.check(ratio, what)
-        return ratio
+        return self.guard

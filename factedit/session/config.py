@@ -34,6 +34,9 @@ class SessionConfig:
     # The drift guard of every edit (factedit.editing.drift): an edit that raises the reference text's
     # perplexity past this many times the base model's is undone and reported.
     guard_max_ratio: float = 1.5
+    # Prepare the guard when the journal opens (Editor.warm_guard, for the blocks every method edits):
+    # once per model, seconds on a CPU, so that the first edits do not pay for it.
+    warm_guard: bool = True
 
     def __post_init__(self) -> None:
         if not self.model.strip():

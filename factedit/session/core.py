@@ -17,6 +17,7 @@ Methods: one Editor serves edits of every method, switched in place when an edit
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import threading
 import time
@@ -47,6 +48,9 @@ from .rwlock import LockTimeout, ReadWriteLock
 from .switch import MethodSwitch, available
 
 MAX_NEW_TOKENS = 64  # longest continuation `predict` and `try_prompt` generate
+
+
+logger = logging.getLogger(__name__)
 
 
 class SessionBusyError(FacteditError):
@@ -150,6 +154,11 @@ class EditSession:
             return
         self.editor = editor
         self._switch.built(method)
+        if self.config.warm_guard:
+            try:
+                editor.warm_guard(self.model, self._switch.edited_params(self.model))
+            except Exception as exc:  # only speed is lost: the first edits prepare the guard themselves
+                logger.warning("could not prepare the drift guard: %s", exc)
 
     def _reload_model(self) -> None:
         self.model, _ = load_model(self.config.model_source)

@@ -10,11 +10,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..editing.editor import Editor
 from ..editing.errors import ConfigError, FacteditError
 from ..editing.journal import Journal
+from ..editing.methods import get_method, make_config
 from .config import SessionConfig
 
 
@@ -45,6 +47,17 @@ class MethodSwitch:
             except Exception as exc:  # a method whose module or checkpoint is missing: try the next
                 errors.append(f"{method}: {exc}")
         raise ConfigError("no edit method could be built: " + "; ".join(errors))
+
+    def edited_params(self, model: nn.Module) -> list[str]:
+        """The parameters each method that builds would edit with the config's settings for it."""
+        names: list[str] = []
+        for method in self.methods:
+            spec = get_method(method)
+            try:
+                names += spec.build(make_config(spec.config_cls, self.config.overrides_for(method))).param_names(model)
+            except Exception:  # a method that does not build here is not used either
+                continue
+        return list(dict.fromkeys(names))
 
     def built(self, method: str) -> None:
         """The Editor now in use was built with `method` and the config's settings for it."""
