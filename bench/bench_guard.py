@@ -10,7 +10,9 @@ guard's ratio over the truth (median, min, max), the first edit where each cross
 median seconds per check.
 
     python bench/bench_guard.py --n 100 --threads 2
-    python bench/bench_guard.py --n 300 --settings 4x24,4x48 --mark 1.3
+    python bench/bench_guard.py --n 40 --every 2 --mark 1.5 --config '{"preserve": {"threshold": 0.5, "ridge": 1.0}}'
+
+(the second: MEND at its training ridge, whose larger updates carry drift past the guard's 1.5× bound)
 """
 
 from __future__ import annotations
@@ -41,13 +43,14 @@ def main() -> None:
     parser.add_argument("--truth-tokens", type=int, default=48)
     parser.add_argument("--mark", type=float, default=1.2, help="report the first edit past this ratio")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--config", default="{}", help="mend config overrides, JSON")
     parser.add_argument("--out", default="runs/bench-guard.jsonl")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     model, tok = load_model()
     records = load_records(PACKAGE_DIR / "data/counterfact/train.json").records[args.start : args.start + args.n]
-    editor = factedit.Editor("mend", tokenizer=tok, guard=None)
+    editor = factedit.Editor("mend", tokenizer=tok, guard=None, **json.loads(args.config))
     guards = {}
     for setting in args.settings.split(","):
         texts, tokens = (int(x) for x in setting.split("x"))
@@ -74,7 +77,8 @@ def main() -> None:
             log.flush()
 
     measured = [r for r in rows if "truth" in r]
-    print(f"{args.n} sequential mend edits (guard off), CounterFact train[{args.start}:{args.start + args.n}]; "
+    print(f"{args.n} sequential mend edits (guard off, config {args.config}), "
+          f"CounterFact train[{args.start}:{args.start + args.n}]; "
           f"truth: {len(samples)} samples × {args.truth_tokens} tokens, last {measured[-1]['truth']:.3f}×, "
           f"first past {args.mark}: {next((r['edit'] for r in measured if r['truth'] > args.mark), '-')}")
     print("| setting | tokens read per group | ratio / truth: median | min | max | first past mark | s per check |")
