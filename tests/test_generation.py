@@ -12,15 +12,9 @@ import pytest
 import torch
 from tiny_models import ARCHS, tiny_model
 
-from factedit.session.generation import (
-    BatchGenerator,
-    Finished,
-    Generation,
-    GenerationError,
-    QueueFullError,
-    SamplingParams,
-    TextDelta,
-)
+from factedit.session.generation import BatchGenerator
+from factedit.session.generation_types import Finished, GenerationError, QueueFullError, SamplingParams, TextDelta
+from factedit.session.handle import Generation
 
 PROMPTS = ["The capital of France is", "Hi", "Michael Jordan plays the sport of basketball and"]
 GREEDY = SamplingParams(max_tokens=12, temperature=0)

@@ -18,7 +18,7 @@ import factedit
 from factedit.editing.specs import layer_index
 from factedit.server import Limits, ServerConfig, create_app
 from factedit.session import EditSession, SessionConfig
-from factedit.session.generation import SamplingParams
+from factedit.session.generation_types import SamplingParams
 
 TOKEN = "test-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -17,15 +17,8 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 
-from ..session.generation import (
-    Completion,
-    Finished,
-    Generation,
-    QueueFullError,
-    SamplingParams,
-    TextDelta,
-    TokenInfo,
-)
+from ..session.generation_types import Completion, Finished, QueueFullError, SamplingParams, TextDelta, TokenInfo
+from ..session.handle import Generation
 from .errors import APIError
 from .schemas import ChatRequest, CompletionRequest
 from .state import ServiceState, StateDep
