@@ -179,3 +179,17 @@ def test_the_guard_reads_the_next_texts_and_the_worst_at_each_check(tiny):
     guard.groups[5].last = 3.0  # as if group 5 had read badly at the last check
     assert guard.ratio(model, tok, {}) == pytest.approx(1.0)
     assert guard.groups[5].last == pytest.approx(1.0)  # read again (the next group is 0)
+
+
+def test_a_damaged_key_statistics_cache_is_recomputed(tiny, tmp_path, monkeypatch, caplog):
+    from factedit.editing.keys import key_statistics
+
+    monkeypatch.setenv("FACTEDIT_CACHE", str(tmp_path))
+    model, tok = tiny
+    module = mlp_param_names(model, 1, "out")[0].rpartition(".")[0]
+    texts = reference_texts("samples")[:4]
+    first = key_statistics(model, tok, [module], texts, fingerprint="fp", model_id="tiny")[module]
+    (cached,) = tmp_path.glob(f"keys/fp/*/{module}.safetensors")
+    cached.write_bytes(b"damaged")
+    again = key_statistics(model, tok, [module], texts, fingerprint="fp", model_id="tiny")[module]
+    assert torch.equal(again, first) and "ignoring the key statistics cache" in caplog.text

@@ -159,3 +159,15 @@ def test_a_read_starts_at_the_highest_kept_block_at_or_below_the_lowest_edited_o
     base = {name: bump(model, name)}
     assert guard.ratio(model, tok, base, start_layer=3) == DriftGuard(config).ratio(model, tok, base)
     assert set(guard.groups[0].hidden) == {1} and set(guard._forms) == {1}  # block 1's input served block 3
+
+
+def test_a_damaged_store_file_is_recomputed_and_rewritten(cache, caplog):
+    model, tok = tiny_model("llama")
+    config = GuardConfig(texts=4, max_tokens=16)
+    expected = DriftGuard(config, store_for(model, config)).ratio(model, tok, {}, start_layer=3)
+    path = store_for(model, config).folder / "group-0.safetensors"
+    path.write_bytes(b"not a safetensors file")
+    guard = DriftGuard(config, store_for(model, config))
+    assert guard.ratio(model, tok, {}, start_layer=3) == expected
+    assert "ignoring the guard cache" in caplog.text
+    assert store_for(model, config).load(0)[0] == pytest.approx(guard.groups[0].base)  # written again

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .._version import __version__
@@ -63,7 +63,7 @@ class GuardStore:
                 names = list(handle.keys())
                 base = float(handle.get_tensor("base_perplexity")) if "base_perplexity" in names else None
                 hidden = {int(k.split(".", 1)[1]): handle.get_tensor(k) for k in names if k.startswith("block.")}
-        except (OSError, ValueError, RuntimeError) as error:  # a damaged file: recomputed, then rewritten
+        except (SafetensorError, OSError, ValueError, RuntimeError) as error:  # damaged: recomputed, rewritten
             LOG.warning("ignoring the guard cache %s: %s", path, error)
             return None, {}
         return base, hidden

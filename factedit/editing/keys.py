@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedTokenizerBase
@@ -116,14 +116,11 @@ def key_statistics(
     out: dict[str, torch.Tensor] = {}
     missing = []
     for module in modules:
-        path = _stats_path(fingerprint, corpus_sha, module)
-        if path.is_file():
-            with safe_open(str(path), "pt") as handle:
-                meta = handle.metadata() or {}
-                if meta.get("format") == STATS_FORMAT and meta.get("corpus_sha256") == corpus_sha:
-                    out[module] = handle.get_tensor("second_moment")
-                    continue
-        missing.append(module)
+        cached = _read_cached(_stats_path(fingerprint, corpus_sha, module), corpus_sha)
+        if cached is not None and "second_moment" in cached:
+            out[module] = cached["second_moment"]
+        else:
+            missing.append(module)
     if missing:
         LOG.info("computing key statistics of %d module(s) over %d texts (once per model)", len(missing), len(texts))
         computed, tokens = compute_key_statistics(model, tokenizer, missing, texts, params=params)
@@ -142,15 +139,30 @@ def cached_derivative(
     beside them as `<module>.<tag>.safetensors`; `compute()` makes them when the file is missing."""
     corpus_sha = texts_sha256(list(corpus))
     path = _stats_path(fingerprint, corpus_sha, module).with_name(f"{module}.{tag}.safetensors")
-    if path.is_file():
-        with safe_open(str(path), "pt") as handle:
-            if (handle.metadata() or {}).get("corpus_sha256") == corpus_sha:
-                return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
+    cached = _read_cached(path, corpus_sha)
+    if cached is not None:
+        return cached
     tensors = compute()
     meta = {"format": STATS_FORMAT, "module": module, "derived": tag, "model_fingerprint": fingerprint,
             "corpus_sha256": corpus_sha, "factedit_version": __version__}
     _write_atomic(path, {k: v.contiguous() for k, v in tensors.items()}, meta)
     return tensors
+
+
+def _read_cached(path: Path, corpus_sha: str) -> dict[str, torch.Tensor] | None:
+    """The tensors of a cache file written for `corpus_sha`; None when it is missing, for another corpus
+    or damaged (then it is computed and written again)."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as handle:
+            meta = handle.metadata() or {}
+            if meta.get("format") != STATS_FORMAT or meta.get("corpus_sha256") != corpus_sha:
+                return None
+            return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError) as error:
+        LOG.warning("ignoring the key statistics cache %s: %s", path, error)
+        return None
 
 
 def _write_atomic(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
