@@ -192,4 +192,4 @@ def test_a_damaged_key_statistics_cache_is_recomputed(tiny, tmp_path, monkeypatc
     (cached,) = tmp_path.glob(f"keys/fp/*/{module}.safetensors")
     cached.write_bytes(b"damaged")
     again = key_statistics(model, tok, [module], texts, fingerprint="fp", model_id="tiny")[module]
-    assert torch.equal(again, first) and "ignoring the key statistics cache" in caplog.text
+    assert torch.equal(again, first) and "ignoring the damaged cache file" in caplog.text

@@ -16,14 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .._version import __version__
+from .cachefiles import read_cached_tensors, write_cached_tensors
 from .loading import cache_dir
 from .reference import texts_sha256
 
@@ -52,31 +50,17 @@ class GuardStore:
 
     def load(self, group: int) -> tuple[float | None, dict[int, torch.Tensor]]:
         """(base perplexity or None, {block: its input (B, T, H)}) of one group; nothing if not cached."""
-        path = self._path(group)
-        if not path.is_file():
-            return None, {}
-        try:
-            with safe_open(str(path), "pt") as handle:
-                meta = handle.metadata() or {}
-                if meta.get("format") != STORE_FORMAT or meta.get("texts_sha256") != self.meta["texts_sha256"]:
-                    return None, {}
-                names = list(handle.keys())
-                base = float(handle.get_tensor("base_perplexity")) if "base_perplexity" in names else None
-                hidden = {int(k.split(".", 1)[1]): handle.get_tensor(k) for k in names if k.startswith("block.")}
-        except (SafetensorError, OSError, ValueError, RuntimeError) as error:  # damaged: recomputed, rewritten
-            LOG.warning("ignoring the guard cache %s: %s", path, error)
-            return None, {}
-        return base, hidden
+        expected = {"format": STORE_FORMAT, "texts_sha256": self.meta["texts_sha256"]}
+        tensors = read_cached_tensors(self._path(group), expected) or {}
+        base = tensors.pop("base_perplexity", None)
+        hidden = {int(name.split(".", 1)[1]): t for name, t in tensors.items() if name.startswith("block.")}
+        return (float(base) if base is not None else None), hidden
 
     def save(self, group: int, base: float, hidden: dict[int, torch.Tensor]) -> None:
         """Write one group's entry (replacing the file atomically)."""
         tensors = {"base_perplexity": torch.tensor(base, dtype=torch.float64)}
-        tensors.update({f"block.{layer}": h.detach().to("cpu").contiguous() for layer, h in hidden.items()})
-        path = self._path(group)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tensors.update({f"block.{layer}": h for layer, h in hidden.items()})
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file(tensors, str(tmp), metadata={**self.meta, "group": str(group)})
-            tmp.replace(path)
+            write_cached_tensors(self._path(group), tensors, {**self.meta, "group": str(group)})
         except OSError as error:
-            LOG.warning("could not write the guard cache %s: %s", path, error)
+            LOG.warning("could not write the guard cache %s: %s", self._path(group), error)

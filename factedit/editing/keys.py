@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from .._version import __version__
+from .cachefiles import read_cached_tensors, write_cached_tensors
 from .hooks import capture_linear_io, forward_hooks
 from .loading import cache_dir
 from .reference import texts_sha256
@@ -93,6 +91,11 @@ def compute_key_statistics(
     return {name: (s / max(tokens, 1)).cpu() for name, s in sums.items()}, tokens
 
 
+def _expected(corpus_sha: str) -> dict[str, str]:
+    """The metadata a cache file must carry to be used for the corpus `corpus_sha`."""
+    return {"format": STATS_FORMAT, "corpus_sha256": corpus_sha}
+
+
 def _stats_path(fingerprint: str, corpus_sha: str, module: str) -> Path:
     return cache_dir() / "keys" / fingerprint / corpus_sha[:16] / f"{module}.safetensors"
 
@@ -116,7 +119,7 @@ def key_statistics(
     out: dict[str, torch.Tensor] = {}
     missing = []
     for module in modules:
-        cached = _read_cached(_stats_path(fingerprint, corpus_sha, module), corpus_sha)
+        cached = read_cached_tensors(_stats_path(fingerprint, corpus_sha, module), _expected(corpus_sha))
         if cached is not None and "second_moment" in cached:
             out[module] = cached["second_moment"]
         else:
@@ -127,7 +130,7 @@ def key_statistics(
         for module, moment in computed.items():
             meta = {"format": STATS_FORMAT, "module": module, "model_id": model_id, "model_fingerprint": fingerprint,
                     "corpus_sha256": corpus_sha, "tokens": str(tokens), "factedit_version": __version__}
-            _write_atomic(_stats_path(fingerprint, corpus_sha, module), {"second_moment": moment.contiguous()}, meta)
+            write_cached_tensors(_stats_path(fingerprint, corpus_sha, module), {"second_moment": moment}, meta)
             out[module] = moment
     return out
 
@@ -139,37 +142,14 @@ def cached_derivative(
     beside them as `<module>.<tag>.safetensors`; `compute()` makes them when the file is missing."""
     corpus_sha = texts_sha256(list(corpus))
     path = _stats_path(fingerprint, corpus_sha, module).with_name(f"{module}.{tag}.safetensors")
-    cached = _read_cached(path, corpus_sha)
+    cached = read_cached_tensors(path, _expected(corpus_sha))
     if cached is not None:
         return cached
     tensors = compute()
     meta = {"format": STATS_FORMAT, "module": module, "derived": tag, "model_fingerprint": fingerprint,
             "corpus_sha256": corpus_sha, "factedit_version": __version__}
-    _write_atomic(path, {k: v.contiguous() for k, v in tensors.items()}, meta)
+    write_cached_tensors(path, tensors, meta)
     return tensors
-
-
-def _read_cached(path: Path, corpus_sha: str) -> dict[str, torch.Tensor] | None:
-    """The tensors of a cache file written for `corpus_sha`; None when it is missing, for another corpus
-    or damaged (then it is computed and written again)."""
-    if not path.is_file():
-        return None
-    try:
-        with safe_open(str(path), "pt") as handle:
-            meta = handle.metadata() or {}
-            if meta.get("format") != STATS_FORMAT or meta.get("corpus_sha256") != corpus_sha:
-                return None
-            return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
-    except (SafetensorError, OSError) as error:
-        LOG.warning("ignoring the key statistics cache %s: %s", path, error)
-        return None
-
-
-def _write_atomic(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
 
 
 @torch.no_grad()
