@@ -169,5 +169,16 @@ def test_a_damaged_store_file_is_recomputed_and_rewritten(cache, caplog):
     path.write_bytes(b"not a safetensors file")
     guard = DriftGuard(config, store_for(model, config))
     assert guard.ratio(model, tok, {}, start_layer=3) == expected
-    assert "ignoring the guard cache" in caplog.text
+    assert "ignoring the damaged cache file" in caplog.text
     assert store_for(model, config).load(0)[0] == pytest.approx(guard.groups[0].base)  # written again
+
+
+def test_a_fresh_guard_starts_at_a_lower_block_kept_in_the_store(cache):
+    model, tok = tiny_model("llama")
+    config = GuardConfig(texts=4, max_tokens=16)
+    DriftGuard(config, store_for(model, config)).prepare(model, tok, {}, start_layer=1)
+    name = mlp_param_names(model, 3, "out")[0]
+    base = {name: bump(model, name)}
+    guard = DriftGuard(config, store_for(model, config))
+    assert guard.ratio(model, tok, base, start_layer=3) == DriftGuard(config).ratio(model, tok, base)
+    assert set(guard.groups[0].hidden) == {1}  # no full pass to capture block 3's input

@@ -157,8 +157,7 @@ class DriftGuard:
         read = [i for i, g in enumerate(self.groups) if g.last is not None]
         worst = max(read, key=lambda i: self.groups[i].last, default=index)
         for i in dict.fromkeys((index, worst)):
-            layer = self._start_block(self.groups[i], start_layer)
-            group = self._prepared(model, tokenizer, i, base_params, layer)
+            group, layer = self._prepared(model, tokenizer, i, base_params, start_layer)
             if layer is not None and layer not in self._forms:
                 self._check_replay(model, group, base_params, layer)
             group.last = self._perplexity(model, group, None, layer) / group.base
@@ -181,16 +180,15 @@ class DriftGuard:
     ) -> None:
         """Find every group's base perplexity and input to `start_layer` now (from the store, or one full
         pass per group missing there), so that later checks read only from that block."""
-        layer = start_layer if start_layer is not None and start_layer > 0 else None
         for index in range(len(self.groups)):
-            self._prepared(model, tokenizer, index, base_params, layer)
+            self._prepared(model, tokenizer, index, base_params, start_layer)
 
     def _prepared(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, index: int,
-        base_params: Mapping[str, torch.Tensor], layer: int | None,
-    ) -> _Group:
-        """A group tokenized, with its base perplexity and its input to `layer` (from the store, or
-        from one full pass on the base weights)."""
+        base_params: Mapping[str, torch.Tensor], start_layer: int | None,
+    ) -> tuple[_Group, int | None]:
+        """A group tokenized, with its base perplexity and its input to the block its reads start at
+        (from the store, or from one full pass on the base weights), and that block (`_start_block`)."""
         group = self.groups[index]
         if group.ids is None:
             limits = [x for x in (self.config.max_tokens, max_context(model.config)) if x is not None]
@@ -198,8 +196,9 @@ class DriftGuard:
             group.ids, group.mask = pad_sequences([e for e in encoded if len(e) > 1], pad_id_of(tokenizer))
             if self.store is not None:
                 group.base, group.hidden = self.store.load(index)
+        layer = self._start_block(group, start_layer)  # after the store is read: it may keep a lower block
         if group.base is not None and (layer is None or layer in group.hidden):
-            return group
+            return group, layer
         with contextlib.ExitStack() as stack:
             captured = stack.enter_context(capture_block_input(model, layer)) if layer is not None else None
             group.base = self._perplexity(model, group, base_params, None)
@@ -207,7 +206,7 @@ class DriftGuard:
             group.hidden[layer] = captured.hidden
         if self.store is not None:
             self.store.save(index, group.base, group.hidden)
-        return group
+        return group, layer
 
     def _check_replay(
         self, model: nn.Module, group: _Group, base_params: Mapping[str, torch.Tensor], layer: int,
