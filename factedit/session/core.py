@@ -47,10 +47,9 @@ from .reads import Prediction, continuation, next_token_logprobs, top_next_token
 from .rwlock import LockTimeout, ReadWriteLock
 from .switch import MethodSwitch, available
 
-MAX_NEW_TOKENS = 64  # longest continuation `predict` and `try_prompt` generate
-
-
 logger = logging.getLogger(__name__)
+
+MAX_NEW_TOKENS = 64  # longest continuation `predict` and `try_prompt` generate
 
 
 class SessionBusyError(FacteditError):
