@@ -22,9 +22,9 @@ FAST = [
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    from tiny_models import save_tiny_model
+    from tiny_models import CHAT_TEMPLATE, save_tiny_model
 
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), chat_template=CHAT_TEMPLATE)
 
 
 def _eval(tiny_dir: Path, out: Path, *args: str) -> int:
@@ -58,15 +58,35 @@ def test_single_mode_writes_every_output(tiny_dir, tmp_path, capsys):
         "time/metrics_ms",
         "mem/peak_mb",
         "fluency/ngram_entropy",
+        "gen/prompt",
+        "gen/paraphrase",
+        "gen/chat",
+        "gen/chat_paraphrase",
+        "gen/neighbour_kept",
     ):
         assert key in ft, key
+    assert summary["baseline"]["gen/neighbour_kept"] == 1.0  # unedited: every continuation kept
+    assert "generation" in summary["protocol"]
     assert summary["metrics"]["none"]["cf/es"] == summary["baseline"]["cf/es"]
     rows = _cases(out)
     assert len(rows) == 6 and {r["method"] for r in rows} == {"none", "ft_l"}
     assert all(r["pre"] and r["post"] and r["post"]["generations"] for r in rows)
+    said = rows[-1]["post"]["said"]  # what the model said, kept beside the verdicts
+    assert said["prompt_text"] and len(said["chat_replies"]) == 2 and len(said["neigh_texts"]) == 1
     report = (out / "report.md").read_text()
     assert "| metric | unedited | none | ft_l |" in report and "| cf/es |" in report
-    assert "| cf/es |" in capsys.readouterr().out
+    assert "| gen/prompt |" in report and "said (`gen/prompt`)" in report
+    printed = capsys.readouterr().out
+    assert "| cf/es |" in printed and "| gen/chat |" in printed and "side by side" in printed
+
+
+def test_generation_checks_can_be_switched_off(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    assert _eval(tiny_dir, out, "method=[ft_l]", "generation=false", *FAST) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert not [k for k in summary["metrics"]["ft_l"] if k.startswith("gen/")]
+    assert "cf/es" in summary["metrics"]["ft_l"]
+    assert all(r["post"]["said"] is None for r in _cases(out))
 
 
 SEQUENTIAL = ("method=ft_l", "mode=sequential", "checkpoints=[1,2]", *FAST)
@@ -98,6 +118,8 @@ def test_sequential_mode_measures_retention_and_drift(sequential_run):
     for cp in cps:  # retention: share of edits so far whose whole target is the greedy continuation
         whole = [post["new_acc"] == 1.0 for post in cp["post"]]
         assert cp["metrics"]["seq/retention"] == sum(whole) / len(whole)
+        said = [post["said"]["prompt_ok"] for post in cp["post"]]  # the same, by generation
+        assert cp["metrics"]["gen/retention"] == sum(said) / len(said)
         assert cp["metrics"]["drift/ppl"] > 0
         assert cp["metrics"]["drift/ppl_ratio"] == pytest.approx(cp["metrics"]["drift/ppl"] / base_ppl(cps))
     assert (sequential_run / "retention.png").is_file()
@@ -105,6 +127,7 @@ def test_sequential_mode_measures_retention_and_drift(sequential_run):
     assert [c["edits"] for c in summary["sequential"]["ft_l"]["checkpoints"]] == [1, 2, 3]
     ft = summary["metrics"]["ft_l"]
     assert ft["seq/retention"] == cps[-1]["metrics"]["seq/retention"]
+    assert ft["gen/retention"] == cps[-1]["metrics"]["gen/retention"]
     assert ft["drift/ppl_ratio"] == cps[-1]["metrics"]["drift/ppl_ratio"]
     assert ft["revert/exact"] == 1.0
     report = (sequential_run / "report.md").read_text()
@@ -173,7 +196,7 @@ def test_sequential_resume_replays_the_journal(tiny_dir, sequential_run, tmp_pat
     assert _eval(tiny_dir, out, *SEQUENTIAL) == 0
     got = json.loads((out / "summary.json").read_text())["metrics"]["ft_l"]
     want = json.loads((sequential_run / "summary.json").read_text())["metrics"]["ft_l"]
-    for key in ("cf/es", "cf/ps", "cf/ns", "tok/reliability", "tok/locality", "cf/em"):
+    for key in ("cf/es", "cf/ps", "cf/ns", "tok/reliability", "tok/locality", "cf/em", "gen/prompt", "gen/chat"):
         assert got[key] == pytest.approx(want[key], abs=1e-6), key
     assert [c["edits"] for c in read_lines(out / "checkpoints.jsonl")] == [1, 2, 3]
 

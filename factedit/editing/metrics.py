@@ -18,6 +18,14 @@ Token-accuracy protocol (EasyEdit, Yao et al. 2023):
     tok/locality        share of argmax tokens over the answer tokens of the locality pairs (unrelated
                         prompts with their answers) and of the neighbourhood prompts (with oᶜ) that the
                         edit leaves unchanged: argmax before the edit == argmax after it
+What the model says (opt-in here, on by default in `factedit eval`; rules and engine in said.py):
+    gen/prompt          greedy success: the new target is the greedy continuation of the edit prompt
+    gen/paraphrase      the same after the paraphrases (per case the mean over its paraphrases)
+    gen/chat            chat success: the edit prompt asked through the chat template, judged on the
+                        reply (absent when the tokenizer has no chat template)
+    gen/chat_paraphrase the same for the paraphrases asked as questions
+    gen/neighbour_kept  share of neighbourhood and locality prompts whose greedy continuation the edit
+                        leaves unchanged
 Fluency (opt-in, slow): fluency/ngram_entropy, ROME's weighted bi-/tri-gram entropy of greedy
     generations from the case's generation prompts.
 Cost: time/<name>_ms are means of the per-case timings given (edit, metrics, revert, ...);
@@ -55,6 +63,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from .request import encode_prompt, encode_target
+from .said import CHAT_TOKENS, SaidScores, said_case_metrics, said_scores
 from .scoring import DEFAULT_BATCH_SIZE, pad_id_of, pad_sequences
 
 PaddingSide = Literal["left", "right"]
@@ -94,12 +103,16 @@ class CaseScores:
     loc_pred: list[list[int]] = field(default_factory=list)
     entropy: float | None = None  # fluency: mean n-gram entropy of the generations
     generations: list[str] = field(default_factory=list)
+    said: SaidScores | None = None  # what the model said (generation checks), when measured
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CaseScores:
+        data = dict(data)
+        if data.get("said") is not None:
+            data["said"] = SaidScores.from_dict(data["said"])
         return cls(**data)
 
 
@@ -284,16 +297,24 @@ def score_cases(
     batch_size: int = DEFAULT_BATCH_SIZE,
     padding_side: PaddingSide = "right",
     fluency_tokens: int | None = None,
+    generation: bool = False,
+    chat_tokens: int = CHAT_TOKENS,
 ) -> list[CaseScores]:
     """Score every case on the model as it is now; all cases' sequences are batched together.
 
     fluency_tokens: when set, also generate that many tokens greedily from each generation prompt
     and record the mean n-gram entropy (slow).
+    generation: also run the generation checks of said.py (greedy, chat with `chat_tokens` tokens of
+    reply, neighbours' continuations), batched over all cases.
     """
     per_case = [_case_pairs(tokenizer, case) for case in cases]
     flat = [(p, t) for pairs in per_case for _, p, t in pairs]
     scores = iter(score_targets(model, flat, pad_id_of(tokenizer), batch_size, padding_side))
     results = [_collect(pairs, [next(scores) for _ in pairs]) for pairs in per_case]
+    if generation:
+        said = said_scores(model, tokenizer, cases, batch_size=batch_size, chat_tokens=chat_tokens)
+        for result, case_said in zip(results, said, strict=True):
+            result.said = case_said
     if fluency_tokens:
         for case, result in zip(cases, results, strict=True):
             prompts = list(case.generation_prompts) or [case.prompt]
@@ -433,6 +454,7 @@ def case_metrics(pre: CaseScores, post: CaseScores) -> dict[str, float]:
             for before, after in zip(pre.loc_pred, post.loc_pred, strict=True)
         ]
     )
+    values.update(said_case_metrics(pre.said, post.said))
     return {k: v for k, v in values.items() if v is not None}
 
 

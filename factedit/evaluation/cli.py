@@ -101,10 +101,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FacteditError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from .report import drift_warnings, metrics_table
+    from .report import drift_warnings, metrics_table, side_by_side_table
 
     for warning in drift_warnings(result.summary):
         print(warning.replace("**", ""), file=sys.stderr)
     print(metrics_table(result.summary))
+    paired = side_by_side_table(result.summary)
+    if paired is not None:
+        print("\nteacher-forced and generated, side by side:\n" + paired)
     print(f"\noutputs in {Path(result.out).resolve()}: summary.json, cases.jsonl, report.md, plots")
     return 0

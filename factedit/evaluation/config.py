@@ -56,6 +56,8 @@ class EvalConfig:
     skip_invalid: bool = False
     fluency: bool = False
     gen_tokens: int = 100
+    generation: bool = True
+    chat_tokens: int = 16
     score_batch_size: int = 16
     padding_side: str = "right"
     resume: bool = True
@@ -72,8 +74,8 @@ class EvalConfig:
             problems.append("n must be >= 1 (or null for every record)")
         if self.start < 0:
             problems.append("start must be >= 0")
-        if self.batch_size < 1 or self.score_batch_size < 1 or self.gen_tokens < 1:
-            problems.append("batch_size, score_batch_size and gen_tokens must be >= 1")
+        if min(self.batch_size, self.score_batch_size, self.gen_tokens, self.chat_tokens) < 1:
+            problems.append("batch_size, score_batch_size, gen_tokens and chat_tokens must be >= 1")
         if any(c < 1 for c in self.checkpoints):
             problems.append("checkpoints must be >= 1")
         if self.data.format not in FORMATS:
@@ -98,6 +100,8 @@ class EvalConfig:
             "dtype": self.model.dtype,
             "fluency": self.fluency,
             "gen_tokens": self.gen_tokens if self.fluency else None,
+            "generation": self.generation,
+            "chat_tokens": self.chat_tokens if self.generation else None,
             "skip_invalid": self.skip_invalid,
         }
 
@@ -141,6 +145,8 @@ def from_container(cfg: Mapping[str, Any]) -> EvalConfig:
         "skip_invalid",
         "fluency",
         "gen_tokens",
+        "generation",
+        "chat_tokens",
         "score_batch_size",
         "padding_side",
         "resume",

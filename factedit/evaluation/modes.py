@@ -4,7 +4,9 @@ single      per record: edit, measure, revert (a fresh Editor per edit, so rever
             kept in memory)
 batch       per chunk of `batch_size` records: one `edit_batch`, measure each record, revert
 sequential  edit every record in turn without reverting; after each edit measure it, and at each
-            checkpoint re-measure every edit so far (retention, drift). The edits go to a journal in
+            checkpoint re-measure every edit so far (retention, drift). Retention two ways:
+            seq/retention (teacher-forced: every target token still the argmax) and gen/retention
+            (generated: the target still the greedy continuation, said.py's rule). The edits go to a journal in
             the output folder, so an interrupted run replays them instead of recomputing.
 
 Drift: with every batch edit (batch mode) and at every checkpoint (sequential mode) the perplexity of
@@ -34,6 +36,7 @@ from ..editing.editor import Editor
 from ..editing.errors import DriftError, InvalidDeltaError, InvalidRequestError
 from ..editing.metrics import CaseScores, compute_metrics, score_cases, stopwatch
 from ..editing.reference import reference_texts
+from ..editing.said import greedy_retention
 from .config import EvalConfig, MethodRun
 from .records import EvalRecord
 from .store import JsonLines
@@ -83,6 +86,8 @@ class RunContext:
             batch_size=cfg.score_batch_size,
             padding_side=cfg.padding_side,
             fluency_tokens=cfg.gen_tokens if cfg.fluency else None,
+            generation=cfg.generation,
+            chat_tokens=cfg.chat_tokens,
         )
 
     def editor(self, method: MethodRun, journal: Path | None = None) -> Editor:
@@ -302,6 +307,9 @@ def _checkpoint(ctx: RunContext, method: str, edits: int, immediate: dict[int, C
     kept = retention(now)
     if kept is not None:
         metrics["seq/retention"] = kept
+    said = greedy_retention([s.said for s in now])
+    if said is not None:
+        metrics["gen/retention"] = said
     metrics.update(ctx.drift(f"{method} after {edits} sequential edits"))
     ctx.checkpoints.append(
         [
@@ -319,5 +327,5 @@ def _checkpoint(ctx: RunContext, method: str, edits: int, immediate: dict[int, C
         "%s: checkpoint after %d edits: %s",
         method,
         edits,
-        ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k.startswith(("cf/", "tok/", "seq/"))),
+        ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k.startswith(("cf/", "tok/", "seq/", "gen/"))),
     )

@@ -7,8 +7,20 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-BAR_KEYS = ["cf/es", "cf/ps", "cf/ns", "cf/score", "tok/reliability", "tok/generalization", "tok/locality"]
-CURVE_KEYS = ["cf/es", "cf/ps", "cf/ns", "tok/locality", "seq/retention", "drift/ppl_ratio"]
+# Two panels side by side: the same questions scored from probabilities, and by what the model says.
+BAR_PANELS = {
+    "teacher-forced (probabilities)": [
+        "cf/es", "cf/ps", "cf/ns", "cf/score", "tok/reliability", "tok/generalization", "tok/locality"
+    ],
+    "generated (what the model says)": [
+        "gen/prompt", "gen/paraphrase", "gen/neighbour_kept", "gen/chat", "gen/chat_paraphrase"
+    ],
+}
+CURVE_KEYS = [
+    "cf/es", "cf/ps", "cf/ns", "seq/retention",
+    "gen/prompt", "gen/paraphrase", "gen/neighbour_kept", "gen/retention",
+    "tok/locality", "drift/ppl_ratio",
+]
 
 
 def _figure(width: float, height: float):
@@ -21,25 +33,37 @@ def _figure(width: float, height: float):
 
 
 def plot_metrics(summary: Mapping[str, Any], path: Path) -> Path | None:
-    """Grouped bars: one group per metric (0..1), one bar per method and the unedited model."""
+    """Grouped bars: one group per metric (0..1), one bar per method and the unedited model; the
+    teacher-forced metrics and the generated ones in two panels side by side (a metric a method
+    lacks, e.g. gen/chat without a chat template, is left out, not drawn as 0)."""
     columns = {"unedited": summary["baseline"], **summary["metrics"]}
-    keys = [k for k in BAR_KEYS if any(k in c for c in columns.values())]
-    if not keys:
+    panels = {
+        title: [k for k in keys if any(k in c for c in columns.values())] for title, keys in BAR_PANELS.items()
+    }
+    panels = {title: keys for title, keys in panels.items() if keys}
+    if not panels:
         return None
-    figure = _figure(max(6.0, 1.3 * len(keys)), 3.8)
-    axes = figure.add_subplot()
+    sizes = [len(keys) for keys in panels.values()]
+    figure = _figure(max(6.0, 1.2 * sum(sizes) + 1), 4.2)
+    grid = figure.add_gridspec(1, len(panels), width_ratios=sizes)
     width = 0.8 / len(columns)
-    for i, (name, values) in enumerate(columns.items()):
-        xs = [k + (i - (len(columns) - 1) / 2) * width for k in range(len(keys))]
-        axes.bar(xs, [values.get(k, 0.0) for k in keys], width, label=name)
-    axes.set_xticks(range(len(keys)), keys, rotation=20, ha="right")
-    axes.set_ylim(0, 1.05)
-    axes.set_ylabel("share")
-    axes.set_title(
+    for slot, (title, keys) in enumerate(panels.items()):
+        axes = figure.add_subplot(grid[0, slot])
+        for i, (name, values) in enumerate(columns.items()):
+            xs = [k + (i - (len(columns) - 1) / 2) * width for k in range(len(keys)) if keys[k] in values]
+            axes.bar(xs, [values[k] for k in keys if k in values], width, label=name, color=f"C{i}")
+        axes.set_xticks(range(len(keys)), keys, rotation=20, ha="right")
+        axes.set_ylim(0, 1.05)
+        axes.set_title(title, fontsize="medium")
+        axes.grid(axis="y", alpha=0.3)
+        if slot == 0:
+            axes.set_ylabel("share")
+            axes.legend(
+                fontsize="small", ncols=min(len(columns), 4), loc="upper center", bbox_to_anchor=(0.5, -0.3)
+            )
+    figure.suptitle(
         f"{summary['data']['format']} · {summary['data']['evaluated']} records · {summary['mode']}"
     )
-    axes.legend(fontsize="small", ncols=min(len(columns), 4), loc="upper center", bbox_to_anchor=(0.5, -0.28))
-    axes.grid(axis="y", alpha=0.3)
     figure.tight_layout()
     figure.savefig(path)
     return path
@@ -50,14 +74,19 @@ def plot_retention(summary: Mapping[str, Any], path: Path) -> Path | None:
     runs = summary.get("sequential", {})
     if not runs:
         return None
-    figure = _figure(11, 6)
-    for slot, key in enumerate(CURVE_KEYS, start=1):
-        axes = figure.add_subplot(2, 3, slot)
+    present = {k for view in runs.values() for c in view["checkpoints"] for k in c["metrics"]}
+    keys = [k for k in CURVE_KEYS if k in present]
+    if not keys:
+        return None
+    rows = (len(keys) + 3) // 4
+    figure = _figure(14, 3.2 * rows)
+    for slot, key in enumerate(keys, start=1):
+        axes = figure.add_subplot(rows, 4, slot)
         for method, view in runs.items():
             points = [(c["edits"], c["metrics"][key]) for c in view["checkpoints"] if key in c["metrics"]]
             if points:
                 axes.plot(*zip(*points, strict=True), marker="o", label=method)
-        if key in summary["baseline"] and key.startswith("cf/ns"):
+        if key in summary["baseline"] and key in ("cf/ns", "gen/prompt", "gen/paraphrase"):
             axes.axhline(summary["baseline"][key], color="grey", linestyle=":", label="unedited")
         axes.set_title(key)
         axes.set_xlabel("edits made")

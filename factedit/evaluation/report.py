@@ -30,21 +30,39 @@ PROTOCOL = {
         "that are the argmax after the edit prompt / paraphrases; tok/locality: share of argmax tokens over "
         "the answers of locality pairs and neighbourhood prompts that are the same before and after the edit"
     ),
+    "generation": (
+        "what the model says (factedit.editing.said; off with generation=false). Greedy rule: "
+        "len(target tokens) + 2 tokens generated greedily; success when the continuation, normalised "
+        "(NFKC, casefolded, whitespace collapsed), starts with the normalised target ending at a word "
+        "boundary. gen/prompt, gen/paraphrase: the greedy rule after the edit prompt / paraphrases. "
+        "Chat rule: the question as one user message through the tokenizer's chat template, 16 tokens "
+        "of greedy reply; success when the reply contains the new target at word boundaries and, those "
+        "taken out, not the true object. gen/chat: the edit prompt as 'Complete the sentence: "
+        "{prompt}'; gen/chat_paraphrase: each paraphrase as '{paraphrase} what?'; absent without a chat "
+        "template. gen/neighbour_kept: share of neighbourhood and locality prompts whose greedy "
+        "continuation (len(answer tokens) + 2 tokens) is the same before and after the edit"
+    ),
     "fluency": "fluency/ngram_entropy: ROME's weighted bi-/tri-gram entropy of greedy generations (opt-in)",
     "aggregation": "per case first (mean over its paraphrases, neighbours, ...), then the mean over cases",
     "join_rule": "target = continuation of the prompt: one space between them unless either side has it",
     "sequential": "metrics of a sequential run are re-measured after the last edit, over every edit; "
     "seq/retention: share of the edits so far whose whole target is still the greedy continuation of "
-    "its prompt",
+    "its prompt, teacher-forced (every target token the argmax); gen/retention: the same by generation "
+    "(the greedy rule)",
     "drift": "drift/ppl: perplexity of the shipped reference text (sampled from the unedited default model); "
     "drift/ppl_ratio: over the unedited model's (1 = unchanged). Batch mode: mean over batches, with "
     "drift/ppl_ratio_max; sequential: at each checkpoint",
 }
 
-ROW_ORDER = [
+ROW_ORDER = [  # teacher-forced and generated figures of the same question side by side
     "cf/es",
+    "gen/prompt",
+    "gen/chat",
     "cf/ps",
+    "gen/paraphrase",
+    "gen/chat_paraphrase",
     "cf/ns",
+    "gen/neighbour_kept",
     "cf/score",
     "cf/em",
     "cf/pm",
@@ -54,6 +72,7 @@ ROW_ORDER = [
     "tok/locality",
     "fluency/ngram_entropy",
     "seq/retention",
+    "gen/retention",
     "drift/ppl_ratio",
     "drift/ppl_ratio_max",
     "drift/ppl",
@@ -71,14 +90,29 @@ ROW_ORDER = [
 ]
 CHECKPOINT_KEYS = [
     "cf/es",
+    "gen/prompt",
     "cf/ps",
+    "gen/paraphrase",
+    "gen/chat",
     "cf/ns",
-    "cf/score",
+    "gen/neighbour_kept",
     "tok/reliability",
-    "tok/generalization",
     "tok/locality",
     "seq/retention",
+    "gen/retention",
     "drift/ppl_ratio",
+]
+# The headline table: each question scored teacher-forced (probabilities) and by what the model
+# generates, in adjacent columns.
+SIDE_BY_SIDE = [
+    ("ES", "cf/es"),
+    ("said", "gen/prompt"),
+    ("chat", "gen/chat"),
+    ("PS", "cf/ps"),
+    ("said para", "gen/paraphrase"),
+    ("chat para", "gen/chat_paraphrase"),
+    ("NS", "cf/ns"),
+    ("neighbour kept", "gen/neighbour_kept"),
 ]
 
 
@@ -115,7 +149,7 @@ def _sequential_metrics(
         return immediate, {"immediate": immediate, "checkpoints": []}
     now = _scores(final["post"])
     metrics = compute_metrics([pre[i] for i in final["indices"]], now, timings, state.get("peak_mb"))
-    for key in ("seq/retention", "drift/ppl", "drift/ppl_ratio"):
+    for key in ("seq/retention", "gen/retention", "drift/ppl", "drift/ppl_ratio"):
         if key in final["metrics"]:
             metrics[key] = final["metrics"][key]
     if "revert_exact" in state:  # revert of every edit gave the base back bit for bit (torch.equal)
@@ -247,6 +281,21 @@ def metrics_table(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def side_by_side_table(summary: Mapping[str, Any]) -> str | None:
+    """Markdown table, one row per method (after the unedited model): ES/PS/NS each beside what the
+    model then says (greedy, chat); None when the run has no generation checks."""
+    columns = {"unedited": summary["baseline"], **summary["metrics"]}
+    if not any(k.startswith("gen/") for values in columns.values() for k in values):
+        return None
+    lines = [
+        "| method | " + " | ".join(f"{label} (`{key}`)" for label, key in SIDE_BY_SIDE) + " |",
+        "|---|" + "---:|" * len(SIDE_BY_SIDE),
+    ]
+    for method, values in columns.items():
+        lines.append(f"| {method} | " + " | ".join(_fmt(k, values.get(k)) for _, k in SIDE_BY_SIDE) + " |")
+    return "\n".join(lines)
+
+
 def checkpoint_table(summary: Mapping[str, Any]) -> str:
     lines = [
         "| method | edits | " + " | ".join(CHECKPOINT_KEYS) + " |",
@@ -273,13 +322,16 @@ def render_report(summary: Mapping[str, Any], plots: Sequence[str]) -> str:
         f"- mode: {summary['mode']}; methods: {methods}; factedit {summary['factedit_version']}",
         (
             f"- protocol: {summary['protocol']['name']}: CounterFact (cf/*, ROME) and token accuracy "
-            "(tok/*, EasyEdit); per-case values averaged over cases. Definitions: summary.json → protocol."
+            "(tok/*, EasyEdit), and what the model says (gen/*: greedy continuations and chat replies); "
+            "per-case values averaged over cases. Definitions: summary.json → protocol."
         ),
         "",
         *[line + "\n" for line in drift_warnings(summary)],
-        metrics_table(summary),
-        "",
     ]
+    paired = side_by_side_table(summary)
+    if paired is not None:
+        head += ["## Probabilities and what the model says, side by side", "", paired, "", "## All metrics", ""]
+    head += [metrics_table(summary), ""]
     if summary.get("sequential"):
         head += [
             "## Sequential: every edit so far, re-measured at each checkpoint",
