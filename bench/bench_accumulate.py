@@ -3,14 +3,17 @@
 For each method, through `factedit eval` (factedit.evaluation.run_eval) on CounterFact val records
 [start, start + n):
 - sequential: n edits one after another, never reverted; every edit re-measured after the last one
-  (ES/PS/NS, the CounterFact protocol), retention (share whose whole target is still the greedy
-  continuation), drift (perplexity of the reference text over the unedited model's) at every
+  (ES/PS/NS, the CounterFact protocol), what the model then says (gen/prompt, gen/paraphrase,
+  gen/chat: factedit.editing.said's greedy and chat rules; gen/neighbour_kept), retention two ways
+  (seq/retention teacher-forced, gen/retention by generation: share whose whole target is still the
+  greedy continuation), drift (perplexity of the reference text over the unedited model's) at every
   checkpoint, then every edit reverted and the touched weights checked with torch.equal;
 - batch: the first `batch` of those records in one `edit_batch`, measured, drift, reverted.
 The unedited model's NS on the same records is printed beside them.
 
     python bench/bench_accumulate.py --methods mend,ft_l --start 300 --n 200 --batch 64
     python bench/bench_accumulate.py --methods mend --n 1000 --checkpoints 100,200,500 --skip-batch
+    python bench/bench_accumulate.py --methods ft_l --n 200 --no-generation     # teacher-forced only
 
 Outputs (summary.json, report.md, plots, cases) go to --out/<mode>; a run started again continues.
 """
@@ -29,15 +32,19 @@ from factedit.evaluation.runner import run_eval
 from factedit.paths import PACKAGE_DIR
 
 # data/errors: edits refused (by the drift guard, for mend); the cf/ figures cover the applied ones.
-COLUMNS = ("cf/es", "cf/ps", "cf/ns", "seq/retention", "drift/ppl_ratio", "drift/ppl_ratio_max", "revert/exact",
+# gen/*: what the model says (greedy continuation, chat reply, neighbours' continuations unchanged).
+COLUMNS = ("cf/es", "gen/prompt", "cf/ps", "gen/paraphrase", "gen/chat", "cf/ns", "gen/neighbour_kept",
+           "seq/retention", "gen/retention", "drift/ppl_ratio", "drift/ppl_ratio_max", "revert/exact",
            "data/errors", "time/edit_ms")
 
 
-def evaluate(methods, mode: str, start: int, n: int, out: Path, checkpoints, threads: int) -> dict:
+def evaluate(methods, mode: str, start: int, n: int, out: Path, checkpoints, threads: int,
+             generation: bool = True) -> dict:
     config = EvalConfig(
         methods=tuple(MethodRun(m) for m in ["none", *methods]),
         data=DataConfig(path=PACKAGE_DIR / "data/counterfact/val.json", name="counterfact", format="counterfact"),
         out=out, n=n, start=start, mode=mode, batch_size=n, checkpoints=tuple(checkpoints), threads=threads,
+        generation=generation,
     )
     return run_eval(config).summary
 
@@ -67,6 +74,7 @@ def main() -> None:
     parser.add_argument("--checkpoints", default="10,50,100,200,500,1000")
     parser.add_argument("--skip-batch", action="store_true")
     parser.add_argument("--skip-sequential", action="store_true")
+    parser.add_argument("--no-generation", action="store_true", help="skip the gen/* checks (faster)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="runs/bench-accumulate")
     parser.add_argument("--json", default=None, help="also write the table's figures here")
@@ -78,16 +86,18 @@ def main() -> None:
     rows = []
     if not args.skip_sequential:
         summary = evaluate(methods, "sequential", args.start, args.n, Path(args.out) / "sequential", checkpoints,
-                           args.threads)
+                           args.threads, not args.no_generation)
         for method in methods:
             rows.append((method, "sequential", args.n, summary["metrics"][method], summary["baseline"]))
             curve = summary["sequential"][method]["checkpoints"]
             print(f"{method} sequential curve:", [
                 (c["edits"], round(c["metrics"].get("seq/retention", float("nan")), 3),
+                 round(c["metrics"].get("gen/retention", float("nan")), 3),
                  round(c["metrics"].get("drift/ppl_ratio", float("nan")), 3)) for c in curve
-            ], "(edits, retention, ppl ratio)")
+            ], "(edits, retention teacher-forced, retention greedy, ppl ratio)")
     if not args.skip_batch:
-        summary = evaluate(methods, "batch", args.start, args.batch, Path(args.out) / "batch", (), args.threads)
+        summary = evaluate(methods, "batch", args.start, args.batch, Path(args.out) / "batch", (), args.threads,
+                           not args.no_generation)
         for method in methods:
             rows.append((method, "batch", args.batch, summary["metrics"][method], summary["baseline"]))
     print(f"\nCounterFact val[{args.start}:...], default model, {args.threads} threads")

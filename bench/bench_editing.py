@@ -3,7 +3,11 @@
 For each method: one edit at a time on the first N CounterFact records, measured, then reverted and
 checked bit for bit. CounterFact protocol from mean per-token log-probs: ES = share with
 P(o*) > P(oᶜ) on the edit prompt, PS the same on the rephrase, NS = share of neighbourhood prompts
-with P(oᶜ) > P(o*). Speed: median compute time of an edit over the median forward+backward pass of
+with P(oᶜ) > P(o*). What the model then says (factedit.editing.said, the rules of `factedit eval`):
+"said" = share whose greedy continuation of the edit prompt is the new target, "said para" the same on
+the rephrase, "chat" / "chat para" the prompt / rephrase asked through the chat template and judged on
+the reply, "nbr kept" = share of neighbourhood prompts whose greedy continuation the edit leaves
+unchanged. Speed: median compute time of an edit over the median forward+backward pass of
 the same model on the same text (all weights trainable), measured in the same run; revert and journal
 append times; model load from the cache.
 
@@ -25,8 +29,12 @@ import torch
 import factedit
 from factedit.editing.journal import Journal
 from factedit.editing.request import encode_prompt, encode_target
+from factedit.editing.said import normalise, said_scores
 from factedit.editing.scoring import pad_id_of, score_sequences
+from factedit.evaluation import EvalRecord
 from factedit.paths import PACKAGE_DIR
+
+SAID = ("said", "said_para", "chat", "chat_para", "nbr_kept")  # generation-based shares, see the docstring
 
 
 def mean_logprobs(model, tok, prompt: str, targets: list[str]) -> list[float]:
@@ -34,12 +42,29 @@ def mean_logprobs(model, tok, prompt: str, targets: list[str]) -> list[float]:
     return [s.mean_logprob for s in score_sequences(model, pairs, pad_id_of(tok))]
 
 
-def counterfact_outcome(model, tok, record: dict) -> dict[str, bool]:
+def said_case(record: dict) -> EvalRecord:
+    return EvalRecord(
+        index=0, prompt=record["prompt"], target_new=record["target_new"], target_true=record["ground_truth"],
+        paraphrases=(record["rephrase_prompt"],),
+        neighborhood=((record["locality_prompt"], record["locality_ground_truth"]),),
+    )
+
+
+def counterfact_outcome(model, tok, record: dict, said_before=None) -> dict[str, float]:
+    """ES/PS/NS of one record and, with `said_before` (the unedited model's said_scores), what the model
+    says now (None where the tokenizer has no chat template)."""
     new, true = record["target_new"], record["ground_truth"]
     es = mean_logprobs(model, tok, record["prompt"], [new, true])
     ps = mean_logprobs(model, tok, record["rephrase_prompt"], [new, true])
     ns = mean_logprobs(model, tok, record["locality_prompt"], [new, record["locality_ground_truth"]])
-    return {"es": es[0] > es[1], "ps": ps[0] > ps[1], "ns": ns[1] > ns[0]}
+    outcome: dict[str, float] = {"es": es[0] > es[1], "ps": ps[0] > ps[1], "ns": ns[1] > ns[0]}
+    if said_before is not None:
+        now = said_scores(model, tok, [said_case(record)])[0]
+        outcome.update(said=now.prompt_ok, said_para=now.para_ok[0],
+                       nbr_kept=normalise(now.neigh_texts[0]) == normalise(said_before.neigh_texts[0]))
+        if now.chat_ok is not None:
+            outcome.update(chat=now.chat_ok[0], chat_para=now.chat_ok[1])
+    return outcome
 
 
 def forward_backward_ms(model, tok, record: dict, repeats: int = 5) -> float:
@@ -55,13 +80,18 @@ def forward_backward_ms(model, tok, record: dict, repeats: int = 5) -> float:
     return statistics.median(times[1:])
 
 
-def run_method(method, overrides, model, tok, records) -> dict:
+def share(outcomes: list[dict], key: str) -> float | None:
+    values = [o[key] for o in outcomes if key in o]
+    return sum(values) / len(values) if values else None
+
+
+def run_method(method, overrides, model, tok, records, said_before) -> dict:
     editor = factedit.Editor(method, tokenizer=tok, score=False, **overrides)
     outcomes, edit_ms, revert_ms, ratios, exact = [], [], [], [], 0
-    for record in records:
+    for record, before in zip(records, said_before, strict=True):
         fwd_bwd = forward_backward_ms(model, tok, record, repeats=1)
         edit = editor.edit(model, record["prompt"], record["target_new"], subject=record.get("subject"))
-        outcomes.append(counterfact_outcome(model, tok, record))
+        outcomes.append(counterfact_outcome(model, tok, record, before))
         t = time.perf_counter()
         editor.revert(model, edit.id)
         revert_ms.append((time.perf_counter() - t) * 1000)
@@ -70,9 +100,8 @@ def run_method(method, overrides, model, tok, records) -> dict:
         base = editor._state.base
         exact += all(torch.equal(dict(model.named_parameters())[n], base[n]) for n in edit.params)
     editor.close()  # releases the model for the next method's Editor
-    share = lambda key: sum(o[key] for o in outcomes) / len(outcomes)  # noqa: E731
     return {
-        "method": method, "es": share("es"), "ps": share("ps"), "ns": share("ns"),
+        "method": method, **{k: share(outcomes, k) for k in ("es", "ps", "ns", *SAID)},
         "exact": f"{exact}/{len(records)}", "edit_ms": statistics.median(edit_ms),
         "ratio": statistics.median(ratios), "revert_ms": statistics.median(revert_ms),
     }
@@ -109,6 +138,7 @@ def main() -> None:
     parser.add_argument("--split", default="val", choices=["train", "val"])
     parser.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE")
     parser.add_argument("--unedited", action="store_true", help="also report the unedited ES/PS/NS")
+    parser.add_argument("--no-generation", action="store_true", help="skip the greedy / chat checks")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch threads (1 is faster when other jobs share the CPU)")
     args = parser.parse_args()
@@ -123,20 +153,26 @@ def main() -> None:
     split = json.loads((PACKAGE_DIR / f"data/counterfact/{args.split}.json").read_text())
     records = split[args.start : args.start + args.n]
     model, tok = factedit.load_model()
+    said_before = (
+        [None] * len(records) if args.no_generation else said_scores(model, tok, [said_case(r) for r in records])
+    )
     rows = []
     if args.unedited:
-        outcomes = [counterfact_outcome(model, tok, r) for r in records]
-        rows.append({"method": "none", **{k: sum(o[k] for o in outcomes) / len(outcomes) for k in ("es", "ps", "ns")}})
+        outcomes = [counterfact_outcome(model, tok, r, b) for r, b in zip(records, said_before, strict=True)]
+        rows.append({"method": "none", **{k: share(outcomes, k) for k in ("es", "ps", "ns", *SAID)}})
     for method in args.methods.split(","):
-        rows.append(run_method(method, overrides.get(method, {}), model, tok, records))
+        rows.append(run_method(method, overrides.get(method, {}), model, tok, records, said_before))
         print(json.dumps(rows[-1]), flush=True)
 
-    header = ["method", "ES", "PS", "NS", "exact reverts", "median edit ms", "edit / fwd+bwd", "revert ms"]
+    header = ["method", "ES", "said", "chat", "PS", "said para", "chat para", "NS", "nbr kept", "exact reverts",
+              "median edit ms", "edit / fwd+bwd", "revert ms"]
+    fmt = lambda value: "-" if value is None else f"{value:.2f}"  # noqa: E731
     print(f"\nCounterFact {args.split}[{args.start or ''}:{args.start + args.n}], default model, "
           f"one edit at a time then revert (torch {torch.__version__}, {torch.get_num_threads()} threads)")
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for r in rows:
-        cells = [r["method"], f"{r['es']:.2f}", f"{r['ps']:.2f}", f"{r['ns']:.2f}", r.get("exact", "-"),
+        cells = [r["method"], *(fmt(r.get(k)) for k in ("es", "said", "chat", "ps", "said_para", "chat_para", "ns",
+                                                            "nbr_kept")), r.get("exact", "-"),
                  f"{r['edit_ms']:.0f}" if "edit_ms" in r else "-", f"{r['ratio']:.1f}x" if "ratio" in r else "-",
                  f"{r['revert_ms']:.1f}" if "revert_ms" in r else "-"]
         print("| " + " | ".join(cells) + " |")
