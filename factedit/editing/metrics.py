@@ -30,7 +30,7 @@ Fluency (opt-in, slow): fluency/ngram_entropy, ROME's weighted bi-/tri-gram entr
     generations from the case's generation prompts.
 Cost: time/<name>_ms are means of the per-case timings given (edit, metrics, revert, ...);
     time/metrics_share = metrics / (edit + metrics + revert); mem/peak_mb the peak memory given
-    (see `PeakMemory`).
+    (measured by cost.py's `PeakMemory` and `stopwatch`).
 
 Every case is macro-averaged: per-case values first, then the mean over the cases that have the
 value. A key is absent (never NaN) when no case has the data for it (e.g. cf/ns without
@@ -46,15 +46,11 @@ several architectures).
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 import re
-import resource
-import sys
-import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -62,6 +58,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from .cost import PeakMemory as PeakMemory  # re-exported: the cost measures live in cost.py
+from .cost import stopwatch as stopwatch
 from .request import encode_prompt, encode_target
 from .said import CHAT_TOKENS, SaidScores, said_case_metrics, said_scores
 from .scoring import DEFAULT_BATCH_SIZE, pad_id_of, pad_sequences
@@ -368,55 +366,6 @@ def ngram_entropy(text: str) -> float:
         entropy = -sum(c / total * math.log2(c / total) for c in counts.values()) if total else 0.0
         weighted.append(weight * entropy)
     return sum(weighted) / len(weighted)
-
-
-# --- memory -----------------------------------------------------------------------------------------
-
-
-class PeakMemory:
-    """Peak memory inside a block, in MB: torch.cuda's max allocated on a GPU device, otherwise the
-    process's resident-set high-water mark (VmHWM; reset at entry where Linux allows it, so the
-    figure covers the block, the model's own weights included).
-
-        with PeakMemory(device) as mem: ...
-        mem.peak_mb
-    """
-
-    def __init__(self, device: torch.device | str = "cpu") -> None:
-        self.device = torch.device(device)
-        self.peak_mb: float | None = None
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as handle:
-                handle.write("5")  # resets the peak RSS (Linux >= 4.0)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.peak_mb = self.current_peak_mb()
-
-    def current_peak_mb(self) -> float:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
-        with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux, bytes on macOS
-        return rss / (2**20 if sys.platform == "darwin" else 1024)
-
-
-@contextlib.contextmanager
-def stopwatch() -> Iterator[dict[str, float]]:
-    """`with stopwatch() as t: ...` then `t["ms"]` holds the block's wall time in milliseconds."""
-    box = {"ms": 0.0}
-    start = time.perf_counter()
-    try:
-        yield box
-    finally:
-        box["ms"] = (time.perf_counter() - start) * 1000
 
 
 # --- aggregation ------------------------------------------------------------------------------------

@@ -31,10 +31,11 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from ..editing.cost import stopwatch
 from ..editing.drift import reference_perplexity
 from ..editing.editor import Editor
 from ..editing.errors import DriftError, InvalidDeltaError, InvalidRequestError
-from ..editing.metrics import CaseScores, compute_metrics, score_cases, stopwatch
+from ..editing.metrics import CaseScores, compute_metrics, score_cases
 from ..editing.reference import reference_texts
 from ..editing.said import greedy_retention
 from .config import EvalConfig, MethodRun

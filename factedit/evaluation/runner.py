@@ -23,10 +23,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .._version import __version__
+from ..editing.cost import PeakMemory, stopwatch
 from ..editing.errors import ConfigError
 from ..editing.loading import load_model, model_id
 from ..editing.methods import config_to_dict, get_method, make_config
-from ..editing.metrics import PeakMemory, stopwatch
 from ..editing.weights import model_fingerprint
 from .config import NONE_METHOD, EvalConfig, MethodRun
 from .loaders import LoadedData, load_records, select_records
