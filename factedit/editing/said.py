@@ -261,7 +261,7 @@ def said_scores(
     texts: list[dict[str, list[str]]] = [{} for _ in cases]
     for (c, kind, _, _), ids in zip(requests, generated, strict=True):
         texts[c].setdefault(kind, []).append(tokenizer.decode(ids, skip_special_tokens=True))
-    has_chat = getattr(tokenizer, "chat_template", None) is not None
+    has_chat = bool(getattr(tokenizer, "chat_template", None))
     results = []
     for case, mine in zip(cases, texts, strict=True):
         replies = mine.get("chat", []) if has_chat else None
