@@ -231,7 +231,7 @@ def test_the_applied_delta_is_the_update_mend_was_trained_with(arch, tmp_path):
     path, network = tiny_checkpoint(tmp_path, model, roles=ROLES[arch])
     network.editors[next(iter(network.editors))].layers[0].up.data.normal_()  # not the identity any more
     save_checkpoint(tmp_path / "ck", network, base_model_info(model))
-    editor = mend_editor(tok, path, roles=ROLES[arch], step_scales=(1.0,), guard=None, positions="loss")
+    editor = mend_editor(tok, path, roles=ROLES[arch], step_scales=(1.0,), guard=None, positions="loss", lifelong=False)
     base = snapshot(model)
     requests = requests_for(tok)
     names = editor._impl.network.param_names

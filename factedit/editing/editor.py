@@ -32,10 +32,10 @@ from .drift import GuardConfig
 from .errors import ConfigError, EditNotFoundError, InvalidDeltaError, InvalidRequestError, ModelMismatchError
 from .journal import Journal
 from .loading import model_id as model_id_of
-from .methods import config_to_dict, get_method, make_config
+from .methods import StreamState, config_to_dict, get_method, make_config
 from .preview import EditPreview, edit_effect, preview_delta, with_delta
 from .record import EditRecord, new_edit_id
-from .request import EditRequest, TokenizedRequest, as_requests, max_context, tokenize_request
+from .request import EditRequest, TokenizedRequest, as_requests, max_context, tokenize_request, with_subject
 from .safeguards import Guard, Safeguards, accepts, resolve_guard
 from .scoring import score_requests
 from .weights import WeightState, model_fingerprint, model_sha256, tensor_sha256
@@ -101,6 +101,7 @@ class Editor:
         self.attach_timings: dict[str, float] = {}  # what binding to the model cost (hash_ms)
         self._lock = threading.RLock()  # edits from several threads (app sessions) are serialised
         self._preview_methods: dict[tuple[str, str], Any] = {}  # (method, config JSON) -> built, for previews
+        self._streams: dict[str, dict[str, torch.Tensor]] = {}  # method -> its lifelong state (StreamState)
         # Called by the fine-tuning methods' loops as progress(step, max_steps, loss) while they compute
         # (edits and previews); None: no reports. Not part of the config: a callable is not serialisable.
         self.progress: Callable[[int, int, float], None] | None = None
@@ -139,22 +140,50 @@ class Editor:
 
     def edit_batch(self, model: nn.Module, requests: Sequence[EditRequest | Mapping[str, Any]]) -> EditRecord:
         """Several facts in one update (one record)."""
-        return self._edit(model, as_requests(requests), self._compute, self.method, config_to_dict(self.config))
+        method, impl, config = self.method, self._impl, self.config
+        stream = StreamState() if accepts(impl.compute, "stream") else None
 
-    def _compute(self, model: nn.Module, tokenized: list[TokenizedRequest]) -> Delta:
-        """The current method's delta, kept in the null space of preserved keys when its config says so."""
-        return self._compute_with(self._impl, self.config, model, tokenized)
+        def compute(m: nn.Module, tokenized: list[TokenizedRequest]) -> Delta:
+            if stream is not None:  # read once bound: attaching loads the journal's state
+                stream.before = self._streams.get(method)
+            return self._compute_with(impl, config, m, tokenized, stream)
 
-    def _compute_with(self, impl: Any, config: Any, model: nn.Module, tokenized: list[TokenizedRequest]) -> Delta:
-        """`impl`'s delta (a built method with its `config`), projected as `_compute` says; a method whose
-        `compute` takes `progress` gets `self.progress`."""
-        extra = {"progress": self.progress} if self.progress is not None and accepts(impl.compute, "progress") else {}
+        return self._edit(model, self._located(self._spec, as_requests(requests)), compute, method,
+                          config_to_dict(config), stream)
+
+    @staticmethod
+    def _located(spec: Any, requests: list[EditRequest]) -> list[EditRequest]:
+        """The requests with a subject (request.with_subject) for a method that edits at the subject, so
+        the record says which one was used; as given for other methods."""
+        return [with_subject(r) for r in requests] if spec.locates else requests
+
+    def _keys_fn(self, method: str) -> Any:
+        """The keys an edit of `method` protects (safeguards.KeysFn): the current method's own, when it
+        has them and made the edit; None (every token) otherwise."""
+        return getattr(self._impl, "edit_keys", None) if method == self.method else None
+
+    def _stream_for(self, method: str, impl: Any) -> StreamState | None:
+        """A StreamState holding `method`'s lifelong state, for a method whose `compute` takes one."""
+        return StreamState(before=self._streams.get(method)) if accepts(impl.compute, "stream") else None
+
+    def _compute_with(
+        self, impl: Any, config: Any, model: nn.Module, tokenized: list[TokenizedRequest],
+        stream: StreamState | None = None,
+    ) -> Delta:
+        """`impl`'s delta (a built method with its `config`), kept in the null space of preserved keys
+        when its config says so; a method whose `compute` takes `progress` gets `self.progress`, a
+        lifelong one `stream`."""
+        extra: dict[str, Any] = {"stream": stream} if stream is not None else {}
+        if self.progress is not None and accepts(impl.compute, "progress"):
+            extra["progress"] = self.progress
+        if accepts(impl.compute, "moments"):
+            extra["moments"] = lambda names: self._safeguards.second_moments(model, self.tokenizer, self._state, names)
         preserve = getattr(config, "preserve", None)
         if preserve is None:
             return impl.compute(model, self.tokenizer, tokenized, **extra)
         preserver = self._safeguards.preserver_for(
             model, self.tokenizer, self._state, impl.param_names(model), preserve,
-            lambda: [(r.id, [tokenize_request(q, self.tokenizer, None) for q in r.requests])
+            lambda: [(r.id, [tokenize_request(q, self.tokenizer, None) for q in r.requests], self._keys_fn(r.method))
                      for r in self._records.values() if r.status == "active"],
         )
         if accepts(impl.compute, "preserver"):
@@ -182,19 +211,22 @@ class Editor:
             raise InvalidRequestError(f"probes must be a list of prompts (write [{probes!r}] for one)")
         requests = as_requests(requests)
         with self._lock:
+            name, config, impl = self._method_for(method, overrides)
+            requests = self._located(get_method(name), requests)
             context = max_context(model.config)
             tokenized = [tokenize_request(r, self.tokenizer, context) for r in requests]
             self.attach(model)
-            name, config, impl = self._method_for(method, overrides)
+            stream = self._stream_for(name, impl)
             start = time.perf_counter()
-            delta = self._compute_with(impl, config, model, tokenized).detached_cpu()
+            delta = self._compute_with(impl, config, model, tokenized, stream).detached_cpu()
             compute_ms, start = _ms(start), time.perf_counter()
             result = preview_delta(
                 model, self.tokenizer, self._state, delta, tokenized, list(probes), method=name,
                 config=config_to_dict(config), timings={}, weights=tuple(self._state.active),
                 model_fingerprint=self._fingerprint,
             )
-            return dataclasses.replace(result, timings={"compute_ms": compute_ms, "score_ms": _ms(start)})
+            return dataclasses.replace(result, timings={"compute_ms": compute_ms, "score_ms": _ms(start)},
+                                       stream_state=stream.after if stream is not None else None)
 
     def apply_preview(self, model: nn.Module, preview: EditPreview) -> EditRecord:
         """Apply a preview's delta as a new edit (recorded, journaled and guarded like any edit), without
@@ -210,7 +242,9 @@ class Editor:
                     "preview it again"
                 )
             delta = preview.delta
-            return self._edit(model, list(preview.requests), lambda *_: delta, preview.method, preview.config)
+            stream = StreamState(after=preview.stream_state) if preview.stream_state is not None else None
+            return self._edit(model, list(preview.requests), lambda *_: delta, preview.method, preview.config,
+                              stream)
 
     def effect(self, edit_id: str, model: nn.Module, probes: Sequence[str] = ()) -> dict[str, Any]:
         """What an edit does on the current weights, scored with the weights untouched: an active edit
@@ -333,8 +367,10 @@ class Editor:
         compute: Callable[[nn.Module, list[TokenizedRequest]], Delta],
         method: str,
         config: Mapping[str, Any],
+        stream: StreamState | None = None,
     ) -> EditRecord:
-        """Steps 1-7 of an edit (design.md): tokenize, score, compute, apply, score, record, journal."""
+        """Steps 1-7 of an edit (design.md): tokenize, score, compute, apply, score, record, journal.
+        A lifelong method's new state (`stream.after`) is kept once the edit is journaled."""
         start = time.perf_counter()
         with self._lock:
             context = max_context(model.config)  # validate first: a refused request replays nothing
@@ -358,18 +394,21 @@ class Editor:
             try:
                 what = f"this {method} edit of {len(requests)} fact(s)"
                 drift = self._safeguards.check_drift(model, self.tokenizer, self._state, self.guard, what, timings)
-                self._safeguards.protect(model, self.tokenizer, edit_id, delta, tokenized)
+                self._safeguards.protect(model, self.tokenizer, edit_id, delta, tokenized, self._keys_fn(method))
+                state = stream.after if stream is not None else None
                 record = self._measure_and_record(model, edit_id, tokenized, pre, delta, method, config,
-                                                  timings, start, first_touched, drift)
+                                                  timings, start, first_touched, drift, state)
             except BaseException:
                 self._state.revert(model, edit_id)  # guard, scoring or journal failed: change nothing
                 self._safeguards.release(edit_id)
                 raise
             self._records[edit_id] = record
+            if record.state is not None:
+                self._streams[method] = dict(record.state)
             return record
 
     def _measure_and_record(
-        self, model, edit_id, tokenized, pre, delta, method, config, timings, start, first_touched, drift,
+        self, model, edit_id, tokenized, pre, delta, method, config, timings, start, first_touched, drift, state,
     ) -> EditRecord:
         """Steps 5-7: score after the edit, build the record, append it to the journal."""
         t = time.perf_counter()
@@ -383,7 +422,7 @@ class Editor:
         record = EditRecord(
             id=edit_id, method=method, config=dict(config), requests=tuple(r.request for r in tokenized),
             pre=pre, post=post, timings=timings, model_id=self._model_id, model_fingerprint=self._fingerprint,
-            factedit_version=__version__, delta=delta, drift=drift,
+            factedit_version=__version__, delta=delta, drift=drift, state=state,
         )
         if self._journal is not None:
             t = time.perf_counter()
@@ -489,6 +528,9 @@ class Editor:
                 self._journal.check_model(model_id, fingerprint, self._base_sha256)
                 self._check_base_hashes(model)
                 records = self._journal.records()
+                streams = self._journal.latest_states()
+            else:
+                streams = {}
             state = WeightState()
             try:
                 for record in records:
@@ -497,7 +539,7 @@ class Editor:
             except BaseException:
                 state.restore_base(model)  # a corrupt delta: undo the ones already replayed
                 raise
-            self._state, self._records = state, {r.id: r for r in records}
+            self._state, self._records, self._streams = state, {r.id: r for r in records}, streams
             self._model_ref, self._model_id, self._fingerprint = weakref.ref(model), model_id, fingerprint
             self._safeguards = Safeguards(model_id, fingerprint)
             setattr(model, OWNER_ATTRIBUTE, weakref.ref(self))

@@ -1,7 +1,8 @@
 """The persistent edit journal: one sqlite file through sqlitedict, with no pickle anywhere.
 
 Keys and values are bytes: `meta` and `record/<id>` hold UTF-8 JSON, `delta/<id>` holds safetensors
-bytes, `order` the JSON list of edit ids. Decoding is the identity, so opening a journal cannot run
+bytes, `state/<id>` (lifelong methods only) the method's state after the edit as safetensors bytes,
+`order` the JSON list of edit ids. Decoding is the identity, so opening a journal cannot run
 code. Each edit (record, delta, order and the base hashes of newly touched parameters) is committed
 in one sqlite transaction, so a crash leaves the journal at the last whole edit. An exclusive file
 lock beside the journal keeps a second process out while one has it open.
@@ -19,6 +20,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from sqlitedict import SqliteDict
 
 from .delta import Delta
@@ -93,6 +98,24 @@ class Journal:
         except KeyError:
             raise EditNotFoundError(f"edit {edit_id} has no delta in journal {self.path}") from None
 
+    def state(self, edit_id: str) -> dict[str, torch.Tensor] | None:
+        """The lifelong state an edit left (`StreamState.after`), or None when its method keeps none."""
+        key = f"state/{edit_id}"
+        if key not in self._db:
+            return None
+        try:
+            return load_safetensors(self._db[key])
+        except (SafetensorError, ValueError) as exc:
+            raise JournalError(f"{self.path}: the state of edit {edit_id} is unreadable ({exc})") from None
+
+    def latest_states(self) -> dict[str, dict[str, torch.Tensor]]:
+        """method -> the state its latest edit (active or reverted) left, for the methods that keep one."""
+        states: dict[str, dict[str, torch.Tensor]] = {}
+        for record in reversed(self.records(deltas=False)):
+            if record.method not in states and (state := self.state(record.id)) is not None:
+                states[record.method] = state
+        return states
+
     def check_model(self, model_id: str, fingerprint: str, sha256: str | None = None) -> None:
         """Refuse a model other than the one the journal was made with: by the sha256 of all its
         parameters (`model_sha256`) when the journal has it, else by the sampled fingerprint."""
@@ -136,14 +159,16 @@ class Journal:
             order = self.order()
         except sqlite3.Error as exc:
             raise JournalError(f"could not write journal {self.path}: {exc}") from exc
-        self._commit(
-            {
-                f"record/{record.id}": _json_bytes(record.to_dict()),
-                f"delta/{record.id}": record.delta.to_bytes(delta_meta),
-                "order": _json_bytes([*order, record.id]),
-                "meta": _json_bytes(meta),
-            }
-        )
+        items = {
+            f"record/{record.id}": _json_bytes(record.to_dict()),
+            f"delta/{record.id}": record.delta.to_bytes(delta_meta),
+            "order": _json_bytes([*order, record.id]),
+            "meta": _json_bytes(meta),
+        }
+        if record.state is not None:
+            state = {name: t.detach().cpu().contiguous() for name, t in record.state.items()}
+            items[f"state/{record.id}"] = save_safetensors(state, metadata=delta_meta)
+        self._commit(items)
         self.meta = meta
 
     def set_status(self, record: EditRecord) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -26,6 +27,12 @@ class EditMethod(Protocol):
     `compute` may also take `preserver=` (a `KeyPreserver` or None): then it fits its delta inside
     the null space of preserved keys itself; the Editor projects every delta of a preserving method
     in any case. `param_names` says which weights it edits (the preserver is built for them).
+    `compute` may take `moments=`: a function of parameter names giving the reference corpus's key
+    second moments E[kkᵀ] on the base weights (Safeguards.second_moments). A method may have
+    `edit_keys(model, tokenizer, names, requests)`: the keys of its edits that later edits hold
+    (safeguards.KeysFn); without it, every token of prompt + target.
+    A lifelong method's `compute` takes `stream=` (a `StreamState`): what it learned from earlier
+    edits comes in, what it learned from this one goes out, and the Editor keeps and journals it.
     """
 
     def compute(
@@ -35,6 +42,23 @@ class EditMethod(Protocol):
     def param_names(self, model: nn.Module) -> list[str]: ...
 
 
+@dataclass
+class StreamState:
+    """What a lifelong method carries from one edit to the next (for `mend` and `ultraedit`, the
+    running statistics of the gradient factors), as named tensors.
+
+    The Editor owns it, not the method, so a preview that is never applied, a refused edit and a
+    second Editor cannot disturb it: `before` is what this method's last applied edit left (None:
+    the method's own start), `compute` sets `after` from it without writing `before`, and the Editor
+    keeps `after` (in memory and in the edit's journal record) only once the edit is applied and
+    journaled. A reverted edit's statistics stay: they describe what the method has seen, not the
+    weights, and keeping them makes the next delta depend only on the journal's order of edits.
+    """
+
+    before: dict[str, torch.Tensor] | None = None
+    after: dict[str, torch.Tensor] | None = None
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
@@ -42,6 +66,7 @@ class MethodSpec:
     build: Callable[[Any], EditMethod]  # config instance -> method
     batched: bool = True  # computes one update for several requests (else edit_batch loops)
     guarded: bool = False  # Editor(guard="auto") turns the drift guard on for this method
+    locates: bool = False  # edits at the subject: requests get one (request.with_subject) before they are recorded
 
 
 _BUILTIN: dict[str, str] = {
@@ -49,6 +74,10 @@ _BUILTIN: dict[str, str] = {
     "ft_l": "factedit.peft.ft:METHOD_L",
     "lora": "factedit.peft.lora:METHOD",
     "mend": "factedit.mend.method:METHOD",
+    "ultraedit": "factedit.mend.ultraedit:METHOD",
+    "alphaedit": "factedit.locate.method:ALPHAEDIT",
+    "memit": "factedit.locate.method:MEMIT",
+    "rome": "factedit.locate.method:ROME",
 }
 _REGISTERED: dict[str, MethodSpec] = {}
 

@@ -15,6 +15,10 @@ corpus keys unchanged up to their small residual energy (AlphaEdit, Fang et al. 
   per-token values (MALMEN, Tan et al. 2024, without the projection).
 - Earlier edits' keys enter through `protect` / `release` (Woodbury updates of the inverse kept per
   matrix, in float64).
+- `covariance_solve_rows(C, keys, values, weight)` is MEMIT's least squares without a projection
+  (Meng et al. 2023): the update that maps the keys to their values while weighing the corpus keys'
+  outputs by `weight` (ΔW = V (K (weight C + KᵀK)^{-1})); weight 0 inserts the keys exactly with the
+  smallest change in the C-norm (ROME's rank-one update for one key).
 
 All of this is a transform of deltas before they are applied: the Editor still stores and reverts
 exactly the delta it applied.
@@ -88,6 +92,13 @@ class KeyPreserver:
                          for name, q in self.bases.items()}
         self._protected: dict[str, dict[str, torch.Tensor]] = {}  # edit id -> {name: (N, m)}
         self._converted: dict[tuple, torch.Tensor] = {}  # bases in the dtype/device a caller works in
+
+    @classmethod
+    def full_space(cls, widths: Mapping[str, int], layouts: Mapping[str, str], ridge: float) -> KeyPreserver:
+        """A preserver that keeps nothing out: the whole input space, the plain ridge least squares
+        ΔW = V Kᵀ (K Kᵀ + ridge·I)^{-1} (no reference corpus; widths: name -> input width)."""
+        bases = {name: (torch.eye(width, dtype=torch.float64), 1.0) for name, width in widths.items()}
+        return cls(bases, layouts, PreserveConfig(threshold=1.0, ridge=ridge, protect_edits=False))
 
     @property
     def names(self) -> list[str]:
@@ -183,6 +194,25 @@ class KeyPreserver:
 
     def protected_edits(self) -> list[str]:
         return list(self._protected)
+
+
+def covariance_solve_rows(
+    second_moment: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, weight: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (X (N, in), V (N, out)), ΔW = Σ_i v_i x_iᵀ, minimising Σ_i ‖ΔW k_i − v_i‖² + weight · tr(ΔW C ΔWᵀ)
+    for keys K (N, in), values V (N, out) and the corpus keys' second moment C = E[k kᵀ] (in, in):
+    X = K (weight C + KᵀK)^{-1} = (weight I + K C^{-1} Kᵀ)^{-1} K C^{-1} (Woodbury; an N × N solve).
+    weight 0: every key is mapped exactly to its value (ROME, one key: ΔW = v (C^{-1}k)ᵀ / kᵀC^{-1}k).
+    Computed in float64; C gets a ridge of 1e-6 of its mean eigenvalue so it is invertible."""
+    if not weight >= 0:
+        raise ConfigError(f"the covariance weight must be >= 0, got {weight}")
+    c = second_moment.to(keys.device, torch.float64)
+    c = c + torch.eye(c.shape[0], dtype=torch.float64, device=c.device) * 1e-6 * float(c.diagonal().mean())
+    k = keys.detach().double()  # (N, in)
+    c_inv_k = torch.linalg.solve(c, k.T)  # (in, N): C^{-1} Kᵀ
+    gram = k @ c_inv_k + weight * torch.eye(k.shape[0], dtype=torch.float64, device=k.device)  # (N, N)
+    x = torch.linalg.solve(gram, c_inv_k.T)  # (N, in)
+    return x.to(values.dtype), values
 
 
 def _woodbury(inverse: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

@@ -61,6 +61,8 @@ class EditPreview:
     weights: tuple[str, ...]
     model_fingerprint: str
     delta: Delta = field(repr=False, compare=False)
+    # A lifelong method's state after this delta (methods.StreamState.after); `apply_preview` keeps it.
+    stream_state: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)
 
     @property
     def edit_row(self) -> dict[str, Any]:

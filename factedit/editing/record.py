@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+import torch
+
 from .delta import Delta
 from .request import EditRequest
 
@@ -47,6 +49,8 @@ class EditRecord:
     # measurement; None when the guard was off).
     drift: float | None = None
     delta: Delta | None = field(default=None, repr=False, compare=False)
+    # A lifelong method's state after this edit (methods.StreamState.after); journaled beside the delta.
+    state: Mapping[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.delta is not None:
@@ -59,7 +63,7 @@ class EditRecord:
 
     def without_delta(self) -> EditRecord:
         """This record without its tensors (its `params` stay)."""
-        return replace(self, delta=None)
+        return replace(self, delta=None, state=None)
 
     def with_status(self, status: Status) -> EditRecord:
         return replace(self, status=status, reverted_at=time.time() if status == "reverted" else None)

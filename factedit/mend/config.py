@@ -30,6 +30,10 @@ class MENDConfig:
         gets no more of the step than it needs to take.
     preserve: the null space and ridge of the least-squares solve (`aggregation: least_squares`
         editors; for "sum" editors, the projection of the summed update); None = no preservation.
+    lifelong: the normalisation statistics of (u, δ) keep learning while the editor edits: each edit's
+        rows are merged into them (Welford, as in training) before they are normalised, and the
+        statistics an edit leaves are journaled with it (`StreamState`), so a reopened journal edits
+        on exactly as the process that wrote it would. False: the checkpoint's statistics, frozen.
     fallback_ridges: smaller ridges tried, in order, for an edit that no step scale makes take at the
         preserve ridge (each again with every step scale); () = none. The shipped editor was trained
         with ridge 1; a large ridge keeps each update small and off the directions plain text uses.
@@ -48,6 +52,7 @@ class MENDConfig:
     step_scales: tuple[float, ...] = (1.0, 1.5, 2.25)
     preserve: PreserveConfig | None = preserve_field(PreserveConfig(threshold=0.5, ridge=10.0))
     fallback_ridges: tuple[float, ...] = ()
+    lifelong: bool = True
 
     def __post_init__(self) -> None:
         if (self.layers is not None and not self.layers) or (self.matrices is not None and not self.matrices):

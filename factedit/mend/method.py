@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..editing.delta import Delta, ParamDelta
 from ..editing.errors import ConfigError
-from ..editing.methods import MethodSpec
+from ..editing.methods import MethodSpec, StreamState
 from ..editing.preserve import KeyPreserver
 from ..editing.request import TokenizedRequest
 from ..editing.scoring import pad_id_of
@@ -27,7 +27,7 @@ from ..peft.training import frozen, make_batch
 from .capture import capture, logits_at, loss_positions, next_tokens
 from .checkpoint import MENDCheckpoint, check_model, load_checkpoint
 from .config import MENDConfig
-from .network import EditedParam, MENDNetwork, dense_update
+from .network import EditedParam, MENDNetwork, Stats, dense_update
 from .prefix import PrefixCache
 
 LOG = logging.getLogger(__name__)
@@ -79,11 +79,15 @@ def edit_rows(
 
 def candidate_rows(
     network: MENDNetwork, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], preserver: KeyPreserver | None,
-    ridges: Sequence[float | None],
+    ridges: Sequence[float | None], stats: dict[str, Stats] | None = None, key_weighted: bool = False,
 ) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """`edit_rows` under each ridge of the least-squares solve (None = the preserver's own); one
-    candidate for editors that sum their rows (a ridge means nothing to them)."""
-    transformed = network(factors)
+    candidate for editors that sum their rows (a ridge means nothing to them). `stats` normalise
+    instead of the network's own (lifelong editing); `key_weighted` scales each value by its
+    normalised key's squared norm ‖ũ‖² (UltraEdit's value rule)."""
+    transformed = network(factors, stats)
+    if key_weighted:
+        transformed = {name: (u_t, d_t * (u_t * u_t).sum(-1, keepdim=True)) for name, (u_t, d_t) in transformed.items()}
     if getattr(network, "module", network).aggregation == "sum":  # DDP wraps the network in .module
         return [transformed]
     if preserver is None:
@@ -94,6 +98,63 @@ def candidate_rows(
     keys = {name: u for name, (u, _) in factors.items()}
     values = {name: v for name, (_, v) in transformed.items()}
     return [preserver.solve_rows(keys, values, ridge) for ridge in ridges]
+
+
+def lifelong_stats(
+    network: MENDNetwork, rows: dict[str, tuple[torch.Tensor, torch.Tensor]], stream: StreamState | None, tag: str,
+) -> dict[str, Stats] | None:
+    """The statistics this edit normalises with: those the stream carries (else the network's own)
+    with the edit's rows merged in; `stream.after` gets them. None without a stream (frozen statistics).
+    `tag` names the editor the statistics belong to: another editor's are not used."""
+    if stream is None:
+        return None
+    start = stats_from_tensors(stream.before, tag, network.stats()) if stream.before else None
+    merged = network.merged_stats(start or network.stats(), rows)
+    stream.after = stats_to_tensors(merged, tag)
+    return merged
+
+
+def stats_to_tensors(stats: dict[str, Stats], tag: str) -> dict[str, torch.Tensor]:
+    return {name: t for key, s in stats.items() for name, t in s.tensors(f"{tag}/{key}").items()}
+
+
+def stats_from_tensors(
+    tensors: dict[str, torch.Tensor], tag: str, like: dict[str, Stats],
+) -> dict[str, Stats] | None:
+    """Statistics for the shape keys of `like` from `stats_to_tensors` output; None when they belong to
+    another editor (tag) or another shape."""
+    try:
+        loaded = {key: Stats.from_tensors(tensors, f"{tag}/{key}") for key in like}
+    except KeyError:
+        LOG.info("the stream's statistics belong to another editor; starting from this editor's own")
+        return None
+    if any(loaded[k].mean.shape != like[k].mean.shape for k in like):
+        return None
+    return loaded
+
+
+def capture_rows(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[TokenizedRequest],
+    names: Sequence[str], positions: str, pass_size: int | None, checks: PrefixCache | None,
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """(rows, owners): every request's u/δ rows per matrix (one forward and backward per pass of
+    `length_groups`) and each row's request as an index into the length-sorted order. With `checks`
+    the hidden states entering the first edited block are recorded, so step checks run only the
+    edited blocks."""
+    device = next(model.parameters()).device
+    factors: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in names}
+    owners, seen = [], 0
+    with frozen(model):
+        for group in length_groups(requests, pass_size):
+            batch = make_batch(group, pad_id_of(tokenizer), device)
+            with checks.recording(model, [r.input_ids for r in group]) if checks else nullcontext():
+                captured = capture(model, [module_of(n) for n in names], names, batch, positions=positions)
+            for name in names:
+                factors[name].append(captured.factors[name])
+            owners.append(captured.owners + seen)
+            seen += len(group)
+    rows = {n: (torch.cat([u for u, _ in f]), torch.cat([d for _, d in f])) for n, f in factors.items()}
+    return rows, torch.cat(owners)
 
 
 def factors_to_delta(network: MENDNetwork, transformed: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Delta:
@@ -145,37 +206,45 @@ class MEND:
         self._checked.add(model)
         return self.network.param_names
 
+    @property
+    def stream_tag(self) -> str:
+        """Names this editor's statistics in a stream (another checkpoint's are not used)."""
+        return "mend-" + str(self.checkpoint.meta.get("weights_sha256", "untracked"))[:16]
+
     def compute(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[TokenizedRequest],
-        preserver: KeyPreserver | None = None,
+        preserver: KeyPreserver | None = None, stream: StreamState | None = None,
     ) -> Delta:
+        """The editor's delta for `requests`; with `stream` (and `lifelong`) the normalisation statistics
+        continue from the stream's and the new ones go back into it (StreamState)."""
         names = self._check(model)
-        device = next(model.parameters()).device
-        factors: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in names}
-        owners, seen = [], 0  # each row's request, as an index into the length-sorted order
-        # The hidden states entering the first edited block, recorded by the capture pass, let each
-        # step_scales check run only the edited blocks.
-        checks = None
-        if len(self.config.step_scales) > 1 or self.config.fallback_ridges:  # more than one level to check
-            checks = PrefixCache(model, min(layer_index(model, n) for n in names))
-        with frozen(model):
-            for group in length_groups(requests, self.config.pass_size):
-                batch = make_batch(group, pad_id_of(tokenizer), device)
-                with checks.recording(model, [r.input_ids for r in group]) if checks else nullcontext():
-                    captured = capture(model, [module_of(n) for n in names], names, batch,
-                                       positions=self.positions)
-                for name in names:
-                    factors[name].append(captured.factors[name])
-                owners.append(captured.owners + seen)
-                seen += len(group)
-        rows = {n: (torch.cat([u for u, _ in f]), torch.cat([d for _, d in f])) for n, f in factors.items()}
-        network = self.network.to(device)
-        with torch.no_grad():
-            candidates = candidate_rows(network, rows, preserver, (None, *self.config.fallback_ridges))
-            transformed = scaled_step(model, pad_id_of(tokenizer), requests, candidates, network,
-                                      self.config.step_scales, torch.cat(owners), self.config.pass_size,
-                                      checks)
-        return factors_to_delta(network, transformed)
+        network = self.network.to(next(model.parameters()).device)
+        return edit_with_network(model, tokenizer, requests, network, names, preserver,
+                                 stream if self.config.lifelong else None, self.stream_tag,
+                                 positions=self.positions, pass_size=self.config.pass_size,
+                                 step_scales=self.config.step_scales, fallback_ridges=self.config.fallback_ridges)
+
+
+def edit_with_network(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[TokenizedRequest],
+    network: MENDNetwork, names: Sequence[str], preserver: KeyPreserver | None, stream: StreamState | None,
+    tag: str, *, positions: str, pass_size: int | None, step_scales: Sequence[float],
+    fallback_ridges: Sequence[float] = (), key_weighted: bool = False,
+) -> Delta:
+    """One edit by an editor network (MEND's, or the identity for `ultraedit`): capture the rows,
+    normalise them (lifelong when `stream` is given), transform, aggregate, scale the step."""
+    # More than one level to check: the capture pass records the hidden states entering the first
+    # edited block, so each check runs only the edited blocks.
+    checks = None
+    if len(step_scales) > 1 or fallback_ridges:
+        checks = PrefixCache(model, min(layer_index(model, n) for n in names))
+    rows, owners = capture_rows(model, tokenizer, requests, names, positions, pass_size, checks)
+    with torch.no_grad():
+        stats = lifelong_stats(network, rows, stream, tag)
+        candidates = candidate_rows(network, rows, preserver, (None, *fallback_ridges), stats, key_weighted)
+        transformed = scaled_step(model, pad_id_of(tokenizer), requests, candidates, network, step_scales,
+                                  owners, pass_size, checks)
+    return factors_to_delta(network, transformed)
 
 
 def dense_params(

@@ -50,6 +50,55 @@ class EditedParam:
         return f"{self.d_in}x{self.d_out}"
 
 
+@dataclass(frozen=True)
+class Stats:
+    """Running mean/variance of the rows z = [u; δ] (D,), float64: count, mean, Σ (z - mean)².
+
+    `merged` is Chan et al.'s parallel Welford update and returns new tensors (the old ones are not
+    written), so a lifelong editor can keep the statistics an edit used beside its record.
+    """
+
+    count: torch.Tensor  # () float64
+    mean: torch.Tensor  # (D,) float64
+    m2: torch.Tensor  # (D,) float64
+
+    @classmethod
+    def empty(cls, dim: int) -> Stats:
+        zeros = torch.zeros(dim, dtype=torch.float64)
+        return cls(torch.zeros((), dtype=torch.float64), zeros, zeros.clone())
+
+    def merged(self, z: torch.Tensor) -> Stats:
+        """These statistics with the rows z (N, D) merged in."""
+        if z.shape[0] == 0:
+            return self
+        z = z.detach().to(torch.float64)
+        n_b = float(z.shape[0])
+        mean_b = z.mean(0)  # (D,)
+        m2_b = ((z - mean_b) ** 2).sum(0)  # (D,)
+        n_a = float(self.count)
+        total = n_a + n_b
+        mean_a = self.mean.to(z.device)
+        diff = mean_b - mean_a
+        mean = mean_a + diff * (n_b / total)
+        m2 = self.m2.to(z.device) + (m2_b + diff**2 * (n_a * n_b / total))
+        return Stats(torch.tensor(total, dtype=torch.float64), mean.cpu(), m2.cpu())
+
+    def normalise(self, z: torch.Tensor) -> torch.Tensor:
+        """(z - mean) / std per column; the identity before two rows have been seen."""
+        if float(self.count) < 2:
+            return z
+        std = (self.m2 / (self.count - 1)).sqrt()
+        mean, std = self.mean.to(z.device, z.dtype), std.to(z.device, z.dtype)
+        return (z - mean) / (std + STD_EPS)
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.count": self.count.cpu(), f"{prefix}.mean": self.mean.cpu(), f"{prefix}.m2": self.m2.cpu()}
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], prefix: str) -> Stats:
+        return cls(*(tensors[f"{prefix}.{part}"].to(torch.float64) for part in ("count", "mean", "m2")))
+
+
 class LowRankResidual(nn.Module):
     """z + act(scale[mode] ⊙ (z Aᵀ Bᵀ + b) + shift[mode]); B = 0 at init, so the identity."""
 
@@ -85,35 +134,32 @@ class ShapeEditor(nn.Module):
             LowRankResidual(dim, rank, n_modes, activation=i < n_hidden) for i in range(n_hidden + 1)
         )
 
+    @property
+    def stats(self) -> Stats:
+        """The running statistics held in the buffers (saved with the checkpoint)."""
+        return Stats(self.count, self.mean, self.m2)
+
     @torch.no_grad()
     def update_stats(self, z: torch.Tensor) -> None:
-        """Merge a batch of rows z (N, D) into the running statistics (Chan et al.'s parallel Welford)."""
-        if z.shape[0] == 0:
-            return
-        z = z.detach().to(torch.float64)
-        n_b = float(z.shape[0])
-        mean_b = z.mean(0)  # (D,)
-        m2_b = ((z - mean_b) ** 2).sum(0)  # (D,)
-        n_a = float(self.count)
-        total = n_a + n_b
-        diff = mean_b - self.mean
-        self.mean.add_(diff * (n_b / total))
-        self.m2.add_(m2_b + diff**2 * (n_a * n_b / total))
-        self.count.fill_(total)
+        """Merge a batch of rows z (N, D) into the buffers' running statistics."""
+        merged = self.stats.merged(z)
+        self.count.copy_(merged.count)
+        self.mean.copy_(merged.mean)
+        self.m2.copy_(merged.m2)
 
-    def normalise(self, z: torch.Tensor) -> torch.Tensor:
-        if float(self.count) < 2:
-            return z
-        std = (self.m2 / (self.count - 1)).sqrt()
-        mean, std = self.mean.to(z.dtype), std.to(z.dtype)
-        return (z - mean) / (std + STD_EPS)
+    def forward(
+        self, u: torch.Tensor, delta: torch.Tensor, mode: int, stats: Stats | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """u: (N, d_in), δ: (N, d_out) -> (ũ, δ̃) of the same shapes.
 
-    def forward(self, u: torch.Tensor, delta: torch.Tensor, mode: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """u: (N, d_in), δ: (N, d_out) -> (ũ, δ̃) of the same shapes."""
+        `stats` normalise instead of the buffers (lifelong editing passes the stream's own, already
+        merged with these rows); the buffers are then neither read nor written."""
         z = torch.cat([u, delta], dim=-1).float()  # (N, D)
-        if self.training:
-            self.update_stats(z)
-        z = self.normalise(z)
+        if stats is None:
+            if self.training:
+                self.update_stats(z)
+            stats = self.stats
+        z = stats.normalise(z)
         for layer in self.layers:
             z = layer(z, mode)
         return z[:, : self.d_in], z[:, self.d_in :]
@@ -152,15 +198,33 @@ class MENDNetwork(nn.Module):
         return [p.name for p in self.params]
 
     def forward(
-        self, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+        self, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], stats: Mapping[str, Stats] | None = None,
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """name -> (u (N, d_in), δ (N, d_out)) to name -> (ũ (N, d_in), −α·δ̃ (N, d_out))."""
+        """name -> (u (N, d_in), δ (N, d_out)) to name -> (ũ (N, d_in), −α·δ̃ (N, d_out)).
+
+        `stats` (shape key -> Stats, from `merged_stats`) normalise instead of the buffers."""
         out = {}
         for index, p in enumerate(self.params):
             u, delta = factors[p.name]
-            u_t, d_t = self.editors[p.shape_key](u, delta, self.modes[p.name])
+            own = stats[p.shape_key] if stats is not None else None
+            u_t, d_t = self.editors[p.shape_key](u, delta, self.modes[p.name], own)
             out[p.name] = (u_t, d_t * -self.alpha[index])
         return out
+
+    def stats(self) -> dict[str, Stats]:
+        """shape key -> the statistics in the buffers (as trained)."""
+        return {key: editor.stats for key, editor in self.editors.items()}
+
+    def merged_stats(
+        self, stats: Mapping[str, Stats], factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    ) -> dict[str, Stats]:
+        """`stats` with every edited matrix's rows [u; δ] merged in, in parameter order (lifelong
+        normalisation: the statistics keep learning from each edit)."""
+        merged = dict(stats)
+        for p in self.params:
+            u, delta = factors[p.name]
+            merged[p.shape_key] = merged[p.shape_key].merged(torch.cat([u, delta], dim=-1).float())
+        return merged
 
 
 def dense_update(u_t: torch.Tensor, d_t: torch.Tensor, layout: str) -> torch.Tensor:

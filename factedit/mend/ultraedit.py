@@ -1,0 +1,124 @@
+"""`ultraedit`: a lifelong editor for any supported model, with no training (Gu et al. 2025, UltraEdit).
+
+It is MEND's machinery with the identity in place of a trained network:
+
+1. one forward and one backward pass of the model on the edit gives, per edited matrix and token,
+   the input u (the key) and the gradient δ at the output (`capture_rows`);
+2. lifelong normalisation: [u; δ] is standardised with running statistics that every edit keeps
+   updating and never resets (the `StreamState` the Editor journals), so the editor adapts to the
+   stream of edits it sees;
+3. each token's value is −lr·‖ũ‖²·δ̃ (the normalised gradient, weighted by its normalised key's
+   energy, UltraEdit's rule);
+4. the update is the least-squares map from the raw keys to those values inside the null space of
+   the reference corpus's keys, with a ridge (`KeyPreserver.solve_rows`): it leaves ordinary text
+   alone and stays small, which is what lets thousands of edits accumulate;
+5. the step is checked as `mend` checks it (`step_scales`): the first scale under which every
+   target token is the argmax is kept.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from ..editing.delta import Delta
+from ..editing.methods import MethodSpec, StreamState
+from ..editing.preserve import KeyPreserver, PreserveConfig, preserve_field
+from ..editing.request import TokenizedRequest
+from ..editing.specs import mlp_param_names, num_layers
+from .config import POSITIONS
+from .method import edit_with_network, new_network
+from .network import MENDNetwork
+
+STREAM_TAG = "ultraedit"
+
+
+@dataclass(frozen=True)
+class UltraEditConfig:
+    """How `ultraedit` edits (see the module docstring).
+
+    layers / matrices: the blocks and MLP roles ("gate", "in", "out") edited; negative layers count
+        from the last block. None: three consecutive blocks from a fifth of the model's depth (6, 7, 8
+        of the default model's 30), where facts are stored and the null space is wide.
+    lr: the step: each value is −lr·‖ũ‖²·δ̃.
+    positions: "loss" = the positions whose output predicts a target token (UltraEdit's); "all" =
+        every non-padding position.
+    step_scales: multipliers of lr tried in order (as MENDConfig.step_scales): the first under which
+        every target token is the argmax is kept, else the last.
+    preserve: the null space and ridge of the least-squares solve; `protect_edits` holds earlier
+        edits' keys (every token's) at zero change. None: no null space, the plain ridge solve
+        ΔW = V Kᵀ (K Kᵀ + ridge·I)^{-1} of the UltraEdit paper.
+    ridge: that plain solve's ridge (used only when `preserve` is None).
+    pass_size: edit_batch runs at most this many requests per pass (None: one pass).
+    """
+
+    layers: tuple[int, ...] | None = None
+    matrices: tuple[str, ...] = ("out",)
+    lr: float = 1.0
+    positions: str = "loss"
+    step_scales: tuple[float, ...] = (1.0, 2.0, 4.0)
+    preserve: PreserveConfig | None = preserve_field(PreserveConfig(threshold=0.5, ridge=10.0, protect_edits=False))
+    ridge: float = 1.0
+    pass_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.layers is not None and not self.layers) or not self.matrices:
+            raise ValueError("layers and matrices must not be empty (layers None: the default blocks)")
+        if not self.lr > 0 or not self.ridge > 0:
+            raise ValueError("lr and ridge must be > 0")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
+        if not self.step_scales or any(not scale > 0 for scale in self.step_scales):
+            raise ValueError("step_scales must be one or more numbers > 0")
+        if self.pass_size is not None and self.pass_size < 1:
+            raise ValueError("pass_size must be >= 1, or None for one pass")
+
+
+class UltraEdit:
+    """Computes `ultraedit` deltas; the identity editor network is built per model on first use."""
+
+    def __init__(self, config: UltraEditConfig) -> None:
+        self.config = config
+        self._networks: weakref.WeakKeyDictionary[nn.Module, MENDNetwork] = weakref.WeakKeyDictionary()
+
+    def layers(self, model: nn.Module) -> tuple[int, ...]:
+        if self.config.layers is not None:
+            return self.config.layers
+        first, count = num_layers(model) // 5, min(3, num_layers(model))
+        return tuple(range(min(first, num_layers(model) - count), min(first, num_layers(model) - count) + count))
+
+    def param_names(self, model: nn.Module) -> list[str]:
+        return mlp_param_names(model, self.layers(model), self.config.matrices)
+
+    def _network(self, model: nn.Module) -> MENDNetwork:
+        if model not in self._networks:
+            network = new_network(model, self.layers(model), self.config.matrices, rank=1, n_hidden=0,
+                                  alpha_init=self.config.lr, aggregation="least_squares")
+            self._networks[model] = network.to(next(model.parameters()).device).eval()
+        return self._networks[model]
+
+    def compute(
+        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[TokenizedRequest],
+        preserver: KeyPreserver | None = None, stream: StreamState | None = None,
+    ) -> Delta:
+        """The delta for `requests`; the stream's statistics (fresh ones without a stream) with this
+        edit's rows merged in normalise them, and go back into the stream."""
+        network = self._network(model)
+        if preserver is None:  # preserve=None: UltraEdit's own solve, a plain ridge over the whole space
+            preserver = KeyPreserver.full_space({p.name: p.d_in for p in network.params},
+                                                {p.name: p.layout for p in network.params}, self.config.ridge)
+        return edit_with_network(model, tokenizer, requests, network, self.param_names(model),
+                                 preserver, stream if stream is not None else StreamState(), STREAM_TAG,
+                                 positions=self.config.positions, pass_size=self.config.pass_size,
+                                 step_scales=self.config.step_scales, key_weighted=True)
+
+
+def build(config: UltraEditConfig) -> UltraEdit:
+    return UltraEdit(config)
+
+
+METHOD = MethodSpec("ultraedit", UltraEditConfig, build, guarded=True)
