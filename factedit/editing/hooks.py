@@ -42,6 +42,40 @@ def forward_hooks(
             handle.remove()
 
 
+class StopForward(Exception):
+    """Raised by `stop_after`'s hook to end a forward pass once the modules of interest have run."""
+
+
+@contextlib.contextmanager
+def stop_after(model: nn.Module, module_name: str) -> Iterator[None]:
+    """Inside the block, a forward pass of `model` ends (silently, without output) right after the
+    module `module_name` has run: nothing above it is computed. Use it with hooks that record what
+    the pass needs."""
+
+    def stop(module: nn.Module, args: tuple, output: object) -> None:
+        raise StopForward
+
+    with forward_hooks(model, hooks={module_name: stop}), contextlib.suppress(StopForward):
+        yield
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """No parameter requires grad and dropout is off inside the block; both are restored on exit,
+    also on error (a method's compute leaves the model as it found it)."""
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    was_training = model.training
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.eval()
+        yield model
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])
+        model.train(was_training)
+
+
 @dataclass
 class LinearIO:
     """What `capture_linear_io` recorded, by module name."""

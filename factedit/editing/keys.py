@@ -12,9 +12,8 @@ in the file's metadata (model id and fingerprint, corpus hash, token count, fact
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .._version import __version__
 from .cachefiles import read_cached_tensors, write_cached_tensors
-from .hooks import capture_linear_io, forward_hooks
+from .hooks import capture_linear_io, stop_after
 from .loading import cache_dir
 from .reference import texts_sha256
 from .request import TokenizedRequest, max_context
@@ -31,19 +30,6 @@ from .scoring import pad_id_of, pad_sequences
 
 LOG = logging.getLogger(__name__)
 STATS_FORMAT = "factedit.keys/1"
-
-
-class _Done(Exception):
-    """Ends a statistics forward once the last module of interest has run (nothing above is needed)."""
-
-
-@contextlib.contextmanager
-def _stop_after(model: nn.Module, module_name: str) -> Iterator[None]:
-    def stop(module: nn.Module, args: tuple, output: object) -> None:
-        raise _Done
-
-    with forward_hooks(model, hooks={module_name: stop}), contextlib.suppress(_Done):
-        yield
 
 
 def _last_module(model: nn.Module, modules: Sequence[str]) -> str:
@@ -77,7 +63,7 @@ def compute_key_statistics(
         ids, mask = pad_sequences([e for e in encoded if e], pad_id)
         device = next(model.parameters()).device
         kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-        with capture_linear_io(model, modules, grads=False) as io, _stop_after(model, last):
+        with capture_linear_io(model, modules, grads=False) as io, stop_after(model, last):
             if params:
                 on_device = {name: value.to(device) for name, value in params.items()}
                 torch.func.functional_call(model, on_device, args=(), kwargs=kwargs, strict=False)
@@ -160,7 +146,7 @@ def edit_keys(
     """{module: (N, in)}: the inputs of `modules` at every token of the requests' prompt + target."""
     ids, mask = pad_sequences([r.input_ids for r in requests], pad_id_of(tokenizer))
     device = next(model.parameters()).device
-    with capture_linear_io(model, modules, grads=False) as io, _stop_after(model, _last_module(model, modules)):
+    with capture_linear_io(model, modules, grads=False) as io, stop_after(model, _last_module(model, modules)):
         model(input_ids=ids.to(device), attention_mask=mask.to(device))
     keep = mask.bool().to(device)
     return {name: io.inputs[name][keep].detach().cpu() for name in modules}

@@ -8,7 +8,9 @@ part of factedit that scores a target uses this one rule.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -190,3 +192,99 @@ def as_requests(items: Sequence[EditRequest | Mapping[str, Any]]) -> list[EditRe
     if not requests:
         raise InvalidRequestError("no requests given")
     return requests
+
+
+# --- the subject of a request: where locate-then-edit methods read and write the fact ----------------
+# Words that start a sentence without naming anything ("The capital of ..."): dropped from the front of
+# a capitalised run at a sentence start. Function words are skipped by the fallback rule.
+_OPENERS = frozenset((
+    "a", "an", "the", "in", "on", "at", "of", "for", "from", "to", "by", "with", "what", "which", "who", "whom",
+    "whose", "where", "when", "why", "how", "this", "that", "these", "those", "it", "its", "he", "she", "his",
+    "her", "they", "their", "we", "our", "you", "your", "i", "my", "there", "here",
+))
+_WORD = re.compile(r"\w+(?:['’.\-]\w+)*")
+
+
+def find_subject(prompt: str) -> str:
+    """The subject of `prompt` when a request names none. One deterministic rule:
+
+    1. the last run of capitalised words (a word with an upper-case letter, as "Paris", "iPhone"; digits may
+       continue a run, as in "Windows 10"; a run ends at punctuation and after a possessive "'s"),
+       where a run at the start of a sentence loses a leading opener ("The", "In", "What", ...):
+       "The capital of France is" -> "France", "BBC One, by" -> "BBC One";
+    2. else the last word that is not a function word ("the mother tongue of paris is" -> "paris");
+    3. else the last word.
+    A possessive "'s" is not part of the subject. Raises InvalidRequestError for a prompt without words.
+    """
+    words = list(_WORD.finditer(prompt))
+    if not words:
+        raise InvalidRequestError(f"the prompt {prompt!r} has no words: it names no subject")
+    runs: list[list[re.Match]] = []
+    for index, word in enumerate(words):
+        text = word.group()
+        follows = _continues(prompt, words, index, runs)
+        if not (any(c.isupper() for c in text) or (text[0].isdigit() and follows)):
+            continue
+        if follows:
+            runs[-1].append(word)
+        else:
+            runs.append([word])
+    candidates = []
+    for run in runs:
+        if _at_sentence_start(prompt, run[0].start()) and run[0].group().lower() in _OPENERS:
+            run = run[1:]
+        if run:
+            candidates.append(run)
+    if candidates:
+        run = candidates[-1]
+        return _strip_possessive(prompt[run[0].start() : run[-1].end()])
+    content = [w for w in words if w.group().lower() not in _OPENERS and w.group().lower() not in _VERBS]
+    return _strip_possessive((content or words)[-1].group())
+
+
+_VERBS = frozenset((
+    "is", "are", "was", "were", "be", "been", "has", "have", "had", "do", "does", "did", "and", "or", "but", "not",
+    "as",
+))
+
+
+def _continues(prompt: str, words: list[re.Match], index: int, runs: list[list[re.Match]]) -> bool:
+    """Whether words[index] directly follows the last word of the current run (only spaces between,
+    and that word is not a possessive)."""
+    if index == 0 or not runs or runs[-1][-1] is not words[index - 1]:
+        return False
+    previous = words[index - 1]
+    return not prompt[previous.end() : words[index].start()].strip() and not _is_possessive(previous.group())
+
+
+def _is_possessive(word: str) -> bool:
+    return word.endswith(("'s", "’s"))
+
+
+def _strip_possessive(text: str) -> str:
+    return text[:-2] if _is_possessive(text) else text
+
+
+def _at_sentence_start(prompt: str, start: int) -> bool:
+    before = prompt[:start].rstrip()
+    return not before or before[-1] in ".!?:\"“"
+
+
+def with_subject(request: EditRequest) -> EditRequest:
+    """`request` with its subject: the given one, else `find_subject(request.prompt)`."""
+    if request.subject is not None:
+        return request
+    return dataclasses.replace(request, subject=find_subject(request.prompt))
+
+
+def subject_span(prompt: str, subject: str) -> tuple[int, int]:
+    """(start, end) characters of the last occurrence of `subject` in `prompt`; a clear error if absent."""
+    if not subject.strip():
+        raise InvalidRequestError("the subject is empty: give the entity the fact is about, as written in the prompt")
+    start = prompt.rfind(subject)
+    if start < 0:
+        raise InvalidRequestError(
+            f"the subject {subject!r} does not occur in the prompt {prompt!r}; give it as written in the prompt "
+            "(case matters), or leave it out to let factedit find it (request.find_subject)"
+        )
+    return start, start + len(subject)

@@ -27,14 +27,19 @@ from .delta import Delta
 from .drift import DriftGuard, GuardConfig
 from .errors import ConfigError
 from .guard_store import GuardStore
-from .keys import edit_keys
+from .keys import edit_keys, key_statistics
 from .preserve import KeyPreserver, PreserveConfig, build_preserver
-from .reference import reference_texts
+from .reference import key_corpus, reference_texts
 from .request import TokenizedRequest
 from .specs import layer_index
 from .weights import WeightState
 
 Guard = GuardConfig | float | None | str  # what Editor(guard=...) accepts; "auto": the method's default
+# A method's own keys of an edit, {param name: (N, in)} for the given param names and requests, on the
+# current weights (e.g. locate-then-edit: the subject's last token, over context prefixes). Methods
+# without one get every token of prompt + target (`keys.edit_keys`).
+KeysFn = Callable[[nn.Module, PreTrainedTokenizerBase, Sequence[str], Sequence[TokenizedRequest]],
+                  dict[str, torch.Tensor]]
 
 
 def resolve_guard(option: Guard, guarded_by_default: bool) -> GuardConfig | None:
@@ -73,38 +78,54 @@ class Safeguards:
     def preserver_for(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, state: WeightState,
         names: Sequence[str], config: PreserveConfig,
-        active: Callable[[], Sequence[tuple[str, Sequence[TokenizedRequest]]]],
+        active: Callable[[], Sequence[tuple[str, Sequence[TokenizedRequest], KeysFn | None]]],
     ) -> KeyPreserver:
         """The preserver for `names` under `config`, built on first need; the keys of the `active()`
-        edits (id, requests) are protected when it is built."""
+        edits (id, requests, the method's KeysFn or None) are protected when it is built."""
         current = self.preserver
         if current is not None and current.config == config and set(names) <= set(current.names):
             return current
         wanted = sorted(set(names) | (set(current.names) if current and current.config == config else set()))
         preserver = build_preserver(model, tokenizer, wanted, config, fingerprint=self.fingerprint,
                                     model_id=self.model_id, base_params=state.base_values(wanted))
-        for edit_id, requests in active() if config.protect_edits else ():
-            preserver.protect(edit_id, self._keys(model, tokenizer, preserver.names, requests))
+        for edit_id, requests, keys in active() if config.protect_edits else ():
+            preserver.protect(edit_id, self._keys(model, tokenizer, preserver.names, requests, keys))
         self.preserver = preserver
         return preserver
 
     def protect(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, edit_id: str, delta: Delta,
-        requests: Sequence[TokenizedRequest],
+        requests: Sequence[TokenizedRequest], keys: KeysFn | None = None,
     ) -> None:
-        """Protect the keys an applied edit's sequences give, for the matrices the preserver covers."""
+        """Protect the keys of an applied edit, for the matrices the preserver covers: those `keys` (the
+        method's KeysFn) gives, else those of every token of its sequences."""
         if self.preserver is None or not self.preserver.config.protect_edits:
             return
         names = [n for n in delta.names() if n in self.preserver.bases]
         if names:
-            self.preserver.protect(edit_id, self._keys(model, tokenizer, names, requests))
+            self.preserver.protect(edit_id, self._keys(model, tokenizer, names, requests, keys))
 
     def release(self, edit_id: str) -> None:
         if self.preserver is not None:
             self.preserver.release(edit_id)
 
+    def second_moments(
+        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, state: WeightState, names: Sequence[str],
+    ) -> dict[str, torch.Tensor]:
+        """{param name: E[k kᵀ] (in, in)} of the reference corpus's keys of each weight matrix, on the
+        base weights (keys.key_statistics: cached on disk per base model)."""
+        modules = {name: name.rpartition(".")[0] for name in names}
+        moments = key_statistics(model, tokenizer, sorted(set(modules.values())), key_corpus(),
+                                 fingerprint=self.fingerprint, model_id=self.model_id,
+                                 params=state.base_values(list(state.base)))
+        return {name: moments[module] for name, module in modules.items()}
+
     @staticmethod
-    def _keys(model, tokenizer, names: Sequence[str], requests: Sequence[TokenizedRequest]) -> dict[str, torch.Tensor]:
+    def _keys(
+        model, tokenizer, names: Sequence[str], requests: Sequence[TokenizedRequest], keys: KeysFn | None = None,
+    ) -> dict[str, torch.Tensor]:
+        if keys is not None:
+            return keys(model, tokenizer, names, requests)
         modules = {name: name.rpartition(".")[0] for name in names}
         keys = edit_keys(model, tokenizer, sorted(set(modules.values())), requests)
         return {name: keys[module] for name, module in modules.items()}

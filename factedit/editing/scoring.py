@@ -6,6 +6,7 @@ sequence is read at its own positions, which makes batched and unbatched numbers
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -146,3 +147,35 @@ def score_requests(
         {"prompt": text, "top": top_tokens(tokenizer, next(scores).next_logprobs, top_k)} for text in probes
     ]
     return {"requests": results, "probes": probe_results}
+
+
+def logits_at(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    select: torch.Tensor,
+    params: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Logits (M, V) at the positions set in `select` (B, T), row-major, with the language-model head
+    run on those M positions only (`logits_to_keep` where the model takes it trims the positions to
+    their union over rows; a pre-hook on the head keeps each row's own). `params` (optional) go to
+    `torch.func.functional_call`; the model's tensors are never written. Gradients flow as usual."""
+    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+    keep = select.any(0).nonzero().squeeze(1)  # (K,)
+    rows = select
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = keep
+        rows = select[:, keep]  # (B, K)
+
+    def gather(module: nn.Module, args: tuple) -> tuple:
+        return (args[0][rows].unsqueeze(0), *args[1:])  # (1, M, d)
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(gather)
+    try:
+        if params is not None:
+            out = torch.func.functional_call(model, params, args=(), kwargs=kwargs, strict=False)
+        else:
+            out = model(**kwargs)
+    finally:
+        handle.remove()
+    return out.logits.squeeze(0)  # (M, V)

@@ -1,0 +1,122 @@
+"""Context prefixes: short texts the model writes itself, put before a prompt so that an edit is fitted
+over several contexts, not one (MEMIT's context templates, Meng et al. 2023).
+
+    prefixes = ContextPrefixes(PrefixConfig()).get(model, tokenizer)   # ("", "The first ...", ...)
+    text, start = in_context(prefixes[1], "The capital of France is")  # "The first .... The capital ..."
+
+Each seed word is continued by the model for `tokens` tokens, sampled from its top-k next tokens with a
+fixed seed (a generator of its own: torch's global RNG is not touched), so the prefixes of a model are
+deterministic. The empty prefix (the prompt alone) comes first. `ContextPrefixes` keeps the prefixes
+of each model object it has seen (weakly; nothing global): generated the first time a method meets a
+model, they stay fixed while that model is edited.
+
+`token_at(tokenizer, text, char_end)` finds the last token of a character span (a subject) in the ids
+the tokenizer gives for the whole text: the key position of locate-then-edit methods.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from .errors import ConfigError, InvalidRequestError
+from .hooks import frozen
+from .request import encode_prompt
+
+SEPARATOR = ". "  # between a prefix and the prompt
+
+
+@dataclass(frozen=True)
+class PrefixConfig:
+    """Which prefixes the model writes (see the module docstring)."""
+
+    seeds: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")  # first words, one group each
+    per_seed: int = 1  # prefixes written from each seed word
+    tokens: int = 8  # tokens generated after the seed word
+    top_k: int = 5  # sampled among the k most likely next tokens
+    seed: int = 0  # the sampler's seed: the same model gives the same prefixes
+
+    def __post_init__(self) -> None:
+        if self.per_seed < 0 or self.tokens < 1 or self.top_k < 1:
+            raise ConfigError("prefixes: per_seed must be >= 0, tokens and top_k >= 1")
+        if any(not isinstance(s, str) or not s.strip() for s in self.seeds):
+            raise ConfigError("prefixes: every seed must be a non-empty word")
+
+
+@torch.no_grad()
+def generate_prefixes(model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: PrefixConfig) -> tuple[str, ...]:
+    """The empty prefix, then `per_seed` texts for each seed word (seed word + `tokens` sampled tokens),
+    with braces and line breaks replaced by spaces."""
+    if config.per_seed == 0 or not config.seeds:
+        return ("",)
+    generator = torch.Generator().manual_seed(config.seed)
+    device = next(model.parameters()).device
+    out = [""]
+    with frozen(model):
+        for word in config.seeds:
+            start = encode_prompt(tokenizer, word)
+            ids = torch.tensor([start] * config.per_seed, device=device)  # (n, T): no padding needed
+            for _ in range(config.tokens):
+                logits = model(input_ids=ids).logits[:, -1].float().cpu()  # (n, V)
+                top = logits.topk(min(config.top_k, logits.shape[-1]))
+                choice = torch.multinomial(torch.softmax(top.values, -1), 1, generator=generator)  # (n, 1)
+                ids = torch.cat([ids, top.indices.gather(1, choice).to(device)], dim=1)
+            for row in ids.tolist():
+                text = tokenizer.decode(row, skip_special_tokens=True)
+                out.append(" ".join(text.replace("{", " ").replace("}", " ").split()))
+    return tuple(out)
+
+
+class ContextPrefixes:
+    """The prefixes of each model this object meets, generated once per model object (weakly held)."""
+
+    def __init__(self, config: PrefixConfig) -> None:
+        self.config = config
+        self._by_model: weakref.WeakKeyDictionary[nn.Module, tuple[str, ...]] = weakref.WeakKeyDictionary()
+
+    def get(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:
+        if model not in self._by_model:
+            self._by_model[model] = generate_prefixes(model, tokenizer, self.config)
+        return self._by_model[model]
+
+
+def in_context(prefix: str, prompt: str) -> tuple[str, int]:
+    """(text, offset): the prompt after the prefix (as-is for the empty prefix), and where it starts."""
+    if not prefix:
+        return prompt, 0
+    text = prefix + SEPARATOR
+    return text + prompt, len(text)
+
+
+def token_at(tokenizer: PreTrainedTokenizerBase, text: str, char_end: int) -> tuple[list[int], int]:
+    """(ids, index): the ids of `text` (as `encode_prompt` gives them) and the index of the token
+    holding character `char_end - 1`, the last character of a span ending at `char_end`."""
+    if getattr(tokenizer, "is_fast", False):
+        encoded = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+        ids = list(encoded["input_ids"])
+        hits = [i for i, (a, b) in enumerate(encoded["offset_mapping"]) if b > a and a < char_end]
+        if hits:
+            return ids, hits[-1]
+    else:
+        ids = encode_prompt(tokenizer, text)
+        count = len(encode_prompt(tokenizer, text[:char_end]))
+        if 0 < count <= len(ids):
+            return ids, count - 1
+    raise InvalidRequestError(f"no token of {text!r} ends the span at character {char_end}")
+
+
+def subject_positions(
+    tokenizer: PreTrainedTokenizerBase, prefixes: Sequence[str], prompt: str, span: tuple[int, int],
+) -> list[tuple[list[int], int]]:
+    """For each prefix: (ids of prefix + prompt, index of the subject's last token), `span` being the
+    subject's characters in the prompt (request.subject_span)."""
+    out = []
+    for prefix in prefixes:
+        text, offset = in_context(prefix, prompt)
+        out.append(token_at(tokenizer, text, offset + span[1]))
+    return out

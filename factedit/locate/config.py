@@ -1,0 +1,72 @@
+"""The locate-then-edit family's one config: `alphaedit`, `memit` and `rome` are its defaults.
+
+Defaults for the default model (SmolLM2-135M: 30 blocks, hidden 576, down projection input 1536),
+chosen on CounterFact train records (bench/bench_editing.py --split train); the README gives the
+figures on validation records that no choice used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..editing.contexts import PrefixConfig
+from ..editing.preserve import PreserveConfig, preserve_field
+
+
+@dataclass(frozen=True)
+class LocateConfig:
+    """Keys at the subject's last token, a value v* fitted there, least squares spread over `layers`.
+
+    With `preserve` set (AlphaEdit) the solve runs in the null space of the reference corpus's keys
+    and holds earlier edits' keys; with `preserve` None (MEMIT, ROME) it weighs the corpus keys'
+    outputs by `cov_weight` instead.
+    """
+
+    layers: tuple[int, ...] = (3, 4, 5, 6, 7)  # blocks whose MLP down projection is edited; v* is fitted at the last
+    position: str = "subject_last"  # where keys are read and v* written: "subject_last", or "last" (prompt's last)
+    # Context prefixes the model writes (contexts.py); keys and values are taken over them. None = prompt alone.
+    prefixes: PrefixConfig | None = field(default=PrefixConfig(), metadata={"dataclass": PrefixConfig})
+    v_steps: int = 20  # at most this many Adam steps on the value's δ
+    v_lr: float = 0.5  # Adam learning rate of δ
+    v_weight_decay: float | None = 1e-3  # loss term × ‖δ‖ / ‖h‖² (MEMIT's); None = off
+    clamp_norm: float | None = 4.0  # ‖δ‖ kept <= clamp_norm × ‖h‖, h the hidden state it is added to; None = off
+    kl_factor: float | None = 0.0625  # weight of KL(edited ‖ unedited) on `kl_prompt`; None = off
+    kl_prompt: str = "{} is a"  # the subject's other facts: the next token after this, "{}" = the subject
+    v_stop_nll: float = 0.05  # stop once every request's mean target NLL (over its contexts) is below
+    cov_weight: float = 15000.0  # without preserve: the corpus keys count as this many tokens; 0 = exact (ROME)
+    # Null space of the reference corpus's keys and the ridge of AlphaEdit's solve; earlier edits' keys
+    # (subject's last token) held when protect_edits. None = MEMIT's covariance solve (cov_weight).
+    preserve: PreserveConfig | None = preserve_field(PreserveConfig(threshold=0.02, ridge=1.0))
+
+    def __post_init__(self) -> None:
+        if self.position not in ("subject_last", "last"):
+            raise ValueError(f"position must be 'subject_last' or 'last', got {self.position!r}")
+        if not self.layers:
+            raise ValueError("layers must name at least one block")
+        if self.v_steps < 0 or not (0 < self.v_lr < float("inf")):
+            raise ValueError("v_steps must be >= 0 and v_lr a finite number > 0")
+        for name in ("v_weight_decay", "clamp_norm", "kl_factor"):
+            value = getattr(self, name)
+            if value is not None and not (0 <= value < float("inf")):
+                raise ValueError(f"{name} must be a finite number >= 0, or None to turn it off")
+        if self.kl_prompt.count("{}") != 1:
+            raise ValueError(f"kl_prompt must hold one '{{}}' for the subject, got {self.kl_prompt!r}")
+        if not self.cov_weight >= 0 or self.v_stop_nll < 0:
+            raise ValueError("cov_weight and v_stop_nll must be >= 0")
+
+
+@dataclass(frozen=True)
+class MEMITConfig(LocateConfig):
+    """MEMIT (Meng et al. 2023): the same keys and values, no null space: covariance-weighted least squares."""
+
+    preserve: PreserveConfig | None = preserve_field(None)
+
+
+@dataclass(frozen=True)
+class ROMEConfig(LocateConfig):
+    """ROME (Meng et al. 2022): one block, each key inserted exactly with the smallest change in the
+    corpus keys' norm (cov_weight 0: for one fact the rank-one update (v − Wk)(C⁻¹k)ᵀ / kᵀC⁻¹k)."""
+
+    layers: tuple[int, ...] = (5,)
+    cov_weight: float = 0.0
+    preserve: PreserveConfig | None = preserve_field(None)

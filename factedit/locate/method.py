@@ -1,0 +1,167 @@
+"""The registered locate-then-edit methods: `alphaedit`, `memit`, `rome`, one code path (style.md 13).
+
+    keys    K_l (N, in): the down projection's input at the subject's last token of each request,
+            averaged over the prompt under the context prefixes (contexts.py), at block l
+    values  v*_i at block L = layers[-1] (values.py)
+    solve   for l in layers, lowest first, on the weights updated so far:
+                R = (v* − h_L(current)) / (number of layers left)      h_L: block L's output, prompt alone
+                                                                       (one block: its down projection's)
+                ΔW_l = Rᵀ X_l with X_l = the least-squares rows for (K_l, R):
+                    preserve set (AlphaEdit):  KeyPreserver.solve_rows, in the null space of the corpus
+                        keys, earlier edits' keys held
+                    preserve None (MEMIT, ROME): covariance_solve_rows, the corpus keys' outputs weighed
+                        by cov_weight (0: each key inserted exactly, ROME)
+
+Each ΔW_l has rank <= N and is stored as its factors (Rᵀ, X_l). The model is never written: later
+blocks see the earlier blocks' updates through functional_call, and the blocks below the first edited
+one are not run again (reads.py). `edit_keys` gives the keys an applied edit protects in later solves:
+K_l on the weights as they are after it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from ..editing.contexts import ContextPrefixes
+from ..editing.delta import Delta, ParamDelta
+from ..editing.hooks import frozen
+from ..editing.keys import key_statistics
+from ..editing.loading import model_id
+from ..editing.methods import MethodSpec
+from ..editing.preserve import KeyPreserver, build_preserver, covariance_solve_rows
+from ..editing.reference import key_corpus
+from ..editing.request import TokenizedRequest, subject_span
+from ..editing.specs import layer_index, mlp_param_names, weight_layout
+from ..editing.weights import model_fingerprint
+from .config import LocateConfig, MEMITConfig, ROMEConfig
+from .positions import Rows, key_rows, subject_of, value_rows
+from .reads import Start, block_name, first_rows, mean_by_owner, read_at_subject
+from .values import fit_values
+
+LOG = logging.getLogger(__name__)
+Moments = Callable[[Sequence[str]], dict[str, torch.Tensor]]
+Solve = Callable[[str, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def module_of(name: str) -> str:
+    return name.rpartition(".")[0]
+
+
+class Locate:
+    """Computes locate-then-edit deltas (module docstring) under one LocateConfig."""
+
+    def __init__(self, config: LocateConfig) -> None:
+        self.config = config
+        self.prefixes = ContextPrefixes(config.prefixes) if config.prefixes is not None else None
+        self.last_values = None  # the last compute's Values (steps, NLL): for benchmarks and tests
+
+    def param_names(self, model: nn.Module) -> list[str]:
+        return mlp_param_names(model, self.config.layers, "out")
+
+    def context_prefixes(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:
+        return self.prefixes.get(model, tokenizer) if self.prefixes is not None else ("",)
+
+    def compute(
+        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[TokenizedRequest],
+        preserver: KeyPreserver | None = None, moments: Moments | None = None,
+    ) -> Delta:
+        for request in requests:  # a subject that is not in its prompt is refused before any work
+            subject_span(request.request.prompt, subject_of(request))
+        names = self.param_names(model)
+        layers = [layer_index(model, n) for n in names]
+        device = next(model.parameters()).device
+        with frozen(model):
+            prefixes = self.context_prefixes(model, tokenizer)
+            kl_prompt = self.config.kl_prompt if self.config.kl_factor else None
+            value_batch = value_rows(tokenizer, prefixes, requests, kl_prompt, self.config.position).to(device)
+            measured = measured_at(model, names)
+            values = fit_values(model, value_batch, len(requests), module_of(names[-1]), layers[-1], measured,
+                                self.config)
+            self.last_values = values
+            solve = self._solver(model, tokenizer, names, preserver, moments)
+            rows = key_rows(tokenizer, prefixes, requests, self.config.position).to(device)
+            return self._spread(model, rows, values.target, names, layers, measured, solve)
+
+    def _spread(
+        self, model: nn.Module, rows: Rows, target: torch.Tensor, names: list[str], layers: list[int], measured: str,
+        solve: Solve,
+    ) -> Delta:
+        """ΔW_l for each edited block, lowest first, each on the weights the lower ones left (docstring)."""
+        params = dict(model.named_parameters())
+        n = target.shape[0]
+        plain = first_rows(rows.owner, n)  # (N,): each request's prompt alone
+        updated: dict[str, torch.Tensor] = {}
+        start: Start | None = None
+        out = {}
+        for i, (name, layer) in enumerate(zip(names, layers, strict=True)):
+            record = layers[0] if start is None and layers[0] >= 1 else None
+            keys, hidden, captured = read_at_subject(model, rows, [module_of(name)], measured, params=updated,
+                                                     start=start, record=record)
+            start = captured or start
+            k = mean_by_owner(keys[module_of(name)], rows.owner, n)  # (N, in)
+            residual = (target - hidden[plain]) / (len(layers) - i)  # (N, H)
+            x, v = solve(name, k, residual.to(k.dtype))  # (N, in), (N, out)
+            if weight_layout(model, name) == "in_out":  # Conv1D (in, out)
+                out[name] = ParamDelta(left=x.T.contiguous(), right=v.contiguous())
+            else:  # Linear (out, in)
+                out[name] = ParamDelta(left=v.T.contiguous(), right=x.contiguous())
+            w = params[name].detach()
+            updated[name] = w + out[name].materialize(w.dtype, w.device)
+            LOG.debug("block %d: residual %.3g, keys %.3g", layer, float(residual.norm()), float(k.norm()))
+        return Delta(out)
+
+    def _solver(
+        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, names: list[str],
+        preserver: KeyPreserver | None, moments: Moments | None,
+    ) -> Solve:
+        """The least-squares rows for one matrix: AlphaEdit's null-space solve, or MEMIT's covariance one.
+        Outside an Editor (no preserver or moments given) they are built on the model as it is."""
+        if self.config.preserve is not None:
+            if preserver is None:
+                preserver = build_preserver(model, tokenizer, names, self.config.preserve,
+                                            fingerprint=model_fingerprint(model), model_id=model_id(model))
+            return lambda name, k, v: preserver.solve_rows({name: k}, {name: v})[name]
+        if moments is None:
+            moments = lambda wanted: own_moments(model, tokenizer, wanted)  # noqa: E731
+        second = moments(names)
+        weight = self.config.cov_weight
+        return lambda name, k, v: covariance_solve_rows(second[name], k, v, weight)
+
+    def edit_keys(
+        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, names: Sequence[str],
+        requests: Sequence[TokenizedRequest],
+    ) -> dict[str, torch.Tensor]:
+        """{name: (N, in)}: the keys of `requests` (subject's last token, averaged over the prefixes) of
+        the matrices `names` on the current weights: what an applied edit protects (safeguards.KeysFn)."""
+        device = next(model.parameters()).device
+        modules = sorted({module_of(n) for n in names})
+        with frozen(model):
+            rows = key_rows(tokenizer, self.context_prefixes(model, tokenizer), requests,
+                            self.config.position).to(device)
+            top = max(modules, key=lambda m: layer_index(model, m + ".weight"))
+            keys, _, _ = read_at_subject(model, rows, modules, top)
+        return {n: mean_by_owner(keys[module_of(n)], rows.owner, len(requests)).cpu() for n in names}
+
+
+def measured_at(model: nn.Module, names: Sequence[str]) -> str:
+    """Where v* is measured: the highest edited block's output (MEMIT: lower blocks' updates add to it
+    through the residual stream), or, with one edited block, its down projection's output (ROME)."""
+    return module_of(names[-1]) if len(names) == 1 else block_name(model, layer_index(model, names[-1]))
+
+
+def own_moments(model: nn.Module, tokenizer: PreTrainedTokenizerBase, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """E[k kᵀ] of the reference corpus for `names` on the model as it is (cached per fingerprint)."""
+    modules = sorted({module_of(n) for n in names})
+    moments = key_statistics(model, tokenizer, modules, key_corpus(), fingerprint=model_fingerprint(model),
+                             model_id=model_id(model))
+    return {n: moments[module_of(n)] for n in names}
+
+
+ALPHAEDIT = MethodSpec("alphaedit", LocateConfig, Locate, locates=True)
+MEMIT = MethodSpec("memit", MEMITConfig, Locate, locates=True)
+ROME = MethodSpec("rome", ROMEConfig, Locate, batched=False, locates=True)

@@ -1,0 +1,91 @@
+"""Where a locate-then-edit method reads and writes: the subject's last token, in every text it runs.
+
+("last" instead reads and writes at the prompt's last token: MEMIT's fact_token option.)
+Key rows: each request's prompt under each context prefix (the first prefix is empty: the prompt
+alone). Value rows: the same followed by the target (labelled), then one row of `kl_prompt` about the
+subject. Every row carries the position of the subject's last token and the request it belongs to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from ..editing.contexts import subject_positions, token_at
+from ..editing.request import TokenizedRequest, find_subject, subject_span
+from ..editing.scoring import pad_id_of, pad_sequences
+
+IGNORE = -100
+SUBJECT_LAST, LAST = "subject_last", "last"  # where keys are read and values written
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A right-padded batch of texts with the subject's last token in each."""
+
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    subject: torch.Tensor  # (B,) long: position of the subject's last token
+    owner: torch.Tensor  # (B,) long: the request (index into the requests) the row belongs to
+    labels: torch.Tensor  # (B, T): target ids at target positions, IGNORE elsewhere (key rows: all IGNORE)
+    kl: torch.Tensor  # (B,) bool: a kl_prompt row
+
+    def to(self, device: torch.device) -> Rows:
+        return Rows(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.subject, self.owner,
+                                              self.labels, self.kl)))
+
+
+def subject_of(request: TokenizedRequest) -> str:
+    """The request's subject, or the one `find_subject` reads in its prompt."""
+    return request.request.subject if request.request.subject is not None else find_subject(request.request.prompt)
+
+
+def _batch(tokenizer: PreTrainedTokenizerBase, items: Sequence[tuple[list[int], int, int, list[int], bool]]) -> Rows:
+    """items: (ids, subject index, owner, target ids, kl) -> Rows."""
+    ids, mask = pad_sequences([list(i) + list(t) for i, _, _, t, _ in items], pad_id_of(tokenizer))
+    labels = torch.full_like(ids, IGNORE)
+    for row, (prompt, _, _, target, _) in enumerate(items):
+        labels[row, len(prompt) : len(prompt) + len(target)] = torch.tensor(target, dtype=torch.long)
+    return Rows(ids, mask, torch.tensor([s for _, s, _, _, _ in items]), torch.tensor([o for _, _, o, _, _ in items]),
+                labels, torch.tensor([k for *_, k in items], dtype=torch.bool))
+
+
+def positions(
+    tokenizer: PreTrainedTokenizerBase, prefixes: Sequence[str], prompt: str, subject: str, position: str,
+) -> list[tuple[list[int], int]]:
+    """(ids, read position) of `prompt` under each prefix: the subject's last token ("subject_last"), or
+    the prompt's last token ("last", MEMIT's fact_token="last")."""
+    found = subject_positions(tokenizer, prefixes, prompt, subject_span(prompt, subject))
+    return found if position == SUBJECT_LAST else [(ids, len(ids) - 1) for ids, _ in found]
+
+
+def key_rows(
+    tokenizer: PreTrainedTokenizerBase, prefixes: Sequence[str], requests: Sequence[TokenizedRequest],
+    position: str = "subject_last",
+) -> Rows:
+    """Each request's prompt under each prefix (rows request-major, prefix-minor), no target."""
+    items = []
+    for owner, request in enumerate(requests):
+        for ids, index in positions(tokenizer, prefixes, request.request.prompt, subject_of(request), position):
+            items.append((ids, index, owner, [], False))
+    return _batch(tokenizer, items)
+
+
+def value_rows(
+    tokenizer: PreTrainedTokenizerBase, prefixes: Sequence[str], requests: Sequence[TokenizedRequest],
+    kl_prompt: str | None, position: str = "subject_last",
+) -> Rows:
+    """Each request's prompt + target under each prefix, then (with `kl_prompt`) its KL row."""
+    items = []
+    for owner, request in enumerate(requests):
+        subject = subject_of(request)
+        for ids, index in positions(tokenizer, prefixes, request.request.prompt, subject, position):
+            items.append((ids, index, owner, list(request.target_ids), False))
+        if kl_prompt is not None:
+            start = kl_prompt.index("{}")
+            ids, index = token_at(tokenizer, kl_prompt.replace("{}", subject), start + len(subject))
+            items.append((ids, index if position == SUBJECT_LAST else len(ids) - 1, owner, [], True))
+    return _batch(tokenizer, items)

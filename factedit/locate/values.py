@@ -1,0 +1,122 @@
+"""The target value v* (MEMIT's compute_z): the hidden state at the subject's last token that makes
+the model say the target.
+
+A vector δ_i per request is added to the output of block L's MLP down projection at the subject's
+last token of every row of request i (its prompt under each context prefix, and its KL row). Adam on δ:
+
+    loss_i = mean over i's prefixed prompts of the target's mean NLL
+             + kl_factor · KL(p_edited ‖ p_unedited) of the next token after kl_prompt(subject)
+             + weight_decay · ‖δ_i‖ / ‖h_i‖²
+    ‖δ_i‖ <= clamp_norm · ‖h_i‖  after each step
+
+h_i is block L's output at the subject's last token of the prompt alone (MEMIT; with one edited
+block, the down projection's own output, as ROME measures it: exact for blocks that normalise their MLP
+output, e.g. Gemma's); v*_i = h_i + δ_i. The
+requests' δ are independent (the loss is a sum over requests). Only blocks L.. and the head run in the
+optimisation: the input of block L is recorded once (replay.start_at_block). Stops when every request's
+NLL is below `stop_nll`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..editing.hooks import forward_hooks
+from ..editing.scoring import logits_at
+from .config import LocateConfig
+from .positions import IGNORE, Rows
+from .reads import first_rows, read_at_subject, started
+
+
+@dataclass(frozen=True)
+class Values:
+    target: torch.Tensor  # (N, H) v*: block L's output wanted at the subject's last token
+    initial: torch.Tensor  # (N, H) h: what it is before the edit
+    steps: int  # Adam steps taken
+    nll: torch.Tensor  # (N,) each request's target NLL at the end
+
+
+def _selection(rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """(select (B, T) positions predicting a target token, or the last token of a KL row; and the
+    label each selected position predicts (IGNORE for KL positions)), row-major."""
+    select = torch.zeros_like(rows.labels, dtype=torch.bool)
+    select[:, :-1] = rows.labels[:, 1:] != IGNORE
+    last = rows.attention_mask.sum(1) - 1  # (B,)
+    select[rows.kl, last[rows.kl]] = True
+    targets = torch.full_like(rows.labels, IGNORE)
+    targets[:, :-1] = rows.labels[:, 1:]
+    return select, targets[select]
+
+
+def _losses(logits, rows: Rows, select, targets, n: int, base_kl: torch.Tensor | None):
+    """(nll (n,), kl (n,)) per request from logits (M, V) at `select`."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (M, V)
+    row = select.nonzero()[:, 0]  # (M,)
+    on_target = targets != IGNORE
+    picked = -logprobs[on_target].gather(1, targets[on_target, None]).squeeze(1)  # (M_t,)
+    rows_t = row[on_target]
+    b = rows.input_ids.shape[0]
+    per_row = torch.zeros(b, device=logits.device).index_add(0, rows_t, picked)
+    count = torch.zeros(b, device=logits.device).index_add(0, rows_t, torch.ones_like(picked))
+    per_row = per_row / count.clamp(min=1)  # (B,) mean NLL of each row's target
+    rewrite = ~rows.kl
+    nll = torch.zeros(n, device=logits.device).index_add(0, rows.owner[rewrite], per_row[rewrite])
+    nll = nll / torch.zeros(n, device=logits.device).index_add(0, rows.owner[rewrite], rewrite[rewrite].float())
+    kl = torch.zeros(n, device=logits.device)
+    if base_kl is not None:
+        edited = logprobs[~on_target]  # (K, V), K = KL rows, in row order
+        terms = (edited.exp() * (edited - base_kl)).sum(-1)  # KL(edited ‖ unedited)
+        kl = kl.index_add(0, rows.owner[rows.kl], terms)
+    return nll, kl
+
+
+def fit_values(
+    model: nn.Module, rows: Rows, n: int, out_module: str, layer: int, measured: str, config: LocateConfig,
+) -> Values:
+    """v* for each of `n` requests (module docstring); `rows` from positions.value_rows, `out_module`
+    the down projection of block `layer`, `measured` the module whose output h and v* are (block
+    `layer`, or `out_module` itself). The model's weights are not touched (the caller freezes it)."""
+    select, targets = _selection(rows)
+    record = layer if layer >= 1 else None
+    _, hidden, start = read_at_subject(model, rows, [], measured, record=record)  # (B, H)
+    initial = hidden[first_rows(rows.owner, n)]  # (N, H): the prompt alone (its first row: the empty prefix)
+    delta = torch.zeros_like(initial, requires_grad=True)
+    at = (torch.arange(rows.input_ids.shape[0], device=hidden.device), rows.subject)
+
+    def add_delta(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        added = torch.zeros_like(output)
+        added[at] = delta[rows.owner].to(output.dtype)
+        return output + added
+
+    def run(with_delta: bool) -> torch.Tensor:
+        hooks = {out_module: add_delta} if with_delta else {}
+        with started(model, start), forward_hooks(model, hooks=hooks):
+            return logits_at(model, rows.input_ids, rows.attention_mask, select)  # (M, V)
+
+    base_kl = None
+    if config.kl_factor:
+        with torch.no_grad():
+            base_kl = torch.log_softmax(run(False).float(), -1)[targets == IGNORE]  # (K, V)
+    optimizer = torch.optim.Adam([delta], lr=config.v_lr)
+    norms = initial.norm(dim=1)  # (N,)
+    steps = 0
+    for steps in range(config.v_steps + 1):
+        with torch.enable_grad():
+            nll, kl = _losses(run(True), rows, select, targets, n, base_kl)
+            if bool((nll < config.v_stop_nll).all()) or steps == config.v_steps:
+                break
+            loss = nll + (config.kl_factor or 0.0) * kl
+            if config.v_weight_decay:
+                loss = loss + config.v_weight_decay * delta.norm(dim=1) / norms**2
+            optimizer.zero_grad(set_to_none=True)
+            loss.sum().backward()
+        optimizer.step()
+        if config.clamp_norm is not None:
+            with torch.no_grad():
+                limit = config.clamp_norm * norms  # (N,)
+                scale = (limit / delta.norm(dim=1).clamp(min=1e-12)).clamp(max=1.0)
+                delta.mul_(scale[:, None])
+    return Values(initial + delta.detach(), initial, steps, nll.detach())

@@ -1,0 +1,196 @@
+"""The locate-then-edit family (alphaedit, memit, rome) on tiny random models, and two checks on the
+default model. The contract every method keeps (tests/test_contract.py) runs for them too."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_weights_equal, snapshot
+from tiny_models import tiny_model
+
+import factedit
+from factedit.editing.contexts import ContextPrefixes, PrefixConfig, generate_prefixes, token_at
+from factedit.editing.errors import ConfigError, InvalidRequestError
+from factedit.editing.hooks import capture_linear_io
+from factedit.editing.preserve import covariance_solve_rows
+from factedit.editing.request import EditRequest, find_subject, tokenize_request
+from factedit.locate.config import MEMITConfig
+from factedit.locate.method import Locate
+from factedit.locate.positions import key_rows
+
+TINY = dict(v_steps=10, v_weight_decay=None, clamp_norm=None, layers=(1, 2))
+NULL = {"threshold": 0.5, "ridge": 1e-3}  # a tiny random model needs a wider null space
+PROMPT = "The capital of France is"
+
+
+def tokenized(tok, prompt=PROMPT, target="Rome", subject=None):
+    return tokenize_request(EditRequest(prompt, target, subject), tok, None)
+
+
+def test_find_subject_rule():
+    assert find_subject("The capital of France is") == "France"
+    assert find_subject("BBC One, by") == "BBC One"
+    assert find_subject("Danielle Darrieux's mother tongue is") == "Danielle Darrieux"
+    assert find_subject("The Eiffel Tower is located in") == "Eiffel Tower"
+    assert find_subject("Windows 10 was made by") == "Windows 10"
+    assert find_subject("In Germany, the official language is") == "Germany"
+    assert find_subject("the mother tongue of paris is") == "paris"
+    with pytest.raises(InvalidRequestError):
+        find_subject("...")
+
+
+def test_the_record_names_the_subject_it_used():
+    model, tok = tiny_model("llama")
+    editor = factedit.Editor("memit", tokenizer=tok, **TINY)
+    found = editor.edit(model, PROMPT, "Rome")
+    given = editor.edit(model, "The capital of Italy is", "Paris", subject="Italy")
+    assert found.requests[0].subject == "France" and given.requests[0].subject == "Italy"
+    assert [r.requests[0].subject for r in editor.history] == ["France", "Italy"]
+
+
+def test_keys_are_read_at_the_subjects_last_token():
+    model, tok = tiny_model("llama")
+    request = tokenized(tok, "The capital of the Eiffel Tower region is", subject="Eiffel Tower")
+    rows = key_rows(tok, ("",), [request])
+    ids = list(rows.input_ids[0][: int(rows.attention_mask[0].sum())])
+    index = int(rows.subject[0])
+    assert tok.decode(ids[: index + 1]).endswith("Eiffel Tower")
+    assert not tok.decode(ids[: index]).endswith("Eiffel Tower")
+    # edit_keys (what an edit protects) is the down projection's input at that token
+    method = Locate(MEMITConfig(prefixes=None, layers=(2,)))
+    name = method.param_names(model)[0]
+    keys = method.edit_keys(model, tok, [name], [request])[name]
+    with capture_linear_io(model, [name.rpartition(".")[0]], grads=False) as io, torch.no_grad():
+        model(input_ids=torch.tensor([ids]))
+    assert torch.allclose(keys[0], io.inputs[name.rpartition(".")[0]][0, index], atol=1e-6)
+
+
+def test_token_at_finds_the_last_token_of_a_span_after_a_prefix():
+    _, tok = tiny_model("llama")
+    text = "Some words. The capital of France is"
+    ids, index = token_at(tok, text, text.index("France") + len("France"))
+    assert tok.decode(ids[index]).strip() == "France" or tok.decode(ids[: index + 1]).endswith("France")
+
+
+def test_prefixes_are_deterministic_and_start_with_the_prompt_alone():
+    model, tok = tiny_model("llama")
+    config = PrefixConfig(seeds=("The", "I"), per_seed=2, tokens=5)
+    rng = torch.get_rng_state()
+    first = ContextPrefixes(config).get(model, tok)
+    assert torch.equal(rng, torch.get_rng_state())  # torch's global RNG is not touched
+    assert first == generate_prefixes(tiny_model("llama")[0], tok, config)
+    assert len(first) == 5 and first[0] == ""
+    assert all(p.startswith(("The", "I")) for p in first[1:])
+    assert generate_prefixes(model, tok, PrefixConfig(seeds=("The",), per_seed=2, seed=1)) != first[:3]
+
+
+@pytest.mark.parametrize("method", ["alphaedit", "memit", "rome"])
+def test_compute_leaves_the_model_unchanged(method):
+    model, tok = tiny_model("llama")
+    before = snapshot(model)
+    extra = {"layers": (2,)} if method == "rome" else {"preserve": NULL} if method == "alphaedit" else {}
+    editor = factedit.Editor(method, tokenizer=tok, **{**TINY, **extra})
+    delta = editor._impl.compute(model, tok, [tokenized(tok)])
+    assert_weights_equal(model, before)
+    assert all(p.kind == "low_rank" and p.left.shape[1] == 1 for _, p in delta.items())  # rank one per block
+    assert sorted(delta.names()) == sorted(editor._impl.param_names(model))
+
+
+def test_edit_batch_is_one_solve_of_rank_the_number_of_facts_and_reverts_exactly():
+    model, tok = tiny_model("llama")
+    base = snapshot(model)
+    editor = factedit.Editor("alphaedit", tokenizer=tok, **TINY, preserve=NULL)
+    record = editor.edit_batch(model, [EditRequest(PROMPT, "Rome"), EditRequest("The capital of Italy is", "Paris"),
+                                       EditRequest("The capital of Spain is", "Berlin")])
+    assert len(record.requests) == 3
+    assert all(p.left.shape[1] == 3 for _, p in record.delta.items())
+    editor.revert(model, record.id)
+    assert_weights_equal(model, base)
+
+
+def test_sequential_edits_hold_the_keys_of_earlier_edits():
+    model, tok = tiny_model("llama")
+    base = snapshot(model)
+    editor = factedit.Editor("alphaedit", tokenizer=tok, **TINY, preserve=NULL)
+    first = editor.edit(model, PROMPT, "Rome")
+    later = [tokenized(tok, "The capital of Italy is", "Paris", "Italy")]
+    names = editor._impl.param_names(model)
+    held = editor._impl.edit_keys(model, tok, names, [tokenized(tok, subject="France")])  # what the editor protects
+    second = editor.edit(model, "The capital of Italy is", "Paris")
+    fresh = editor._impl.edit_keys(model, tok, names, later)
+    for name in names:
+        change = second.delta.params[name].materialize(torch.float64)  # (out, in)
+        moved_old = (change @ held[name][0].double()).norm()
+        moved_new = (change @ fresh[name][0].double()).norm()
+        assert moved_old < 0.02 * moved_new, name
+    # without holding them, the same later edit moves the earlier key much more
+    editor.revert(model, second.id)
+    editor.set_method("alphaedit", **TINY, preserve={**NULL, "protect_edits": False})
+    unheld = editor.edit(model, "The capital of Italy is", "Paris")
+    name = names[0]
+    change = unheld.delta.params[name].materialize(torch.float64)
+    assert (change @ held[name][0].double()).norm() > 10 * (
+        second.delta.params[name].materialize(torch.float64) @ held[name][0].double()).norm()
+    editor.revert_all(model)
+    assert_weights_equal(model, base)
+    assert first.id in [r.id for r in editor.history]
+
+
+def test_a_subject_missing_from_the_prompt_is_refused_and_nothing_changes():
+    model, tok = tiny_model("llama")
+    base = snapshot(model)
+    editor = factedit.Editor("alphaedit", tokenizer=tok, **TINY, preserve=NULL)
+    with pytest.raises(InvalidRequestError, match="does not occur in the prompt"):
+        editor.edit(model, PROMPT, "Rome", subject="Germany")
+    with pytest.raises(InvalidRequestError, match="does not occur"):
+        editor.edit_batch(model, [EditRequest(PROMPT, "Rome"), EditRequest("The capital of Italy is", "X", "italy")])
+    assert_weights_equal(model, base)
+    assert editor.history == []
+
+
+def test_bad_config_is_refused():
+    _, tok = tiny_model("llama")
+    for bad in (dict(position="first"), dict(kl_prompt="no subject"), dict(layers=()), dict(v_lr=0.0),
+                dict(cov_weight=-1.0), dict(clamp_norm=-1.0)):
+        with pytest.raises(ConfigError):
+            factedit.Editor("alphaedit", tokenizer=tok, **bad)
+
+
+def test_covariance_solve_inserts_keys_exactly_at_weight_zero_and_shrinks_with_weight():
+    gen = torch.Generator().manual_seed(0)
+    corpus = torch.randn(500, 12, generator=gen, dtype=torch.float64)
+    second = corpus.T @ corpus / 500
+    keys, values = torch.randn(3, 12, generator=gen), torch.randn(3, 5, generator=gen)
+    x, v = covariance_solve_rows(second, keys, values, 0.0)
+    change = v.double().T @ x.double()  # (5, 12)
+    assert torch.allclose(change @ keys.double().T, values.double().T, atol=1e-4)
+    x, v = covariance_solve_rows(second, keys, values, 100.0)
+    assert (v.double().T @ x.double()).norm() < change.norm()
+    with pytest.raises(ConfigError):
+        covariance_solve_rows(second, keys, values, -1.0)
+
+
+def test_export_as_a_peft_adapter_is_exact_for_low_rank_edits(tmp_path):
+    model, tok = tiny_model("llama")
+    editor = factedit.Editor("memit", tokenizer=tok, **TINY)
+    editor.edit(model, PROMPT, "Rome")
+    exported = editor.export_adapter(tmp_path / "adapter", exact=True)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert exported is not None
+
+
+@pytest.mark.default_model
+def test_default_model_france_rome_takes_and_the_paraphrase_follows(default_model):
+    model, tok = default_model
+    base = snapshot(model)
+    with factedit.Editor("alphaedit", tokenizer=tok) as editor:
+        record = editor.edit(model, PROMPT, "Rome")
+        assert record.requests[0].subject == "France"
+        for prompt in (PROMPT, "The capital city of France is"):
+            ids = torch.tensor([tok(prompt).input_ids])
+            out = model.generate(ids, max_new_tokens=3, do_sample=False)
+            assert "Rome" in tok.decode(out[0, ids.shape[1]:]), prompt
+        ids = torch.tensor([tok("The capital of Germany is").input_ids])  # a neighbour keeps its answer
+        assert "Berlin" in tok.decode(model.generate(ids, max_new_tokens=3, do_sample=False)[0, ids.shape[1]:])
+        editor.revert(model, record.id)
+    assert_weights_equal(model, base)
