@@ -36,7 +36,7 @@ class LocateConfig:
     cov_weight: float = 15000.0  # without preserve: the corpus keys count as this many tokens; 0 = exact (ROME)
     # Null space of the reference corpus's keys and the ridge of AlphaEdit's solve; earlier edits' keys
     # (subject's last token) held when protect_edits. None = MEMIT's covariance solve (cov_weight).
-    preserve: PreserveConfig | None = preserve_field(PreserveConfig(threshold=0.02, ridge=1.0))
+    preserve: PreserveConfig | None = preserve_field(PreserveConfig(threshold=0.5, ridge=1.0))
 
     def __post_init__(self) -> None:
         if self.position not in ("subject_last", "last"):
