@@ -56,13 +56,13 @@ def test_a_preview_leaves_the_statistics_and_applying_it_keeps_what_it_computed(
 def test_a_revert_keeps_the_statistics_and_restores_the_weights_exactly():
     model, tok = tiny_model("llama")
     base = snapshot(model)
-    editor = factedit.Editor("ultraedit", tokenizer=tok, **TINY_ULTRAEDIT)
+    editor = factedit.Editor("ultraedit", tokenizer=tok, warmup=0, **TINY_ULTRAEDIT)
     first = editor.edit(model, *FACTS[0])
     editor.revert(model, first.id)
     assert_weights_equal(model, base)
     second = editor.edit(model, *FACTS[1])
     # the reverted edit's rows still count: statistics describe what the editor has seen
-    fresh = factedit.Editor("ultraedit", tokenizer=tok, **TINY_ULTRAEDIT)
+    fresh = factedit.Editor("ultraedit", tokenizer=tok, warmup=0, **TINY_ULTRAEDIT)
     alone = fresh.preview(tiny_model("llama")[0], [EditRequest(*FACTS[1])])
     assert counts(second.state)[0] == counts(first.state)[0] + counts(alone.stream_state)[0]
 
@@ -94,6 +94,14 @@ def test_a_reopened_journal_gives_bit_for_bit_the_next_delta(method, tmp_path):
     assert_same_delta(record, continued)
     assert all(torch.equal(record.state[k], continued.stream_state[k]) for k in record.state)
     reader.close()
+
+
+def test_ultraedit_statistics_start_from_the_warmup_edits():
+    model, tok = tiny_model("llama")
+    request = [EditRequest(*FACTS[0])]
+    cold = factedit.Editor("ultraedit", tokenizer=tok, warmup=0, **TINY_ULTRAEDIT).preview(model, request)
+    warm = factedit.Editor("ultraedit", tokenizer=tok, warmup=4, **TINY_ULTRAEDIT).preview(model, request)
+    assert counts(warm.stream_state)[0] > counts(cold.stream_state)[0] + 4  # every token of 4 edits
 
 
 def test_mend_with_frozen_statistics_keeps_no_state(tmp_path):

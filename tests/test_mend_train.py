@@ -18,7 +18,7 @@ from factedit.mend.data import load_examples
 from factedit.mend.method import new_network
 from factedit.mend.objective import edit_step_loss
 from factedit.mend.prefix import PrefixCache
-from factedit.mend.train import CONFIG_DIR, TrainConfig, compose_config, train
+from factedit.mend.train import CONFIG_DIR, TrainConfig, compose_config, load_data, train
 from factedit.paths import PACKAGE_DIR
 from factedit.peft.training import frozen
 
@@ -115,3 +115,30 @@ def test_train_writes_a_checkpoint_metrics_and_resumes(tmp_path):
     resumed = compose_config(["--config-name", "tiny", f"output_dir={tmp_path / 'run2'}", "max_steps=15",
                               "val_every=5", f"resume={out / 'last'}"])
     assert train(resumed, model, tok)["steps"] == 15
+
+
+def test_an_episode_trains_on_the_edited_model_and_restores_it_exactly(tmp_path):
+    """Stream training (episode_length > 1): each edit is computed on the model the earlier edits of
+    the episode left, the replay and norm terms are logged, and the weights are restored bit for bit."""
+    from factedit.mend.train import episode_step
+
+    model, tok = tiny_model("llama")
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = compose_config(["--config-name", "tiny", f"output_dir={tmp_path / 'run'}", "episode_length=3",
+                          "c_replay=1.0", "c_norm=0.1", "max_steps=4", "val_every=4"])
+    train_set, _, _ = load_data(cfg, tok)
+    network = new_network(model, cfg.layers, cfg.matrices, rank=cfg.rank, alpha_init=cfg.alpha_init)
+    seen_weights = []
+
+    def backward(loss):
+        seen_weights.append(dict(model.named_parameters())["model.layers.3.mlp.down_proj.weight"].detach().clone())
+        loss.backward()
+
+    with frozen(model):
+        metrics = episode_step(model, network, [train_set[0:2], train_set[2:4], train_set[4:6]], cfg,
+                               pad_id_of(tok), None, None, backward)
+    assert {"replay/nll", "edit/norm_ratio"} <= set(metrics)
+    assert not torch.equal(seen_weights[0], seen_weights[1])  # the second edit saw the first applied
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in network.parameters())
+    assert train(cfg, model, tok)["steps"] == 4

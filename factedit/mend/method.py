@@ -102,14 +102,15 @@ def candidate_rows(
 
 def lifelong_stats(
     network: MENDNetwork, rows: dict[str, tuple[torch.Tensor, torch.Tensor]], stream: StreamState | None, tag: str,
+    initial: dict[str, Stats] | None = None,
 ) -> dict[str, Stats] | None:
-    """The statistics this edit normalises with: those the stream carries (else the network's own)
-    with the edit's rows merged in; `stream.after` gets them. None without a stream (frozen statistics).
-    `tag` names the editor the statistics belong to: another editor's are not used."""
+    """The statistics this edit normalises with: those the stream carries (else `initial`, else the
+    network's own) with the edit's rows merged in; `stream.after` gets them. None without a stream
+    (frozen statistics). `tag` names the editor the statistics belong to: another editor's are not used."""
     if stream is None:
         return None
     start = stats_from_tensors(stream.before, tag, network.stats()) if stream.before else None
-    merged = network.merged_stats(start or network.stats(), rows)
+    merged = network.merged_stats(start or initial or network.stats(), rows)
     stream.after = stats_to_tensors(merged, tag)
     return merged
 
@@ -229,7 +230,7 @@ def edit_with_network(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[TokenizedRequest],
     network: MENDNetwork, names: Sequence[str], preserver: KeyPreserver | None, stream: StreamState | None,
     tag: str, *, positions: str, pass_size: int | None, step_scales: Sequence[float],
-    fallback_ridges: Sequence[float] = (), key_weighted: bool = False,
+    fallback_ridges: Sequence[float] = (), key_weighted: bool = False, initial: dict[str, Stats] | None = None,
 ) -> Delta:
     """One edit by an editor network (MEND's, or the identity for `ultraedit`): capture the rows,
     normalise them (lifelong when `stream` is given), transform, aggregate, scale the step."""
@@ -240,7 +241,7 @@ def edit_with_network(
         checks = PrefixCache(model, min(layer_index(model, n) for n in names))
     rows, owners = capture_rows(model, tokenizer, requests, names, positions, pass_size, checks)
     with torch.no_grad():
-        stats = lifelong_stats(network, rows, stream, tag)
+        stats = lifelong_stats(network, rows, stream, tag, initial)
         candidates = candidate_rows(network, rows, preserver, (None, *fallback_ridges), stats, key_weighted)
         transformed = scaled_step(model, pad_id_of(tokenizer), requests, candidates, network, step_scales,
                                   owners, pass_size, checks)

@@ -88,11 +88,19 @@ def edit_step_loss(
     positions: str = "loss",
     cache: PrefixCache | None = None,
     preserver: KeyPreserver | None = None,
+    replay: Sequence[EditExample] = (),
+    c_replay: float = 0.0,
+    c_norm: float = 0.0,
+    updates: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The training loss of one batch edit (module docstring) and its metrics. Model must be frozen.
 
     Rows of both passes, n each: edits, (paraphrases, post only), locality prompts with their own
     answer, and the locality prompts with the new target (only when c_margin > 0).
+    Training for a stream of edits (RLEdit-style episodes, train.py) adds: `replay`, earlier edits of
+    the episode whose targets must still be said after this one (c_replay · their NLL at the edited
+    weights); c_norm · Σ ‖ΔW‖²_F / ‖W‖²_F, which keeps each update small; and `updates`, which
+    receives the detached ΔW per matrix so the episode can apply it before the next edit.
     """
     device = next(model.parameters()).device
     names = unwrap(network).param_names
@@ -107,6 +115,7 @@ def edit_step_loss(
 
     new_params = edited_params(model, network, captured.factors, preserver)
     post_requests = [e.edit for e in examples] + [e.rephrase for e in examples] + [e.loc for e in examples] + loc_new
+    post_requests += [e.edit for e in replay] if c_replay > 0 else []
     post_batch = make_batch(post_requests, pad_id, device)
     select = loss_positions(post_batch.labels)  # (3n or 4n, T)
     with _skip(cache, model, post_requests, pad_id):
@@ -118,13 +127,27 @@ def edit_step_loss(
     kl = (pre_logp.exp() * (pre_logp - torch.log_softmax(post_loc.float(), -1))).sum(-1).mean()
     loss = c_edit * (nll_edit + nll_rephrase) / 2 + c_loc * kl
     metrics: dict[str, float] = {}
+    n_loc_end = 3 * n + len(loc_new)  # rows after it: replayed edits
+    if c_replay > 0 and replay:
+        nll_replay = nll[n_loc_end:].mean()
+        loss = loss + c_replay * nll_replay
+        metrics["replay/nll"] = nll_replay.item()
+    params = dict(model.named_parameters())
+    if c_norm > 0 or updates is not None:
+        changes = {name: new_params[name] - params[name].detach() for name in names}
+        if c_norm > 0:
+            ratio = sum((d.float() ** 2).sum() / (params[k].detach().float() ** 2).sum() for k, d in changes.items())
+            loss = loss + c_norm * ratio
+            metrics["edit/norm_ratio"] = float(ratio)
+        if updates is not None:
+            updates.update({name: d.detach() for name, d in changes.items()})
     if loc_new:
         pre_nll = per_request_nll(captured.logits, pre_batch.labels, captured.select)  # (3n,)
         pre_margin = pre_nll[2 * n :] - pre_nll[n : 2 * n]  # (n,)
-        drop = margin_loss(nll[2 * n : 3 * n], nll[3 * n :], pre_margin, margin)
+        drop = margin_loss(nll[2 * n : 3 * n], nll[3 * n : n_loc_end], pre_margin, margin)
         loss = loss + c_margin * drop
         metrics["loc/margin_drop"] = drop.item()
-        metrics["loc/ns"] = float((nll[3 * n :] > nll[2 * n : 3 * n]).float().mean())
+        metrics["loc/ns"] = float((nll[3 * n : n_loc_end] > nll[2 * n : 3 * n]).float().mean())
 
     with torch.no_grad():
         is_edit = select.nonzero()[:, 0] < n

@@ -42,7 +42,7 @@ from .checkpoint import base_model_info, check_model, load_checkpoint, save_chec
 from .data import EditExample, load_examples
 from .method import new_network
 from .network import AGGREGATIONS
-from .objective import _skip, edit_step_loss, evaluate_single_edits, module_of
+from .objective import _skip, edit_step_loss, evaluate_single_edits, module_of, unwrap
 from .prefix import PrefixCache
 
 LOG = logging.getLogger(__name__)
@@ -74,6 +74,13 @@ class TrainConfig:
     c_margin: float = 0.0  # neighbour margin term (objective.py); 0 = off
     margin: float = 2.0  # its cap, in nats of mean per-token log-prob
     batch_size: int = 4  # edits per step (applied together)
+    # Training for a stream of edits (RLEdit-style): a step is an episode of `episode_length` batch
+    # edits applied one after another to the model in place (each computed on the already edited
+    # model, as at edit time), the loss summed over them; the weights are restored after each episode.
+    episode_length: int = 1  # 1 = one batch edit per step on the unedited model (MEND)
+    c_replay: float = 0.0  # NLL of the episode's earlier edits at the current weights (they must hold)
+    replay_edits: int = 16  # how many of the latest earlier edits are replayed
+    c_norm: float = 0.0  # Σ ‖ΔW‖²_F / ‖W‖²_F of each update (keeps updates small over a stream)
     max_steps: int = 2000
     max_minutes: float | None = None  # wall-clock cap; None = off
     stats_batches: int = 20  # batches used to initialise the normalisation statistics
@@ -97,8 +104,10 @@ class TrainConfig:
     log_every: int = 10
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.max_steps < 1 or self.val_every < 1:
-            raise ValueError("batch_size, max_steps and val_every must be >= 1")
+        if min(self.batch_size, self.max_steps, self.val_every, self.episode_length, self.replay_edits) < 1:
+            raise ValueError("batch_size, max_steps, val_every, episode_length and replay_edits must be >= 1")
+        if not (0 <= self.c_replay < math.inf and 0 <= self.c_norm < math.inf):
+            raise ValueError("c_replay and c_norm must be finite numbers >= 0")
         if self.positions not in ("loss", "all"):
             raise ValueError("positions must be 'loss' or 'all'")
         if self.aggregation not in AGGREGATIONS:
@@ -299,15 +308,13 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> dict[str, Any]:
                              cache)
         network.train()
         while step < cfg.max_steps:
-            _, indices = next(stream)
-            mine = indices[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]
+            episode = []
+            for _ in range(cfg.episode_length):
+                _, indices = next(stream)
+                episode.append([train_set[i] for i in indices[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]])
             t = time.perf_counter()
-            loss, metrics = edit_step_loss(model, network, [train_set[i] for i in mine], pad_id,
-                                           c_edit=cfg.c_edit, c_loc=cfg.c_loc, c_margin=cfg.c_margin,
-                                           margin=cfg.margin, positions=cfg.positions,
-                                           cache=cache, preserver=preserver)
             optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
+            metrics = episode_step(model, network, episode, cfg, pad_id, cache, preserver, accelerator.backward)
             accelerator.clip_grad_norm_(network.parameters(), cfg.grad_clip)
             optimizer.step()
             with torch.no_grad():
@@ -325,6 +332,39 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> dict[str, Any]:
     wall = round((time.perf_counter() - start_time) / 60, 2)
     log({"step": step, "time/train_min": wall})
     return {"best": best, "checkpoint": str(out_dir), "steps": step, "minutes": wall}
+
+
+def episode_step(
+    model, network, episode: Sequence[Sequence[EditExample]], cfg: TrainConfig, pad_id: int,
+    cache: PrefixCache | None, preserver, backward,
+) -> dict[str, float]:
+    """One training step: the episode's batch edits applied one after another to the frozen model
+    in place, each loss backpropagated into the editor (`backward`), then every edited weight
+    restored exactly. With one edit it is MEND's step. Returns the last edit's metrics."""
+    params = dict(model.named_parameters())
+    names = unwrap(network).param_names
+    saved = {name: params[name].detach().clone() for name in names}
+    seen: list[EditExample] = []
+    metrics: dict[str, float] = {}
+    try:
+        for examples in episode:
+            updates: dict[str, torch.Tensor] = {}
+            loss, metrics = edit_step_loss(
+                model, network, examples, pad_id, c_edit=cfg.c_edit, c_loc=cfg.c_loc, c_margin=cfg.c_margin,
+                margin=cfg.margin, positions=cfg.positions, cache=cache, preserver=preserver,
+                replay=seen[-cfg.replay_edits :], c_replay=cfg.c_replay, c_norm=cfg.c_norm,
+                updates=updates if len(episode) > 1 else None,
+            )
+            backward(loss / len(episode))
+            with torch.no_grad():
+                for name, change in updates.items():
+                    params[name].add_(change.to(params[name].dtype))
+            seen.extend(examples)
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                params[name].copy_(value)
+    return metrics
 
 
 def _init_statistics(model, network, train_set, stream, cfg: TrainConfig, pad_id: int, rank: int,

@@ -6,7 +6,9 @@ It is MEND's machinery with the identity in place of a trained network:
    the input u (the key) and the gradient δ at the output (`capture_rows`);
 2. lifelong normalisation: [u; δ] is standardised with running statistics that every edit keeps
    updating and never resets (the `StreamState` the Editor journals), so the editor adapts to the
-   stream of edits it sees;
+   stream of edits it sees. They start from the rows of `warmup` edits of the shipped CounterFact
+   training records, computed once per model: one fact alone has too few rows to standardise with
+   (a single target token gives one row, whose deviation from its own mean is zero);
 3. each token's value is −lr·‖ũ‖²·δ̃ (the normalised gradient, weighted by its normalised key's
    energy, UltraEdit's rule);
 4. the update is the least-squares map from the raw keys to those values inside the null space of
@@ -30,11 +32,14 @@ from ..editing.methods import MethodSpec, StreamState
 from ..editing.preserve import KeyPreserver, PreserveConfig, preserve_field
 from ..editing.request import TokenizedRequest
 from ..editing.specs import mlp_param_names, num_layers
+from ..paths import PACKAGE_DIR
 from .config import POSITIONS
-from .method import edit_with_network, new_network
-from .network import MENDNetwork
+from .data import load_examples
+from .method import capture_rows, edit_with_network, new_network
+from .network import MENDNetwork, Stats
 
 STREAM_TAG = "ultraedit"
+WARMUP_DATA = "data/counterfact/train.json"  # shipped inside the package (data/README.md)
 
 
 @dataclass(frozen=True)
@@ -53,16 +58,19 @@ class UltraEditConfig:
         edits' keys (every token's) at zero change. None: no null space, the plain ridge solve
         ΔW = V Kᵀ (K Kᵀ + ridge·I)^{-1} of the UltraEdit paper.
     ridge: that plain solve's ridge (used only when `preserve` is None).
+    warmup: how many edits of the shipped CounterFact training records (their first records) start the
+        statistics, computed once per model; 0 = start empty.
     pass_size: edit_batch runs at most this many requests per pass (None: one pass).
     """
 
     layers: tuple[int, ...] | None = None
     matrices: tuple[str, ...] = ("out",)
-    lr: float = 1.0
-    positions: str = "loss"
+    lr: float = 3e-4
+    positions: str = "all"
     step_scales: tuple[float, ...] = (1.0, 2.0, 4.0)
     preserve: PreserveConfig | None = preserve_field(PreserveConfig(threshold=0.5, ridge=10.0, protect_edits=False))
     ridge: float = 1.0
+    warmup: int = 32
     pass_size: int | None = None
 
     def __post_init__(self) -> None:
@@ -70,6 +78,8 @@ class UltraEditConfig:
             raise ValueError("layers and matrices must not be empty (layers None: the default blocks)")
         if not self.lr > 0 or not self.ridge > 0:
             raise ValueError("lr and ridge must be > 0")
+        if self.warmup < 0:
+            raise ValueError("warmup must be >= 0")
         if self.positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
         if not self.step_scales or any(not scale > 0 for scale in self.step_scales):
@@ -84,6 +94,7 @@ class UltraEdit:
     def __init__(self, config: UltraEditConfig) -> None:
         self.config = config
         self._networks: weakref.WeakKeyDictionary[nn.Module, MENDNetwork] = weakref.WeakKeyDictionary()
+        self._initial: weakref.WeakKeyDictionary[nn.Module, dict[str, Stats]] = weakref.WeakKeyDictionary()
 
     def layers(self, model: nn.Module) -> tuple[int, ...]:
         if self.config.layers is not None:
@@ -111,10 +122,26 @@ class UltraEdit:
         if preserver is None:  # preserve=None: UltraEdit's own solve, a plain ridge over the whole space
             preserver = KeyPreserver.full_space({p.name: p.d_in for p in network.params},
                                                 {p.name: p.layout for p in network.params}, self.config.ridge)
+        initial = self._initial_stats(model, tokenizer, network) if stream is None or not stream.before else None
         return edit_with_network(model, tokenizer, requests, network, self.param_names(model),
                                  preserver, stream if stream is not None else StreamState(), STREAM_TAG,
                                  positions=self.config.positions, pass_size=self.config.pass_size,
-                                 step_scales=self.config.step_scales, key_weighted=True)
+                                 step_scales=self.config.step_scales, key_weighted=True, initial=initial)
+
+    def _initial_stats(
+        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, network: MENDNetwork,
+    ) -> dict[str, Stats]:
+        """The statistics a stream starts from (the `warmup` config field), once per model."""
+        if model not in self._initial:
+            stats = {key: Stats.empty(editor.d_in + editor.d_out) for key, editor in network.editors.items()}
+            if self.config.warmup:
+                path = PACKAGE_DIR / WARMUP_DATA
+                examples = load_examples(path, tokenizer, "counterfact", limit=self.config.warmup)
+                rows, _ = capture_rows(model, tokenizer, [e.edit for e in examples], network.param_names,
+                                       self.config.positions, 8, None)
+                stats = network.merged_stats(stats, rows)
+            self._initial[model] = stats
+        return self._initial[model]
 
 
 def build(config: UltraEditConfig) -> UltraEdit:
