@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/bench_mend.py                       # the shipped editor, first 200 val records
     .venv/bin/python bench/bench_mend.py --checkpoint /tmp/mend-quick --n 200
+    .venv/bin/python bench/bench_mend.py --config '{"extra_steps": 0}'     # one step, as published
+    .venv/bin/python bench/bench_mend.py --method ultraedit               # the training-free editor
 
 Per record: edit through `factedit.Editor("mend", tokenizer=tok, score=False)`, score the six
 sequences with `score_sequences` (mean per-token log-prob of the new and the true object on the edit
@@ -11,6 +13,9 @@ parameters equal (torch.equal) a copy of their base taken before the first edit.
 ES = share with mean logprob(target_new) > mean logprob(ground_truth) on the edit prompt;
 PS = the same on rephrase_prompt; NS = share of locality_prompt with
 mean logprob(locality_ground_truth) > mean logprob(target_new).
+What the model then says (factedit.editing.said's rules, as `factedit eval` judges them): gen/prompt
+and gen/paraphrase, the new target is the greedy continuation; gen/chat, the chat reply to
+"Complete the sentence: {prompt}" says it (and not the old object).
 
 Timing (same run, medians): the MEND compute time of one edit and the whole Editor call (compute,
 projection, apply, drift guard, key protection; score=False); one forward+backward of the base
@@ -27,12 +32,14 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import factedit
 from factedit.editing.request import EditRequest, encode_prompt, encode_target, tokenize_request
+from factedit.editing.said import said_scores
 from factedit.editing.scoring import pad_id_of, score_sequences
 from factedit.paths import PACKAGE_DIR
 from factedit.peft.training import make_batch, target_nll
@@ -51,6 +58,27 @@ def cf_scores(model, tok, rec) -> dict[str, float]:
     return {"es": float(s[0] > s[1]), "ps": float(s[2] > s[3]), "ns": float(s[5] > s[4])}
 
 
+@dataclass(frozen=True)
+class SaidRecord:
+    """A CounterFact record as the generation checks read it (said.SaidCase)."""
+
+    prompt: str
+    target_new: str
+    target_true: str | None
+    paraphrases: tuple[str, ...]
+    neighborhood: tuple[tuple[str, str], ...] = ()
+    locality: tuple[tuple[str, str], ...] = ()
+
+
+def said(model, tok, rec) -> dict[str, float]:
+    case = SaidRecord(rec["prompt"], rec["target_new"], rec["ground_truth"], (rec["rephrase_prompt"],))
+    (scores,) = said_scores(model, tok, [case])
+    out = {"said": float(scores.prompt_ok), "said_para": float(scores.para_ok[0])}
+    if scores.chat_ok:
+        out["said_chat"] = float(scores.chat_ok[0])
+    return out
+
+
 def fwd_bwd_ms(model, tok, rec) -> float:
     """One forward + backward of the base model on prompt + target (all parameters trainable)."""
     treq = tokenize_request(EditRequest(rec["prompt"], rec["target_new"]), tok, None)
@@ -66,7 +94,9 @@ def fwd_bwd_ms(model, tok, rec) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", default="mend", choices=("mend", "ultraedit"))
     parser.add_argument("--checkpoint", default=None, help="MEND checkpoint dir (default: the shipped one)")
+    parser.add_argument("--config", default="{}", help="JSON of method config overrides")
     parser.add_argument("--n", type=int, default=200, help="n records of val.json from --start")
     parser.add_argument("--start", type=int, default=0, help="first record")
     parser.add_argument("--threads", type=int, default=2)
@@ -77,8 +107,11 @@ def main() -> None:
 
     model, tok = factedit.load_model()
     records = json.loads((PACKAGE_DIR / "data/counterfact/val.json").read_text())[args.start : args.start + args.n]
-    editor = factedit.Editor("mend", tokenizer=tok, score=False, checkpoint=args.checkpoint)
-    names = editor._impl.network.param_names
+    overrides = json.loads(args.config)
+    if args.method == "mend":
+        overrides["checkpoint"] = args.checkpoint
+    editor = factedit.Editor(args.method, tokenizer=tok, score=False, **overrides)
+    names = editor._impl.param_names(model)
     params = dict(model.named_parameters())
     base = {n: params[n].detach().clone() for n in names}
 
@@ -93,7 +126,7 @@ def main() -> None:
         record = editor.edit(model, rec["prompt"], rec["target_new"])
         compute_ms.append(record.timings["compute_ms"])
         edit_ms.append(record.timings["edit_ms"])
-        flags.append(cf_scores(model, tok, rec))
+        flags.append(cf_scores(model, tok, rec) | said(model, tok, rec))
         editor.revert(model, record.id)
         exact &= all(torch.equal(params[n], base[n]) for n in names)
 
@@ -120,9 +153,13 @@ def main() -> None:
         return sum(r[key] for r in rows) / len(rows) if rows else float("nan")
 
     figures = {
+        "method": args.method,
+        "config": args.config,
         "checkpoint": args.checkpoint or "shipped",
         "n": len(records),
         "edit/es": mean(flags, "es"), "edit/ps": mean(flags, "ps"), "loc/ns": mean(flags, "ns"),
+        "gen/prompt": mean(flags, "said"), "gen/paraphrase": mean(flags, "said_para"),
+        "gen/chat": mean([f for f in flags if "said_chat" in f], "said_chat"),
         "unedited/es": mean(unedited, "es"), "unedited/ps": mean(unedited, "ps"), "unedited/ns": mean(unedited, "ns"),
         f"batch{args.batch}/n": len(batch_flags),
         f"batch{args.batch}/es": mean(batch_flags, "es"), f"batch{args.batch}/ps": mean(batch_flags, "ps"),
@@ -141,7 +178,7 @@ def main() -> None:
         "threads": args.threads,
     }
     width = max(len(k) for k in figures)
-    print(f"MEND on CounterFact val[{args.start}:{args.start + len(records)}], one edit at a time then revert")
+    print(f"{args.method} on CounterFact val[{args.start}:{args.start + len(records)}], one edit at a time then revert")
     for key, value in figures.items():
         shown = f"{value:.3f}" if isinstance(value, float) else str(value)
         print(f"  {key:<{width}}  {shown}")

@@ -34,8 +34,9 @@ def tiny_checkpoint(tmp_path, model, layers=(-2, -1), roles=("in", "out"), alpha
 
 
 def mend_editor(tok, path, layers=(-2, -1), roles=("in", "out"), **extra):
-    """A MEND Editor over a summing tiny checkpoint, without preservation unless asked."""
+    """A MEND Editor over a summing tiny checkpoint, without preservation and with one step unless asked."""
     extra.setdefault("preserve", None)
+    extra.setdefault("extra_steps", 0)
     return factedit.Editor("mend", tokenizer=tok, checkpoint=str(path), layers=layers, matrices=roles, **extra)
 
 
@@ -377,3 +378,29 @@ def test_edit_batch_is_one_pass_with_rows_of_every_request(tmp_path):
     for name, pdelta in both.items():
         summed = sum(s.params[name].left @ s.params[name].right for s in single)
         assert torch.allclose(pdelta.left @ pdelta.right, summed, atol=1e-6)
+
+
+def test_a_second_step_is_computed_at_the_weights_the_first_left(tmp_path, monkeypatch):
+    """extra_steps=1: a request the first step leaves short gets a fresh capture at W + ΔW₁, and its rows
+    join the update; a request the first step makes take gets none."""
+    import factedit.mend.method as mend_method
+
+    model, tok = tiny_model("llama")
+    path, _ = tiny_checkpoint(tmp_path, model, alpha=1e-3)  # far too small a step to take
+    captures = []
+    real_capture = mend_method.capture_rows
+
+    def recording(*args, **kwargs):
+        captures.append(args[7] if len(args) > 7 else kwargs.get("params"))
+        return real_capture(*args, **kwargs)
+
+    monkeypatch.setattr(mend_method, "capture_rows", recording)
+    one = mend_editor(tok, path, step_scales=(1.0,), guard=None).edit(model, *PROMPTS[0])
+    assert captures == [None]
+    two_editor = mend_editor(tok, path, step_scales=(1.0,), guard=None, extra_steps=1)
+    two = two_editor.edit(tiny_model("llama")[0], *PROMPTS[0])
+    assert captures[1] is None and captures[2] is not None  # the second pass ran at W + ΔW₁
+    name = next(iter(one.delta.names()))
+    rank_one, rank_two = one.delta.params[name].left.shape[1], two.delta.params[name].left.shape[1]
+    assert rank_two == 2 * rank_one  # the first step's rows and the second's
+    assert torch.equal(two.delta.params[name].left[:, :rank_one], one.delta.params[name].left)

@@ -112,12 +112,15 @@ def capture(
     batch: TrainingBatch,
     rows: torch.Tensor | None = None,
     positions: str = "loss",
+    params: dict[str, torch.Tensor] | None = None,
 ) -> Captured:
     """Run the edit loss forward and backward on the frozen `model` and collect u/δ rows.
 
     module_names[i] owns param_names[i]. `rows` (B,) bool selects the rows that are edits (others,
     e.g. locality prompts sharing the pass, contribute nothing); default: all rows.
     positions: "loss" keeps the positions predicting a target token; "all" every non-padding one.
+    params: tensors the pass uses instead of the model's own (functional_call; e.g. W + ΔW of a first
+    step), the model is not written.
     The caller must have frozen the model (no parameter requires grad).
     """
     edit_rows = torch.ones(batch.labels.shape[0], dtype=torch.bool, device=batch.labels.device)
@@ -127,7 +130,7 @@ def capture(
     target_mask = loss_positions(labels)  # (B, T)
     all_targets = loss_positions(batch.labels)  # (B, T)
     with torch.enable_grad(), capture_linear_io(model, module_names) as io:
-        logits = logits_at(model, batch.input_ids, batch.attention_mask, all_targets)  # (M, V)
+        logits = logits_at(model, batch.input_ids, batch.attention_mask, all_targets, params=params)  # (M, V)
         loss = per_request_nll(logits, labels, all_targets)[edit_rows].sum()
         loss.backward()
     if positions == "loss":

@@ -34,6 +34,9 @@ class MENDConfig:
         rows are merged into them (Welford, as in training) before they are normalised, and the
         statistics an edit leaves are journaled with it (`StreamState`), so a reopened journal edits
         on exactly as the process that wrote it would. False: the checkpoint's statistics, frozen.
+    extra_steps: more steps for an edit whose target is still not the argmax after the first: each a
+        fresh forward and backward at the weights the steps so far left (the same editor, statistics,
+        solve and step checks), its rows added to the update; 0 = one step (MEND as published).
     fallback_ridges: smaller ridges tried, in order, for an edit that no step scale makes take at the
         preserve ridge (each again with every step scale); () = none. The shipped editor was trained
         with ridge 1; a large ridge keeps each update small and off the directions plain text uses.
@@ -53,6 +56,7 @@ class MENDConfig:
     preserve: PreserveConfig | None = preserve_field(PreserveConfig(threshold=0.5, ridge=10.0))
     fallback_ridges: tuple[float, ...] = ()
     lifelong: bool = True
+    extra_steps: int = 1
 
     def __post_init__(self) -> None:
         if (self.layers is not None and not self.layers) or (self.matrices is not None and not self.matrices):
@@ -63,5 +67,7 @@ class MENDConfig:
             raise ValueError("pass_size must be >= 1, or None for one pass")
         if not self.step_scales or any(not scale > 0 for scale in self.step_scales):
             raise ValueError("step_scales must be one or more numbers > 0")
+        if self.extra_steps < 0:
+            raise ValueError("extra_steps must be >= 0")
         if any(not ridge > 0 for ridge in self.fallback_ridges):
             raise ValueError("fallback_ridges must be numbers > 0")

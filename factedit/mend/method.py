@@ -137,11 +137,12 @@ def stats_from_tensors(
 def capture_rows(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[TokenizedRequest],
     names: Sequence[str], positions: str, pass_size: int | None, checks: PrefixCache | None,
+    params: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
     """(rows, owners): every request's u/δ rows per matrix (one forward and backward per pass of
     `length_groups`) and each row's request as an index into the length-sorted order. With `checks`
     the hidden states entering the first edited block are recorded, so step checks run only the
-    edited blocks."""
+    edited blocks. `params` replace the model's own tensors (a second step's capture at W + ΔW)."""
     device = next(model.parameters()).device
     factors: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in names}
     owners, seen = [], 0
@@ -149,7 +150,8 @@ def capture_rows(
         for group in length_groups(requests, pass_size):
             batch = make_batch(group, pad_id_of(tokenizer), device)
             with checks.recording(model, [r.input_ids for r in group]) if checks else nullcontext():
-                captured = capture(model, [module_of(n) for n in names], names, batch, positions=positions)
+                captured = capture(model, [module_of(n) for n in names], names, batch, positions=positions,
+                                   params=params)
             for name in names:
                 factors[name].append(captured.factors[name])
             owners.append(captured.owners + seen)
@@ -223,7 +225,8 @@ class MEND:
         return edit_with_network(model, tokenizer, requests, network, names, preserver,
                                  stream if self.config.lifelong else None, self.stream_tag,
                                  positions=self.positions, pass_size=self.config.pass_size,
-                                 step_scales=self.config.step_scales, fallback_ridges=self.config.fallback_ridges)
+                                 step_scales=self.config.step_scales, fallback_ridges=self.config.fallback_ridges,
+                                 extra_steps=self.config.extra_steps)
 
 
 def edit_with_network(
@@ -231,28 +234,54 @@ def edit_with_network(
     network: MENDNetwork, names: Sequence[str], preserver: KeyPreserver | None, stream: StreamState | None,
     tag: str, *, positions: str, pass_size: int | None, step_scales: Sequence[float],
     fallback_ridges: Sequence[float] = (), key_weighted: bool = False, initial: dict[str, Stats] | None = None,
+    extra_steps: int = 0,
 ) -> Delta:
     """One edit by an editor network (MEND's, or the identity for `ultraedit`): capture the rows,
-    normalise them (lifelong when `stream` is given), transform, aggregate, scale the step."""
+    normalise them (lifelong when `stream` is given), transform, aggregate, scale the step; then up
+    to `extra_steps` more steps for the requests whose target is not yet the argmax."""
     # More than one level to check: the capture pass records the hidden states entering the first
     # edited block, so each check runs only the edited blocks.
     checks = None
-    if len(step_scales) > 1 or fallback_ridges:
+    if len(step_scales) > 1 or fallback_ridges or extra_steps:
         checks = PrefixCache(model, min(layer_index(model, n) for n in names))
     rows, owners = capture_rows(model, tokenizer, requests, names, positions, pass_size, checks)
+    pad_id = pad_id_of(tokenizer)
     with torch.no_grad():
         stats = lifelong_stats(network, rows, stream, tag, initial)
         candidates = candidate_rows(network, rows, preserver, (None, *fallback_ridges), stats, key_weighted)
-        transformed = scaled_step(model, pad_id_of(tokenizer), requests, candidates, network, step_scales,
-                                  owners, pass_size, checks)
+        transformed = scaled_step(model, pad_id, requests, candidates, network, step_scales, owners, pass_size,
+                                  checks)
+    for _ in range(extra_steps):
+        # A fresh gradient at the weights the steps so far left, for the requests still short of the
+        # target: the same editor, normalisation, solve and step checks, its rows added to the update.
+        params = dense_params(model, network, transformed)
+        ordered = [r for group in length_groups(requests, pass_size) for r in group]
+        with torch.no_grad():
+            taken = torch.cat([_targets_taken(model, pad_id, group, params, checks)
+                               for group in length_groups(requests, pass_size)])  # (R,) in `ordered` order
+        missing = [r for r, ok in zip(ordered, taken.tolist(), strict=True) if not ok]
+        if not missing:
+            break
+        rows, owners = capture_rows(model, tokenizer, missing, names, positions, pass_size, checks, params)
+        with torch.no_grad():
+            if stats is not None:  # lifelong: the second step's rows are seen too
+                stats = network.merged_stats(stats, rows)
+                stream.after = stats_to_tensors(stats, tag)
+            candidates = candidate_rows(network, rows, preserver, (None, *fallback_ridges), stats, key_weighted)
+            more = scaled_step(model, pad_id, missing, candidates, network, step_scales, owners, pass_size,
+                               checks, base=params)
+        transformed = {name: (torch.cat([u, more[name][0]]), torch.cat([d, more[name][1]]))
+                       for name, (u, d) in transformed.items()}
     return factors_to_delta(network, transformed)
 
 
 def dense_params(
     model: nn.Module, network: MENDNetwork, transformed: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    base: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """{name: W + ΔW} for `functional_call` (the model's own tensors are not written)."""
-    params = dict(model.named_parameters())
+    """{name: W + ΔW} for `functional_call` (the model's own tensors are not written); `base` replaces W
+    (the weights a first step left, for a second step)."""
+    params = base if base is not None else dict(model.named_parameters())
     return {
         p.name: params[p.name].detach() + dense_update(*transformed[p.name], p.layout).to(params[p.name].dtype)
         for p in network.params
@@ -263,7 +292,7 @@ def scaled_step(
     model: nn.Module, pad_id: int, requests: Sequence[TokenizedRequest],
     candidates: Sequence[dict[str, tuple[torch.Tensor, torch.Tensor]]], network: MENDNetwork,
     step_scales: Sequence[float], owners: torch.Tensor, pass_size: int | None = None,
-    cache: PrefixCache | None = None,
+    cache: PrefixCache | None = None, base: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The step (rows ũ, −α·δ̃) each request gets: the first level under which every one of its
     target tokens is the argmax, given the others' steps; a request no level makes take gets the last.
@@ -273,7 +302,7 @@ def scaled_step(
     owners (N,): each row's request, as an index into the length-sorted order of `length_groups`.
     Requests that take keep their level while the others grow, so each fact of a batch gets the
     smallest step that works for it. With `cache` holding the requests' states below the edited
-    blocks, checks run only those blocks.
+    blocks, checks run only those blocks. `base`: the weights the step is added to (dense_params).
     """
     n_levels = len(candidates) * len(step_scales)
     scales = torch.tensor(step_scales, dtype=torch.float32, device=owners.device).repeat(len(candidates))  # (L,)
@@ -284,7 +313,7 @@ def scaled_step(
     # one level up unchecked. A single level is applied without a check.
     for _ in range(n_levels if n_levels > 1 else 0):
         step = _rows_at(candidates, which[level][owners], scales[level][owners])
-        taken = torch.cat([_targets_taken(model, pad_id, group, dense_params(model, network, step), cache)
+        taken = torch.cat([_targets_taken(model, pad_id, group, dense_params(model, network, step, base), cache)
                            for group in groups])  # (R,)
         grow = ~taken.to(level.device) & (level < n_levels - 1)
         if not bool(grow.any()):
