@@ -99,6 +99,7 @@ def main() -> None:
     parser.add_argument("--config", default="{}", help="JSON of method config overrides")
     parser.add_argument("--n", type=int, default=200, help="n records of val.json from --start")
     parser.add_argument("--start", type=int, default=0, help="first record")
+    parser.add_argument("--split", default="val", choices=("val", "train"), help="CounterFact split")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=16, help="size of the edit_batch timing")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
@@ -106,7 +107,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     model, tok = factedit.load_model()
-    records = json.loads((PACKAGE_DIR / "data/counterfact/val.json").read_text())[args.start : args.start + args.n]
+    records = json.loads((PACKAGE_DIR / f"data/counterfact/{args.split}.json").read_text())
+    records = records[args.start : args.start + args.n]
     overrides = json.loads(args.config)
     if args.method == "mend":
         overrides["checkpoint"] = args.checkpoint
@@ -178,7 +180,8 @@ def main() -> None:
         "threads": args.threads,
     }
     width = max(len(k) for k in figures)
-    print(f"{args.method} on CounterFact val[{args.start}:{args.start + len(records)}], one edit at a time then revert")
+    where = f"{args.split}[{args.start}:{args.start + len(records)}]"
+    print(f"{args.method} on CounterFact {where}, one edit at a time then revert")
     for key, value in figures.items():
         shown = f"{value:.3f}" if isinstance(value, float) else str(value)
         print(f"  {key:<{width}}  {shown}")

@@ -58,6 +58,8 @@ class UltraEditConfig:
         edits' keys (every token's) at zero change. None: no null space, the plain ridge solve
         ΔW = V Kᵀ (K Kᵀ + ridge·I)^{-1} of the UltraEdit paper.
     ridge: that plain solve's ridge (used only when `preserve` is None).
+    extra_steps: more steps for an edit still short of the target, each from a fresh gradient at the
+        weights the steps so far left (MENDConfig.extra_steps).
     warmup: how many edits of the shipped CounterFact training records (their first records) start the
         statistics, computed once per model; 0 = start empty.
     pass_size: edit_batch runs at most this many requests per pass (None: one pass).
@@ -65,12 +67,13 @@ class UltraEditConfig:
 
     layers: tuple[int, ...] | None = None
     matrices: tuple[str, ...] = ("out",)
-    lr: float = 3e-4
+    lr: float = 1e-4
     positions: str = "all"
-    step_scales: tuple[float, ...] = (1.0, 2.0, 4.0)
+    step_scales: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
     preserve: PreserveConfig | None = preserve_field(PreserveConfig(threshold=0.5, ridge=10.0, protect_edits=False))
     ridge: float = 1.0
     warmup: int = 32
+    extra_steps: int = 4
     pass_size: int | None = None
 
     def __post_init__(self) -> None:
@@ -78,8 +81,8 @@ class UltraEditConfig:
             raise ValueError("layers and matrices must not be empty (layers None: the default blocks)")
         if not self.lr > 0 or not self.ridge > 0:
             raise ValueError("lr and ridge must be > 0")
-        if self.warmup < 0:
-            raise ValueError("warmup must be >= 0")
+        if self.warmup < 0 or self.extra_steps < 0:
+            raise ValueError("warmup and extra_steps must be >= 0")
         if self.positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
         if not self.step_scales or any(not scale > 0 for scale in self.step_scales):
@@ -126,7 +129,8 @@ class UltraEdit:
         return edit_with_network(model, tokenizer, requests, network, self.param_names(model),
                                  preserver, stream if stream is not None else StreamState(), STREAM_TAG,
                                  positions=self.config.positions, pass_size=self.config.pass_size,
-                                 step_scales=self.config.step_scales, key_weighted=True, initial=initial)
+                                 step_scales=self.config.step_scales, key_weighted=True, initial=initial,
+                                 extra_steps=self.config.extra_steps)
 
     def _initial_stats(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, network: MENDNetwork,
