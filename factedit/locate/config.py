@@ -33,7 +33,10 @@ class LocateConfig:
     kl_factor: float | None = 0.0625  # weight of KL(edited ‖ unedited) on `kl_prompt`; None = off
     kl_prompt: str = "{} is a"  # the subject's other facts: the next token after this, "{}" = the subject
     v_stop_nll: float = 0.05  # stop once every request's mean target NLL (over its contexts) is below
-    cov_weight: float = 15000.0  # without preserve: the corpus keys count as this many tokens; 0 = exact (ROME)
+    # Without preserve: the corpus keys count as this many tokens; 0 = exact (ROME). MEMIT's 15000 is for
+    # GPT-J's 16384-wide keys (k C⁻¹ k grows with the width); 1500 for the default model's 1536 (at 15000
+    # France -> Rome does not take; at 1500 it does, paraphrases too: not tuned further).
+    cov_weight: float = 1500.0
     # Null space of the reference corpus's keys and the ridge of AlphaEdit's solve; earlier edits' keys
     # (subject's last token) held when protect_edits. None = MEMIT's covariance solve (cov_weight).
     preserve: PreserveConfig | None = preserve_field(PreserveConfig(threshold=0.5, ridge=1.0))
