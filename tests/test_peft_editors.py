@@ -11,8 +11,10 @@ import torch
 from tiny_models import tiny_model
 
 import factedit
-from factedit.editing.request import EditRequest, tokenize_request
-from factedit.peft import training
+from factedit.editing.contexts import in_context
+from factedit.editing.errors import ConfigError
+from factedit.editing.request import EditRequest, encode_prompt, tokenize_request
+from factedit.peft import ft, lora, training
 
 
 def _requests(tok, *facts):
@@ -48,8 +50,8 @@ def test_ft_stops_as_soon_as_every_target_token_is_the_argmax(monkeypatch):
     seen = []
     real = training.target_nll
 
-    def spy(logits, labels):
-        loss, done = real(logits, labels)
+    def spy(logits, labels, stop=None):
+        loss, done = real(logits, labels, stop)
         seen.append(done)
         return loss, done
 
@@ -102,3 +104,104 @@ def test_lora_edit_changes_the_output_as_the_trained_adapter_did(arch, monkeypat
         base_logits = model(input_ids=ids).logits
     assert not torch.allclose(edited_logits, base_logits, atol=1e-3)  # the edit did something
     assert torch.allclose(edited_logits, adapter_logits[0], atol=1e-5)
+
+
+# Subject-anchored fine-tuning: the prompt also trained under the model's context prefixes.
+PREFIXES = {"seeds": ["The", "Because", "I"], "per_seed": 2, "tokens": 4}
+FACT = ("The capital of France is", "Rome")
+
+
+def _captured_batches(module, monkeypatch):
+    """The batch each `optimize` call of `module` trains on."""
+    batches = []
+    real = module.optimize
+
+    def spy(forward, batch, *args, **kwargs):
+        batches.append(batch)
+        return real(forward, batch, *args, **kwargs)
+
+    monkeypatch.setattr(module, "optimize", spy)
+    return batches
+
+
+@pytest.mark.parametrize("method, module", [("ft_l", ft), ("lora", lora)])
+def test_prefixes_put_the_prompt_under_each_prefix_in_the_training_batch(method, module, monkeypatch):
+    model, tok = tiny_model("llama")
+    batches = _captured_batches(module, monkeypatch)
+    request, = _requests(tok, FACT)
+    for _ in range(2):  # two editors: the same model gives the same prefixes, the same batch
+        editor = factedit.Editor(method, tokenizer=tok, layers=(-1,), max_steps=2, preserve=None, prefixes=PREFIXES)
+        editor._impl.compute(model, tok, [request])
+    first, second = batches
+    prefixes = editor._impl.prefixes.get(model, tok)
+    assert prefixes[0] == "" and len(prefixes) == 1 + 3 * 2 and len(set(prefixes)) == len(prefixes)
+    assert first.input_ids.shape[0] == len(prefixes)
+    assert first.stop.tolist() == [True] + [False] * (len(prefixes) - 1)  # the stop check reads the prompt alone
+    target = list(request.target_ids)
+    for row, prefix in enumerate(prefixes):
+        text, offset = in_context(prefix, FACT[0])
+        assert text[offset:] == FACT[0] and (offset == 0) == (prefix == "")
+        prompt = encode_prompt(tok, text)
+        expected = prompt + target
+        n = int(first.attention_mask[row].sum())
+        assert first.input_ids[row, :n].tolist() == expected
+        labelled = first.labels[row] != training.IGNORE
+        assert labelled.nonzero().flatten().tolist() == list(range(len(prompt), len(expected)))
+        assert first.labels[row, labelled].tolist() == target  # the same target ids in every context
+    assert first.input_ids[0, : len(request.input_ids)].tolist() == list(request.input_ids)
+    for a, b in zip((first.input_ids, first.attention_mask, first.labels, first.stop),
+                    (second.input_ids, second.attention_mask, second.labels, second.stop), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_without_prefixes_the_batch_is_the_requests_alone(monkeypatch):
+    model, tok = tiny_model("llama")
+    batches = _captured_batches(ft, monkeypatch)
+    request, = _requests(tok, FACT)
+    editor = factedit.Editor("ft_l", tokenizer=tok, layers=(-1,), max_steps=1, preserve=None)
+    editor._impl.compute(model, tok, [request])
+    batch, = batches
+    assert batch.input_ids.tolist() == [list(request.input_ids)] and batch.stop is None
+
+
+def test_stop_reads_only_the_prompt_alone_and_the_loss_averages_over_contexts():
+    labels = torch.full((2, 4), training.IGNORE)
+    labels[:, 3] = 1  # one target token per row
+    logits = torch.zeros(2, 4, 3)
+    logits[0, 2, 1] = 5.0  # the prompt alone predicts the target
+    logits[1, 2, 2] = 5.0  # the prefixed row does not
+    loss, done = training.target_nll(logits, labels, torch.tensor([True, False]))
+    assert done and not training.target_nll(logits, labels)[1]
+    per_row = [torch.nn.functional.cross_entropy(logits[r, 2:3], labels[r, 3:4]) for r in range(2)]
+    assert torch.allclose(loss, (per_row[0] + per_row[1]) / 2)
+
+
+@pytest.mark.parametrize("method", ["ft_l", "lora"])
+def test_prefixed_edit_makes_the_target_the_argmax_and_reverts_exactly(method):
+    model, tok = tiny_model("llama")
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    kwargs = {"norm_constraint": 0.1} if method == "ft_l" else {}
+    editor = factedit.Editor(method, tokenizer=tok, layers=(-1,), lr=1e-2, max_steps=100, prefixes=PREFIXES,
+                             **kwargs)
+    record = editor.edit(model, *FACT)
+    assert record.post["requests"][0]["target_is_argmax"]
+    assert record.config["prefixes"]["per_seed"] == 2  # the record says how it trained
+    assert any(not torch.equal(p, base[n]) for n, p in model.named_parameters())
+    editor.revert(model, record.id)
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("method", ["ft_l", "lora"])
+@pytest.mark.parametrize("bad", [{"per_seed": -1}, {"tokens": 0}, {"seeds": ["The", " "]}, {"colour": 1},
+                                 {"tokens": "many"}, "yes"])
+def test_a_bad_prefixes_config_is_refused_and_changes_nothing(method, bad):
+    model, tok = tiny_model("llama")
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ConfigError, match="prefixes"):
+        factedit.Editor(method, tokenizer=tok, prefixes=bad)
+    editor = factedit.Editor(method, tokenizer=tok, layers=(-1,), max_steps=1)
+    before = editor.config
+    with pytest.raises(ConfigError, match="prefixes"):
+        editor.set_method(method, prefixes=bad)
+    assert editor.config == before and editor.config.prefixes is None
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters())

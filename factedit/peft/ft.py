@@ -9,20 +9,20 @@ so the model's own weights are never written, and return `trained - original` as
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.func import functional_call
 from transformers import PreTrainedTokenizerBase
 
+from ..editing.contexts import ContextPrefixes, PrefixConfig
 from ..editing.delta import Delta, ParamDelta
 from ..editing.methods import MethodSpec
 from ..editing.preserve import KeyPreserver, PreserveConfig, preserve_field
 from ..editing.request import TokenizedRequest
-from ..editing.scoring import pad_id_of
 from ..editing.specs import mlp_param_names
-from .training import Progress, TrainingBatch, frozen, make_batch, optimize, seeded
+from .training import Progress, TrainingBatch, frozen, optimize, seeded, training_batch
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,9 @@ class FTConfig:
     seed: int | None = 0  # fixes any randomness; None leaves torch's RNG as it is
     # Keep the change in the null space of the reference corpus's keys (preserve.py); None = off.
     preserve: PreserveConfig | None = preserve_field(None)
+    # Train on the prompt alone and under each of these short model-written prefixes (contexts.py,
+    # MEMIT's context templates): the loss averages the target NLL over them. None = the prompt alone.
+    prefixes: PrefixConfig | None = field(default=None, metadata={"dataclass": PrefixConfig})
 
     def __post_init__(self) -> None:
         if not (0 < self.lr < float("inf")) or self.max_steps < 1:
@@ -70,6 +73,7 @@ class FineTune:
 
     def __init__(self, config: FTConfig) -> None:
         self.config = config
+        self.prefixes = ContextPrefixes(config.prefixes) if config.prefixes is not None else None
 
     def param_names(self, model: nn.Module) -> list[str]:
         return mlp_param_names(model, self.config.layers, self.config.matrices)
@@ -83,7 +87,7 @@ class FineTune:
         params = dict(model.named_parameters())
         originals = {n: params[n].detach() for n in names}
         trained = {n: w.clone().requires_grad_(True) for n, w in originals.items()}
-        batch = make_batch(requests, pad_id_of(tokenizer), next(model.parameters()).device)
+        batch = training_batch(model, tokenizer, requests, self.prefixes)
 
         def forward(b: TrainingBatch) -> torch.Tensor:
             kwargs = {"input_ids": b.input_ids, "attention_mask": b.attention_mask}

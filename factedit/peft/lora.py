@@ -8,20 +8,20 @@ original modules (and their untouched weights) back.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from ..editing.contexts import ContextPrefixes, PrefixConfig
 from ..editing.delta import Delta, ParamDelta
 from ..editing.methods import MethodSpec
 from ..editing.preserve import KeyPreserver, PreserveConfig, preserve_field
 from ..editing.request import TokenizedRequest
-from ..editing.scoring import pad_id_of
 from ..editing.specs import mlp_param_names, weight_layout
-from .training import Progress, TrainingBatch, frozen, make_batch, optimize, seeded
+from .training import Progress, TrainingBatch, frozen, optimize, seeded, training_batch
 
 ADAPTER = "factedit"
 
@@ -48,6 +48,9 @@ class LoRAEditConfig:
     # Keep the change in the null space of the reference corpus's keys (preserve.py: the A factors,
     # the input side, are projected at every step); None = off.
     preserve: PreserveConfig | None = preserve_field(PreserveConfig(threshold=0.3))
+    # Train on the prompt alone and under each of these short model-written prefixes (contexts.py,
+    # MEMIT's context templates): the loss averages the target NLL over them. None = the prompt alone.
+    prefixes: PrefixConfig | None = field(default=None, metadata={"dataclass": PrefixConfig})
 
     def __post_init__(self) -> None:
         finite = float("inf")
@@ -60,6 +63,7 @@ class LoRAEditConfig:
 class LoRAEdit:
     def __init__(self, config: LoRAEditConfig) -> None:
         self.config = config
+        self.prefixes = ContextPrefixes(config.prefixes) if config.prefixes is not None else None
 
     def param_names(self, model: nn.Module) -> list[str]:
         return mlp_param_names(model, self.config.layers, self.config.matrices)
@@ -75,7 +79,7 @@ class LoRAEdit:
             r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=modules, bias="none",
             fan_in_fan_out=any(layout == "in_out" for layout in layouts.values()),
         )
-        batch = make_batch(requests, pad_id_of(tokenizer), next(model.parameters()).device)
+        batch = training_batch(model, tokenizer, requests, self.prefixes)  # before the adapter goes in
         with frozen(model), seeded(cfg.seed):
             peft_model = get_peft_model(model, lora_config, adapter_name=ADAPTER)
             try:
