@@ -24,9 +24,9 @@ def test_the_shipped_editor_is_small_and_describes_itself():
 def test_the_shipped_editor_edits_the_default_model_and_reverts_exactly(default_model):
     model, tok = default_model
     params = dict(model.named_parameters())
-    # France -> Rome is a hard edit for this editor: the default ridge raises P(Rome) from 0.05 % to
-    # 3 %, not past Paris; the fallback ridge 1 (as trained) makes it the argmax (MENDConfig).
-    editor = factedit.Editor("mend", tokenizer=tok, fallback_ridges=(1.0,))
+    # France -> Rome is a hard edit for this editor: one step raises P(Rome) from 0.05 % to 3 %, not
+    # past Paris; the second step (extra_steps, a fresh gradient at the edited weights) takes it.
+    editor = factedit.Editor("mend", tokenizer=tok)
     names = editor._impl.network.param_names
     base = {n: params[n].detach().clone() for n in names}
     record = editor.edit(model, "The capital of France is", "Rome")
@@ -34,6 +34,9 @@ def test_the_shipped_editor_edits_the_default_model_and_reverts_exactly(default_
         post = record.post["requests"][0]
         assert post["target_prob"] > 10 * record.pre["requests"][0]["target_prob"]
         assert post["target_is_argmax"]
+        ids = tok("The capital of France is", return_tensors="pt").input_ids
+        said = tok.decode(model.generate(ids, max_new_tokens=3, do_sample=False)[0, ids.shape[1]:])
+        assert said.strip().startswith("Rome")
     finally:
         editor.revert(model, record.id)
     assert all(torch.equal(params[n], base[n]) for n in names)
