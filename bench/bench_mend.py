@@ -157,7 +157,7 @@ def main() -> None:
     figures = {
         "method": args.method,
         "config": args.config,
-        "checkpoint": args.checkpoint or "shipped",
+        "checkpoint": (args.checkpoint or "shipped") if args.method == "mend" else "-",
         "n": len(records),
         "edit/es": mean(flags, "es"), "edit/ps": mean(flags, "ps"), "loc/ns": mean(flags, "ns"),
         "gen/prompt": mean(flags, "said"), "gen/paraphrase": mean(flags, "said_para"),
