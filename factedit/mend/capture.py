@@ -9,7 +9,6 @@ target tokens (`logits_to_keep`).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from ..editing.hooks import capture_linear_io
+from ..editing.scoring import logits_at
 from ..peft.training import IGNORE, TrainingBatch
 
 
@@ -38,55 +38,11 @@ def loss_positions(labels: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def supports_logits_to_keep(model: nn.Module) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
-
-
-def kept_positions(mask: torch.Tensor) -> torch.Tensor:
-    """Sorted union over rows of the positions set in `mask` (B, T) -> (K,) long."""
-    return mask.any(0).nonzero().squeeze(1)
-
-
 def next_tokens(labels: torch.Tensor) -> torch.Tensor:
     """(B, T): the label of token t + 1, the one position t predicts (IGNORE at the end)."""
     out = torch.full_like(labels, IGNORE)
     out[:, :-1] = labels[:, 1:]
     return out
-
-
-def logits_at(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    select: torch.Tensor,
-    params: dict[str, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Logits (M, V) at the positions set in `select` (B, T), row-major.
-
-    The language-model head runs on those M positions only: `logits_to_keep` trims the positions to
-    the union over rows, and a pre-hook on the head keeps each row's own. `params` (optional) go to
-    `torch.func.functional_call`; the model's tensors are never written.
-    """
-    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
-    keep = kept_positions(select)
-    if supports_logits_to_keep(model):
-        kwargs["logits_to_keep"] = keep
-        rows = select[:, keep]  # (B, K)
-    else:
-        rows = select  # (B, T)
-
-    def gather(module: nn.Module, args: tuple) -> tuple:
-        return (args[0][rows].unsqueeze(0), *args[1:])  # (1, M, d)
-
-    handle = model.get_output_embeddings().register_forward_pre_hook(gather)
-    try:
-        if params is not None:
-            out = torch.func.functional_call(model, params, args=(), kwargs=kwargs, strict=False)
-        else:
-            out = model(**kwargs)
-    finally:
-        handle.remove()
-    return out.logits.squeeze(0)  # (M, V)
 
 
 def per_request_nll(logits: torch.Tensor, labels: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
