@@ -224,9 +224,9 @@ def test_an_error_inside_a_step_check_leaves_the_model_as_it_was(tmp_path):
 def test_the_applied_delta_is_the_update_mend_was_trained_with(arch, tmp_path):
     """The low-rank factors the method returns, in each parameter's own layout (Conv1D included),
     add exactly the W + ΔW that the training objective evaluates (`objective.edited_params`)."""
+    from factedit.editing.hooks import frozen
     from factedit.mend.capture import capture
     from factedit.mend.objective import edited_params, module_of
-    from factedit.peft.training import frozen
 
     model, tok = tiny_model(arch)
     path, network = tiny_checkpoint(tmp_path, model, roles=ROLES[arch])

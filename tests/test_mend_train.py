@@ -12,6 +12,7 @@ from helpers import assert_weights_equal, snapshot
 from tiny_models import tiny_model
 
 from factedit.editing.errors import ConfigError
+from factedit.editing.hooks import frozen
 from factedit.editing.scoring import pad_id_of
 from factedit.mend.checkpoint import load_checkpoint
 from factedit.mend.data import load_examples
@@ -20,7 +21,6 @@ from factedit.mend.objective import edit_step_loss
 from factedit.mend.prefix import PrefixCache
 from factedit.mend.train import CONFIG_DIR, TrainConfig, compose_config, load_data, train
 from factedit.paths import PACKAGE_DIR
-from factedit.peft.training import frozen
 
 
 def tiny_examples(tok, n=4):

@@ -18,12 +18,13 @@ from transformers import PreTrainedTokenizerBase
 
 from ..editing.delta import Delta, ParamDelta
 from ..editing.errors import ConfigError
+from ..editing.hooks import frozen
 from ..editing.methods import MethodSpec, StreamState
 from ..editing.preserve import KeyPreserver
 from ..editing.request import TokenizedRequest
 from ..editing.scoring import logits_at, pad_id_of
 from ..editing.specs import layer_index, mlp_param_names, weight_layout
-from ..peft.training import frozen, make_batch
+from ..peft.training import make_batch
 from .capture import capture, loss_positions, next_tokens
 from .checkpoint import MENDCheckpoint, check_model, load_checkpoint
 from .config import MENDConfig

@@ -190,7 +190,7 @@ def evaluate_single_edits(
 ) -> dict[str, float]:
     """CounterFact ES/PS/NS of one edit at a time (the model itself is never written), the step
     scaled as the `mend` method does (MENDConfig.step_scales)."""
-    from ..peft.training import frozen
+    from ..editing.hooks import frozen
 
     base = unwrap(network)
     was_training = base.training

@@ -214,7 +214,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> dict[str, Any]:
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    from ..peft.training import frozen
+    from ..editing.hooks import frozen
 
     start_time = time.perf_counter()
     if cfg.threads:

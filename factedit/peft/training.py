@@ -23,6 +23,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..editing.contexts import ContextPrefixes, in_context
+from ..editing.hooks import frozen  # noqa: F401 - re-exported: the fine-tuning loop's import
 from ..editing.request import TokenizedRequest, encode_prompt, max_context
 from ..editing.scoring import pad_id_of, pad_sequences
 
@@ -112,22 +113,6 @@ def target_nll(
         on_target = on_target & stop[:, None]
     done = bool((shifted_logits.argmax(-1)[on_target] == shifted_labels[on_target]).all())
     return loss, done
-
-
-@contextlib.contextmanager
-def frozen(model: nn.Module) -> Iterator[nn.Module]:
-    """Turn off gradients for every parameter and dropout; restore both on exit, also on error."""
-    flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    was_training = model.training
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        model.eval()
-        yield model
-    finally:
-        for name, p in model.named_parameters():
-            p.requires_grad_(flags[name])
-        model.train(was_training)
 
 
 @contextlib.contextmanager
