@@ -1,12 +1,13 @@
 """The main job (`make demo`): keep several facts at once in the default model, check them, revert exactly.
 
-Loads the embedded SmolLM2-135M and edits four facts one after another with the method the
-accumulated-edits benchmark shows best (`ft_l`: L∞-constrained fine-tuning kept in the null space of
-reference keys; `bench/bench_accumulate.py`, README), with the drift guard on, keeping all of them.
+Loads the embedded SmolLM2-135M and edits four facts one after another with the lifelong editor that
+kept edits best of `mend` and `ultraedit` (`ultraedit`: normalised gradient steps whose statistics
+keep learning, solved in the null space of reference keys; `bench/bench_accumulate.py`, README), with
+the drift guard on, keeping all of them.
 It then shows that each new fact holds (with a paraphrase), that unrelated facts keep their answers,
 and how far plain text drifted (perplexity of the reference text over the base model's). It reverts
 one edit (the others stay), then the rest, and checks every parameter against the original bit for
-bit. `--method mend` runs the same with the trained editor.
+bit. `--method mend` runs the same with the trained editor, `--method ft_l` with constrained fine-tuning.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def show(model, tokenizer, title: str, rows: list[tuple[str, str]], base_ppl: fl
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--method", default="ft_l")
+    parser.add_argument("--method", default="ultraedit")
     parser.add_argument("--model", default=None, help="hub id or local folder (default: embedded model)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

@@ -24,7 +24,8 @@ TOKEN = "test-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 FACT = {"prompt": "The capital of France is", "target": "Rome"}
 # ft_l settings that make the tiny model's top token " Rome" in a few steps.
-OVERRIDES = {"ft_l": {"layers": [-1], "lr": 0.1, "norm_constraint": 0.1, "max_steps": 10}}
+OVERRIDES = {"ft_l": {"layers": [-1], "lr": 0.1, "norm_constraint": 0.1, "max_steps": 10},
+             "ultraedit": {"layers": [1, 2, 3]}}  # its default blocks start at block 0 on 4 layers
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +35,7 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 def make_session(tiny_dir: Path, journal: Path, **config) -> EditSession:
     settings = {"model": str(tiny_dir), "journal": str(journal), "method_overrides": OVERRIDES,
+                "default_method": "ft_l",
                 "guard_max_ratio": 1.5, **config}
     return EditSession(SessionConfig(**settings))
 
@@ -52,6 +54,7 @@ def test_the_session_prepares_the_guard_for_every_method_when_it_opens(tiny_dir,
         guard = session.editor._safeguards.guard
         names = session._switch.edited_params(session.model)
         lowest = min(layer_index(session.model, name) for name in names)
+        assert lowest >= 1  # block 0 would need no kept input: a read from it is a full pass
         assert all(g.base is not None and lowest in g.hidden for g in guard.groups)
     finally:
         session.close()

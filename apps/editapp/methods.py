@@ -33,7 +33,7 @@ DESCRIPTIONS = {
             "reaches fewer facts.",
     "ultraedit": "UltraEdit: MEND's machinery with no trained network, for any model: normalised gradient "
                  "steps (statistics that keep learning from every edit) solved in the null space of plain "
-                 "text's keys. Needs no checkpoint; on the default model it reaches fewer facts than ft_l.",
+                 "text's keys. Needs no checkpoint; of the lifelong editors it keeps edits best (the default).",
 }
 # The settings the page offers per method (the rest stay as configured in factedit/conf/app.yaml).
 MAIN_SETTINGS = {
