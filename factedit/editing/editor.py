@@ -528,7 +528,7 @@ class Editor:
                 self._journal.check_model(model_id, fingerprint, self._base_sha256)
                 self._check_base_hashes(model)
                 records = self._journal.records()
-                streams = self._journal.latest_states()
+                streams = self._journal.latest_states(records)
             else:
                 streams = {}
             state = WeightState()

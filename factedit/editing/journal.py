@@ -108,10 +108,11 @@ class Journal:
         except (SafetensorError, ValueError) as exc:
             raise JournalError(f"{self.path}: the state of edit {edit_id} is unreadable ({exc})") from None
 
-    def latest_states(self) -> dict[str, dict[str, torch.Tensor]]:
-        """method -> the state its latest edit (active or reverted) left, for the methods that keep one."""
+    def latest_states(self, records: list[EditRecord] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+        """method -> the state its latest edit (active or reverted) left, for the methods that keep one;
+        `records` (oldest first) when the caller has read them already."""
         states: dict[str, dict[str, torch.Tensor]] = {}
-        for record in reversed(self.records(deltas=False)):
+        for record in reversed(records if records is not None else self.records(deltas=False)):
             if record.method not in states and (state := self.state(record.id)) is not None:
                 states[record.method] = state
         return states

@@ -256,10 +256,11 @@ def edit_with_network(
         # A fresh gradient at the weights the steps so far left, for the requests still short of the
         # target: the same editor, normalisation, solve and step checks, its rows added to the update.
         params = dense_params(model, network, transformed)
-        ordered = [r for group in length_groups(requests, pass_size) for r in group]
+        groups = length_groups(requests, pass_size)
+        ordered = [r for group in groups for r in group]
         with torch.no_grad():
             taken = torch.cat([_targets_taken(model, pad_id, group, params, checks)
-                               for group in length_groups(requests, pass_size)])  # (R,) in `ordered` order
+                               for group in groups])  # (R,) in `ordered` order
         missing = [r for r, ok in zip(ordered, taken.tolist(), strict=True) if not ok]
         if not missing:
             break
