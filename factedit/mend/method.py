@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
 import torch
@@ -103,15 +103,18 @@ def candidate_rows(
 
 def lifelong_stats(
     network: MENDNetwork, rows: dict[str, tuple[torch.Tensor, torch.Tensor]], stream: StreamState | None, tag: str,
-    initial: dict[str, Stats] | None = None,
+    initial: Callable[[], dict[str, Stats]] | None = None,
 ) -> dict[str, Stats] | None:
-    """The statistics this edit normalises with: those the stream carries (else `initial`, else the
-    network's own) with the edit's rows merged in; `stream.after` gets them. None without a stream
-    (frozen statistics). `tag` names the editor the statistics belong to: another editor's are not used."""
+    """The statistics this edit normalises with: those the stream carries (else `initial()`, called
+    only then, else the network's own) with the edit's rows merged in; `stream.after` gets them. None
+    without a stream (frozen statistics). `tag` names the editor the statistics belong to: another
+    editor's are not used."""
     if stream is None:
         return None
     start = stats_from_tensors(stream.before, tag, network.stats()) if stream.before else None
-    merged = network.merged_stats(start or initial or network.stats(), rows)
+    if start is None:
+        start = initial() if initial is not None else network.stats()
+    merged = network.merged_stats(start, rows)
     stream.after = stats_to_tensors(merged, tag)
     return merged
 
@@ -234,8 +237,8 @@ def edit_with_network(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[TokenizedRequest],
     network: MENDNetwork, names: Sequence[str], preserver: KeyPreserver | None, stream: StreamState | None,
     tag: str, *, positions: str, pass_size: int | None, step_scales: Sequence[float],
-    fallback_ridges: Sequence[float] = (), key_weighted: bool = False, initial: dict[str, Stats] | None = None,
-    extra_steps: int = 0,
+    fallback_ridges: Sequence[float] = (), key_weighted: bool = False,
+    initial: Callable[[], dict[str, Stats]] | None = None, extra_steps: int = 0,
 ) -> Delta:
     """One edit by an editor network (MEND's, or the identity for `ultraedit`): capture the rows,
     normalise them (lifelong when `stream` is given), transform, aggregate, scale the step; then up

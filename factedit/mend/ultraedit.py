@@ -125,7 +125,9 @@ class UltraEdit:
         if preserver is None:  # preserve=None: UltraEdit's own solve, a plain ridge over the whole space
             preserver = KeyPreserver.full_space({p.name: p.d_in for p in network.params},
                                                 {p.name: p.layout for p in network.params}, self.config.ridge)
-        initial = self._initial_stats(model, tokenizer, network) if stream is None or not stream.before else None
+        def initial() -> dict[str, Stats]:  # the warm-up, only for a stream that starts here
+            return self._initial_stats(model, tokenizer, network)
+
         return edit_with_network(model, tokenizer, requests, network, self.param_names(model),
                                  preserver, stream if stream is not None else StreamState(), STREAM_TAG,
                                  positions=self.config.positions, pass_size=self.config.pass_size,
