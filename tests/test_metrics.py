@@ -216,4 +216,24 @@ def test_peak_memory_covers_the_block():
     with PeakMemory() as big:
         block = torch.ones(64 * 2**20)  # 256 MB, written, so resident
         del block
+    if not (empty.covers_block and big.covers_block):
+        pytest.skip("this kernel does not let a process reset its peak RSS (see the next test)")
     assert 200 < big.peak_mb - empty.peak_mb < 400
+
+
+def test_peak_memory_without_a_reset_never_reports_an_earlier_peak(monkeypatch):
+    """Where /proc/self/clear_refs cannot be written, a block under the process's earlier peak has
+    no figure (None), not that earlier peak."""
+    real_open = open
+
+    def refuse_clear_refs(path, *args, **kwargs):
+        if str(path) == "/proc/self/clear_refs":
+            raise PermissionError(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", refuse_clear_refs)
+    block = torch.ones(64 * 2**20)  # raises the process's peak by 256 MB before the measured block
+    del block
+    with PeakMemory() as small:
+        pass
+    assert not small.covers_block and small.peak_mb is None

@@ -15,37 +15,57 @@ import torch
 
 class PeakMemory:
     """Peak memory inside a block, in MB: torch.cuda's max allocated on a GPU device, otherwise the
-    process's resident-set high-water mark (VmHWM; reset at entry where Linux allows it, so the
-    figure covers the block, the model's own weights included).
+    process's resident-set high-water mark (VmHWM), reset at entry so the figure covers the block
+    (the model's own weights included).
 
         with PeakMemory(device) as mem: ...
         mem.peak_mb
+
+    Where the kernel refuses the reset (some containers do not let a process write its own
+    `clear_refs`), the high-water mark is the whole process's: it says something about the block only
+    if it rose inside it. `peak_mb` is then that new mark, or None when the block stayed under an
+    earlier peak, never an earlier block's figure passed off as this one's.
     """
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         self.peak_mb: float | None = None
+        self.covers_block = True  # False where the peak could not be reset at entry
+        self._mark_at_entry = 0.0
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as handle:
-                handle.write("5")  # resets the peak RSS (Linux >= 4.0)
+            return self
+        with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")  # resets the peak RSS (Linux >= 4.0) where the kernel allows it
+        rss, mark = _resident_mb("VmRSS:"), self.current_peak_mb()
+        # Right after a reset the mark equals the resident size (1 MB of slack for this very read).
+        self.covers_block = rss is not None and mark - rss < 1.0
+        self._mark_at_entry = mark
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.peak_mb = self.current_peak_mb()
+        mark = self.current_peak_mb()
+        self.peak_mb = mark if self.covers_block or mark > self._mark_at_entry else None
 
     def current_peak_mb(self) -> float:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
-        with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
+        mark = _resident_mb("VmHWM:")
+        if mark is not None:
+            return mark
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux, bytes on macOS
         return rss / (2**20 if sys.platform == "darwin" else 1024)
+
+
+def _resident_mb(field: str) -> float | None:
+    """A memory line of /proc/self/status (`VmRSS:`, `VmHWM:`) in MB; None where there is none."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024
+    return None
 
 
 @contextlib.contextmanager
