@@ -6,11 +6,13 @@ moves its perplexity."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from factedit.editing.delta import Delta, ParamDelta
 from factedit.editing.methods import MethodSpec, register_method
+from factedit.editing.settable import Number, Settable
 
 WRECK = "test_wreck"
 
@@ -18,6 +20,8 @@ WRECK = "test_wreck"
 @dataclass(frozen=True)
 class WreckConfig:
     scale: float = 1.0
+
+    SETTABLE: ClassVar[Settable] = {"scale": Number(0.0, 100.0)}
 
 
 class Wreck:

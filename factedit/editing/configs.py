@@ -40,6 +40,7 @@ def validated(config_cls: type[T], overrides: Mapping[str, Any], what: str | Non
         if name in nested
     }
     plain = {k: v for k, v in overrides.items() if k not in nested}
+    _refuse_interpolation(plain, what)
     try:
         merged = OmegaConf.merge(_writable(OmegaConf.structured(config_cls)), _plain(plain))
         values = OmegaConf.to_container(merged, resolve=True, structured_config_mode=SCMode.DICT)
@@ -48,6 +49,19 @@ def validated(config_cls: type[T], overrides: Mapping[str, Any], what: str | Non
         reason = str(exc.msg).splitlines()[0]
         raise ConfigError(f"invalid {what}{f' key {key!r}' if key else ''}: {reason}") from None
     return _build(config_cls, {**values, **inner}, what)
+
+
+def _refuse_interpolation(value: Any, where: str) -> None:
+    """Values are taken literally: an OmegaConf interpolation (`${...}`, resolvers such as `oc.env`
+    included) in a value would otherwise be resolved here."""
+    if isinstance(value, str) and "${" in value:
+        raise ConfigError(f"{where}: interpolation ('${{...}}') is not supported in config values")
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _refuse_interpolation(item, f"{where}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _refuse_interpolation(item, f"{where}[{i}]")
 
 
 def _writable(node: DictConfig) -> DictConfig:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -27,6 +28,7 @@ from transformers import PreTrainedTokenizerBase
 from .errors import ConfigError, InvalidRequestError
 from .hooks import frozen
 from .request import encode_prompt
+from .settable import Integer, Settable
 
 SEPARATOR = ". "  # between a prefix and the prompt
 
@@ -40,6 +42,10 @@ class PrefixConfig:
     tokens: int = 8  # tokens generated after the seed word
     top_k: int = 5  # sampled among the k most likely next tokens
     seed: int = 0  # the sampler's seed: the same model gives the same prefixes
+
+    # The seed words are not settable per edit: free text the prefixes start from.
+    SETTABLE: ClassVar[Settable] = {"per_seed": Integer(0, 4), "tokens": Integer(1, 16), "top_k": Integer(1, 50),
+                                    "seed": Integer(0, 2**31 - 1)}
 
     def __post_init__(self) -> None:
         if self.per_seed < 0 or self.tokens < 1 or self.top_k < 1:

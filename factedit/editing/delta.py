@@ -147,9 +147,18 @@ class Delta:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Delta:
-
-        tensors = load_safetensors(data)
-        layout = json.loads(delta_metadata(data).get("layout", "{}"))
+        """The delta `to_bytes` wrote; InvalidDeltaError for anything else (checked header first)."""
+        metadata = delta_metadata(data)
+        try:
+            tensors = load_safetensors(data)
+        except Exception as exc:  # safetensors' own error types: a malformed blob either way
+            raise InvalidDeltaError(f"not a safetensors blob: {exc}") from None
+        try:
+            layout = json.loads(metadata.get("layout", "{}"))
+        except ValueError:
+            raise InvalidDeltaError("not a factedit delta: its layout is not JSON") from None
+        if not isinstance(layout, dict) or not all(isinstance(k, str) for k in layout.values()):
+            raise InvalidDeltaError("not a factedit delta: its layout is not an object of parameter names")
         if not layout:
             raise InvalidDeltaError("not a factedit delta: its safetensors metadata has no layout")
         params = {}
@@ -171,4 +180,7 @@ def delta_metadata(data: bytes) -> dict[str, str]:
         header = json.loads(data[8 : 8 + header_len])
     except (ValueError, UnicodeDecodeError):
         raise InvalidDeltaError("not a safetensors blob: unreadable header") from None
-    return dict(header.get("__metadata__", {}))
+    metadata = header.get("__metadata__", {}) if isinstance(header, dict) else None
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise InvalidDeltaError("not a safetensors blob: its header is not an object of string metadata")
+    return dict(metadata)

@@ -26,10 +26,11 @@ from transformers import PreTrainedTokenizerBase
 
 from .._version import __version__
 from . import adapters
-from .delta import Delta, delta_metadata
+from .delta import Delta
 from .diff import EditDiff, diff_edit
 from .drift import GuardConfig
-from .errors import ConfigError, EditNotFoundError, InvalidDeltaError, InvalidRequestError, ModelMismatchError
+from .errors import ConfigError, EditNotFoundError, InvalidRequestError, ModelMismatchError
+from .exported import EXPORT_FORMAT, read_exported
 from .journal import Journal
 from .loading import model_id as model_id_of
 from .methods import StreamState, config_to_dict, get_method, make_config
@@ -38,9 +39,9 @@ from .record import EditRecord, new_edit_id
 from .request import EditRequest, TokenizedRequest, as_requests, max_context, tokenize_request, with_subject
 from .safeguards import Guard, Safeguards, accepts, resolve_guard
 from .scoring import score_requests
+from .views import is_view, viewed_model
 from .weights import WeightState, model_fingerprint, model_sha256, tensor_sha256
 
-EXPORT_FORMAT = "factedit.edit/1"
 OWNER_ATTRIBUTE = "factedit_editor"  # set on a model: a weak reference to the Editor it belongs to
 
 
@@ -206,7 +207,8 @@ class Editor:
         on the requests' prompts, paraphrases, locality prompts and `probes` with the delta added
         through functional_call; the weights are not written (preview.py). `method` and `overrides`
         as `set_method` takes them (default: this Editor's method and config); the Editor keeps its
-        own. `apply_preview` applies exactly the previewed delta."""
+        own. `apply_preview` applies exactly the previewed delta. `model` (here and in `diff`, `effect`,
+        `toggled_weights`) may be a read view of the bound model (views.py)."""
         if isinstance(probes, str):
             raise InvalidRequestError(f"probes must be a list of prompts (write [{probes!r}] for one)")
         requests = as_requests(requests)
@@ -215,7 +217,7 @@ class Editor:
             requests = self._located(get_method(name), requests)
             context = max_context(model.config)
             tokenized = [tokenize_request(r, self.tokenizer, context) for r in requests]
-            self.attach(model)
+            self.attach(viewed_model(model))
             stream = self._stream_for(name, impl)
             start = time.perf_counter()
             delta = self._compute_with(impl, config, model, tokenized, stream).detached_cpu()
@@ -253,7 +255,7 @@ class Editor:
             raise InvalidRequestError(f"probes must be a list of prompts (write [{probes!r}] for one)")
         with self._lock:
             record = self._record_with_delta(edit_id)
-            self.attach(model)
+            self.attach(viewed_model(model))
             return edit_effect(record, self._state, model, self.tokenizer, list(probes))
 
     def toggled_weights(self, edit_id: str, model: nn.Module) -> tuple[bool, dict[str, torch.Tensor]]:
@@ -262,7 +264,7 @@ class Editor:
         when reverted. The model is not changed (use the values through functional_call)."""
         with self._lock:
             record = self._record_with_delta(edit_id)
-            self.attach(model)
+            self.attach(viewed_model(model))
             if record.id in self._state.active:
                 return True, self._state.weights_without(model, record.id)
             return False, with_delta(model, record.delta)
@@ -304,21 +306,16 @@ class Editor:
     def import_edit(self, model: nn.Module, path: str | os.PathLike) -> EditRecord:
         """Apply an edit exported by `export_edit` (from any method) as a new edit of this Editor.
         Refused, with nothing changed, if it was made on another base model."""
-        data = Path(path).read_bytes()
-        meta = delta_metadata(data)
-        if meta.get("format") != EXPORT_FORMAT:
-            raise InvalidDeltaError(f"{path} is not an exported factedit edit")
-        exported = json.loads(meta["record"])
-        delta = Delta.from_bytes(data)
+        exported = read_exported(Path(path).read_bytes())  # record, facts and delta checked first
         with self._lock:
             self.attach(model)
-            if exported["model_fingerprint"] != self._fingerprint:
+            if exported.model_fingerprint != self._fingerprint:
                 raise ModelMismatchError(
-                    f"{path} was made on model {exported['model_id']!r} (fingerprint "
-                    f"{exported['model_fingerprint']}), not this one ({self._fingerprint})"
+                    f"{path} was made on model {exported.record['model_id']!r} (fingerprint "
+                    f"{exported.model_fingerprint}), not this one ({self._fingerprint})"
                 )
-            requests = [EditRequest.from_dict(r) for r in exported["requests"]]
-            return self._edit(model, requests, lambda *_: delta, exported["method"], exported["config"])
+            return self._edit(model, list(exported.requests), lambda *_: exported.delta, exported.method,
+                              exported.config)
 
     def export_adapter(
         self,
@@ -465,7 +462,7 @@ class Editor:
         with self._lock:
             record = self._record_with_delta(edit_id)
             if model is not None:
-                self.attach(model)
+                self.attach(viewed_model(model))
             return diff_edit(record, self._state, self.tokenizer, model, list(probes))
 
     def record(self, edit_id: str) -> EditRecord:
@@ -509,6 +506,8 @@ class Editor:
             bound = self._model_ref() if self._model_ref is not None else None
             if bound is model:
                 return
+            if is_view(model):
+                raise ConfigError("a read view of a model (views.py) is for reading; edit the model itself")
             if self._model_ref is not None:
                 raise ConfigError("this Editor is bound to another model; make one Editor per model")
             owner = getattr(model, OWNER_ATTRIBUTE, None)

@@ -57,3 +57,13 @@ class DriftError(FacteditError):
         super().__init__(message)
         self.ratio = ratio
         self.max_ratio = max_ratio
+
+
+class LimitError(InvalidRequestError):
+    """A request past a limit of the session or service: too many facts, paraphrases or locality
+    prompts, a prompt too long."""
+
+
+class ConfigNotAllowedError(ConfigError):
+    """A config field a caller of the session (the app, the service) may not set per edit: not in the
+    method's declared settable fields, a value of the wrong type, or outside the field's bounds."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -37,6 +38,7 @@ from .delta import Delta, ParamDelta
 from .errors import ConfigError
 from .keys import cached_derivative, key_statistics
 from .reference import key_corpus
+from .settable import Flag, Number, Settable
 from .specs import weight_layout
 
 
@@ -47,6 +49,9 @@ class PreserveConfig:
     threshold: float = 0.1  # null space: eigenvalues of E[kkᵀ] below threshold × their mean
     ridge: float = 1.0  # r of solve_rows, × the mean projected energy of a corpus key
     protect_edits: bool = True  # earlier active edits' keys are held at zero change (solve_rows)
+
+    SETTABLE: ClassVar[Settable] = {"threshold": Number(1e-3, 10.0), "ridge": Number(1e-3, 1e3),
+                                    "protect_edits": Flag()}
 
     def __post_init__(self) -> None:
         if not self.threshold > 0 or not self.ridge > 0:

@@ -8,9 +8,11 @@ figures on validation records that no choice used.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from ..editing.contexts import PrefixConfig
 from ..editing.preserve import PreserveConfig, preserve_field
+from ..editing.settable import LAYERS, Choice, Integer, Nested, Number, Settable
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,14 @@ class LocateConfig:
     # Null space of the reference corpus's keys and the ridge of AlphaEdit's solve; earlier edits' keys
     # (subject's last token) held when protect_edits. None = MEMIT's covariance solve (cov_weight).
     preserve: PreserveConfig | None = preserve_field(PreserveConfig(threshold=0.5, ridge=1.0))
+
+    # What the app and the service may set per edit (settable.py); kl_prompt (free text) is not.
+    SETTABLE: ClassVar[Settable] = {
+        "layers": LAYERS, "position": Choice("subject_last", "last"), "prefixes": Nested(PrefixConfig.SETTABLE),
+        "v_steps": Integer(0, 100), "v_lr": Number(1e-4, 10.0), "v_weight_decay": Number(0.0, 1.0, optional=True),
+        "clamp_norm": Number(0.0, 100.0, optional=True), "kl_factor": Number(0.0, 10.0, optional=True),
+        "v_stop_nll": Number(0.0, 10.0), "cov_weight": Number(0.0, 1e6), "preserve": Nested(PreserveConfig.SETTABLE),
+    }
 
     def __post_init__(self) -> None:
         if self.position not in ("subject_last", "last"):

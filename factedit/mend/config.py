@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ..editing.preserve import PreserveConfig, preserve_field
+from ..editing.settable import Choice, Choices, Flag, Integer, Integers, Nested, Numbers, Settable
 
 POSITIONS = ("loss", "all")
 
@@ -57,6 +59,16 @@ class MENDConfig:
     fallback_ridges: tuple[float, ...] = ()
     lifelong: bool = True
     extra_steps: int = 1
+
+    # What the app and the service may set per edit (settable.py). Not the checkpoint: a path on the
+    # server; the operator chooses it (SessionConfig.method_overrides).
+    SETTABLE: ClassVar[Settable] = {
+        "layers": Integers(-64, 63, max_items=8, optional=True),
+        "matrices": Choices("gate", "in", "out", optional=True), "positions": Choice(*POSITIONS, optional=True),
+        "pass_size": Integer(1, 64, optional=True), "step_scales": Numbers(1e-3, 100.0, max_items=6),
+        "preserve": Nested(PreserveConfig.SETTABLE), "fallback_ridges": Numbers(1e-3, 1e3, max_items=4),
+        "lifelong": Flag(), "extra_steps": Integer(0, 8),
+    }
 
     def __post_init__(self) -> None:
         if (self.layers is not None and not self.layers) or (self.matrices is not None and not self.matrices):

@@ -138,7 +138,7 @@ def edit_step_loss(
         if c_norm > 0:
             ratio = sum((d.float() ** 2).sum() / (params[k].detach().float() ** 2).sum() for k, d in changes.items())
             loss = loss + c_norm * ratio
-            metrics["edit/norm_ratio"] = float(ratio)
+            metrics["edit/norm_ratio"] = float(ratio.detach())
         if updates is not None:
             updates.update({name: d.detach() for name, d in changes.items()})
     if loc_new:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import nn
 from transformers import PreTrainedTokenizerBase
@@ -31,6 +32,7 @@ from ..editing.delta import Delta
 from ..editing.methods import MethodSpec, StreamState
 from ..editing.preserve import KeyPreserver, PreserveConfig, preserve_field
 from ..editing.request import TokenizedRequest
+from ..editing.settable import Choice, Choices, Integer, Integers, Nested, Number, Numbers, Settable
 from ..editing.specs import mlp_param_names, num_layers
 from ..paths import PACKAGE_DIR
 from .config import POSITIONS
@@ -75,6 +77,15 @@ class UltraEditConfig:
     warmup: int = 32
     extra_steps: int = 4
     pass_size: int | None = None
+
+    # What the app and the service may set per edit (settable.py): the warm-up bounds the edits run
+    # once per model, step scales and extra steps the passes of one edit.
+    SETTABLE: ClassVar[Settable] = {
+        "layers": Integers(-64, 63, max_items=8, optional=True), "matrices": Choices("gate", "in", "out"),
+        "lr": Number(1e-8, 0.1), "positions": Choice("loss", "all"), "step_scales": Numbers(1e-3, 100.0, max_items=6),
+        "preserve": Nested(PreserveConfig.SETTABLE), "ridge": Number(1e-3, 1e3), "warmup": Integer(0, 64),
+        "extra_steps": Integer(0, 8), "pass_size": Integer(1, 64, optional=True),
+    }
 
     def __post_init__(self) -> None:
         if (self.layers is not None and not self.layers) or not self.matrices:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -21,6 +22,7 @@ from ..editing.delta import Delta, ParamDelta
 from ..editing.methods import MethodSpec
 from ..editing.preserve import KeyPreserver, PreserveConfig, preserve_field
 from ..editing.request import TokenizedRequest
+from ..editing.settable import LAYERS, SEED, Choices, Integer, Nested, Number, Settable
 from ..editing.specs import mlp_param_names
 from .training import Progress, TrainingBatch, frozen, optimize, seeded, training_batch
 
@@ -40,6 +42,14 @@ class FTConfig:
     # Train on the prompt alone and under each of these short model-written prefixes (contexts.py,
     # MEMIT's context templates): the loss averages the target NLL over them. None = the prompt alone.
     prefixes: PrefixConfig | None = field(default=None, metadata={"dataclass": PrefixConfig})
+
+    # What the app and the service may set per edit (settable.py): steps bound the time an edit
+    # holds the weights.
+    SETTABLE: ClassVar[Settable] = {
+        "layers": LAYERS, "matrices": Choices("in", "gate", "out"), "lr": Number(1e-6, 0.1),
+        "max_steps": Integer(1, 200), "norm_constraint": Number(1e-5, 1.0, optional=True), "seed": SEED,
+        "preserve": Nested(PreserveConfig.SETTABLE), "prefixes": Nested(PrefixConfig.SETTABLE),
+    }
 
     def __post_init__(self) -> None:
         if not (0 < self.lr < float("inf")) or self.max_steps < 1:

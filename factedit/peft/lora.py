@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -20,6 +21,7 @@ from ..editing.delta import Delta, ParamDelta
 from ..editing.methods import MethodSpec
 from ..editing.preserve import KeyPreserver, PreserveConfig, preserve_field
 from ..editing.request import TokenizedRequest
+from ..editing.settable import LAYERS, SEED, Choices, Integer, Nested, Number, Settable
 from ..editing.specs import mlp_param_names, weight_layout
 from .training import Progress, TrainingBatch, frozen, optimize, seeded, training_batch
 
@@ -51,6 +53,13 @@ class LoRAEditConfig:
     # Train on the prompt alone and under each of these short model-written prefixes (contexts.py,
     # MEMIT's context templates): the loss averages the target NLL over them. None = the prompt alone.
     prefixes: PrefixConfig | None = field(default=None, metadata={"dataclass": PrefixConfig})
+
+    # What the app and the service may set per edit (settable.py): rank bounds memory, steps time.
+    SETTABLE: ClassVar[Settable] = {
+        "layers": LAYERS, "matrices": Choices("in", "gate", "out", "act"), "rank": Integer(1, 64),
+        "alpha": Number(1e-3, 1e3), "lr": Number(1e-6, 0.1), "max_steps": Integer(1, 200), "seed": SEED,
+        "preserve": Nested(PreserveConfig.SETTABLE), "prefixes": Nested(PrefixConfig.SETTABLE),
+    }
 
     def __post_init__(self) -> None:
         finite = float("inf")

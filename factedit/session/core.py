@@ -3,10 +3,16 @@
 Concurrency: the weights are guarded by a readers–writer lock (`rwlock.py`). Generations, predictions
 and other reads hold it shared and run together; an edit, revert or import holds it alone, waits
 for running reads and holds new ones back, so no read ever sees half-applied weights. Previews, diffs,
-an edit's effect and `try_prompt` hold it alone too, though they write nothing: `functional_call`
-swaps the module's parameters in place for the duration of a call (and a LoRA preview injects
-modules), which a concurrent generation would see. Writes that
-would queue past `max_pending_writes` are refused with `SessionBusyError` (the service answers 503).
+an edit's effect and `try_prompt` swap weights in through `functional_call` (a LoRA preview injects
+modules): they run on a fresh read view of the model (`editing/views.py`, the same tensors in a module
+tree of their own) and hold the weights shared, like generations, which go on meanwhile. They run one
+at a time (they toggle `requires_grad` on the shared parameters) with at most `max_pending_views`
+waiting. Writes that would queue past `max_pending_writes`, and views past theirs, are refused with
+`SessionBusyError` (the service answers 503).
+
+Every change of the weights goes through `_changing`, which brings the session's bookkeeping (version,
+caches, the change log behind `health`) up to what the Editor holds, whether the change finished or
+failed after it reached the weights.
 
 The public methods take the lock once; the `_unlocked` helpers below them assume it is held (the lock
 is not reentrant).
@@ -27,21 +33,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..editing.editor import Editor
 from ..editing.errors import ConfigError, FacteditError, InvalidDeltaError, JournalError
+from ..editing.exported import read_exported
 from ..editing.journal import Journal
 from ..editing.loading import load_model, model_id
 from ..editing.methods import available_methods
 from ..editing.preview import EditPreview
 from ..editing.record import EditRecord
 from ..editing.request import EditRequest
+from ..editing.views import read_view
 from ..editing.weights import model_sha256
 from .cache import VersionedCache
 from .changes import ChangeLog, EditOutcome
 from .config import SessionConfig
 from .generation import BatchGenerator
-from .origins import PREVIEW, Origins, exported_record
+from .limits import RequestLimits
+from .origins import PREVIEW, Origins
 from .probes import ProbeList, top_rows
 from .reads import Prediction, continuation, next_token_logprobs, top_next_tokens
 from .rwlock import LockTimeout, ReadWriteLock
@@ -67,13 +77,21 @@ class EditSession:
         config: which model and journal, the default method and its settings, the guard.
         max_pending_writes: edits, reverts and imports allowed to wait for the weights at once.
         lock_timeout: seconds a write waits for the weights before `SessionBusyError` (None: no limit).
+        max_pending_views: previews, diffs and effects allowed to wait for their turn at once.
+        request_limits: how much one edit may ask (facts, paraphrases, text length; limits.py).
     """
 
-    def __init__(self, config: SessionConfig, *, max_pending_writes: int = 8, lock_timeout: float | None = None):
+    def __init__(self, config: SessionConfig, *, max_pending_writes: int = 8, lock_timeout: float | None = None,
+                 max_pending_views: int = 8, request_limits: RequestLimits | None = None):
         self.config = config
         self.rw = ReadWriteLock()
         self.max_pending_writes = max_pending_writes
+        self.max_pending_views = max_pending_views
+        self.request_limits = request_limits or RequestLimits()  # checked for every edit, preview and import
         self.lock_timeout = lock_timeout
+        self._view_slot = threading.Lock()  # one read view computes at a time
+        self._views_lock = threading.Lock()  # guards the count of those waiting for it
+        self._views_waiting = 0
         self.version = 0  # bumped by every change of the weights; keys the prediction cache
         if config.torch_threads is not None:
             torch.set_num_threads(config.torch_threads)  # the session's own process: a process setting
@@ -114,12 +132,43 @@ class EditSession:
             raise SessionBusyError(str(exc)) from exc
 
     @contextmanager
-    def _exclusive(self) -> Iterator[None]:
-        """Hold the model alone without changing the weights: for computations that swap weights in through
-        functional_call, add hooks or inject modules (previews, diffs, a LoRA's training), which a
-        concurrent generation would otherwise see."""
-        with self._writing():
-            yield
+    def _read_view(self) -> Iterator[nn.Module]:
+        """A fresh read view of the model (views.py) with the weights held shared: for computations that
+        swap weights in through functional_call, add hooks or inject modules (previews, diffs, a LoRA's
+        training), which a generation running meanwhile must not see. One at a time (module docstring)."""
+        with self._views_lock:
+            if self._views_waiting >= self.max_pending_views:
+                raise SessionBusyError(f"{self._views_waiting} previews or diffs are already waiting; try again")
+            self._views_waiting += 1
+        try:
+            if not self._view_slot.acquire(timeout=-1 if self.lock_timeout is None else self.lock_timeout):
+                raise SessionBusyError(f"other previews or diffs held the model for {self.lock_timeout} s")
+        finally:
+            with self._views_lock:
+                self._views_waiting -= 1
+        try:
+            with self.rw.read(self.lock_timeout):
+                yield read_view(self.model)
+        except LockTimeout as exc:
+            raise SessionBusyError(str(exc)) from exc
+        finally:
+            self._view_slot.release()
+
+    @contextmanager
+    def _changing(self, kind: str) -> Iterator[Editor]:
+        """Around a change of the weights (the write lock held): the Editor to change them with; after it,
+        whether it finished or failed past the point where the Editor took it, the session's version,
+        caches and change log follow what the Editor now holds."""
+        editor = self._require_editor()
+        probes = self._probe_logprobs_unlocked()
+        before = _statuses(editor)
+        try:
+            yield editor
+        finally:
+            after = _statuses(editor)
+            if after != before:
+                self._changed(probes, kind, [edit_id for edit_id, status in after.items()
+                                             if before.get(edit_id) != status])
 
     @contextmanager
     def _reporting(self, editor: Editor, progress: Callable[[int, int, float], None] | None) -> Iterator[None]:
@@ -231,13 +280,13 @@ class EditSession:
         `EditOutcome`).
         `progress(step, max_steps, loss)` is called while a fine-tuning method trains."""
         request = EditRequest(prompt, target, paraphrases=tuple(paraphrases), locality=tuple(locality))
+        self.request_limits.check([request])
         with self._writing():
             editor = self._switch.switch(self._require_editor(), method, overrides)
             before = self._predict_unlocked(prompt) if predict else None
-            probes = self._probe_logprobs_unlocked()
-            with self._reporting(editor, progress), self._log.refusals(f"the {editor.method} edit of {prompt!r}"):
+            with self._changing("edit"), self._reporting(editor, progress), \
+                    self._log.refusals(f"the {editor.method} edit of {prompt!r}"):
                 record = editor.edit_batch(self.model, [request])
-            self._changed(probes, "edit", [record.id])
             return self._outcome(record, before, predict)
 
     def preview(
@@ -248,14 +297,15 @@ class EditSession:
     ) -> EditPreview:
         """What an edit with `method` would do on the current weights, computed and scored on the prompt,
         paraphrases, locality prompts and `probes` (default: the session's) without applying anything
-        (`Editor.preview`). Holds the model alone while it computes (see `_exclusive`)."""
+        (`Editor.preview`), on a read view of the model (see `_read_view`)."""
         request = EditRequest(prompt, target, paraphrases=tuple(paraphrases), locality=tuple(locality))
+        self.request_limits.check([request])
         method = self._switch.known(method)
         settings = self._switch.settings(method, overrides)
-        with self._exclusive():
+        with self._read_view() as view:
             editor = self._require_editor()
             with self._reporting(editor, progress), available(method):
-                return editor.preview(self.model, [request], probes=list(self.probes if probes is None else probes),
+                return editor.preview(view, [request], probes=list(self.probes if probes is None else probes),
                                       method=method, **settings)
 
     def apply_preview(self, preview: EditPreview, predict: bool = True) -> EditOutcome:
@@ -263,13 +313,10 @@ class EditSession:
         as for `edit`."""
         prompt = preview.requests[0].prompt
         with self._writing():
-            editor = self._require_editor()
             before = self._predict_unlocked(prompt) if predict else None
-            probes = self._probe_logprobs_unlocked()
-            with self._log.refusals(f"the {preview.method} edit of {prompt!r}"):
+            with self._changing("edit") as editor, self._log.refusals(f"the {preview.method} edit of {prompt!r}"):
                 record = editor.apply_preview(self.model, preview)
-            self.origins.add(record.id, {"kind": PREVIEW, "timings": dict(preview.timings)})
-            self._changed(probes, "edit", [record.id])
+                self.origins.add(record.id, {"kind": PREVIEW, "timings": dict(preview.timings)})
             return self._outcome(record, before, predict)
 
     def edit_requests(
@@ -278,47 +325,36 @@ class EditSession:
         """Apply one or several facts as one edit (one record), with `method` and config `overrides`."""
         if not requests:
             raise ConfigError("an edit needs at least one fact")
+        self.request_limits.check(requests)
         with self._writing():
             editor = self._switch.switch(self._require_editor(), method, overrides)
-            probes = self._probe_logprobs_unlocked()
-            with self._log.refusals(f"the {editor.method} edit of {len(requests)} fact(s)"):
-                record = editor.edit_batch(self.model, list(requests))
-            self._changed(probes, "edit", [record.id])
-            return record
+            with self._changing("edit"), self._log.refusals(f"the {editor.method} edit of {len(requests)} fact(s)"):
+                return editor.edit_batch(self.model, list(requests))
 
     def revert(self, edit_id: str) -> EditRecord:
-        with self._writing():
-            editor, probes = self._require_editor(), self._probe_logprobs_unlocked()
-            record = editor.revert(self.model, edit_id)
-            self._changed(probes, "revert", [record.id])
-            return record
+        with self._writing(), self._changing("revert") as editor:
+            return editor.revert(self.model, edit_id)
 
     def revert_all(self) -> list[EditRecord]:
-        with self._writing():
-            editor, probes = self._require_editor(), self._probe_logprobs_unlocked()
-            records = editor.revert_all(self.model)
-            if records:
-                self._changed(probes, "revert", [r.id for r in records])
-            return records
+        with self._writing(), self._changing("revert") as editor:
+            return editor.revert_all(self.model)
 
     def import_edit(self, data: bytes, name: str | None = None) -> EditRecord:
         """Apply an exported edit file's bytes as a new edit (checked against this model). Its origin
         (`origin(id)`) keeps the original edit's id, time and timings; `name`: the file's name."""
-        exported = exported_record(data)
-        with self._writing():
-            editor, probes = self._require_editor(), self._probe_logprobs_unlocked()
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "upload.safetensors"
-                path.write_bytes(data)
-                try:
-                    with self._log.refusals(f"the import of {name or 'an edit file'}"):
-                        record = editor.import_edit(self.model, path)
-                except FacteditError:
-                    raise
-                except Exception as exc:  # unreadable bytes: not a safetensors file at all
-                    raise InvalidDeltaError(f"not an exported factedit edit: {exc}") from exc
-            self.origins.imported(record.id, exported, name, time.time())
-            self._changed(probes, "import", [record.id])
+        try:
+            exported = read_exported(data)  # the whole file checked before the weights are touched
+        except FacteditError:
+            raise
+        except Exception as exc:  # unreadable bytes: not a safetensors file at all
+            raise InvalidDeltaError(f"not an exported factedit edit: {exc}") from exc
+        self.request_limits.check(exported.requests)
+        with self._writing(), self._changing("import") as editor, tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "upload.safetensors"
+            path.write_bytes(data)
+            with self._log.refusals(f"the import of {name or 'an edit file'}"):
+                record = editor.import_edit(self.model, path)
+            self.origins.imported(record.id, exported.record, name, time.time())
             return record
 
     def _changed(self, probes_before: tuple[tuple[str, ...], list[torch.Tensor]], kind: str, ids: list[str]) -> None:
@@ -351,13 +387,13 @@ class EditSession:
 
     def diff(self, edit_id: str, probes: Sequence[str] | None = None) -> dict[str, Any]:
         """`EditDiff.to_dict()` of one edit, with `probes` (default: the session's) scored with and
-        without it (through functional_call: the model is held alone meanwhile)."""
+        without it (through functional_call, on a read view: generations go on meanwhile)."""
         probes = tuple(self.probes if probes is None else probes)
         cached = self._cache.get(self._cache.key("diff", edit_id, probes))
         if cached is not None:
             return cached
-        with self._exclusive():  # the weights may have changed while waiting: the key is taken again
-            diff = self._require_editor().diff(edit_id, model=self.model, probes=probes).to_dict()
+        with self._read_view() as view:  # the weights may have changed while waiting: the key is taken again
+            diff = self._require_editor().diff(edit_id, model=view, probes=probes).to_dict()
             return self._cache.store(self._cache.key("diff", edit_id, probes), diff)
 
     def effect(self, edit_id: str, probes: Sequence[str] | None = None) -> dict[str, Any]:
@@ -368,8 +404,8 @@ class EditSession:
         cached = self._cache.get(self._cache.key("effect", edit_id, probes))
         if cached is not None:
             return cached
-        with self._exclusive():
-            effect = self._require_editor().effect(edit_id, self.model, probes)
+        with self._read_view() as view:
+            effect = self._require_editor().effect(edit_id, view, probes)
             return self._cache.store(self._cache.key("effect", edit_id, probes), effect)
 
     def next_tokens(self, prompt: str) -> list[dict[str, Any]]:
@@ -392,10 +428,10 @@ class EditSession:
         cached = self._cache.get(self._cache.key("try", prompt, edit_id, max_new_tokens))
         if cached is not None:
             return cached
-        with self._exclusive():
-            active, replaced = self._require_editor().toggled_weights(edit_id, self.model)
+        with self._read_view() as view:
+            active, replaced = self._require_editor().toggled_weights(edit_id, view)
             now = self._predict_unlocked(prompt, max_new_tokens)
-            other = self._predict_unlocked(prompt, max_new_tokens, replaced)
+            other = self._predict_unlocked(prompt, max_new_tokens, replaced, view)
             result = {"edit_id": edit_id, "active": active, "without": other if active else now,
                       "with": now if active else other}
             return self._cache.store(self._cache.key("try", prompt, edit_id, max_new_tokens), result)
@@ -468,15 +504,18 @@ class EditSession:
 
     def _predict_unlocked(
         self, prompt: str, max_new_tokens: int | None = None, replaced: Mapping[str, torch.Tensor] | None = None,
+        view: nn.Module | None = None,
     ) -> Prediction:
-        """`replaced`: parameter values to use instead of the model's (functional_call; then the caller
-        holds the model alone), e.g. the weights without one edit; such predictions are not cached."""
+        """`replaced`: parameter values to use instead of the model's, through functional_call on `view`
+        (a read view of the model, `_read_view`), e.g. the weights without one edit; not cached."""
         tokens = self.config.continuation_tokens if max_new_tokens is None else max_new_tokens
         if not 1 <= tokens <= MAX_NEW_TOKENS:
             raise ConfigError(f"a continuation is 1 to {MAX_NEW_TOKENS} tokens long, not {tokens}")
         if replaced is not None:
-            return Prediction(prompt, top_next_tokens(self.model, self.tokenizer, prompt, replaced),
-                              continuation(self.model, self.tokenizer, prompt, tokens, replaced))
+            if view is None:
+                raise ValueError("replaced weights are read through a read view of the model")
+            return Prediction(prompt, top_next_tokens(view, self.tokenizer, prompt, replaced),
+                              continuation(view, self.tokenizer, prompt, tokens, replaced))
         return self._cache.fetch(self._cache.key("predict", prompt, tokens), lambda: Prediction(
             prompt, self._next_tokens_unlocked(prompt), continuation(self.model, self.tokenizer, prompt, tokens)))
 
@@ -489,6 +528,11 @@ class EditSession:
         probes = tuple(self.probes)
         return self._cache.fetch(self._cache.key("probe_logprobs", probes),
                                  lambda: (probes, next_token_logprobs(self.model, self.tokenizer, probes)))
+
+
+def _statuses(editor: Editor) -> dict[str, str]:
+    """Each edit's status, by id: what a change of the weights changes."""
+    return {record.id: record.status for record in editor.history}
 
 
 def _sidecar(journal: Path, what: str) -> Path:

@@ -11,12 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-
-from ..editing.delta import delta_metadata
-from ..editing.editor import EXPORT_FORMAT
-from ..editing.errors import FacteditError
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +38,8 @@ class Origins:
     def all(self) -> dict[str, dict[str, Any]]:
         return dict(self._origins)
 
-    def imported(self, edit_id: str, exported: dict[str, Any], file: str | None, at: float) -> dict[str, Any]:
-        """Record that `edit_id` is the import of the exported record `exported` (`exported_record`)."""
+    def imported(self, edit_id: str, exported: Mapping[str, Any], file: str | None, at: float) -> dict[str, Any]:
+        """Record that `edit_id` is the import of the exported record `exported` (`ExportedEdit.record`)."""
         source = self._origins.get(exported.get("id", ""))
         first = source if source is not None and source.get("kind") == IMPORT else None
         origin = {
@@ -62,12 +59,3 @@ class Origins:
                 self.path.write_text(json.dumps(self._origins, indent=1))
             except OSError as exc:  # only persistence is lost
                 logger.warning("could not save edit origins to %s: %s", self.path, exc)
-
-
-def exported_record(data: bytes) -> dict[str, Any]:
-    """The record an exported edit file carries in its metadata ({} when it carries none)."""
-    try:
-        meta = delta_metadata(data)
-        return json.loads(meta["record"]) if meta.get("format") == EXPORT_FORMAT else {}
-    except (FacteditError, KeyError, ValueError):
-        return {}  # Editor.import_edit says what is wrong with the file

@@ -17,6 +17,7 @@ from ..editing.editor import Editor
 from ..editing.errors import ConfigError, FacteditError
 from ..editing.journal import Journal
 from ..editing.methods import get_method, make_config
+from ..editing.settable import checked, settable_fields
 from .config import SessionConfig
 
 
@@ -71,19 +72,22 @@ class MethodSwitch:
         return method
 
     def settings(self, method: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """The config's settings for `method` with `overrides` on top."""
-        return {**self.config.overrides_for(method), **(overrides or {})}
+        """The config's settings for `method` with a caller's `overrides` on top, once they are checked
+        against what a caller may set per edit (settable.py; ConfigNotAllowedError otherwise): the
+        session's callers are the app and the service, its config is the operator's."""
+        caller = checked(settable_fields(get_method(method).config_cls), overrides or {}, f"config of {method}")
+        return {**self.config.overrides_for(method), **caller}
 
     def switch(self, editor: Editor, method: str | None, overrides: Mapping[str, Any] | None = None) -> Editor:
         """`editor` set to `method` (default: the config's) with `settings(method, overrides)`; switched
         only when they differ from the current ones."""
         method = self.known(method)
-        overrides = dict(overrides or {})
-        settings = (method, json.dumps(overrides, sort_keys=True, default=str))
+        merged = self.settings(method, overrides)
+        settings = (method, json.dumps(dict(overrides or {}), sort_keys=True, default=str))
         if settings == self.current:
             return editor
         with available(method):
-            editor.set_method(method, **self.settings(method, overrides))
+            editor.set_method(method, **merged)
         self.current = settings
         return editor
 
