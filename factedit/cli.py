@@ -3,6 +3,7 @@
     factedit edit --prompt P --target T [--method ft_l] [--journal F] [--model M] [--set key=value]
     factedit revert ID --journal F
     factedit history --journal F
+    factedit journal compact --journal F [--older-than-days D]   (drop reverted edits' deltas; records stay)
     factedit diff ID --journal F [--probe P ...]
     factedit export --journal F --format peft OUT/ [--id ID ...] [--rank R | --exact]   (a PEFT LoRA adapter)
     factedit export --journal F --format merged OUT/           (the edited model as a HuggingFace folder)
@@ -108,6 +109,17 @@ def cmd_history(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_journal_compact(args: argparse.Namespace) -> int:
+    if args.older_than_days < 0:
+        raise SystemExit("--older-than-days must be >= 0")
+    with Journal(args.journal, create=False) as journal:
+        report = journal.compact(args.older_than_days * 86400)
+    print(json.dumps(report) if args.json else
+          f"dropped the deltas of {report['dropped']} reverted edit(s); "
+          f"{report['bytes_before']:,} -> {report['bytes_after']:,} bytes")
+    return 0
+
+
 def cmd_diff(args: argparse.Namespace) -> int:
     model, editor = _open(args)
     with editor:
@@ -158,6 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method config override")
     edit.add_argument("--json", action="store_true")
     edit.set_defaults(func=cmd_edit)
+
+    journal = sub.add_parser("journal", help="maintain a journal")
+    journal_sub = journal.add_subparsers(dest="journal_command", required=True)
+    compact = journal_sub.add_parser(
+        "compact", help="drop the deltas of edits reverted long ago (records stay; replay is unchanged)")
+    compact.add_argument("--journal", required=True)
+    compact.add_argument("--older-than-days", type=float, default=0.0,
+                         help="only edits reverted at least this long ago (default 0: every reverted edit)")
+    compact.add_argument("--json", action="store_true")
+    compact.set_defaults(func=cmd_journal_compact)
 
     revert = sub.add_parser("revert", help="revert one edit exactly")
     revert.add_argument("id")

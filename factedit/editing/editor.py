@@ -585,6 +585,18 @@ class Editor:
                 raise EditNotFoundError(f"edit {edit_id} is reverted; only active edits export")
         return [r for r in active if r.id in set(ids)]
 
+    def compact_journal(self, older_than_s: float = 0.0) -> dict[str, Any]:
+        """Drop the journal's deltas of edits reverted at least `older_than_s` seconds ago, keeping their
+        records (`Journal.compact`); the active edits and the replay are untouched."""
+        with self._lock:
+            if self._journal is None:
+                raise ConfigError("this Editor has no journal to compact")
+            report = self._journal.compact(older_than_s)
+            if self._model_ref is not None:  # the records held in memory follow the journal's
+                self._records = {r.id: r if r.status == "reverted" else self._records[r.id]
+                                 for r in self._journal.records(deltas=False)}
+            return report
+
     def _record_with_delta(self, edit_id: str) -> EditRecord:
         record = self._records.get(edit_id)
         if record is None and self._journal is not None and self._model_ref is None:

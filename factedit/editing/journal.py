@@ -10,12 +10,13 @@ lock beside the journal keeps a second process out while one has it open.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import sqlite3
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,13 @@ class Journal:
         try:
             return Delta.from_bytes(self._db[f"delta/{edit_id}"])
         except KeyError:
-            raise EditNotFoundError(f"edit {edit_id} has no delta in journal {self.path}") from None
+            pass
+        record = self.record(edit_id, delta=False)
+        if record.compacted_at is not None:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(record.compacted_at))
+            raise EditNotFoundError(f"edit {edit_id} was reverted and its delta dropped when the journal was "
+                                    f"compacted ({when}); its record remains") from None
+        raise EditNotFoundError(f"edit {edit_id} has no delta in journal {self.path}")
 
     def state(self, edit_id: str) -> dict[str, torch.Tensor] | None:
         """The lifelong state an edit left (`StreamState.after`), or None when its method keeps none."""
@@ -183,10 +190,46 @@ class Journal:
             raise EditNotFoundError(f"edit {record.id} is not in journal {self.path}")
         self._commit({key: _json_bytes(record.to_dict())})
 
-    def _commit(self, items: Mapping[str, bytes]) -> None:
+    def compact(self, older_than_s: float = 0.0, now: float | None = None) -> dict[str, Any]:
+        """Drop the deltas of edits reverted at least `older_than_s` seconds ago (one transaction, then
+        VACUUM gives the space back). Their records stay, marked `compacted_at`; the state each lifelong
+        method's latest edit left stays too (the stream goes on from it). Replay reads only active edits'
+        deltas and those states, so the journal replays bit for bit as before; a dropped delta can no
+        longer be diffed, exported or re-applied.
+
+        Returns {"dropped": edits compacted now, "bytes_before", "bytes_after"}."""
+        if older_than_s < 0:
+            raise ValueError("older_than_s must be >= 0")
+        now = time.time() if now is None else now
+        records = self.records(deltas=False)
+        latest_states = {record.method: record.id for record in records if f"state/{record.id}" in self._db}
+        dropped = [r for r in records if r.status == "reverted" and r.compacted_at is None
+                   and r.reverted_at is not None and now - r.reverted_at >= older_than_s]
+        bytes_before = self.path.stat().st_size
+        if dropped:
+            items = {f"record/{r.id}": _json_bytes(replace(r, compacted_at=now).to_dict()) for r in dropped}
+            removed = [f"delta/{r.id}" for r in dropped]
+            removed += [f"state/{r.id}" for r in dropped
+                        if f"state/{r.id}" in self._db and latest_states.get(r.method) != r.id]
+            self._commit(items, removed)
+            self._vacuum()
+        return {"dropped": len(dropped), "bytes_before": bytes_before, "bytes_after": self.path.stat().st_size}
+
+    def _vacuum(self) -> None:
+        """Rebuild the file without the space deleted rows left (sqlite keeps it otherwise)."""
+        self._db.close()
+        try:
+            with contextlib.closing(sqlite3.connect(self.path)) as connection:
+                connection.execute("VACUUM")
+        finally:
+            self._db = self._open_db()
+
+    def _commit(self, items: Mapping[str, bytes], removed: Sequence[str] = ()) -> None:
         try:
             for key, value in items.items():
                 self._db[key] = value
+            for key in removed:
+                del self._db[key]
             self._db.commit(blocking=True)
         except Exception as exc:
             # Drop the uncommitted writes: the file stays at the last whole transaction.

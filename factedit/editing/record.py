@@ -48,6 +48,8 @@ class EditRecord:
     # Perplexity of the reference text right after the edit over the base model's (the guard's
     # measurement; None when the guard was off).
     drift: float | None = None
+    # When `Journal.compact` dropped this reverted edit's delta (None: the journal keeps it).
+    compacted_at: float | None = None
     delta: Delta | None = field(default=None, repr=False, compare=False)
     # A lifelong method's state after this edit (methods.StreamState.after); journaled beside the delta.
     state: Mapping[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
@@ -86,6 +88,7 @@ class EditRecord:
             "reverted_at": self.reverted_at,
             "params": list(self.params),
             "drift": self.drift,
+            "compacted_at": self.compacted_at,
         }
 
     @classmethod

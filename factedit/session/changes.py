@@ -34,7 +34,7 @@ class ChangeLog:
     def __init__(self) -> None:
         self.last_change: dict[str, Any] | None = None  # {"kind", "edit_ids", "version", "at"}
         self.last_refusal: dict[str, Any] | None = None  # the guard's last refusal, until an edit succeeds
-        self.summary: dict[str, Any] = {}  # {"edits", "active_edits", "drift", "drift_edit"}
+        self.summary: dict[str, Any] = {}  # {"edits", "active_edits", "drift", "drift_edit", "stored_deltas"}
         self._outcomes: dict[str, EditOutcome] = {}  # edit id -> predictions around it (the newest few)
 
     def changed(self, kind: str, ids: list[str], version: int, history: Sequence[EditRecord]) -> None:
@@ -50,7 +50,8 @@ class ChangeLog:
         measured = next((r for r in reversed(active) if r.drift), None)
         self.summary = {"edits": len(history), "active_edits": len(active),
                         "drift": measured.drift if measured else None,
-                        "drift_edit": measured.id if measured else None}
+                        "drift_edit": measured.id if measured else None,
+                        "stored_deltas": sum(r.compacted_at is None for r in history)}
 
     @contextmanager
     def refusals(self, what: str) -> Iterator[None]:

@@ -489,8 +489,9 @@ class EditSession:
             "model": self.model_id,
             "method": self._switch.method,
             "methods": list(self.methods),
-            "journal": {"name": self.journal_path.name, "error": self.journal_error},
-            **self._log.summary,
+            "journal": {"name": self.journal_path.name, "error": self.journal_error, "bytes": self._journal_bytes(),
+                        "deltas": self._log.summary.get("stored_deltas", 0)},
+            **{k: v for k, v in self._log.summary.items() if k != "stored_deltas"},
             "guard_max_ratio": self.config.guard_max_ratio,
             "last_change": self._log.last_change,
             "last_refusal": self._log.last_refusal,
@@ -498,6 +499,21 @@ class EditSession:
             "writing": self.rw.writing,
             "pending_writes": self.rw.waiting_writers,
         }
+
+    def compact_journal(self, older_than_s: float = 0.0) -> dict[str, Any]:
+        """Drop the journal's deltas of edits reverted at least `older_than_s` seconds ago, keeping their
+        records (`Journal.compact`): {"dropped", "bytes_before", "bytes_after"}. The weights and the
+        replay are untouched, so it holds them shared."""
+        with self.rw.read():
+            report = self._require_editor().compact_journal(older_than_s)
+            self._log.summarize(self._history_unlocked())
+            return report
+
+    def _journal_bytes(self) -> int | None:
+        try:
+            return self.journal_path.stat().st_size
+        except OSError:
+            return None
 
     def _history_unlocked(self) -> list[EditRecord]:
         return self.editor.history if self.editor is not None else []
