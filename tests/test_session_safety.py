@@ -158,7 +158,8 @@ def test_an_import_with_an_altered_record_changes_nothing(session, change):
     record = session.edit_requests([factedit.EditRequest(*FACT)])
     exported = session.export_edit(record.id)
     session.revert(record.id)
-    before, journal, health, version = snapshot(session.model), journal_bytes(session), session.health(), session.version
+    before, journal = snapshot(session.model), journal_bytes(session)
+    health, version = session.health(), session.version
     with pytest.raises(InvalidDeltaError):
         session.import_edit(altered_export(exported, change))
     assert session.version == version and journal_bytes(session) == journal
