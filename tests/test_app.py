@@ -145,6 +145,20 @@ def test_revert_one_and_revert_all(app_env):
     assert any(s.value.startswith("2 edit(s) reverted") for s in at.success)  # the first was reverted already
 
 
+def test_compacting_the_journal_keeps_the_history_and_the_weights(app_env):
+    at = apply_edit(start())
+    at.button(key="revert_selected").click()
+    at = apply_edit(run(at), target="Berlin")
+    edited = now_line(at)
+    assert not at.button(key="compact_journal").disabled
+    at.button(key="compact_journal").click()
+    at = run(at)
+    assert any(s.value.startswith("Dropped the deltas of 1 reverted edit(s)") for s in at.success)
+    assert list(history(at)["status"]) == ["reverted", "active"]
+    assert at.button(key="compact_journal").disabled  # nothing left to drop
+    assert now_line(at) == edited and errors(at) == []
+
+
 def selected_edit(at: AppTest):
     return next(s for s in at.selectbox if s.label == "Selected edit")
 
@@ -346,6 +360,10 @@ def test_method_settings_descriptions_and_help(app_env):
     at = run(at)
     assert any("These settings would be refused" in e and "lr" in e for e in errors(at))
     at.text_input(key="setting:ft_l:lr").input("0.1")
+    at.text_input(key="setting:ft_l:max_steps").input("100000")  # past the bound a caller may set
+    at = run(at)
+    assert any("would be refused" in e and "max_steps must be between 1 and 200" in e for e in errors(at))
+    at.text_input(key="setting:ft_l:max_steps").input("2")
     at = apply_edit(run(at))
     assert errors(at) == []
     st.cache_resource.clear()  # closes the journal, to read it here

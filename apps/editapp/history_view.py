@@ -1,5 +1,6 @@
 """History: the journal as a table (imports and compared edits marked, with their original timings); the
-selected edit (the diff and the try box follow it); revert one or all; export an edit, import an edit file."""
+selected edit (the diff and the try box follow it); revert one or all; export an edit, import an edit file;
+compact the journal."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ def render_history(service: EditSession) -> str | None:
                      {"edit ms": "{:.0f}", "compute ms": "{:.0f}"}, na_rep="?"),
                  hide_index=True, height="content" if len(frame) <= 12 else 480)
         selected = _actions(service, records)
+        _journal_upkeep(service, records)
     _import(service)
     return selected
 
@@ -104,6 +106,28 @@ def _actions(service: EditSession, records: list[factedit.EditRecord]) -> str:
         mime="application/octet-stream", key="export_selected", on_click="ignore",
     )
     return selected
+
+
+def _journal_upkeep(service: EditSession, records: list[factedit.EditRecord]) -> None:
+    """The journal's size, and compaction: reverted edits' deltas dropped, their records kept."""
+    journal = service.health()["journal"]
+    droppable = sum(r.status == "reverted" and r.compacted_at is None for r in records)
+    size = f"{journal['bytes'] / 2**20:.1f} MiB" if journal.get("bytes") is not None else "size unknown"
+    text, days, button = st.columns([3, 1, 1], vertical_alignment="bottom")
+    text.caption(f"Journal: {size}, {journal.get('deltas', 0)} stored delta(s), {droppable} of them of reverted "
+                 "edits. Compacting drops those deltas (the records stay; a dropped edit can no longer be "
+                 "diffed, exported or re-applied); the active edits and their replay are untouched.")
+    days.number_input("reverted at least (days) ago", min_value=0.0, value=0.0, step=1.0, key="compact_days")
+    button.button("Compact journal", key="compact_journal", on_click=_compact, args=(service,),
+                  disabled=not droppable)
+
+
+def _compact(service: EditSession) -> None:
+    days = float(st.session_state.get("compact_days") or 0.0)
+    report = run_action(SECTION, "Compacting the journal", lambda: service.compact_journal(days * 86400))
+    if report is not None:
+        flash(SECTION, "success", f"Dropped the deltas of {report['dropped']} reverted edit(s): journal "
+                                  f"{report['bytes_before'] / 2**20:.1f} → {report['bytes_after'] / 2**20:.1f} MiB.")
 
 
 def _picked(key: str) -> None:

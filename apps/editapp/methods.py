@@ -18,6 +18,7 @@ import streamlit as st
 
 from factedit import ConfigError
 from factedit.editing.methods import config_to_dict, get_method, make_config
+from factedit.editing.settable import checked, settable_fields
 from factedit.session import EditSession
 
 DESCRIPTIONS = {
@@ -170,6 +171,8 @@ def stored_overrides(service: EditSession, method: str) -> dict[str, Any]:
         except ConfigError as exc:
             raise ConfigError(f"{name}: {exc}") from None
     if overrides:
+        # The bounds the session holds every caller to (settable.py), then the config's own checks.
+        checked(settable_fields(spec.config_cls), overrides, f"config of {method}")
         make_config(spec.config_cls, {**service.config.overrides_for(method), **overrides})  # raises if invalid
     return overrides
 
