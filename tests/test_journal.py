@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import sqlitedict
 import torch
 from helpers import assert_weights_equal, snapshot
 from safetensors.torch import load_file
@@ -294,6 +295,34 @@ def test_sigkill_mid_edit_leaves_the_journal_at_the_last_whole_edit(tmp_path):
     with factedit.Editor("ft", tokenizer=tok, journal=path, **FT) as editor:
         editor.attach(fresh)
     assert_weights_equal(fresh, replayed_reference(path))
+
+
+def test_an_edit_whose_delta_fails_to_write_leaves_nothing_behind(tmp_path, monkeypatch):
+    """A statement that fails inside sqlitedict's worker (here: the delta is past SQLite's length limit;
+    in life a full disk) must not let the record be committed without its delta: the journal stays at
+    the last whole edit and opens."""
+    path, _, tok = journal_with_one_edit(tmp_path)
+    model, _ = tiny_model("llama")
+    connect, opened = sqlitedict.sqlite3.connect, []
+
+    def kept(*args, **kwargs):
+        opened.append(connect(*args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(sqlitedict.sqlite3, "connect", kept)
+    with factedit.Editor("ft", tokenizer=tok, journal=path, **FT) as editor:
+        editor.attach(model)
+        before = snapshot(model)
+        opened[-1].setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 4_000)  # a record (~1.6 kB) fits, a delta (~8.5 kB) not
+        with pytest.raises(factedit.JournalError):
+            editor.edit(model, *FACTS[1])
+        assert_weights_equal(model, before)
+        assert len(editor.history) == 1
+    monkeypatch.setattr(sqlitedict.sqlite3, "connect", connect)
+    with Journal(path) as journal:
+        assert len(journal.order()) == 1 and len(journal.records()) == 1
+        keys = list(journal._db.keys())
+    assert sorted(k.split("/")[0] for k in keys) == ["delta", "meta", "order", "record"]
 
 
 @pytest.mark.parametrize("meta", [b"not json", b'{"format": "factedit.journal/1"}', b"[1, 2]",

@@ -206,12 +206,16 @@ class Journal:
         dropped = [r for r in records if r.status == "reverted" and r.compacted_at is None
                    and r.reverted_at is not None and now - r.reverted_at >= older_than_s]
         bytes_before = self.path.stat().st_size
-        if dropped:
-            items = {f"record/{r.id}": _json_bytes(replace(r, compacted_at=now).to_dict()) for r in dropped}
-            removed = [f"delta/{r.id}" for r in dropped]
-            removed += [f"state/{r.id}" for r in dropped
+        # In chunks (SQLite bounds a statement's parameters); a chunk whose deletion failed after its
+        # records were marked leaves deltas that are still readable: nothing is lost.
+        for first in range(0, len(dropped), 256):
+            chunk = dropped[first:first + 256]
+            items = {f"record/{r.id}": _json_bytes(replace(r, compacted_at=now).to_dict()) for r in chunk}
+            removed = [f"delta/{r.id}" for r in chunk]
+            removed += [f"state/{r.id}" for r in chunk
                         if f"state/{r.id}" in self._db and latest_states.get(r.method) != r.id]
             self._commit(items, removed)
+        if dropped:
             self._vacuum()
         return {"dropped": len(dropped), "bytes_before": bytes_before, "bytes_after": self.path.stat().st_size}
 
@@ -225,11 +229,20 @@ class Journal:
             self._db = self._open_db()
 
     def _commit(self, items: Mapping[str, bytes], removed: Sequence[str] = ()) -> None:
+        """Write `items` in ONE statement, then delete `removed` (a second statement), and commit.
+
+        sqlitedict runs statements on a worker thread that goes on after a failed one and then commits:
+        an edit written as several statements could commit its record without its delta. One multi-row
+        REPLACE is atomic in SQLite: it writes every item or none."""
         try:
-            for key, value in items.items():
-                self._db[key] = value
-            for key in removed:
-                del self._db[key]
+            if items:
+                rows = ", ".join(["(?, ?)"] * len(items))
+                values = [part for key, value in items.items() for part in (self._db.encode_key(key), _encode(value))]
+                self._db.conn.execute(f'REPLACE INTO "{TABLE}" (key, value) VALUES {rows}', values)
+            if removed:
+                marks = ", ".join(["?"] * len(removed))
+                self._db.conn.execute(f'DELETE FROM "{TABLE}" WHERE key IN ({marks})',
+                                      [self._db.encode_key(key) for key in removed])
             self._db.commit(blocking=True)
         except Exception as exc:
             # Drop the uncommitted writes: the file stays at the last whole transaction.
