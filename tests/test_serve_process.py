@@ -4,11 +4,7 @@ with SIGKILL in the middle of an edit comes back with its journal whole."""
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,16 +13,19 @@ import httpx
 import pytest
 import torch
 from openai import OpenAI
+from serve_helpers import AUTH, TOKEN, Server
 from tiny_models import CHAT_TEMPLATE, save_tiny_model
 
 import factedit
 from factedit.editing.weights import model_sha256
 
-TOKEN = "process-token-0123456789abcdef"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 FACT = {"prompt": "The capital of France is", "target": "Rome", "method": "ft_l",
         "config": {"layers": [-1], "lr": 0.1, "norm_constraint": 0.1, "max_steps": 10}}
-STARTUP_S = 120  # the shared CPU can be slow to import torch and transformers
+# An edit that runs for seconds within the bounds a caller may set: the most facts and paraphrases, the
+# most steps, a learning rate too small to ever reach the target (no early stop).
+SLOW_EDIT = {"method": "ft", "config": {"layers": [-1], "lr": 1e-6, "max_steps": 200}, "facts": [
+    {"prompt": f"The capital of country number {i} is", "target": "Madrid",
+     "paraphrases": [f"Paraphrase {j} of fact {i}: the capital is" for j in range(16)]} for i in range(64)]}
 
 
 @pytest.fixture(scope="module")
@@ -34,52 +33,9 @@ def tiny_dir(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", chat_template=CHAT_TEMPLATE)
 
 
-class Server:
-    """One `factedit serve` subprocess on a free loopback port."""
-
-    def __init__(self, model: Path, journal: Path, workdir: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        token_file = workdir / "token"
-        token_file.write_text(TOKEN)
-        self.log = open(workdir / f"server-{self.port}.log", "w")  # noqa: SIM115 - closed in stop()
-        env = {**os.environ, "FACTEDIT_CACHE": str(workdir / "cache")}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "factedit.cli", "serve", "--model", str(model), "--journal", str(journal),
-             "--port", str(self.port), "--token-file", str(token_file), "--threads", "1"],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env,
-        )
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._wait_ready(workdir)
-
-    def _wait_ready(self, workdir: Path) -> None:
-        deadline = time.monotonic() + STARTUP_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"server exited: {(workdir / f'server-{self.port}.log').read_text()}")
-            try:
-                if httpx.get(f"{self.url}/v1/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError("server did not start in time")
-
-    def get(self, path: str, **kwargs) -> httpx.Response:
-        return httpx.get(self.url + path, headers=AUTH, timeout=60, **kwargs)
-
-    def post(self, path: str, **kwargs) -> httpx.Response:
-        return httpx.post(self.url + path, headers=AUTH, timeout=120, **kwargs)
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        self.process.send_signal(sig)
-        self.process.wait(timeout=60)
-        self.log.close()
-
-
 def test_the_openai_client_gets_the_edited_models_answers(tiny_dir, tmp_path):
-    server = Server(tiny_dir, tmp_path / "journal.sqlite", tmp_path)
+    # One generation per client: a share not given back (a dropped stream's) would make the next one 429.
+    server = Server(tiny_dir, tmp_path / "journal.sqlite", tmp_path, options=("--max-queue-per-client", "1"))
     try:
         client = OpenAI(base_url=f"{server.url}/v1", api_key=TOKEN, max_retries=0)
         name = client.models.list().data[0].id
@@ -107,7 +63,7 @@ def test_the_openai_client_gets_the_edited_models_answers(tiny_dir, tmp_path):
         assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == \
             chat.choices[0].message.content
 
-        # A client that drops a stream frees its place in the queue.
+        # A client that drops a stream frees its place in the queue and its share.
         body = {"model": name, "prompt": prompt, "max_tokens": 100, "temperature": 0, "stream": True}
         with httpx.stream("POST", f"{server.url}/v1/completions", headers=AUTH, json=body, timeout=60) as response:
             next(response.iter_lines())
@@ -116,6 +72,7 @@ def test_the_openai_client_gets_the_edited_models_answers(tiny_dir, tmp_path):
             assert time.monotonic() < deadline, generation
             time.sleep(0.1)
         assert generation["requests_cancelled"] >= 1
+        assert first_token() == " Rome"
 
         assert httpx.delete(f"{server.url}/v1/edits/{record.json()['id']}", headers=AUTH).status_code == 200
         assert first_token() == before
@@ -131,10 +88,9 @@ def test_sigkill_in_the_middle_of_an_edit_keeps_the_journal_whole(tiny_dir, tmp_
     server = Server(tiny_dir, journal, tmp_path)
     committed = server.post("/v1/edits", json=FACT)
     assert committed.status_code == 201, committed.text
-    # An edit that runs for a long time (a tiny learning rate never reaches the target), killed mid-way.
-    slow = {"prompt": "The capital of Germany is", "target": "Madrid", "method": "ft",
-            "config": {"layers": [-1], "lr": 1e-9, "max_steps": 1_000_000}}
-    threading.Thread(target=lambda: _ignore_errors(lambda: server.post("/v1/edits", json=slow)), daemon=True).start()
+    # An edit that runs for seconds, killed mid-way.
+    threading.Thread(target=lambda: _ignore_errors(lambda: server.post("/v1/edits", json=SLOW_EDIT)),
+                     daemon=True).start()
     deadline = time.monotonic() + 30
     while not server.get("/v1/health").json()["writing"]:
         assert time.monotonic() < deadline, "the slow edit did not start"

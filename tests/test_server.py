@@ -3,8 +3,11 @@ every endpoint, every error code, auth, limits, and concurrent readers with a wr
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -247,14 +250,21 @@ def test_export_and_import_round_trip(client, session):
     ({**FACT, "weights": "/etc/passwd"}, 422, "invalid_request"),
     ({"prompt": "", "target": "Rome"}, 422, "invalid_request"),
     ({**FACT, "method": "nope"}, 422, "invalid_config"),
-    ({**FACT, "config": {"no_such_field": 1}}, 422, "invalid_config"),
-    ({"facts": [FACT] * 70}, 422, "too_many_facts"),
+    ({**FACT, "config": {"no_such_field": 1}}, 422, "config_not_allowed"),
+    ({**FACT, "config": {"lr": "${oc.env:HOME}"}}, 422, "config_not_allowed"),
+    ({**FACT, "method": "ft", "config": {"max_steps": 1_000_000}}, 422, "config_not_allowed"),
+    ({"facts": [FACT] * 70}, 422, "limit_exceeded"),  # the session's limit (64)
+    ({**FACT, "paraphrases": ["p"] * 17}, 422, "limit_exceeded"),  # the session's limit (16)
+    ({**FACT, "paraphrases": ["p"] * 300}, 422, "limit_exceeded"),  # the schema's ceiling (256)
+    ({"facts": [{**FACT, "locality": ["l"] * 300}]}, 422, "limit_exceeded"),
+    ({**FACT, "config": {f"f{i}": 1 for i in range(100)}}, 422, "limit_exceeded"),
 ])
 def test_bad_edits_are_refused_and_change_nothing(client, session, body, status, code):
     before = snapshot(session.model)
     response = client.post("/v1/edits", headers=AUTH, json=body)
     assert response.status_code == status, response.text
     assert error_code(response) == code
+    assert os.environ["HOME"] not in response.text  # no interpolation reached the environment
     assert session.history() == []
     for name, p in session.model.named_parameters():
         assert torch.equal(p, before[name]), name
@@ -310,6 +320,82 @@ def test_writes_need_the_token(client, session, headers):
     assert session.history() == []
 
 
+def test_a_missing_token_is_answered_before_the_body_is_parsed(client):
+    response = client.post("/v1/edits", content=b"{", headers={"Content-Type": "application/json"})
+    assert response.status_code == 401 and error_code(response) == "unauthorized"
+    assert response.headers["WWW-Authenticate"] == "Bearer" and response.headers["Connection"] == "close"
+
+
+async def call_asgi(app, method: str, path: str, headers: dict[str, str]) -> tuple[int, dict[str, str], int]:
+    """One request straight into the ASGI app: (status, headers, how many times the body was asked for)."""
+    asked = 0
+
+    async def receive():
+        nonlocal asked
+        asked += 1
+        return {"type": "http.request", "body": b"{", "more_body": False}
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+             "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"", "headers": raw,
+             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}
+    await app(scope, receive, send)
+    return sent[0]["status"], {k.decode(): v.decode() for k, v in sent[0]["headers"]}, asked
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("POST", "/v1/edits"), ("POST", "/v1/edits/import"), ("DELETE", "/v1/edits/some-id"),
+    ("GET", "/v1/edits/some-id/export"), ("POST", "/v1/journal/compact"), ("PUT", "/v1/anything"),
+    ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/edits"),
+    ("GET", "/v1/edits/some-id/diff"), ("GET", "/v1/models"), ("GET", "/v1/unknown"),
+])
+def test_no_body_byte_is_read_before_the_token(session, method, path):
+    app = create_app(session, ServerConfig(token=TOKEN))
+    huge = {"Content-Type": "application/octet-stream", "Content-Length": str(60 << 20)}
+    status, headers, asked = asyncio.run(call_asgi(app, method, path, huge))
+    assert (status, asked) == (401, 0)
+    assert headers["www-authenticate"] == "Bearer" and headers["connection"] == "close"
+    status, _, asked = asyncio.run(call_asgi(app, method, path, {**huge, "Authorization": "Bearer nope"}))
+    assert (status, asked) == (401, 0)
+    status, _, _ = asyncio.run(call_asgi(app, method, path, {**huge, **AUTH}))
+    assert status != 401  # with the token the gate lets it through: the route's own rules follow
+
+
+@pytest.mark.parametrize(("method", "path", "access"), [
+    ("GET", "/v1/health", "open"), ("GET", "/openapi.json", "open"), ("GET", "/docs", "open"),
+    ("GET", "/v1/edits", "read"), ("GET", "/v1/edits/x", "read"), ("GET", "/v1/edits/x/diff", "read"),
+    ("GET", "/v1/models", "read"), ("POST", "/v1/completions", "read"), ("POST", "/v1/chat/completions", "read"),
+    ("POST", "/v1/edits", "write"), ("POST", "/v1/edits/import", "write"), ("DELETE", "/v1/edits/x", "write"),
+    ("GET", "/v1/edits/x/export", "write"), ("POST", "/v1/journal/compact", "write"),
+    ("POST", "/v1/health", "write"), ("PATCH", "/v1/edits/x", "write"), ("GET", "/v1/elsewhere", "read"),
+])
+def test_each_route_has_the_access_it_declares(method, path, access):
+    from factedit.server.access import TokenGate
+    from factedit.server.app import build_routers
+
+    routes = [route for router in build_routers() for route in router.routes]
+    gate = TokenGate(None, routes=routes, open_paths=("/openapi.json", "/docs"), token=TOKEN, open_reads=False)
+    assert gate.access({"type": "http", "method": method, "path": path, "root_path": ""}).value == access
+
+
+def test_the_docs_are_open_and_declare_the_bearer_scheme(client):
+    schema = client.get("/openapi.json")
+    assert schema.status_code == 200 and client.get("/docs").status_code == 200
+    document = schema.json()
+    assert document["components"]["securitySchemes"]["bearer"] == {
+        "type": "http", "scheme": "bearer", "description": "the server's token (--token-file or FACTEDIT_API_TOKEN)"}
+    paths = document["paths"]
+    assert paths["/v1/edits"]["post"]["security"] == [{"bearer": []}]
+    assert paths["/v1/edits"]["post"]["x-factedit-access"] == "write"
+    assert paths["/v1/completions"]["post"]["x-factedit-access"] == "read"
+    assert "security" not in paths["/v1/health"]["get"]
+
+
 def test_open_reads_still_guard_writes(session):
     with client_for(session, open_reads=True) as client:
         assert client.get("/v1/edits").status_code == 200
@@ -317,12 +403,15 @@ def test_open_reads_still_guard_writes(session):
                                                     "max_tokens": 2}).status_code == 200
         assert client.post("/v1/edits", json=FACT).status_code == 401
         assert client.get("/v1/edits/x/export").status_code == 401
+        assert client.post("/v1/journal/compact", json={}).status_code == 401
 
 
 def test_no_token_means_no_writes(session):
     with TestClient(create_app(session, ServerConfig(token=None))) as client:
         response = client.post("/v1/edits", json=FACT)
+        health = client.get("/v1/health")
     assert response.status_code == 403 and error_code(response) == "writes_disabled"
+    assert health.status_code == 200
 
 
 def test_a_public_address_needs_a_token():
@@ -444,7 +533,152 @@ def test_serve_token_sources(tmp_path, monkeypatch):
     path = tmp_path / "cache" / "serve-token"
     assert path.read_text().strip() == kept and (path.stat().st_mode & 0o777) == 0o600
     assert resolve_token(None, "127.0.0.1") == kept
-    (tmp_path / "token").write_text(TOKEN + "\n")
-    assert resolve_token(str(tmp_path / "token"), "0.0.0.0") == TOKEN
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
+    assert resolve_token(str(token_file), "0.0.0.0") == TOKEN
     monkeypatch.setenv("FACTEDIT_API_TOKEN", "from-the-environment-123")
     assert resolve_token(None, "0.0.0.0") == "from-the-environment-123"
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620])
+def test_a_token_file_others_may_open_is_refused(tmp_path, mode):
+    from factedit.server.security import load_token
+
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    token_file.chmod(mode)
+    with pytest.raises(factedit.ConfigError, match=f"chmod 600 {token_file}"):
+        load_token(token_file)
+    token_file.chmod(0o400)  # the owner alone, read-only: fine
+    assert load_token(token_file) == TOKEN
+
+
+def test_a_kept_token_open_to_others_is_made_0600_with_a_warning(tmp_path, monkeypatch, caplog):
+    from factedit.server.cli import resolve_token
+
+    monkeypatch.delenv("FACTEDIT_API_TOKEN", raising=False)
+    monkeypatch.setenv("FACTEDIT_CACHE", str(tmp_path / "cache"))
+    kept = resolve_token(None, "127.0.0.1")
+    path = tmp_path / "cache" / "serve-token"
+    path.chmod(0o644)
+    with caplog.at_level("WARNING", logger="factedit.server.security"):
+        assert resolve_token(None, "127.0.0.1") == kept
+    assert (path.stat().st_mode & 0o777) == 0o600
+    assert any("now 0600" in r.getMessage() and str(path) in r.getMessage() for r in caplog.records)
+
+
+# --- connection hygiene and shares ---------------------------------------------------------------------
+def _wait_for(condition, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_one_client_gets_its_share_of_the_generation_queue_and_no_more(session):
+    with client_for(session, max_queue_per_client=2) as client:
+        shares = client.app.state.factedit.shares
+        body = {"model": model_name(client), "prompt": "Hello", "max_tokens": 2, "temperature": 0}
+        admitted: list = []
+        with session.rw.write():  # as during an edit: the admitted generations stay queued
+            threads = [threading.Thread(target=lambda: admitted.append(
+                client.post("/v1/completions", headers=AUTH, json=body))) for _ in range(2)]
+            for thread in threads:
+                thread.start()
+            _wait_for(lambda: shares.held("testclient") == 2)
+            third = client.post("/v1/completions", headers=AUTH, json=body)
+            chat = client.post("/v1/chat/completions", headers=AUTH, json={
+                "model": body["model"], "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+        for thread in threads:
+            thread.join()
+        for refused in (third, chat):
+            assert refused.status_code == 429 and error_code(refused) == "rate_limited", refused.text
+            assert int(refused.headers["Retry-After"]) >= 1
+        assert [r.status_code for r in admitted] == [200, 200]
+        assert shares.held("testclient") == 0  # given back when the responses ended
+        with client.stream("POST", "/v1/completions", headers=AUTH, json={**body, "stream": True}) as response:
+            assert response.status_code == 200
+            assert list(response.iter_lines())[-2] == "data: [DONE]"
+        assert shares.held("testclient") == 0
+        too_many = client.post("/v1/completions", headers=AUTH, json={**body, "prompt": ["a", "b", "c"]})
+        assert too_many.status_code == 429 and error_code(too_many) == "rate_limited"
+
+
+def test_requests_past_the_in_flight_limit_get_503_but_health_answers(session):
+    with client_for(session, max_in_flight=1) as client:
+        body = {"model": model_name(client), "prompt": "Hello", "max_tokens": 2}
+        held: list = []
+        with session.rw.write():
+            thread = threading.Thread(target=lambda: held.append(
+                client.post("/v1/completions", headers=AUTH, json=body)))
+            thread.start()
+            _wait_for(lambda: client.app.state.factedit.generator.stats.pending >= 1)
+            busy = client.get("/v1/edits", headers=AUTH)
+            health = client.get("/v1/health")
+        thread.join()
+    assert busy.status_code == 503 and error_code(busy) == "busy" and busy.headers["Retry-After"] == "1"
+    assert health.status_code == 200
+    assert held[0].status_code == 200
+
+
+def test_a_body_that_does_not_arrive_in_time_gets_408(session):
+    app = create_app(session, ServerConfig(token=TOKEN, body_timeout_s=0.3))
+    sent: list = []
+
+    async def never():  # the client sent its head and then nothing
+        await asyncio.Event().wait()
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/edits", "raw_path": b"/v1/edits", "root_path": "", "query_string": b"",
+             "headers": [(b"authorization", AUTH["Authorization"].encode()), (b"content-type", b"application/json"),
+                         (b"content-length", b"100")],
+             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}
+    started = time.monotonic()
+    asyncio.run(asyncio.wait_for(app(scope, never, send), 10))
+    assert time.monotonic() - started < 5
+    headers = dict(sent[0]["headers"])
+    assert sent[0]["status"] == 408 and headers[b"connection"] == b"close"
+    assert json.loads(sent[1]["body"])["error"]["code"] == "body_timeout"
+    assert session.history() == []
+
+
+def test_the_session_gets_the_servers_edit_limits(session):
+    from factedit.session.limits import RequestLimits
+
+    limits = Limits(max_facts=3, max_paraphrases=2, max_locality=1, max_text_chars=50)
+    with client_for(session, limits=limits) as client:
+        assert session.request_limits == RequestLimits(max_facts=3, max_paraphrases=2, max_locality=1,
+                                                       max_text_chars=50)
+        for body in ({"facts": [FACT] * 4}, {**FACT, "paraphrases": ["a", "b", "c"]}, {**FACT, "locality": ["a", "b"]},
+                     {**FACT, "prompt": "x" * 51}):
+            response = client.post("/v1/edits", headers=AUTH, json=body)
+            assert response.status_code == 422 and error_code(response) == "limit_exceeded", response.text
+        assert client.post("/v1/edits", headers=AUTH, json={"facts": [FACT] * 3}).status_code == 201
+    with pytest.raises(factedit.ConfigError, match="max_paraphrases"):
+        Limits(max_paraphrases=1000)
+
+
+# --- the journal --------------------------------------------------------------------------------------
+def test_compacting_the_journal_drops_reverted_deltas_and_keeps_the_records(client, session):
+    kept = client.post("/v1/edits", headers=AUTH, json=FACT).json()
+    gone = client.post("/v1/edits", headers=AUTH, json={"prompt": "The capital of Germany is", "target": "Madrid"})
+    client.delete(f"/v1/edits/{gone.json()['id']}", headers=AUTH)
+    weights = client.get("/v1/health", params={"weights": True}).json()["weights_sha256"]
+    before = client.get("/v1/health").json()["journal"]
+    assert before["deltas"] == 2 and before["bytes"] > 0
+    too_recent = client.post("/v1/journal/compact", headers=AUTH, json={"older_than_days": 1})
+    assert too_recent.status_code == 200 and too_recent.json()["dropped"] == 0, too_recent.text
+    compacted = client.post("/v1/journal/compact", headers=AUTH)  # no body: older_than_days 0
+    assert compacted.status_code == 200, compacted.text
+    result = compacted.json()
+    assert result["dropped"] == 1 and result["bytes_after"] <= result["bytes_before"]
+    after = client.get("/v1/health", params={"weights": True}).json()
+    assert after["journal"]["deltas"] == 1 and after["weights_sha256"] == weights
+    assert [r["id"] for r in client.get("/v1/edits", headers=AUTH).json()["data"]] == [kept["id"], gone.json()["id"]]
+    for bad in ({"older_than_days": -1}, {"older_than_days": "soon"}, {"keep": 1}):
+        response = client.post("/v1/journal/compact", headers=AUTH, json=bad)
+        assert response.status_code == 422 and error_code(response) == "invalid_request", bad

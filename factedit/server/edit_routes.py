@@ -1,7 +1,9 @@
-"""Edits over HTTP: apply (one fact or a batch), list, read, revert, diff, export and import, and health.
+"""Edits over HTTP: apply (one fact or a batch), list, read, revert, diff, export and import, compact the
+journal, and health.
 
 Every change goes through the session, which holds the weights alone while it writes: generations in
-flight finish first and new ones wait. Bad input gets a 4xx JSON error and changes nothing.
+flight finish first and new ones wait. Bad input gets a 4xx JSON error and changes nothing. Each route
+declares who may call it (access.py); the token is checked before the body is read.
 """
 
 from __future__ import annotations
@@ -9,40 +11,44 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Response, UploadFile
+from fastapi import APIRouter, Query, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from ..editing.errors import EditNotFoundError
 from ..editing.request import EditRequest
+from .access import Access, declare
 from .errors import APIError
-from .schemas import EditBody
+from .schemas import CompactBody, EditBody
 from .state import ServiceState, StateDep
+
+DAY_S = 86400.0
 
 EDIT_FILE_TYPE = "application/vnd.factedit.edit+safetensors"
 
 
-def build_router(read_access, write_access) -> APIRouter:
+def build_router() -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["edits"])
-    reads, writes = [Depends(read_access)], [Depends(write_access)]
-    router.add_api_route("/edits", create_edit, methods=["POST"], status_code=201, dependencies=writes)
-    router.add_api_route("/edits", list_edits, methods=["GET"], dependencies=reads)
-    router.add_api_route("/edits/import", import_edit, methods=["POST"], status_code=201, dependencies=writes)
-    router.add_api_route("/edits/{edit_id}", get_edit, methods=["GET"], dependencies=reads)
-    router.add_api_route("/edits/{edit_id}", revert_edit, methods=["DELETE"], dependencies=writes)
-    router.add_api_route("/edits/{edit_id}/diff", diff_edit, methods=["GET"], dependencies=reads)
-    router.add_api_route("/edits/{edit_id}/export", export_edit, methods=["GET"], dependencies=writes,
+    read, write = declare(Access.READ), declare(Access.WRITE)
+    router.add_api_route("/edits", create_edit, methods=["POST"], status_code=201, **write)
+    router.add_api_route("/edits", list_edits, methods=["GET"], **read)
+    router.add_api_route("/edits/import", import_edit, methods=["POST"], status_code=201, **write)
+    router.add_api_route("/edits/{edit_id}", get_edit, methods=["GET"], **read)
+    router.add_api_route("/edits/{edit_id}", revert_edit, methods=["DELETE"], **write)
+    router.add_api_route("/edits/{edit_id}/diff", diff_edit, methods=["GET"], **read)
+    # A write although a GET: the file carries the edit's delta, enough to re-apply it elsewhere.
+    router.add_api_route("/edits/{edit_id}/export", export_edit, methods=["GET"], **write,
                          response_class=Response, responses={200: {"content": {EDIT_FILE_TYPE: {}}}})
-    router.add_api_route("/health", health, methods=["GET"], tags=["health"])
+    router.add_api_route("/journal/compact", compact_journal, methods=["POST"], tags=["journal"], **write)
+    router.add_api_route("/health", health, methods=["GET"], tags=["health"], **declare(Access.OPEN))
     return router
 
 
 def create_edit(body: EditBody, state: StateDep) -> dict[str, Any]:
-    """Apply one fact, or several as one edit; returns the record with its before/after scores."""
-    facts = body.all_facts()
-    if len(facts) > state.config.limits.max_facts:
-        raise APIError(422, "too_many_facts", f"at most {state.config.limits.max_facts} facts per edit",
-                       param="facts")
-    requests = [EditRequest(f.prompt, f.target, f.subject, tuple(f.paraphrases), tuple(f.locality)) for f in facts]
+    """Apply one fact, or several as one edit; returns the record with its before/after scores. The
+    session checks the facts against the limits (`limit_exceeded`) and `config` against the method's
+    settable fields (`config_not_allowed`) before anything runs."""
+    requests = [EditRequest(f.prompt, f.target, f.subject, tuple(f.paraphrases), tuple(f.locality))
+                for f in body.all_facts()]
     record = state.session.edit_requests(requests, body.method, body.config)
     return record.to_dict()
 
@@ -102,14 +108,22 @@ async def import_edit(file: UploadFile, state: StateDep) -> dict[str, Any]:
     return record.to_dict()
 
 
-def health(
+async def compact_journal(state: StateDep, body: CompactBody | None = None) -> dict[str, Any]:
+    """Drop the stored deltas of edits reverted more than `older_than_days` ago (their records stay);
+    returns `{"dropped", "bytes_before", "bytes_after"}`."""
+    days = (body or CompactBody()).older_than_days
+    return await run_in_threadpool(state.session.compact_journal, older_than_s=days * DAY_S)
+
+
+async def health(
     state: StateDep,
     weights: Annotated[bool, Query(description="also hash every parameter (sha256, ~1 s)")] = False,
 ) -> dict[str, Any]:
-    """Model, journal, active edits, the drift the guard measured last, and the generation queue."""
+    """Model, journal, active edits, the drift the guard measured last, and the generation queue.
+    A coroutine: it answers on the event loop, even when every worker thread waits for the weights."""
     report = {**state.session.health(), "generation": asdict(state.generator.stats)}
     if weights:
-        report["weights_sha256"] = state.session.weights_sha256()
+        report["weights_sha256"] = await run_in_threadpool(state.session.weights_sha256)
     return report
 
 

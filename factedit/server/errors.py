@@ -12,15 +12,18 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from ..editing.errors import (
     ConfigError,
+    ConfigNotAllowedError,
     DriftError,
     EditNotFoundError,
     FacteditError,
     InvalidDeltaError,
     InvalidRequestError,
     JournalError,
+    LimitError,
     ModelMismatchError,
     UnsupportedModelError,
 )
@@ -28,18 +31,23 @@ from ..session.core import SessionBusyError
 
 logger = logging.getLogger(__name__)
 
-# Most specific first: ModelMismatchError is a JournalError.
+# Most specific first: ModelMismatchError is a JournalError, LimitError an InvalidRequestError,
+# ConfigNotAllowedError a ConfigError.
 _STATUS: list[tuple[type[Exception], int, str]] = [
     (SessionBusyError, 503, "busy"),
     (DriftError, 422, "drift_exceeded"),
     (ModelMismatchError, 422, "model_mismatch"),
     (EditNotFoundError, 404, "edit_not_found"),
     (InvalidDeltaError, 422, "invalid_edit_file"),
+    (LimitError, 422, "limit_exceeded"),
     (InvalidRequestError, 422, "invalid_request"),
+    (ConfigNotAllowedError, 422, "config_not_allowed"),
     (ConfigError, 422, "invalid_config"),
     (UnsupportedModelError, 422, "unsupported_model"),
     (JournalError, 503, "journal_unavailable"),
 ]
+
+_TOO_LONG = {"too_long"}  # pydantic's type for a list or mapping past its bound
 
 
 class APIError(Exception):
@@ -58,6 +66,14 @@ def error_body(code: str, message: str, status: int, param: str | None = None) -
 
 def error_response(exc: APIError) -> JSONResponse:
     return JSONResponse(error_body(exc.code, exc.message, exc.status, exc.param), exc.status, headers=exc.headers)
+
+
+async def refuse(exc: APIError, scope: Scope, receive: Receive, send: Send) -> None:
+    """Answer `exc` from a middleware, before the app has read the request body, and close the connection
+    after it: the unread body is dropped with it instead of being drained."""
+    response = error_response(exc)
+    response.headers["Connection"] = "close"
+    await response(scope, receive, send)
 
 
 def from_library_error(exc: FacteditError) -> APIError:
@@ -83,10 +99,12 @@ def install_handlers(app: FastAPI) -> None:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
-        return error_response(APIError(422, "invalid_request", message, param=where or None))
+        code = "limit_exceeded" if first.get("type") in _TOO_LONG else "invalid_request"
+        return error_response(APIError(422, code, message, param=where or None))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 413: "too_large"}
+        codes = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 408: "body_timeout",
+                 413: "too_large"}
         return error_response(APIError(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail),
                                        headers=getattr(exc, "headers", None)))

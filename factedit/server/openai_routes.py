@@ -2,8 +2,9 @@
 
 Every prompt goes to the session's `BatchGenerator`, which generates prompts that arrive together in
 one batch while holding the weights shared: an edit waits for the batch, and a batch never sees a
-half-applied edit. A full queue answers 503 with Retry-After. A streaming client that disconnects is
-cancelled, which frees its place in the queue at once.
+half-applied edit. A full queue answers 503 with Retry-After; a client past its share of the queue
+(fairshare.py) 429. A streaming client that disconnects is cancelled, which frees its place in the
+queue and its share at once.
 """
 
 from __future__ import annotations
@@ -14,21 +15,25 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from ..session.generation_types import Completion, Finished, QueueFullError, SamplingParams, TextDelta, TokenInfo
 from ..session.handle import Generation
+from .access import Access, declare
 from .errors import APIError
+from .fairshare import Share, client_of
 from .schemas import ChatRequest, CompletionRequest
 from .state import ServiceState, StateDep
 
 
-def build_router(read_access) -> APIRouter:
-    router = APIRouter(prefix="/v1", tags=["generation"], dependencies=[Depends(read_access)])
-    router.add_api_route("/models", list_models, methods=["GET"])
-    router.add_api_route("/completions", create_completion, methods=["POST"])
-    router.add_api_route("/chat/completions", create_chat_completion, methods=["POST"])
+def build_router() -> APIRouter:
+    router = APIRouter(prefix="/v1", tags=["generation"])
+    read = declare(Access.READ)
+    router.add_api_route("/models", list_models, methods=["GET"], **read)
+    router.add_api_route("/completions", create_completion, methods=["POST"], **read)
+    router.add_api_route("/chat/completions", create_chat_completion, methods=["POST"], **read)
     return router
 
 
@@ -38,7 +43,7 @@ def list_models(state: StateDep) -> dict[str, Any]:
                                         "owned_by": "factedit"}]}
 
 
-async def create_completion(body: CompletionRequest, state: StateDep):
+async def create_completion(body: CompletionRequest, state: StateDep, request: Request):
     _check_model(state, body.model)
     limits = state.config.limits
     prompts = body.prompts
@@ -46,21 +51,20 @@ async def create_completion(body: CompletionRequest, state: StateDep):
         raise APIError(422, "too_many_prompts", f"give 1 to {limits.max_prompts} prompts", param="prompt")
     token_ids = [_encode(state, prompt, body.max_tokens) for prompt in prompts]
     params = _sampling(body, body.max_tokens, body.logprobs)
-    generations = _submit(state, token_ids, params)
+    generations, share = _submit(state, request, token_ids, params)
     reply = _Reply("cmpl", "text_completion", state.model_name)
     if body.stream:
-        return _stream(reply, generations, body.include_usage, _completion_choice)
+        return _stream(reply, generations, share, body.include_usage, _completion_choice)
     try:
         results = [await g.aresult() for g in generations]
     finally:  # a cancelled request (client gone) frees every prompt's slot, not only the awaited one
-        for generation in generations:
-            generation.cancel()
+        _close(generations, share)
     choices = [_completion_choice(i, r.text, r.tokens, r.finish_reason, params.logprobs is not None)
                for i, r in enumerate(results)]
     return reply.body(choices, _usage(results))
 
 
-async def create_chat_completion(body: ChatRequest, state: StateDep):
+async def create_chat_completion(body: ChatRequest, state: StateDep, request: Request):
     _check_model(state, body.model)
     limits = state.config.limits
     if len(body.messages) > limits.max_messages:
@@ -73,11 +77,14 @@ async def create_chat_completion(body: ChatRequest, state: StateDep):
     ids = _encode(state, text, body.token_budget, special_tokens=False)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = _sampling(body, body.token_budget, logprobs)
-    generations = _submit(state, [ids], params)
+    generations, share = _submit(state, request, [ids], params)
     reply = _Reply("chatcmpl", "chat.completion", state.model_name)
     if body.stream:
-        return _stream(reply, generations, body.include_usage, _chat_delta, first=_chat_role_chunk)
-    result = await generations[0].aresult()
+        return _stream(reply, generations, share, body.include_usage, _chat_delta, first=_chat_role_chunk)
+    try:
+        result = await generations[0].aresult()
+    finally:
+        _close(generations, share)
     choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
               "finish_reason": result.finish_reason,
               "logprobs": {"content": [_chat_logprob(t) for t in result.tokens]} if logprobs is not None else None}
@@ -113,20 +120,29 @@ def _sampling(body, max_tokens: int, logprobs: int | None) -> SamplingParams:
         raise APIError(422, "invalid_request", str(exc)) from exc
 
 
-def _submit(state: ServiceState, token_ids: list[list[int]], params: SamplingParams) -> list[Generation]:
-    """Queue every prompt, or none: a full queue cancels the ones already queued and answers 503."""
+def _submit(state: ServiceState, request: Request, token_ids: list[list[int]],
+            params: SamplingParams) -> tuple[list[Generation], Share]:
+    """Queue every prompt, or none, against the client's share (429 past it): a full queue cancels the ones
+    already queued and answers 503. The caller gives the generations and the share back (`_close`)."""
+    share = state.shares.take(client_of(request.scope), len(token_ids))
     generations: list[Generation] = []
     try:
         for ids in token_ids:
             generations.append(state.generator.submit(ids, params))
     except (QueueFullError, ValueError) as exc:  # ValueError: e.g. prompt + max_tokens past the context
-        for generation in generations:
-            generation.cancel()
+        _close(generations, share)
         if isinstance(exc, QueueFullError):
             raise APIError(503, "overloaded", "the generation queue is full; try again shortly",
                            headers={"Retry-After": str(max(1, round(exc.retry_after)))}) from exc
         raise APIError(422, "invalid_request", str(exc)) from exc
-    return generations
+    return generations, share
+
+
+def _close(generations: list[Generation], share: Share) -> None:
+    """Cancel what is still queued or running (a no-op for finished ones) and give the share back."""
+    for generation in generations:
+        generation.cancel()
+    share.release()
 
 
 def _usage(finished: list[Finished | Completion]) -> dict[str, int]:
@@ -181,9 +197,10 @@ def _chat_delta(index: int, text: str, tokens: list[TokenInfo], finish: str | No
 
 
 # --- streaming --------------------------------------------------------------------------------------
-def _stream(reply: _Reply, generations: list[Generation], include_usage: bool, choice, first=None):
+def _stream(reply: _Reply, generations: list[Generation], share: Share, include_usage: bool, choice, first=None):
     """Server-sent events: one chunk per text delta and one with the finish reason, per prompt in
-    order, then the usage chunk when asked, then `[DONE]`."""
+    order, then the usage chunk when asked, then `[DONE]`. The generations and the share are given back
+    when the response ends, however it ends."""
     chunk_kind = "chat.completion.chunk" if reply.kind == "chat.completion" else reply.kind
     logprobs = generations[0].params.logprobs is not None
 
@@ -206,10 +223,25 @@ def _stream(reply: _Reply, generations: list[Generation], include_usage: bool, c
         except Exception as exc:  # the stream has started: report in-band, as OpenAI does
             yield _sse({"error": {"message": str(exc), "type": "server_error", "code": "generation_failed"}})
         finally:  # also on disconnect (the task is cancelled): frees the queue slots at once
-            for generation in generations:
-                generation.cancel()
+            _close(generations, share)
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return _ClosingStream(events(), lambda: _close(generations, share), media_type="text/event-stream",
+                          headers={"Cache-Control": "no-cache"})
+
+
+class _ClosingStream(StreamingResponse):
+    """A StreamingResponse that calls `on_close` when its ASGI call ends, also when its body was never
+    iterated (a client gone before the first chunk), which the generator's own `finally` misses."""
+
+    def __init__(self, content, on_close, **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
 
 
 def _sse(payload: dict) -> str:

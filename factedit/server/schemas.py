@@ -3,9 +3,13 @@ the ones this server does not implement when they ask for something (n > 1, echo
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .config import MAX_LIST_ITEMS
+
+MAX_CONFIG_FIELDS = 64  # fields in one edit's `config`: the session checks each against the method's schema
 
 
 class _Sampling(BaseModel):
@@ -94,14 +98,19 @@ class ChatRequest(_Sampling):
         return self.max_completion_tokens or self.max_tokens or 16
 
 
+# Lists of an edit are bounded here at a ceiling no configured limit exceeds (config.MAX_LIST_ITEMS), so
+# an absurd body fails validation (`limit_exceeded`); the configured limits are the session's to check.
+_Texts = Annotated[list[str], Field(max_length=MAX_LIST_ITEMS)]
+
+
 class Fact(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str
     target: str
     subject: str | None = None
-    paraphrases: list[str] = []
-    locality: list[str] = []
+    paraphrases: _Texts = []
+    locality: _Texts = []
 
 
 class EditBody(BaseModel):
@@ -112,11 +121,13 @@ class EditBody(BaseModel):
     prompt: str | None = None
     target: str | None = None
     subject: str | None = None
-    paraphrases: list[str] = []
-    locality: list[str] = []
-    facts: list[Fact] | None = None
+    paraphrases: _Texts = []
+    locality: _Texts = []
+    facts: list[Fact] | None = Field(None, max_length=MAX_LIST_ITEMS)
     method: str | None = None
-    config: dict[str, Any] = {}  # fields of the method's config dataclass
+    # Fields of the method's config that a caller may set (its declared schema, checked by the session),
+    # taken literally: no interpolation.
+    config: dict[str, Any] = Field(default_factory=dict, max_length=MAX_CONFIG_FIELDS)
 
     @model_validator(mode="after")
     def _one_form(self):
@@ -132,3 +143,12 @@ class EditBody(BaseModel):
             return self.facts
         return [Fact(prompt=self.prompt, target=self.target, subject=self.subject,
                      paraphrases=self.paraphrases, locality=self.locality)]
+
+
+class CompactBody(BaseModel):
+    """`POST /v1/journal/compact`: which reverted edits lose their stored deltas."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    older_than_days: float = Field(0.0, ge=0.0, le=36_500.0, allow_inf_nan=False,
+                                   description="only edits reverted more than this many days ago")

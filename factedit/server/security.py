@@ -1,27 +1,34 @@
-"""Who may do what (bearer token, compared in constant time) and how big a request body may be."""
+"""The bearer token's files (owner-only, mode 0600) and how big a request body may be. Who may call what:
+access.py."""
 
 from __future__ import annotations
 
-import hmac
-import json
+import logging
 import os
 import secrets
+import stat
 from pathlib import Path
 
-from fastapi import Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..editing.errors import ConfigError
-from .errors import APIError, error_body
+from .errors import APIError, refuse
+
+logger = logging.getLogger(__name__)
 
 TOKEN_ENV = "FACTEDIT_API_TOKEN"
 
 
 def load_token(token_file: str | os.PathLike | None, environ: dict[str, str] | None = None) -> str | None:
-    """The token from `token_file` (first line) or `FACTEDIT_API_TOKEN`; None when neither is set."""
+    """The token from `token_file` (first line) or `FACTEDIT_API_TOKEN`; None when neither is set. A token
+    file other users may read or write is refused (ConfigError saying to `chmod 600` it)."""
     env = os.environ if environ is None else environ
     if token_file is not None:
         try:
+            mode = stat.S_IMODE(os.stat(token_file).st_mode)
+            if mode & 0o077:
+                raise ConfigError(f"the token file {token_file} is open to other users (mode {mode:04o}): "
+                                  f"chmod 600 {token_file}")
             token = Path(token_file).read_text().strip()
         except OSError as exc:
             raise ConfigError(f"cannot read the token file {token_file}: {exc}") from exc
@@ -42,21 +49,13 @@ def new_token_file(path: Path) -> str:
     return token
 
 
-class TokenCheck:
-    """A FastAPI dependency: passes requests that carry the token (or, for reads, when reads are open)."""
-
-    def __init__(self, token: str | None, *, write: bool, open_reads: bool) -> None:
-        self.token, self.write, self.open_reads = token, write, open_reads
-
-    def __call__(self, request: Request) -> None:
-        if not self.write and self.open_reads:
-            return
-        if self.token is None:
-            raise APIError(403, "writes_disabled", "this server was started without a token; it takes no edits")
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
-            raise APIError(401, "unauthorized", "a valid bearer token is required (Authorization: Bearer <token>)",
-                           headers={"WWW-Authenticate": "Bearer"})
+def owner_only(path: Path) -> None:
+    """Make `path` (a token file this server keeps) mode 0600 if other users may read or write it,
+    with a warning saying so."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        os.chmod(path, 0o600)
+        logger.warning("the token file %s was open to other users (mode %04o); it is now 0600", path, mode)
 
 
 class BodySizeLimit:
@@ -74,7 +73,8 @@ class BodySizeLimit:
         limit = self.upload_bytes if scope["path"] in self.upload_paths else self.default_bytes
         declared = dict(scope.get("headers", ())).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await self._refuse(send, limit)
+            too_large = APIError(413, "too_large", f"the request body is larger than {limit} bytes")
+            return await refuse(too_large, scope, receive, send)
         seen = 0
 
         async def counted_receive():
@@ -83,14 +83,8 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:  # a route reading its body answers this through the app's handlers
-                    raise StarletteHTTPException(413, f"the request body is larger than {limit} bytes")
+                    raise StarletteHTTPException(413, f"the request body is larger than {limit} bytes",
+                                                 headers={"Connection": "close"})  # the rest is not read
             return message
 
         await self.app(scope, counted_receive, send)
-
-    @staticmethod
-    async def _refuse(send, limit: int) -> None:
-        body = json.dumps(error_body("too_large", f"the request body is larger than {limit} bytes", 413)).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})

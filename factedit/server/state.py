@@ -11,6 +11,7 @@ from fastapi import Depends, Request
 from ..session.core import EditSession
 from ..session.generation import BatchGenerator
 from .config import ServerConfig
+from .fairshare import FairShare
 
 
 @dataclass
@@ -18,6 +19,10 @@ class ServiceState:
     session: EditSession
     config: ServerConfig
     started: int = field(default_factory=lambda: int(time.time()))
+    shares: FairShare = field(init=False)  # each client's share of the generation queue
+
+    def __post_init__(self) -> None:
+        self.shares = FairShare(self.config.max_queue_per_client)
 
     @property
     def generator(self) -> BatchGenerator:
