@@ -52,6 +52,7 @@ class Server:
             self.port = s.getsockname()[1]
         token_file = workdir / "token"
         token_file.write_text(TOKEN)
+        token_file.chmod(0o600)  # the server refuses a token file other users may read
         self.log_path = workdir / f"server-{self.port}.log"
         command = [sys.executable, "-m", "factedit.cli", "serve", "--journal", str(journal), "--port",
                    str(self.port), "--token-file", str(token_file)]
