@@ -171,6 +171,14 @@ def test_a_model_belongs_to_one_editor_at_a_time(setup):
     editor.close()  # releases the model
     other.edit(model, "The capital of Italy is", "Paris")
     assert model.factedit_editor() is other
+    # A closed Editor edits no more: it would write a model another Editor now holds.
+    state = snapshot(model)
+    with pytest.raises(factedit.ConfigError, match="closed"):
+        editor.edit(model, "The capital of Spain is", "Rome")
+    with pytest.raises(factedit.ConfigError, match="closed"):
+        editor.revert(model, kept.id)
+    assert_weights_equal(model, state)
+    assert [r.id for r in editor.history][:1] == [kept.id]  # its history still reads
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])

@@ -25,7 +25,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from .._version import __version__
-from . import adapters
+from . import adapters, gguf_export
 from .delta import Delta
 from .diff import EditDiff, diff_edit
 from .drift import GuardConfig
@@ -95,6 +95,7 @@ class Editor:
         self._records: dict[str, EditRecord] = {}
         self._state = WeightState()
         self._model_ref: weakref.ref | None = None
+        self._closed = False
         self._model_id = ""
         self._fingerprint = ""
         self._safeguards: Safeguards | None = None  # set when the Editor binds to its model
@@ -112,9 +113,9 @@ class Editor:
     def history(self) -> list[EditRecord]:
         """Every edit, oldest first, with status active or reverted."""
         with self._lock:
-            if self._model_ref is None and self._journal is not None:
+            if self._model_ref is None and self._journal is not None and not self._closed:
                 return self._journal.records(deltas=False)
-            return list(self._records.values())
+            return [r.without_delta() for r in self._records.values()] if self._closed else list(self._records.values())
 
     @property
     def guard(self) -> GuardConfig | None:
@@ -325,24 +326,43 @@ class Editor:
         rank: int | None = None,
         exact: bool = False,
         model: nn.Module | None = None,
-    ) -> adapters.AdapterExport:
+        format: str = "peft",
+        base_gguf: str | os.PathLike | None = None,
+    ) -> adapters.AdapterExport | gguf_export.GGUFAdapterExport:
         """Write active edits (`ids`, default all) as one PEFT LoRA adapter folder that `peft` and vLLM
         load, with a model card listing them. Dense edits (ft, ft_l) go through a truncated SVD of
         `rank` (errors in the result) or, with `exact=True`, are refused. Details: adapters.py.
+        `format="gguf"`: one GGUF LoRA adapter file for llama.cpp / Ollama instead, checked against the
+        base GGUF (`base_gguf`, default the default model's own; gguf_export.py).
         Needs the edited model: the one this Editor is bound to, or `model`."""
+        if format not in ("peft", "gguf"):
+            raise ConfigError(f"adapter format must be 'peft' or 'gguf', got {format!r}")
         with self._lock:
             if model is not None:
                 self.attach(model)
             bound = self._model_ref() if self._model_ref is not None else None
             if bound is None:
                 raise ConfigError("export_adapter needs the edited model: pass model= or edit/attach first")
+            if format == "gguf":
+                return gguf_export.export_gguf_lora(bound, self._active_records(ids), path, base=base_gguf,
+                                                    base_weights=self._state.base, rank=rank, exact=exact)
             return adapters.export_adapter(bound, self._active_records(ids), path, rank=rank, exact=exact)
 
-    def export_merged(self, model: nn.Module, path: str | os.PathLike) -> Path:
+    def export_merged(
+        self, model: nn.Module, path: str | os.PathLike, *, format: str = "hf",
+        base_gguf: str | os.PathLike | None = None, dtype: str = "f32",
+    ) -> Path | gguf_export.GGUFMergedExport:
         """Write `model` with its active edits as a HuggingFace folder (safetensors, config, tokenizer,
-        a model card listing the edits) that `AutoModelForCausalLM.from_pretrained` loads."""
+        a model card listing the edits) that `AutoModelForCausalLM.from_pretrained` loads.
+        `format="gguf"`: one GGUF file, the base GGUF (`base_gguf`, default the default model's own) with
+        the edited tensors replaced in `dtype` (gguf_export.py); returns what it wrote (GGUFMergedExport)."""
+        if format not in ("hf", "gguf"):
+            raise ConfigError(f"merged format must be 'hf' or 'gguf', got {format!r}")
         with self._lock:
             self.attach(model)
+            if format == "gguf":
+                return gguf_export.export_gguf_merged(model, self._active_records(None), path, base=base_gguf,
+                                                      base_weights=self._state.base, dtype=dtype)
             return adapters.export_merged(model, self.tokenizer, self._active_records(None), path)
 
     def import_adapter(self, model: nn.Module, path: str | os.PathLike) -> EditRecord:
@@ -503,6 +523,8 @@ class Editor:
         model as it was and the Editor unbound.
         """
         with self._lock:
+            if self._closed:
+                raise ConfigError("this Editor is closed; open a new one (its journal replays the edits)")
             bound = self._model_ref() if self._model_ref is not None else None
             if bound is model:
                 return
@@ -552,6 +574,8 @@ class Editor:
             owner = getattr(model, OWNER_ATTRIBUTE, None) if model is not None else None
             if owner is not None and owner() is self:
                 delattr(model, OWNER_ATTRIBUTE)
+            # Unbound for good: a closed Editor must not go on writing a model another Editor may bind.
+            self._model_ref, self._closed = None, True
 
     def __enter__(self) -> Editor:
         return self
