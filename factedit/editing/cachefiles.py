@@ -6,13 +6,14 @@ missing, so the caller computes it again and rewrites it instead of failing on e
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from .atomic import atomic_path
 
 LOG = logging.getLogger(__name__)
 
@@ -33,9 +34,15 @@ def read_cached_tensors(path: Path, expected: Mapping[str, str]) -> dict[str, to
         return None
 
 
-def write_cached_tensors(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> None:
-    """Write `tensors` (moved to the CPU, made contiguous) with `meta` to `path`, replacing it atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=dict(meta))
-    tmp.replace(path)
+def write_cached_tensors(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> bool:
+    """Write `tensors` (moved to the CPU, made contiguous) with `meta` to `path`, replacing it atomically.
+    A cache that cannot be written (a read-only folder, a full disk) costs only the next process's time:
+    warn and return False instead of failing the edit that computed it."""
+    try:
+        with atomic_path(path) as tmp:
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp),
+                      metadata=dict(meta))
+    except OSError as error:
+        LOG.warning("could not write the cache file %s (it will be computed again next time): %s", path, error)
+        return False
+    return True

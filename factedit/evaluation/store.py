@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from ..editing.atomic import write_text
+
 logger = logging.getLogger(__name__)
 
 
@@ -53,12 +55,7 @@ class JsonLines:
 
     def replace(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Make `rows` the file's content (atomically: a temporary file renamed into place)."""
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(row) + "\n" for row in rows)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.path)
+        write_text(self.path, "".join(json.dumps(row) + "\n" for row in rows))
         return rows
 
     def append(self, rows: Iterable[dict[str, Any]]) -> None:

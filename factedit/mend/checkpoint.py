@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .._version import __version__
+from ..editing.atomic import write_text
 from ..editing.errors import CheckpointError, ModelMismatchError
 from ..editing.hashing import file_sha256
 from ..editing.weights import _VOLATILE_CONFIG_KEYS, model_fingerprint
@@ -105,9 +106,7 @@ def save_checkpoint(
         "step": int(step),
         "weights_sha256": file_sha256(weights),
     }
-    tmp = directory / (META + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    tmp.replace(directory / META)
+    write_text(directory / META, json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return directory
 
 

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..editing.atomic import atomic_path
 from ..editing.scoring import pad_sequences
 from ..editing.specs import resolve_layers, spec_for
 
@@ -47,9 +48,8 @@ class PrefixCache:
     def save(self, path: str | Path, tag: str) -> None:
         """Write the cached states to a safetensors file (keys are the comma-joined token ids)."""
         tensors = {",".join(map(str, ids)): h.detach().cpu().contiguous() for ids, h in self.store.items()}
-        tmp = Path(str(path) + ".tmp")
-        save_file(tensors, str(tmp), metadata={"tag": tag, "start": str(self.start)})
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"tag": tag, "start": str(self.start)})
 
     def load(self, path: str | Path, tag: str) -> int:
         """Add the states of a file written by `save` with the same `tag` (the base model's anchor

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..editing.atomic import write_text
+
 logger = logging.getLogger(__name__)
 
 IMPORT, PREVIEW = "import", "preview"
@@ -56,6 +58,6 @@ class Origins:
             self._origins[edit_id] = origin
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self.path.write_text(json.dumps(self._origins, indent=1))
+                write_text(self.path, json.dumps(self._origins, indent=1))
             except OSError as exc:  # only persistence is lost
                 logger.warning("could not save edit origins to %s: %s", self.path, exc)

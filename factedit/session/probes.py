@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from ..editing.atomic import write_text
 from ..editing.errors import ConfigError
 from ..editing.preview import compare_prompts
 from ..editing.scoring import top_tokens
@@ -50,7 +51,7 @@ class ProbeList:
         self.prompts = cleaned
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(json.dumps(cleaned, indent=1))
+            write_text(self.path, json.dumps(cleaned, indent=1))
         except OSError as exc:  # only persistence is lost
             logger.warning("could not save the probe list to %s: %s", self.path, exc)
 

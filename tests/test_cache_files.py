@@ -1,0 +1,70 @@
+"""Cache files and small state files: written atomically by one writer (editing/atomic.py), and a cache
+that cannot be written costs time, never an edit."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from helpers import snapshot
+from tiny_models import tiny_model
+
+import factedit
+from factedit.editing.atomic import write_text
+from factedit.editing.cachefiles import read_cached_tensors, write_cached_tensors
+
+
+def test_writers_in_threads_never_share_a_temporary_file(tmp_path):
+    """Each write goes through its own temporary file: whatever the interleaving, the file holds one
+    writer's whole content (a pid-only temporary name let two threads write into one file)."""
+    path = tmp_path / "stats.safetensors"
+    errors = []
+
+    def writer(value: float) -> None:
+        try:
+            for _ in range(20):
+                assert write_cached_tensors(path, {"x": torch.full((256, 256), value)}, {"for": "test"})
+        except Exception as exc:  # collected: an exception in a thread would not fail the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(float(i),)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    tensors = read_cached_tensors(path, {"for": "test"})
+    assert tensors is not None and torch.equal(tensors["x"], torch.full((256, 256), tensors["x"][0, 0].item()))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stats.safetensors"]  # no temporary file left
+
+
+def test_a_failed_write_leaves_the_old_content(tmp_path, monkeypatch):
+    path = tmp_path / "origins.json"
+    write_text(path, "old")
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("os.fsync", broken)
+    try:
+        write_text(path, "new")
+    except OSError:
+        pass
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["origins.json"]
+
+
+def test_an_edit_succeeds_when_the_cache_folder_cannot_be_written(tmp_path, monkeypatch):
+    """ft_l computes key statistics and the guard its reference: both are cached on disk. A cache path
+    that cannot be a folder (a read-only or full disk in life) must not fail the edit."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("FACTEDIT_CACHE", str(blocker))
+    model, tok = tiny_model("llama")
+    base = snapshot(model)
+    with factedit.Editor("ft_l", tokenizer=tok, guard=1.5, layers=(-1,), lr=0.1, norm_constraint=0.1,
+                         max_steps=5) as editor:
+        record = editor.edit(model, "The capital of France is", "Rome")
+        assert record.params and any(not torch.equal(p, base[n]) for n, p in model.named_parameters())
+        editor.revert(model, record.id)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, base[name]), name
