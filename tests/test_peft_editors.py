@@ -205,3 +205,19 @@ def test_a_bad_prefixes_config_is_refused_and_changes_nothing(method, bad):
         editor.set_method(method, prefixes=bad)
     assert editor.config == before and editor.config.prefixes is None
     assert all(torch.equal(p, base[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("method", ["ft", "ft_l", "lora"])
+def test_a_float16_model_is_trained_through_float32_copies(method):
+    """Adam's eps is 0 in float16: training float16 weights directly gave NaN deltas (refused)."""
+    model, tok = tiny_model("llama")
+    model = model.half()
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with factedit.Editor(method, tokenizer=tok, layers=(-1,), lr=1e-3, max_steps=5) as editor:
+        record = editor.edit(model, "The capital of France is", "Rome")
+        for pdelta in record.delta.params.values():
+            assert all(torch.isfinite(t).all() for t in pdelta.tensors().values())
+        assert any(not torch.equal(p, base[n]) for n, p in model.named_parameters())
+        editor.revert(model, record.id)
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.float16 and torch.equal(p, base[name]), name

@@ -95,13 +95,17 @@ class FineTune:
         cfg = self.config
         names = self.param_names(model)
         params = dict(model.named_parameters())
-        originals = {n: params[n].detach() for n in names}
+        dtypes = {n: params[n].dtype for n in names}
+        # Float32 master copies (no copy for a float32 model): Adam's eps (1e-8) is 0 in float16, and
+        # its steps would be rounded away or turn to NaN on float16 weights.
+        originals = {n: params[n].detach().float() for n in names}
         trained = {n: w.clone().requires_grad_(True) for n, w in originals.items()}
         batch = training_batch(model, tokenizer, requests, self.prefixes)
 
         def forward(b: TrainingBatch) -> torch.Tensor:
             kwargs = {"input_ids": b.input_ids, "attention_mask": b.attention_mask}
-            return functional_call(model, trained, args=(), kwargs=kwargs).logits
+            weights = {n: w.to(dtypes[n]) for n, w in trained.items()}  # the model's dtype; grads reach w
+            return functional_call(model, weights, args=(), kwargs=kwargs).logits
 
         def constrain() -> None:
             for n, w in trained.items():
