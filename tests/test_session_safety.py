@@ -301,3 +301,20 @@ def test_the_cli_compacts_a_journal(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["dropped"] == 1
     with Journal(path) as journal:
         assert [r.compacted_at is not None for r in journal.records(deltas=False)] == [True, False]
+
+
+def test_running_out_of_memory_is_not_called_the_callers_invalid_config(session, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(factedit.Editor, "set_method", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        session.edit("ft", *FACT, predict=False)
+
+    def missing(*args, **kwargs):
+        raise FileNotFoundError("no checkpoint at /somewhere")
+
+    monkeypatch.setattr(factedit.Editor, "set_method", missing)
+    with pytest.raises(ConfigError, match="not available"):
+        session.edit("ft", *FACT, predict=False)
+    assert session.history() == []

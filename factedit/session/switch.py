@@ -94,11 +94,12 @@ class MethodSwitch:
 
 @contextmanager
 def available(method: str) -> Iterator[None]:
-    """Building `method` failed for a reason that is not the caller's input (e.g. its module or checkpoint
-    is missing): say so as a ConfigError."""
+    """Building `method` failed because a part of it is missing here (its module, a file it reads): say
+    so as a ConfigError. Anything else (out of memory, a bug) stays what it is: it is not the caller's
+    invalid config."""
     try:
         yield
     except FacteditError:
         raise
-    except Exception as exc:
+    except (ImportError, OSError) as exc:
         raise ConfigError(f"method {method!r} is not available: {type(exc).__name__}: {exc}") from exc
