@@ -210,8 +210,7 @@ class Editor:
         as `set_method` takes them (default: this Editor's method and config); the Editor keeps its
         own. `apply_preview` applies exactly the previewed delta. `model` (here and in `diff`, `effect`,
         `toggled_weights`) may be a read view of the bound model (views.py)."""
-        if isinstance(probes, str):
-            raise InvalidRequestError(f"probes must be a list of prompts (write [{probes!r}] for one)")
+        _check_probes(probes)
         requests = as_requests(requests)
         with self._lock:
             name, config, impl = self._method_for(method, overrides)
@@ -252,8 +251,7 @@ class Editor:
     def effect(self, edit_id: str, model: nn.Module, probes: Sequence[str] = ()) -> dict[str, Any]:
         """What an edit does on the current weights, scored with the weights untouched: an active edit
         without/with it, a reverted one as it is now/re-applied (`preview.edit_effect`)."""
-        if isinstance(probes, str):
-            raise InvalidRequestError(f"probes must be a list of prompts (write [{probes!r}] for one)")
+        _check_probes(probes)
         with self._lock:
             record = self._record_with_delta(edit_id)
             self.attach(viewed_model(model))
@@ -477,8 +475,7 @@ class Editor:
         """What an edit changed: per parameter ‖Δ‖_F, ‖Δ‖/‖W‖ and rank, and the top-5 next tokens
         before and after on its prompts; with `model` and `probes`, also on those prompts (scored
         with and without the edit, the model untouched)."""
-        if isinstance(probes, str):
-            raise InvalidRequestError(f"probes must be a list of prompts (write [{probes!r}] for one)")
+        _check_probes(probes)
         with self._lock:
             record = self._record_with_delta(edit_id)
             if model is not None:
@@ -630,3 +627,12 @@ class Editor:
         if record.delta is None:  # a reverted edit whose delta stays in the journal
             record = self._journal.record(edit_id)
         return record
+
+
+def _check_probes(probes: Sequence[str]) -> None:
+    """Probes are a list of non-empty prompts (a string alone is a common slip)."""
+    if isinstance(probes, str):
+        raise InvalidRequestError(f"probes must be a list of prompts (write [{probes!r}] for one)")
+    for probe in probes:
+        if not isinstance(probe, str) or not probe.strip():
+            raise InvalidRequestError(f"every probe must be a non-empty prompt, not {probe!r}")

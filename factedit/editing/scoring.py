@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from .errors import InvalidRequestError
 from .request import TokenizedRequest, encode_prompt
 
 DEFAULT_BATCH_SIZE = 16
@@ -66,6 +67,8 @@ def score_sequences(
     batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> list[SequenceScore]:
     """Score each (prompt_ids, target_ids) pair; target_ids may be empty (then only next_logprobs)."""
+    if any(len(prompt) == 0 for prompt, _ in pairs):  # its "next token" would be read off a padding row
+        raise InvalidRequestError("a prompt to score has no tokens (an empty probe or prompt): give some text")
     device = next(model.parameters()).device
     scores: list[SequenceScore] = []
     for start in range(0, len(pairs), batch_size):
