@@ -68,3 +68,15 @@ def test_an_edit_succeeds_when_the_cache_folder_cannot_be_written(tmp_path, monk
         editor.revert(model, record.id)
     for name, p in model.named_parameters():
         assert torch.equal(p, base[name]), name
+
+
+def test_the_guard_store_reads_back_onto_the_models_device(tmp_path, monkeypatch):
+    """A store written by one process comes back on the device the model is on (a GPU in life; the
+    "meta" device here, which this CPU has), not on the CPU where safetensors reads it."""
+    from factedit.editing.guard_store import GuardStore
+
+    monkeypatch.setenv("FACTEDIT_CACHE", str(tmp_path))
+    hidden = {3: torch.randn(2, 5, 8)}
+    GuardStore("fp", "m", ["a text"], 4, 64, torch.float32, torch.device("meta")).save(0, 12.5, hidden)
+    base, loaded = GuardStore("fp", "m", ["a text"], 4, 64, torch.float32, torch.device("meta")).load(0)
+    assert base == 12.5 and loaded[3].device.type == "meta" and loaded[3].shape == (2, 5, 8)

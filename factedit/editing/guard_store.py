@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from pathlib import Path
 
 import torch
@@ -25,7 +24,6 @@ from .cachefiles import read_cached_tensors, write_cached_tensors
 from .loading import cache_dir
 from .reference import texts_sha256
 
-LOG = logging.getLogger(__name__)
 STORE_FORMAT = "factedit.guard/1"
 
 
@@ -41,6 +39,7 @@ class GuardStore:
             "texts_sha256": texts_sha256(texts), "group_size": str(group_size), "max_tokens": str(max_tokens),
             "dtype": str(dtype), "device_type": device.type, "factedit_version": __version__,
         }
+        self.device = torch.device(device)
         keyed = ("texts_sha256", "group_size", "max_tokens", "dtype", "device_type")
         key = json.dumps({k: self.meta[k] for k in keyed}, sort_keys=True)
         self.folder = cache_dir() / "guard" / fingerprint / hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -49,18 +48,17 @@ class GuardStore:
         return self.folder / f"group-{group}.safetensors"
 
     def load(self, group: int) -> tuple[float | None, dict[int, torch.Tensor]]:
-        """(base perplexity or None, {block: its input (B, T, H)}) of one group; nothing if not cached."""
+        """(base perplexity or None, {block: its input (B, T, H)} on the model's device) of one group;
+        nothing if not cached."""
         expected = {"format": STORE_FORMAT, "texts_sha256": self.meta["texts_sha256"]}
         tensors = read_cached_tensors(self._path(group), expected) or {}
         base = tensors.pop("base_perplexity", None)
-        hidden = {int(name.split(".", 1)[1]): t for name, t in tensors.items() if name.startswith("block.")}
+        hidden = {int(name.split(".", 1)[1]): t.to(self.device)
+                  for name, t in tensors.items() if name.startswith("block.")}
         return (float(base) if base is not None else None), hidden
 
     def save(self, group: int, base: float, hidden: dict[int, torch.Tensor]) -> None:
         """Write one group's entry (replacing the file atomically)."""
         tensors = {"base_perplexity": torch.tensor(base, dtype=torch.float64)}
         tensors.update({f"block.{layer}": h for layer, h in hidden.items()})
-        try:
-            write_cached_tensors(self._path(group), tensors, {**self.meta, "group": str(group)})
-        except OSError as error:
-            LOG.warning("could not write the guard cache %s: %s", self._path(group), error)
+        write_cached_tensors(self._path(group), tensors, {**self.meta, "group": str(group)})  # warns if it cannot

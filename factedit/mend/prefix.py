@@ -51,13 +51,14 @@ class PrefixCache:
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={"tag": tag, "start": str(self.start)})
 
-    def load(self, path: str | Path, tag: str) -> int:
+    def load(self, path: str | Path, tag: str, device: torch.device | str = "cpu") -> int:
         """Add the states of a file written by `save` with the same `tag` (the base model's anchor
-        fingerprint) and start block; returns how many were added (0 when the file does not fit)."""
+        fingerprint) and start block, onto `device` (the model's: `fill` computes there); returns how
+        many were added (0 when the file does not fit)."""
         path = Path(path)
         if not path.is_file():
             return 0
-        with safe_open(str(path), "pt") as handle:
+        with safe_open(str(path), "pt", device=str(device)) as handle:
             meta = handle.metadata() or {}
             if meta.get("tag") != tag or meta.get("start") != str(self.start):
                 return 0

@@ -231,7 +231,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> dict[str, Any]:
     cache = PrefixCache(model, min(resolve_layers(model, cfg.layers))) if cfg.prefix_cache else None
     if cache is not None and cfg.prefix_cache_file:
         LOG.info("prefix cache: %d sequences loaded from %s", cache.load(cfg.prefix_cache_file,
-                 base_info["anchor_fingerprint"]), cfg.prefix_cache_file)
+                 base_info["anchor_fingerprint"], accelerator.device), cfg.prefix_cache_file)
 
     def save_cache() -> None:
         if cache is not None and cfg.prefix_cache_file and accelerator.is_main_process:
