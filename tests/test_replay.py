@@ -115,9 +115,14 @@ def test_a_store_that_does_not_match_the_model_is_caught_and_read_in_full(cache)
     other, _ = tiny_model("llama", seed=1)  # another model under the same (wrong) fingerprint
     guard = DriftGuard(config, store_for(other, config))
     ratio = guard.ratio(other, tok, {}, start_layer=3)
-    assert guard._forms[3] == "not replayable"
+    # The stored base perplexity was the first model's: it is computed again, not kept as the denominator.
     group = guard.groups[0]
-    assert ratio == reference_perplexity(other, tok, group.texts, max_tokens=16) / group.base
+    assert group.base == pytest.approx(reference_perplexity(other, tok, group.texts, max_tokens=16), rel=1e-6)
+    assert ratio == pytest.approx(1.0, rel=1e-4)  # nothing edited
+    # ...and stored again: a later guard reads this model's values from the block, not in full.
+    again = DriftGuard(config, store_for(other, config))
+    assert again.ratio(other, tok, {}, start_layer=3) == pytest.approx(1.0, rel=1e-4)
+    assert again._forms[3] != "not replayable"
 
 
 def test_an_editor_guard_starts_at_the_lowest_edited_block(tiny, cache):

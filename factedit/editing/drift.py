@@ -158,8 +158,14 @@ class DriftGuard:
         worst = max(read, key=lambda i: self.groups[i].last, default=index)
         for i in dict.fromkeys((index, worst)):
             group, layer = self._prepared(model, tokenizer, i, base_params, start_layer)
-            if layer is not None and layer not in self._forms:
-                self._check_replay(model, group, base_params, layer)
+            if layer is not None and layer not in self._forms and not self._check_replay(model, group, base_params,
+                                                                                        layer):
+                # The stored base perplexity and block input are not this model's: compute both again
+                # with a full pass (and store them), then check once more.
+                group.base, group.hidden = None, {}
+                group, layer = self._prepared(model, tokenizer, i, base_params, start_layer)
+                if layer is not None and not self._check_replay(model, group, base_params, layer):
+                    self._forms[layer] = _NOT_REPLAYABLE
             group.last = self._perplexity(model, group, None, layer) / group.base
         chosen = max((index, worst), key=lambda i: self.groups[i].last)
         self.base_perplexity = self.groups[chosen].base
@@ -210,30 +216,34 @@ class DriftGuard:
 
     def _check_replay(
         self, model: nn.Module, group: _Group, base_params: Mapping[str, torch.Tensor], layer: int,
-    ) -> None:
+    ) -> bool:
         """Whether reads may start at `layer`: the block's output form (from a two-token pass) and one
-        replayed read on the base weights, which must give the group's base perplexity."""
+        replayed read on the base weights, which must give the group's base perplexity. False when that
+        read disagrees with the base perplexity (which then cannot be trusted either); True otherwise,
+        the form set to what was found (or "not replayable")."""
         self._forms[layer] = _NOT_REPLAYABLE
         if layer not in group.hidden:
-            return
+            return True
         assert group.ids is not None and group.mask is not None
         device = next(model.parameters()).device
         with torch.no_grad(), capture_block_input(model, layer) as captured:
             model(input_ids=group.ids[:1, :2].to(device), attention_mask=group.mask[:1, :2].to(device))
         if captured.form == "unknown":
             LOG.info("the guard reads in full: block %d's output is not replayable", layer - 1)
-            return
+            return True
         self._forms[layer] = captured.form
         try:
             replayed = self._perplexity(model, group, base_params, layer)
         except (TypeError, IndexError, AttributeError, RuntimeError) as error:  # blocks that pass on more
             LOG.warning("the guard reads in full: starting at block %d failed (%s)", layer, error)
             self._forms[layer] = _NOT_REPLAYABLE
-            return
+            return True
         if not math.isclose(replayed, group.base, rel_tol=_REPLAY_RTOL):
-            LOG.warning("the guard reads in full: starting at block %d gave perplexity %.6g, a full pass %.6g",
-                        layer, replayed, group.base)
-            self._forms[layer] = _NOT_REPLAYABLE
+            LOG.warning("the guard's kept state gives perplexity %.6g from block %d, its base says %.6g: "
+                        "computing both again", replayed, layer, group.base)
+            self._forms.pop(layer)
+            return False
+        return True
 
     def _perplexity(
         self, model: nn.Module, group: _Group, params: Mapping[str, torch.Tensor] | None, layer: int | None,
