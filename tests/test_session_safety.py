@@ -318,3 +318,23 @@ def test_running_out_of_memory_is_not_called_the_callers_invalid_config(session,
     with pytest.raises(ConfigError, match="not available"):
         session.edit("ft", *FACT, predict=False)
     assert session.history() == []
+
+
+def test_a_new_journal_stops_the_generator_before_holding_the_weights(session, monkeypatch):
+    """Joining the generator's worker while holding the weights alone stalls: the worker may be waiting
+    for them. The generator is stopped first and started again on the fresh model."""
+    from factedit.session.generation import BatchGenerator
+
+    session.start_generator(max_batch=2)
+    closes = []
+    real_close = BatchGenerator.close
+
+    def close(self, *args, **kwargs):
+        closes.append(session.rw.writing)
+        return real_close(self, *args, **kwargs)
+
+    monkeypatch.setattr(BatchGenerator, "close", close)
+    old_model, old_generator = session.model, session.generator
+    session.start_new_journal()
+    assert closes == [False]
+    assert session.model is not old_model and session.generator is not old_generator

@@ -209,26 +209,35 @@ class EditSession:
                 logger.warning("could not prepare the drift guard: %s", exc)
 
     def _reload_model(self) -> None:
+        """A fresh copy of the base model (the caller restarts a running generator: it holds the old one)."""
         self.model, _ = load_model(self.config.model_source)
         self.version += 1
-        if self._generator is not None:  # it holds the old model
-            self.start_generator(**self._generator_options)
 
     def start_new_journal(self) -> Path:
         """Use a fresh journal file beside the current one (the old file is left as it is)."""
-        with self._writing():
-            if self._journal is not None:
-                self._journal.close()
-            self._journal, self.editor, self.journal_error = None, None, None
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            path = self.journal_path.with_name(f"{self.journal_path.stem}-{stamp}{self.journal_path.suffix}")
-            self._reload_model()
-            self.journal_path = path
-            self.origins = Origins(_sidecar(path, "origins"))
-            self._log.forget_outcomes()
-            self._open(path)
-            self._log.summarize(self._history_unlocked())
-            return path
+        # The generator is stopped before the weights are held alone: its worker may be waiting for them,
+        # and joining it under the lock would stall until the join gives up.
+        running = self._generator is not None
+        self.stop_generator()
+        try:
+            with self._writing():
+                if self._journal is not None:
+                    self._journal.close()
+                if self.editor is not None:
+                    self.editor.close()
+                self._journal, self.editor, self.journal_error = None, None, None
+                stamp = time.strftime("%Y%m%d-%H%M%S")
+                path = self.journal_path.with_name(f"{self.journal_path.stem}-{stamp}{self.journal_path.suffix}")
+                self._reload_model()
+                self.journal_path = path
+                self.origins = Origins(_sidecar(path, "origins"))
+                self._log.forget_outcomes()
+                self._open(path)
+                self._log.summarize(self._history_unlocked())
+                return path
+        finally:
+            if running:
+                self.start_generator(**self._generator_options)
 
     def _require_editor(self) -> Editor:
         if self.editor is None:
