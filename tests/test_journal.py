@@ -297,6 +297,33 @@ def test_sigkill_mid_edit_leaves_the_journal_at_the_last_whole_edit(tmp_path):
     assert_weights_equal(fresh, replayed_reference(path))
 
 
+def test_replay_is_checked_against_the_weights_the_writer_had(tmp_path, monkeypatch):
+    """The journal keeps each touched parameter's sha256 after every edit and revert; a replay that
+    gives other bits (another processor rounding a product differently) is reported, not silent."""
+    path = tmp_path / "edits.sqlite"
+    model, tok = tiny_model("llama")
+    with factedit.Editor("lora", tokenizer=tok, journal=path, layers=(-1,), max_steps=3) as editor:
+        kept = editor.edit(model, *FACTS[0])
+        editor.revert(model, editor.edit(model, *FACTS[1]).id)
+    fresh, _ = tiny_model("llama")
+    with factedit.Editor("lora", tokenizer=tok, journal=path) as editor:
+        editor.attach(fresh)
+        assert editor.replay_differs == []
+    assert_weights_equal(fresh, snapshot(model))
+
+    real = ParamDelta.materialize
+
+    def rounded_otherwise(self, *args, **kwargs):
+        value = real(self, *args, **kwargs)
+        return value + 1e-7 * value.abs().max()
+
+    monkeypatch.setattr(ParamDelta, "materialize", rounded_otherwise)
+    other, _ = tiny_model("llama")
+    with factedit.Editor("lora", tokenizer=tok, journal=path) as editor:
+        editor.attach(other)
+        assert editor.replay_differs == list(kept.params)
+
+
 def test_an_edit_whose_delta_fails_to_write_leaves_nothing_behind(tmp_path, monkeypatch):
     """A statement that fails inside sqlitedict's worker (here: the delta is past SQLite's length limit;
     in life a full disk) must not let the record be committed without its delta: the journal stays at

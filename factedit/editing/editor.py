@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import threading
 import time
@@ -41,6 +42,8 @@ from .safeguards import Guard, Safeguards, accepts, resolve_guard
 from .scoring import score_requests
 from .views import is_view, viewed_model
 from .weights import WeightState, model_fingerprint, model_sha256, tensor_sha256
+
+LOG = logging.getLogger(__name__)
 
 OWNER_ATTRIBUTE = "factedit_editor"  # set on a model: a weak reference to the Editor it belongs to
 
@@ -96,6 +99,9 @@ class Editor:
         self._state = WeightState()
         self._model_ref: weakref.ref | None = None
         self._closed = False
+        # Parameters whose replayed value differs from what the journal's writer had (attach checks):
+        # another torch or processor may round a low-rank delta's product differently. [] = exact.
+        self.replay_differs: list[str] = []
         self._model_id = ""
         self._fingerprint = ""
         self._safeguards: Safeguards | None = None  # set when the Editor binds to its model
@@ -442,7 +448,9 @@ class Editor:
         if self._journal is not None:
             t = time.perf_counter()
             base_hashes = {n: tensor_sha256(self._state.base[n]) for n in first_touched}
-            self._journal.append(record, base_hashes, self._base_sha256)
+            params = dict(model.named_parameters())
+            after = {n: tensor_sha256(params[n]) for n in delta.names()}
+            self._journal.append(record, base_hashes, self._base_sha256, after)
             timings["journal_ms"] = _ms(t)
         return record
 
@@ -457,7 +465,8 @@ class Editor:
                 raise EditNotFoundError(f"edit {edit_id} is already reverted")
             updated = record.with_status("reverted")
             if self._journal is not None:
-                self._journal.set_status(updated)  # first: a failed write leaves the model as it was
+                after = {n: tensor_sha256(v) for n, v in self._state.weights_without(model, edit_id).items()}
+                self._journal.set_status(updated, after)  # first: a failed write leaves the model as it was
             self._state.revert(model, edit_id)
             self._safeguards.release(edit_id)
             # With a journal the reverted delta lives on disk; `diff`/`export_edit` read it back.
@@ -557,6 +566,8 @@ class Editor:
             except BaseException:
                 state.restore_base(model)  # a corrupt delta: undo the ones already replayed
                 raise
+            if self._journal is not None:
+                self.replay_differs = _replay_differences(model, self._journal.weights_hashes())
             self._state, self._records, self._streams = state, {r.id: r for r in records}, streams
             self._model_ref, self._model_id, self._fingerprint = weakref.ref(model), model_id, fingerprint
             self._safeguards = Safeguards(model_id, fingerprint)
@@ -636,3 +647,14 @@ def _check_probes(probes: Sequence[str]) -> None:
     for probe in probes:
         if not isinstance(probe, str) or not probe.strip():
             raise InvalidRequestError(f"every probe must be a non-empty prompt, not {probe!r}")
+
+
+def _replay_differences(model: nn.Module, expected: Mapping[str, str]) -> list[str]:
+    """The parameters whose sha256 is not the one the journal recorded after its last change (warned)."""
+    params = dict(model.named_parameters())
+    differ = [name for name, digest in expected.items() if name in params and tensor_sha256(params[name]) != digest]
+    if differ:
+        LOG.warning("replaying the journal gave other values than its writer had for %d parameter(s) (%s): "
+                    "the edits hold, but not bit for bit (another torch version or processor?)",
+                    len(differ), ", ".join(differ[:3]) + (", ..." if len(differ) > 3 else ""))
+    return differ

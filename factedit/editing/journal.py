@@ -147,9 +147,13 @@ class Journal:
             )
 
     # --- writing (each call is one transaction) ----------------------------------------------------
-    def append(self, record: EditRecord, base_hashes: Mapping[str, str], model_sha256: str | None = None) -> None:
+    def append(
+        self, record: EditRecord, base_hashes: Mapping[str, str], model_sha256: str | None = None,
+        weights_hashes: Mapping[str, str] | None = None,
+    ) -> None:
         """Store `record` and its delta; `base_hashes` are hashes of parameters it touches first;
-        `model_sha256` (the base model's, all parameters) is recorded with the first edit."""
+        `model_sha256` (the base model's, all parameters) is recorded with the first edit;
+        `weights_hashes`: the touched parameters' hashes after it (`weights_hashes()`, checked on replay)."""
         if record.delta is None:
             raise JournalError("a record must carry its delta to be journaled")
         meta = self.meta or {
@@ -161,7 +165,8 @@ class Journal:
             "created_at": time.time(),
             "base_hashes": {},
         }
-        meta = {**meta, "base_hashes": {**meta["base_hashes"], **base_hashes}}
+        meta = {**meta, "base_hashes": {**meta["base_hashes"], **base_hashes},
+                "weights_sha256": {**meta.get("weights_sha256", {}), **(weights_hashes or {})}}
         delta_meta = {"edit_id": record.id, "method": record.method, "model_id": record.model_id}
         try:
             order = self.order()
@@ -179,8 +184,8 @@ class Journal:
         self._commit(items)
         self.meta = meta
 
-    def set_status(self, record: EditRecord) -> None:
-        """Rewrite the record's status fields (revert)."""
+    def set_status(self, record: EditRecord, weights_hashes: Mapping[str, str] | None = None) -> None:
+        """Rewrite the record's status fields (revert); `weights_hashes` as for `append`, after it."""
         key = f"record/{record.id}"
         try:
             known = key in self._db
@@ -188,7 +193,18 @@ class Journal:
             raise JournalError(f"could not write journal {self.path}: {exc}") from exc
         if not known:
             raise EditNotFoundError(f"edit {record.id} is not in journal {self.path}")
-        self._commit({key: _json_bytes(record.to_dict())})
+        items = {key: _json_bytes(record.to_dict())}
+        if weights_hashes and self.meta:
+            meta = {**self.meta, "weights_sha256": {**self.meta.get("weights_sha256", {}), **weights_hashes}}
+            items["meta"] = _json_bytes(meta)
+        self._commit(items)
+        if "meta" in items:
+            self.meta = meta
+
+    def weights_hashes(self) -> dict[str, str]:
+        """sha256 of each parameter an edit has touched, as the last change (edit or revert) left it: a
+        replay must give exactly these (`Editor.attach` checks)."""
+        return dict(self.meta.get("weights_sha256", {}))
 
     def compact(self, older_than_s: float = 0.0, now: float | None = None) -> dict[str, Any]:
         """Drop the deltas of edits reverted at least `older_than_s` seconds ago (one transaction, then

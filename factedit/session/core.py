@@ -499,7 +499,9 @@ class EditSession:
             "method": self._switch.method,
             "methods": list(self.methods),
             "journal": {"name": self.journal_path.name, "error": self.journal_error, "bytes": self._journal_bytes(),
-                        "deltas": self._log.summary.get("stored_deltas", 0)},
+                        "deltas": self._log.summary.get("stored_deltas", 0),
+                        # False: replaying gave other bits than the journal's writer had (Editor.replay_differs)
+                        "replay_exact": not self.editor.replay_differs if self.editor is not None else None},
             **{k: v for k, v in self._log.summary.items() if k != "stored_deltas"},
             "guard_max_ratio": self.config.guard_max_ratio,
             "last_change": self._log.last_change,
