@@ -242,7 +242,7 @@ def test_a_journal_write_failure_undoes_the_edit(setup):
 
 @pytest.mark.parametrize("probes", [[""], ["   "], ["ok", 3]])
 def test_empty_or_non_text_probes_are_refused(setup, probes):
-    model, tok, editor, kept, state = setup
+    model, _, editor, kept, state = setup
     with pytest.raises(factedit.InvalidRequestError, match="probe"):
         editor.diff(kept.id, model=model, probes=probes)
     with pytest.raises(factedit.InvalidRequestError, match="probe"):
@@ -255,6 +255,6 @@ def test_a_prompt_without_tokens_is_never_scored(tiny):
     padding row."""
     from factedit.editing.scoring import score_sequences
 
-    model, tok = tiny
+    model, _ = tiny
     with pytest.raises(factedit.InvalidRequestError, match="no tokens"):
         score_sequences(model, [([5, 6], [7]), ([], [])], pad_id=0)

@@ -6,9 +6,12 @@ import json
 import re
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from tiny_models import save_tiny_model
 
 from factedit import cli
+from factedit.editing.journal import Journal
 
 
 @pytest.fixture
@@ -40,6 +43,18 @@ def test_edit_history_diff_revert_each_reloading_and_replaying(model_dir, tmp_pa
     assert first["id"] in run(capsys, "revert", first["id"], "--journal", journal)
     statuses = [r["status"] for r in json.loads(run(capsys, "history", "--journal", journal, "--json"))]
     assert statuses == ["reverted", "active"]
+
+    # What a CLI run replays is the base plus the active delta, bit for bit: the merged model another
+    # run writes equals that sum computed here from the saved base and the journal's stored delta.
+    run(capsys, "export", "--journal", journal, "--format", "merged", str(tmp_path / "merged"))
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    base = load_file(str(model_dir / "model.safetensors"))
+    with Journal(journal) as opened:
+        (active,) = [r for r in opened.records() if r.status == "active"]
+    assert active.id == second["id"] and set(merged) == set(base)
+    for name, value in base.items():
+        expected = value + active.delta.params[name].materialize(value.dtype) if name in active.params else value
+        assert torch.equal(merged[name], expected), name
 
     run(capsys, "revert", second["id"], "--journal", journal)
 

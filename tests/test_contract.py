@@ -53,7 +53,10 @@ def test_compute_leaves_the_model_unchanged(method, arch):
     editor = make_editor(method, tok)
     request = tokenize_request(EditRequest("The capital of France is", "Rome"), tok, None)
     delta = editor._impl.compute(model, tok, [request])
-    assert len(delta) > 0
+    # A real change of the parameters the method edits, finite everywhere.
+    assert set(delta.names()) <= set(editor._impl.param_names(model))
+    parts = [t for pdelta in delta.params.values() for t in pdelta.tensors().values()]
+    assert all(torch.isfinite(t).all() for t in parts) and any(t.abs().sum() > 0 for t in parts)
     assert_weights_equal(model, before)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert model.training

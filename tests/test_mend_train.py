@@ -115,6 +115,9 @@ def test_train_writes_a_checkpoint_metrics_and_resumes(tmp_path):
     resumed = compose_config(["--config-name", "tiny", f"output_dir={tmp_path / 'run2'}", "max_steps=15",
                               "val_every=5", f"resume={out / 'last'}"])
     assert train(resumed, model, tok)["steps"] == 15
+    # It went on from step 10: only steps 11-15 ran (a run that ignored resume would log from step 1).
+    steps = {json.loads(line)["step"] for line in (tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()}
+    assert steps and min(steps) > 10 and max(steps) == 15
 
 
 def test_an_episode_trains_on_the_edited_model_and_restores_it_exactly(tmp_path):

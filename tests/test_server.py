@@ -233,14 +233,21 @@ def test_a_batch_of_facts_is_one_edit(client, session):
 
 
 def test_export_and_import_round_trip(client, session):
+    """The imported edit gives the very weights the exported one did (torch.equal), not just its token."""
+    base = snapshot(session.model)
     record = client.post("/v1/edits", headers=AUTH, json=FACT).json()
+    edited = snapshot(session.model)
     exported = client.get(f"/v1/edits/{record['id']}/export", headers=AUTH)
     assert exported.status_code == 200 and exported.content[:8]
     client.delete(f"/v1/edits/{record['id']}", headers=AUTH)
+    for name, p in session.model.named_parameters():
+        assert torch.equal(p, base[name]), name
     imported = client.post("/v1/edits/import", headers=AUTH,
                            files={"file": ("edit.safetensors", exported.content, "application/octet-stream")})
     assert imported.status_code == 201, imported.text
     assert imported.json()["requests"] == record["requests"] and imported.json()["id"] != record["id"]
+    for name, p in session.model.named_parameters():
+        assert torch.equal(p, edited[name]), name
     assert complete(client, FACT["prompt"], max_tokens=1)["choices"][0]["text"] == " Rome"
 
 
@@ -300,7 +307,7 @@ def test_health_reports_the_model_and_edits(client):
     assert health["status"] == "ok" and health["active_edits"] == 1
     assert health["drift"] is not None and health["drift"] < 1.5
     assert len(health["weights_sha256"]) == 64
-    assert health["generation"] is not None
+    assert {"pending", "running", "requests_served"} <= set(health["generation"])
 
 
 def test_too_many_waiting_writes_answer_503(session):
@@ -462,6 +469,43 @@ def test_generations_run_alongside_an_edit_and_never_see_half_applied_weights(se
         assert not errors
         assert set(answers) <= {base_answer, edited_answer}
         assert client.app.state.factedit.generator.stats.batches >= 1
+
+
+def test_a_generation_that_arrives_during_an_edit_waits_for_the_whole_edit(session, monkeypatch):
+    """Forced overlap: the edit holds the weights alone and, before writing them, waits until a
+    completion is queued behind it; that completion then answers from the edited weights."""
+    from factedit.editing.weights import WeightState
+
+    with client_for(session) as client:
+        name, prompt = model_name(client), FACT["prompt"]
+        generator = client.app.state.factedit.generator
+        answers, overlapped = [], []
+
+        def reader():
+            r = client.post("/v1/completions", headers=AUTH,
+                            json={"model": name, "prompt": prompt, "max_tokens": 3, "temperature": 0})
+            answers.append(r.json()["choices"][0]["text"] if r.status_code == 200 else r.text)
+
+        real_apply = WeightState.apply
+
+        def apply_with_a_reader_waiting(self, model, edit_id, delta):
+            thread = threading.Thread(target=reader)
+            thread.start()
+            deadline = time.monotonic() + 30
+            while generator.stats.pending < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            overlapped.append((session.rw.writing, generator.stats.pending))
+            real_apply(self, model, edit_id, delta)
+            threads.append(thread)
+
+        threads: list[threading.Thread] = []
+        monkeypatch.setattr(WeightState, "apply", apply_with_a_reader_waiting)
+        assert client.post("/v1/edits", headers=AUTH, json=FACT).status_code == 201
+        monkeypatch.undo()
+        for thread in threads:
+            thread.join()
+        assert overlapped == [(True, 1)]  # the completion was queued while the edit held the weights
+        assert answers == [greedy(session, prompt, 3)] and answers[0].startswith(" Rome")
 
 
 # --- the remaining error codes ------------------------------------------------------------------------

@@ -1,0 +1,106 @@
+"""The real engine: llama.cpp (through llama-cpp-python) runs the default model's GGUF with factedit's GGUF LoRA
+adapter, and the merged GGUF, and gives factedit's greedy next tokens; at adapter scale 0 it is the unedited
+model. Skipped when llama-cpp-python is not installed; it compiles llama.cpp, and on this machine's CPU only
+with `CMAKE_ARGS="-DGGML_NATIVE=OFF"` (`make llama-cpp`; the default build crashes at the first evaluation).
+The larger measurement (10 edits, 30 prompts, llama-server) is bench/bench_llama_cpp.py."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import factedit
+from factedit.editing.loading import default_gguf_path
+from factedit.paths import PACKAGE_DIR
+
+llama_cpp = pytest.importorskip(
+    "llama_cpp",
+    reason="llama-cpp-python is not installed; build it with `make llama-cpp` "
+           "(CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" pip install llama-cpp-python==0.3.36)",
+)
+
+pytestmark = pytest.mark.default_model
+RECORDS = slice(900, 903)  # CounterFact val records: edit prompt, paraphrase, neighbour each
+
+
+def torch_greedy(model, ids: list[list[int]]) -> list[int]:
+    with torch.no_grad():
+        return [int(model(torch.tensor([i])).logits[0, -1].argmax()) for i in ids]
+
+
+def llama_logits(llm, ids: list[list[int]]) -> np.ndarray:
+    rows = []
+    for i in ids:
+        llm.reset()  # no KV cache carried over from another prompt or another adapter scale
+        llm.eval(i)
+        rows.append(np.array(llm.scores[len(i) - 1], dtype=np.float32))
+    return np.stack(rows)
+
+
+def set_scale(llm, scale: float) -> None:
+    """The adapter's scale on the loaded context (llama_set_adapters_lora: what llama-server calls for a
+    request's `lora` field; llama-cpp-python 0.3.36 exposes no per-request scale of its own)."""
+    adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(llm._lora_adapter)
+    assert llama_cpp.llama_set_adapters_lora(llm._ctx.ctx, adapters, 1, (ctypes.c_float * 1)(scale)) == 0
+    llm.reset()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Three `mend` edits (low-rank: the adapter is exact) on the default model, exported both ways; factedit's
+    greedy next tokens before and after on the 9 prompts."""
+    out = tmp_path_factory.mktemp("llama-cpp")
+    records = json.loads((PACKAGE_DIR / "data/counterfact/val.json").read_text())[RECORDS]
+    prompts = ([r["prompt"] for r in records] + [r["rephrase_prompt"] for r in records]
+               + [r["locality_prompt"] for r in records])
+    model, tok = factedit.load_model()
+    ids = [tok(p).input_ids for p in prompts]
+    unedited = torch_greedy(model, ids)
+    with factedit.Editor("mend", tokenizer=tok, guard=None) as editor:
+        for r in records:
+            editor.edit(model, r["prompt"], r["target_new"])
+        edited = torch_greedy(model, ids)
+        adapter = editor.export_adapter(out / "edits.gguf", format="gguf")
+        merged = editor.export_merged(model, out / "merged.gguf", format="gguf")
+        editor.revert_all(model)
+    assert edited != unedited  # the edits change what the model says
+    return dict(ids=ids, unedited=unedited, edited=edited, adapter=adapter.path, merged=merged.path, n=len(records))
+
+
+def llama(path, **kw):
+    return llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, logits_all=True, verbose=False, **kw)
+
+
+def agreement(got: list[int], ref: list[int]) -> float:
+    return float(np.mean(np.array(got) == np.array(ref)))
+
+
+def test_llama_cpp_with_the_gguf_lora_says_what_the_edited_model_says(exported):
+    llm = llama(default_gguf_path(), lora_path=str(exported["adapter"]))
+    got = llama_logits(llm, exported["ids"]).argmax(-1).tolist()
+    n = exported["n"]
+    assert got[:n] == exported["edited"][:n]  # every edit prompt
+    assert agreement(got, exported["edited"]) >= 0.95 or sum(
+        a != b for a, b in zip(got, exported["edited"], strict=True)) <= 1
+
+
+def test_adapter_scale_zero_is_the_unedited_model(exported):
+    llm = llama(default_gguf_path(), lora_path=str(exported["adapter"]))
+    set_scale(llm, 0.0)
+    scale0 = llama_logits(llm, exported["ids"])
+    base = llama_logits(llama(default_gguf_path()), exported["ids"])
+    assert np.array_equal(scale0, base)  # the adapter adds exactly nothing at scale 0
+    assert scale0.argmax(-1).tolist() == exported["unedited"]
+    set_scale(llm, 1.0)  # and back: the edits again
+    assert llama_logits(llm, exported["ids"]).argmax(-1).tolist()[:exported["n"]] == exported["edited"][:exported["n"]]
+
+
+def test_the_merged_gguf_says_what_the_edited_model_says(exported):
+    got = llama_logits(llama(exported["merged"]), exported["ids"]).argmax(-1).tolist()
+    n = exported["n"]
+    assert got[:n] == exported["edited"][:n]
+    assert sum(a != b for a, b in zip(got, exported["edited"], strict=True)) <= 1
