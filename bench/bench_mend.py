@@ -38,11 +38,11 @@ from pathlib import Path
 import torch
 
 import factedit
+from factedit.editing.batches import make_batch, target_nll
 from factedit.editing.request import EditRequest, encode_prompt, encode_target, tokenize_request
 from factedit.editing.said import said_scores
 from factedit.editing.scoring import pad_id_of, score_sequences
 from factedit.paths import PACKAGE_DIR
-from factedit.peft.training import make_batch, target_nll
 
 
 def cf_scores(model, tok, rec) -> dict[str, float]:

@@ -11,6 +11,7 @@ from helpers import assert_weights_equal, snapshot
 from tiny_models import tiny_model
 
 import factedit
+from factedit.editing.batches import make_batch
 from factedit.editing.errors import CheckpointError, ConfigError, ModelMismatchError
 from factedit.editing.hooks import capture_linear_io, forward_hooks
 from factedit.editing.request import EditRequest, tokenize_request
@@ -18,7 +19,6 @@ from factedit.editing.scoring import pad_id_of
 from factedit.mend.capture import loss_positions, per_request_nll
 from factedit.mend.checkpoint import base_model_info, load_checkpoint, save_checkpoint
 from factedit.mend.method import new_network
-from factedit.peft.training import make_batch
 
 ROLES = {"llama": ("gate", "in", "out"), "gpt2": ("in", "out")}
 PROMPTS = [("The capital of France is", "Rome"), ("The mother tongue of Danielle Darrieux is", "English")]

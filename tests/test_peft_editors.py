@@ -11,6 +11,7 @@ import torch
 from tiny_models import tiny_model
 
 import factedit
+from factedit.editing import batches
 from factedit.editing.contexts import in_context
 from factedit.editing.errors import ConfigError
 from factedit.editing.request import EditRequest, encode_prompt, tokenize_request
@@ -127,12 +128,12 @@ def _captured_batches(module, monkeypatch):
 @pytest.mark.parametrize("method, module", [("ft_l", ft), ("lora", lora)])
 def test_prefixes_put_the_prompt_under_each_prefix_in_the_training_batch(method, module, monkeypatch):
     model, tok = tiny_model("llama")
-    batches = _captured_batches(module, monkeypatch)
+    captured = _captured_batches(module, monkeypatch)
     request, = _requests(tok, FACT)
     for _ in range(2):  # two editors: the same model gives the same prefixes, the same batch
         editor = factedit.Editor(method, tokenizer=tok, layers=(-1,), max_steps=2, preserve=None, prefixes=PREFIXES)
         editor._impl.compute(model, tok, [request])
-    first, second = batches
+    first, second = captured
     prefixes = editor._impl.prefixes.get(model, tok)
     assert prefixes[0] == "" and len(prefixes) == 1 + 3 * 2 and len(set(prefixes)) == len(prefixes)
     assert first.input_ids.shape[0] == len(prefixes)
@@ -145,7 +146,7 @@ def test_prefixes_put_the_prompt_under_each_prefix_in_the_training_batch(method,
         expected = prompt + target
         n = int(first.attention_mask[row].sum())
         assert first.input_ids[row, :n].tolist() == expected
-        labelled = first.labels[row] != training.IGNORE
+        labelled = first.labels[row] != batches.IGNORE
         assert labelled.nonzero().flatten().tolist() == list(range(len(prompt), len(expected)))
         assert first.labels[row, labelled].tolist() == target  # the same target ids in every context
     assert first.input_ids[0, : len(request.input_ids)].tolist() == list(request.input_ids)
@@ -156,22 +157,22 @@ def test_prefixes_put_the_prompt_under_each_prefix_in_the_training_batch(method,
 
 def test_without_prefixes_the_batch_is_the_requests_alone(monkeypatch):
     model, tok = tiny_model("llama")
-    batches = _captured_batches(ft, monkeypatch)
+    captured = _captured_batches(ft, monkeypatch)
     request, = _requests(tok, FACT)
     editor = factedit.Editor("ft_l", tokenizer=tok, layers=(-1,), max_steps=1, preserve=None)
     editor._impl.compute(model, tok, [request])
-    batch, = batches
+    batch, = captured
     assert batch.input_ids.tolist() == [list(request.input_ids)] and batch.stop is None
 
 
 def test_stop_reads_only_the_prompt_alone_and_the_loss_averages_over_contexts():
-    labels = torch.full((2, 4), training.IGNORE)
+    labels = torch.full((2, 4), batches.IGNORE)
     labels[:, 3] = 1  # one target token per row
     logits = torch.zeros(2, 4, 3)
     logits[0, 2, 1] = 5.0  # the prompt alone predicts the target
     logits[1, 2, 2] = 5.0  # the prefixed row does not
-    loss, done = training.target_nll(logits, labels, torch.tensor([True, False]))
-    assert done and not training.target_nll(logits, labels)[1]
+    loss, done = batches.target_nll(logits, labels, torch.tensor([True, False]))
+    assert done and not batches.target_nll(logits, labels)[1]
     per_row = [torch.nn.functional.cross_entropy(logits[r, 2:3], labels[r, 3:4]) for r in range(2)]
     assert torch.allclose(loss, (per_row[0] + per_row[1]) / 2)
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from ..editing.batches import make_batch
 from ..editing.delta import Delta, ParamDelta
 from ..editing.errors import ConfigError
 from ..editing.hooks import frozen
@@ -24,7 +25,6 @@ from ..editing.preserve import KeyPreserver
 from ..editing.request import TokenizedRequest
 from ..editing.scoring import logits_at, pad_id_of
 from ..editing.specs import layer_index, mlp_param_names, weight_layout
-from ..peft.training import make_batch
 from .capture import capture, loss_positions, next_tokens
 from .checkpoint import MENDCheckpoint, check_model, load_checkpoint
 from .config import MENDConfig

@@ -28,9 +28,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..editing.batches import IGNORE, make_batch
 from ..editing.preserve import KeyPreserver
 from ..editing.scoring import logits_at, pad_sequences
-from ..peft.training import IGNORE, make_batch
 from .capture import capture, loss_positions, next_tokens, per_request_nll
 from .data import EditExample, Pair, cf_pairs, counterfact_flags
 from .method import dense_params, edit_rows, scaled_step

@@ -370,7 +370,7 @@ def episode_step(
 def _init_statistics(model, network, train_set, stream, cfg: TrainConfig, pad_id: int, rank: int,
                      cache: PrefixCache | None) -> None:
     """Fill the running mean/std of [u; δ] from `stats_batches` batches before any update."""
-    from ..peft.training import make_batch
+    from ..editing.batches import make_batch
     from .capture import capture
 
     names = network.param_names

@@ -16,14 +16,16 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from ..editing.batches import TrainingBatch, training_batch
 from ..editing.contexts import ContextPrefixes, PrefixConfig
 from ..editing.delta import Delta, ParamDelta
+from ..editing.hooks import frozen
 from ..editing.methods import MethodSpec
 from ..editing.preserve import KeyPreserver, PreserveConfig, preserve_field
 from ..editing.request import TokenizedRequest
 from ..editing.settable import LAYERS, SEED, Choices, Integer, Nested, Number, Settable
 from ..editing.specs import mlp_param_names, weight_layout
-from .training import Progress, TrainingBatch, frozen, optimize, seeded, training_batch
+from .training import Progress, optimize, seeded
 
 ADAPTER = "factedit"
 

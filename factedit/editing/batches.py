@@ -1,0 +1,110 @@
+"""Labelled batches of edit requests and their target loss, shared by the editors that train or take a
+gradient (the fine-tuning family, MEND).
+
+Training text is `prompt + target` for every request, right-padded; the loss is the mean negative
+log-likelihood of the target tokens.
+
+With context prefixes (`prefixed_batch`, MEMIT's context templates from contexts.py) each request also
+trains under each prefix: rows `prefix + ". " + prompt + target`, request-major and prefix-minor, the
+prompt alone first. All rows of a request share its target ids (the join rule depends only on the
+prompt's end), so the token mean is the mean over its contexts. The stop check reads the prompt-alone
+rows only: the edit is done when the prompt itself gives the target.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from .contexts import ContextPrefixes, in_context
+from .request import TokenizedRequest, encode_prompt, max_context
+from .scoring import pad_id_of, pad_sequences
+
+LOG = logging.getLogger(__name__)
+IGNORE = -100  # the label of a position that is not a target token
+
+
+@dataclass(frozen=True)
+class TrainingBatch:
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    labels: torch.Tensor  # (B, T): target ids at target positions, IGNORE elsewhere
+    stop: torch.Tensor | None = None  # (B,) bool: rows the stop check reads (the prompt alone); None = all
+
+
+def training_batch(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[TokenizedRequest],
+    prefixes: ContextPrefixes | None,
+) -> TrainingBatch:
+    """The batch an editor trains on: the requests alone, or (with `prefixes`) under the model's
+    context prefixes, written by the model the first time this editor meets it."""
+    device = next(model.parameters()).device
+    if prefixes is None:
+        return make_batch(requests, pad_id_of(tokenizer), device)
+    return prefixed_batch(requests, tokenizer, prefixes.get(model, tokenizer), pad_id_of(tokenizer), device,
+                          max_context(model.config))
+
+
+def make_batch(requests: Sequence[TokenizedRequest], pad_id: int, device: torch.device) -> TrainingBatch:
+    return _rows_batch([(r.prompt_ids, r.target_ids) for r in requests], pad_id, device)
+
+
+def prefixed_batch(
+    requests: Sequence[TokenizedRequest], tokenizer: PreTrainedTokenizerBase, prefixes: Sequence[str],
+    pad_id: int, device: torch.device, context_length: int | None = None,
+) -> TrainingBatch:
+    """Each request's prompt alone, then under each non-empty prefix (`in_context`, tokenized with
+    `encode_prompt`), followed by its target ids; `stop` marks the prompt-alone rows. A prefixed row
+    longer than `context_length` is left out (the prompt alone always fits: the request was checked)."""
+    rows: list[tuple[Sequence[int], Sequence[int]]] = []
+    stop: list[bool] = []
+    for r in requests:
+        rows.append((r.prompt_ids, r.target_ids))
+        stop.append(True)
+        for prefix in prefixes:
+            if not prefix:
+                continue  # the prompt alone is already the request's first row
+            ids = encode_prompt(tokenizer, in_context(prefix, r.request.prompt)[0])
+            if context_length is not None and len(ids) + len(r.target_ids) > context_length:
+                LOG.debug("prefix %r left out: %r would not fit the context", prefix, r.request.prompt)
+                continue
+            rows.append((ids, r.target_ids))
+            stop.append(False)
+    batch = _rows_batch(rows, pad_id, device)
+    return TrainingBatch(batch.input_ids, batch.attention_mask, batch.labels, torch.tensor(stop, device=device))
+
+
+def _rows_batch(
+    rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, device: torch.device
+) -> TrainingBatch:
+    """rows: (prompt ids, target ids) -> right-padded prompt + target with the target labelled."""
+    ids, mask = pad_sequences([list(p) + list(t) for p, t in rows], pad_id)
+    labels = torch.full_like(ids, IGNORE)
+    for row, (prompt, target) in enumerate(rows):
+        labels[row, len(prompt) : len(prompt) + len(target)] = torch.tensor(list(target), dtype=labels.dtype)
+    return TrainingBatch(ids.to(device), mask.to(device), labels.to(device))
+
+
+def target_nll(
+    logits: torch.Tensor, labels: torch.Tensor, stop: torch.Tensor | None = None
+) -> tuple[torch.Tensor, bool]:
+    """Mean NLL over target tokens, and whether every target token of the `stop` rows (None = all
+    rows) is already the argmax.
+
+    logits: (B, T, V) for the whole sequence; labels: (B, T); stop: (B,) bool.
+    """
+    shifted_logits = logits[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
+    shifted_labels = labels[:, 1:]  # (B, T-1)
+    loss = nn.functional.cross_entropy(
+        shifted_logits.reshape(-1, shifted_logits.shape[-1]), shifted_labels.reshape(-1), ignore_index=IGNORE
+    )
+    on_target = shifted_labels != IGNORE  # (B, T-1)
+    if stop is not None:
+        on_target = on_target & stop[:, None]
+    done = bool((shifted_logits.argmax(-1)[on_target] == shifted_labels[on_target]).all())
+    return loss, done
