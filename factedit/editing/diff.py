@@ -8,12 +8,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
 from transformers import PreTrainedTokenizerBase
 
 from .errors import ConfigError
 from .record import EditRecord
 from .scoring import score_requests
+from .views import FunctionalModel
 from .weights import WeightState
 
 
@@ -84,7 +84,7 @@ def diff_edit(
         if record.id in state.active:
             without = state.weights_without(model, record.id)
             with torch.no_grad():
-                before_model = _FunctionalModel(model, without)
+                before_model = FunctionalModel(model, without)
                 before = score_requests(before_model, tokenizer, [], probes=probes)["probes"]
         else:
             before = after  # a reverted edit changes nothing now
@@ -94,16 +94,3 @@ def diff_edit(
     return EditDiff(record.id, param_changes(record, state, model), predictions, probe_rows)
 
 
-class _FunctionalModel(nn.Module):
-    """`model` with some parameters replaced, through functional_call (the model is not touched)."""
-
-    def __init__(self, model: nn.Module, replaced: dict[str, torch.Tensor]) -> None:
-        super().__init__()
-        self._model = [model]  # a list, so the model is not registered as a submodule
-        self._replaced = replaced
-
-    def parameters(self, recurse: bool = True):
-        return self._model[0].parameters(recurse)
-
-    def forward(self, **kwargs: Any):
-        return functional_call(self._model[0], self._replaced, args=(), kwargs=kwargs)

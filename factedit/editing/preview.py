@@ -2,7 +2,7 @@
 
 - `preview_delta`: an edit's delta, computed but not applied (`Editor.preview`), scored on its prompts,
   paraphrases, locality prompts and probes with the delta added to the current weights through
-  `torch.func.functional_call` (diff.py's `_FunctionalModel`). `Editor.apply_preview` then applies
+  `torch.func.functional_call` (views.py's `FunctionalModel`). `Editor.apply_preview` then applies
   exactly that delta, as `import_edit` applies a stored one.
 - `edit_effect`: the same scores for an edit already made, on the current weights: an active edit
   against the weights without it (the other active edits kept), a reverted one against the current
@@ -28,12 +28,13 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from .delta import Delta
-from .diff import ParamChange, _FunctionalModel, param_changes
+from .diff import ParamChange, param_changes
 from .errors import ConfigError
 from .record import EditRecord
 from .request import EditRequest, TokenizedRequest, encode_prompt, encode_target
 from .scoring import pad_id_of, score_sequences, top_tokens
 from .specs import layer_index
+from .views import FunctionalModel
 from .weights import WeightState, checked_updates
 
 # What a prompt is, in the rows below: the edit's own prompt, a paraphrase (scored on the target too),
@@ -184,7 +185,7 @@ def preview_delta(
     items = prompt_items(requests, probes)
     with torch.no_grad():
         before = score_prompts(model, tokenizer, items)
-        after = score_prompts(_FunctionalModel(model, with_delta(model, delta)), tokenizer, items)
+        after = score_prompts(FunctionalModel(model, with_delta(model, delta)), tokenizer, items)
     # param_changes reads only `.delta` of the record it is given
     changes = param_changes(SimpleNamespace(delta=delta), state, model)
     return EditPreview(requests=requests, rows=compare_prompts(tokenizer, items, before, after), params=changes,
@@ -204,10 +205,10 @@ def edit_effect(
     active = record.id in state.active
     with torch.no_grad():
         if active:
-            without = _FunctionalModel(model, state.weights_without(model, record.id))
+            without = FunctionalModel(model, state.weights_without(model, record.id))
             before, after = score_prompts(without, tokenizer, items), score_prompts(model, tokenizer, items)
         else:
-            again = _FunctionalModel(model, with_delta(model, record.delta))
+            again = FunctionalModel(model, with_delta(model, record.delta))
             before, after = score_prompts(model, tokenizer, items), score_prompts(again, tokenizer, items)
     return {
         "edit_id": record.id,

@@ -31,9 +31,7 @@ def model_fingerprint(model: nn.Module, samples_per_param: int = 2048) -> str:
     """A cheap identity of a model's architecture and weights: its config, every parameter's name,
     shape and dtype, and an evenly strided sample of each parameter's values. Two different
     checkpoints of one architecture differ in it; hashing every byte would cost seconds."""
-    config = model.config.to_dict() if hasattr(model, "config") else {}
-    config = {k: v for k, v in config.items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    digest = hashlib.sha256(config_identity(model))
     with torch.no_grad():
         for name, param in model.named_parameters():
             flat = param.detach().reshape(-1)
@@ -55,7 +53,16 @@ def model_sha256(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+# Config keys that say how a model was loaded or saved, not what it is.
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "name_or_path", "dtype", "torch_dtype", "use_cache"}
+
+
+def config_identity(model: nn.Module) -> bytes:
+    """The model's config as canonical JSON bytes, without private and volatile keys: what stays the
+    same however the model was loaded."""
+    config = model.config.to_dict() if hasattr(model, "config") else {}
+    config = {k: v for k, v in config.items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
+    return json.dumps(config, sort_keys=True, default=str).encode()
 
 
 def checked_updates(params: Mapping[str, torch.Tensor], delta: Delta) -> dict[str, torch.Tensor]:

@@ -30,7 +30,7 @@ from .._version import __version__
 from ..editing.atomic import write_text
 from ..editing.errors import CheckpointError, ModelMismatchError
 from ..editing.hashing import file_sha256
-from ..editing.weights import _VOLATILE_CONFIG_KEYS, model_fingerprint
+from ..editing.weights import config_identity, model_fingerprint
 from .network import EditedParam, MENDNetwork
 
 LOG = logging.getLogger(__name__)
@@ -53,9 +53,7 @@ class MENDCheckpoint:
 
 def anchor_fingerprint(model: nn.Module, samples: int = 8192) -> str:
     """Config plus a strided sample of the input embeddings: what edits never change."""
-    config = model.config.to_dict()
-    config = {k: v for k, v in config.items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    digest = hashlib.sha256(config_identity(model))
     with torch.no_grad():
         weight = model.get_input_embeddings().weight.detach().reshape(-1)
         digest.update(f"{tuple(model.get_input_embeddings().weight.shape)}".encode())

@@ -38,7 +38,7 @@ from .network import MENDNetwork
 from .prefix import PrefixCache
 
 
-def _skip(cache: PrefixCache | None, model: nn.Module, requests, pad_id: int):
+def skipping_cached_blocks(cache: PrefixCache | None, model: nn.Module, requests, pad_id: int):
     """Run only the edited blocks when a prefix cache is given (see prefix.py). `requests` are
     TokenizedRequests or (prompt_ids, target_ids) pairs, the rows of the batch about to run."""
     if cache is None:
@@ -109,7 +109,7 @@ def edit_step_loss(
     pre_requests = [e.edit for e in examples] + [e.loc for e in examples] + loc_new
     pre_batch = make_batch(pre_requests, pad_id, device)
     rows = torch.arange(len(pre_requests), device=device) < n
-    with _skip(cache, model, pre_requests, pad_id):
+    with skipping_cached_blocks(cache, model, pre_requests, pad_id):
         captured = capture(model, [module_of(x) for x in names], names, pre_batch, rows=rows, positions=positions)
     pre_loc = rows_in(captured.logits, captured.select, n, 2 * n)  # (M_loc, V)
 
@@ -118,7 +118,7 @@ def edit_step_loss(
     post_requests += [e.edit for e in replay] if c_replay > 0 else []
     post_batch = make_batch(post_requests, pad_id, device)
     select = loss_positions(post_batch.labels)  # (3n or 4n, T)
-    with _skip(cache, model, post_requests, pad_id):
+    with skipping_cached_blocks(cache, model, post_requests, pad_id):
         logits = logits_at(model, post_batch.input_ids, post_batch.attention_mask, select, params=new_params)
     nll = per_request_nll(logits, post_batch.labels, select)  # (3n or 4n,)
     nll_edit, nll_rephrase = nll[:n].mean(), nll[n : 2 * n].mean()
@@ -177,7 +177,7 @@ def mean_logprobs(
         labels[row, len(p) : len(p) + len(t)] = torch.tensor(t)
     labels = labels.to(device)
     select = loss_positions(labels)
-    with _skip(cache, model, pairs, pad_id):
+    with skipping_cached_blocks(cache, model, pairs, pad_id):
         logits = logits_at(model, ids.to(device), mask.to(device), select, params=params)
     return [-float(x) for x in per_request_nll(logits, labels, select)]
 
@@ -201,7 +201,7 @@ def evaluate_single_edits(
         with frozen(model):
             for example in examples:
                 batch = make_batch([example.edit], pad_id, next(model.parameters()).device)
-                with torch.enable_grad(), _skip(cache, model, [example.edit], pad_id):
+                with torch.enable_grad(), skipping_cached_blocks(cache, model, [example.edit], pad_id):
                     captured = capture(model, [module_of(x) for x in names], names, batch, positions=positions)
                 rows = edit_rows(base, captured.factors, preserver)
                 transformed = scaled_step(model, pad_id, [example.edit], [rows], base,

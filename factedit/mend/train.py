@@ -42,7 +42,7 @@ from .checkpoint import base_model_info, check_model, load_checkpoint, save_chec
 from .data import EditExample, load_examples
 from .method import new_network
 from .network import AGGREGATIONS
-from .objective import _skip, edit_step_loss, evaluate_single_edits, module_of, unwrap
+from .objective import edit_step_loss, evaluate_single_edits, module_of, skipping_cached_blocks, unwrap
 from .prefix import PrefixCache
 
 LOG = logging.getLogger(__name__)
@@ -380,7 +380,7 @@ def _init_statistics(model, network, train_set, stream, cfg: TrainConfig, pad_id
         mine = indices[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]
         requests = [train_set[i].edit for i in mine]
         batch = make_batch(requests, pad_id, device)
-        with _skip(cache, model, requests, pad_id):
+        with skipping_cached_blocks(cache, model, requests, pad_id):
             captured = capture(model, [module_of(n) for n in names], names, batch, positions=cfg.positions)
         for p in network.params:
             u, d = captured.factors[p.name]

@@ -13,9 +13,9 @@ from torch import nn
 from torch.func import functional_call
 from transformers import PreTrainedTokenizerBase
 
-from ..editing.diff import _FunctionalModel
 from ..editing.preview import prompt_items, score_prompts
 from ..editing.scoring import top_tokens
+from ..editing.views import FunctionalModel
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ def top_next_tokens(
     replaced: Mapping[str, torch.Tensor] | None = None,
 ) -> list[dict[str, Any]]:
     """The top-5 next tokens of `prompt`; `replaced`: parameter values to use instead of the model's."""
-    scored_model = model if replaced is None else _FunctionalModel(model, dict(replaced))
+    scored_model = model if replaced is None else FunctionalModel(model, dict(replaced))
     return top_tokens(tokenizer, next_token_logprobs(scored_model, tokenizer, [prompt])[0], 5)
 
 
