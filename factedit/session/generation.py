@@ -136,6 +136,7 @@ class BatchGenerator:
         self._queue: deque[Generation] = deque()
         self._running: list[Generation] = []
         self._inflight = 0  # queued + running requests holding a slot
+        self._slots: set[Generation] = set()  # those requests (a slot is freed once, when it ends)
         self._closed = False
         self._step_s: float | None = None  # moving average of one decode step, for retry_after
         self._counts = dict.fromkeys(
@@ -174,7 +175,7 @@ class BatchGenerator:
                 f"the prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the model's "
                 f"context of {self._max_positions} tokens"
             )
-        gen = Generation(self, ids, params)
+        gen = Generation(ids, params, self._release)
         with self._lock:
             if self._closed:
                 raise GenerationError("the generator is closed")
@@ -187,7 +188,7 @@ class BatchGenerator:
                     retry_after=retry,
                 )
             self._inflight += 1
-            gen._holds_slot = True
+            self._slots.add(gen)
             self._queue.append(gen)
             self._counts["submitted"] += 1
             self._lock.notify_all()
@@ -223,7 +224,7 @@ class BatchGenerator:
             self._queue.clear()
             self._lock.notify_all()
         for gen in queued:
-            gen._fail(GenerationError("the generator was closed before this request ran"))
+            gen.fail(GenerationError("the generator was closed before this request ran"))
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
@@ -238,9 +239,9 @@ class BatchGenerator:
     def _release(self, gen: Generation, outcome: str) -> None:
         """Free the request's slot (once) and count how it ended."""
         with self._lock:
-            if not gen._holds_slot:
+            if gen not in self._slots:
                 return
-            gen._holds_slot = False
+            self._slots.discard(gen)
             self._inflight -= 1
             self._counts[outcome] += 1
             with contextlib.suppress(ValueError):  # cancelled while still queued
@@ -249,7 +250,7 @@ class BatchGenerator:
     def _retry_after_locked(self) -> float:
         """Seconds until the earliest running request ends at the latest, if it runs to max_tokens."""
         step = self._step_s if self._step_s is not None else 0.05
-        left = [g.params.max_tokens - g._completion_tokens for g in self._running if not g.done]
+        left = [g.params.max_tokens - g.completion_tokens for g in self._running if not g.done]
         if not left:
             return _UNKNOWN_RETRY_S
         return round(max(0.05, step * max(1, min(left))), 3)
@@ -280,7 +281,7 @@ class BatchGenerator:
                 if not batch:  # the lock itself failed: fail the next wave rather than spin on it
                     batch = self._take_batch()
                 for gen in batch:
-                    gen._fail(exc)
+                    gen.fail(exc)
             finally:
                 with self._lock:
                     self._running = []

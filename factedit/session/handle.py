@@ -11,14 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from .generation_types import Completion, Event, Finished, GenerationError, SamplingParams, TextDelta, TokenInfo
-
-if TYPE_CHECKING:
-    from .generation import BatchGenerator
 
 __all__ = ["Generation"]
 
@@ -36,16 +32,19 @@ class Generation:
     Events are kept, so iterating twice (or iterating, then calling result) sees them all again.
     """
 
-    def __init__(self, owner: BatchGenerator, prompt_ids: list[int], params: SamplingParams) -> None:
+    def __init__(
+        self, prompt_ids: list[int], params: SamplingParams, on_end: Callable[[Generation, str], None],
+    ) -> None:
+        """on_end(generation, outcome): called once when it ends ("served", "failed", "cancelled"): the
+        engine frees its slot."""
         self.prompt_ids = prompt_ids
         self.params = params
-        self._owner = owner
+        self.completion_tokens = 0  # written by the worker, read by cancel() and retry estimates
+        self._on_end = on_end
         self._cond = threading.Condition()
         self._events: list[TextDelta | Finished | _Failed] = []
         self._done = False
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
-        self._completion_tokens = 0  # written by the worker, read by cancel() and retry estimates
-        self._holds_slot = False  # guarded by the owner's lock
 
     @property
     def prompt_tokens(self) -> int:
@@ -59,9 +58,9 @@ class Generation:
     def cancel(self) -> None:
         """Stop this request (e.g. its client disconnected): it ends with Finished("cancelled") now, its
         row is dropped at the worker's next step, and its pending slot is freed immediately. No-op once done."""
-        finished = Finished("cancelled", self.prompt_tokens, self._completion_tokens)
-        if self._push(finished, final=True):
-            self._owner._release(self, "cancelled")
+        finished = Finished("cancelled", self.prompt_tokens, self.completion_tokens)
+        if self.push(finished, final=True):
+            self._on_end(self, "cancelled")
 
     # -- consumption
 
@@ -128,9 +127,9 @@ class Generation:
         events = [event async for event in self]
         return _collect(events)
 
-    # -- worker side
+    # -- worker side: the engine's worker thread reports through these
 
-    def _push(self, event: TextDelta | Finished | _Failed, *, final: bool = False) -> bool:
+    def push(self, event: TextDelta | Finished | _Failed, *, final: bool = False) -> bool:
         """Append an event and wake consumers; False (and nothing appended) once the request is done."""
         with self._cond:
             if self._done:
@@ -144,15 +143,15 @@ class Generation:
                 loop.call_soon_threadsafe(wake.set)
         return True
 
-    def _finish(self, event: Finished) -> None:
+    def finish(self, event: Finished) -> None:
         """End with ``event`` and free the slot as served; nothing if the request was cancelled meanwhile."""
-        if self._push(event, final=True):
-            self._owner._release(self, "served")
+        if self.push(event, final=True):
+            self._on_end(self, "served")
 
-    def _fail(self, error: BaseException) -> None:
+    def fail(self, error: BaseException) -> None:
         """End with ``error`` (raised to consumers as GenerationError) and free the slot as failed."""
-        if self._push(_Failed(error), final=True):
-            self._owner._release(self, "failed")
+        if self.push(_Failed(error), final=True):
+            self._on_end(self, "failed")
 
 
 def _raise_failure(event: _Failed) -> None:

@@ -80,7 +80,7 @@ class Sampler:
         """Add the token to the row and send what text is safe; True when the row has finished."""
         gen, params = row.gen, row.gen.params
         row.count += 1
-        gen._completion_tokens = row.count
+        gen.completion_tokens = row.count
         if token in self._eos:
             return self._finish(row, "stop", None)
         row.ids.append(token)
@@ -100,7 +100,7 @@ class Sampler:
 
     def _emit(self, row: Row, text: str) -> None:
         tokens, row.tokens = row.tokens, []
-        row.gen._push(TextDelta(text, tokens))
+        row.gen.push(TextDelta(text, tokens))
 
     def _finish(self, row: Row, reason: str, text: str | None) -> bool:
         """Send the rest of ``text`` (None: what was decoded so far) and Finished; always True."""
@@ -110,7 +110,7 @@ class Sampler:
         if rest or row.tokens:
             self._emit(row, rest)
         row.emitted = len(text)
-        row.gen._finish(Finished(reason, row.gen.prompt_tokens, row.count))
+        row.gen.finish(Finished(reason, row.gen.prompt_tokens, row.count))
         return True
 
     def _token_text(self, token: int) -> str:
