@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.factedit-installed
 
-.PHONY: setup demo test test-fast app serve bench clean
+.PHONY: setup demo test test-serial test-fast app serve bench llama-cpp clean
 
 setup: $(STAMP)
 
@@ -21,8 +21,12 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(PY) -m factedit.demo
 
+# Tests run on every core (pytest-xdist); `make test-serial` runs them in one process.
 test: setup
 	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -n auto
+
+test-serial: setup
 	$(PY) -m pytest -q
 
 test-fast: setup
@@ -38,6 +42,12 @@ serve: setup
 
 bench: setup
 	$(PY) bench/bench_editing.py
+
+# llama.cpp through llama-cpp-python, for tests/test_llama_cpp.py and bench/bench_llama_cpp.py (skipped without
+# it). It compiles llama.cpp: ~4 min on two idle cores, 21 min on two busy ones; pip caches the wheel afterwards.
+# GGML_NATIVE=OFF: the native build crashes on this CPU at the first evaluation (AMX repacking).
+llama-cpp: setup
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install -q -c constraints.txt llama-cpp-python==0.3.36
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
