@@ -11,7 +11,6 @@ lock beside the journal keeps a second process out while one has it open.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import sqlite3
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock, Timeout
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
@@ -281,7 +281,7 @@ class Journal:
             db.close()
             self._db = None
         if getattr(self, "_lock_file", None) is not None:
-            self._lock_file.close()  # releases the flock
+            self._lock_file.release()
             self._lock_file = None
 
     def __enter__(self) -> Journal:
@@ -331,18 +331,14 @@ def _check_is_journal_or_new(path: Path, create: bool) -> None:
         raise JournalError(f"{path} is an sqlite file but not a factedit journal (no {TABLE} table)")
 
 
-def _acquire_lock(lock_path: Path, timeout: float):
-    handle = open(lock_path, "a+")  # noqa: SIM115 - kept open: the flock lives as long as the journal
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return handle
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                handle.close()
-                raise JournalError(
-                    f"journal {lock_path.with_suffix('')} is in use by another process; waited {timeout:.0f} s. "
-                    "Close the other factedit process (CLI, app) or use another journal file."
-                ) from None
-            time.sleep(0.05)
+def _acquire_lock(lock_path: Path, timeout: float) -> FileLock:
+    """An exclusive lock on `lock_path` (held by this process until released, whichever thread releases)."""
+    lock = FileLock(lock_path, thread_local=False, preserve_lock_file=True)
+    try:
+        lock.acquire(timeout=timeout)
+    except Timeout:
+        raise JournalError(
+            f"journal {lock_path.with_suffix('')} is in use by another process; waited {timeout:.0f} s. "
+            "Close the other factedit process (CLI, app) or use another journal file."
+        ) from None
+    return lock
