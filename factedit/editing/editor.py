@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from cachetools import LRUCache
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -108,7 +109,8 @@ class Editor:
         self._base_sha256: str | None = None  # with a journal: sha256 of all base parameters
         self.attach_timings: dict[str, float] = {}  # what binding to the model cost (hash_ms)
         self._lock = threading.RLock()  # edits from several threads (app sessions) are serialised
-        self._preview_methods: dict[tuple[str, str], Any] = {}  # (method, config JSON) -> built, for previews
+        # (method, config JSON) -> the built method, for previews: the 8 used last are kept.
+        self._preview_methods: LRUCache[tuple[str, str], Any] = LRUCache(maxsize=8)
         self._streams: dict[str, dict[str, torch.Tensor]] = {}  # method -> its lifelong state (StreamState)
         # Called by the fine-tuning methods' loops as progress(step, max_steps, loss) while they compute
         # (edits and previews); None: no reports. Not part of the config: a callable is not serialisable.
@@ -285,8 +287,6 @@ class Editor:
         config = make_config(spec.config_cls, overrides)
         key = (method, json.dumps(config_to_dict(config), sort_keys=True, default=str))
         if key not in self._preview_methods:
-            if len(self._preview_methods) >= 8:
-                self._preview_methods.clear()
             self._preview_methods[key] = spec.build(config)
         return method, config, self._preview_methods[key]
 

@@ -6,12 +6,14 @@ import threading
 from collections.abc import Callable, Hashable
 from typing import Any
 
+from cachetools import LRUCache
+
 MAX_CACHED = 64  # values kept for the current weights
 
 
 class VersionedCache:
     """Values keyed by (kind, weights version, *parts). A change of the weights bumps the version, so older
-    values are never found again; storing drops them, and everything once `max_entries` are kept.
+    values are never found again; storing drops them, and past `max_entries` the least recently used.
     Thread-safe: readers holding the weights shared fill it together.
 
     Args:
@@ -21,8 +23,7 @@ class VersionedCache:
 
     def __init__(self, version: Callable[[], int], max_entries: int = MAX_CACHED) -> None:
         self._version = version
-        self._max_entries = max_entries
-        self._entries: dict[tuple, Any] = {}
+        self._entries: LRUCache[tuple, Any] = LRUCache(maxsize=max_entries)
         self._lock = threading.Lock()
 
     def key(self, kind: str, *parts: Hashable) -> tuple:
@@ -45,7 +46,5 @@ class VersionedCache:
             version = self._version()
             for stale in [k for k in self._entries if k[1] != version]:
                 del self._entries[stale]
-            if len(self._entries) >= self._max_entries:
-                self._entries.clear()
             self._entries[key] = value
         return value
