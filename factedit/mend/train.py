@@ -206,15 +206,32 @@ def load_training_state(directory: Path, optimizer: torch.optim.Optimizer) -> di
     return state
 
 
-def train(cfg: TrainConfig, model=None, tokenizer=None) -> dict[str, Any]:
-    """Train an editor; returns the best validation metrics and the checkpoint path.
+@dataclass
+class _Run:
+    """Everything a training run sets up before its first step."""
 
-    `model`/`tokenizer` default to `factedit.load_model(cfg.model)` (tests pass tiny models).
-    """
+    cfg: TrainConfig
+    accelerator: Any
+    model: Any
+    tokenizer: Any
+    network: Any
+    optimizer: torch.optim.Optimizer
+    train_set: list[EditExample]
+    val_set: list[EditExample]
+    hashes: dict[str, str]
+    base_info: dict[str, Any]
+    cache: PrefixCache | None
+    preserve: PreserveConfig | None
+    preserver: Any
+    state: dict[str, Any]  # a resumed run's trainer state ({} for a new run)
+    pad_id: int
+    start_time: float
+
+
+def _prepare(cfg: TrainConfig, model, tokenizer) -> _Run:
+    """Load the model and data, build (or resume) the network and its optimizer, the prefix cache and the
+    null space of the solve."""
     from accelerate import Accelerator
-    from tqdm.auto import tqdm
-
-    from ..editing.hooks import frozen
 
     start_time = time.perf_counter()
     if cfg.threads:
@@ -224,28 +241,19 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> dict[str, Any]:
     if model is None:
         model, tokenizer = factedit.load_model(None if cfg.model == "default" else cfg.model)
     model.to(accelerator.device)
-    pad_id = pad_id_of(tokenizer)
     train_set, val_set, hashes = load_data(cfg, tokenizer)
     base_info = base_model_info(model)
-    out_dir = Path(cfg.output_dir)
     cache = PrefixCache(model, min(resolve_layers(model, cfg.layers))) if cfg.prefix_cache else None
     if cache is not None and cfg.prefix_cache_file:
         LOG.info("prefix cache: %d sequences loaded from %s", cache.load(cfg.prefix_cache_file,
                  base_info["anchor_fingerprint"], accelerator.device), cfg.prefix_cache_file)
-
-    def save_cache() -> None:
-        if cache is not None and cfg.prefix_cache_file and accelerator.is_main_process:
-            cache.save(cfg.prefix_cache_file, base_info["anchor_fingerprint"])
-
     network = new_network(model, cfg.layers, cfg.matrices, rank=cfg.rank, n_hidden=cfg.n_hidden,
                           alpha_init=cfg.alpha_init, aggregation=cfg.aggregation)
-    preserve = None
-    preserver = None
+    preserve = preserver = None
     if cfg.aggregation == "least_squares":
         preserve = PreserveConfig(threshold=cfg.preserve_threshold, ridge=cfg.preserve_ridge, protect_edits=False)
         preserver = build_preserver(model, tokenizer, network.param_names, preserve,
                                     fingerprint=base_info["fingerprint"], model_id=base_info["id"])
-    state: dict[str, Any] = {}
     if cfg.resume:
         loaded = load_checkpoint(cfg.resume)
         check_model(loaded, model)
@@ -255,57 +263,86 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> dict[str, Any]:
     net_params = [p for n, p in network.named_parameters() if n != "alpha"]
     optimizer = torch.optim.Adam([{"params": net_params, "lr": cfg.lr},
                                   {"params": [network.alpha], "lr": cfg.lr_alpha}])
-    if cfg.resume:
-        state = load_training_state(Path(cfg.resume), optimizer)
+    state = load_training_state(Path(cfg.resume), optimizer) if cfg.resume else {}
     network, optimizer = accelerator.prepare(network, optimizer)
-    step = int(state.get("step", 0))
-    best = state.get("best", {})
-    best_value = best.get(cfg.early_stop_key, -math.inf)
-    bad_evals = int(state.get("bad_evals", 0))
-    log_path = out_dir / "metrics.jsonl"
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    cfg_dict = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
-    preserve_meta = dataclasses.asdict(preserve) if preserve is not None else None
+    return _Run(cfg, accelerator, model, tokenizer, network, optimizer, train_set, val_set, hashes, base_info,
+                cache, preserve, preserver, state, pad_id_of(tokenizer), start_time)
 
-    def log(metrics: dict[str, Any]) -> None:
-        if accelerator.is_main_process:
-            with open(log_path, "a") as handle:
+
+class _Keeper:
+    """The run's log, validation, best checkpoint and `last` (the state a later run resumes from)."""
+
+    def __init__(self, run: _Run) -> None:
+        self.run = run
+        self.out_dir = Path(run.cfg.output_dir)
+        self.best: dict[str, Any] = run.state.get("best", {})
+        self.best_value = self.best.get(run.cfg.early_stop_key, -math.inf)
+        self.bad_evals = int(run.state.get("bad_evals", 0))
+        self.main = run.accelerator.is_main_process
+        if self.main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.cfg_dict = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(run.cfg).items()}
+        self.preserve_meta = dataclasses.asdict(run.preserve) if run.preserve is not None else None
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        if self.main:
+            with open(self.out_dir / "metrics.jsonl", "a") as handle:
                 handle.write(json.dumps(metrics) + "\n")
 
-    def evaluate_and_save(at_step: int) -> bool:
-        """Validate, keep the best checkpoint; returns True when training should stop."""
-        nonlocal best_value, best, bad_evals
-        t = time.perf_counter()
-        metrics = evaluate_single_edits(model, accelerator.unwrap_model(network), val_set, tokenizer, pad_id,
-                                        cfg.positions, cache, cfg.step_scales, preserver)
-        metrics.update({"step": at_step, "time/val_s": round(time.perf_counter() - t, 2),
-                        "time/elapsed_min": round((time.perf_counter() - start_time) / 60, 2)})
-        log(metrics)
-        LOG.info("step %d: %s", at_step, {k: round(v, 4) for k, v in metrics.items()})
-        improved = metrics[cfg.early_stop_key] > best_value
-        if improved:
-            best_value, best, bad_evals = metrics[cfg.early_stop_key], metrics, 0
-            if accelerator.is_main_process:
-                save_checkpoint(out_dir, accelerator.unwrap_model(network), base_info, train_config=cfg_dict,
-                                data_hashes=hashes, metrics=metrics, step=at_step, preserve=preserve_meta)
-        else:
-            bad_evals += 1
-        save_cache()
-        if accelerator.is_main_process:
-            save_training_state(out_dir / "last", optimizer, {"step": at_step, "best": best, "bad_evals": bad_evals})
-            save_checkpoint(out_dir / "last", accelerator.unwrap_model(network), base_info, train_config=cfg_dict,
-                            data_hashes=hashes, metrics=metrics, step=at_step, preserve=preserve_meta)
-        return cfg.patience > 0 and bad_evals >= cfg.patience
+    def minutes(self) -> float:
+        return (time.perf_counter() - self.run.start_time) / 60
 
+    def evaluate_and_save(self, at_step: int) -> bool:
+        """Validate, keep the best checkpoint and `last`; True when training should stop (patience)."""
+        run, cfg = self.run, self.run.cfg
+        t = time.perf_counter()
+        network = run.accelerator.unwrap_model(run.network)
+        metrics = evaluate_single_edits(run.model, network, run.val_set, run.tokenizer, run.pad_id, cfg.positions,
+                                        run.cache, cfg.step_scales, run.preserver)
+        metrics.update({"step": at_step, "time/val_s": round(time.perf_counter() - t, 2),
+                        "time/elapsed_min": round(self.minutes(), 2)})
+        self.log(metrics)
+        LOG.info("step %d: %s", at_step, {k: round(v, 4) for k, v in metrics.items()})
+        if metrics[cfg.early_stop_key] > self.best_value:
+            self.best_value, self.best, self.bad_evals = metrics[cfg.early_stop_key], metrics, 0
+            self._checkpoint(self.out_dir, network, metrics, at_step)
+        else:
+            self.bad_evals += 1
+        if run.cache is not None and cfg.prefix_cache_file and self.main:
+            run.cache.save(cfg.prefix_cache_file, run.base_info["anchor_fingerprint"])
+        if self.main:
+            state = {"step": at_step, "best": self.best, "bad_evals": self.bad_evals}
+            save_training_state(self.out_dir / "last", run.optimizer, state)
+        self._checkpoint(self.out_dir / "last", network, metrics, at_step)
+        return cfg.patience > 0 and self.bad_evals >= cfg.patience
+
+    def _checkpoint(self, folder: Path, network, metrics: dict[str, Any], step: int) -> None:
+        if self.main:
+            save_checkpoint(folder, network, self.run.base_info, train_config=self.cfg_dict,
+                            data_hashes=self.run.hashes, metrics=metrics, step=step, preserve=self.preserve_meta)
+
+
+def train(cfg: TrainConfig, model=None, tokenizer=None) -> dict[str, Any]:
+    """Train an editor; returns the best validation metrics and the checkpoint path.
+
+    `model`/`tokenizer` default to `factedit.load_model(cfg.model)` (tests pass tiny models).
+    """
+    from tqdm.auto import tqdm
+
+    from ..editing.hooks import frozen
+
+    run = _prepare(cfg, model, tokenizer)
+    keeper = _Keeper(run)
+    accelerator, network, optimizer, train_set = run.accelerator, run.network, run.optimizer, run.train_set
+    rank, world = accelerator.process_index, accelerator.num_processes
+    step = int(run.state.get("step", 0))
     stream = batches(len(train_set), cfg.batch_size * world, cfg.seed + 1, step)
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="train-mend", disable=not accelerator.is_main_process)
-    with frozen(model):
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="train-mend", disable=not keeper.main)
+    with frozen(run.model):
         if step == 0 and not cfg.resume:
             stats_stream = batches(len(train_set), cfg.batch_size * world, cfg.seed, 0)
-            _init_statistics(model, accelerator.unwrap_model(network), train_set, stats_stream, cfg, pad_id, rank,
-                             cache)
+            _init_statistics(run.model, accelerator.unwrap_model(network), train_set, stats_stream, cfg, run.pad_id,
+                             rank, run.cache)
         network.train()
         while step < cfg.max_steps:
             episode = []
@@ -314,7 +351,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> dict[str, Any]:
                 episode.append([train_set[i] for i in indices[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]])
             t = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            metrics = episode_step(model, network, episode, cfg, pad_id, cache, preserver, accelerator.backward)
+            metrics = episode_step(run.model, network, episode, cfg, run.pad_id, run.cache, run.preserver,
+                                   accelerator.backward)
             accelerator.clip_grad_norm_(network.parameters(), cfg.grad_clip)
             optimizer.step()
             with torch.no_grad():
@@ -322,16 +360,16 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> dict[str, Any]:
             step += 1
             bar.update(1)
             if step % cfg.log_every == 0:
-                log({"step": step, **metrics, "time/step_s": round(time.perf_counter() - t, 3)})
+                keeper.log({"step": step, **metrics, "time/step_s": round(time.perf_counter() - t, 3)})
                 bar.set_postfix(nll=f"{metrics['edit/nll']:.2f}", kl=f"{metrics['loc/kl']:.3f}")
-            out_of_time = cfg.max_minutes is not None and (time.perf_counter() - start_time) / 60 > cfg.max_minutes
+            out_of_time = cfg.max_minutes is not None and keeper.minutes() > cfg.max_minutes
             at_val = step % cfg.val_every == 0 or step == cfg.max_steps or out_of_time
-            if at_val and (evaluate_and_save(step) or out_of_time):
+            if at_val and (keeper.evaluate_and_save(step) or out_of_time):
                 break
     bar.close()
-    wall = round((time.perf_counter() - start_time) / 60, 2)
-    log({"step": step, "time/train_min": wall})
-    return {"best": best, "checkpoint": str(out_dir), "steps": step, "minutes": wall}
+    wall = round(keeper.minutes(), 2)
+    keeper.log({"step": step, "time/train_min": wall})
+    return {"best": keeper.best, "checkpoint": str(keeper.out_dir), "steps": step, "minutes": wall}
 
 
 def episode_step(
