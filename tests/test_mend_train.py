@@ -19,7 +19,8 @@ from factedit.mend.data import load_examples
 from factedit.mend.method import new_network
 from factedit.mend.objective import edit_step_loss
 from factedit.mend.prefix import PrefixCache
-from factedit.mend.train import CONFIG_DIR, TrainConfig, compose_config, load_data, train
+from factedit.mend.run import load_data
+from factedit.mend.train import CONFIG_DIR, TrainConfig, compose_config, train
 from factedit.paths import PACKAGE_DIR
 
 
