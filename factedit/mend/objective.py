@@ -93,24 +93,18 @@ def edit_step_loss(
     c_norm: float = 0.0,
     updates: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The training loss of one batch edit (module docstring) and its metrics. Model must be frozen.
-
-    Rows of both passes, n each: edits, (paraphrases, post only), locality prompts with their own
-    answer, and the locality prompts with the new target (only when c_margin > 0).
-    Training for a stream of edits (RLEdit-style episodes, train.py) adds: `replay`, earlier edits of
-    the episode whose targets must still be said after this one (c_replay · their NLL at the edited
-    weights); c_norm · Σ ‖ΔW‖²_F / ‖W‖²_F, which keeps each update small; and `updates`, which
-    receives the detached ΔW per matrix so the episode can apply it before the next edit.
-    """
+    """The training loss of one batch edit (module docstring) and its metrics; the model is frozen.
+    Rows of both passes, n each: edits, (paraphrases, post only), locality prompts with their own answer,
+    the locality prompts with the new target (c_margin > 0). For a stream of edits (train.py): `replay`,
+    earlier edits of the episode still to be said (c_replay · their NLL at the edited weights); c_norm ·
+    Σ ‖ΔW‖²_F / ‖W‖²_F; `updates` receives each detached ΔW for the episode to apply."""
     device = next(model.parameters()).device
     names = unwrap(network).param_names
     n = len(examples)
     loc_new = [e.loc_new for e in examples] if c_margin > 0 else []
     pre_requests = [e.edit for e in examples] + [e.loc for e in examples] + loc_new
     pre_batch = make_batch(pre_requests, pad_id, device)
-    rows = torch.arange(len(pre_requests), device=device) < n
-    with skipping_cached_blocks(cache, model, pre_requests, pad_id):
-        captured = capture(model, [module_of(x) for x in names], names, pre_batch, rows=rows, positions=positions)
+    captured = _capture_edits(model, names, pre_batch, pre_requests, n, pad_id, positions, cache)
     pre_loc = rows_in(captured.logits, captured.select, n, 2 * n)  # (M_loc, V)
 
     new_params = edited_params(model, network, captured.factors, preserver)
@@ -120,7 +114,7 @@ def edit_step_loss(
     select = loss_positions(post_batch.labels)  # (3n or 4n, T)
     with skipping_cached_blocks(cache, model, post_requests, pad_id):
         logits = logits_at(model, post_batch.input_ids, post_batch.attention_mask, select, params=new_params)
-    nll = per_request_nll(logits, post_batch.labels, select)  # (3n or 4n,)
+    nll = per_request_nll(logits, post_batch.labels, select)  # (rows,)
     nll_edit, nll_rephrase = nll[:n].mean(), nll[n : 2 * n].mean()
     post_loc = rows_in(logits, select, 2 * n, 3 * n)  # (M_loc, V)
     pre_logp = torch.log_softmax(pre_loc.float(), -1)
@@ -132,37 +126,60 @@ def edit_step_loss(
         nll_replay = nll[n_loc_end:].mean()
         loss = loss + c_replay * nll_replay
         metrics["replay/nll"] = nll_replay.item()
-    params = dict(model.named_parameters())
     if c_norm > 0 or updates is not None:
-        changes = {name: new_params[name] - params[name].detach() for name in names}
-        if c_norm > 0:
-            ratio = sum((d.float() ** 2).sum() / (params[k].detach().float() ** 2).sum() for k, d in changes.items())
-            loss = loss + c_norm * ratio
-            metrics["edit/norm_ratio"] = float(ratio.detach())
-        if updates is not None:
-            updates.update({name: d.detach() for name, d in changes.items()})
+        loss = loss + c_norm * _norm_ratio(model, new_params, names, updates, metrics)
     if loc_new:
-        pre_nll = per_request_nll(captured.logits, pre_batch.labels, captured.select)  # (3n,)
-        pre_margin = pre_nll[2 * n :] - pre_nll[n : 2 * n]  # (n,)
-        drop = margin_loss(nll[2 * n : 3 * n], nll[3 * n : n_loc_end], pre_margin, margin)
-        loss = loss + c_margin * drop
-        metrics["loc/margin_drop"] = drop.item()
-        metrics["loc/ns"] = float((nll[3 * n : n_loc_end] > nll[2 * n : 3 * n]).float().mean())
-
-    with torch.no_grad():
-        is_edit = select.nonzero()[:, 0] < n
-        targets = next_tokens(post_batch.labels)[select]
-        edit_acc = (logits[is_edit].argmax(-1) == targets[is_edit]).float().mean()
+        loss = loss + c_margin * _margin_drop(captured, pre_batch.labels, nll, n, margin, metrics)
     metrics.update({
-        "edit/nll_pre": captured.loss / n,
-        "edit/nll": nll_edit.item(),
-        "edit/nll_rephrase": nll_rephrase.item(),
-        "edit/acc": float(edit_acc),
-        "loc/kl": kl.item(),
-        "loss/total": loss.item(),
-        "edit/alpha_mean": float(unwrap(network).alpha.detach().mean()),
+        "edit/nll_pre": captured.loss / n, "edit/nll": nll_edit.item(), "edit/nll_rephrase": nll_rephrase.item(),
+        "edit/acc": _edit_accuracy(logits, select, post_batch.labels, n), "loc/kl": kl.item(),
+        "loss/total": loss.item(), "edit/alpha_mean": float(unwrap(network).alpha.detach().mean()),
     })
     return loss, metrics
+
+
+def _capture_edits(model, names, batch, requests, n: int, pad_id: int, positions: str, cache: PrefixCache | None):
+    """The pre-edit pass: gradient factors of the first `n` rows (the edits) at the edited matrices, and
+    every row's logits at its loss positions."""
+    rows = torch.arange(len(requests), device=batch.input_ids.device) < n
+    with skipping_cached_blocks(cache, model, requests, pad_id):
+        return capture(model, [module_of(x) for x in names], names, batch, rows=rows, positions=positions)
+
+
+def _margin_drop(captured, pre_labels: torch.Tensor, nll: torch.Tensor, n: int, margin: float,
+                 metrics: dict[str, float]) -> torch.Tensor:
+    """How much the edit narrowed each locality prompt's lead of its own answer over the new target
+    (`margin_loss`); rows n..2n are the locality prompts, 2n..3n the same with the new target."""
+    pre_nll = per_request_nll(captured.logits, pre_labels, captured.select)  # (3n,)
+    pre_margin = pre_nll[2 * n :] - pre_nll[n : 2 * n]  # (n,)
+    own, new = nll[2 * n : 3 * n], nll[3 * n : 4 * n]  # after the edit (post rows: edit, rephrase, loc, loc_new)
+    drop = margin_loss(own, new, pre_margin, margin)
+    metrics["loc/margin_drop"] = drop.item()
+    metrics["loc/ns"] = float((new > own).float().mean())
+    return drop
+
+
+def _norm_ratio(
+    model: nn.Module, new_params: dict[str, torch.Tensor], names: Sequence[str],
+    updates: dict[str, torch.Tensor] | None, metrics: dict[str, float],
+) -> torch.Tensor:
+    """Σ ‖ΔW‖²_F / ‖W‖²_F over the edited matrices (differentiable; logged as edit/norm_ratio); with
+    `updates`, each detached ΔW is handed to the episode too."""
+    params = dict(model.named_parameters())
+    changes = {name: new_params[name] - params[name].detach() for name in names}
+    if updates is not None:
+        updates.update({name: d.detach() for name, d in changes.items()})
+    ratio = sum((d.float() ** 2).sum() / (params[k].detach().float() ** 2).sum() for k, d in changes.items())
+    metrics["edit/norm_ratio"] = float(ratio.detach())
+    return ratio
+
+
+@torch.no_grad()
+def _edit_accuracy(logits: torch.Tensor, select: torch.Tensor, labels: torch.Tensor, n: int) -> float:
+    """Share of the edits' target tokens (the first n rows) that are the argmax after the edit."""
+    is_edit = select.nonzero()[:, 0] < n
+    targets = next_tokens(labels)[select]
+    return float((logits[is_edit].argmax(-1) == targets[is_edit]).float().mean())
 
 
 def mean_logprobs(
