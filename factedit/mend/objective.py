@@ -98,9 +98,7 @@ def edit_step_loss(
     the locality prompts with the new target (c_margin > 0). For a stream of edits (train.py): `replay`,
     earlier edits of the episode still to be said (c_replay · their NLL at the edited weights); c_norm ·
     Σ ‖ΔW‖²_F / ‖W‖²_F; `updates` receives each detached ΔW for the episode to apply."""
-    device = next(model.parameters()).device
-    names = unwrap(network).param_names
-    n = len(examples)
+    device, names, n = next(model.parameters()).device, unwrap(network).param_names, len(examples)
     loc_new = [e.loc_new for e in examples] if c_margin > 0 else []
     pre_requests = [e.edit for e in examples] + [e.loc for e in examples] + loc_new
     pre_batch = make_batch(pre_requests, pad_id, device)
