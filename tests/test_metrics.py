@@ -8,17 +8,17 @@ import math
 import pytest
 import torch
 
+from factedit.editing.cost import PeakMemory
 from factedit.editing.metrics import (
     CaseScores,
-    PeakMemory,
     compute_metrics,
     generate_greedy,
     harmonic_mean,
     ngram_entropy,
     score_cases,
-    score_targets,
 )
 from factedit.editing.request import encode_prompt, encode_target
+from factedit.editing.targets import score_targets
 from factedit.evaluation import EvalRecord
 
 CASE = EvalRecord(
