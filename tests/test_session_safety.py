@@ -232,7 +232,7 @@ def test_a_diff_runs_while_a_generation_holds_the_weights_and_never_shows_it_oth
     thread.start()
     try:
         time.sleep(0.05)
-        session.lock_timeout = 10.0
+        session.access.lock_timeout = 10.0
         for probes in (["The sky is"], ["The sea is"], ["Grass is"]):
             diff = session.diff(record.id, probes=probes)
             assert diff["probes"]

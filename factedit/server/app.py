@@ -40,7 +40,7 @@ def build_routers() -> list[APIRouter]:
 def create_app(session: EditSession, config: ServerConfig | None = None) -> FastAPI:
     config = config or ServerConfig()
     session.start_generator(max_batch=config.max_batch, max_pending=config.max_queue)
-    session.max_pending_writes = config.max_pending_writes
+    session.access.max_pending_writes = config.max_pending_writes
     session.request_limits = config.limits.request_limits()  # for every edit and import, however it comes
     state = ServiceState(session, config)
 

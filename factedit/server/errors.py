@@ -27,7 +27,7 @@ from ..editing.errors import (
     ModelMismatchError,
     UnsupportedModelError,
 )
-from ..session.core import SessionBusyError
+from ..session.access import SessionBusyError
 
 logger = logging.getLogger(__name__)
 

@@ -1,14 +1,7 @@
 """`EditSession`: one model, its journal and one Editor, shared by the Streamlit app and the HTTP service.
 
-Concurrency: the weights are guarded by a readers–writer lock (`rwlock.py`). Generations, predictions
-and other reads hold it shared and run together; an edit, revert or import holds it alone, waits
-for running reads and holds new ones back, so no read ever sees half-applied weights. Previews, diffs,
-an edit's effect and `try_prompt` swap weights in through `functional_call` (a LoRA preview injects
-modules): they run on a fresh read view of the model (`editing/views.py`, the same tensors in a module
-tree of their own) and hold the weights shared, like generations, which go on meanwhile. They run one
-at a time (they toggle `requires_grad` on the shared parameters) with at most `max_pending_views`
-waiting. Writes that would queue past `max_pending_writes`, and views past theirs, are refused with
-`SessionBusyError` (the service answers 503).
+Concurrency (access.py): reads hold the weights shared, edits, reverts and imports alone; previews,
+diffs, effects and `try_prompt` run on a read view of the model, held shared, so generations go on.
 
 Every change of the weights goes through `_changing`, which brings the session's bookkeeping (version,
 caches, the change log behind `health`) up to what the Editor holds, whether the change finished or
@@ -44,8 +37,8 @@ from ..editing.methods import available_methods
 from ..editing.preview import EditPreview
 from ..editing.record import EditRecord
 from ..editing.request import EditRequest
-from ..editing.views import read_view
 from ..editing.weights import model_sha256
+from .access import WeightsAccess
 from .cache import VersionedCache
 from .changes import ChangeLog, EditOutcome
 from .config import SessionConfig
@@ -54,20 +47,11 @@ from .limits import RequestLimits
 from .origins import PREVIEW, Origins
 from .probes import ProbeList, top_rows
 from .reads import Prediction, continuation, next_token_logprobs, top_next_tokens
-from .rwlock import LockTimeout, ReadWriteLock
 from .switch import MethodSwitch, available
 
 logger = logging.getLogger(__name__)
 
 MAX_NEW_TOKENS = 64  # longest continuation `predict` and `try_prompt` generate
-
-
-class SessionBusyError(FacteditError):
-    """Too many edits are already waiting for the weights; try again after `retry_after` seconds."""
-
-    def __init__(self, message: str, retry_after: float = 1.0) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 class EditSession:
@@ -84,14 +68,9 @@ class EditSession:
     def __init__(self, config: SessionConfig, *, max_pending_writes: int = 8, lock_timeout: float | None = None,
                  max_pending_views: int = 8, request_limits: RequestLimits | None = None):
         self.config = config
-        self.rw = ReadWriteLock()
-        self.max_pending_writes = max_pending_writes
-        self.max_pending_views = max_pending_views
+        self.access = WeightsAccess(max_pending_writes, max_pending_views, lock_timeout)  # access.py
+        self.rw = self.access.rw
         self.request_limits = request_limits or RequestLimits()  # checked for every edit, preview and import
-        self.lock_timeout = lock_timeout
-        self._view_slot = threading.Lock()  # one read view computes at a time
-        self._views_lock = threading.Lock()  # guards the count of those waiting for it
-        self._views_waiting = 0
         self.version = 0  # bumped by every change of the weights; keys the prediction cache
         if config.torch_threads is not None:
             torch.set_num_threads(config.torch_threads)  # the session's own process: a process setting
@@ -114,45 +93,18 @@ class EditSession:
         self._open(self.journal_path)
         self._log.summarize(self._history_unlocked())
 
-    # --- locking ------------------------------------------------------------------------------------
+    # --- locking (access.py) --------------------------------------------------------------------------
     @contextmanager
     def reading(self) -> Iterator[None]:
         """Hold the weights shared (for reads outside this class, e.g. a generation batch)."""
-        with self.rw.read():
+        with self.access.reading():
             yield
 
-    @contextmanager
-    def _writing(self) -> Iterator[None]:
-        if self.rw.waiting_writers >= self.max_pending_writes:
-            raise SessionBusyError(f"{self.rw.waiting_writers} edits are already waiting; try again shortly")
-        try:
-            with self.rw.write(self.lock_timeout):
-                yield
-        except LockTimeout as exc:
-            raise SessionBusyError(str(exc)) from exc
+    def _writing(self):
+        return self.access.writing()
 
-    @contextmanager
-    def _read_view(self) -> Iterator[nn.Module]:
-        """A fresh read view of the model (views.py) with the weights held shared: for computations that
-        swap weights in through functional_call, add hooks or inject modules (previews, diffs, a LoRA's
-        training), which a generation running meanwhile must not see. One at a time (module docstring)."""
-        with self._views_lock:
-            if self._views_waiting >= self.max_pending_views:
-                raise SessionBusyError(f"{self._views_waiting} previews or diffs are already waiting; try again")
-            self._views_waiting += 1
-        try:
-            if not self._view_slot.acquire(timeout=-1 if self.lock_timeout is None else self.lock_timeout):
-                raise SessionBusyError(f"other previews or diffs held the model for {self.lock_timeout} s")
-        finally:
-            with self._views_lock:
-                self._views_waiting -= 1
-        try:
-            with self.rw.read(self.lock_timeout):
-                yield read_view(self.model)
-        except LockTimeout as exc:
-            raise SessionBusyError(str(exc)) from exc
-        finally:
-            self._view_slot.release()
+    def _read_view(self):
+        return self.access.viewing(self.model)
 
     @contextmanager
     def _changing(self, kind: str) -> Iterator[Editor]:
