@@ -38,11 +38,12 @@ from .loading import model_id as model_id_of
 from .methods import StreamState, config_to_dict, get_method, make_config
 from .preview import EditPreview, edit_effect, preview_delta, with_delta
 from .record import EditRecord, new_edit_id
+from .replay_journal import replay
 from .request import EditRequest, TokenizedRequest, as_requests, max_context, tokenize_request, with_subject
 from .safeguards import Guard, Safeguards, accepts, resolve_guard
 from .scoring import score_requests
 from .views import is_view, viewed_model
-from .weights import WeightState, model_fingerprint, model_sha256, tensor_sha256
+from .weights import WeightState, model_fingerprint, tensor_sha256
 
 LOG = logging.getLogger(__name__)
 
@@ -547,28 +548,10 @@ class Editor:
                     "close() it first"
                 )
             model_id, fingerprint = model_id_of(model), model_fingerprint(model)
-            records: list[EditRecord] = []
-            if self._journal is not None:
-                t = time.perf_counter()
-                self._base_sha256 = model_sha256(model)  # exact: every byte of every parameter
-                self.attach_timings["hash_ms"] = _ms(t)
-                self._journal.check_model(model_id, fingerprint, self._base_sha256)
-                self._check_base_hashes(model)
-                records = self._journal.records()
-                streams = self._journal.latest_states(records)
-            else:
-                streams = {}
-            state = WeightState()
-            try:
-                for record in records:
-                    if record.status == "active":
-                        state.apply(model, record.id, record.delta)
-            except BaseException:
-                state.restore_base(model)  # a corrupt delta: undo the ones already replayed
-                raise
-            if self._journal is not None:
-                self.replay_differs = _replay_differences(model, self._journal.weights_hashes())
-            self._state, self._records, self._streams = state, {r.id: r for r in records}, streams
+            replayed = replay(self._journal, model, model_id, fingerprint, self.attach_timings)  # replay_journal.py
+            self._base_sha256, self.replay_differs = replayed.base_sha256, replayed.differs
+            self._state, self._streams = replayed.state, replayed.streams
+            self._records = {r.id: r for r in replayed.records}
             self._model_ref, self._model_id, self._fingerprint = weakref.ref(model), model_id, fingerprint
             self._safeguards = Safeguards(model_id, fingerprint)
             setattr(model, OWNER_ATTRIBUTE, weakref.ref(self))
@@ -592,16 +575,6 @@ class Editor:
         self.close()
 
     # --- internals ---------------------------------------------------------------------------------
-    def _check_base_hashes(self, model: nn.Module) -> None:
-        params = dict(model.named_parameters())
-        for name, expected in self._journal.meta.get("base_hashes", {}).items():
-            if name not in params or tensor_sha256(params[name]) != expected:
-                raise ModelMismatchError(
-                    f"parameter {name!r} of the given model differs from the base that journal "
-                    f"{self._journal.path} was made on (another model, or a model already edited). "
-                    "Give a freshly loaded copy of the journal's base model."
-                )
-
     def _active_records(self, ids: Sequence[str] | None) -> list[EditRecord]:
         """The active edits named by `ids` (all when None), in the order they were applied."""
         active = [r for r in self._records.values() if r.status == "active"]
@@ -647,14 +620,3 @@ def _check_probes(probes: Sequence[str]) -> None:
     for probe in probes:
         if not isinstance(probe, str) or not probe.strip():
             raise InvalidRequestError(f"every probe must be a non-empty prompt, not {probe!r}")
-
-
-def _replay_differences(model: nn.Module, expected: Mapping[str, str]) -> list[str]:
-    """The parameters whose sha256 is not the one the journal recorded after its last change (warned)."""
-    params = dict(model.named_parameters())
-    differ = [name for name, digest in expected.items() if name in params and tensor_sha256(params[name]) != digest]
-    if differ:
-        LOG.warning("replaying the journal gave other values than its writer had for %d parameter(s) (%s): "
-                    "the edits hold, but not bit for bit (another torch version or processor?)",
-                    len(differ), ", ".join(differ[:3]) + (", ..." if len(differ) > 3 else ""))
-    return differ
