@@ -7,6 +7,10 @@
     factedit diff ID --journal F [--probe P ...]
     factedit export --journal F --format peft OUT/ [--id ID ...] [--rank R | --exact]   (a PEFT LoRA adapter)
     factedit export --journal F --format merged OUT/           (the edited model as a HuggingFace folder)
+    factedit export --journal F --format gguf-lora OUT.gguf [--id ID ...] [--rank R | --exact] [--base-gguf B]
+                                                               (a GGUF LoRA adapter for llama.cpp / Ollama)
+    factedit export --journal F --format gguf OUT.gguf [--dtype f32|f16|q8_0|base] [--base-gguf B]
+                                                               (the edited model as one GGUF file)
     factedit import --journal F ADAPTER_DIR/ [--model M]       (a PEFT LoRA adapter as one edit)
     factedit eval method=ft_l data=counterfact n=200 ...      (Hydra overrides; see factedit/conf/eval.yaml)
     factedit train-mend ...                                    (Hydra overrides; see factedit/conf/mend/)
@@ -129,8 +133,32 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.format not in ("gguf", "gguf-lora") and (args.base_gguf or args.dtype):
+        raise SystemExit("--base-gguf and --dtype apply to --format gguf and gguf-lora")
+    if args.format == "gguf-lora" and args.dtype:
+        raise SystemExit("--dtype applies to --format gguf (the adapter's factors are float32)")
+    if args.format == "gguf" and (args.id or args.rank is not None or args.exact):
+        raise SystemExit("--id, --rank and --exact apply to adapters; a merged GGUF holds every active edit")
     model, editor = _open(args)
     with editor:
+        if args.format == "gguf-lora":
+            result = editor.export_adapter(args.out, args.id or None, rank=args.rank, exact=args.exact,
+                                           format="gguf", base_gguf=args.base_gguf)
+            print(f"wrote a GGUF LoRA adapter ({result.architecture}) of {len(result.edits)} edit(s), rank "
+                  f"{result.rank}, {len(result.tensors)} tensor pair(s), to {result.path}")
+            print(f"  base: {result.base or 'none checked (give --base-gguf)'}")
+            for name, error in result.svd_errors.items():
+                print(f"  {name}: dense edits as a rank-{result.svd_rank} SVD, relative error {error:.3g}")
+            return 0
+        if args.format == "gguf":
+            merged = editor.export_merged(model, args.out, format="gguf", base_gguf=args.base_gguf,
+                                          dtype=args.dtype or "f32")
+            print(f"wrote the edited model ({len(merged.edits)} active edit(s)) as GGUF to {merged.path}: "
+                  f"{len(merged.tensors)} edited tensor(s) written, {merged.copied} copied from {merged.base.name}")
+            for name, kind in merged.tensors.items():
+                error = merged.edit_errors.get(name)
+                print(f"  {name}: {kind}" + ("" if error is None else f", edit relative error {error:.3g}"))
+            return 0
         if args.format == "merged":
             if args.id or args.rank is not None or args.exact:
                 raise SystemExit("--id, --rank and --exact apply to --format peft; merged holds every active edit")
@@ -198,10 +226,17 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--json", action="store_true")
     diff.set_defaults(func=cmd_diff)
 
-    export = sub.add_parser("export", help="the active edits as a PEFT LoRA adapter, or the edited model")
-    export.add_argument("out", help="folder to write (new or empty)")
+    export = sub.add_parser("export", help="the active edits as a LoRA adapter (PEFT, GGUF), or the edited model")
+    export.add_argument("out", help="folder to write (new or empty); a new .gguf file for the gguf formats")
     export.add_argument("--journal", required=True)
-    export.add_argument("--format", choices=("peft", "merged"), default="peft")
+    export.add_argument("--format", choices=("peft", "merged", "gguf-lora", "gguf"), default="peft",
+                        help="peft: PEFT LoRA folder; merged: HuggingFace folder; gguf-lora: GGUF LoRA adapter "
+                             "(llama.cpp, Ollama); gguf: the edited model as GGUF")
+    export.add_argument("--base-gguf", default=None,
+                        help="the base model's GGUF (default: the default model's own)")
+    export.add_argument("--dtype", choices=("f32", "f16", "q8_0", "base"), default=None,
+                        help="--format gguf: type of the edited tensors (default f32; base = re-quantized to "
+                             "the base tensor's type, which can lose the edit)")
     export.add_argument("--id", action="append", default=[], help="edit to export (repeat; default: all active)")
     export.add_argument("--rank", type=int, default=None, help="SVD rank for dense edits (ft, ft_l)")
     export.add_argument("--exact", action="store_true", help="refuse dense edits instead of approximating them")

@@ -60,9 +60,11 @@ __all__ = [
     "VLLM_RANKS",
     "AdapterExport",
     "ImportedAdapter",
+    "LoraFactors",
     "check_vllm_compatible",
     "export_adapter",
     "export_merged",
+    "lora_factors",
     "padded_rank",
     "read_adapter",
 ]
@@ -126,27 +128,15 @@ def export_adapter(
     AdapterExport.svd_errors), and are refused with `exact=True`. Nothing is written when refused.
     """
     records = list(records)
-    if not records:
-        raise EditNotFoundError("no active edits to export")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise ConfigError(f"rank must be a positive integer, got {rank!r}")
-    _check_dense(records, rank, exact)
-    names = list(dict.fromkeys(name for r in records for name in r.delta.names()))
-    layouts = {name: weight_layout(model, name) for name in names}  # refuses what is not a Linear/Conv1D weight
-    factors, errors = {}, {}
-    for name in names:
-        factors[name], error = _stacked_factors([r.delta.params[name] for r in records if name in r.delta.params],
-                                                rank)
-        if error is not None:
-            errors[name] = error
-    r = padded_rank(max(left.shape[1] for left, _ in factors.values()))
+    factors = lora_factors(model, records, rank=rank, exact=exact)
+    layouts, errors = factors.layouts, dict(factors.svd_errors)
+    r = padded_rank(max(a.shape[0] for a, _ in factors.pairs.values()))
     tensors = {}
-    for name, (left, right) in factors.items():
-        a, b = ParamDelta(left=left, right=right).lora_pair(layouts[name])  # (k, in), (out, k)
+    for name, (a, b) in factors.pairs.items():  # (k, in), (out, k)
         module = name.removesuffix(".weight")
         tensors[f"{_PREFIX}{module}.lora_A.weight"] = F.pad(a, (0, 0, 0, r - a.shape[0])).contiguous()  # (r, in)
         tensors[f"{_PREFIX}{module}.lora_B.weight"] = F.pad(b, (0, r - b.shape[1])).contiguous()  # (out, r)
-    modules = tuple(name.removesuffix(".weight") for name in names)
+    modules = tuple(name.removesuffix(".weight") for name in factors.pairs)
 
     from peft import LoraConfig
 
@@ -183,6 +173,40 @@ def export_merged(
         "```",
     ])
     return out
+
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """The change of some edits per parameter as LoRA pairs, before any padding (what `lora_factors` gives)."""
+
+    pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # parameter -> (A (k, in), B (out, k)), B·A = change
+    layouts: Mapping[str, str]  # parameter -> its weight layout ("out_in" Linear, "in_out" Conv1D)
+    svd_rank: int | None = None  # rank of the truncated SVD of dense parts (None: there were none)
+    svd_errors: Mapping[str, float] = field(default_factory=dict)  # parameter -> ‖Δ−Δ_r‖_F / ‖Δ‖_F
+
+
+def lora_factors(
+    model: nn.Module, records: Sequence[EditRecord], *, rank: int | None = None, exact: bool = False
+) -> LoraFactors:
+    """`records`' changes per parameter (model order of first appearance) as float32 LoRA pairs in peft's
+    layout: low-rank factors stacked side by side (exact), the summed dense part as its truncated SVD of
+    `rank` (dense parts refused without `rank`, or with `exact=True`). Every LoRA export goes through this."""
+    records = list(records)
+    if not records:
+        raise EditNotFoundError("no active edits to export")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ConfigError(f"rank must be a positive integer, got {rank!r}")
+    _check_dense(records, rank, exact)
+    names = list(dict.fromkeys(name for r in records for name in r.delta.names()))
+    layouts = {name: weight_layout(model, name) for name in names}  # refuses what is not a Linear/Conv1D weight
+    pairs, errors = {}, {}
+    for name in names:
+        (left, right), error = _stacked_factors([r.delta.params[name] for r in records if name in r.delta.params],
+                                                rank)
+        if error is not None:
+            errors[name] = error
+        pairs[name] = ParamDelta(left=left, right=right).lora_pair(layouts[name])  # (k, in), (out, k)
+    return LoraFactors(pairs, layouts, rank if errors else None, errors)
 
 
 def _check_dense(records: list[EditRecord], rank: int | None, exact: bool) -> None:
