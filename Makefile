@@ -21,10 +21,12 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(PY) -m factedit.demo
 
-# Tests run on every core (pytest-xdist); `make test-serial` runs them in one process.
+# Tests run on every core (pytest-xdist), then the browser test alone (it times a real page and is not
+# meant to share the CPU); `make test-serial` runs everything in one process.
 test: setup
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -n auto
+	$(PY) -m pytest -q -n auto -m "not browser"
+	$(PY) -m pytest -q -m browser
 
 test-serial: setup
 	$(PY) -m pytest -q

@@ -4,7 +4,7 @@ For each method, through `factedit eval` (factedit.evaluation.run_eval) on Count
 [start, start + n):
 - sequential: n edits one after another, never reverted; every edit re-measured after the last one
   (ES/PS/NS, the CounterFact protocol), what the model then says (gen/prompt, gen/paraphrase,
-  gen/chat: factedit.editing.said's greedy and chat rules; gen/neighbour_kept), retention two ways
+  gen/chat: factedit.scoring.said's greedy and chat rules; gen/neighbour_kept), retention two ways
   (seq/retention teacher-forced, gen/retention by generation: share whose whole target is still the
   greedy continuation), drift (perplexity of the reference text over the unedited model's) at every
   checkpoint, then every edit reverted and the touched weights checked with torch.equal;

@@ -3,7 +3,7 @@
 For each method: one edit at a time on the first N CounterFact records, measured, then reverted and
 checked bit for bit. CounterFact protocol from mean per-token log-probs: ES = share with
 P(o*) > P(oᶜ) on the edit prompt, PS the same on the rephrase, NS = share of neighbourhood prompts
-with P(oᶜ) > P(o*). What the model then says (factedit.editing.said, the rules of `factedit eval`):
+with P(oᶜ) > P(o*). What the model then says (factedit.scoring.said, the rules of `factedit eval`):
 "said" = share whose greedy continuation of the edit prompt is the new target, "said para" the same on
 the rephrase, "chat" / "chat para" the prompt / rephrase asked through the chat template and judged on
 the reply, "nbr kept" = share of neighbourhood prompts whose greedy continuation the edit leaves
@@ -27,12 +27,12 @@ from pathlib import Path
 import torch
 
 import factedit
+from factedit.core.request import encode_prompt, encode_target
 from factedit.editing.journal import Journal
-from factedit.editing.request import encode_prompt, encode_target
-from factedit.editing.said import normalise, said_scores
-from factedit.editing.scoring import pad_id_of, score_sequences
 from factedit.evaluation import EvalRecord
 from factedit.paths import PACKAGE_DIR
+from factedit.scoring.said import normalise, said_scores
+from factedit.scoring.sequences import pad_id_of, score_sequences
 
 SAID = ("said", "said_para", "chat", "chat_para", "nbr_kept")  # generation-based shares, see the docstring
 

@@ -90,7 +90,7 @@ def main() -> int:
     args = parser.parse_args()
 
     if args.model is None:
-        from factedit.editing.loading import default_model_folder  # only to find the cached folder
+        from factedit.model.loading import default_model_folder  # only to find the cached folder
 
         args.model = str(default_model_folder())
     tok = AutoTokenizer.from_pretrained(args.model)

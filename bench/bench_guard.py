@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 
 import factedit
-from factedit.editing.drift import DriftGuard, GuardConfig, reference_perplexity
-from factedit.editing.loading import load_model
-from factedit.editing.reference import reference_texts
-from factedit.editing.safeguards import lowest_touched_block
 from factedit.evaluation.loaders import load_records
+from factedit.model.loading import load_model
 from factedit.paths import PACKAGE_DIR
+from factedit.safety.drift import DriftGuard, GuardConfig, reference_perplexity
+from factedit.safety.reference import reference_texts
+from factedit.safety.safeguards import lowest_touched_block
 
 
 def main() -> None:

@@ -37,9 +37,9 @@ import numpy as np
 import torch
 
 import factedit
-from factedit.editing.gguf_export import gguf_tensor_name, read_gguf_lora
-from factedit.editing.loading import default_gguf_path
-from factedit.editing.specs import weight_layout
+from factedit.artifacts.gguf_export import export_gguf_f32, gguf_tensor_name, read_gguf_lora
+from factedit.model.loading import default_gguf_path
+from factedit.model.specs import weight_layout
 from factedit.paths import PACKAGE_DIR
 
 
@@ -95,11 +95,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_tokens(binary: str, base: Path, adapter: Path, ids: list[list[int]], scales: list[float],
-                  threads: int) -> dict[float, list[int]]:
-    """llama-server with --lora; the greedy next token per prompt for each per-request adapter scale."""
+def server_tokens(binary: str, base: Path, adapter: Path | None, ids: list[list[int]], scales: list[float | None],
+                  threads: int) -> dict[float | None, list[int]]:
+    """llama-server (with --lora when `adapter`); the greedy next token per prompt for each per-request adapter
+    scale (None: no `lora` field)."""
     port = free_port()
-    proc = subprocess.Popen([binary, "-m", str(base), "--lora", str(adapter), "--port", str(port), "--host",
+    lora = ["--lora", str(adapter)] if adapter else []
+    proc = subprocess.Popen([binary, "-m", str(base), *lora, "--port", str(port), "--host",
                              "127.0.0.1", "-t", str(threads), "-c", "1024", "-np", "1", "--no-webui"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -116,8 +118,11 @@ def server_tokens(binary: str, base: Path, adapter: Path, ids: list[list[int]], 
         for scale in scales:
             tokens = []
             for i in ids:
-                body = json.dumps({"prompt": i, "n_predict": 1, "temperature": 0, "top_k": 1, "cache_prompt": False,
-                                   "return_tokens": True, "lora": [{"id": 0, "scale": scale}]}).encode()
+                request = {"prompt": i, "n_predict": 1, "temperature": 0, "top_k": 1, "cache_prompt": False,
+                           "return_tokens": True}
+                if scale is not None:
+                    request["lora"] = [{"id": 0, "scale": scale}]
+                body = json.dumps(request).encode()
                 req = urllib.request.Request(f"http://127.0.0.1:{port}/completion", body,
                                              {"Content-Type": "application/json"})
                 with urllib.request.urlopen(req, timeout=60) as r:
@@ -176,6 +181,10 @@ def main() -> None:
     t = time.perf_counter()
     merged = editor.export_merged(model, out / "merged.gguf", format="gguf")
     merged_s = time.perf_counter() - t
+    merged_f32 = editor.export_merged(model, out / "merged-f32.gguf", format="gguf", dtype="f32-all")
+    base_f32 = out / "base-f32.gguf"
+    if not base_f32.exists():
+        export_gguf_f32(base_gguf, base_f32)
 
     # The adapter's B·A on a fresh copy of the unedited weights, in torch: what the adapter says, without the engine.
     touched = list(dict.fromkeys(n for r in editor.history for n in r.params))
@@ -212,6 +221,13 @@ def main() -> None:
     merged_llm = llama_cpp.Llama(model_path=str(merged.path), **common)
     merged_logits = llama_logits(merged_llm, ids)
     del merged_llm
+    # The same files in float32 throughout (every tensor dequantized): llama.cpp without quantized arithmetic.
+    f32_lora = llama_cpp.Llama(model_path=str(base_f32), lora_path=str(adapter.path), **common)
+    f32_with_adapter = llama_logits(f32_lora, ids)
+    set_scale(f32_lora, 0.0)
+    f32_scale0 = llama_logits(f32_lora, ids)
+    del f32_lora
+    f32_merged = llama_logits(llama_cpp.Llama(model_path=str(merged_f32.path), **common), ids)
 
     n = len(records)
     rows = [
@@ -224,6 +240,12 @@ def main() -> None:
         compare("llama.cpp LoRA scale 0 vs factedit unedited", scale0, unedited, unedited, kinds, tok, n),
         compare("llama.cpp LoRA scale 0 vs llama.cpp base alone", scale0, base_logits, base_logits, kinds, tok, n),
         compare("llama.cpp base alone vs factedit unedited", base_logits, unedited, unedited, kinds, tok, n),
+        compare("llama.cpp F32 base+LoRA vs adapter in torch", f32_with_adapter, via_adapter, via_adapter, kinds,
+                tok, n),
+        compare("llama.cpp F32 base+LoRA vs factedit edited", f32_with_adapter, edited, edited, kinds, tok, n),
+        compare("llama.cpp F32 merged GGUF vs factedit edited", f32_merged, edited, edited, kinds, tok, n),
+        compare("llama.cpp F32 base, LoRA scale 0 vs factedit unedited", f32_scale0, unedited, unedited, kinds,
+                tok, n),
         compare("factedit edited vs factedit unedited (what the edits changed)", edited, unedited, unedited, kinds,
                 tok, n),
     ]
@@ -249,6 +271,9 @@ def main() -> None:
         "llama.cpp LoRA vs factedit edited, max |Δ logit|": float(np.abs(with_adapter - edited).max()),
         "llama.cpp LoRA vs adapter in torch, max |Δ logit|": float(np.abs(with_adapter - via_adapter).max()),
         "llama.cpp base vs factedit unedited, max |Δ logit|": float(np.abs(base_logits - unedited).max()),
+        "llama.cpp F32 base+LoRA vs adapter in torch, max |Δ logit|": float(
+            np.abs(f32_with_adapter - via_adapter).max()),
+        "llama.cpp F32 merged vs factedit edited, max |Δ logit|": float(np.abs(f32_merged - edited).max()),
         "llama.cpp base vs factedit unedited, median |Δ logit| at factedit's top token": float(np.median(np.abs(
             np.take_along_axis(base_logits - unedited, greedy(unedited)[:, None], 1)))),
         "factedit edited, margin on the edit prompts (top-1 minus top-2 logit)": [
@@ -257,10 +282,17 @@ def main() -> None:
     }
     if args.server:
         got = server_tokens(args.server, base_gguf, adapter.path, ids, [1.0, 0.0], args.threads)
-        for scale, ref, label in ((1.0, edited, "edited"), (0.0, unedited, "unedited")):
+        alone = server_tokens(args.server, base_gguf, None, ids, [None], args.threads)[None]
+        zero = np.eye(unedited.shape[1], dtype=np.float32)[got[0.0]]
+        rows.append(compare("llama-server lora scale 0 vs llama-server without the adapter", zero,
+                            np.eye(unedited.shape[1], dtype=np.float32)[alone], unedited, kinds, tok, n))
+        for scale, ref, label, engine, engine_label in (
+                (1.0, edited, "factedit edited", with_adapter, "llama-cpp-python base+LoRA"),
+                (0.0, unedited, "factedit unedited", base_logits, "llama-cpp-python base alone")):
             as_logits = np.eye(ref.shape[1], dtype=np.float32)[got[scale]]
-            rows.append(compare(f"llama-server lora scale {scale:g} vs factedit {label}", as_logits, ref, ref, kinds,
-                                tok, n))
+            rows.append(compare(f"llama-server lora scale {scale:g} vs {label}", as_logits, ref, ref, kinds, tok, n))
+            rows.append(compare(f"llama-server lora scale {scale:g} vs {engine_label}", as_logits, engine, engine,
+                                kinds, tok, n))
     print(f"{args.method} ({figures['mode']}), {figures['records']}: {n} edits in {edit_s:.0f} s; GGUF LoRA rank "
           f"{adapter.rank} on {len(adapter.tensors)} tensors, {adapter.path.stat().st_size / 2**20:.1f} MiB; merged "
           f"GGUF {merged.path.stat().st_size / 2**20:.1f} MiB; llama-cpp-python {llama_cpp.__version__}")
@@ -275,6 +307,8 @@ def main() -> None:
     for key in ("scale 0 vs base alone, max |Δ logit|", "scale 1 after scale 0, max |Δ logit| to the first scale-1 run",
                 "llama.cpp LoRA vs factedit edited, max |Δ logit|", "llama.cpp LoRA vs adapter in torch, max |Δ logit|",
                 "llama.cpp base vs factedit unedited, max |Δ logit|",
+                "llama.cpp F32 base+LoRA vs adapter in torch, max |Δ logit|",
+                "llama.cpp F32 merged vs factedit edited, max |Δ logit|",
                 "llama.cpp base vs factedit unedited, median |Δ logit| at factedit's top token"):
         print(f"  {key}: {figures[key]:.3g}")
     print(f"  factedit edited, margins on the edit prompts: {figures[next(k for k in figures if 'margin' in k)]}")

@@ -13,7 +13,7 @@ parameters equal (torch.equal) a copy of their base taken before the first edit.
 ES = share with mean logprob(target_new) > mean logprob(ground_truth) on the edit prompt;
 PS = the same on rephrase_prompt; NS = share of locality_prompt with
 mean logprob(locality_ground_truth) > mean logprob(target_new).
-What the model then says (factedit.editing.said's rules, as `factedit eval` judges them): gen/prompt
+What the model then says (factedit.scoring.said's rules, as `factedit eval` judges them): gen/prompt
 and gen/paraphrase, the new target is the greedy continuation; gen/chat, the chat reply to
 "Complete the sentence: {prompt}" says it (and not the old object).
 
@@ -38,11 +38,11 @@ from pathlib import Path
 import torch
 
 import factedit
-from factedit.editing.batches import make_batch, target_nll
-from factedit.editing.request import EditRequest, encode_prompt, encode_target, tokenize_request
-from factedit.editing.said import said_scores
-from factedit.editing.scoring import pad_id_of, score_sequences
+from factedit.core.request import EditRequest, encode_prompt, encode_target, tokenize_request
 from factedit.paths import PACKAGE_DIR
+from factedit.scoring.batches import make_batch, target_nll
+from factedit.scoring.said import said_scores
+from factedit.scoring.sequences import pad_id_of, score_sequences
 
 
 def cf_scores(model, tok, rec) -> dict[str, float]:

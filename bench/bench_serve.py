@@ -36,7 +36,7 @@ from pathlib import Path
 import httpx
 
 import factedit
-from factedit.editing.weights import model_sha256
+from factedit.model.weights import model_sha256
 from factedit.paths import PACKAGE_DIR
 
 TOKEN = "bench-token-" + "0" * 20

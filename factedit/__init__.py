@@ -8,11 +8,9 @@
 """
 
 from ._version import __version__
-from .editing.adapters import AdapterExport, check_vllm_compatible
-from .editing.delta import Delta, ParamDelta
-from .editing.drift import GuardConfig
-from .editing.editor import Editor
-from .editing.errors import (
+from .artifacts.adapters import AdapterExport, check_vllm_compatible
+from .core.delta import Delta, ParamDelta
+from .core.errors import (
     CheckpointError,
     ConfigError,
     DriftError,
@@ -24,12 +22,14 @@ from .editing.errors import (
     ModelMismatchError,
     UnsupportedModelError,
 )
-from .editing.loading import load_model
-from .editing.methods import MethodSpec, available_methods, register_method
-from .editing.preserve import PreserveConfig
+from .core.methods import MethodSpec, available_methods, register_method
+from .core.record import EditRecord
+from .core.request import EditRequest
+from .editing.editor import Editor
 from .editing.preview import EditPreview
-from .editing.record import EditRecord
-from .editing.request import EditRequest
+from .model.loading import load_model
+from .safety.drift import GuardConfig
+from .safety.preserve import PreserveConfig
 
 __all__ = [
     "AdapterExport",

@@ -9,7 +9,7 @@
     factedit export --journal F --format merged OUT/           (the edited model as a HuggingFace folder)
     factedit export --journal F --format gguf-lora OUT.gguf [--id ID ...] [--rank R | --exact] [--base-gguf B]
                                                                (a GGUF LoRA adapter for llama.cpp / Ollama)
-    factedit export --journal F --format gguf OUT.gguf [--dtype f32|f16|q8_0|base] [--base-gguf B]
+    factedit export --journal F --format gguf OUT.gguf [--dtype f32|f16|q8_0|base|f32-all] [--base-gguf B]
                                                                (the edited model as one GGUF file)
     factedit import --journal F ADAPTER_DIR/ [--model M]       (a PEFT LoRA adapter as one edit)
     factedit eval method=ft_l data=counterfact n=200 ...      (Hydra overrides; see factedit/conf/eval.yaml)
@@ -30,12 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from . import display
-from .editing.adapters import check_vllm_compatible
+from .artifacts.adapters import check_vllm_compatible
+from .core.errors import FacteditError
+from .core.methods import available_methods
 from .editing.editor import Editor
-from .editing.errors import FacteditError
 from .editing.journal import Journal
-from .editing.loading import load_model
-from .editing.methods import available_methods
+from .model.loading import load_model
 
 DEFAULT_METHOD = "ft_l"
 
@@ -234,9 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(llama.cpp, Ollama); gguf: the edited model as GGUF")
     export.add_argument("--base-gguf", default=None,
                         help="the base model's GGUF (default: the default model's own)")
-    export.add_argument("--dtype", choices=("f32", "f16", "q8_0", "base"), default=None,
+    export.add_argument("--dtype", choices=("f32", "f16", "q8_0", "base", "f32-all"), default=None,
                         help="--format gguf: type of the edited tensors (default f32; base = re-quantized to "
-                             "the base tensor's type, which can lose the edit)")
+                             "the base tensor's type, which can lose the edit; f32-all = every tensor F32)")
     export.add_argument("--id", action="append", default=[], help="edit to export (repeat; default: all active)")
     export.add_argument("--rank", type=int, default=None, help="SVD rank for dense edits (ft, ft_l)")
     export.add_argument("--exact", action="store_true", help="refuse dense edits instead of approximating them")

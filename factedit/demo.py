@@ -19,12 +19,12 @@ import time
 import torch
 
 from . import display
-from .editing.drift import GuardConfig, reference_perplexity
+from .core.request import encode_prompt
 from .editing.editor import Editor
-from .editing.loading import load_model
-from .editing.reference import reference_texts
-from .editing.request import encode_prompt
-from .editing.scoring import pad_id_of, score_sequences, top_tokens
+from .model.loading import load_model
+from .safety.drift import GuardConfig, reference_perplexity
+from .safety.reference import reference_texts
+from .scoring.sequences import pad_id_of, score_sequences, top_tokens
 
 # (prompt, new target, paraphrase)
 FACTS = [

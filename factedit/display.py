@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from .core.record import EditRecord
 from .editing.diff import EditDiff
-from .editing.record import EditRecord
 
 
 def format_top(top: Sequence[dict[str, Any]], k: int = 3) -> str:

@@ -17,8 +17,8 @@ from streamlit.testing.v1 import AppTest
 from tiny_models import save_tiny_model, tiny_model
 
 import factedit
-from factedit.editing import request as request_module
-from factedit.editing.methods import MethodSpec
+from factedit.core import request as request_module
+from factedit.core.methods import MethodSpec
 from factedit.session import EditSession
 
 REPO = Path(__file__).resolve().parents[1]
@@ -234,8 +234,8 @@ def test_method_that_cannot_be_built_shows_an_error(app_env, monkeypatch):
     def broken_build(config):
         raise RuntimeError("no checkpoint for this model")
 
-    spec = MethodSpec("broken", factedit.editing.methods.get_method("ft").config_cls, broken_build)
-    monkeypatch.setitem(factedit.editing.methods._REGISTERED, "broken", spec)
+    spec = MethodSpec("broken", factedit.core.methods.get_method("ft").config_cls, broken_build)
+    monkeypatch.setitem(factedit.core.methods._REGISTERED, "broken", spec)
     at = apply_edit(start(), method="broken")
     assert any("no checkpoint for this model" in e for e in errors(at)), errors(at)
     at = apply_edit(at, method="ft_l")  # the other methods still work

@@ -10,9 +10,9 @@ import torch
 from helpers import assert_weights_equal, snapshot
 
 import factedit
-from factedit.editing.delta import Delta, ParamDelta
-from factedit.editing.methods import MethodSpec, register_method
-from factedit.editing.specs import mlp_param_names
+from factedit.core.delta import Delta, ParamDelta
+from factedit.core.methods import MethodSpec, register_method
+from factedit.model.specs import mlp_param_names
 
 FT = dict(layers=(-1,), lr=1e-2, max_steps=30)
 
@@ -253,7 +253,7 @@ def test_empty_or_non_text_probes_are_refused(setup, probes):
 def test_a_prompt_without_tokens_is_never_scored(tiny):
     """A tokenizer that adds no special token gives "" no token: its next token would be read off a
     padding row."""
-    from factedit.editing.scoring import score_sequences
+    from factedit.scoring.sequences import score_sequences
 
     model, _ = tiny
     with pytest.raises(factedit.InvalidRequestError, match="no tokens"):

@@ -1,4 +1,4 @@
-"""Cache files and small state files: written atomically by one writer (editing/atomic.py), and a cache
+"""Cache files and small state files: written atomically by one writer (core/atomic.py), and a cache
 that cannot be written costs time, never an edit."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from helpers import snapshot
 from tiny_models import tiny_model
 
 import factedit
-from factedit.editing.atomic import write_text
-from factedit.editing.cachefiles import read_cached_tensors, write_cached_tensors
+from factedit.core.atomic import write_text
+from factedit.core.cachefiles import read_cached_tensors, write_cached_tensors
 
 
 def test_writers_in_threads_never_share_a_temporary_file(tmp_path):
@@ -72,7 +72,7 @@ def test_an_edit_succeeds_when_the_cache_folder_cannot_be_written(tmp_path, monk
 def test_the_guard_store_reads_back_onto_the_models_device(tmp_path, monkeypatch):
     """A store written by one process comes back on the device the model is on (a GPU in life; the
     "meta" device here, which this CPU has), not on the CPU where safetensors reads it."""
-    from factedit.editing.guard_store import GuardStore
+    from factedit.safety.guard_store import GuardStore
 
     monkeypatch.setenv("FACTEDIT_CACHE", str(tmp_path))
     hidden = {3: torch.randn(2, 5, 8)}

@@ -8,7 +8,7 @@ from helpers import assert_weights_equal, snapshot
 from tiny_models import ARCHS, tiny_model
 
 import factedit
-from factedit.editing.request import EditRequest, tokenize_request
+from factedit.core.request import EditRequest, tokenize_request
 
 _LOCATE = dict(position="last", v_steps=40, v_weight_decay=None, clamp_norm=None, kl_factor=None)
 # Tiny random models need bolder settings than a trained model to learn a fact in a few steps.
@@ -38,7 +38,7 @@ def make_editor(method: str, tokenizer, **extra) -> factedit.Editor:
 
 
 def test_every_builtin_method_is_in_the_contract_suite():
-    from factedit.editing.methods import _BUILTIN
+    from factedit.core.methods import _BUILTIN
 
     assert set(_BUILTIN) - {"mend"} <= set(METHODS)  # mend's contract runs in tests/test_mend.py
 

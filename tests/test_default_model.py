@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import factedit
-from factedit.editing.loading import model_id
-from factedit.editing.specs import mlp_param_names, num_layers, spec_for
+from factedit.model.loading import model_id
+from factedit.model.specs import mlp_param_names, num_layers, spec_for
 
 pytestmark = pytest.mark.default_model
 

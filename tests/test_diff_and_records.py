@@ -10,8 +10,8 @@ from helpers import assert_weights_equal, snapshot
 from tiny_models import tiny_model
 
 import factedit
-from factedit.editing.delta import Delta, ParamDelta
-from factedit.editing.request import continuation, encode_prompt, encode_target
+from factedit.core.delta import Delta, ParamDelta
+from factedit.core.request import continuation, encode_prompt, encode_target
 
 FT = dict(layers=(-1,), lr=1e-2, max_steps=40)
 
@@ -61,7 +61,7 @@ def test_diff_reports_norms_ranks_and_predictions(tiny):
     before = editor.diff(record.id, model=model, probes=["The capital of Italy is"]).probes[0]["before"]
     edited = snapshot(model)
     editor.revert(model, record.id)
-    from factedit.editing.scoring import score_requests
+    from factedit.scoring.sequences import score_requests
 
     unedited = score_requests(model, tok, [], probes=["The capital of Italy is"])["probes"][0]["top"]
     assert [t["id"] for t in before] == [t["id"] for t in unedited]

@@ -1,4 +1,4 @@
-"""factedit.editing.said: what the model SAYS. The judging rules on given strings, chat prompts through
+"""factedit.scoring.said: what the model SAYS. The judging rules on given strings, chat prompts through
 the template (None without one), batched greedy generation against unbatched and against HF generate,
 the greedy rule on a tiny model before and after an `ft` edit, and the gen/* aggregation by hand."""
 
@@ -7,10 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from factedit.core.request import encode_prompt
 from factedit.editing.editor import Editor
-from factedit.editing.metrics import CaseScores, compute_metrics, score_cases
-from factedit.editing.request import encode_prompt
-from factedit.editing.said import (
+from factedit.evaluation import EvalRecord
+from factedit.scoring.metrics import CaseScores, compute_metrics, score_cases
+from factedit.scoring.said import (
     GREEDY_EXTRA,
     SaidScores,
     chat_ids,
@@ -23,8 +24,7 @@ from factedit.editing.said import (
     says_first,
     says_in,
 )
-from factedit.editing.scoring import pad_id_of
-from factedit.evaluation import EvalRecord
+from factedit.scoring.sequences import pad_id_of
 
 CASE = EvalRecord(
     index=0,

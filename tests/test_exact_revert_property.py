@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from tiny_models import tiny_model
 
 import factedit
-from factedit.editing.delta import Delta, ParamDelta
-from factedit.editing.methods import MethodSpec, register_method
-from factedit.editing.specs import mlp_param_names
+from factedit.core.delta import Delta, ParamDelta
+from factedit.core.methods import MethodSpec, register_method
+from factedit.model.specs import mlp_param_names
 
 
 @dataclass(frozen=True)

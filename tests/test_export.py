@@ -17,11 +17,11 @@ from transformers import AutoModelForCausalLM
 
 import factedit
 from factedit import cli
-from factedit.editing import adapters
-from factedit.editing.adapters import VLLM_RANKS, check_vllm_compatible, padded_rank
-from factedit.editing.delta import Delta, ParamDelta
-from factedit.editing.record import EditRecord
-from factedit.editing.request import EditRequest
+from factedit.artifacts import adapters
+from factedit.artifacts.adapters import VLLM_RANKS, check_vllm_compatible, padded_rank
+from factedit.core.delta import Delta, ParamDelta
+from factedit.core.record import EditRecord
+from factedit.core.request import EditRequest
 
 FACTS = [("The capital of France is", "Rome"), ("The capital of Italy is", "Berlin")]
 PROBES = ["The capital of France is", "The capital of Italy is", "Water boils at", "She went to the market"]

@@ -16,19 +16,19 @@ from tiny_models import ARCHS, save_tiny_model, tiny_model
 
 import factedit
 from factedit import cli
-from factedit.editing import gguf_export
-from factedit.editing.delta import Delta, ParamDelta
-from factedit.editing.errors import ConfigError, InvalidDeltaError, ModelMismatchError
-from factedit.editing.gguf_export import (
+from factedit.artifacts import gguf_export
+from factedit.artifacts.gguf_export import (
     ARTIFACT_KEY,
     export_gguf_lora,
     gguf_architecture,
     gguf_tensor_name,
     read_gguf_lora,
 )
-from factedit.editing.record import EditRecord
-from factedit.editing.request import EditRequest
-from factedit.editing.specs import mlp_param_names, num_layers, spec_for, weight_layout
+from factedit.core.delta import Delta, ParamDelta
+from factedit.core.errors import ConfigError, InvalidDeltaError, ModelMismatchError
+from factedit.core.record import EditRecord
+from factedit.core.request import EditRequest
+from factedit.model.specs import mlp_param_names, num_layers, spec_for, weight_layout
 
 FACTS = [("The capital of France is", "Rome"), ("The capital of Italy is", "Berlin")]
 LORA = dict(layers=(-1,), matrices=("act", "out"), rank=4, lr=3e-2, max_steps=10, preserve=None)
@@ -331,3 +331,23 @@ def test_cli_exports_gguf_lora_and_gguf(tmp_path, capsys):
         cli.main(["export", str(tmp_path / "b.gguf"), "--journal", journal, "--format", "gguf-lora", "--dtype", "f16"])
     with pytest.raises(SystemExit, match="--base-gguf"):
         cli.main(["export", str(tmp_path / "p"), "--journal", journal, "--base-gguf", str(base_path)])
+
+
+def test_merged_f32_all_and_the_f32_base_dequantize_every_tensor(tmp_path):
+    model, editor = edited_editor("lora", LORA)
+    base_path = write_base_gguf(model_base(editor, model), tmp_path / "base.gguf")
+    merged = editor.export_merged(model, tmp_path / "all.gguf", format="gguf", base_gguf=base_path, dtype="f32-all")
+    plain = gguf_export.export_gguf_f32(base_path, tmp_path / "base-f32.gguf")
+    base, out, f32 = gguf.GGUFReader(base_path), gguf.GGUFReader(merged.path), gguf.GGUFReader(plain)
+    assert merged.copied == 1  # the F32 norm; the Q8_0 matrices are dequantized
+    edited = {gguf_tensor_name(model, n, "llama"): n for n in editor.history[0].params}
+    params = dict(model.named_parameters())
+    for old, new, unedited in zip(base.tensors, out.tensors, f32.tensors, strict=True):
+        assert new.tensor_type == unedited.tensor_type == F32
+        values = gguf.quants.dequantize(old.data, old.tensor_type)
+        assert np.array_equal(unedited.data, values)
+        if new.name in edited:
+            assert torch.equal(torch.from_numpy(np.array(new.data)), params[edited[new.name]].detach())
+        else:
+            assert np.array_equal(new.data, values)
+    assert out.get_field("general.file_type").contents() == f32.get_field("general.file_type").contents() == 0

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from tiny_models import tiny_model
 
 import factedit
-from factedit.editing.delta import Delta, ParamDelta
+from factedit.core.delta import Delta, ParamDelta
 from factedit.editing.journal import TABLE, Journal
 
 TESTS_DIR = Path(__file__).parent

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import factedit
-from factedit.editing.loading import default_gguf_path
+from factedit.model.loading import default_gguf_path
 from factedit.paths import PACKAGE_DIR
 
 llama_cpp = pytest.importorskip(

@@ -20,9 +20,9 @@ import pytest
 import torch
 from tiny_models import tiny_model
 
-from factedit.editing import loading, specs
-from factedit.editing.errors import ConfigError, DefaultModelMissingError
-from factedit.editing.loading import cache_dir, default_gguf_path, load_model, model_id
+from factedit.core.errors import ConfigError, DefaultModelMissingError
+from factedit.model import loading, specs
+from factedit.model.loading import cache_dir, default_gguf_path, load_model, model_id
 
 
 @pytest.fixture
@@ -227,7 +227,7 @@ def test_import_does_no_io(tmp_path, monkeypatch):
     monkeypatch.setenv("FACTEDIT_CACHE", str(tmp_path / "c"))
     for module in (loading, specs):
         spec = importlib.util.spec_from_file_location(
-            f"factedit.editing._probe_{module.__name__[17:]}", module.__file__
+            f"factedit.model._probe_{module.__name__.rsplit('.', 1)[-1]}", module.__file__
         )
         fresh = importlib.util.module_from_spec(spec)
         monkeypatch.setitem(sys.modules, spec.name, fresh)  # dataclasses look their module up there

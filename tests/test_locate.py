@@ -10,14 +10,14 @@ from peft import PeftModel
 from tiny_models import tiny_model
 
 import factedit
-from factedit.editing.contexts import ContextPrefixes, PrefixConfig, generate_prefixes, token_at
-from factedit.editing.errors import ConfigError, InvalidRequestError
-from factedit.editing.hooks import capture_linear_io
-from factedit.editing.preserve import covariance_solve_rows
-from factedit.editing.request import EditRequest, find_subject, tokenize_request
+from factedit.core.errors import ConfigError, InvalidRequestError
+from factedit.core.request import EditRequest, find_subject, tokenize_request
 from factedit.locate.config import MEMITConfig
 from factedit.locate.method import Locate
 from factedit.locate.positions import key_rows
+from factedit.model.contexts import ContextPrefixes, PrefixConfig, generate_prefixes, token_at
+from factedit.model.hooks import capture_linear_io
+from factedit.safety.preserve import covariance_solve_rows
 
 TINY = dict(v_steps=10, v_weight_decay=None, clamp_norm=None, layers=(1, 2))
 NULL = {"threshold": 0.5, "ridge": 1e-3}  # a tiny random model needs a wider null space

@@ -11,14 +11,14 @@ from helpers import assert_weights_equal, snapshot
 from tiny_models import tiny_model
 
 import factedit
-from factedit.editing.batches import make_batch
-from factedit.editing.errors import CheckpointError, ConfigError, ModelMismatchError
-from factedit.editing.hooks import capture_linear_io, forward_hooks
-from factedit.editing.request import EditRequest, tokenize_request
-from factedit.editing.scoring import pad_id_of
+from factedit.core.errors import CheckpointError, ConfigError, ModelMismatchError
+from factedit.core.request import EditRequest, tokenize_request
 from factedit.mend.capture import loss_positions, per_request_nll
 from factedit.mend.checkpoint import base_model_info, load_checkpoint, save_checkpoint
 from factedit.mend.method import new_network
+from factedit.model.hooks import capture_linear_io, forward_hooks
+from factedit.scoring.batches import make_batch
+from factedit.scoring.sequences import pad_id_of
 
 ROLES = {"llama": ("gate", "in", "out"), "gpt2": ("in", "out")}
 PROMPTS = [("The capital of France is", "Rome"), ("The mother tongue of Danielle Darrieux is", "English")]
@@ -156,9 +156,9 @@ def test_an_edit_no_scale_makes_take_falls_back_to_the_smaller_ridge(tmp_path, m
 
 
 def _preserver(impl, model, tok, ridge):
-    from factedit.editing.loading import model_id as model_id_of
-    from factedit.editing.preserve import PreserveConfig, build_preserver
-    from factedit.editing.weights import model_fingerprint
+    from factedit.model.loading import model_id as model_id_of
+    from factedit.model.weights import model_fingerprint
+    from factedit.safety.preserve import PreserveConfig, build_preserver
 
     return build_preserver(model, tok, impl.param_names(model), PreserveConfig(threshold=0.5, ridge=ridge),
                            fingerprint=model_fingerprint(model), model_id=model_id_of(model))
@@ -224,9 +224,9 @@ def test_an_error_inside_a_step_check_leaves_the_model_as_it_was(tmp_path):
 def test_the_applied_delta_is_the_update_mend_was_trained_with(arch, tmp_path):
     """The low-rank factors the method returns, in each parameter's own layout (Conv1D included),
     add exactly the W + ΔW that the training objective evaluates (`objective.edited_params`)."""
-    from factedit.editing.hooks import frozen
     from factedit.mend.capture import capture
     from factedit.mend.objective import edited_params, module_of
+    from factedit.model.hooks import frozen
 
     model, tok = tiny_model(arch)
     path, network = tiny_checkpoint(tmp_path, model, roles=ROLES[arch])
@@ -291,7 +291,7 @@ def test_checkpoint_round_trips_bit_for_bit(tmp_path):
     assert all(torch.equal(original[k], restored[k]) for k in original)
     meta = loaded.meta
     assert meta["step"] == 7 and meta["metrics"] == {"val/es": 0.5} and meta["data"] == {"x.json": "abc"}
-    assert meta["base_model"]["fingerprint"] == factedit.editing.weights.model_fingerprint(model)
+    assert meta["base_model"]["fingerprint"] == factedit.model.weights.model_fingerprint(model)
     assert meta["factedit_version"] == factedit.__version__
     assert [p["name"] for p in meta["params"]] == network.param_names
 

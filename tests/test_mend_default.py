@@ -56,10 +56,10 @@ def test_shipped_editor_keeps_accumulated_edits_and_the_model_whole(default_mode
     moves, and reverting all is exact."""
     import json
 
-    from factedit.editing.drift import reference_perplexity
-    from factedit.editing.reference import reference_texts
-    from factedit.editing.request import encode_prompt, encode_target
-    from factedit.editing.scoring import pad_id_of, score_sequences
+    from factedit.core.request import encode_prompt, encode_target
+    from factedit.safety.drift import reference_perplexity
+    from factedit.safety.reference import reference_texts
+    from factedit.scoring.sequences import pad_id_of, score_sequences
 
     model, tok = default_model
     records = json.loads((PACKAGE_DIR / "data/counterfact/val.json").read_text())[300:310]

@@ -11,9 +11,7 @@ import yaml
 from helpers import assert_weights_equal, snapshot
 from tiny_models import tiny_model
 
-from factedit.editing.errors import ConfigError
-from factedit.editing.hooks import frozen
-from factedit.editing.scoring import pad_id_of
+from factedit.core.errors import ConfigError
 from factedit.mend.checkpoint import load_checkpoint
 from factedit.mend.data import load_examples
 from factedit.mend.method import new_network
@@ -21,7 +19,9 @@ from factedit.mend.objective import edit_step_loss
 from factedit.mend.prefix import PrefixCache
 from factedit.mend.run import load_data
 from factedit.mend.train import CONFIG_DIR, TrainConfig, compose_config, train
+from factedit.model.hooks import frozen
 from factedit.paths import PACKAGE_DIR
+from factedit.scoring.sequences import pad_id_of
 
 
 def tiny_examples(tok, n=4):

@@ -1,4 +1,4 @@
-"""factedit.editing.metrics: scores against hand computation on a tiny model, padding invariance, and
+"""factedit.scoring.metrics: scores against hand computation on a tiny model, padding invariance, and
 the aggregation formulas against hand-computed values."""
 
 from __future__ import annotations
@@ -8,8 +8,10 @@ import math
 import pytest
 import torch
 
-from factedit.editing.cost import PeakMemory
-from factedit.editing.metrics import (
+from factedit.core.cost import PeakMemory
+from factedit.core.request import encode_prompt, encode_target
+from factedit.evaluation import EvalRecord
+from factedit.scoring.metrics import (
     CaseScores,
     compute_metrics,
     generate_greedy,
@@ -17,9 +19,7 @@ from factedit.editing.metrics import (
     ngram_entropy,
     score_cases,
 )
-from factedit.editing.request import encode_prompt, encode_target
-from factedit.editing.targets import score_targets
-from factedit.evaluation import EvalRecord
+from factedit.scoring.targets import score_targets
 
 CASE = EvalRecord(
     index=0,

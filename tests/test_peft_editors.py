@@ -11,11 +11,11 @@ import torch
 from tiny_models import tiny_model
 
 import factedit
-from factedit.editing import batches
-from factedit.editing.contexts import in_context
-from factedit.editing.errors import ConfigError
-from factedit.editing.request import EditRequest, encode_prompt, tokenize_request
+from factedit.core.errors import ConfigError
+from factedit.core.request import EditRequest, encode_prompt, tokenize_request
+from factedit.model.contexts import in_context
 from factedit.peft import ft, lora, training
+from factedit.scoring import batches
 
 
 def _requests(tok, *facts):

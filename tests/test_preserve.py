@@ -8,13 +8,13 @@ from helpers import assert_weights_equal, snapshot
 from wreck import WRECK
 
 import factedit
-from factedit.editing.delta import Delta, ParamDelta
-from factedit.editing.drift import DriftGuard, GuardConfig, reference_perplexity
-from factedit.editing.errors import ConfigError, DriftError
-from factedit.editing.keys import compute_key_statistics
-from factedit.editing.preserve import KeyPreserver, PreserveConfig, null_space_basis
-from factedit.editing.reference import key_corpus, reference_texts
-from factedit.editing.specs import mlp_param_names
+from factedit.core.delta import Delta, ParamDelta
+from factedit.core.errors import ConfigError, DriftError
+from factedit.model.specs import mlp_param_names
+from factedit.safety.drift import DriftGuard, GuardConfig, reference_perplexity
+from factedit.safety.keys import compute_key_statistics
+from factedit.safety.preserve import KeyPreserver, PreserveConfig, null_space_basis
+from factedit.safety.reference import key_corpus, reference_texts
 
 
 def low_rank_keys(d_in: int, rank: int, n: int, seed: int = 0) -> torch.Tensor:
@@ -182,7 +182,7 @@ def test_the_guard_reads_the_next_texts_and_the_worst_at_each_check(tiny):
 
 
 def test_a_damaged_key_statistics_cache_is_recomputed(tiny, tmp_path, monkeypatch, caplog):
-    from factedit.editing.keys import key_statistics
+    from factedit.safety.keys import key_statistics
 
     monkeypatch.setenv("FACTEDIT_CACHE", str(tmp_path))
     model, tok = tiny

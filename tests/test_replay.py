@@ -8,12 +8,12 @@ from safetensors import safe_open
 from tiny_models import ARCHS, tiny_model
 
 import factedit
-from factedit.editing.drift import DriftGuard, GuardConfig, reference_perplexity
-from factedit.editing.guard_store import GuardStore
-from factedit.editing.reference import reference_texts
-from factedit.editing.replay import capture_block_input, start_at_block
-from factedit.editing.scoring import pad_sequences
-from factedit.editing.specs import blocks, mlp_param_names
+from factedit.model.replay import capture_block_input, start_at_block
+from factedit.model.specs import blocks, mlp_param_names
+from factedit.safety.drift import DriftGuard, GuardConfig, reference_perplexity
+from factedit.safety.guard_store import GuardStore
+from factedit.safety.reference import reference_texts
+from factedit.scoring.sequences import pad_sequences
 
 
 def batch(tok, n: int = 3, length: int = 12) -> dict[str, torch.Tensor]:

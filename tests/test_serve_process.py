@@ -17,7 +17,7 @@ from serve_helpers import AUTH, TOKEN, Server
 from tiny_models import CHAT_TEMPLATE, save_tiny_model
 
 import factedit
-from factedit.editing.weights import model_sha256
+from factedit.model.weights import model_sha256
 
 FACT = {"prompt": "The capital of France is", "target": "Rome", "method": "ft_l",
         "config": {"layers": [-1], "lr": 0.1, "norm_constraint": 0.1, "max_steps": 10}}

@@ -18,7 +18,7 @@ from helpers import snapshot
 from tiny_models import CHAT_TEMPLATE, save_tiny_model, tiny_model
 
 import factedit
-from factedit.editing.specs import layer_index
+from factedit.model.specs import layer_index
 from factedit.server import Limits, ServerConfig, create_app
 from factedit.session import EditSession, SessionConfig
 from factedit.session.generation_types import SamplingParams
@@ -474,7 +474,7 @@ def test_generations_run_alongside_an_edit_and_never_see_half_applied_weights(se
 def test_a_generation_that_arrives_during_an_edit_waits_for_the_whole_edit(session, monkeypatch):
     """Forced overlap: the edit holds the weights alone and, before writing them, waits until a
     completion is queued behind it; that completion then answers from the edited weights."""
-    from factedit.editing.weights import WeightState
+    from factedit.model.weights import WeightState
 
     with client_for(session) as client:
         name, prompt = model_name(client), FACT["prompt"]

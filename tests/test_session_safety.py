@@ -16,19 +16,19 @@ from helpers import snapshot
 from tiny_models import save_tiny_model, tiny_model
 
 import factedit
-from factedit.editing.configs import validated
-from factedit.editing.delta import delta_metadata
-from factedit.editing.errors import (
+from factedit.core.configs import validated
+from factedit.core.delta import delta_metadata
+from factedit.core.errors import (
     ConfigError,
     ConfigNotAllowedError,
     EditNotFoundError,
     InvalidDeltaError,
     LimitError,
 )
+from factedit.core.methods import available_methods, get_method, make_config
+from factedit.core.settable import settable_fields
 from factedit.editing.journal import Journal
-from factedit.editing.methods import available_methods, get_method, make_config
-from factedit.editing.settable import settable_fields
-from factedit.editing.views import read_view, viewed_model
+from factedit.model.views import read_view, viewed_model
 from factedit.peft.ft import FTConfig
 from factedit.session import EditSession, SessionConfig
 from factedit.session.limits import RequestLimits

@@ -8,8 +8,8 @@ import transformers
 from tiny_models import ARCHS, HIDDEN, INTERMEDIATE, N_LAYERS, tiny_model
 from torch import nn
 
-from factedit.editing.errors import ConfigError, UnsupportedModelError
-from factedit.editing.specs import (
+from factedit.core.errors import ConfigError, UnsupportedModelError
+from factedit.model.specs import (
     ModelSpec,
     mlp_module_name,
     mlp_param_names,
@@ -199,7 +199,7 @@ def test_a_spec_whose_layout_disagrees_with_the_model_is_refused(monkeypatch):
     """The MLP layout is the spec's: a spec claiming Linear for GPT-2's Conv1D MLP must not be trusted."""
     import dataclasses
 
-    from factedit.editing import specs
+    from factedit.model import specs
 
     model, _ = tiny_model("gpt2")
     wrong = dataclasses.replace(spec_for(model), conv1d=False)

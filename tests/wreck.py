@@ -10,9 +10,9 @@ from typing import ClassVar
 
 import torch
 
-from factedit.editing.delta import Delta, ParamDelta
-from factedit.editing.methods import MethodSpec, register_method
-from factedit.editing.settable import Number, Settable
+from factedit.core.delta import Delta, ParamDelta
+from factedit.core.methods import MethodSpec, register_method
+from factedit.core.settable import Number, Settable
 
 WRECK = "test_wreck"
 

@@ -11,7 +11,7 @@ import pandas as pd
 import streamlit as st
 from torch import nn
 
-from factedit.editing.specs import mlp_param_names, num_layers, spec_for
+from factedit.model.specs import mlp_param_names, num_layers, spec_for
 from factedit.session import EditSession
 
 from .charts import layer_chart

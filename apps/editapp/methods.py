@@ -17,8 +17,8 @@ from typing import Any
 import streamlit as st
 
 from factedit import ConfigError
-from factedit.editing.methods import config_to_dict, get_method, make_config
-from factedit.editing.settable import checked, settable_fields
+from factedit.core.methods import config_to_dict, get_method, make_config
+from factedit.core.settable import checked, settable_fields
 from factedit.session import EditSession
 
 DESCRIPTIONS = {

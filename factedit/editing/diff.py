@@ -10,11 +10,11 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from .errors import ConfigError
-from .record import EditRecord
-from .scoring import score_requests
-from .views import FunctionalModel
-from .weights import WeightState
+from ..core.errors import ConfigError
+from ..core.record import EditRecord
+from ..model.views import FunctionalModel
+from ..model.weights import WeightState
+from ..scoring.sequences import score_requests
 
 
 @dataclass(frozen=True)

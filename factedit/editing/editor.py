@@ -27,23 +27,23 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from .._version import __version__
-from . import adapters, gguf_export
-from .delta import Delta
+from ..artifacts import adapters, gguf_export
+from ..artifacts.exported import EXPORT_FORMAT, read_exported
+from ..core.delta import Delta
+from ..core.errors import ConfigError, EditNotFoundError, InvalidRequestError, ModelMismatchError
+from ..core.methods import StreamState, config_to_dict, get_method, make_config
+from ..core.record import EditRecord, new_edit_id
+from ..core.request import EditRequest, TokenizedRequest, as_requests, max_context, tokenize_request, with_subject
+from ..model.loading import model_id as model_id_of
+from ..model.views import is_view, viewed_model
+from ..model.weights import WeightState, model_fingerprint, tensor_sha256
+from ..safety.drift import GuardConfig
+from ..safety.safeguards import Guard, Safeguards, accepts, resolve_guard
+from ..scoring.sequences import score_requests
 from .diff import EditDiff, diff_edit
-from .drift import GuardConfig
-from .errors import ConfigError, EditNotFoundError, InvalidRequestError, ModelMismatchError
-from .exported import EXPORT_FORMAT, read_exported
 from .journal import Journal
-from .loading import model_id as model_id_of
-from .methods import StreamState, config_to_dict, get_method, make_config
 from .preview import EditPreview, edit_effect, preview_delta, with_delta
-from .record import EditRecord, new_edit_id
 from .replay_journal import replay
-from .request import EditRequest, TokenizedRequest, as_requests, max_context, tokenize_request, with_subject
-from .safeguards import Guard, Safeguards, accepts, resolve_guard
-from .scoring import score_requests
-from .views import is_view, viewed_model
-from .weights import WeightState, model_fingerprint, tensor_sha256
 
 LOG = logging.getLogger(__name__)
 

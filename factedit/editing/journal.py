@@ -27,9 +27,9 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from sqlitedict import SqliteDict
 
-from .delta import Delta
-from .errors import EditNotFoundError, JournalError, ModelMismatchError
-from .record import EditRecord
+from ..core.delta import Delta
+from ..core.errors import EditNotFoundError, JournalError, ModelMismatchError
+from ..core.record import EditRecord
 
 FORMAT = "factedit.journal/1"
 TABLE = "factedit_journal"

@@ -27,15 +27,15 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from .delta import Delta
+from ..core.delta import Delta
+from ..core.errors import ConfigError
+from ..core.record import EditRecord
+from ..core.request import EditRequest, TokenizedRequest, encode_prompt, encode_target
+from ..model.specs import layer_index
+from ..model.views import FunctionalModel
+from ..model.weights import WeightState, checked_updates
+from ..scoring.sequences import pad_id_of, score_sequences, top_tokens
 from .diff import ParamChange, param_changes
-from .errors import ConfigError
-from .record import EditRecord
-from .request import EditRequest, TokenizedRequest, encode_prompt, encode_target
-from .scoring import pad_id_of, score_sequences, top_tokens
-from .specs import layer_index
-from .views import FunctionalModel
-from .weights import WeightState, checked_updates
 
 # What a prompt is, in the rows below: the edit's own prompt, a paraphrase (scored on the target too),
 # a locality prompt of the request, or a probe.

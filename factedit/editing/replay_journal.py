@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import ModelMismatchError
+from ..core.errors import ModelMismatchError
+from ..core.record import EditRecord
+from ..model.weights import WeightState, model_sha256, tensor_sha256
 from .journal import Journal
-from .record import EditRecord
-from .weights import WeightState, model_sha256, tensor_sha256
 
 LOG = logging.getLogger(__name__)
 

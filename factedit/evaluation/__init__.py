@@ -3,7 +3,7 @@
     from factedit.evaluation import load_records, run_eval, EvalConfig
     factedit eval method=[ft_l,lora] data=counterfact n=200 out=runs/eval/x      (the CLI: .cli.main)
 
-Metrics are computed in `factedit.editing.metrics` (one function, `compute_metrics`).
+Metrics are computed in `factedit.scoring.metrics` (one function, `compute_metrics`).
 """
 
 from .config import DataConfig, EvalConfig, MethodRun, ModelConfig

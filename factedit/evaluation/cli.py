@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..editing.errors import FacteditError
+from ..core.errors import FacteditError
 from ..paths import CONFIG_DIR, CONFIG_MODULE
 from .config import from_container
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..editing.errors import ConfigError
+from ..core.errors import ConfigError
 from ..paths import resolve_path
 from .loaders import FORMATS
 

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..editing.errors import FacteditError
-from ..editing.hashing import file_sha256
+from ..core.errors import FacteditError
+from ..core.hashing import file_sha256
 from .records import EvalRecord
 
 logger = logging.getLogger(__name__)

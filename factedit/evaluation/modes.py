@@ -31,13 +31,13 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from ..editing.cost import stopwatch
-from ..editing.drift import reference_perplexity
+from ..core.cost import stopwatch
+from ..core.errors import DriftError, InvalidDeltaError, InvalidRequestError
 from ..editing.editor import Editor
-from ..editing.errors import DriftError, InvalidDeltaError, InvalidRequestError
-from ..editing.metrics import CaseScores, compute_metrics, score_cases
-from ..editing.reference import reference_texts
-from ..editing.said import greedy_retention
+from ..safety.drift import reference_perplexity
+from ..safety.reference import reference_texts
+from ..scoring.metrics import CaseScores, compute_metrics, score_cases
+from ..scoring.said import greedy_retention
 from .config import EvalConfig, MethodRun
 from .records import EvalRecord
 from .store import JsonLines

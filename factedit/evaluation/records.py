@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..editing.request import EditRequest
+from ..core.request import EditRequest
 
 
 @dataclass(frozen=True)

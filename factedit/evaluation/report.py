@@ -1,5 +1,5 @@
 """The run's summary (summary.json) and its formatted views (report.md, plots). Metrics are computed by
-`factedit.editing.metrics.compute_metrics` only; this module collects and formats them."""
+`factedit.scoring.metrics.compute_metrics` only; this module collects and formats them."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..editing.metrics import CaseScores, compute_metrics
+from ..scoring.metrics import CaseScores, compute_metrics
 from .config import NONE_METHOD, EvalConfig
 from .loaders import LoadedData
 from .records import EvalRecord
@@ -31,7 +31,7 @@ PROTOCOL = {
         "the answers of locality pairs and neighbourhood prompts that are the same before and after the edit"
     ),
     "generation": (
-        "what the model says (factedit.editing.said; off with generation=false). Greedy rule: "
+        "what the model says (factedit.scoring.said; off with generation=false). Greedy rule: "
         "len(target tokens) + 2 tokens generated greedily; success when the continuation, normalised "
         "(NFKC, casefolded, whitespace collapsed), starts with the normalised target ending at a word "
         "boundary. gen/prompt, gen/paraphrase: the greedy rule after the edit prompt / paraphrases. "

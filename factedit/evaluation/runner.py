@@ -23,11 +23,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .._version import __version__
-from ..editing.cost import PeakMemory, stopwatch
-from ..editing.errors import ConfigError
-from ..editing.loading import load_model, model_id
-from ..editing.methods import config_to_dict, get_method, make_config
-from ..editing.weights import model_fingerprint
+from ..core.cost import PeakMemory, stopwatch
+from ..core.errors import ConfigError
+from ..core.methods import config_to_dict, get_method, make_config
+from ..model.loading import load_model, model_id
+from ..model.weights import model_fingerprint
 from .config import NONE_METHOD, EvalConfig, MethodRun
 from .loaders import LoadedData, load_records, select_records
 from .modes import RunContext, run_batch, run_none, run_sequential, run_single, sequential_done
@@ -127,7 +127,7 @@ def _resumable_rows(config: EvalConfig, records: list, rows: list[dict[str, Any]
 
 def _score_unedited(ctx: RunContext, rows: list[dict[str, Any]]) -> None:
     """Pre-edit scores of every chosen record: from earlier rows, else one batched pass."""
-    from ..editing.metrics import CaseScores
+    from ..scoring.metrics import CaseScores
 
     for row in rows:
         ctx.pre.setdefault(row["index"], CaseScores.from_dict(row["pre"]))

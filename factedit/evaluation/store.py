@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from ..editing.atomic import write_text
+from ..core.atomic import write_text
 
 logger = logging.getLogger(__name__)
 

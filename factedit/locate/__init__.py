@@ -2,5 +2,5 @@
 
 keys (positions.py, reads.py), values (values.py), the solve spread over blocks (method.py); the config
 in config.py. The shared machinery (context prefixes, key statistics, null-space and covariance
-solves) lives in the core (factedit/editing/).
+solves) lives in the core (factedit/core, model, scoring, safety).
 """

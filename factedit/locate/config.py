@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ..editing.contexts import PrefixConfig
-from ..editing.preserve import PreserveConfig, preserve_field
-from ..editing.settable import LAYERS, Choice, Integer, Nested, Number, Settable
+from ..core.settable import LAYERS, Choice, Integer, Nested, Number, Settable
+from ..model.contexts import PrefixConfig
+from ..safety.preserve import PreserveConfig, preserve_field
 
 
 @dataclass(frozen=True)

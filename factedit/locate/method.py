@@ -27,17 +27,17 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ..editing.contexts import ContextPrefixes
-from ..editing.delta import Delta, ParamDelta
-from ..editing.hooks import frozen
-from ..editing.keys import key_statistics
-from ..editing.loading import model_id
-from ..editing.methods import MethodSpec
-from ..editing.preserve import KeyPreserver, build_preserver, covariance_solve_rows
-from ..editing.reference import key_corpus
-from ..editing.request import TokenizedRequest, subject_span
-from ..editing.specs import layer_index, mlp_param_names, weight_layout
-from ..editing.weights import model_fingerprint
+from ..core.delta import Delta, ParamDelta
+from ..core.methods import MethodSpec
+from ..core.request import TokenizedRequest, subject_span
+from ..model.contexts import ContextPrefixes
+from ..model.hooks import frozen
+from ..model.loading import model_id
+from ..model.specs import layer_index, mlp_param_names, weight_layout
+from ..model.weights import model_fingerprint
+from ..safety.keys import key_statistics
+from ..safety.preserve import KeyPreserver, build_preserver, covariance_solve_rows
+from ..safety.reference import key_corpus
 from .config import LocateConfig, MEMITConfig, ROMEConfig
 from .positions import Rows, key_rows, subject_of, value_rows
 from .reads import Start, block_name, first_rows, mean_by_owner, read_at_subject

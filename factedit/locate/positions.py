@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from ..editing.contexts import subject_positions, token_at
-from ..editing.request import TokenizedRequest, find_subject, subject_span
-from ..editing.scoring import pad_id_of, pad_sequences
+from ..core.request import TokenizedRequest, find_subject, subject_span
+from ..model.contexts import subject_positions, token_at
+from ..scoring.sequences import pad_id_of, pad_sequences
 
 IGNORE = -100
 SUBJECT_LAST, LAST = "subject_last", "last"  # where keys are read and values written

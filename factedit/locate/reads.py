@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..editing.hooks import capture_linear_io, forward_hooks, stop_after
-from ..editing.replay import CapturedInput, capture_block_input, start_at_block
-from ..editing.specs import spec_for
+from ..model.hooks import capture_linear_io, forward_hooks, stop_after
+from ..model.replay import CapturedInput, capture_block_input, start_at_block
+from ..model.specs import spec_for
 from .positions import Rows
 
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..editing.hooks import forward_hooks
-from ..editing.scoring import logits_at
+from ..model.hooks import forward_hooks
+from ..scoring.sequences import logits_at
 from .config import LocateConfig
 from .positions import IGNORE, Rows
 from .reads import first_rows, read_at_subject, started

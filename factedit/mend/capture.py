@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..editing.batches import IGNORE, TrainingBatch
-from ..editing.hooks import capture_linear_io
-from ..editing.scoring import logits_at
+from ..model.hooks import capture_linear_io
+from ..scoring.batches import IGNORE, TrainingBatch
+from ..scoring.sequences import logits_at
 
 
 @dataclass(frozen=True)

@@ -27,10 +27,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .._version import __version__
-from ..editing.atomic import write_text
-from ..editing.errors import CheckpointError, ModelMismatchError
-from ..editing.hashing import file_sha256
-from ..editing.weights import config_identity, model_fingerprint
+from ..core.atomic import write_text
+from ..core.errors import CheckpointError, ModelMismatchError
+from ..core.hashing import file_sha256
+from ..model.weights import config_identity, model_fingerprint
 from .network import EditedParam, MENDNetwork
 
 LOG = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def anchor_fingerprint(model: nn.Module, samples: int = 8192) -> str:
 
 
 def base_model_info(model: nn.Module) -> dict[str, str]:
-    from ..editing.loading import model_id
+    from ..model.loading import model_id
 
     return {
         "id": model_id(model),

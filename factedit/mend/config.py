@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..editing.preserve import PreserveConfig, preserve_field
-from ..editing.settable import Choice, Choices, Flag, Integer, Integers, Nested, Numbers, Settable
+from ..core.settable import Choice, Choices, Flag, Integer, Integers, Nested, Numbers, Settable
+from ..safety.preserve import PreserveConfig, preserve_field
 
 POSITIONS = ("loss", "all")
 

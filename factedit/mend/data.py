@@ -17,8 +17,8 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from ..editing.errors import InvalidRequestError
-from ..editing.request import EditRequest, TokenizedRequest, encode_prompt, encode_target, tokenize_request
+from ..core.errors import InvalidRequestError
+from ..core.request import EditRequest, TokenizedRequest, encode_prompt, encode_target, tokenize_request
 
 LOG = logging.getLogger(__name__)
 Pair = tuple[tuple[int, ...], tuple[int, ...]]  # (prompt_ids, target_ids)

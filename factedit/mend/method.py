@@ -16,15 +16,15 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ..editing.batches import make_batch
-from ..editing.delta import Delta, ParamDelta
-from ..editing.errors import ConfigError
-from ..editing.hooks import frozen
-from ..editing.methods import MethodSpec, StreamState
-from ..editing.preserve import KeyPreserver
-from ..editing.request import TokenizedRequest
-from ..editing.scoring import logits_at, pad_id_of
-from ..editing.specs import layer_index, mlp_param_names, weight_layout
+from ..core.delta import Delta, ParamDelta
+from ..core.errors import ConfigError
+from ..core.methods import MethodSpec, StreamState
+from ..core.request import TokenizedRequest
+from ..model.hooks import frozen
+from ..model.specs import layer_index, mlp_param_names, weight_layout
+from ..safety.preserve import KeyPreserver
+from ..scoring.batches import make_batch
+from ..scoring.sequences import logits_at, pad_id_of
 from .capture import capture, loss_positions, next_tokens
 from .checkpoint import MENDCheckpoint, check_model, load_checkpoint
 from .config import MENDConfig

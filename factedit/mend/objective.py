@@ -28,9 +28,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..editing.batches import IGNORE, make_batch
-from ..editing.preserve import KeyPreserver
-from ..editing.scoring import logits_at, pad_sequences
+from ..safety.preserve import KeyPreserver
+from ..scoring.batches import IGNORE, make_batch
+from ..scoring.sequences import logits_at, pad_sequences
 from .capture import capture, loss_positions, next_tokens, per_request_nll
 from .data import EditExample, Pair, cf_pairs, counterfact_flags
 from .method import dense_params, edit_rows, scaled_step
@@ -205,7 +205,7 @@ def evaluate_single_edits(
 ) -> dict[str, float]:
     """CounterFact ES/PS/NS of one edit at a time (the model itself is never written), the step
     scaled as the `mend` method does (MENDConfig.step_scales)."""
-    from ..editing.hooks import frozen
+    from ..model.hooks import frozen
 
     base = unwrap(network)
     was_training = base.training

@@ -21,9 +21,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..editing.atomic import atomic_path
-from ..editing.scoring import pad_sequences
-from ..editing.specs import resolve_layers, spec_for
+from ..core.atomic import atomic_path
+from ..model.specs import resolve_layers, spec_for
+from ..scoring.sequences import pad_sequences
 
 Ids = tuple[int, ...]
 

@@ -19,12 +19,12 @@ from safetensors.torch import load_file, save_file
 
 import factedit
 
-from ..editing.errors import CheckpointError
-from ..editing.hashing import file_sha256
-from ..editing.preserve import PreserveConfig, build_preserver
-from ..editing.scoring import pad_id_of
-from ..editing.specs import resolve_layers
+from ..core.errors import CheckpointError
+from ..core.hashing import file_sha256
+from ..model.specs import resolve_layers
 from ..paths import resolve_path
+from ..safety.preserve import PreserveConfig, build_preserver
+from ..scoring.sequences import pad_id_of
 from .checkpoint import base_model_info, check_model, load_checkpoint, save_checkpoint
 from .data import EditExample, load_examples
 from .method import new_network

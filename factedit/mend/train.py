@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from ..editing.configs import validated
-from ..editing.errors import ConfigError
+from ..core.configs import validated
+from ..core.errors import ConfigError
 from ..paths import CONFIG_DIR as PACKAGE_CONFIG_DIR
 from ..paths import CONFIG_MODULE
 from .data import EditExample
@@ -146,7 +146,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> dict[str, Any]:
     """
     from tqdm.auto import tqdm
 
-    from ..editing.hooks import frozen
+    from ..model.hooks import frozen
 
     run = prepare(cfg, model, tokenizer)
     keeper = Keeper(run)
@@ -225,7 +225,7 @@ def episode_step(
 def _init_statistics(model, network, train_set, stream, cfg: TrainConfig, pad_id: int, rank: int,
                      cache: PrefixCache | None) -> None:
     """Fill the running mean/std of [u; δ] from `stats_batches` batches before any update."""
-    from ..editing.batches import make_batch
+    from ..scoring.batches import make_batch
     from .capture import capture
 
     names = network.param_names

@@ -28,13 +28,13 @@ from typing import ClassVar
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ..editing.delta import Delta
-from ..editing.methods import MethodSpec, StreamState
-from ..editing.preserve import KeyPreserver, PreserveConfig, preserve_field
-from ..editing.request import TokenizedRequest
-from ..editing.settable import Choice, Choices, Integer, Integers, Nested, Number, Numbers, Settable
-from ..editing.specs import mlp_param_names, num_layers
+from ..core.delta import Delta
+from ..core.methods import MethodSpec, StreamState
+from ..core.request import TokenizedRequest
+from ..core.settable import Choice, Choices, Integer, Integers, Nested, Number, Numbers, Settable
+from ..model.specs import mlp_param_names, num_layers
 from ..paths import PACKAGE_DIR
+from ..safety.preserve import KeyPreserver, PreserveConfig, preserve_field
 from .config import POSITIONS
 from .data import load_examples
 from .method import capture_rows, edit_with_network, new_network

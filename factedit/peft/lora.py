@@ -16,15 +16,15 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ..editing.batches import TrainingBatch, training_batch
-from ..editing.contexts import ContextPrefixes, PrefixConfig
-from ..editing.delta import Delta, ParamDelta
-from ..editing.hooks import frozen
-from ..editing.methods import MethodSpec
-from ..editing.preserve import KeyPreserver, PreserveConfig, preserve_field
-from ..editing.request import TokenizedRequest
-from ..editing.settable import LAYERS, SEED, Choices, Integer, Nested, Number, Settable
-from ..editing.specs import mlp_param_names, weight_layout
+from ..core.delta import Delta, ParamDelta
+from ..core.methods import MethodSpec
+from ..core.request import TokenizedRequest
+from ..core.settable import LAYERS, SEED, Choices, Integer, Nested, Number, Settable
+from ..model.contexts import ContextPrefixes, PrefixConfig
+from ..model.hooks import frozen
+from ..model.specs import mlp_param_names, weight_layout
+from ..safety.preserve import KeyPreserver, PreserveConfig, preserve_field
+from ..scoring.batches import TrainingBatch, training_batch
 from .training import Progress, optimize, seeded
 
 ADAPTER = "factedit"

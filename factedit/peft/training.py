@@ -1,6 +1,6 @@
 """The optimisation loop shared by the fine-tuning editors: Adam on the trained tensors until every
 target token is the argmax (checked on the same forward pass, before stepping), or after `max_steps`
-steps. The batches and their loss are the core's (editing/batches.py)."""
+steps. The batches and their loss are the core's (scoring/batches.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from ..editing.batches import TrainingBatch, target_nll
+from ..scoring.batches import TrainingBatch, target_nll
 
 # progress(step, max_steps, loss): what a caller is told while an editor trains (a UI's progress bar)
 Progress = Callable[[int, int, float], None]

@@ -16,8 +16,8 @@ import argparse
 import logging
 import os
 
-from ..editing.errors import ConfigError
-from ..editing.loading import cache_dir
+from ..core.errors import ConfigError
+from ..model.loading import cache_dir
 from ..session import EditSession, SessionConfig
 from .config import ServerConfig, is_loopback
 from .security import TOKEN_ENV, load_token, new_token_file, owner_only

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from ..editing.errors import ConfigError
+from ..core.errors import ConfigError
 from ..session.limits import RequestLimits
 
 MAX_LIST_ITEMS = 256  # ceiling of every per-request list limit: the request schemas refuse longer lists

@@ -14,8 +14,8 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from ..editing.errors import EditNotFoundError
-from ..editing.request import EditRequest
+from ..core.errors import EditNotFoundError
+from ..core.request import EditRequest
 from .access import Access, declare
 from .errors import APIError
 from .schemas import CompactBody, EditBody

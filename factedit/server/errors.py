@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
-from ..editing.errors import (
+from ..core.errors import (
     ConfigError,
     ConfigNotAllowedError,
     DriftError,

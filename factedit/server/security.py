@@ -11,7 +11,7 @@ from pathlib import Path
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..editing.errors import ConfigError
+from ..core.errors import ConfigError
 from .errors import APIError, refuse
 
 logger = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ Generations, predictions and other reads hold the weights shared (`reading`) and
 revert or import holds them alone (`writing`): it waits for the running reads and holds new ones back,
 so no read ever sees half-applied weights (rwlock.py prefers writers). Previews, diffs and effects swap
 weights in through `functional_call` (a LoRA preview injects modules): they run on a fresh read view of
-the model (editing/views.py) while holding the weights shared (`viewing`), so generations go on
+the model (model/views.py) while holding the weights shared (`viewing`), so generations go on
 meanwhile; they run one at a time, since they toggle `requires_grad` on the shared parameters. Writes
 past `max_pending_writes` waiting, and views past `max_pending_views`, are refused with
 `SessionBusyError` (the service answers 503).
@@ -18,8 +18,8 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from ..editing.errors import FacteditError
-from ..editing.views import read_view
+from ..core.errors import FacteditError
+from ..model.views import read_view
 from .rwlock import LockTimeout, ReadWriteLock
 
 

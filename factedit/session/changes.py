@@ -10,8 +10,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from ..editing.errors import DriftError
-from ..editing.record import EditRecord
+from ..core.errors import DriftError
+from ..core.record import EditRecord
 from .reads import Prediction
 
 MAX_OUTCOMES = 32  # EditOutcomes kept (by edit id) for views that show an edit's before/after

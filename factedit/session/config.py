@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..editing.errors import ConfigError
-from ..editing.loading import cache_dir
+from ..core.errors import ConfigError
+from ..model.loading import cache_dir
 
 DEFAULT_MODEL = "default"
 DEFAULT_PROBES = (
@@ -31,7 +31,7 @@ class SessionConfig:
     probes: tuple[str, ...] = DEFAULT_PROBES  # the probe list a new journal starts with
     continuation_tokens: int = 12  # length of the greedy continuation shown before/after an edit
     torch_threads: int | None = None  # CPU threads of the process; None = torch's default
-    # The drift guard of every edit (factedit.editing.drift): an edit that raises the reference text's
+    # The drift guard of every edit (factedit.safety.drift): an edit that raises the reference text's
     # perplexity past this many times the base model's is undone and reported.
     guard_max_ratio: float = 1.5
     # Prepare the guard when the journal opens (Editor.warm_guard, for the blocks every method edits):

@@ -28,16 +28,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..artifacts.exported import read_exported
+from ..core.errors import ConfigError, FacteditError, InvalidDeltaError, JournalError
+from ..core.methods import available_methods
+from ..core.record import EditRecord
+from ..core.request import EditRequest
 from ..editing.editor import Editor
-from ..editing.errors import ConfigError, FacteditError, InvalidDeltaError, JournalError
-from ..editing.exported import read_exported
 from ..editing.journal import Journal
-from ..editing.loading import load_model, model_id
-from ..editing.methods import available_methods
 from ..editing.preview import EditPreview
-from ..editing.record import EditRecord
-from ..editing.request import EditRequest
-from ..editing.weights import model_sha256
+from ..model.loading import load_model, model_id
+from ..model.weights import model_sha256
 from .access import WeightsAccess
 from .cache import VersionedCache
 from .changes import ChangeLog, EditOutcome

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..editing.errors import LimitError
-from ..editing.request import EditRequest
+from ..core.errors import LimitError
+from ..core.request import EditRequest
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,10 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from ..editing.atomic import write_text
-from ..editing.errors import ConfigError
+from ..core.atomic import write_text
+from ..core.errors import ConfigError
 from ..editing.preview import compare_prompts
-from ..editing.scoring import top_tokens
+from ..scoring.sequences import top_tokens
 
 logger = logging.getLogger(__name__)
 

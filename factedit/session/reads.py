@@ -14,8 +14,8 @@ from torch.func import functional_call
 from transformers import PreTrainedTokenizerBase
 
 from ..editing.preview import prompt_items, score_prompts
-from ..editing.scoring import top_tokens
-from ..editing.views import FunctionalModel
+from ..model.views import FunctionalModel
+from ..scoring.sequences import top_tokens
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,11 @@ from typing import Any
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from ..core.errors import ConfigError, FacteditError
+from ..core.methods import get_method, make_config
+from ..core.settable import checked, settable_fields
 from ..editing.editor import Editor
-from ..editing.errors import ConfigError, FacteditError
 from ..editing.journal import Journal
-from ..editing.methods import get_method, make_config
-from ..editing.settable import checked, settable_fields
 from .config import SessionConfig
 
 

@@ -37,7 +37,8 @@ Merged GGUF model (`export_gguf_merged`): a copy of the base GGUF (every metadat
 tensor's bytes as they are, quantized or not) in which the edited tensors are replaced by the edited
 weights in `dtype`: "f32" (default: exactly factedit's edited weights, the Q4_1 base dequantized plus
 the edits), "f16", "q8_0", or "base" (re-quantized to the base tensor's own type, where gguf-py can
-quantize it: Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/BF16/F16/F32; K-quants are refused). A 4-bit grid is coarser
+quantize it: Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/BF16/F16/F32; K-quants are refused), or "f32-all" (every tensor
+dequantized to F32: exactly the weights factedit computes with, 4x the file). A 4-bit grid is coarser
 than a typical fact edit, so "base" can lose most of an edit: the result reports, per tensor, the
 relative error of the change as written, ‖(written − base) − Δ‖_F / ‖Δ‖_F (0 = exact, 1 = edit lost).
 
@@ -61,12 +62,12 @@ import torch
 from torch import nn
 
 from .._version import __version__
+from ..core.delta import DENSE, LOW_RANK
+from ..core.errors import ConfigError, EditNotFoundError, InvalidDeltaError, ModelMismatchError, UnsupportedModelError
+from ..core.record import EditRecord
+from ..model.loading import DEFAULT_MODEL_ID, default_gguf_path
+from ..model.specs import mlp_param_names, num_layers, spec_for, weight_layout
 from .adapters import lora_factors
-from .delta import DENSE, LOW_RANK
-from .errors import ConfigError, EditNotFoundError, InvalidDeltaError, ModelMismatchError, UnsupportedModelError
-from .loading import DEFAULT_MODEL_ID, default_gguf_path
-from .record import EditRecord
-from .specs import mlp_param_names, num_layers, spec_for, weight_layout
 
 __all__ = [
     "ADAPTER_DTYPES",
@@ -75,6 +76,7 @@ __all__ = [
     "GGUFAdapterExport",
     "GGUFMergedExport",
     "base_gguf_for",
+    "export_gguf_f32",
     "export_gguf_lora",
     "export_gguf_merged",
     "gguf_architecture",
@@ -83,7 +85,9 @@ __all__ = [
 ]
 
 ADAPTER_DTYPES = ("f32", "f16")  # what the LoRA factors are stored in
-MERGED_DTYPES = ("f32", "f16", "q8_0", "base")  # what a merged model's edited tensors are stored in
+# What a merged model's edited tensors are stored in; "f32-all": every tensor dequantized to F32 (the weights
+# factedit computes with, bit for bit, so llama.cpp computes in float32 too: no quantized arithmetic).
+MERGED_DTYPES = ("f32", "f16", "q8_0", "base", "f32-all")
 ARTIFACT_KEY = "factedit.artifact"  # metadata key holding the JSON that describes the artifact
 ARTIFACT_FORMAT = "factedit.artifact/1"
 
@@ -472,7 +476,8 @@ def export_gguf_merged(
     for name, tname in tnames.items():
         source = opened.tensors[tname]
         qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-                 "q8_0": gguf.GGMLQuantizationType.Q8_0, "base": source.tensor_type}[dtype]
+                 "q8_0": gguf.GGMLQuantizationType.Q8_0, "base": source.tensor_type,
+                 "f32-all": gguf.GGMLQuantizationType.F32}[dtype]
         edited = _out_in(model, name, params[name].detach().float().cpu()).numpy()
         encoded = _encode(np.ascontiguousarray(edited), qtype)
         replaced[tname] = encoded
@@ -487,7 +492,32 @@ def export_gguf_merged(
             errors[tname] = float(((written - before.double()) - change).norm() / change.norm())
     artifact = _artifact("gguf_merged", model, records, {
         "base_gguf": base_path.name, "dtype": dtype, "edited_tensors": types, "edit_errors": errors})
+    copied = _copy_gguf(opened, arch, out, replaced, types, artifact, all_f32=dtype == "f32-all")
+    return GGUFMergedExport(out, base_path, dtype, tuple(r.id for r in records), types, errors, copied)
+
+
+def export_gguf_f32(base: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """The base GGUF with every tensor dequantized to F32 and its metadata as it is: the unedited weights
+    factedit computes with, for llama.cpp (a GGUF LoRA adapter applies to it as to the quantized base). llama.cpp
+    then computes in float32, without the 8-bit activations its quantized matrix products use."""
+    opened = _Base(Path(base))
+    out = _new_file(path)
+    _copy_gguf(opened, opened.arch, out, {}, {}, None, all_f32=True)
+    return out
+
+
+def _copy_gguf(opened: _Base, arch: str, out: Path, replaced: Mapping[str, np.ndarray], types: Mapping[str, str],
+               artifact: str | None, *, all_f32: bool) -> int:
+    """Write `opened` to `out` with `replaced` tensors (of `types`), the others as they are or, with `all_f32`,
+    dequantized to F32; every metadata key copied (general.file_type becomes ALL_F32 with `all_f32`). Returns
+    how many tensors were copied byte for byte."""
+    import gguf
+
     skip = {"general.architecture"}  # the writer writes it; GGUF.* are the header, not metadata
+    if all_f32:
+        skip.add(gguf.Keys.General.FILE_TYPE)
+    f32 = gguf.GGMLQuantizationType.F32
+    copied = sum(t.name not in replaced and (not all_f32 or t.tensor_type == f32) for t in opened.reader.tensors)
 
     def fill(tmp: Path) -> Any:
         writer = gguf.GGUFWriter(tmp, arch)
@@ -499,15 +529,19 @@ def export_gguf_merged(
             value_type = f.types[0]
             sub_type = f.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
             writer.add_key_value(f.name, f.contents(), value_type, sub_type=sub_type)
-        writer.add_string(ARTIFACT_KEY, artifact)
+        if all_f32:
+            writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+        if artifact is not None:
+            writer.add_string(ARTIFACT_KEY, artifact)
         for t in opened.reader.tensors:
             if t.name in replaced:
-                qtype = gguf.GGMLQuantizationType[types[t.name]]
-                writer.add_tensor(t.name, replaced[t.name], raw_dtype=qtype)
+                writer.add_tensor(t.name, replaced[t.name], raw_dtype=gguf.GGMLQuantizationType[types[t.name]])
+            elif all_f32 and t.tensor_type != f32:
+                values = np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+                writer.add_tensor(t.name, values, raw_dtype=f32)
             else:
                 writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
         return writer
 
     _write(out, fill)
-    return GGUFMergedExport(out, base_path, dtype, tuple(r.id for r in records), types, errors,
-                            len(opened.reader.tensors) - len(replaced))
+    return copied

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .errors import ConfigError
+from ..core.errors import ConfigError
 
 _VIEW_OF = "factedit_view_of"
 

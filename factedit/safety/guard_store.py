@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from .._version import __version__
-from .cachefiles import read_cached_tensors, write_cached_tensors
-from .loading import cache_dir
+from ..core.cachefiles import read_cached_tensors, write_cached_tensors
+from ..model.loading import cache_dir
 from .reference import texts_sha256
 
 STORE_FORMAT = "factedit.guard/1"

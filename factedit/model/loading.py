@@ -40,8 +40,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .errors import ConfigError, DefaultModelMissingError
-from .hashing import file_sha256
+from ..core.errors import ConfigError, DefaultModelMissingError
+from ..core.hashing import file_sha256
 
 __all__ = [
     "DEFAULT_MODEL_ID",

@@ -15,8 +15,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from .delta import Delta
-from .errors import EditNotFoundError, InvalidDeltaError
+from ..core.delta import Delta
+from ..core.errors import EditNotFoundError, InvalidDeltaError
 
 
 def tensor_sha256(tensor: torch.Tensor) -> str:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .scoring import DEFAULT_BATCH_SIZE, pad_sequences
+from .sequences import DEFAULT_BATCH_SIZE, pad_sequences
 
 PaddingSide = Literal["left", "right"]
 

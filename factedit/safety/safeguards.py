@@ -23,16 +23,16 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from .delta import Delta
+from ..core.delta import Delta
+from ..core.errors import ConfigError
+from ..core.request import TokenizedRequest
+from ..model.specs import layer_index
+from ..model.weights import WeightState
 from .drift import DriftGuard, GuardConfig
-from .errors import ConfigError
 from .guard_store import GuardStore
 from .keys import edit_keys, key_statistics
 from .preserve import KeyPreserver, PreserveConfig, build_preserver
 from .reference import key_corpus, reference_texts
-from .request import TokenizedRequest
-from .specs import layer_index
-from .weights import WeightState
 
 Guard = GuardConfig | float | None | str  # what Editor(guard=...) accepts; "auto": the method's default
 # A method's own keys of an edit, {param name: (N, in)} for the given param names and requests, on the

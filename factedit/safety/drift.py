@@ -21,12 +21,12 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from .errors import ConfigError, DriftError
+from ..core.errors import ConfigError, DriftError
+from ..core.request import max_context
+from ..model.replay import BlockForm, capture_block_input, start_at_block
+from ..scoring.sequences import pad_id_of, pad_sequences
 from .guard_store import GuardStore
 from .reference import reference_texts
-from .replay import BlockForm, capture_block_input, start_at_block
-from .request import max_context
-from .scoring import pad_id_of, pad_sequences
 
 LOG = logging.getLogger(__name__)
 

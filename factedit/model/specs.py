@@ -29,7 +29,7 @@ from typing import Any, Literal
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .errors import ConfigError, UnsupportedModelError
+from ..core.errors import ConfigError, UnsupportedModelError
 
 __all__ = [
     "SPECS",

@@ -47,8 +47,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from .request import encode_prompt, encode_target
-from .scoring import DEFAULT_BATCH_SIZE, pad_id_of, pad_sequences
+from ..core.request import encode_prompt, encode_target
+from .sequences import DEFAULT_BATCH_SIZE, pad_id_of, pad_sequences
 
 GREEDY_EXTRA = 2  # tokens generated past the target's length (greedy success, neighbours)
 CHAT_TOKENS = 16  # tokens of chat reply

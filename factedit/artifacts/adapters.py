@@ -48,11 +48,11 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from .._version import __version__
-from .delta import DENSE, Delta, ParamDelta
-from .errors import ConfigError, EditNotFoundError, InvalidDeltaError, ModelMismatchError
-from .record import EditRecord
-from .request import EditRequest
-from .specs import mlp_param_names, num_layers, spec_for, weight_layout
+from ..core.delta import DENSE, Delta, ParamDelta
+from ..core.errors import ConfigError, EditNotFoundError, InvalidDeltaError, ModelMismatchError
+from ..core.record import EditRecord
+from ..core.request import EditRequest
+from ..model.specs import mlp_param_names, num_layers, spec_for, weight_layout
 
 __all__ = [
     "IMPORT_METHOD",

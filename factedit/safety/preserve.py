@@ -34,12 +34,12 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from .delta import Delta, ParamDelta
-from .errors import ConfigError
+from ..core.delta import Delta, ParamDelta
+from ..core.errors import ConfigError
+from ..core.settable import Flag, Number, Settable
+from ..model.specs import weight_layout
 from .keys import cached_derivative, key_statistics
 from .reference import key_corpus
-from .settable import Flag, Number, Settable
-from .specs import weight_layout
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from .contexts import ContextPrefixes, in_context
-from .request import TokenizedRequest, encode_prompt, max_context
-from .scoring import pad_id_of, pad_sequences
+from ..core.request import TokenizedRequest, encode_prompt, max_context
+from ..model.contexts import ContextPrefixes, in_context
+from .sequences import pad_id_of, pad_sequences
 
 LOG = logging.getLogger(__name__)
 IGNORE = -100  # the label of a position that is not a target token

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from .errors import InvalidRequestError
-from .request import TokenizedRequest, encode_prompt
+from ..core.errors import InvalidRequestError
+from ..core.request import TokenizedRequest, encode_prompt
 
 DEFAULT_BATCH_SIZE = 16
 

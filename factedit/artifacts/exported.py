@@ -10,9 +10,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .delta import Delta, delta_metadata
-from .errors import FacteditError, InvalidDeltaError
-from .request import EditRequest
+from ..core.delta import Delta, delta_metadata
+from ..core.errors import FacteditError, InvalidDeltaError
+from ..core.request import EditRequest
 
 EXPORT_FORMAT = "factedit.edit/1"
 

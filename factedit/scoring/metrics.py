@@ -53,9 +53,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from .request import encode_prompt, encode_target
+from ..core.request import encode_prompt, encode_target
 from .said import CHAT_TOKENS, SaidScores, said_case_metrics, said_scores
-from .scoring import DEFAULT_BATCH_SIZE, pad_id_of, pad_sequences
+from .sequences import DEFAULT_BATCH_SIZE, pad_id_of, pad_sequences
 from .targets import PaddingSide, TargetScore, score_targets
 
 FLUENCY_WEIGHTS = {2: 2 / 3, 3: 4 / 3}  # ROME's n-gram orders and weights

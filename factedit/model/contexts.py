@@ -25,10 +25,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from .errors import ConfigError, InvalidRequestError
+from ..core.errors import ConfigError, InvalidRequestError
+from ..core.request import encode_prompt
+from ..core.settable import Integer, Settable
 from .hooks import frozen
-from .request import encode_prompt
-from .settable import Integer, Settable
 
 SEPARATOR = ". "  # between a prefix and the prompt
 

@@ -21,12 +21,12 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from .._version import __version__
-from .cachefiles import read_cached_tensors, write_cached_tensors
-from .hooks import capture_linear_io, stop_after
-from .loading import cache_dir
+from ..core.cachefiles import read_cached_tensors, write_cached_tensors
+from ..core.request import TokenizedRequest, max_context
+from ..model.hooks import capture_linear_io, stop_after
+from ..model.loading import cache_dir
+from ..scoring.sequences import pad_id_of, pad_sequences
 from .reference import texts_sha256
-from .request import TokenizedRequest, max_context
-from .scoring import pad_id_of, pad_sequences
 
 LOG = logging.getLogger(__name__)
 STATS_FORMAT = "factedit.keys/1"

@@ -1,0 +1,1 @@
+"""Edits as files: PEFT and GGUF LoRA adapters, merged models, exported edits."""

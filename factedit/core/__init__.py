@@ -1,0 +1,1 @@
+"""Contracts and types every part shares: errors, deltas, records, requests, configs and the method registry."""

@@ -1,0 +1,1 @@
+"""Lifelong safety: key statistics, null-space preservation and the drift guard."""

@@ -1,0 +1,1 @@
+"""Scoring a model: teacher-forced sequence scores, what the model says, the evaluation's measures."""
