@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import factedit
+from factedit.artifacts.gguf_export import export_gguf_f32
 from factedit.model.loading import default_gguf_path
 from factedit.paths import PACKAGE_DIR
 
@@ -27,9 +28,13 @@ pytestmark = pytest.mark.default_model
 RECORDS = slice(900, 903)  # CounterFact val records: edit prompt, paraphrase, neighbour each
 
 
-def torch_greedy(model, ids: list[list[int]]) -> list[int]:
+def torch_logits(model, ids: list[list[int]]) -> np.ndarray:
     with torch.no_grad():
-        return [int(model(torch.tensor([i])).logits[0, -1].argmax()) for i in ids]
+        return np.stack([model(torch.tensor([i])).logits[0, -1].float().numpy() for i in ids])
+
+
+def torch_greedy(model, ids: list[list[int]]) -> list[int]:
+    return torch_logits(model, ids).argmax(-1).tolist()
 
 
 def llama_logits(llm, ids: list[list[int]]) -> np.ndarray:
@@ -59,24 +64,22 @@ def exported(tmp_path_factory):
                + [r["locality_prompt"] for r in records])
     model, tok = factedit.load_model()
     ids = [tok(p).input_ids for p in prompts]
-    unedited = torch_greedy(model, ids)
+    unedited_logits = torch_logits(model, ids)
     with factedit.Editor("mend", tokenizer=tok, guard=None) as editor:
         for r in records:
             editor.edit(model, r["prompt"], r["target_new"])
-        edited = torch_greedy(model, ids)
+        edited_logits = torch_logits(model, ids)
         adapter = editor.export_adapter(out / "edits.gguf", format="gguf")
         merged = editor.export_merged(model, out / "merged.gguf", format="gguf")
         editor.revert_all(model)
+    unedited, edited = unedited_logits.argmax(-1).tolist(), edited_logits.argmax(-1).tolist()
     assert edited != unedited  # the edits change what the model says
-    return dict(ids=ids, unedited=unedited, edited=edited, adapter=adapter.path, merged=merged.path, n=len(records))
+    return dict(ids=ids, unedited=unedited, edited=edited, adapter=adapter.path, merged=merged.path, n=len(records),
+                unedited_logits=unedited_logits, edited_logits=edited_logits, out=out)
 
 
 def llama(path, **kw):
     return llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, logits_all=True, verbose=False, **kw)
-
-
-def agreement(got: list[int], ref: list[int]) -> float:
-    return float(np.mean(np.array(got) == np.array(ref)))
 
 
 def test_llama_cpp_with_the_gguf_lora_says_what_the_edited_model_says(exported):
@@ -84,8 +87,9 @@ def test_llama_cpp_with_the_gguf_lora_says_what_the_edited_model_says(exported):
     got = llama_logits(llm, exported["ids"]).argmax(-1).tolist()
     n = exported["n"]
     assert got[:n] == exported["edited"][:n]  # every edit prompt
-    assert agreement(got, exported["edited"]) >= 0.95 or sum(
-        a != b for a, b in zip(got, exported["edited"], strict=True)) <= 1
+    # The base's Q4_1 products quantize the activations to 8 bits (transformers computes in float32): a prompt
+    # whose top two logits are within that noise may differ; the bench measures it on 30 prompts.
+    assert sum(a != b for a, b in zip(got, exported["edited"], strict=True)) <= 1
 
 
 def test_adapter_scale_zero_is_the_unedited_model(exported):
@@ -104,3 +108,17 @@ def test_the_merged_gguf_says_what_the_edited_model_says(exported):
     n = exported["n"]
     assert got[:n] == exported["edited"][:n]
     assert sum(a != b for a, b in zip(got, exported["edited"], strict=True)) <= 1
+
+
+def test_in_float32_llama_cpp_computes_what_factedit_computes(exported):
+    """The base GGUF dequantized to F32 (export_gguf_f32): llama.cpp then multiplies in float32 like transformers,
+    and base + GGUF LoRA gives factedit's edited logits to within 0.1 on every prompt; at scale 0, the unedited."""
+    base = export_gguf_f32(default_gguf_path(), exported["out"] / "base-f32.gguf")
+    llm = llama(base, lora_path=str(exported["adapter"]))
+    with_adapter = llama_logits(llm, exported["ids"])
+    assert with_adapter.argmax(-1).tolist() == exported["edited"]
+    assert float(np.abs(with_adapter - exported["edited_logits"]).max()) < 0.1
+    set_scale(llm, 0.0)
+    scale0 = llama_logits(llm, exported["ids"])
+    assert scale0.argmax(-1).tolist() == exported["unedited"]
+    assert float(np.abs(scale0 - exported["unedited_logits"]).max()) < 0.1
