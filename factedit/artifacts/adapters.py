@@ -49,7 +49,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .._version import __version__
 from ..core.delta import DENSE, Delta, ParamDelta
-from ..core.errors import ConfigError, EditNotFoundError, InvalidDeltaError, ModelMismatchError
+from ..core.errors import ConfigError, EditNotFoundError, InvalidDeltaError, InvalidRequestError, ModelMismatchError
 from ..core.record import EditRecord
 from ..core.request import EditRequest
 from ..model.specs import mlp_param_names, num_layers, spec_for, weight_layout
@@ -159,6 +159,7 @@ def export_merged(
 ) -> Path:
     """Write `model` as it is (base + the active `records`) as a HuggingFace folder: safetensors weights,
     config, tokenizer, a model card listing the edits. `AutoModelForCausalLM.from_pretrained` loads it."""
+    refuse_side_modules(records, "a merged model")
     out = _empty_folder(path)
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
@@ -185,6 +186,17 @@ class LoraFactors:
     svd_errors: Mapping[str, float] = field(default_factory=dict)  # parameter -> ‖Δ−Δ_r‖_F / ‖Δ‖_F
 
 
+def refuse_side_modules(records: Sequence[EditRecord], what: str) -> None:
+    """InvalidRequestError, before anything is written, when an edit adds side modules (grace, tpatcher,
+    adapter: core/side.py): they are hooks, not weights, so no LoRA adapter or plain weights hold them."""
+    added = [r for r in records if r.delta is not None and r.delta.modules]
+    if added:
+        raise InvalidRequestError(
+            f"edit(s) {', '.join(r.id for r in added)} ({added[0].method}) add side modules, which {what} "
+            "cannot hold; export them with Editor.export_edit (a factedit edit file), or leave them out (ids=...)"
+        )
+
+
 def lora_factors(
     model: nn.Module, records: Sequence[EditRecord], *, rank: int | None = None, exact: bool = False
 ) -> LoraFactors:
@@ -194,6 +206,7 @@ def lora_factors(
     records = list(records)
     if not records:
         raise EditNotFoundError("no active edits to export")
+    refuse_side_modules(records, "a LoRA adapter")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ConfigError(f"rank must be a positive integer, got {rank!r}")
     _check_dense(records, rank, exact)

@@ -5,6 +5,12 @@ or low-rank factors `left @ right` in the parameter's own layout (so the Editor 
 about Conv1D orientation). Entries carry a `kind` so editors that add modules (adapters, codebooks)
 can join later without changing the journal format.
 
+An edit may also ADD modules (`modules`: name -> `SideModule`, core/side.py): adapters, gated neurons,
+a codebook, attached by forward hooks at named points of the model. A delta may hold only those.
+Serialised, their tensors are `side/<name>::<tensor>` and their declaration (type, point, options) is the
+JSON metadata `side` (with `side_format`); a blob without them reads as before, so older journals and
+exported edits keep working, and a blob with them names no code, only a type from factedit's registry.
+
 Low-rank factors are materialised in float64 on the CPU and then rounded to the parameter's dtype:
 the rounding absorbs differences in BLAS summation order, so replaying an edit in another process
 gives the same bits.
@@ -14,17 +20,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from .errors import InvalidDeltaError
+from .side import SideModule
 
 DENSE = "dense"
 LOW_RANK = "low_rank"
 _FORMAT = "factedit.delta/1"
+SIDE_FORMAT = "factedit.side/1"
 
 
 @dataclass(frozen=True)
@@ -93,14 +101,20 @@ class ParamDelta:
 
 @dataclass(frozen=True)
 class Delta:
-    """A whole edit's change: parameter name -> ParamDelta, in a fixed order."""
+    """A whole edit's change: parameter name -> ParamDelta, in a fixed order, and the side modules it
+    adds (name -> SideModule, attached in this order after those of earlier edits)."""
 
     params: Mapping[str, ParamDelta]
+    modules: Mapping[str, SideModule] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not self.params:
-            raise InvalidDeltaError("a delta must change at least one parameter")
+        if not self.params and not self.modules:
+            raise InvalidDeltaError("a delta must change at least one parameter or add a side module")
         object.__setattr__(self, "params", dict(self.params))
+        object.__setattr__(self, "modules", dict(self.modules))
+        for name, module in self.modules.items():
+            if not isinstance(module, SideModule) or not name or "::" in name or "/" in name:
+                raise InvalidDeltaError(f"side module {name!r}: expected a SideModule under a plain name")
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.params)
@@ -115,10 +129,13 @@ class Delta:
         return list(self.params)
 
     def detached_cpu(self) -> Delta:
-        return Delta({name: p.detached_cpu() for name, p in self.params.items()})
+        return Delta({name: p.detached_cpu() for name, p in self.params.items()},
+                     {name: m.detached_cpu() for name, m in self.modules.items()})
 
     def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for p in self.params.values() for t in p.tensors().values())
+        tensors = [t for p in self.params.values() for t in p.tensors().values()]
+        tensors += [t for m in self.modules.values() for t in m.tensors.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def check_against(self, named_params: Mapping[str, torch.nn.Parameter]) -> None:
         """Refuse a delta that names unknown parameters, has the wrong shape, or holds NaN/inf."""
@@ -142,6 +159,13 @@ class Delta:
             for part, tensor in pdelta.tensors().items():
                 tensors[f"{name}::{part}"] = tensor.detach().cpu().contiguous()
         meta = {"format": _FORMAT, "layout": json.dumps(layout)}
+        if self.modules:
+            side = {}
+            for name, module in self.modules.items():
+                side[name] = {"type": module.type, "point": module.point, "options": dict(module.options)}
+                for part, tensor in module.tensors.items():
+                    tensors[f"side/{name}::{part}"] = tensor.detach().cpu().contiguous()
+            meta.update({"side_format": SIDE_FORMAT, "side": json.dumps(side)})
         meta.update(metadata or {})
         return save_safetensors(tensors, metadata=meta)
 
@@ -159,7 +183,8 @@ class Delta:
             raise InvalidDeltaError("not a factedit delta: its layout is not JSON") from None
         if not isinstance(layout, dict) or not all(isinstance(k, str) for k in layout.values()):
             raise InvalidDeltaError("not a factedit delta: its layout is not an object of parameter names")
-        if not layout:
+        modules = _side_modules(metadata, tensors)
+        if not layout and not modules:
             raise InvalidDeltaError("not a factedit delta: its safetensors metadata has no layout")
         params = {}
         for name, kind in layout.items():
@@ -168,7 +193,31 @@ class Delta:
                 params[name] = ParamDelta(**{p: tensors[f"{name}::{p}"] for p in parts})
             except KeyError as exc:
                 raise InvalidDeltaError(f"the delta for {name!r} lacks its {exc.args[0]!r} tensor") from None
-        return cls(params)
+        return cls(params, modules)
+
+
+def _side_modules(metadata: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> dict[str, SideModule]:
+    """The side modules a blob declares (none when it has no `side` metadata: an older blob), each built
+    and so checked against its declared type; InvalidDeltaError for an unknown format or a bad entry."""
+    if "side" not in metadata:
+        return {}
+    if metadata.get("side_format") != SIDE_FORMAT:
+        raise InvalidDeltaError(f"side modules in format {metadata.get('side_format')!r}; this factedit reads "
+                                f"{SIDE_FORMAT} (a newer factedit wrote it?)")
+    try:
+        side = json.loads(metadata["side"])
+    except ValueError:
+        raise InvalidDeltaError("not a factedit delta: its side modules are not JSON") from None
+    if not isinstance(side, dict):
+        raise InvalidDeltaError("not a factedit delta: its side modules are not an object")
+    modules = {}
+    for name, decl in side.items():
+        if not isinstance(decl, dict) or not isinstance(decl.get("options", {}), dict):
+            raise InvalidDeltaError(f"side module {name!r}: its declaration is not an object")
+        prefix = f"side/{name}::"
+        parts = {key[len(prefix):]: t for key, t in tensors.items() if key.startswith(prefix)}
+        modules[name] = SideModule(str(decl.get("type")), str(decl.get("point", "")), parts, decl.get("options", {}))
+    return modules
 
 
 def delta_metadata(data: bytes) -> dict[str, str]:

@@ -33,6 +33,7 @@ class EditDiff:
     params: list[ParamChange]
     predictions: list[dict[str, Any]]  # per prompt: {"prompt", "before": top-k, "after": top-k}
     probes: list[dict[str, Any]] = field(default_factory=list)  # same shape, for probe prompts
+    modules: list[ModuleChange] = field(default_factory=list)  # the side modules the edit adds
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -40,7 +41,25 @@ class EditDiff:
             "params": [vars(p) for p in self.params],
             "predictions": self.predictions,
             "probes": self.probes,
+            "modules": [vars(m) for m in self.modules],
         }
+
+
+@dataclass(frozen=True)
+class ModuleChange:
+    """A side module an edit adds (core/side.py): where, of which type, how large."""
+
+    name: str
+    type: str  # "codebook", "gated_neurons", "bottleneck"
+    point: str  # the submodule whose output it changes
+    shapes: dict[str, list[int]]  # tensor name -> shape
+    num_params: int
+    fro_norm: float  # ‖tensors‖_F over all of them
+
+
+def module_changes(record: EditRecord) -> list[ModuleChange]:
+    return [ModuleChange(name, m.type, m.point, {k: list(v.shape) for k, v in m.tensors.items()}, m.num_params(),
+                         m.fro_norm()) for name, m in record.delta.modules.items()]
 
 
 def param_changes(record: EditRecord, state: WeightState, model: nn.Module | None) -> list[ParamChange]:
@@ -83,7 +102,7 @@ def diff_edit(
         after = score_requests(model, tokenizer, [], probes=probes)["probes"]
         if record.id in state.active:
             without = state.weights_without(model, record.id)
-            with torch.no_grad():
+            with torch.no_grad(), state.side_as(model, without=record.id):
                 before_model = FunctionalModel(model, without)
                 before = score_requests(before_model, tokenizer, [], probes=probes)["probes"]
         else:
@@ -91,6 +110,6 @@ def diff_edit(
         probe_rows = [
             {"prompt": b["prompt"], "before": b["top"], "after": a["top"]} for b, a in zip(before, after, strict=True)
         ]
-    return EditDiff(record.id, param_changes(record, state, model), predictions, probe_rows)
+    return EditDiff(record.id, param_changes(record, state, model), predictions, probe_rows, module_changes(record))
 
 

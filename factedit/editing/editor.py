@@ -272,6 +272,9 @@ class Editor:
         when reverted. The model is not changed (use the values through functional_call)."""
         with self._lock:
             record = self._record_with_delta(edit_id)
+            if record.delta.modules:
+                raise InvalidRequestError(f"edit {edit_id} ({record.method}) adds side modules, which weights alone "
+                                          "cannot toggle; use Editor.effect(edit_id, model, probes) instead")
             self.attach(viewed_model(model))
             if record.id in self._state.active:
                 return True, self._state.weights_without(model, record.id)
@@ -348,6 +351,7 @@ class Editor:
             bound = self._model_ref() if self._model_ref is not None else None
             if bound is None:
                 raise ConfigError("export_adapter needs the edited model: pass model= or edit/attach first")
+            adapters.refuse_side_modules(self._active_records(ids), f"a {format} LoRA adapter")
             if format == "gguf":
                 return gguf_export.export_gguf_lora(bound, self._active_records(ids), path, base=base_gguf,
                                                     base_weights=self._state.base, rank=rank, exact=exact)
@@ -365,6 +369,7 @@ class Editor:
             raise ConfigError(f"merged format must be 'hf' or 'gguf', got {format!r}")
         with self._lock:
             self.attach(model)
+            adapters.refuse_side_modules(self._active_records(None), f"a merged {format} model")
             if format == "gguf":
                 return gguf_export.export_gguf_merged(model, self._active_records(None), path, base=base_gguf,
                                                       base_weights=self._state.base, dtype=dtype)

@@ -185,7 +185,8 @@ def preview_delta(
     items = prompt_items(requests, probes)
     with torch.no_grad():
         before = score_prompts(model, tokenizer, items)
-        after = score_prompts(FunctionalModel(model, with_delta(model, delta)), tokenizer, items)
+        with state.side_as(model, extra=delta):  # a delta's side modules join the active ones meanwhile
+            after = score_prompts(FunctionalModel(model, with_delta(model, delta)), tokenizer, items)
     # param_changes reads only `.delta` of the record it is given
     changes = param_changes(SimpleNamespace(delta=delta), state, model)
     return EditPreview(requests=requests, rows=compare_prompts(tokenizer, items, before, after), params=changes,
@@ -206,10 +207,14 @@ def edit_effect(
     with torch.no_grad():
         if active:
             without = FunctionalModel(model, state.weights_without(model, record.id))
-            before, after = score_prompts(without, tokenizer, items), score_prompts(model, tokenizer, items)
+            with state.side_as(model, without=record.id):
+                before = score_prompts(without, tokenizer, items)
+            after = score_prompts(model, tokenizer, items)
         else:
             again = FunctionalModel(model, with_delta(model, record.delta))
-            before, after = score_prompts(model, tokenizer, items), score_prompts(again, tokenizer, items)
+            before = score_prompts(model, tokenizer, items)
+            with state.side_as(model, extra=record.delta):
+                after = score_prompts(again, tokenizer, items)
     return {
         "edit_id": record.id,
         "active": active,
