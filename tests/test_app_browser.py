@@ -103,9 +103,9 @@ def test_compare_apply_health_and_revert_in_a_real_browser(tmp_path):
         ui.wait_idle(page, TIMEOUT_S)
         assert page.get_by_text(re.compile(r"^After: top prediction ' Rome'")).count() == 1
         ui.show_diff(page, TIMEOUT_S)
-        # "Prediction changes" (what show_diff waits for) may be on the page before the diff: wait for its title.
-        page.get_by_text(re.compile(r"^Diff of edit \w+ \(active\)")).wait_for(timeout=timeout_ms)
-        assert page.get_by_text(re.compile(r"^Diff of edit \w+ \(active\)")).count() == 1
+        # The diff is of the new edit, selected by the edit (not of the reverted one selected before it).
+        title = page.get_by_text(re.compile(r"^Diff of edit \w+ \("))
+        assert re.fullmatch(r"Diff of edit \w+ \(active\)", title.inner_text()), title.inner_text()
         page.get_by_role("button", name="Generate").click()  # "Try the model": without/with the selected edit
         page.get_by_text(re.compile(r"^With edit \w+ \(the model now\)")).wait_for(timeout=timeout_ms)
         ui.wait_idle(page, TIMEOUT_S)

@@ -87,7 +87,7 @@ def _actions(service: EditSession, records: list[factedit.EditRecord]) -> str:
     state = st.session_state
     if state.get("selection") not in by_id:
         state["selection"] = ids[0]
-    key = f"selected_edit_{state.get('selection_nonce', 0)}"  # see edit_view.select
+    key = _selection_key()
     st.selectbox("Selected edit", ids, index=ids.index(state["selection"]), format_func=lambda i: _label(by_id[i]),
                  key=key, on_change=_picked, args=(key,),
                  help="The diff and the “try the model” box below are about this edit.")
@@ -131,7 +131,16 @@ def _compact(service: EditSession) -> None:
 
 
 def _picked(key: str) -> None:
-    st.session_state["selection"] = st.session_state[key]
+    """The user chose an edit in the selectbox `key`. A selectbox an earlier selection replaced (its key has
+    an older nonce) is ignored: a rerun request the browser sent before it drew the new one carries the old
+    box's value, and Streamlit, which forgot that box, calls this as if the value had just changed."""
+    state = st.session_state
+    if key == _selection_key():
+        state["selection"] = state[key]
+
+
+def _selection_key() -> str:
+    return f"selected_edit_{st.session_state.get('selection_nonce', 0)}"  # see edit_view.select
 
 
 def _revert(service: EditSession) -> None:
