@@ -10,14 +10,15 @@
 #
 # `install` stops with exit code 3 and says so when vLLM is not installed on the GPU machine: its wheel and
 # CUDA dependencies are far over 64 MiB a call, so it cannot be carried there.
-# prepare's settings: METHOD (ft_l), START (900), N (10), RANK (64: SVD rank of dense edits, a vLLM rank).
+# prepare's settings: METHOD (ft_l), START (900), N (10), RANK (64: SVD rank of dense edits, a vLLM rank),
+# JOURNAL (a journal of these edits, e.g. from bench_llama_cpp.py --journal: replayed instead of editing again).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
   prepare)
     if [ ! -f .gpu1/gguf.part00 ] || [ ! -f .gpu2/gguf.part01 ]; then ../shared/tools/gpu-model-chunks.sh; fi
     rm -rf .gpu2/vllm
-    METHOD=${METHOD:-ft_l} START=${START:-900} N=${N:-10} RANK=${RANK:-64} .venv/bin/python - <<'EOF'
+    METHOD=${METHOD:-ft_l} START=${START:-900} N=${N:-10} RANK=${RANK:-64} JOURNAL=${JOURNAL:-} .venv/bin/python - <<'EOF'
 import json, os, torch
 from pathlib import Path
 import factedit
@@ -37,9 +38,11 @@ def answers(m):
     return top.indices[:, 0].tolist(), (top.values[:, 0] - top.values[:, 1]).tolist()
 
 unedited, unedited_margin = answers(model)
-editor = factedit.Editor(method, tokenizer=tok)
-for r in records:
-    editor.edit(model, r["prompt"], r["target_new"], subject=r["subject"])
+editor = factedit.Editor(method, tokenizer=tok, journal=os.environ.get("JOURNAL") or None)
+editor.attach(model)  # a JOURNAL's edits are replayed, not redone
+if not editor.history:
+    for r in records:
+        editor.edit(model, r["prompt"], r["target_new"], subject=r["subject"])
 edited, edited_margin = answers(model)
 out = Path(".gpu2/vllm")
 result = editor.export_adapter(out / "adapter", rank=rank)
