@@ -48,10 +48,8 @@ fingerprint, the edits' ids, methods, configs, requests) so the artifact describ
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,11 +61,23 @@ from torch import nn
 
 from .._version import __version__
 from ..core.delta import DENSE, LOW_RANK
-from ..core.errors import ConfigError, EditNotFoundError, InvalidDeltaError, ModelMismatchError, UnsupportedModelError
+from ..core.errors import ConfigError, EditNotFoundError, InvalidDeltaError
 from ..core.record import EditRecord
-from ..model.loading import DEFAULT_MODEL_ID, default_gguf_path
-from ..model.specs import mlp_param_names, num_layers, spec_for, weight_layout
 from .adapters import lora_factors
+from .gguf_files import (
+    ARTIFACT_KEY,
+    BaseGGUF,
+    base_gguf_for,
+    copy_gguf,
+    encode,
+    export_gguf_f32,
+    gguf_architecture,
+    gguf_tensor_name,
+    new_gguf_file,
+    out_in,
+    tensor_names,
+    write_gguf,
+)
 
 __all__ = [
     "ADAPTER_DTYPES",
@@ -88,16 +98,8 @@ ADAPTER_DTYPES = ("f32", "f16")  # what the LoRA factors are stored in
 # What a merged model's edited tensors are stored in; "f32-all": every tensor dequantized to F32 (the weights
 # factedit computes with, bit for bit, so llama.cpp computes in float32 too: no quantized arithmetic).
 MERGED_DTYPES = ("f32", "f16", "q8_0", "base", "f32-all")
-ARTIFACT_KEY = "factedit.artifact"  # metadata key holding the JSON that describes the artifact
 ARTIFACT_FORMAT = "factedit.artifact/1"
 
-# config.model_type -> the GGUF architecture llama.cpp's convert_hf_to_gguf.py writes for it (Mistral
-# and Llama-style SmolLM are written as "llama"). Used when no base GGUF is given; a base GGUF's own
-# general.architecture always wins.
-GGUF_ARCHITECTURES = {
-    "llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2", "gpt_neox": "gptneox",
-    "gptj": "gptj", "gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3", "gemma3_text": "gemma3",
-}
 
 
 # --- results ----------------------------------------------------------------------------------------
@@ -130,142 +132,6 @@ class GGUFMergedExport:
     copied: int = 0  # tensors copied from the base GGUF byte for byte
 
 
-# --- names ------------------------------------------------------------------------------------------
-def gguf_architecture(model: nn.Module) -> str:
-    """The GGUF architecture name llama.cpp's converter gives this model's type; refused when none."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    arch = GGUF_ARCHITECTURES.get(model_type)
-    if arch is None:
-        raise UnsupportedModelError(
-            f"no GGUF architecture known for model type {model_type!r}; GGUF export supports "
-            f"{', '.join(sorted(GGUF_ARCHITECTURES))}"
-        )
-    return arch
-
-
-def _arch_enum(arch: str) -> Any:
-    import gguf
-
-    for value, name in gguf.MODEL_ARCH_NAMES.items():
-        if name == arch:
-            return value
-    raise UnsupportedModelError(f"the gguf package knows no architecture {arch!r}")
-
-
-def gguf_tensor_name(model: nn.Module, name: str, arch: str) -> str:
-    """The GGUF tensor name of the MLP matrix `name` ("model.layers.8.mlp.down_proj.weight" ->
-    "blk.8.ffn_down.weight"). Refused for a parameter that is not an MLP matrix (attention weights are
-    permuted by llama.cpp's converters, embeddings and norms are not LoRA targets here) or that gguf-py's
-    tensor map does not name for `arch`."""
-    import gguf
-
-    spec = spec_for(model)
-    mlp = set(mlp_param_names(model, range(num_layers(model)), spec.roles))
-    if name not in mlp:
-        raise InvalidDeltaError(
-            f"{name!r} is not an MLP matrix of this {spec.name!r} model; GGUF export covers the MLP matrices "
-            f"({', '.join(spec.mlp_modules.values())}) only: llama.cpp permutes attention Q/K rows when it "
-            "converts a model, and embeddings, norms and added modules have no GGUF LoRA form here"
-        )
-    mapped = gguf.get_tensor_name_map(_arch_enum(arch), num_layers(model)).get_name(name, try_suffixes=(".weight",))
-    if mapped is None:
-        raise UnsupportedModelError(f"gguf's tensor map for architecture {arch!r} has no name for {name!r}")
-    return mapped
-
-
-def base_gguf_for(records: Sequence[EditRecord], base: str | os.PathLike | None) -> Path | None:
-    """The base GGUF to use: `base` when given, the default model's GGUF (the file factedit loads the
-    default model from) for edits made on it, else None."""
-    if base is not None:
-        path = Path(base)
-        if not path.is_file():
-            raise ConfigError(f"base GGUF {path} does not exist")
-        return path
-    if records and records[0].model_id == DEFAULT_MODEL_ID:
-        return default_gguf_path()
-    return None
-
-
-# --- the base GGUF ----------------------------------------------------------------------------------
-class _Base:
-    """A base GGUF opened with gguf-py's reader and checked to be a model."""
-
-    def __init__(self, path: Path) -> None:
-        import gguf
-
-        try:
-            self.reader = gguf.GGUFReader(path, "r")
-        except (ValueError, OSError) as exc:
-            raise ConfigError(f"cannot read base GGUF {path}: {exc}") from None
-        self.path = path
-        if self.reader.endianess != gguf.GGUFEndian.LITTLE:
-            raise ConfigError(f"base GGUF {path} is big-endian; factedit writes little-endian GGUF only")
-        kind = self.string("general.type") or "model"
-        if kind != "model":
-            raise ConfigError(f"{path} is a GGUF {kind!r}, not a model: give the base model's GGUF")
-        self.arch = self.string("general.architecture")
-        if not self.arch:
-            raise ConfigError(f"base GGUF {path} has no general.architecture")
-        self.tensors = {t.name: t for t in self.reader.tensors}
-
-    def string(self, key: str) -> str | None:
-        f = self.reader.get_field(key)
-        return None if f is None else str(f.contents())
-
-    def check(self, model: nn.Module, names: Mapping[str, str], base_weights: Mapping[str, torch.Tensor] | None,
-              expected_arch: str) -> None:
-        """Every edited tensor is in the base with the model's shape (and, given the Editor's base weights,
-        its values); the architecture is the one the model converts to."""
-        if self.arch != expected_arch:
-            raise ModelMismatchError(
-                f"base GGUF {self.path} is a {self.arch!r} model; this model converts to {expected_arch!r}"
-            )
-        params = dict(model.named_parameters())
-        for name, tname in names.items():
-            tensor = self.tensors.get(tname)
-            if tensor is None:
-                raise ModelMismatchError(f"base GGUF {self.path} has no tensor {tname!r} (for {name}): another model")
-            out_in = _out_in(model, name, params[name].detach())
-            ne = tuple(int(n) for n in tensor.shape)  # GGUF order: (in, out)
-            if ne != (out_in.shape[1], out_in.shape[0]):
-                raise ModelMismatchError(
-                    f"base GGUF {self.path}: {tname} has ne {ne}, this model's {name} needs "
-                    f"{(out_in.shape[1], out_in.shape[0])}: another model"
-                )
-            if base_weights is not None and name in base_weights:
-                values = self.dequantized(tname)
-                if values is None:
-                    continue  # a type gguf-py cannot dequantize: names and shapes were checked
-                base = _out_in(model, name, base_weights[name].detach().float().cpu())
-                scale = float(base.abs().max()) or 1.0
-                if values.shape != base.shape or float((values - base).abs().max()) > 1e-5 * scale:
-                    raise ModelMismatchError(
-                        f"base GGUF {self.path}: {tname} dequantized differs from the weights of {name} these "
-                        "edits were made on: the GGUF is another checkpoint of this model (give the GGUF the "
-                        "model was loaded from)"
-                    )
-
-    def dequantized(self, tname: str) -> torch.Tensor | None:
-        """The tensor as float32 (out, in), or None where gguf-py cannot dequantize its type."""
-        import gguf
-
-        tensor = self.tensors[tname]
-        try:
-            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        except NotImplementedError:
-            return None
-        return torch.from_numpy(np.array(values, dtype=np.float32))  # a writable copy
-
-
-def _out_in(model: nn.Module, name: str, weight: torch.Tensor) -> torch.Tensor:
-    """A weight in (out, in) order, GGUF's numpy order for a matrix (GPT-2's Conv1D is stored (in, out))."""
-    return weight.T if weight_layout(model, name) == "in_out" else weight
-
-
-def _tensor_names(model: nn.Module, names: Sequence[str], arch: str) -> dict[str, str]:
-    return {name: gguf_tensor_name(model, name, arch) for name in names}
-
-
 def _check_records(records: Sequence[EditRecord]) -> list[EditRecord]:
     records = list(records)
     if not records:
@@ -282,17 +148,6 @@ def _check_records(records: Sequence[EditRecord]) -> list[EditRecord]:
     return records
 
 
-# --- files ------------------------------------------------------------------------------------------
-def _new_file(path: str | os.PathLike) -> Path:
-    out = Path(path)
-    if out.exists():
-        raise ConfigError(f"{out} already exists; choose a new file name")
-    if out.suffix.lower() != ".gguf":
-        raise ConfigError(f"{out}: a GGUF file name must end in .gguf")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return out
-
-
 def _artifact(kind: str, model: nn.Module, records: Sequence[EditRecord], extra: Mapping[str, Any]) -> str:
     first = records[0]
     data = {
@@ -303,21 +158,6 @@ def _artifact(kind: str, model: nn.Module, records: Sequence[EditRecord], extra:
                    "requests": [q.to_dict() for q in r.requests]} for r in records],
     }
     return json.dumps(data, separators=(",", ":"))
-
-
-def _write(out: Path, fill: Any) -> None:
-    """Write a GGUF to a temporary name next to `out`, then rename: a failure leaves no partial file."""
-    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        writer = fill(tmp)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, out)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
 
 
 # --- GGUF LoRA adapter ------------------------------------------------------------------------------
@@ -344,24 +184,17 @@ def export_gguf_lora(
     if dtype not in ADAPTER_DTYPES:
         raise ConfigError(f"GGUF LoRA dtype must be one of {ADAPTER_DTYPES}, got {dtype!r}")
     records = _check_records(records)
-    out = _new_file(path)
+    out = new_gguf_file(path)
     base_path = base_gguf_for(records, base)
     arch = gguf_architecture(model)
     names = list(dict.fromkeys(name for r in records for name in r.delta.names()))
-    tnames = _tensor_names(model, names, arch)
+    tnames = tensor_names(model, names, arch)
     if base_path is not None:
-        opened = _Base(base_path)
+        opened = BaseGGUF(base_path)
         opened.check(model, tnames, base_weights, arch)
     factors = lora_factors(model, records, rank=rank, exact=exact)
     r = max(a.shape[0] for a, _ in factors.pairs.values())
-    np_dtype = np.float32 if dtype == "f32" else np.float16
-    arrays = {}
-    for name, (a, b) in factors.pairs.items():  # (k, in), (out, k), B·A = the change in (out, in)
-        k = a.shape[0]
-        arrays[f"{tnames[name]}.lora_a"] = np.ascontiguousarray(
-            torch.nn.functional.pad(a, (0, 0, 0, r - k)).numpy().astype(np_dtype))  # (r, in): ne [in, r]
-        arrays[f"{tnames[name]}.lora_b"] = np.ascontiguousarray(
-            torch.nn.functional.pad(b, (0, r - k)).numpy().astype(np_dtype))  # (out, r): ne [r, out]
+    arrays = _lora_arrays(factors.pairs, tnames, r, np.float32 if dtype == "f32" else np.float16)
     svd_errors = {tnames[n]: e for n, e in factors.svd_errors.items()}
     artifact = _artifact("gguf_lora", model, records, {
         "rank": r, "alpha": float(r), "dtype": dtype, "base_gguf": base_path.name if base_path else None,
@@ -379,9 +212,23 @@ def export_gguf_lora(
             writer.add_tensor(tname, array)
         return writer
 
-    _write(out, fill)
+    write_gguf(out, fill)
     return GGUFAdapterExport(out, r, arch, tuple(rec.id for rec in records), tuple(tnames.values()), base_path,
                              dtype, factors.svd_rank, svd_errors)
+
+
+def _lora_arrays(pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]], tnames: Mapping[str, str], r: int,
+                 np_dtype: type) -> dict[str, np.ndarray]:
+    """Each pair (A (k, in), B (out, k), B·A the change in (out, in)) zero-padded to rank `r` (one rank per
+    file, see the module docstring) as `<tensor>.lora_a` (r, in) = ne [in, r] and `.lora_b` (out, r) = ne [r, out]."""
+    arrays = {}
+    for name, (a, b) in pairs.items():
+        k = a.shape[0]
+        arrays[f"{tnames[name]}.lora_a"] = np.ascontiguousarray(
+            torch.nn.functional.pad(a, (0, 0, 0, r - k)).numpy().astype(np_dtype))
+        arrays[f"{tnames[name]}.lora_b"] = np.ascontiguousarray(
+            torch.nn.functional.pad(b, (0, r - k)).numpy().astype(np_dtype))
+    return arrays
 
 
 def read_gguf_lora(path: str | os.PathLike) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
@@ -420,25 +267,6 @@ def read_gguf_lora(path: str | os.PathLike) -> tuple[dict[str, tuple[torch.Tenso
 
 
 # --- merged GGUF model ------------------------------------------------------------------------------
-def _encode(values: np.ndarray, qtype: Any) -> np.ndarray:
-    """(out, in) float32 values in GGUF type `qtype` (F32/F16 as float arrays, others as quantized bytes)."""
-    import gguf
-
-    if qtype == gguf.GGMLQuantizationType.F32:
-        return values.astype(np.float32)
-    if qtype == gguf.GGMLQuantizationType.F16:
-        return values.astype(np.float16)
-    block = gguf.GGML_QUANT_SIZES[qtype][0]
-    if values.shape[-1] % block:
-        raise ConfigError(f"rows of {values.shape[-1]} values do not split into {qtype.name} blocks of {block}")
-    try:
-        return gguf.quants.quantize(values, qtype)
-    except NotImplementedError:
-        raise ConfigError(
-            f"the gguf package cannot quantize to {qtype.name}; export the edited tensors as f32, f16 or q8_0"
-        ) from None
-
-
 def export_gguf_merged(
     model: nn.Module,
     records: Sequence[EditRecord],
@@ -457,17 +285,17 @@ def export_gguf_merged(
     if dtype not in MERGED_DTYPES:
         raise ConfigError(f"merged GGUF dtype must be one of {MERGED_DTYPES}, got {dtype!r}")
     records = _check_records(records)
-    out = _new_file(path)
+    out = new_gguf_file(path)
     base_path = base_gguf_for(records, base)
     if base_path is None:
         raise ConfigError(
             "a merged GGUF is written over the base model's GGUF: give base=... (CLI: --base-gguf), e.g. a GGUF "
             "made with llama.cpp's convert_hf_to_gguf.py from the same checkpoint"
         )
-    opened = _Base(base_path)
+    opened = BaseGGUF(base_path)
     arch = gguf_architecture(model)
     names = list(dict.fromkeys(name for r in records for name in r.delta.names()))
-    tnames = _tensor_names(model, names, arch)
+    tnames = tensor_names(model, names, arch)
     opened.check(model, tnames, base_weights, arch)
     params = dict(model.named_parameters())
     replaced: dict[str, np.ndarray] = {}
@@ -478,70 +306,21 @@ def export_gguf_merged(
         qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
                  "q8_0": gguf.GGMLQuantizationType.Q8_0, "base": source.tensor_type,
                  "f32-all": gguf.GGMLQuantizationType.F32}[dtype]
-        edited = _out_in(model, name, params[name].detach().float().cpu()).numpy()
-        encoded = _encode(np.ascontiguousarray(edited), qtype)
+        edited = out_in(model, name, params[name].detach().float().cpu()).numpy()
+        encoded = encode(np.ascontiguousarray(edited), qtype)
         replaced[tname] = encoded
         types[tname] = qtype.name
         written = torch.from_numpy(np.array(gguf.quants.dequantize(encoded, qtype), dtype=np.float32)).double()
         change = torch.zeros_like(written)
         for record in records:
             if name in record.delta.params:
-                change += _out_in(model, name, record.delta.params[name].materialize(torch.float64))
+                change += out_in(model, name, record.delta.params[name].materialize(torch.float64))
         before = opened.dequantized(tname)
         if before is not None and float(change.norm()) > 0:
             errors[tname] = float(((written - before.double()) - change).norm() / change.norm())
     artifact = _artifact("gguf_merged", model, records, {
         "base_gguf": base_path.name, "dtype": dtype, "edited_tensors": types, "edit_errors": errors})
-    copied = _copy_gguf(opened, arch, out, replaced, types, artifact, all_f32=dtype == "f32-all")
+    copied = copy_gguf(opened, arch, out, replaced, types, artifact, all_f32=dtype == "f32-all")
     return GGUFMergedExport(out, base_path, dtype, tuple(r.id for r in records), types, errors, copied)
 
 
-def export_gguf_f32(base: str | os.PathLike, path: str | os.PathLike) -> Path:
-    """The base GGUF with every tensor dequantized to F32 and its metadata as it is: the unedited weights
-    factedit computes with, for llama.cpp (a GGUF LoRA adapter applies to it as to the quantized base). llama.cpp
-    then computes in float32, without the 8-bit activations its quantized matrix products use."""
-    opened = _Base(Path(base))
-    out = _new_file(path)
-    _copy_gguf(opened, opened.arch, out, {}, {}, None, all_f32=True)
-    return out
-
-
-def _copy_gguf(opened: _Base, arch: str, out: Path, replaced: Mapping[str, np.ndarray], types: Mapping[str, str],
-               artifact: str | None, *, all_f32: bool) -> int:
-    """Write `opened` to `out` with `replaced` tensors (of `types`), the others as they are or, with `all_f32`,
-    dequantized to F32; every metadata key copied (general.file_type becomes ALL_F32 with `all_f32`). Returns
-    how many tensors were copied byte for byte."""
-    import gguf
-
-    skip = {"general.architecture"}  # the writer writes it; GGUF.* are the header, not metadata
-    if all_f32:
-        skip.add(gguf.Keys.General.FILE_TYPE)
-    f32 = gguf.GGMLQuantizationType.F32
-    copied = sum(t.name not in replaced and (not all_f32 or t.tensor_type == f32) for t in opened.reader.tensors)
-
-    def fill(tmp: Path) -> Any:
-        writer = gguf.GGUFWriter(tmp, arch)
-        for f in opened.reader.fields.values():
-            if f.name.startswith("GGUF.") or f.name in skip or f.name == ARTIFACT_KEY:
-                continue
-            if f.name == gguf.Keys.General.ALIGNMENT:
-                writer.data_alignment = int(f.contents())
-            value_type = f.types[0]
-            sub_type = f.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(f.name, f.contents(), value_type, sub_type=sub_type)
-        if all_f32:
-            writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-        if artifact is not None:
-            writer.add_string(ARTIFACT_KEY, artifact)
-        for t in opened.reader.tensors:
-            if t.name in replaced:
-                writer.add_tensor(t.name, replaced[t.name], raw_dtype=gguf.GGMLQuantizationType[types[t.name]])
-            elif all_f32 and t.tensor_type != f32:
-                values = np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
-                writer.add_tensor(t.name, values, raw_dtype=f32)
-            else:
-                writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
-        return writer
-
-    _write(out, fill)
-    return copied
