@@ -186,7 +186,16 @@ def cmd_import(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="factedit", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_journal_commands(sub)
+    _add_artifact_commands(sub)
+    from .server.cli import add_parser as add_serve_parser  # the HTTP stack loads only when used
 
+    add_serve_parser(sub)
+    return parser
+
+
+def _add_journal_commands(sub: Any) -> None:
+    """edit, journal compact, revert, history, diff: the commands that read or change a journal."""
     edit = sub.add_parser("edit", help="apply one edit")
     edit.add_argument("--prompt", required=True)
     edit.add_argument("--target", required=True)
@@ -226,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--json", action="store_true")
     diff.set_defaults(func=cmd_diff)
 
+
+def _add_artifact_commands(sub: Any) -> None:
+    """export and import: edits to and from adapter files and merged models."""
     export = sub.add_parser("export", help="the active edits as a LoRA adapter (PEFT, GGUF), or the edited model")
     export.add_argument("out", help="folder to write (new or empty); a new .gguf file for the gguf formats")
     export.add_argument("--journal", required=True)
@@ -248,11 +260,6 @@ def build_parser() -> argparse.ArgumentParser:
     import_.add_argument("--model", help="hub id or local folder for a new journal (default: embedded model)")
     import_.add_argument("--json", action="store_true")
     import_.set_defaults(func=cmd_import)
-
-    from .server.cli import add_parser as add_serve_parser  # the HTTP stack loads only when used
-
-    add_serve_parser(sub)
-    return parser
 
 
 # Subcommands that take Hydra overrides are dispatched before argparse sees them.
