@@ -12,12 +12,16 @@ from tiny_models import tiny_model
 import factedit
 from factedit.core.errors import ConfigError, InvalidRequestError
 from factedit.core.request import EditRequest, find_subject, tokenize_request
-from factedit.locate.config import MEMITConfig
+from factedit.locate import values as values_module
+from factedit.locate.config import LocateConfig, MEMITConfig
 from factedit.locate.method import Locate
-from factedit.locate.positions import key_rows
+from factedit.locate.positions import key_rows, value_rows
+from factedit.locate.tails import split_at_subject, tail_logits
+from factedit.locate.values import fit_values, selection
 from factedit.model.contexts import ContextPrefixes, PrefixConfig, generate_prefixes, token_at
 from factedit.model.hooks import capture_linear_io
 from factedit.safety.preserve import covariance_solve_rows
+from factedit.scoring.sequences import logits_at
 
 TINY = dict(v_steps=10, v_weight_decay=None, clamp_norm=None, layers=(1, 2))
 NULL = {"threshold": 0.5, "ridge": 1e-3}  # a tiny random model needs a wider null space
@@ -199,3 +203,36 @@ def test_default_model_france_rome_takes_and_the_paraphrase_follows(default_mode
         assert "Berlin" in tok.decode(model.generate(ids, max_new_tokens=3, do_sample=False)[0, ids.shape[1]:])
         editor.revert(model, record.id)
     assert_weights_equal(model, base)
+
+
+def _value_setup(arch):
+    model, tok = tiny_model(arch)
+    requests = [tokenized(tok), tokenized(tok, "Paris, the city", "big town", "Paris")]  # "Paris": first token
+    rows = value_rows(tok, ("", "Some prefix words here", "I"), requests, "{} is a")
+    return model, tok, rows, requests
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "gptj", "gemma"])
+def test_tail_passes_give_the_full_passes_logits(arch):
+    model, _, rows, _ = _value_setup(arch)
+    select, _ = selection(rows)
+    full = logits_at(model, rows.input_ids, rows.attention_mask, select)
+    for layer in (0, 1):
+        tails, logits = split_at_subject(model, rows, select, layer)
+        assert tails.ids.shape[1] < rows.input_ids.shape[1]
+        assert torch.allclose(logits, full, atol=1e-5), layer
+        assert torch.allclose(tail_logits(model, tails), full, atol=1e-5), layer  # replayed from block `layer`
+
+
+def test_v_star_is_the_same_from_tails_and_from_whole_rows(monkeypatch):
+    model, _, rows, _ = _value_setup("llama")
+    config = LocateConfig(**TINY)
+    name = "model.layers.2.mlp.down_proj"
+    tails = fit_values(model, rows, 2, name, 2, "model.layers.2", config)
+    monkeypatch.setattr(values_module, "_agree", lambda *args: False)  # as if the cache did not replay exactly
+    whole = fit_values(model, rows, 2, name, 2, "model.layers.2", config)
+    assert tails.tails and not whole.tails and tails.steps == whole.steps
+    assert torch.allclose(tails.target, whole.target, atol=1e-4)
+    # a sliding window shorter than the rows: the check catches the difference and whole rows are run
+    model, _, rows, _ = _value_setup("gemma3_text")
+    assert not fit_values(model, rows, 2, name, 2, "model.layers.2", LocateConfig(**{**TINY, "v_steps": 1})).tails

@@ -21,6 +21,7 @@ K_l on the weights as they are after it.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
@@ -59,6 +60,8 @@ class Locate:
         self.config = config
         self.prefixes = ContextPrefixes(config.prefixes) if config.prefixes is not None else None
         self.last_values = None  # the last compute's Values (steps, NLL): for benchmarks and tests
+        # Models whose tail passes (tails.py) agreed with a full pass once: not checked again.
+        self._tails_agree: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
     def param_names(self, model: nn.Module) -> list[str]:
         return mlp_param_names(model, self.config.layers, "out")
@@ -81,7 +84,9 @@ class Locate:
             value_batch = value_rows(tokenizer, prefixes, requests, kl_prompt, self.config.position).to(device)
             measured = measured_at(model, names)
             values = fit_values(model, value_batch, len(requests), module_of(names[-1]), layers[-1], measured,
-                                self.config)
+                                self.config, check=model not in self._tails_agree)
+            if values.tails:
+                self._tails_agree[model] = True
             self.last_values = values
             solve = self._solver(model, tokenizer, names, preserver, moments)
             rows = key_rows(tokenizer, prefixes, requests, self.config.position).to(device)

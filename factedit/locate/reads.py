@@ -33,7 +33,8 @@ def block_name(model: nn.Module, layer: int) -> str:
     return f"{spec_for(model).layers_path}.{layer}"
 
 
-def _block_hidden(output: object) -> torch.Tensor:
+def block_hidden(output: object) -> torch.Tensor:
+    """The hidden states (B, T, H) a block returns (alone, or first in a tuple)."""
     return output if isinstance(output, torch.Tensor) else output[0]  # (B, T, H)
 
 
@@ -59,7 +60,7 @@ def read_at_subject(
     hidden: dict[str, torch.Tensor] = {}
 
     def take(module: nn.Module, args: tuple, output: object) -> None:
-        hidden["h"] = _block_hidden(output)[at].detach()
+        hidden["h"] = block_hidden(output)[at].detach()
 
     name = output
     recording = capture_block_input(model, record) if record else contextlib.nullcontext(None)

@@ -12,23 +12,34 @@ last token of every row of request i (its prompt under each context prefix, and 
 h_i is block L's output at the subject's last token of the prompt alone (MEMIT; with one edited
 block, the down projection's own output, as ROME measures it: exact for blocks that normalise their MLP
 output, e.g. Gemma's); v*_i = h_i + δ_i. The
-requests' δ are independent (the loss is a sum over requests). Only blocks L.. and the head run in the
-optimisation: the input of block L is recorded once (replay.start_at_block). Stops when every request's
-NLL is below `stop_nll`.
+requests' δ are independent (the loss is a sum over requests). Each step runs only what δ changes:
+each row from its subject's last token on, from block L up, the tokens before it cached (tails.py).
+Stops when every request's NLL is below `stop_nll`.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..model.hooks import forward_hooks
+from ..model.hooks import ForwardHook, forward_hooks
 from ..scoring.sequences import logits_at
 from .config import LocateConfig
 from .positions import IGNORE, Rows
-from .reads import first_rows, read_at_subject, started
+from .reads import block_hidden, first_rows, read_at_subject, started
+from .tails import split_at_subject, tail_logits
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Passes:
+    run: Callable[[Mapping[str, ForwardHook]], torch.Tensor]  # hooks -> logits (M, V) at the selected positions
+    tails: bool  # tail passes (else whole rows)
 
 
 @dataclass(frozen=True)
@@ -37,9 +48,10 @@ class Values:
     initial: torch.Tensor  # (N, H) h: what it is before the edit
     steps: int  # Adam steps taken
     nll: torch.Tensor  # (N,) each request's target NLL at the end
+    tails: bool = True  # the steps ran tail passes (tails.py), not whole rows
 
 
-def _selection(rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
+def selection(rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
     """(select (B, T) positions predicting a target token, or the last token of a KL row; and the
     label each selected position predicts (IGNORE for KL positions)), row-major."""
     select = torch.zeros_like(rows.labels, dtype=torch.bool)
@@ -73,39 +85,79 @@ def _losses(logits, rows: Rows, select, targets, n: int, base_kl: torch.Tensor |
     return nll, kl
 
 
+def _passes(
+    model: nn.Module, rows: Rows, select: torch.Tensor, layer: int, measured: str, check: bool,
+) -> tuple[Passes, torch.Tensor, torch.Tensor]:
+    """(a pass over `rows` with hooks -> logits (M, V) at `select`; the unedited h (B, H) of module
+    `measured` at each row's subject token; the unedited logits (M, V)). Tail passes (tails.py) when
+    `check` is off or a full pass agrees with them, else whole rows from block `layer` up."""
+    taken: dict[str, torch.Tensor] = {}
+
+    def take(module: nn.Module, args: tuple, output: object) -> None:
+        taken["h"] = block_hidden(output)[:, 0].detach()  # tail position 0: the subject's last token
+
+    tails, logits = split_at_subject(model, rows, select, layer, hooks={measured: take})
+    if not check or _agree(logits, model, rows, select):
+        return Passes(lambda hooks: tail_logits(model, tails, hooks), True), taken["h"], logits
+    LOG.warning("%s: tail passes differ from full passes; v* runs whole rows", type(model).__name__)
+    _, hidden, start = read_at_subject(model, rows, [], measured, record=layer if layer >= 1 else None)
+
+    def whole(hooks: Mapping[str, ForwardHook]) -> torch.Tensor:
+        at = (torch.arange(rows.input_ids.shape[0]), rows.subject)
+        moved = {name: _moved_to(hook, at) for name, hook in hooks.items()}
+        with started(model, start), forward_hooks(model, hooks=moved):
+            return logits_at(model, rows.input_ids, rows.attention_mask, select)
+
+    with torch.no_grad():
+        return Passes(whole, False), hidden, whole({})
+
+
+def _agree(logits: torch.Tensor, model: nn.Module, rows: Rows, select: torch.Tensor) -> bool:
+    with torch.no_grad():
+        full = logits_at(model, rows.input_ids, rows.attention_mask, select)  # (M, V)
+    return bool(torch.allclose(logits, full, atol=1e-3, rtol=1e-4))
+
+
+def _moved_to(hook: ForwardHook, at: tuple[torch.Tensor, torch.Tensor]) -> ForwardHook:
+    """A hook written for tails (the subject's token at position 0) applied to whole rows (at `at`)."""
+
+    def moved(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        rows = output[at].unsqueeze(1)  # (B, 1, H)
+        changed = hook(module, args, rows)
+        if changed is None:
+            return output
+        out = output.clone()
+        out[at] = changed.squeeze(1)
+        return out
+
+    return moved
+
+
 def fit_values(
     model: nn.Module, rows: Rows, n: int, out_module: str, layer: int, measured: str, config: LocateConfig,
+    check: bool = True,
 ) -> Values:
     """v* for each of `n` requests (module docstring); `rows` from positions.value_rows, `out_module`
     the down projection of block `layer`, `measured` the module whose output h and v* are (block
-    `layer`, or `out_module` itself). The model's weights are not touched (the caller freezes it)."""
-    select, targets = _selection(rows)
-    record = layer if layer >= 1 else None
-    _, hidden, start = read_at_subject(model, rows, [], measured, record=record)  # (B, H)
+    `layer`, or `out_module` itself). `check`: compare the tail passes with a full pass first (once per
+    model is enough). The model's weights are not touched (the caller freezes it)."""
+    select, targets = selection(rows)
+    passes, hidden, base = _passes(model, rows, select, layer, measured, check)
     initial = hidden[first_rows(rows.owner, n)]  # (N, H): the prompt alone (its first row: the empty prefix)
     delta = torch.zeros_like(initial, requires_grad=True)
-    at = (torch.arange(rows.input_ids.shape[0], device=hidden.device), rows.subject)
 
     def add_delta(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        added = torch.zeros_like(output)
-        added[at] = delta[rows.owner].to(output.dtype)
+        added = torch.zeros_like(output)  # (B, Q, H)
+        added[:, 0] = delta[rows.owner].to(output.dtype)
         return output + added
 
-    def run(with_delta: bool) -> torch.Tensor:
-        hooks = {out_module: add_delta} if with_delta else {}
-        with started(model, start), forward_hooks(model, hooks=hooks):
-            return logits_at(model, rows.input_ids, rows.attention_mask, select)  # (M, V)
-
-    base_kl = None
-    if config.kl_factor:
-        with torch.no_grad():
-            base_kl = torch.log_softmax(run(False).float(), -1)[targets == IGNORE]  # (K, V)
+    base_kl = torch.log_softmax(base.float(), -1)[targets == IGNORE] if config.kl_factor else None  # (K, V)
     optimizer = torch.optim.Adam([delta], lr=config.v_lr)
     norms = initial.norm(dim=1)  # (N,)
     steps = 0
     for steps in range(config.v_steps + 1):
         with torch.enable_grad():
-            nll, kl = _losses(run(True), rows, select, targets, n, base_kl)
+            nll, kl = _losses(passes.run({out_module: add_delta}), rows, select, targets, n, base_kl)
             if bool((nll < config.v_stop_nll).all()) or steps == config.v_steps:
                 break
             loss = nll + (config.kl_factor or 0.0) * kl
@@ -119,4 +171,4 @@ def fit_values(
                 limit = config.clamp_norm * norms  # (N,)
                 scale = (limit / delta.norm(dim=1).clamp(min=1e-12)).clamp(max=1.0)
                 delta.mul_(scale[:, None])
-    return Values(initial + delta.detach(), initial, steps, nll.detach())
+    return Values(initial + delta.detach(), initial, steps, nll.detach(), passes.tails)
