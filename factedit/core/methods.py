@@ -67,6 +67,7 @@ class MethodSpec:
     batched: bool = True  # computes one update for several requests (else edit_batch loops)
     guarded: bool = False  # Editor(guard="auto") turns the drift guard on for this method
     locates: bool = False  # edits at the subject: requests get one (request.with_subject) before they are recorded
+    description: str = ""  # one line: what the method does
 
 
 _BUILTIN: dict[str, str] = {
@@ -78,6 +79,10 @@ _BUILTIN: dict[str, str] = {
     "alphaedit": "factedit.locate.method:ALPHAEDIT",
     "memit": "factedit.locate.method:MEMIT",
     "rome": "factedit.locate.method:ROME",
+    "grace": "factedit.modules.grace:METHOD",
+    "tpatcher": "factedit.modules.tpatcher:METHOD",
+    "ia3": "factedit.modules.ia3:METHOD",
+    "adapter": "factedit.modules.adapter:METHOD",
 }
 _REGISTERED: dict[str, MethodSpec] = {}
 

@@ -1,0 +1,79 @@
+"""`adapter`: a Houlsby bottleneck adapter (Houlsby et al. 2019, "Parameter-Efficient Transfer Learning for
+NLP") after one block's MLP, trained on the edit.
+
+The MLP's output y becomes y + up(act(down·y + b_down)) + b_up, with down (r, d), up (d, r). `up` and
+`b_up` start at zero, so the adapter starts as the identity; Adam trains all four on the target's NLL.
+It acts at every position, so unlike `grace` and `tpatcher` it can reach paraphrases, and it can also
+move unrelated prompts: its figures say how much.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from ..core.delta import Delta
+from ..core.methods import MethodSpec
+from ..core.request import TokenizedRequest
+from ..core.settable import SEED, Choices, Integer, Number, Settable
+from ..core.side import SideModule
+from .training import Progress, module_hook, point_data, point_of, seeded, train_module
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    layer: int = -12  # the block whose MLP output the adapter follows; negative counts from the end
+    rank: int = 8  # bottleneck width r
+    act: str = "relu"  # the bottleneck's activation: relu, gelu or silu
+    init_scale: float = 1.0  # std of `down` at start, times 1/sqrt(d)
+    lr: float = 1e-2  # Adam learning rate
+    max_steps: int = 60  # cap on optimisation steps
+    stop_nll: float = 0.1  # stop once every target token is the argmax and the target NLL is below this
+    seed: int | None = 0  # fixes the initialisation; None leaves torch's RNG as it is
+
+    SETTABLE: ClassVar[Settable] = {
+        "layer": Integer(-64, 63), "rank": Integer(1, 256), "act": Choices("relu", "gelu", "silu"),
+        "init_scale": Number(1e-4, 10.0), "lr": Number(1e-5, 1.0), "max_steps": Integer(1, 500),
+        "stop_nll": Number(1e-4, 5.0), "seed": SEED,
+    }
+
+    def __post_init__(self) -> None:
+        if self.rank < 1 or self.act not in ("relu", "gelu", "silu") or not (0 < self.lr < float("inf")):
+            raise ValueError("rank must be >= 1, act relu/gelu/silu and lr a finite number > 0")
+
+
+class Adapter:
+    """Train one bottleneck adapter on the requests (module docstring)."""
+
+    def __init__(self, config: AdapterConfig) -> None:
+        self.config = config
+
+    def param_names(self, model: nn.Module) -> list[str]:
+        return []  # no weight changes: the adapter is a side module
+
+    def compute(
+        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[TokenizedRequest],
+        progress: Progress | None = None,
+    ) -> Delta:
+        cfg = self.config
+        data = point_data(model, tokenizer, requests, point_of(model, cfg.layer))
+        d = data.x.shape[-1]
+        with seeded(cfg.seed):
+            tensors = {"down": torch.randn(cfg.rank, d) * (cfg.init_scale / d**0.5), "b_down": torch.zeros(cfg.rank),
+                       "up": torch.zeros(d, cfg.rank), "b_up": torch.zeros(d)}
+
+            def module(ts: Mapping[str, torch.Tensor]) -> SideModule:
+                return SideModule("bottleneck", data.point, ts, {"act": cfg.act})
+
+            train_module(model, data, module_hook(module), tensors, lr=cfg.lr, max_steps=cfg.max_steps,
+                         stop_nll=cfg.stop_nll, progress=progress)
+        return Delta({}, {"adapter": module({k: v.detach() for k, v in tensors.items()})})
+
+
+METHOD = MethodSpec("adapter", AdapterConfig, Adapter, description="Houlsby bottleneck adapter after one MLP, "
+                    "identity at start, trained on the edit")

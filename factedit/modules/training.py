@@ -1,0 +1,157 @@
+"""What the module-adding editors share: the batch and its key positions, the point's input and output
+there, and an Adam loop that trains a side module's tensors through a temporary hook.
+
+The key positions of a row are those that predict a target token: the last prompt token and every
+target token but the last. A module that changes the point's output there changes what the model says.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from ..core.request import TokenizedRequest
+from ..core.side import SideModule, run_modules
+from ..model.hooks import forward_hooks, frozen
+from ..model.specs import resolve_layers
+from ..model.weights import side_points
+from ..scoring.batches import IGNORE, TrainingBatch, make_batch, target_nll
+from ..scoring.sequences import pad_id_of
+
+# progress(step, max_steps, loss), as the Editor passes it
+Progress = Callable[[int, int, float], None]
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None) -> Iterator[None]:
+    """Fix torch's RNG inside the block (when seed is not None) without disturbing the caller's."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+@dataclass(frozen=True)
+class PointData:
+    """One batch at one point: the point's input x and output y (both (B, T, d), detached) and which
+    positions are key positions (module docstring)."""
+
+    batch: TrainingBatch
+    point: str
+    x: torch.Tensor  # (B, T, d)
+    y: torch.Tensor  # (B, T, d)
+    keys: torch.Tensor  # (B, T) bool
+
+    @property
+    def key_inputs(self) -> torch.Tensor:
+        return self.x[self.keys]  # (n, d), row-major: request by request, position by position
+
+    @property
+    def other_inputs(self) -> torch.Tensor:
+        """Inputs at real tokens that are not key positions: (m, d)."""
+        return self.x[(self.batch.attention_mask.bool()) & ~self.keys]
+
+
+def point_of(model: nn.Module, layer: int) -> str:
+    """The side-module point (a block's MLP) of `layer` (negative counts from the end)."""
+    (index,) = resolve_layers(model, (layer,))
+    return side_points(model)[index]
+
+
+@torch.no_grad()
+def point_data(model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[TokenizedRequest],
+               point: str) -> PointData:
+    """Run the requests' batch (prompt + target) once and record the point's input and output."""
+    device = next(model.parameters()).device
+    batch = make_batch(requests, pad_id_of(tokenizer), device)
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        seen["x"], seen["y"] = args[0].detach().float(), output.detach().float()
+
+    with forward_hooks(model, hooks={point: record}):
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    keys = torch.zeros_like(batch.labels, dtype=torch.bool)  # (B, T)
+    keys[:, :-1] = batch.labels[:, 1:] != IGNORE
+    return PointData(batch, point, seen["x"], seen["y"], keys)
+
+
+@torch.no_grad()
+def text_inputs(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], point: str) -> torch.Tensor:
+    """The point's inputs at every real token of `texts`: (m, d), float32 (negatives for T-Patcher)."""
+    device = next(model.parameters()).device
+    enc = tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=48).to(device)
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(module: nn.Module, args: tuple) -> None:
+        seen["x"] = args[0].detach().float()
+
+    with forward_hooks(model, pre_hooks={point: record}):
+        model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    return seen["x"][enc["attention_mask"].bool()]
+
+
+def optimize(
+    forward: Callable[[], torch.Tensor],
+    labels: torch.Tensor,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    lr: float,
+    max_steps: int,
+    stop_nll: float,
+    extra_loss: Callable[[Mapping[str, torch.Tensor]], torch.Tensor] | None = None,
+    progress: Progress | None = None,
+) -> int:
+    """Adam on `tensors` (float32 leaves, trained in place) until every target token of `forward()`'s
+    logits (B, T, V) is the argmax and the target NLL is below `stop_nll`, or after `max_steps` steps.
+    Loss: target NLL + `extra_loss(tensors)`. Returns the steps taken."""
+    for t in tensors.values():
+        t.requires_grad_(True)
+    optimizer = torch.optim.Adam(list(tensors.values()), lr=lr)
+    try:
+        for step in range(max_steps + 1):
+            nll, done = target_nll(forward(), labels)
+            loss = nll + extra_loss(tensors) if extra_loss is not None else nll
+            if progress is not None:
+                progress(step, max_steps, float(loss.detach()))
+            if (done and float(nll.detach()) < stop_nll) or step == max_steps:
+                return step
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    finally:
+        for t in tensors.values():
+            t.requires_grad_(False)
+    return max_steps
+
+
+def train_module(
+    model: nn.Module,
+    data: PointData,
+    hook: Callable[[Mapping[str, torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor],
+    tensors: dict[str, torch.Tensor],
+    **options: object,
+) -> int:
+    """`optimize` the tensors of a module that `hook(tensors, x, y)` runs at the point (the point's input
+    x and output y, (B, T, d)) on the batch of `data`; `options` as `optimize` takes them."""
+    dtype = next(model.parameters()).dtype
+
+    def forward_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return hook({k: v.to(dtype) for k, v in tensors.items()}, args[0], output)
+
+    batch = data.batch
+    with frozen(model), forward_hooks(model, hooks={data.point: forward_hook}):
+        return optimize(lambda: model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
+                        batch.labels, tensors, **options)
+
+
+def module_hook(build: Callable[[Mapping[str, torch.Tensor]], SideModule]):
+    """A `train_module` hook that runs the side module `build(tensors)`."""
+    return lambda tensors, x, y: run_modules([build(tensors)], x, y)
