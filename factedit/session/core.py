@@ -42,6 +42,7 @@ from .access import WeightsAccess
 from .cache import VersionedCache
 from .changes import ChangeLog, EditOutcome
 from .config import SessionConfig
+from .drift_meter import DriftMeter
 from .generation import BatchGenerator
 from .limits import RequestLimits
 from .origins import PREVIEW, Origins
@@ -88,6 +89,8 @@ class EditSession:
         self._generator_options: dict[str, Any] = {}
         self._generator_lock = threading.Lock()
         # Beside the first journal: the probes outlive `start_new_journal`.
+        # Read now, before the journal's edits are replayed: the base model's reference perplexity.
+        self.drift_meter = DriftMeter(self.model, self.tokenizer)
         self._probes = ProbeList(_sidecar(config.journal_path, "probes"), config.probes)
         self.origins = Origins(_sidecar(self.journal_path, "origins"))
         self._open(self.journal_path)
@@ -396,6 +399,23 @@ class EditSession:
             result = {"edit_id": edit_id, "active": active, "without": other if active else now,
                       "with": now if active else other}
             return self._cache.store(self._cache.key("try", prompt, edit_id, max_new_tokens), result)
+
+    def toggled_prediction(
+        self, prompt: str, edit_id: str, max_new_tokens: int | None = None,
+    ) -> tuple[bool, Prediction]:
+        """(active, prediction): `prompt` with `edit_id` toggled only (without an active edit, a reverted one
+        re-applied), the other side of `try_prompt` when the current weights' side comes from elsewhere
+        (the app streams it from the generator). Not cached."""
+        if not prompt.strip():
+            raise ConfigError("the prompt is empty")
+        with self._read_view() as view:
+            active, replaced = self._require_editor().toggled_weights(edit_id, view)
+            return active, self._predict_unlocked(prompt, max_new_tokens, replaced, view)
+
+    def measure_drift(self) -> float:
+        """The drift of the current weights, measured now (`drift_meter`; cached per weights version)."""
+        with self.rw.read():
+            return self._cache.fetch(self._cache.key("drift"), lambda: self.drift_meter.ratio(self.model))
 
     def outcome(self, edit_id: str) -> EditOutcome | None:
         """The predictions around one of the newest edits made through `edit` or `apply_preview` here."""
