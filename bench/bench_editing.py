@@ -98,7 +98,8 @@ def run_method(method, overrides, model, tok, records, said_before) -> dict:
         edit_ms.append(edit.timings["compute_ms"] + edit.timings["apply_ms"])
         ratios.append(edit_ms[-1] / fwd_bwd)
         base = editor._state.base
-        exact += all(torch.equal(dict(model.named_parameters())[n], base[n]) for n in edit.params)
+        exact += all(torch.equal(dict(model.named_parameters())[n], base[n]) for n in edit.params) and not any(
+            m._forward_hooks for m in model.modules())  # an edit's side modules (grace, tpatcher, adapter) are gone
     editor.close()  # releases the model for the next method's Editor
     return {
         "method": method, **{k: share(outcomes, k) for k in ("es", "ps", "ns", *SAID)},

@@ -3,15 +3,19 @@ One Mistake worth One Neuron").
 
 Each edit adds one neuron per key position (training.py: the last prompt token and each target token but
 the last) to block `layer`'s MLP: a = relu(x·w_in + b_in) on the MLP's input x, and the MLP's output
-gains a·w_out. A neuron starts aimed at its key (w_in = key / ‖key‖², b_in = init_act − 1, so a = init_act
-there and 0 for inputs whose projection on the key is below 1 − init_act of it) and is trained on the
-target's NLL plus T-Patcher's two margins: its key keeps a pre-activation of at least `key_margin`, and
-the inputs of other tokens (the edit's own, and `memory` reference statements and samples) stay below
-−`memory_margin`, so that it fires on the edit's key only.
+gains a·w_out. A neuron is aimed at its key: w_in = key / (width·‖key‖²) and b_in starts at 1 − 1/width,
+so a = 1 at the key and 0 wherever the input's projection on the key is below 1 − width of the key's
+length. `width` must be small: on the default model the MLP inputs of neighbouring prompts (same
+relation, another subject) lie only 0.22 (relative) from the key, a cosine of about 0.976. Training moves
+w_out (what the neuron writes) and b_in (where it fires) on the target's NLL plus T-Patcher's two
+margins: its key keeps a pre-activation of at least `key_margin`, and the inputs of other tokens (the
+edit's own, and `memory` reference statements and samples) stay below −`memory_margin`, so that it
+fires on the edit's key only.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -32,26 +36,26 @@ from .training import Progress, module_hook, point_data, point_of, seeded, text_
 @dataclass(frozen=True)
 class TPatcherConfig:
     layer: int = -4  # the block whose MLP gets the neurons; negative counts from the end
-    init_act: float = 0.2  # the neuron's activation at its key when it starts
-    lr: float = 0.05  # Adam learning rate (w_out, b_in, and w_in's shift in the input's units)
+    width: float = 0.01  # a neuron fires where the input's projection on its key exceeds 1 − width of it
+    lr: float = 0.2  # Adam learning rate (w_out and b_in)
     max_steps: int = 60  # cap on optimisation steps
     stop_nll: float = 0.1  # stop once every target token is the argmax and the target NLL is below this
-    key_margin: float = 0.1  # the key's pre-activation is kept at least this
+    key_margin: float = 0.5  # the key's pre-activation is kept at least this
     memory_margin: float = 0.1  # other inputs' pre-activations are kept at most minus this
-    memory: int = 48  # reference texts (statements, then samples) whose tokens must not fire the neuron
+    memory: int = 32  # reference texts (statements, then samples) whose tokens must not fire the neuron
     memory_weight: float = 1.0  # weight of the two margin losses
     seed: int | None = 0  # fixes any randomness; None leaves torch's RNG as it is
 
     SETTABLE: ClassVar[Settable] = {
-        "layer": Integer(-64, 63), "init_act": Number(1e-3, 1.0), "lr": Number(1e-5, 1.0),
+        "layer": Integer(-64, 63), "width": Number(1e-5, 1.0), "lr": Number(1e-5, 1.0),
         "max_steps": Integer(1, 500), "stop_nll": Number(1e-4, 5.0), "key_margin": Number(0.0, 10.0),
         "memory_margin": Number(0.0, 10.0), "memory": Integer(0, 256), "memory_weight": Number(0.0, 100.0),
         "seed": SEED,
     }
 
     def __post_init__(self) -> None:
-        if not (0 < self.init_act <= 1) or not (0 < self.lr < float("inf")) or self.max_steps < 1:
-            raise ValueError("init_act must be in (0, 1], lr a finite number > 0 and max_steps >= 1")
+        if not (0 < self.width <= 1) or not (0 < self.lr < float("inf")) or self.max_steps < 1:
+            raise ValueError("width must be in (0, 1], lr a finite number > 0 and max_steps >= 1")
 
 
 def memory_texts(count: int) -> list[str]:
@@ -65,6 +69,17 @@ class TPatcher:
 
     def __init__(self, config: TPatcherConfig) -> None:
         self.config = config
+        # The memory texts' inputs at the point, for the model they were read from (a weak reference):
+        # they only bound where neurons fire, so the base model's serve every later edit.
+        self._memory: tuple[weakref.ref, str, torch.Tensor] | None = None
+
+    def memory_inputs(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, point: str) -> torch.Tensor:
+        """The point's inputs at every token of the memory texts: (m, d), read once per model and point."""
+        cached = self._memory
+        if cached is None or cached[0]() is not model or cached[1] != point:
+            self._memory = cached = (weakref.ref(model), point,
+                                     text_inputs(model, tokenizer, memory_texts(self.config.memory), point))
+        return cached[2]
 
     def param_names(self, model: nn.Module) -> list[str]:
         return []  # no weight changes: the neurons are a side module
@@ -76,19 +91,16 @@ class TPatcher:
         cfg = self.config
         data = point_data(model, tokenizer, requests, point_of(model, cfg.layer))
         keys = data.key_inputs  # (n, d)
-        scale = keys.pow(2).sum(-1, keepdim=True)  # (n, 1): ‖key‖²
+        w_in = keys / (cfg.width * keys.pow(2).sum(-1, keepdim=True))  # (n, d): pre-activation 1/width at the key
         negatives = data.other_inputs  # (m, d)
         if cfg.memory:
-            negatives = torch.cat([negatives, text_inputs(model, tokenizer, memory_texts(cfg.memory), data.point)])
-        tensors = {"shift": torch.zeros_like(keys), "b_in": torch.full((len(keys),), cfg.init_act - 1.0),
-                   "w_out": torch.zeros_like(keys)}
+            negatives = torch.cat([negatives, self.memory_inputs(model, tokenizer, data.point)])
+        tensors = {"b_in": torch.full((len(keys),), 1.0 - 1.0 / cfg.width), "w_out": torch.zeros_like(keys)}
 
         def module(ts: Mapping[str, torch.Tensor]) -> SideModule:
-            w_in = (keys + ts["shift"]) / scale  # (n, d)
             return SideModule("gated_neurons", data.point, {"w_in": w_in, "b_in": ts["b_in"], "w_out": ts["w_out"]})
 
         def margins(ts: Mapping[str, torch.Tensor]) -> torch.Tensor:
-            w_in = (keys + ts["shift"]) / scale
             on_key = (keys * w_in).sum(-1) + ts["b_in"]  # (n,)
             off_key = negatives @ w_in.T + ts["b_in"]  # (m, n)
             return cfg.memory_weight * (torch.relu(cfg.key_margin - on_key).mean()

@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..core.request import TokenizedRequest
 from ..core.side import SideModule, run_modules
-from ..model.hooks import forward_hooks, frozen
+from ..model.hooks import forward_hooks, frozen, stop_after
 from ..model.specs import resolve_layers
 from ..model.weights import side_points
 from ..scoring.batches import IGNORE, TrainingBatch, make_batch, target_nll
@@ -76,7 +76,7 @@ def point_data(model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: S
     def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         seen["x"], seen["y"] = args[0].detach().float(), output.detach().float()
 
-    with forward_hooks(model, hooks={point: record}):
+    with forward_hooks(model, hooks={point: record}), stop_after(model, point):  # nothing above it is needed
         model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     keys = torch.zeros_like(batch.labels, dtype=torch.bool)  # (B, T)
     keys[:, :-1] = batch.labels[:, 1:] != IGNORE
@@ -93,7 +93,7 @@ def text_inputs(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Seq
     def record(module: nn.Module, args: tuple) -> None:
         seen["x"] = args[0].detach().float()
 
-    with forward_hooks(model, pre_hooks={point: record}):
+    with forward_hooks(model, pre_hooks={point: record}), stop_after(model, point):
         model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
     return seen["x"][enc["attention_mask"].bool()]
 
