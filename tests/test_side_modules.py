@@ -8,6 +8,7 @@ refusals of LoRA/merged exports handle them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 from dataclasses import dataclass
@@ -244,3 +245,33 @@ def test_preview_effect_and_views_leave_the_model_and_its_hooks_as_they_were():
     record = editor.apply_preview(model, preview)
     editor.revert(model, record.id)
     assert torch.equal(logits(model, tok), current)
+
+
+def greedy_ids(model, ids: list[int], steps: int) -> list[int]:
+    """Greedy continuation recomputed from the whole sequence at every step (no cache, no padding)."""
+    out = list(ids)
+    with torch.no_grad():
+        for _ in range(steps):
+            out.append(int(model(input_ids=torch.tensor([out])).logits[0, -1].argmax()))
+    return out[len(ids):]
+
+
+def test_the_sessions_batched_generation_sees_a_side_edit_as_a_plain_forward_does():
+    from factedit.session.generation import BatchGenerator
+    from factedit.session.generation_types import SamplingParams
+
+    model, tok = tiny_model("llama")
+    editor = factedit.Editor("grace", tokenizer=tok, layer=-1)
+    record = editor.edit(model, PROMPT, TARGET)
+    assert record.post["requests"][0]["target_is_argmax"]
+    prompts = [PROMPT, "Water boils at one hundred degrees and the quick brown fox"]  # padded together
+    gen = BatchGenerator(model, tok, lambda: contextlib.nullcontext(), max_batch=4, gather_s=0.2)
+    try:
+        handles = [gen.submit(tok(p)["input_ids"], SamplingParams(max_tokens=4, temperature=0)) for p in prompts]
+        for prompt, handle in zip(prompts, handles, strict=True):
+            ids = [t.id for t in handle.result(timeout=60).tokens]
+            assert ids == greedy_ids(model, tok(prompt)["input_ids"], len(ids))
+        first = handles[0].result().tokens[0].id
+        assert first == tok(" " + TARGET)["input_ids"][0]
+    finally:
+        gen.close()
