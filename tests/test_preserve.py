@@ -193,3 +193,18 @@ def test_a_damaged_key_statistics_cache_is_recomputed(tiny, tmp_path, monkeypatc
     cached.write_bytes(b"damaged")
     again = key_statistics(model, tok, [module], texts, fingerprint="fp", model_id="tiny")[module]
     assert torch.equal(again, first) and "ignoring the damaged cache file" in caplog.text
+
+
+def test_a_partial_preserve_override_keeps_the_methods_other_settings():
+    """`preserve.protect_edits=true` on ultraedit changes that key only: its threshold (0.5) and ridge
+    (10) stay, not PreserveConfig's class defaults; a method whose default is None takes the class's."""
+    from factedit.core.configs import validated
+    from factedit.mend.ultraedit import UltraEditConfig
+    from factedit.peft.ft import FTConfig
+
+    default = UltraEditConfig().preserve
+    merged = validated(UltraEditConfig, {"preserve": {"protect_edits": not default.protect_edits}}).preserve
+    assert merged == PreserveConfig(threshold=default.threshold, ridge=default.ridge,
+                                    protect_edits=not default.protect_edits)
+    assert validated(FTConfig, {"preserve": {"threshold": 0.3}}).preserve == PreserveConfig(threshold=0.3)
+    assert validated(UltraEditConfig, {"preserve": None}).preserve is None

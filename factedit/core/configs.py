@@ -4,7 +4,8 @@
 command line) onto the dataclass's schema: unknown keys and ill-typed values (`max_steps=2.5`,
 `lr="fast"`) are refused with a ConfigError naming the key, before anything slow happens; then the
 dataclass is built (its `__post_init__` checks ranges). Lists become tuples, and a field that holds a
-config dataclass (metadata `{"dataclass": cls}`, e.g. `preserve`) is built from its mapping.
+config dataclass (metadata `{"dataclass": cls}`, e.g. `preserve`) is built from its mapping, merged
+onto the field's default config when it has one (a partial override changes only the keys it names).
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ def validated(config_cls: type[T], overrides: Mapping[str, Any], what: str | Non
         raise ConfigError(f"unknown config key(s) {unknown} for {what}; known keys: {sorted(known)}")
     # Nested config dataclasses are validated on their own (OmegaConf makes nodes it creates from a
     # frozen dataclass read-only), then put in place of their mapping.
-    nested = {f.name: f.metadata["dataclass"] for f in dataclasses.fields(config_cls) if "dataclass" in f.metadata}
+    # A mapping is merged onto the field's default when that is a config (ultraedit's preserve threshold
+    # 0.5 stays when only `preserve.protect_edits` is set); onto the nested class's own defaults otherwise.
+    nested = {f.name: f for f in dataclasses.fields(config_cls) if "dataclass" in f.metadata}
     inner = {
-        name: value if value is None or isinstance(value, nested[name])
-        else validated(nested[name], value, f"{what}.{name}")
+        name: value if value is None or isinstance(value, nested[name].metadata["dataclass"])
+        else validated(nested[name].metadata["dataclass"], _onto_default(nested[name], value), f"{what}.{name}")
         for name, value in overrides.items()
         if name in nested
     }
@@ -49,6 +52,16 @@ def validated(config_cls: type[T], overrides: Mapping[str, Any], what: str | Non
         reason = str(exc.msg).splitlines()[0]
         raise ConfigError(f"invalid {what}{f' key {key!r}' if key else ''}: {reason}") from None
     return _build(config_cls, {**values, **inner}, what)
+
+
+def _onto_default(field: dataclasses.Field, value: Any) -> Any:
+    """`value` (a nested config's overrides) on top of the field's default config, key by key."""
+    default = field.default
+    if field.default_factory is not dataclasses.MISSING:
+        default = field.default_factory()
+    if not isinstance(value, Mapping) or not dataclasses.is_dataclass(default):
+        return value
+    return {**_plain(default), **value}
 
 
 def _refuse_interpolation(value: Any, where: str) -> None:
