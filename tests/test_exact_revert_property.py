@@ -93,3 +93,33 @@ def test_any_edit_revert_sequence_equals_replaying_the_active_edits(operations):
     editor.revert_all(MODEL)
     editor.close()
     assert_weights_equal(MODEL, BASE)
+
+
+# --- edits that add side modules (core/side.py), mixed with weight changes ------------------------------
+side_operation = st.one_of(st.tuples(st.just("edit"), st.integers(0, 10_000)),
+                           st.tuples(st.just("revert"), st.integers(0, 50)))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(side_operation, min_size=1, max_size=8))
+def test_any_sequence_with_side_modules_computes_the_base_plus_the_active_edits(operations):
+    """The logits (and weights) after any sequence equal, `torch.equal`, those of a freshly built base model
+    with the active edits applied in order (test_side_modules.py has the same over every architecture)."""
+    from test_side_modules import PROBES, expected, logits, random_delta
+
+    model, tok = tiny_model("llama")
+    editor = factedit.Editor("test_given_delta", tokenizer=tok, score=False)
+    active: dict[str, Delta] = {}
+    for op in operations:
+        if op[0] == "edit":
+            editor._impl.next = random_delta(model, tok, op[1])
+            active[editor.edit(model, PROBES[0], "Rome").id] = editor._impl.next
+        elif active:
+            edit_id = list(active)[op[1] % len(active)]
+            editor.revert(model, edit_id)
+            del active[edit_id]
+        want_logits, want_weights = expected("llama", list(active.values()))
+        assert torch.equal(logits(model, tok), want_logits)
+        assert_weights_equal(model, want_weights)
+    editor.revert_all(model)
+    assert torch.equal(logits(model, tok), expected("llama", [])[0])
