@@ -1,7 +1,6 @@
-"""Batched scoring primitives: teacher-forced target log-probs and next-token top-k.
-
-Sequences are right-padded with an attention mask, so positions need no shifting; every score of a
-sequence is read at its own positions, which makes batched and unbatched numbers agree.
+"""What the Editor, previews and diffs read: target log-probs, argmax flags and the next-token
+distribution of (prompt, target) pairs (through targets.py's engine), top-k tokens, and logits at
+chosen positions for the editors' losses.
 """
 
 from __future__ import annotations
@@ -17,9 +16,13 @@ from transformers import PreTrainedTokenizerBase
 
 from ..core.errors import InvalidRequestError
 from ..core.request import TokenizedRequest, encode_prompt
+from .padding import DEFAULT_BATCH_SIZE, pad_id_of, pad_sequences
+from .targets import score_targets
 
-DEFAULT_BATCH_SIZE = 16
-
+__all__ = [  # pad_id_of and pad_sequences live in padding.py; many callers import them from here
+    "DEFAULT_BATCH_SIZE", "SequenceScore", "logits_at", "pad_id_of", "pad_sequences", "score_requests",
+    "score_sequences", "top_tokens",
+]
 
 @dataclass(frozen=True)
 class SequenceScore:
@@ -38,57 +41,25 @@ class SequenceScore:
         return float(self.target_logprobs.sum().exp())
 
 
-def pad_sequences(
-    sequences: Sequence[Sequence[int]], pad_id: int, side: str = "right"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) ids and attention mask, padded on the right (default) or the left."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        start = 0 if side == "right" else width - len(seq)
-        ids[row, start : start + len(seq)] = torch.tensor(list(seq), dtype=torch.long)
-        mask[row, start : start + len(seq)] = 1
-    return ids, mask
-
-
-def pad_id_of(tokenizer: PreTrainedTokenizerBase) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if candidate is not None:
-            return int(candidate)
-    return 0
-
-
-@torch.no_grad()
 def score_sequences(
     model: nn.Module,
     pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
     pad_id: int,
     batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> list[SequenceScore]:
-    """Score each (prompt_ids, target_ids) pair; target_ids may be empty (then only next_logprobs)."""
+    """Score each (prompt_ids, target_ids) pair; target_ids may be empty (then only next_logprobs).
+    The engine is targets.score_targets (one pass per distinct prompt, targets from its cache)."""
     if any(len(prompt) == 0 for prompt, _ in pairs):  # its "next token" would be read off a padding row
         raise InvalidRequestError("a prompt to score has no tokens (an empty probe or prompt): give some text")
-    device = next(model.parameters()).device
-    scores: list[SequenceScore] = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        ids, mask = pad_sequences([list(p) + list(t) for p, t in chunk], pad_id)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # (B, T, V)
-        logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
-        for row, (prompt, target) in enumerate(chunk):
-            n_prompt, n_target = len(prompt), len(target)
-            # The token at position i is predicted by the logits at position i - 1.
-            predicting = logprobs[row, n_prompt - 1 : n_prompt - 1 + n_target]  # (n_target, V)
-            target_t = torch.tensor(list(target), dtype=torch.long)
-            scores.append(
-                SequenceScore(
-                    target_logprobs=predicting.gather(1, target_t[:, None]).squeeze(1),
-                    target_argmax=predicting.argmax(-1) == target_t,
-                    next_logprobs=logprobs[row, n_prompt - 1].clone(),  # not a view: frees the batch
-                )
-            )
-    return scores
+    scores = score_targets(model, pairs, pad_id, batch_size, with_next=True)
+    return [
+        SequenceScore(
+            target_logprobs=score.logprobs,
+            target_argmax=score.predictions == torch.tensor(list(target), dtype=torch.long),
+            next_logprobs=score.next_logprobs,
+        )
+        for score, (_, target) in zip(scores, pairs, strict=True)
+    ]
 
 
 def top_tokens(

@@ -1,4 +1,5 @@
-"""Batched teacher-forced scoring of target continuations: the engine behind the evaluation's measures.
+"""Batched teacher-forced scoring of target continuations: factedit's one scoring engine (the evaluation's
+measures, and through sequences.score_sequences the Editor's records, previews and diffs).
 
 Distinct prompts are length-sorted and padded (right by default, or left; position ids count real
 tokens only), run once with their key/value cache, and each target continues from its prompt's cache,
@@ -17,7 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .sequences import DEFAULT_BATCH_SIZE, pad_sequences
+from .padding import DEFAULT_BATCH_SIZE, pad_sequences
 
 PaddingSide = Literal["left", "right"]
 
@@ -28,6 +29,7 @@ class TargetScore:
 
     logprobs: torch.Tensor  # (n_target,) log p(target token | prefix)
     predictions: torch.Tensor  # (n_target,) argmax token id at each target position
+    next_logprobs: torch.Tensor | None = None  # (V,) after the prompt, when asked for (`with_next`)
 
     def mean_nll(self) -> float:
         return float(-self.logprobs.double().mean())
@@ -52,6 +54,7 @@ def score_targets(
     pad_id: int,
     batch_size: int = DEFAULT_BATCH_SIZE,
     padding_side: PaddingSide = "right",
+    with_next: bool = False,
 ) -> list[TargetScore]:
     """Teacher-forced log-probs and argmax ids of each (prompt_ids, target_ids) pair's target tokens.
 
@@ -59,12 +62,13 @@ def score_targets(
     (length-sorted, padded on `padding_side`) runs once and keeps its key/value cache; the first
     target token is read from the prompt's last position, and every target of more than one token
     continues from its prompt's cache in a second pass. The LM head runs only where a target token
-    is predicted. Results come back in input order.
+    is predicted. Results come back in input order. A target may be empty (nothing scored); `with_next`
+    keeps each pair's whole next-token distribution after its prompt (V floats a pair).
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-    if any(not p or not t for p, t in pairs):
-        raise ValueError("every pair needs a non-empty prompt and target")
+    if any(not p for p, _ in pairs):
+        raise ValueError("every pair needs a non-empty prompt")
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, (prompt, _) in enumerate(pairs):
         groups.setdefault(tuple(prompt), []).append(i)
@@ -74,7 +78,7 @@ def score_targets(
         batch = prompts[start : start + batch_size]
         members = [groups[p] for p in batch]
         scores = _score_prompt_batch(
-            model, batch, [[pairs[i][1] for i in m] for m in members], pad_id, padding_side
+            model, batch, [[pairs[i][1] for i in m] for m in members], pad_id, padding_side, with_next
         )
         for indices, prompt_scores in zip(members, scores, strict=True):
             for i, score in zip(indices, prompt_scores, strict=True):
@@ -93,6 +97,7 @@ def _score_prompt_batch(
     targets: Sequence[Sequence[Sequence[int]]],  # per prompt, its targets
     pad_id: int,
     side: PaddingSide,
+    with_next: bool,
 ) -> list[list[TargetScore]]:
     device = next(model.parameters()).device
     ids, mask, positions = _padded(prompts, pad_id, side)
@@ -115,17 +120,15 @@ def _score_prompt_batch(
     scores: list[list[TargetScore]] = []
     for b, ts in enumerate(targets):
         scores.append([])
+        after_prompt = first[b].to("cpu", copy=True) if with_next else None  # (V,), not a view of the batch
         for j, t in enumerate(ts):
             logprobs = (
-                torch.cat([first[b : b + 1], rest[(b, j)]]) if (b, j) in rest else first[b : b + 1]
+                torch.cat([first[b : b + 1], rest[(b, j)]]) if (b, j) in rest else first[b : b + 1][: len(t)]
             )  # (n, V)
             target = torch.tensor(list(t), dtype=torch.long, device=logprobs.device)
-            scores[-1].append(
-                TargetScore(logprobs.gather(1, target[:, None]).squeeze(1).cpu(), logprobs.argmax(-1).cpu())
-            )
+            scores[-1].append(TargetScore(
+                logprobs.gather(1, target[:, None]).squeeze(1).cpu(), logprobs.argmax(-1).cpu(), after_prompt))
     return scores
-
-
 
 
 def _continuations(
