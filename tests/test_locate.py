@@ -236,3 +236,18 @@ def test_v_star_is_the_same_from_tails_and_from_whole_rows(monkeypatch):
     # a sliding window shorter than the rows: the check catches the difference and whole rows are run
     model, _, rows, _ = _value_setup("gemma3_text")
     assert not fit_values(model, rows, 2, name, 2, "model.layers.2", LocateConfig(**{**TINY, "v_steps": 1})).tails
+
+
+def test_the_keys_an_edit_protects_are_those_read_while_spreading():
+    model, tok = tiny_model("llama")
+    editor = factedit.Editor("alphaedit", tokenizer=tok, **TINY, preserve=NULL)
+    record = editor.edit(model, PROMPT, "Rome")  # applied after the preserver's projection
+    method, names = editor._impl, editor._impl.param_names(model)
+    requests = method._spread_keys.requests
+    reused = method._reused_keys(model, names, requests)
+    fresh = method.edit_keys(model, tok, names, [tokenized(tok, subject="France")])  # other objects: read again
+    assert reused is not None
+    for name in names:
+        assert torch.allclose(reused[name], fresh[name], rtol=1e-5, atol=1e-6), name
+    editor.revert(model, record.id)  # the weights no longer hold what it computed: read again
+    assert method._reused_keys(model, names, requests) is None

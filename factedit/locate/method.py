@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -62,6 +63,7 @@ class Locate:
         self.last_values = None  # the last compute's Values (steps, NLL): for benchmarks and tests
         # Models whose tail passes (tails.py) agreed with a full pass once: not checked again.
         self._tails_agree: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+        self._spread_keys: SpreadKeys | None = None  # the last compute's keys (edit_keys reuses them)
 
     def param_names(self, model: nn.Module) -> list[str]:
         return mlp_param_names(model, self.config.layers, "out")
@@ -90,25 +92,30 @@ class Locate:
             self.last_values = values
             solve = self._solver(model, tokenizer, names, preserver, moments)
             rows = key_rows(tokenizer, prefixes, requests, self.config.position).to(device)
-            return self._spread(model, rows, values.target, names, layers, measured, solve)
+            delta, keys, weights = self._spread(model, rows, values.target, names, layers, measured, solve)
+            ascending = layers == sorted(set(layers))  # else a key read early may move under a later update
+            self._spread_keys = SpreadKeys(list(requests), keys, weights) if ascending else None
+            return delta
 
     def _spread(
         self, model: nn.Module, rows: Rows, target: torch.Tensor, names: list[str], layers: list[int], measured: str,
         solve: Solve,
-    ) -> Delta:
-        """ΔW_l for each edited block, lowest first, each on the weights the lower ones left (docstring)."""
+    ) -> tuple[Delta, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(ΔW_l for each edited block, lowest first, each on the weights the lower ones left (docstring);
+        the keys K_l (N, in) read, on CPU; the weights W_l + ΔW_l)."""
         params = dict(model.named_parameters())
         n = target.shape[0]
         plain = first_rows(rows.owner, n)  # (N,): each request's prompt alone
         updated: dict[str, torch.Tensor] = {}
         start: Start | None = None
-        out = {}
+        out, read = {}, {}
         for i, (name, layer) in enumerate(zip(names, layers, strict=True)):
             record = layers[0] if start is None and layers[0] >= 1 else None
             keys, hidden, captured = read_at_subject(model, rows, [module_of(name)], measured, params=updated,
                                                      start=start, record=record)
             start = captured or start
             k = mean_by_owner(keys[module_of(name)], rows.owner, n)  # (N, in)
+            read[name] = k.cpu()
             residual = (target - hidden[plain]) / (len(layers) - i)  # (N, H)
             x, v = solve(name, k, residual.to(k.dtype))  # (N, in), (N, out)
             if weight_layout(model, name) == "in_out":  # Conv1D (in, out)
@@ -118,7 +125,7 @@ class Locate:
             w = params[name].detach()
             updated[name] = w + out[name].materialize(w.dtype, w.device)
             LOG.debug("block %d: residual %.3g, keys %.3g", layer, float(residual.norm()), float(k.norm()))
-        return Delta(out)
+        return Delta(out), read, updated
 
     def _solver(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, names: list[str],
@@ -143,6 +150,9 @@ class Locate:
     ) -> dict[str, torch.Tensor]:
         """{name: (N, in)}: the keys of `requests` (subject's last token, averaged over the prefixes) of
         the matrices `names` on the current weights: what an applied edit protects (safeguards.KeysFn)."""
+        reused = self._reused_keys(model, names, requests)
+        if reused is not None:
+            return reused
         device = next(model.parameters()).device
         modules = sorted({module_of(n) for n in names})
         with frozen(model):
@@ -151,6 +161,36 @@ class Locate:
             top = max(modules, key=lambda m: layer_index(model, m + ".weight"))
             keys, _, _ = read_at_subject(model, rows, modules, top)
         return {n: mean_by_owner(keys[module_of(n)], rows.owner, len(requests)).cpu() for n in names}
+
+
+    def _reused_keys(
+        self, model: nn.Module, names: Sequence[str], requests: Sequence[TokenizedRequest],
+    ) -> dict[str, torch.Tensor] | None:
+        """The keys the last compute read, when asked for its own requests (the same objects: the
+        Editor protects an edit right after applying it) and the matrices hold what it computed, to
+        float rounding (the preserver's projection of an update already in its null space). A block's
+        key does not depend on its own or higher blocks' updates, so the keys read while spreading
+        (lowest block first) are those of the weights after the edit."""
+        last = self._spread_keys
+        if last is None or len(last.requests) != len(requests) or not set(names) <= set(last.keys):
+            return None
+        if any(a is not b for a, b in zip(last.requests, requests, strict=True)):
+            return None
+        params = dict(model.named_parameters())
+        for name in names:
+            now, then = params[name].detach(), last.weights[name].to(params[name].device)
+            if now.shape != then.shape or float((now - then).abs().max()) > 1e-5 * float(then.abs().max()):
+                return None
+        return {n: last.keys[n] for n in names}
+
+
+@dataclass(frozen=True)
+class SpreadKeys:
+    """What a compute read while spreading its update (see Locate._reused_keys)."""
+
+    requests: list[TokenizedRequest]  # the requests it computed, as given
+    keys: dict[str, torch.Tensor]  # name -> (N, in) K_l, on CPU
+    weights: dict[str, torch.Tensor]  # name -> W_l + ΔW_l as it computed them
 
 
 def measured_at(model: nn.Module, names: Sequence[str]) -> str:

@@ -66,11 +66,12 @@ def key_rows(
     tokenizer: PreTrainedTokenizerBase, prefixes: Sequence[str], requests: Sequence[TokenizedRequest],
     position: str = "subject_last",
 ) -> Rows:
-    """Each request's prompt under each prefix (rows request-major, prefix-minor), no target."""
+    """Each request's prompt under each prefix (rows request-major, prefix-minor), no target, cut after
+    the read position: with causal attention nothing after it changes what is read there."""
     items = []
     for owner, request in enumerate(requests):
         for ids, index in positions(tokenizer, prefixes, request.request.prompt, subject_of(request), position):
-            items.append((ids, index, owner, [], False))
+            items.append((ids[: index + 1], index, owner, [], False))
     return _batch(tokenizer, items)
 
 
