@@ -1,4 +1,5 @@
-"""factedit's fact-editing app: apply, compare, inspect, revert and diff facts in a browser.
+"""factedit's fact-editing app: preview and apply, compare, inspect, revert and diff facts, and talk to the
+edited model, in a browser.
 
     make app                      # then open http://127.0.0.1:8501 (PORT=... for another port)
 
@@ -52,15 +53,26 @@ def main() -> None:
         st.error(f"The app could not start: {type(exc).__name__}: {exc}", icon="⚠️")
         st.stop()
     header = st.container()
-    acting = "pending" in st.session_state  # an action runs in this run: draw the header after it
+    pending = st.session_state.get("pending")
+    acting = pending is not None  # an action runs in this run: draw the header after it
     if not acting:
         render_header(service, header)
     left, right = st.columns([3, 2], gap="large")
+    st.divider()
+    compare = st.container()
+    st.divider()
+    # The section whose button queued the action runs first, into its place on the page, so that everything
+    # drawn after it (the prediction, the probes, the last edit) shows the weights after the action.
+    if acting and pending.get("section") == "compare":
+        with compare:
+            render_compare(service)
     with left:
         render_edit(service)
     with right:
         render_probes(service)
-    render_compare(service)
+    if not (acting and pending.get("section") == "compare"):
+        with compare:
+            render_compare(service)
     selected = render_history(service)
     render_diff(service, selected)
     render_try(service, selected)

@@ -31,6 +31,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from editapp.tokens import readable  # apps/ is this script's folder, and on the browser test's path
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 APP = REPO_ROOT / "apps" / "app.py"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -54,6 +56,11 @@ def app_server(env: dict[str, str], log_path: Path, timeout: float = 120.0) -> I
         sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(port),
         "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false",
         "--client.toolbarMode", "minimal",
+        # No file watcher: the repository is on the server's PYTHONPATH, so Streamlit would watch factedit's
+        # files too, and a change to one while the app runs (other work in the same checkout) evicts that
+        # module at the next rerun: its re-imported classes are no longer those of the cached session's
+        # objects ("PreserveConfig is not a subclass of PreserveConfig").
+        "--server.fileWatcherType", "none",
     ]
     python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     full_env = {**os.environ, "PYTHONPATH": python_path,
@@ -99,7 +106,7 @@ def browser_page(width: int = 1400, height: int = 2600):
 def now_line(page, prompt: str, answer: str | None = None):
     """The locator of the line that shows `answer` as the prompt's current top prediction (any answer
     when None)."""
-    shown = f"Now: {prompt} → top prediction " + (repr(answer) if answer is not None else "")
+    shown = f"Now: {prompt} → top prediction " + (readable(answer) + " (p =" if answer is not None else "")
     return page.get_by_text(re.compile("^" + re.escape(shown)))
 
 
@@ -115,7 +122,7 @@ def wait_for_change(page, prompt: str, old_text: str, timeout_s: float) -> str:
 
 def open_app(page, url: str, timeout_s: float) -> None:
     page.goto(url, timeout=timeout_s * 1000)
-    page.get_by_role("button", name="Apply edit").wait_for(timeout=timeout_s * 1000)
+    page.get_by_role("button", name="Preview edit").wait_for(timeout=timeout_s * 1000)
     page.get_by_text(re.compile(r"^Now: ")).wait_for(timeout=timeout_s * 1000)
 
 
@@ -130,15 +137,11 @@ def wait_idle(page, timeout_s: float) -> None:
 def apply_edit(
     page, method: str, prompt: str, target: str, expect: str | None, timeout_s: float,
 ) -> tuple[float, float]:
-    """Fill the form, click "Apply edit"; (wall-clock time of the click, seconds from the click until the new
+    """Fill the form, click "Apply without preview"; (wall-clock time of the click, seconds from the click until the new
     prediction shows): `expect` as the top prediction, or (None) any change of the "Now:" line."""
-    wait_idle(page, timeout_s)
-    _choose_method(page, method)
-    for label, value in (("Prompt", prompt), ("New target", target)):
-        box = page.get_by_role("textbox", name=label, exact=True)
-        box.fill(value)
+    fill_fact(page, method, prompt, target, timeout_s)
     old_text = now_line(page, prompt).first.inner_text() if expect is None else ""
-    button = page.get_by_role("button", name="Apply edit")
+    button = page.get_by_role("button", name="Apply without preview")
     clicked, start = time.time(), time.perf_counter()
     button.click()
     if expect is None:
@@ -149,6 +152,57 @@ def apply_edit(
     applied = page.get_by_text(re.compile(rf"^Edit \w+ applied with {re.escape(method)}"))
     applied.wait_for(timeout=timeout_s * 1000)  # not timed: that the change shown is this edit's
     return clicked, seconds
+
+
+def fill_fact(page, method: str, prompt: str, target: str, timeout_s: float) -> None:
+    """Choose the method and type the fact into the edit form (the first "Prompt"/"New target" boxes)."""
+    wait_idle(page, timeout_s)
+    _choose_method(page, method)
+    for label, value in (("Prompt", prompt), ("New target", target)):
+        page.get_by_role("textbox", name=label, exact=True).first.fill(value)
+
+
+def preview_edit(page, method: str, prompt: str, target: str, timeout_s: float) -> float:
+    """Fill the form, click "Preview edit"; seconds until the preview's verdict and its confirm button show."""
+    fill_fact(page, method, prompt, target, timeout_s)
+    start = time.perf_counter()
+    page.get_by_role("button", name="Preview edit").click()
+    page.get_by_role("button", name="Apply this edit").wait_for(timeout=timeout_s * 1000)
+    page.get_by_text(re.compile(r"^(With this edit|A weak flip|The edit would not take)")).first.wait_for(
+        timeout=timeout_s * 1000)
+    return time.perf_counter() - start
+
+
+def confirm_preview(page, prompt: str, expect: str, timeout_s: float) -> float:
+    """Click "Apply this edit"; seconds until the prompt's top prediction is `expect`."""
+    wait_idle(page, timeout_s)
+    start = time.perf_counter()
+    page.get_by_role("button", name="Apply this edit").click()
+    now_line(page, prompt, expect).wait_for(timeout=timeout_s * 1000)
+    return time.perf_counter() - start
+
+
+# True once the column under the header `head` shows reply text (not a stale element of an earlier run).
+_REPLY_SHOWN = """([head]) => [...document.querySelectorAll('[data-testid="stColumn"]')].some(col => {
+  const parts = [...col.querySelectorAll('[data-testid="stMarkdownContainer"]')]
+    .filter(p => !p.closest('[data-stale="true"]'));
+  return parts.length > 1 && parts[0].innerText.startsWith(head)
+    && parts.slice(1).some(p => p.innerText.trim().length > 0);
+})"""
+
+
+def ask_chat(page, question: str, head: str, timeout_s: float) -> tuple[float, float]:
+    """Ask `question` in the chat view; (seconds until the first words of the reply under `head` show,
+    seconds until the page is idle again: both replies done)."""
+    wait_idle(page, timeout_s)
+    page.get_by_text("Chat", exact=True).first.click()  # the view's radio (the default view already)
+    page.get_by_role("textbox", name="Your question").fill(question)
+    start = time.perf_counter()
+    page.get_by_role("button", name="Ask", exact=True).click()
+    page.wait_for_function(_REPLY_SHOWN, arg=[head], timeout=timeout_s * 1000)
+    first = time.perf_counter() - start
+    wait_idle(page, timeout_s)
+    return first, time.perf_counter() - start
 
 
 def revert_selected(page, prompt: str, expect: str, timeout_s: float) -> float:
@@ -185,6 +239,27 @@ def _choose_method(page, method: str) -> None:
     wait_idle(page, 60)
 
 
+def _preview_flow(page, args: argparse.Namespace, original: str, shots: Path) -> dict:
+    """Per run: preview to screen, apply after confirm to screen, the chat reply's first words and its end."""
+    runs = []
+    for run in range(args.runs):
+        preview = preview_edit(page, args.method, args.prompt, args.target, args.timeout)
+        if run == 0:
+            page.screenshot(path=str(shots / "1-preview.png"), full_page=True)
+        confirm = confirm_preview(page, args.prompt, args.expect or args.target, args.timeout)
+        first, done = ask_chat(page, f"What is the capital of France? ({run + 1})", "With edit", args.timeout)
+        if run == 0:
+            page.screenshot(path=str(shots / "2-chat.png"), full_page=True)
+        revert = revert_selected(page, args.prompt, original, args.timeout)
+        runs.append({"preview_to_screen_s": round(preview, 3), "confirm_to_screen_s": round(confirm, 3),
+                     "chat_first_words_s": round(first, 3), "chat_both_replies_s": round(done, 3),
+                     "revert_to_screen_s": round(revert, 3)})
+        print(f"run {run + 1}: {runs[-1]}", file=sys.stderr, flush=True)
+    return {"method": args.method, "runs": runs,
+            "median": {k: statistics.median(r[k] for r in runs) for k in runs[0]} if runs else {},
+            "cpu_count": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2), "screenshots": str(shots)}
+
+
 def _split(clicks: list[float], screens: list[float], timings_file: Path) -> list[dict]:
     """Per run, where the edit-to-screen time went (seconds), from the app's timings and the click times:
     the click until the page's run starts the edit (browser, websocket, the page down to the form), the
@@ -218,6 +293,9 @@ def _editor_times(journal: Path) -> list[float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--flow", choices=("apply", "preview"), default="apply",
+                        help="apply: \"Apply without preview\"; preview: \"Preview edit\", then \"Apply this edit\", "
+                             "then a chat question (first words of the reply), then revert")
     parser.add_argument("--method", default="ft_l")
     parser.add_argument("--prompt", default="The capital of France is")
     parser.add_argument("--target", default="Rome")
@@ -249,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
         wait_idle(page, args.timeout)
         original = now_line(page, args.prompt).first.inner_text()
         page.screenshot(path=str(shots / "0-start.png"), full_page=True)
+        if args.flow == "preview":
+            print(json.dumps(_preview_flow(page, args, original, shots), indent=1))
+            return 0
         for run in range(args.runs):
             clicked, seconds = apply_edit(page, args.method, args.prompt, args.target, expect, args.timeout)
             clicks.append(clicked)

@@ -101,6 +101,12 @@ def table_with(at: AppTest, column: str):
     return next(t.value for t in at.table if column in t.value.columns)
 
 
+def status_lines(at: AppTest) -> list[str]:
+    """The status lines under the action buttons (edit and compare) that report an outcome."""
+    return [c.value for c in at.caption if c.value.startswith(("Edit ", "Compared", "Previewed", "The ", "Nothing"))
+            and not c.value.startswith("Edit took")]
+
+
 def history(at: AppTest):
     return table_with(at, "status")
 
@@ -108,20 +114,20 @@ def history(at: AppTest):
 def test_edit_shows_before_after_probes_and_history(app_env):
     at = start()
     before = now_line(at)
-    assert "' Rome'" not in before
+    assert "**Rome**" not in before
     at = apply_edit(at)
     assert errors(at) == []
     assert any("applied with ft_l" in s.value for s in at.success)
-    assert any(m.startswith("**After:** top prediction ' Rome'") for m in markdown(at))
+    assert any(m.startswith("**After:** top prediction **Rome**") for m in markdown(at))
     assert any(m.startswith("**Before:**") for m in markdown(at))
-    assert "top prediction ' Rome'" in now_line(at)
+    assert "top prediction **Rome**" in now_line(at)
     frame = history(at)
     assert list(frame["status"]) == ["active"] and list(frame["method"]) == ["ft_l"]
-    assert frame["prompt"][0] == PROMPT and frame["old → new"][0].endswith("→ 'Rome'")
+    assert frame["prompt"][0] == PROMPT and frame["old → new"][0].endswith("→ Rome")
     assert frame["edit ms"][0] > 0
     probes = table_with(at, "probe")  # the probe table: the edited prompt's answer changed
     france = probes[probes["probe"] == PROMPT].iloc[0]
-    assert france["flag"] == "top changed" and france["answer now"].startswith("' Rome'")
+    assert france["flag"] == "top changed" and france["answer now"].startswith("Rome ")
     assert any(m.startswith(f"**Last edit** `{frame['id'][0]}` (ft_l, active)") for m in markdown(at))
 
 
@@ -129,7 +135,7 @@ def test_revert_one_and_revert_all(app_env):
     at = start()
     original = now_line(at)
     at = apply_edit(at)
-    assert "' Rome'" in now_line(at)
+    assert "**Rome**" in now_line(at)
     at.button(key="revert_selected").click()
     at = run(at)
     assert now_line(at) == original
@@ -178,7 +184,7 @@ def test_diff_of_an_edit(app_env):
     assert int(params["rank"][0]) >= 1
     changes = table_with(at, "without the edit")
     assert changes["prompt"][0] == PROMPT and changes["changed"][0] == "top changed"
-    assert changes["with the edit"][0].startswith("' Rome'")
+    assert changes["with the edit"][0].startswith("Rome ")
     at.button(key="hide_diff").click()
     at = run(at)
     assert diff_heading(at) is None
@@ -198,14 +204,14 @@ def test_diff_follows_the_selected_edit_and_shows_what_a_reverted_edit_did(app_e
     assert any("is not active (reverted)" in i.value for i in at.info)
     changes = table_with(at, "without the edit")
     # Not two identical columns, and not A's effect: the model now (A) against B re-applied.
-    assert changes["without the edit"][0].startswith("' Rome'")
-    assert changes["with the edit"][0].startswith("' Madrid'")
+    assert changes["without the edit"][0].startswith("Rome ")
+    assert changes["with the edit"][0].startswith("Madrid ")
     selected_edit(at).select(first)
     at = run(at)
     assert diff_heading(at) == f"Diff of edit {first} (active)"
     changes = table_with(at, "without the edit")
-    assert changes["with the edit"][0].startswith("' Rome'")
-    assert not changes["without the edit"][0].startswith("' Rome'")
+    assert changes["with the edit"][0].startswith("Rome ")
+    assert not changes["without the edit"][0].startswith("Rome ")
 
 
 def test_probes_can_be_changed_and_persist(app_env):
@@ -239,18 +245,18 @@ def test_method_that_cannot_be_built_shows_an_error(app_env, monkeypatch):
     at = apply_edit(start(), method="broken")
     assert any("no checkpoint for this model" in e for e in errors(at)), errors(at)
     at = apply_edit(at, method="ft_l")  # the other methods still work
-    assert "' Rome'" in now_line(at)
+    assert "**Rome**" in now_line(at)
 
 
 def test_journal_persists_across_restarts_and_tabs(app_env):
     first = apply_edit(start())
     other_tab = start()  # a second session of the same server shares the state
     assert list(history(other_tab)["status"]) == ["active"]
-    assert "' Rome'" in now_line(other_tab)
+    assert "**Rome**" in now_line(other_tab)
     st.cache_resource.clear()  # a restart: the state is released, the journal closed
     restarted = start()
     assert list(history(restarted)["status"]) == ["active"]
-    assert "' Rome'" in now_line(restarted)  # replayed onto the freshly loaded model
+    assert "**Rome**" in now_line(restarted)  # replayed onto the freshly loaded model
     assert history(restarted)["id"][0] == history(first)["id"][0]
 
 
@@ -266,7 +272,7 @@ def test_journal_from_another_model_is_refused_inline(app_env):
     at = run(at)
     at = apply_edit(at)
     assert errors(at) == []
-    assert "' Rome'" in now_line(at)
+    assert "**Rome**" in now_line(at)
     assert app_env.journal.exists()  # the old journal is left as it was
 
 
@@ -305,23 +311,24 @@ def test_an_import_is_marked_keeps_its_timings_and_becomes_the_last_edit(app_env
     assert selected_edit(at).value == imported["id"]
     last = [m for m in markdown(at) if m.startswith("**Last edit**")]
     assert last == [f"**Last edit** `{imported['id']}` (ft, active, imported from edit `{original.id}`): "
-                    "The capital of France is → 'Rome'"]
-    assert "' Rome'" in now_line(at)
+                    "The capital of France is → **Rome**"]
+    assert "**Rome**" in now_line(at)
 
 
 def test_compare_methods_then_apply_one(app_env):
     at = start()
     original = now_line(at)
-    at.multiselect(key="compare_methods").set_value(["ft_l", "ft"])
-    at.text_input(key="edit_prompt").input(PROMPT)
-    at.text_input(key="edit_target").input(TARGET)
+    at.multiselect(key="compare_methods").set_value(["ft_l", "ft"])  # the compare form's own fields
+    at.text_input(key="compare_prompt").input(PROMPT)
+    at.text_input(key="compare_target").input(TARGET)
     at.button(key="compare").click()
     at = run(at)
     assert errors(at) == []
-    assert any(h.value == f"Compare methods: {PROMPT} → {TARGET}" for h in at.subheader)
+    assert f"**Compared: {PROMPT} → {TARGET}**" in markdown(at)
+    assert status_lines(at) == ["Compared 2 method(s): nothing applied; apply one below."]
     summary = table_with(at, "ft_l")
     assert list(summary.columns) == ["ft_l", "ft"]
-    assert summary.loc["top answer with the edit", "ft"].startswith("' Rome'")
+    assert summary.loc["top answer with the edit", "ft"].startswith("Rome ")
     assert summary.loc["layers touched", "ft_l"] == "3"
     assert not any("status" in t.value.columns for t in at.table)  # nothing applied
     assert now_line(at) == original
@@ -331,8 +338,8 @@ def test_compare_methods_then_apply_one(app_env):
     at = run(at)
     assert errors(at) == []
     frame = history(at)
-    assert list(frame["method"]) == ["ft"] and frame["origin"][0] == "compared, applied as computed"
-    assert "' Rome'" in now_line(at)
+    assert list(frame["method"]) == ["ft"] and frame["origin"][0] == "previewed, applied as computed"
+    assert "**Rome**" in now_line(at)
     assert at.button(key="apply_preview:ft_l").disabled  # fitted to weights that changed since
     assert any("weights changed since this comparison" in i.value for i in at.info)
     health = next(m for m in markdown(at) if m.startswith("**Model health**"))
@@ -354,7 +361,8 @@ def test_method_settings_descriptions_and_help(app_env):
     at = start()
     assert any(c.value.startswith("Constrained fine-tuning (FT+L)") for c in at.caption)
     lr = at.text_input(key="setting:ft_l:lr")
-    assert lr.value == "0.1" and lr.help == "Adam learning rate"  # factedit/conf/app.yaml's value, FTConfig's help
+    assert lr.value == "0.1" and lr.label == "Learning rate"  # factedit/conf/app.yaml's value, a human label
+    assert lr.help == "Adam learning rate (setting `lr`)"  # FTConfig's own help, and the field's name
     at.text_input(key="setting:ft_l:max_steps").input("2")
     at.text_input(key="setting:ft_l:lr").input("fast")
     at = run(at)
@@ -391,19 +399,21 @@ def test_probes_are_flagged_by_probability_shift():
 def test_try_the_model_without_and_with_the_selected_edit(app_env):
     at = apply_edit(start())
     edit_id = history(at)["id"][0]
+    at.radio(key="try_mode").set_value("Plain continuation")
+    at = run(at)
     at.text_area(key="try_prompt").input("The capital of France is")
     at.slider(key="try_tokens").set_value(5)
     at.button(key="try_generate").click()
     at = run(at)
     heads = [m for m in markdown(at) if m.startswith(("**Without edit", "**With edit"))]
     assert len(heads) == 2 and edit_id in heads[0] and "next token" in heads[1]
-    assert "' Rome'" in heads[1] and "' Rome'" not in heads[0]
+    assert "next token Rome" in heads[1] and "Rome" not in heads[0]
     texts = [c.value for c in at.code if c.value.startswith("The capital of France is")]
     assert len(texts) >= 2
     at.button(key="revert_selected").click()
     at = run(at)  # refreshed for the new weights: the reverted edit is shown re-applied
     heads = [m for m in markdown(at) if m.startswith(("**Without edit", "**With edit"))]
-    assert "the edit is reverted" in heads[0] and "re\\-applied" in heads[1] and "' Rome'" in heads[1]
+    assert "the edit is reverted" in heads[0] and "re\\-applied" in heads[1] and "next token Rome" in heads[1]
 
 
 def test_export_and_import_through_the_service(app_env, tmp_path):
@@ -461,3 +471,166 @@ def test_settings_file_and_environment(tmp_path):
     bad.write_text("modle: default\n")
     with pytest.raises(factedit.ConfigError, match="unknown app setting"):
         load_app_config({"FACTEDIT_APP_CONFIG": str(bad)})
+
+
+def health_line(at: AppTest) -> str:
+    return next(m for m in markdown(at) if m.startswith("**Model health**"))
+
+
+def test_preview_then_confirm_applies_exactly_the_previewed_edit(app_env):
+    at = start()
+    original = now_line(at)
+    at.button(key="preview_edit").click()
+    at = run(at)
+    assert errors(at) == [] and now_line(at) == original  # computed and shown, nothing applied
+    assert not any("status" in t.value.columns for t in at.table)
+    assert status_lines(at)[0].startswith("Previewed the ft_l edit in ")
+    assert f"**Preview of the ft_l edit** {PROMPT} → **Rome** · nothing is applied yet" in markdown(at)
+    preview = at.session_state["preview"]["preview"]
+    top = preview.edit_row["after"][0]
+    assert top["token"] == " Rome"
+    assert any(s.value.startswith("With this edit the model would answer **Rome**") for s in at.success) or any(
+        w.value.startswith("A weak flip. With this edit the model would answer **Rome**") for w in at.warning)
+    rows = table_with(at, "with the edit")
+    assert list(rows["what"])[:3] == ["edit", "probe", "probe"] and rows["prompt"].iloc[0] == PROMPT
+    at.button(key="confirm_preview").click()
+    at = run(at)
+    assert errors(at) == [] and status_lines(at) == [f"Edit {history(at)['id'][0]} applied."]
+    frame = history(at)
+    assert list(frame["origin"]) == ["previewed, applied as computed"] and list(frame["method"]) == ["ft_l"]
+    # The weights now give exactly the previewed probability: the previewed delta, not a new computation.
+    assert now_line(at).endswith(f"top prediction **Rome** (p = {top['prob']:.3f})")
+    assert "preview" not in at.session_state and not at.button(key="apply_edit").disabled
+
+
+def test_discarding_a_preview_changes_nothing(app_env):
+    at = start()
+    at.button(key="preview_edit").click()
+    at = run(at)
+    at.button(key="discard_preview").click()
+    at = run(at)
+    assert not any(m.startswith("**Preview of") for m in markdown(at))
+    assert not any("status" in t.value.columns for t in at.table)
+
+
+def test_a_preview_says_in_plain_words_which_probe_it_would_break():
+    from editapp.preview_view import verdict
+
+    def row(kind, prompt, target, before, after, old_before, old_after, flipped):
+        return {"kind": kind, "prompt": prompt, "target": target, "before": before, "after": after,
+                "old": {"token": old_before[0]["token"], "id": 1, "before": old_before[0]["prob"], "after": old_after},
+                "flipped": flipped, "shift": -0.766, "target_before": 0.001 if target else None,
+                "target_after": 0.176 if target else None,
+                "shift_token": {"token": " Berlin", "id": 2, "before": 0.796, "after": 0.030}}
+
+    paris, rome, berlin = [{"token": " Paris", "prob": 0.773}], [{"token": " Rome", "prob": 0.176}], \
+        [{"token": " Berlin", "prob": 0.796}]
+    rows = [row("edit", PROMPT, " Rome", paris, rome, paris, 0.142, True),
+            row("probe", "The capital of Germany is", None, berlin, [{"token": " Rome", "prob": 0.41}], berlin, 0.030,
+                True)]
+    preview = SimpleNamespace(rows=rows, edit_row=rows[0])
+    lines = verdict(preview, {"The capital of Germany is": "same relation"}, 0.1)
+    # The issue's case: Rome 0.176 against Paris 0.142 is a flip, but a weak one.
+    assert lines[0] == ("warning", "A weak flip. With this edit the model would answer **Rome** (p 0.176, before "
+                                   "0.001); **Paris** falls 0.773 → 0.142.")
+    assert lines[1] == ("warning", "It would also change a neighbour (same relation) “The capital of Germany is”: its "
+                                   "answer goes from **Berlin** (0.796) to **Rome** (0.410); Berlin falls to 0.030.")
+    assert verdict(preview, {}, 0.1)[1][1].startswith("It would also change the probe “The capital of Germany is”")
+    assert verdict(SimpleNamespace(rows=rows[:1], edit_row=rows[0]), {}, 0.1)[1][0] == "success"  # nothing broken
+
+
+def test_automatic_neighbours_of_the_same_relation_and_subject():
+    from editapp.neighbours import SAME_RELATION, SAME_SUBJECT, neighbours
+
+    probes = ["The capital of Germany is", "The official language of Spain is", "The Eiffel Tower is located in"]
+    assert neighbours(PROMPT, probes) == {
+        "The capital of Germany is": SAME_RELATION, "The official language of France is": SAME_SUBJECT,
+        "The capital of Spain is": SAME_RELATION}
+    assert neighbours(PROMPT, probes, known=probes) == {  # prompts scored anyway are not repeated
+        "The official language of France is": SAME_SUBJECT, "The capital of Spain is": SAME_RELATION}
+    assert neighbours("water boils at", probes) == {}  # no subject found: no neighbours
+
+
+def test_the_status_line_states_the_outcome(app_env):
+    at = apply_edit(start(), prompt="", target=TARGET)
+    assert status_lines(at) == ["The edit failed: see below."]
+    assert not any(c.value == "Done." for c in at.caption)
+    at = apply_edit(at)
+    assert status_lines(at) == [f"Edit {history(at)['id'][0]} applied."]
+
+
+def test_health_is_measured_again_after_every_change_and_names_the_journal(app_env):
+    at = start()
+    header = next(c.value for c in at.caption if c.value.startswith("model "))
+    assert "journal `journal.sqlite`" in header and str(app_env.journal.parent) not in header
+    assert "drift **1.000×**" in health_line(at) and "no change since the app started" in health_line(at)
+    at = apply_edit(at)
+    edit_id = history(at)["id"][0]
+    assert f"measured after the edit `{edit_id}`" in health_line(at)
+    assert "perplexity of 4 reference texts (48 tokens each) over the base model's" in health_line(at)
+    at.button(key="revert_selected").click()
+    at = run(at)
+    health = health_line(at)
+    assert f"measured after the revert of `{edit_id}`" in health
+    assert "drift **1.000×**" in health  # the base weights again, bit for bit: exactly the base perplexity
+
+
+def test_an_empty_try_prompt_says_so(app_env):
+    at = start()
+    at.radio(key="try_mode").set_value("Plain continuation")
+    at = run(at)
+    at.text_area(key="try_prompt").input("  ")
+    at.button(key="try_generate").click()
+    at = run(at)
+    assert any(w.value.startswith("The prompt is empty") for w in at.warning)
+
+
+@pytest.fixture
+def chat_env(app_env, tmp_path_factory, monkeypatch):
+    """The app on the tiny model saved with a chat template (tiny_models.CHAT_TEMPLATE)."""
+    from tiny_models import CHAT_TEMPLATE
+
+    folder = save_tiny_model(tmp_path_factory.mktemp("tiny_chat") / "llama", chat_template=CHAT_TEMPLATE)
+    monkeypatch.setenv("FACTEDIT_APP_MODEL", str(folder))
+    return app_env
+
+
+def ask(at: AppTest, question: str) -> AppTest:
+    at.text_input(key="chat_question").input(question)
+    at.slider(key="chat_tokens").set_value(8)
+    at.button(key="chat_ask").click()
+    return run(at)
+
+
+def test_chat_view_replies_without_and_with_the_edit(chat_env):
+    at = apply_edit(start())
+    edit_id = history(at)["id"][0]
+    assert at.radio(key="try_mode").value == "Chat"  # the chat is the first view
+    at = ask(at, "Which city is the capital of France?")
+    assert errors(at) == []
+    heads = [m for m in markdown(at) if m.startswith(("**Without edit", "**With edit"))]
+    assert heads == [f"**Without edit {edit_id}** (its weights removed)", f"**With edit {edit_id}** (the model now)"]
+    edited = dict(at.session_state["chat_replies"]["replies"])  # now: streamed with the edit; other: without
+    at.button(key="revert_selected").click()
+    at = run(at)  # the weights changed: the replies are kept, marked as older than the change
+    assert any(i.value.startswith("The weights changed since these replies") for i in at.info)
+    assert not any(m.startswith(("**Without edit", "**With edit")) and "(before the change)" not in m
+                   for m in markdown(at))
+    at.button(key="chat_ask").click()
+    at = run(at)  # asked again: the sides swap engines
+    heads = [m for m in markdown(at) if m.startswith(("**Without edit", "**With edit"))]
+    assert heads == [f"**Without edit {edit_id}** (the model now)",
+                     f"**With edit {edit_id}** (re-applied on the current weights)"]
+    reverted = at.session_state["chat_replies"]["replies"]
+    # The generation engine (streamed) and the toggled weights' greedy generation agree on the same weights.
+    assert reverted["now"] == edited["other"] and reverted["other"] == edited["now"]
+
+
+def test_chat_view_says_when_the_question_is_empty_or_there_is_no_template(chat_env, app_env, tiny_dir,
+                                                                           monkeypatch):
+    at = ask(start(), " ")
+    assert any(w.value.startswith("The question is empty") for w in at.warning)
+    st.cache_resource.clear()
+    monkeypatch.setenv("FACTEDIT_APP_MODEL", str(tiny_dir))  # saved without a chat template
+    at = start()
+    assert any("has no chat template" in i.value for i in at.info)

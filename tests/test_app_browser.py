@@ -1,7 +1,8 @@
-"""End to end in a real headless Chromium: start the app server on a tiny model; compare methods on one
-fact (nothing applied), apply one of them, see the new prediction and the model's health, revert it and
-see the old prediction again; then an edit through the form, followed by a second tab. Screenshots are
-saved.
+"""End to end in a real headless Chromium: start the app server on a tiny model (with a chat template);
+preview an edit (nothing applied), confirm it, see the new prediction in this tab and a second one and the
+health measured again; ask the chat view (the reply with the edit streams, without it beside it); revert
+and see the old prediction again; compare two methods in their own section and apply one; its diff;
+revert. Screenshots are saved.
 
 Needs Debian's chromium (`apt-get install -y chromium chromium-driver`; .ci/run installs it) and the
 playwright package; skipped with the reason otherwise (failed under CI=true). Screenshots go to
@@ -10,14 +11,13 @@ $FACTEDIT_SCREENSHOT_DIR if set, else to the test's tmp_path (printed).
 
 from __future__ import annotations
 
-import ast
 import os
 import re
 import sys
 from pathlib import Path
 
 import pytest
-from tiny_models import save_tiny_model
+from tiny_models import CHAT_TEMPLATE, save_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "apps"))
@@ -30,6 +30,7 @@ PROMPT, TARGET = "The capital of France is", "Rome"
 CONFIG = """
 default_method: ft_l
 continuation_tokens: 3
+probes: [The capital of France is, The capital of Germany is]
 method_overrides:
   ft_l: {layers: [-1], lr: 0.1, norm_constraint: 0.1, max_steps: 10}
   ft: {layers: [-1], lr: 0.1, max_steps: 10}
@@ -42,14 +43,14 @@ def health_line(page) -> str:
     return page.locator("p").filter(has_text=re.compile(r"^Model health")).first.inner_text()
 
 
-def test_compare_apply_health_and_revert_in_a_real_browser(tmp_path):
+def test_preview_confirm_chat_compare_and_revert_in_a_real_browser(tmp_path):
     if not ui.CHROMIUM.exists():
         reason = f"{ui.CHROMIUM} is missing: apt-get install -y chromium chromium-driver (.ci/run does)"
         if os.environ.get("CI") == "true":  # CI must run this test, not skip it silently
             pytest.fail(reason)
         pytest.skip(reason)
     pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
-    save_tiny_model(tmp_path / "model")
+    save_tiny_model(tmp_path / "model", chat_template=CHAT_TEMPLATE)
     (tmp_path / "app.yaml").write_text(CONFIG)
     shots = Path(os.environ.get("FACTEDIT_SCREENSHOT_DIR") or tmp_path / "screenshots")
     shots.mkdir(parents=True, exist_ok=True)
@@ -58,7 +59,6 @@ def test_compare_apply_health_and_revert_in_a_real_browser(tmp_path):
         "FACTEDIT_APP_JOURNAL": str(tmp_path / "journal.sqlite"),
         "FACTEDIT_APP_CONFIG": str(tmp_path / "app.yaml"),
     }
-    timeout_ms = TIMEOUT_S * 1000
     with ui.app_server(env, tmp_path / "server.log", timeout=TIMEOUT_S) as url, ui.browser_page() as page:
         other_tab = page.context.new_page()
         ui.open_app(other_tab, url, TIMEOUT_S)
@@ -66,55 +66,73 @@ def test_compare_apply_health_and_revert_in_a_real_browser(tmp_path):
         ui.wait_idle(page, TIMEOUT_S)
         assert page.get_by_role("button", name="Deploy").count() == 0  # toolbarMode minimal
         original = ui.now_line(page, PROMPT).first.inner_text()
-        old = ast.literal_eval(re.search(r"top prediction ('.*?') \(p =", original).group(1))
-        assert old != " Rome"
+        assert "top prediction Rome" not in original
         assert "0 active edit(s) of 0" in health_line(page)
-
-        # Compare every method on the fact: nothing is applied (mend has no editor for this tiny model).
-        page.get_by_role("button", name="Compare methods").click()
-        page.get_by_role("button", name="Apply ft_l", exact=True).wait_for(timeout=timeout_ms)
-        ui.wait_idle(page, TIMEOUT_S)
-        assert page.get_by_text(f"Compare methods: {PROMPT} → {TARGET}").count() == 1
-        assert page.get_by_text(re.compile(r"^mend: the MEND editor .* does not have")).count() == 1
-        assert page.get_by_text(original, exact=True).count() == 1  # the weights are untouched
-        assert "0 active edit(s) of 0" in health_line(page)
-        page.screenshot(path=str(shots / "app-1-compared.png"), full_page=True)
-
-        # Apply the compared ft_l edit as computed: the prediction, the history and the health follow.
-        page.get_by_role("button", name="Apply ft_l", exact=True).click()
-        ui.now_line(page, PROMPT, " Rome").wait_for(timeout=timeout_ms)
-        ui.wait_idle(page, TIMEOUT_S)
-        health = health_line(page)
-        assert "1 active edit(s) of 1" in health and re.search(r"drift \d\.\d{3}×", health), health
-        assert page.get_by_text("compared, applied as computed").count() == 1
-        assert page.get_by_role("button", name="Apply ft", exact=True).is_disabled()  # the weights changed since
-        page.screenshot(path=str(shots / "app-2-applied.png"), full_page=True)
-        ui.now_line(other_tab, PROMPT, " Rome").wait_for(timeout=timeout_ms)  # the other tab follows
-
-        # Revert: the old prediction comes back exactly, the health says no edit is active.
+        assert page.get_by_text(str(tmp_path)).count() == 0  # the journal is named by its file name
+        _preview_then_confirm(page, other_tab, shots)
+        _chat(page, shots)
+        # Revert: the old prediction comes back exactly; the health is measured again and says after what.
         ui.revert_selected(page, PROMPT, original, TIMEOUT_S)
         ui.wait_idle(page, TIMEOUT_S)
-        assert "0 active edit(s) of 1" in health_line(page)
+        health = health_line(page)
+        assert "0 active edit(s) of 1" in health and "drift 1.000×" in health and "after the revert of" in health
         assert page.get_by_text(re.compile(r"\(ft_l, reverted\)")).count() == 1
         page.screenshot(path=str(shots / "app-3-reverted.png"), full_page=True)
-
-        # An edit through the form; its diff; revert again.
-        ui.apply_edit(page, "ft", PROMPT, TARGET, " Rome", TIMEOUT_S)
-        ui.wait_idle(page, TIMEOUT_S)
-        assert page.get_by_text(re.compile(r"^After: top prediction ' Rome'")).count() == 1
+        _compare_and_apply(page, shots)
         ui.show_diff(page, TIMEOUT_S)
-        # The diff is of the new edit, selected by the edit (not of the reverted one selected before it).
+        # The diff is of the new edit, selected by the apply (not of the reverted one selected before it).
         title = page.get_by_text(re.compile(r"^Diff of edit \w+ \("))
         assert re.fullmatch(r"Diff of edit \w+ \(active\)", title.inner_text()), title.inner_text()
-        page.get_by_role("button", name="Generate").click()  # "Try the model": without/with the selected edit
-        page.get_by_text(re.compile(r"^With edit \w+ \(the model now\)")).wait_for(timeout=timeout_ms)
-        ui.wait_idle(page, TIMEOUT_S)
-        assert page.get_by_text(re.compile(r"^Without edit \w+ \(its weights removed\)")).count() == 1
-        page.screenshot(path=str(shots / "app-4-edited-diff.png"), full_page=True)
         ui.revert_selected(page, PROMPT, original, TIMEOUT_S)
         ui.wait_idle(page, TIMEOUT_S)
         assert page.get_by_text(re.compile(r"^Diff of edit \w+ \(reverted\)")).count() == 1
-        assert page.get_by_text(re.compile(r"\(ft, reverted\)")).count() == 1  # the method chosen in the form
+        assert page.get_by_text(re.compile(r"\(ft_l, reverted\)")).count() == 1  # the last edit's line
         assert page.get_by_text(re.compile("failed")).count() == 0
         page.screenshot(path=str(shots / "app-5-reverted-diff.png"), full_page=True)
     print(f"screenshots: {shots}")
+
+
+def _preview_then_confirm(page, other_tab, shots: Path) -> None:
+    """Preview an ft_l edit: shown, nothing applied; then "Apply this edit" applies it."""
+    ui.preview_edit(page, "ft_l", PROMPT, TARGET, TIMEOUT_S)
+    ui.wait_idle(page, TIMEOUT_S)
+    assert page.get_by_text(f"Preview of the ft_l edit {PROMPT} → Rome · nothing is applied yet").count() == 1
+    assert page.get_by_text(re.compile(r"^Previewed the ft_l edit in")).count() == 1  # the status line says so
+    assert "0 active edit(s) of 0" in health_line(page)  # nothing applied yet
+    assert ui.now_line(page, PROMPT, " Rome").count() == 0
+    page.screenshot(path=str(shots / "app-1-preview.png"), full_page=True)
+    ui.confirm_preview(page, PROMPT, " Rome", TIMEOUT_S)
+    ui.wait_idle(page, TIMEOUT_S)
+    health = health_line(page)
+    assert "1 active edit(s) of 1" in health and re.search(r"drift \d\.\d{3}×", health), health
+    assert "measured after the edit" in health, health
+    assert page.get_by_text(re.compile(r"^Edit \w+ applied: the ft_l edit as previewed")).count() == 1
+    assert page.get_by_text("previewed, applied as computed").count() == 1  # the history's origin column
+    assert page.get_by_role("button", name="Apply this edit").count() == 0  # the preview is gone
+    page.screenshot(path=str(shots / "app-2-applied.png"), full_page=True)
+    ui.now_line(other_tab, PROMPT, " Rome").wait_for(timeout=TIMEOUT_S * 1000)  # the other tab follows
+
+
+def _chat(page, shots: Path) -> None:
+    """The chat view: the reply with the edit streams, the reply without it beside it."""
+    ui.ask_chat(page, "Which city is the capital of France?", "With edit", TIMEOUT_S)
+    assert page.get_by_text(re.compile(r"^Without edit \w+ \(its weights removed\)")).count() == 1
+    assert page.get_by_text(re.compile(r"^With edit \w+ \(the model now\)")).count() == 1
+    page.screenshot(path=str(shots / "app-2b-chat.png"), full_page=True)
+
+
+def _compare_and_apply(page, shots: Path) -> None:
+    """Compare the preselected methods in their own section (nothing applied), then apply one as computed."""
+    ui.wait_idle(page, TIMEOUT_S)
+    page.get_by_role("button", name="Compare methods").click()
+    page.get_by_role("button", name="Apply ft_l", exact=True).wait_for(timeout=TIMEOUT_S * 1000)
+    ui.wait_idle(page, TIMEOUT_S)
+    assert page.get_by_text(f"Compared: {PROMPT} → {TARGET}").count() == 1
+    assert page.get_by_text(re.compile(r"^mend: the MEND editor .* does not have")).count() == 1
+    assert "0 active edit(s) of 1" in health_line(page)  # nothing applied
+    page.screenshot(path=str(shots / "app-4-compared.png"), full_page=True)
+    page.get_by_role("button", name="Apply ft_l", exact=True).click()
+    ui.now_line(page, PROMPT, " Rome").wait_for(timeout=TIMEOUT_S * 1000)
+    ui.wait_idle(page, TIMEOUT_S)
+    assert "1 active edit(s) of 2" in health_line(page)
+    assert page.get_by_role("button", name="Apply lora", exact=True).is_disabled()  # the weights changed since

@@ -1,5 +1,6 @@
-"""Compare methods: one fact, each chosen method's edit computed on the same (current) weights and scored
-without being applied (EditSession.preview), side by side; then apply one of them exactly as computed."""
+"""Compare methods, a section with its own form: one fact, each chosen method's edit computed on the same
+(current) weights and scored without being applied (EditSession.preview), side by side;
+then apply one of them exactly as computed."""
 
 from __future__ import annotations
 
@@ -11,40 +12,58 @@ import streamlit as st
 from factedit.editing.preview import EDIT, PARAPHRASE, EditPreview
 from factedit.session import EditSession
 
-from .edit_view import DEFAULT_THRESHOLD, queue
-from .methods import changed_settings
-from .ui import HIGHLIGHT, answer, flagged, shift_text, token
+from .actions import COMPARE as SECTION
+from .actions import queue, run_pending
+from .edit_view import STATUS_HEIGHT
+from .methods import changed_settings, compare_default
+from .preview_view import threshold
+from .ui import HIGHLIGHT, answer, flagged, md, shift_text, show_messages, token
 
 
 def render_compare(service: EditSession) -> None:
+    """Its own section: a form (the fact, the methods), the status line under its button, the results."""
+    st.subheader("Compare methods")
+    st.caption("One fact, several methods: each edit is computed on the current weights and scored without "
+               "being applied; then apply the one you prefer, exactly as computed.")
+    with st.form("compare_form", border=True):
+        left, right = st.columns(2)
+        left.text_input("Prompt", value=service.config.example_prompt, key="compare_prompt")
+        right.text_input("New target", value=service.config.example_target, key="compare_target")
+        st.multiselect("Methods to compare", service.methods, default=compare_default(service.methods),
+                       key="compare_methods", help="Each one is computed in turn; alphaedit and the side-module "
+                                                   "methods take longer.")
+        st.form_submit_button("Compare methods", key="compare", on_click=queue, args=("compare", SECTION))
+    status = st.container(height=STATUS_HEIGHT, border=False).empty()
+    run_pending(service, SECTION, status)
+    show_messages(SECTION)
     comparison = st.session_state.get("comparison")
-    if not comparison:
-        return
+    if comparison:
+        _results(service, comparison)
+
+
+def _results(service: EditSession, comparison: dict[str, Any]) -> None:
     title, close = st.columns([5, 1], vertical_alignment="bottom")
-    title.subheader(f"Compare methods: {comparison['prompt']} → {comparison['target']}")
+    title.markdown(f"**Compared: {md(comparison['prompt'])} → {md(comparison['target'])}**")
     close.button("Close comparison", key="close_comparison", on_click=st.session_state.pop, args=("comparison", None))
     previews: dict[str, EditPreview] = comparison["previews"]
     stale = comparison["version"] != service.version
     if stale:
         st.info("The weights changed since this comparison (an edit or a revert): its edits were fitted to the "
                 "weights as they were and can no longer be applied. Compare again.")
-    else:
-        st.caption("Each method's edit was computed on the current weights and scored with the edit added, "
-                   "nothing applied. “Apply” applies exactly that edit (not computed again).")
     for method, error in comparison["errors"].items():
         st.error(f"{method}: {error}", icon="⚠️")
     if not previews:
         return
-    threshold = st.session_state.get("probe_threshold", DEFAULT_THRESHOLD)
-    st.table(summary_frame(previews, comparison["settings"], threshold))
+    limit = threshold()
+    st.table(summary_frame(previews, comparison["settings"], limit))
     for col, method in zip(st.columns(len(previews)), previews, strict=True):
-        col.button(f"Apply {method}", key=f"apply_preview:{method}", on_click=queue, args=("apply",),
+        col.button(f"Apply {method}", key=f"apply_preview:{method}", on_click=queue, args=("apply_compared", SECTION),
                    kwargs={"method": method}, disabled=stale, type="primary")
     st.markdown(f"**Prompt by prompt**: the top answer with each method's edit; the largest change of any token's "
-                f"probability; highlighted: the top answer changed or a probability moved by ≥ {threshold:.2f} "
+                f"probability; highlighted: the top answer changed or a probability moved by ≥ {limit:.2f} "
                 "(the threshold of the probes)")
     frame, flags = prompt_frame(previews)
-    st.table(frame.style.apply(lambda _: flags.map(lambda f: HIGHLIGHT if f >= threshold else ""), axis=None))
+    st.table(frame.style.apply(lambda _: flags.map(lambda f: HIGHLIGHT if f >= limit else ""), axis=None))
 
 
 def summary_frame(previews: dict[str, EditPreview], settings: dict[str, Any], threshold: float) -> pd.DataFrame:

@@ -15,7 +15,7 @@ from factedit.model.specs import mlp_param_names, num_layers, spec_for
 from factedit.session import EditSession
 
 from .charts import layer_chart
-from .edit_view import DEFAULT_THRESHOLD
+from .preview_view import DEFAULT_THRESHOLD
 from .ui import answer, flagged, highlight_rows, shift_text
 
 SECTION = "diff"

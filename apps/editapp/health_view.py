@@ -1,9 +1,11 @@
-"""The header: which model and journal, and the model's health: active edits, drift against the base model
-(the drift guard's measurement after the last active edit), the last change, and the guard's refusal."""
+"""The header: which model and journal (by name), and the model's health: active edits, and the drift
+against the base model measured again after every change (an edit, a revert, an import; the session's
+drift meter), saying what it measured and after which change; the guard's bound and its last refusal."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import streamlit as st
 
@@ -22,7 +24,8 @@ def render_header(service: EditSession, where) -> None:
 
 def _header(service: EditSession) -> None:
     st.title("factedit: edit facts in a language model")
-    st.caption(f"model `{service.config.model}` · journal `{service.journal_path}` · every tab of this server "
+    st.caption(f"model `{Path(service.config.model).name}` · journal `{service.journal_path.name}` · every tab of "
+               "this server "
                "shares the model and history")
     if service.journal_error:
         st.error(f"The journal cannot be used: {service.journal_error}", icon="⚠️")
@@ -35,15 +38,14 @@ def _header(service: EditSession) -> None:
 def render_health(service: EditSession) -> None:
     health = service.health()
     bound = health["guard_max_ratio"]
-    drift = health.get("drift")
     active, total = health.get("active_edits", 0), health.get("edits", 0)
-    if not active:
-        drift_text = "drift 1.000× (no active edit: the base weights)"
-    elif drift is None:
-        drift_text = "drift not measured (the guard was off for these edits)"
-    else:
-        drift_text = (f"drift **{drift:.3f}×** the base model's perplexity of the reference text "
-                      f"(measured by the guard after edit `{health.get('drift_edit')}`)")
+    try:
+        drift: float | None = service.measure_drift()  # cached per weights version: measured once per change
+    except Exception as exc:  # the header must not take the page down
+        drift = None
+        st.caption(f"Drift could not be measured: {type(exc).__name__}: {exc}")
+    drift_text = "drift not measured" if drift is None else (
+        f"drift **{drift:.3f}×**: the {service.drift_meter.describe()}, measured {_after(health.get('last_change'))}")
     line = (f"**Model health** · **{active}** active edit(s) of {total} in the journal · {drift_text} · "
             f"the guard refuses an edit past **{bound:g}×**")
     if drift is not None and active and drift > 1 + WARN_SHARE * (bound - 1):
@@ -57,3 +59,12 @@ def render_health(service: EditSession) -> None:
                  f"perplexity to {refusal['ratio']:.3g}× the base model's (bound {refusal['max_ratio']:g}×). It was "
                  "undone and not journaled; the model is unchanged. Try another method (compare them), or revert "
                  "some edits.", icon="🛡️")
+
+
+def _after(change: dict | None) -> str:
+    """When the drift was measured, in words: after which change."""
+    if not change:
+        return "on the weights as loaded (no change since the app started)"
+    ids = ", ".join(f"`{i}`" for i in change.get("edit_ids") or []) or "?"
+    what = {"edit": "the edit", "revert": "the revert of", "import": "the import of"}.get(change.get("kind"), "change")
+    return f"after {what} {ids} at {time.strftime('%H:%M:%S', time.localtime(change.get('at', time.time())))}"

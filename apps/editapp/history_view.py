@@ -13,7 +13,7 @@ import streamlit as st
 import factedit
 from factedit.session import EditSession
 
-from .edit_view import select
+from .actions import select
 from .ui import flash, run_action, show_messages, token
 
 SECTION = "history"
@@ -27,7 +27,7 @@ def render_history(service: EditSession) -> str | None:
     selected = None
     if not records:
         st.info("No edits yet. Edits are kept in the journal "
-                f"`{service.journal_path}` and replayed when the app starts.")
+                f"`{service.journal_path.name}` and replayed when the app starts.")
     else:
         frame = history_frame(records, service.origins.all())
         st.table(frame.style.apply(_grey_reverted, axis=1).format(
@@ -55,7 +55,7 @@ def history_frame(records: list[factedit.EditRecord], origins: dict[str, dict[st
                 source += time.strftime(" (%Y-%m-%d %H:%M)", time.localtime(origin["source_created_at"]))
         elif origin.get("kind") == "preview":
             timings["compute_ms"] = (origin.get("timings") or {}).get("compute_ms")
-            source = "compared, applied as computed"
+            source = "previewed, applied as computed"  # in the edit form or compared
         else:
             source = "edit"
         rows.append({

@@ -8,7 +8,7 @@ import streamlit as st
 
 from factedit.session import EditSession
 
-from .edit_view import DEFAULT_THRESHOLD
+from .preview_view import DEFAULT_THRESHOLD
 from .ui import answer, flagged, flash, highlight_rows, lines, run_action, shift_text, show_messages
 
 SECTION = "probes"

@@ -1,5 +1,6 @@
-"""Try the model: any prompt, a chosen length, generated greedily without and with the selected edit,
-side by side (generated text shown as written, newlines included). Refreshed when the weights change."""
+"""Try the model, two views: a chat (the question through the model's chat template, the reply streamed,
+chat_view.py) and the plain continuation (any prompt, a chosen length, generated greedily without and
+with the selected edit, side by side). Both refresh when the weights change."""
 
 from __future__ import annotations
 
@@ -7,15 +8,25 @@ import streamlit as st
 
 from factedit.session import EditSession
 
+from .chat_view import render_chat
 from .ui import answer, md, show_text
 
 MAX_TOKENS = 64
+CHAT, PLAIN = "Chat", "Plain continuation"
 
 
 @st.fragment
 def render_try(service: EditSession, edit_id: str | None) -> None:
-    """A fragment: "Generate" reruns only this box; a change of the weights reruns the page, and it with it."""
+    """A fragment: its buttons rerun only this box; a change of the weights reruns the page, and it with it."""
     st.subheader("Try the model")
+    mode = st.radio("View", [CHAT, PLAIN], horizontal=True, key="try_mode", label_visibility="collapsed")
+    if mode == CHAT:
+        render_chat(service, edit_id)
+    else:
+        _plain(service, edit_id)
+
+
+def _plain(service: EditSession, edit_id: str | None) -> None:
     with st.form("try_form", border=False):
         prompt_col, length_col = st.columns([3, 1], vertical_alignment="bottom")
         prompt_col.text_area("Any prompt", value=service.config.example_prompt, key="try_prompt", height=80)
@@ -23,8 +34,11 @@ def render_try(service: EditSession, edit_id: str | None) -> None:
         st.form_submit_button("Generate", key="try_generate", on_click=st.session_state.update,
                               kwargs={"try_on": True})
     prompt = st.session_state.get("try_prompt") or ""
-    if not st.session_state.get("try_on") or not prompt.strip():
+    if not st.session_state.get("try_on"):
         st.caption("Generate to see the prompt continued without and with the selected edit.")
+        return
+    if not prompt.strip():
+        st.warning("The prompt is empty: type a prompt to continue, then Generate.", icon="⚠️")
         return
     tokens = int(st.session_state.get("try_tokens") or 24)
     try:

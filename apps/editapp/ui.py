@@ -15,6 +15,8 @@ import streamlit as st
 
 import factedit
 
+from .tokens import readable, readable_all
+
 logger = logging.getLogger(__name__)
 
 HIGHLIGHT = "background-color: #ffe08a"
@@ -68,13 +70,13 @@ def md(text: str) -> str:
 
 
 def token(text: str) -> str:
-    """A token shown with its quotes, so a leading space is visible: `' Paris'`."""
-    return repr(text)
+    """A token as people read it (tokens.py): "Paris", "(end of turn)", "(new line)"."""
+    return readable(text)
 
 
 def top_table(top: Sequence[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(
-        {"token": [token(t["token"]) for t in top], "p": [f"{t['prob']:.3f}" for t in top]},
+        {"token": readable_all([t["token"] for t in top]), "p": [f"{t['prob']:.3f}" for t in top]},
         index=range(1, len(top) + 1),
     )
 
