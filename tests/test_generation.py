@@ -158,6 +158,24 @@ def test_incomplete_utf8_character_is_held_back():
     assert finished.finish_reason == "length"
 
 
+def test_text_grows_incrementally_and_agrees_with_a_whole_decode():
+    """The fast tokenizer's text comes from tokenizers' DecodeStream (one step per token, not the whole list
+    again); it, the re-decoding fallback and `final` give the text a whole decode gives, at every length."""
+    from factedit.session.sampling import TextSoFar
+
+    _, tok = tiny_model("llama")
+    ids = tok.encode("aé b, Paris ñandú 日本")
+    incremental, fallback = TextSoFar(tok), TextSoFar(tok)
+    fallback._stream = None  # what a tokenizer without DecodeStream gets
+    assert incremental._stream is not None
+    for n, token in enumerate(ids, start=1):
+        whole = tok.decode(ids[:n], skip_special_tokens=True)
+        assert fallback.add(token) == whole
+        grown = incremental.add(token)
+        assert whole.startswith(grown) and len(whole.rstrip("\ufffd")) == len(grown)  # only a partial character waits
+    assert incremental.text == incremental.final() == tok.decode(ids, skip_special_tokens=True)
+
+
 @pytest.mark.parametrize(
     ("stop", "expected"),
     [

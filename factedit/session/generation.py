@@ -298,7 +298,7 @@ class BatchGenerator:
 
     def _run_batch(self, batch: list[Generation]) -> None:
         started = time.perf_counter()
-        rows = [Row(g) for g in batch]
+        rows = [self._sampler.row(g) for g in batch]
         with self._lock:
             self._counts["batches"] += 1
             self._counts["batched_rows"] += len(batch)

@@ -2,10 +2,17 @@
 temperature / top_p / seeded generator; logprobs on request) and turn its ids into text, ending the row at
 eos, a stop string or max_tokens.
 
-*Text.* Each row decodes its whole generated id list at every step and emits the new suffix, holding back
+*Sampling* goes through transformers' logits warpers (temperature, then top-p) and a multinomial draw
+with the row's seeded generator.
+
+*Text.* Each row's text grows token by token through the tokenizers library's incremental decoder
+(`tokenizers.decoders.DecodeStream`: a token's text is read from a short window of ids, not from the
+whole list again, so a reply of n tokens costs O(n), not O(n²)); a tokenizer without it (a slow one, or
+one that cleans up spaces after decoding) re-decodes the list. The row emits the new suffix, holding back
 a trailing incomplete UTF-8 character (decoded as '\\ufffd') and any tail that could be the beginning of a
-stop string. ``result().text`` is the concatenation of the deltas by construction, so streaming and
-non-streaming output agree exactly. Eos tokens end a row without adding text.
+stop string; when it ends, the whole id list is decoded once and the rest of that text is sent, so
+``result().text`` is the concatenation of the deltas by construction and streaming and non-streaming
+output agree exactly. Eos tokens end a row without adding text.
 """
 
 from __future__ import annotations
@@ -14,23 +21,52 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from .generation_types import Finished, TextDelta, TokenInfo
 from .handle import Generation
 
-__all__ = ["Row", "Sampler"]
+__all__ = ["Row", "Sampler", "TextSoFar"]
+
+
+class TextSoFar:
+    """The decoded text (special tokens skipped) of a growing list of ids; see the module docstring."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        backend = getattr(tokenizer, "_tokenizer", None)
+        incremental = isinstance(backend, Tokenizer) and not getattr(tokenizer, "clean_up_tokenization_spaces", False)
+        self._backend = backend if incremental else None
+        self._stream = DecodeStream(skip_special_tokens=True) if incremental else None
+        self.ids: list[int] = []
+        self.text = ""
+
+    def add(self, token: int) -> str:
+        """Append `token`; the text so far (a partial character at the end may still be missing)."""
+        self.ids.append(token)
+        if self._stream is None:
+            self.text = self._tokenizer.decode(self.ids, skip_special_tokens=True)
+        else:
+            self.text += self._stream.step(self._backend, token) or ""
+        return self.text
+
+    def final(self) -> str:
+        """The whole list decoded at once: what a non-streaming caller gets."""
+        return self._tokenizer.decode(self.ids, skip_special_tokens=True) if self.ids else ""
 
 
 class Row:
     """Decoding state of one request inside a running batch."""
 
-    __slots__ = ("count", "emitted", "gen", "ids", "rng", "tokens")
+    __slots__ = ("count", "emitted", "gen", "rng", "text", "tokens")
 
-    def __init__(self, gen: Generation) -> None:
+    def __init__(self, gen: Generation, tokenizer: Any) -> None:
         seed = gen.params.seed
         self.gen = gen
         self.rng = torch.Generator().manual_seed(seed) if seed is not None else None  # None: the sampler's
-        self.ids: list[int] = []  # generated ids, eos excluded
+        self.text = TextSoFar(tokenizer)  # generated ids (eos excluded) and their text
         self.count = 0  # generated tokens, eos included
         self.emitted = 0  # characters of the decoded text already sent
         self.tokens: list[TokenInfo] = []  # not yet attached to a delta
@@ -49,6 +85,10 @@ class Sampler:
         self._rng = torch.Generator()  # unseeded requests; private so the global RNG is left alone
         self._rng.seed()
 
+    def row(self, gen: Generation) -> Row:
+        """The decoding state of a request joining the batch."""
+        return Row(gen, self._tokenizer)
+
     def choose(self, logits: torch.Tensor, rows: list[Row]) -> list[tuple[int, TokenInfo]]:
         """Pick each row's next token (greedy, or sampled with its temperature/top_p/generator)."""
         logits = logits.float().cpu()  # (batch, vocab); sampling and logprobs on CPU, ids are needed there anyway
@@ -62,9 +102,8 @@ class Sampler:
             if params.temperature == 0 or row.gen.done:
                 token = greedy[i]
             else:
-                probs = torch.softmax(logits[i] / params.temperature, dim=-1)  # (vocab,)
-                if params.top_p < 1:
-                    probs = _top_p_filter(probs, params.top_p)
+                warped = _warpers(params.temperature, params.top_p)(None, logits[i : i + 1])  # (1, vocab)
+                probs = torch.softmax(warped, dim=-1)[0]  # (vocab,); filtered tokens at -inf get 0
                 token = int(torch.multinomial(probs, 1, generator=row.rng or self._rng))
             logprob: float | None = None
             top: list[tuple[str, float]] = []
@@ -83,15 +122,14 @@ class Sampler:
         gen.completion_tokens = row.count
         if token in self._eos:
             return self._finish(row, "stop", None)
-        row.ids.append(token)
         row.tokens.append(info)
-        text = self._tokenizer.decode(row.ids, skip_special_tokens=True)
+        text = row.text.add(token)
         if params.stop:
             hits = [at for at in (text.find(s, row.emitted) for s in params.stop) if at >= 0]
             if hits:
                 return self._finish(row, "stop", text[: min(hits)])
         if row.count >= params.max_tokens:
-            return self._finish(row, "length", text)
+            return self._finish(row, "length", None)
         end = _safe_end(text, row.emitted, params.stop)
         if end > row.emitted:
             self._emit(row, text[row.emitted : end])
@@ -105,7 +143,7 @@ class Sampler:
     def _finish(self, row: Row, reason: str, text: str | None) -> bool:
         """Send the rest of ``text`` (None: what was decoded so far) and Finished; always True."""
         if text is None:
-            text = self._tokenizer.decode(row.ids, skip_special_tokens=True) if row.ids else ""
+            text = row.text.final()
         rest = text[row.emitted :]
         if rest or row.tokens:
             self._emit(row, rest)
@@ -135,10 +173,9 @@ def _safe_end(text: str, start: int, stops: Iterable[str]) -> int:
     return end - hold
 
 
-def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Zero all but the smallest set of most likely tokens whose mass reaches top_p (the first always stays)."""
-    sorted_p, order = probs.sort(descending=True)  # (vocab,)
-    keep = (sorted_p.cumsum(0) - sorted_p) < top_p  # mass before each token is still short of top_p
-    filtered = torch.zeros_like(probs)
-    filtered[order[keep]] = sorted_p[keep]
-    return filtered
+def _warpers(temperature: float, top_p: float) -> LogitsProcessorList:
+    """transformers' warpers for one row: temperature, then (below 1) top-p, as `generate` orders them."""
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
+    if top_p < 1:
+        warpers.append(TopPLogitsWarper(top_p))
+    return warpers
