@@ -220,3 +220,15 @@ def test_override_conveniences():
         "++method_overrides.ft.lr=1",
     ]
     assert normalize_overrides(["method=[ft_l,lora,custom]"]) == ["method=[ft_l,lora]", "++methods.custom={}"]
+    # Hydra's own grammar reads the values: spaces in a list, quoting, and a malformed override refused.
+    quoted = ["method=[ft_l, 'lora']", "~seed", "+extra=1"]
+    assert normalize_overrides(quoted) == ["method=[ft_l,lora]", "~seed", "+extra=1"]
+    from hydra.errors import HydraException
+
+    with pytest.raises(HydraException, match="no viable alternative"):
+        normalize_overrides(["method=[ft_l,"])
+
+
+def test_a_malformed_override_is_a_clear_error(capsys):
+    assert main(["method=[ft_l,"]) == 2
+    assert "error:" in capsys.readouterr().err

@@ -34,23 +34,24 @@ def _options(group: str) -> set[str]:
     return {p.stem for p in (CONFIG_DIR / group).glob("*.yaml")}
 
 
-def _split_list(value: str) -> list[str]:
-    inner = value[1:-1] if value.startswith("[") and value.endswith("]") else value
-    return [v.strip() for v in inner.split(",") if v.strip()]
-
-
 def normalize_overrides(argv: Sequence[str]) -> list[str]:
-    """Rewrite the conveniences of the module docstring into plain Hydra overrides."""
+    """Rewrite the conveniences of the module docstring into plain Hydra overrides (each parsed with Hydra's
+    own override grammar: a malformed one is refused here as Hydra would refuse it)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
     out: list[str] = []
     for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or key.startswith(("+", "~")):
+        override = parser.parse_override(arg)
+        key = override.key_or_group
+        if override.is_add() or override.is_force_add() or override.is_delete() or override.package is not None:
             out.append(arg)
-        elif key in PATH_GROUPS and value not in _options(key):
+        elif key in PATH_GROUPS and override.get_value_element_as_str() not in _options(key):
             option, field = PATH_GROUPS[key]
-            out += [f"{key}={option}", f"{key}.{field}={value}"]
+            out += [f"{key}={option}", f"{key}.{field}={override.get_value_element_as_str()}"]
         elif key == "method":
-            names = _split_list(value)
+            value = override.value()
+            names = [str(n) for n in value] if isinstance(value, list) else [str(value)]
             known = _options("method")
             out.append("method=[" + ",".join(n for n in names if n in known) + "]")
             out += [f"++methods.{n}={{}}" for n in names if n not in known]
