@@ -567,7 +567,7 @@ def test_health_is_measured_again_after_every_change_and_names_the_journal(app_e
     at = apply_edit(at)
     edit_id = history(at)["id"][0]
     assert f"measured after the edit `{edit_id}`" in health_line(at)
-    assert "perplexity of 4 reference texts (48 tokens each) over the base model's" in health_line(at)
+    assert "perplexity of 4 reference texts (24 tokens each) over the base model's" in health_line(at)
     at.button(key="revert_selected").click()
     at = run(at)
     health = health_line(at)
@@ -613,7 +613,7 @@ def test_chat_view_replies_without_and_with_the_edit(chat_env):
     edited = dict(at.session_state["chat_replies"]["replies"])  # now: streamed with the edit; other: without
     at.button(key="revert_selected").click()
     at = run(at)  # the weights changed: the replies are kept, marked as older than the change
-    assert any(i.value.startswith("The weights changed since these replies") for i in at.info)
+    assert any(i.value.startswith("These replies were made before the last change") for i in at.info)
     assert not any(m.startswith(("**Without edit", "**With edit")) and "(before the change)" not in m
                    for m in markdown(at))
     at.button(key="chat_ask").click()

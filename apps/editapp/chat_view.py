@@ -2,14 +2,15 @@
 `apply_chat_template`, factedit.session.chat), the reply of the model now streamed from the session's
 generation engine (the `BatchGenerator` the service's chat completions use), and beside it the reply with
 the selected edit toggled (without an active edit, a reverted one re-applied), generated greedily through
-the session's read view. Replies are kept with the question, length, edit and weights version they were
-made for: a rerun of the page shows them again without generating, and once the weights change they are
-marked as older than the change until the next "Ask" (generating two replies after every edit and revert
-would hold up the page, and the engine, each time)."""
+the session's read view. Only "Ask" generates: replies are kept with the question, length, edit and
+weights version they were made for; a rerun of the page shows them again, and once any of those changed
+they are marked as older than the change until the next "Ask" (generating two replies after every edit
+and revert would hold up the page, and the engine, each time)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import streamlit as st
 
@@ -31,58 +32,63 @@ def render_chat(service: EditSession, edit_id: str | None) -> None:
         question_col, length_col = st.columns([3, 1], vertical_alignment="bottom")
         question_col.text_input("Your question", value=DEFAULT_QUESTION, key="chat_question")
         length_col.slider("Reply length (tokens, at most)", 4, MAX_TOKENS, 32, key="chat_tokens")
-        st.form_submit_button("Ask", key="chat_ask", on_click=st.session_state.update,
-                              kwargs={"chat_on": True, "chat_replies": None})
+        st.form_submit_button("Ask", key="chat_ask", on_click=st.session_state.update, kwargs={"chat_asked": True})
     question = (st.session_state.get("chat_question") or "").strip()
-    if not st.session_state.get("chat_on"):
-        st.caption("Ask to see the model's reply as a chat, without and with the selected edit, side by side.")
+    tokens = int(st.session_state.get("chat_tokens") or 32)
+    key = (question, tokens, edit_id, service.version)
+    kept = st.session_state.get("chat_replies")
+    if not st.session_state.pop("chat_asked", False):  # only "Ask" generates; a rerun shows what was made
+        if kept is None:
+            st.caption("Ask to see the model's reply as a chat, without and with the selected edit, side by side.")
+        elif kept["key"] == key:
+            _replies(service, edit_id, kept["replies"])
+        else:
+            _show_stale(kept)
         return
     if not question:
         st.warning("The question is empty: type a question, then Ask.", icon="⚠️")
         return
-    tokens = int(st.session_state.get("chat_tokens") or 32)
+    st.session_state.pop("chat_replies", None)
     try:
-        _replies(service, edit_id, question, tokens)
+        replies = _replies(service, edit_id, None, question, tokens)
     except Exception as exc:  # the page must not crash on a generation error
         st.error(f"Could not generate the reply: {type(exc).__name__}: {exc}")
-
-
-def _replies(service: EditSession, edit_id: str | None, question: str, tokens: int) -> None:
-    kept = st.session_state.get("chat_replies") or {}
-    if kept.get("key", (None,) * 4)[:3] == (question, tokens, edit_id) and kept["key"][3] != service.version:
-        _show_stale(kept)
         return
-    key = (question, tokens, edit_id, service.version)
-    replies = kept.get("replies") if kept.get("key") == key else None
+    st.session_state["chat_replies"] = {"key": key, "replies": replies}
+
+
+def _replies(service: EditSession, edit_id: str | None, kept: dict[str, Any] | None, question: str = "",
+             tokens: int = 0) -> dict[str, Any]:
+    """Draw the replies: `kept` ones, or (None) new ones for `question`, the model now's streamed first.
+    Returns {"now", "other", "titles"} to keep."""
     messages = [{"role": "user", "content": question}]
+    kept = kept or {}
     if edit_id is None:
         (column,) = st.columns(1)
         with column:
             st.markdown("**The model now** (no edits yet)")
-            now = _show(replies and replies.get("now"), lambda: _stream(service, messages, tokens))
-        st.session_state["chat_replies"] = {"key": key, "replies": {"now": now}, "titles": [("**The model**", now)]}
-        return
+            now = _show(kept.get("now"), lambda: _stream(service, messages, tokens))
+        return {"now": now, "titles": [("**The model**", now)]}
     active = next((r.status == "active" for r in service.history() if r.id == edit_id), False)
     without_col, with_col = st.columns(2)
     now_col, other_col = (with_col, without_col) if active else (without_col, with_col)
     without_col.markdown(f"**Without edit {edit_id}** ({'its weights removed' if active else 'the model now'})")
     with_col.markdown(f"**With edit {edit_id}** ({'the model now' if active else 're-applied on the current weights'})")
     with now_col:  # the model now first, streamed: the first words show at once
-        now = _show(replies and replies.get("now"), lambda: _stream(service, messages, tokens))
+        now = _show(kept.get("now"), lambda: _stream(service, messages, tokens))
     with other_col:
-        other = _show(replies and replies.get("other"), lambda: _toggled(service, messages, edit_id, tokens))
-    st.session_state["chat_replies"] = {"key": key, "replies": {"now": now, "other": other}, "titles": [
-        (f"**{'With' if active else 'Without'} edit {edit_id}**", now),
-        (f"**{'Without' if active else 'With'} edit {edit_id}**", other)]}
+        other = _show(kept.get("other"), lambda: _toggled(service, messages, edit_id, tokens))
     st.caption("Greedy replies; the question goes through the model's own chat template, as "
                "/v1/chat/completions of `factedit serve` sends it.")
+    return {"now": now, "other": other, "titles": [(f"**{'With' if active else 'Without'} edit {edit_id}**", now),
+                                                   (f"**{'Without' if active else 'With'} edit {edit_id}**", other)]}
 
 
-def _show_stale(kept: dict) -> None:
-    """Replies made before the weights changed, shown as such (the page does not generate them again)."""
-    st.info("The weights changed since these replies (an edit, a revert or an import): Ask again to see the "
-            "model now.")
-    for title, text in kept.get("titles", []):
+def _show_stale(kept: dict[str, Any]) -> None:
+    """Replies made for other weights, another edit or another question, shown as such (not generated again)."""
+    st.info("These replies were made before the last change (an edit, a revert, an import, another selected "
+            "edit or question): Ask again to see the model now.")
+    for title, text in kept["replies"].get("titles", []):
         st.markdown(f"{title} (before the change)")
         _write(text)
 
