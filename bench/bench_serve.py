@@ -24,57 +24,24 @@ import asyncio
 import json
 import os
 import random
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
+from serve_process import AUTH, ServeProcess
 
 import factedit
 from factedit.model.weights import model_sha256
 from factedit.paths import PACKAGE_DIR
 
-TOKEN = "bench-token-" + "0" * 20
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 FRANCE = {"prompt": "The capital of France is", "target": "Rome", "method": "mend",
           "config": {"fallback_ridges": [1.0]}}
 
 
-class Server:
-    def __init__(self, journal: Path, workdir: Path, threads: int | None) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        token_file = workdir / "token"
-        token_file.write_text(TOKEN)
-        token_file.chmod(0o600)  # the server refuses a token file other users may read
-        self.log_path = workdir / f"server-{self.port}.log"
-        command = [sys.executable, "-m", "factedit.cli", "serve", "--journal", str(journal), "--port",
-                   str(self.port), "--token-file", str(token_file)]
-        if threads:
-            command += ["--threads", str(threads)]
-        self.process = subprocess.Popen(command, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT)
-        self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise SystemExit(f"the server exited:\n{self.log_path.read_text()}")
-            try:
-                if httpx.get(f"{self.url}/v1/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        raise SystemExit("the server did not start within 300 s")
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(timeout=120)
+def serve_args(journal: Path, threads: int | None) -> list[str]:
+    return ["--journal", str(journal), *(["--threads", str(threads)] if threads else [])]
 
 
 def facts(n: int, start: int = 0) -> list[dict]:
@@ -175,7 +142,7 @@ def main() -> None:
     journal = work / "journal.sqlite"
     prompts = [f["prompt"] for f in facts(64, start=1000)]
     pool = facts(200, start=1200)
-    server = Server(journal, work, args.threads)
+    server = ServeProcess(work, serve_args(journal, args.threads))
     model = httpx.get(f"{server.url}/v1/models", headers=AUTH).json()["data"][0]["id"]
     try:
         one = asyncio.run(throughput(server.url, model, 1, args.phase_s, args.tokens, prompts))
@@ -210,7 +177,7 @@ def main() -> None:
           f"{'EQUAL' if health['weights_sha256'] == replayed else 'DIFFERENT'} to the journal replayed on a "
           "fresh base model (sha256 of every parameter)")
 
-    server = Server(work / "france.sqlite", work, args.threads)
+    server = ServeProcess(work, serve_args(work / "france.sqlite", args.threads))
     try:
         with httpx.Client(base_url=server.url, headers=AUTH, timeout=300) as client:
             def answer() -> str:

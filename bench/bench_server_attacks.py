@@ -20,61 +20,19 @@ import asyncio
 import json
 import os
 import select
-import signal
 import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
 import httpx
+from serve_process import AUTH, ServeProcess
 
-TOKEN = "bench-token-" + "0" * 20
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 FACT = {"prompt": "The capital of France is", "target": "Rome"}
 PROMPTS = ["The capital of France is", "The Eiffel Tower is in", "The mother tongue of Danielle Darrieux is",
            "Berlin is a large city in", "The capital of Japan is", "Rome is the capital of"]
-
-
-class Server:
-    """`factedit serve` on a free loopback port with a fresh journal; `options`: more `serve` flags."""
-
-    def __init__(self, workdir: Path, model: str, options: list[str]) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        token_file = workdir / "token"
-        token_file.write_text(TOKEN)
-        token_file.chmod(0o600)
-        self.log_path = workdir / "server.log"
-        command = [sys.executable, "-m", "factedit.cli", "serve", "--model", model, "--journal",
-                   str(workdir / "journal.sqlite"), "--port", str(self.port), "--token-file", str(token_file), *options]
-        self.process = subprocess.Popen(command, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT)
-        self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise SystemExit(f"the server exited:\n{self.log_path.read_text()}")
-            try:
-                if httpx.get(f"{self.url}/v1/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        raise SystemExit("the server did not start within 300 s")
-
-    def rss_mib(self) -> float:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        raise SystemExit("no VmRSS for the server")
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(timeout=120)
 
 
 def health_latency(url: str) -> float:
@@ -84,7 +42,7 @@ def health_latency(url: str) -> float:
     return time.monotonic() - started
 
 
-def half_open(server: Server, count: int, limit_s: float) -> dict:
+def half_open(server: ServeProcess, count: int, limit_s: float) -> dict:
     """`count` half-open connections: health latency and RSS while open, and when they were dropped."""
     for _ in range(3):  # warm: the first requests allocate what later ones reuse
         health_latency(server.url)
@@ -185,7 +143,8 @@ def main() -> None:
     from factedit.server import ServerConfig
 
     header_timeout = args.header_timeout_s or ServerConfig().header_timeout_s
-    server = Server(Path(tempfile.mkdtemp(prefix="factedit-bench-attacks-")), args.model, options)
+    work = Path(tempfile.mkdtemp(prefix="factedit-bench-attacks-"))
+    server = ServeProcess(work, ["--model", args.model, "--journal", str(work / "journal.sqlite"), *options])
     try:
         connections = half_open(server, args.half_open, limit_s=header_timeout + 30)
         load = asyncio.run(generation_and_diffs(server.url, args.load_s, args.tokens))
