@@ -91,7 +91,8 @@ def _do_preview(service: EditSession, status) -> str:
         preview = run_action(EDIT, "The preview", lambda: service.preview(
             method, typed["prompt"], typed["target"], typed["paraphrases"], typed["locality"],
             overrides=overrides, probes=[*probes, *extra], progress=ticker.report))
-    note_timing(method=method, session_s=time.perf_counter() - start)
+    note_timing(method=method, session_s=time.perf_counter() - start,
+                editor=dict(preview.timings) if preview is not None else None)
     if preview is None:
         st.session_state.pop("preview", None)
         return "The preview failed: see below."
