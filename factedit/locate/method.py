@@ -15,7 +15,7 @@
 Each ΔW_l has rank <= N and is stored as its factors (Rᵀ, X_l). The model is never written: later
 blocks see the earlier blocks' updates through functional_call, and the blocks below the first edited
 one are not run again (reads.py). `edit_keys` gives the keys an applied edit protects in later solves:
-K_l on the weights as they are after it.
+K_l on the weights as they are after it (for the edit just computed: the keys read while spreading it).
 """
 
 from __future__ import annotations
