@@ -634,3 +634,15 @@ def test_chat_view_says_when_the_question_is_empty_or_there_is_no_template(chat_
     monkeypatch.setenv("FACTEDIT_APP_MODEL", str(tiny_dir))  # saved without a chat template
     at = start()
     assert any("has no chat template" in i.value for i in at.info)
+
+
+def test_progress_shows_for_methods_with_and_without_steps():
+    from editapp.progress import Ticker
+
+    drawn = []
+    slot = SimpleNamespace(progress=lambda value, text: drawn.append((round(value, 3), text)))
+    with Ticker(slot, "Previewing the mend edit") as ticker:  # a one-pass method: seconds, no steps
+        assert drawn[-1] == (0.0, "Previewing the mend edit… 0 s")
+    with Ticker(slot, "Comparing 2/2: lora", start=0.5, share=0.5) as ticker:
+        ticker.report(10, 20, 0.25)  # a method that reports steps: placed in its share of the bar
+    assert drawn[-1] == (0.75, "Comparing 2/2: lora: step 10/20, loss 0.250 · 0 s")

@@ -10,6 +10,7 @@ import time
 from types import TracebackType
 
 from streamlit.runtime.scriptrunner import add_script_run_ctx, get_script_run_ctx
+from streamlit.runtime.scriptrunner_utils.exceptions import ScriptControlException
 
 TICK_S = 0.5  # how often the seconds are redrawn
 EXPECTED_S = 10.0  # time scale of the bar's creep when no step count is known (never reaches the end)
@@ -48,7 +49,10 @@ class Ticker:
     def _tick(self) -> None:
         while not self._stop.wait(TICK_S):
             with self._lock:
-                self._draw()
+                try:
+                    self._draw()
+                except ScriptControlException:  # the run is being stopped or rerun: the script thread ends it
+                    return
 
     def __enter__(self) -> Ticker:
         ctx = get_script_run_ctx(suppress_warning=True)
