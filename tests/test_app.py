@@ -646,3 +646,12 @@ def test_progress_shows_for_methods_with_and_without_steps():
     with Ticker(slot, "Comparing 2/2: lora", start=0.5, share=0.5) as ticker:
         ticker.report(10, 20, 0.25)  # a method that reports steps: placed in its share of the bar
     assert drawn[-1] == (0.75, "Comparing 2/2: lora: step 10/20, loss 0.250 · 0 s")
+
+
+def test_tokens_are_shown_as_people_read_them():
+    from editapp.tokens import readable, readable_all
+
+    assert [readable(t) for t in (" Paris", "Rome", "<|im_end|>", "<|endoftext|>", "\n", "\n\n", " ", "\ufffd")] == [
+        "Paris", "Rome", "(end of turn)", "(end of text)", "(new line)", "(2 new lines)", "(space)",
+        "(part of a character)"]
+    assert readable_all([" Paris", "Paris", " Rome"]) == ["␣Paris", "Paris", "Rome"]  # the space tells them apart

@@ -22,10 +22,10 @@ SECTION = "history"
 def render_history(service: EditSession) -> str | None:
     """The history and its actions; returns the selected edit's id (None without edits)."""
     st.subheader("History")
-    show_messages(SECTION)
     records = service.history()
     selected = None
     if not records:
+        show_messages(SECTION)
         st.info("No edits yet. Edits are kept in the journal "
                 f"`{service.journal_path.name}` and replayed when the app starts.")
     else:
@@ -34,6 +34,7 @@ def render_history(service: EditSession) -> str | None:
                      {"edit ms": "{:.0f}", "compute ms": "{:.0f}"}, na_rep="?"),
                  hide_index=True, height="content" if len(frame) <= 12 else 480)
         selected = _actions(service, records)
+        show_messages(SECTION)  # under the buttons that made them (revert, import, compact)
         _journal_upkeep(service, records)
     _import(service)
     return selected

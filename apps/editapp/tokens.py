@@ -14,7 +14,8 @@ _NAMES = {"<|im_end|>": "(end of turn)", "<|eot_id|>": "(end of turn)", "<|im_st
 
 
 def readable(token: str) -> str:
-    """" Paris" -> "Paris", "\\n" -> "(new line)", "<|im_end|>" -> "(end of turn)", "" -> "(nothing)"."""
+    """" Paris" -> "Paris", "\\n" -> "(new line)", "<|im_end|>" -> "(end of turn)", "" -> "(nothing)", a
+    token of some bytes of a character ("\\ufffd" when decoded alone) -> "(part of a character)"."""
     if token in _NAMES:
         return _NAMES[token]
     if _SPECIAL.match(token):
@@ -23,6 +24,8 @@ def readable(token: str) -> str:
         return "(nothing)"
     if not token.strip():
         return _whitespace(token)
+    if "\ufffd" in token:  # a token that holds only some bytes of a character: nothing readable on its own
+        return "(part of a character)"
     return token.strip()
 
 
