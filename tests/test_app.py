@@ -655,3 +655,8 @@ def test_tokens_are_shown_as_people_read_them():
         "Paris", "Rome", "(end of turn)", "(end of text)", "(new line)", "(2 new lines)", "(space)",
         "(part of a character)"]
     assert readable_all([" Paris", "Paris", " Rome"]) == ["␣Paris", "Paris", "Rome"]  # the space tells them apart
+
+
+def test_compare_preselects_the_configured_methods(app_env):
+    app_env.config.write_text(TEST_CONFIG + "compare_methods: [ft, lora, no_such_method]\n")
+    assert start().multiselect(key="compare_methods").value == ["ft", "lora"]  # the registered ones

@@ -31,6 +31,7 @@ CONFIG = """
 default_method: ft_l
 continuation_tokens: 3
 probes: [The capital of France is, The capital of Germany is]
+compare_methods: [mend, ft_l, lora]   # ultraedit prepares statistics first: seconds more on a slow CI machine
 method_overrides:
   ft_l: {layers: [-1], lr: 0.1, norm_constraint: 0.1, max_steps: 10}
   ft: {layers: [-1], lr: 0.1, max_steps: 10}

@@ -29,9 +29,10 @@ def render_compare(service: EditSession) -> None:
         left, right = st.columns(2)
         left.text_input("Prompt", value=service.config.example_prompt, key="compare_prompt")
         right.text_input("New target", value=service.config.example_target, key="compare_target")
-        st.multiselect("Methods to compare", service.methods, default=compare_default(service.methods),
-                       key="compare_methods", help="Each one is computed in turn; alphaedit and the side-module "
-                                                   "methods take longer.")
+        preselected = compare_default(service.methods, service.config.compare_methods)
+        st.multiselect("Methods to compare", service.methods, default=preselected, key="compare_methods",
+                       help="Each one is computed in turn; alphaedit and the side-module methods take longer. "
+                            "The preselection is compare_methods in factedit/conf/app.yaml.")
         st.form_submit_button("Compare methods", key="compare", on_click=queue, args=("compare", SECTION))
     status = st.container(height=STATUS_HEIGHT, border=False).empty()
     run_pending(service, SECTION, status)

@@ -35,6 +35,9 @@ class AppConfig(SessionConfig):
 
     example_prompt: str = "The capital of France is"  # pre-filled in the edit form
     example_target: str = "Rome"
+    # Preselected in "Compare methods" (those registered): the methods the guide covers that edit fast
+    # enough to compare at once.
+    compare_methods: tuple[str, ...] = ("ultraedit", "mend", "ft_l", "lora")
 
     def default_journal_path(self) -> Path:
         return REPO_ROOT / "runs" / "app" / f"edits-{self.model_tag}.sqlite"
@@ -67,8 +70,9 @@ def load_app_config(environ: Mapping[str, str] | None = None) -> AppConfig:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"unknown app setting(s) {unknown} in {path}; known: {sorted(known)}")
-    if "probes" in values:
-        values["probes"] = tuple(str(p) for p in values["probes"])
+    for name in ("probes", "compare_methods"):
+        if name in values:
+            values[name] = tuple(str(p) for p in values[name])
     try:
         return AppConfig(**values)
     except TypeError as exc:

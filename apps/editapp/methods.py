@@ -44,8 +44,6 @@ MAIN_SETTINGS = {
     "mend": ("step_scales", "fallback_ridges", "extra_steps"),
     "ultraedit": ("lr", "extra_steps", "step_scales"),
 }
-# Preselected in "Compare methods": the methods the guide covers that edit fast enough to compare at once.
-COMPARE_DEFAULT = ("ultraedit", "mend", "ft_l", "lora")
 # Human labels of the settings the page offers; the field's own name stays in its help.
 LABELS = {
     "layers": "Blocks to edit", "lr": "Learning rate", "max_steps": "Training steps (at most)",
@@ -68,9 +66,9 @@ GUIDE = (
 )
 
 
-def compare_default(methods: list[str]) -> list[str]:
-    """The methods preselected for a comparison (all of them when none of the usual ones is registered)."""
-    return [m for m in COMPARE_DEFAULT if m in methods] or list(methods)
+def compare_default(methods: list[str], wanted: tuple[str, ...]) -> list[str]:
+    """The methods preselected for a comparison: `wanted` (the app's setting) as far as registered, else all."""
+    return [m for m in wanted if m in methods] or list(methods)
 
 
 def method_guide() -> str:
