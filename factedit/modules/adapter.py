@@ -22,7 +22,8 @@ from ..core.methods import MethodSpec
 from ..core.request import TokenizedRequest
 from ..core.settable import SEED, Choices, Integer, Number, Settable
 from ..core.side import SideModule
-from .training import Progress, module_hook, point_data, point_of, seeded, train_module
+from ..core.training import Progress, seeded
+from .training import module_hook, point_data, point_of, train_module
 
 
 @dataclass(frozen=True)

@@ -23,11 +23,12 @@ from ..core.delta import Delta, ParamDelta
 from ..core.methods import MethodSpec
 from ..core.request import TokenizedRequest
 from ..core.settable import LAYERS, SEED, Integer, Number, Settable
+from ..core.training import Progress, seeded
 from ..model.hooks import frozen
 from ..model.specs import mlp_param_names, weight_layout
 from ..scoring.batches import make_batch
 from ..scoring.sequences import pad_id_of
-from .training import Progress, optimize, seeded
+from .training import optimize
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,9 @@ from ..core.methods import MethodSpec
 from ..core.request import TokenizedRequest
 from ..core.settable import SEED, Integer, Number, Settable
 from ..core.side import SideModule
+from ..core.training import Progress, seeded
 from ..safety.reference import reference_texts
-from .training import Progress, module_hook, point_data, point_of, seeded, text_inputs, train_module
+from .training import module_hook, point_data, point_of, text_inputs, train_module
 
 
 @dataclass(frozen=True)

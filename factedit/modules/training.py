@@ -7,8 +7,7 @@ target token but the last. A module that changes the point's output there change
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,25 +16,12 @@ from transformers import PreTrainedTokenizerBase
 
 from ..core.request import TokenizedRequest
 from ..core.side import SideModule, run_modules
+from ..core.training import Progress
 from ..model.hooks import forward_hooks, frozen, stop_after
 from ..model.specs import resolve_layers
 from ..model.weights import side_points
 from ..scoring.batches import IGNORE, TrainingBatch, make_batch, target_nll
 from ..scoring.sequences import pad_id_of
-
-# progress(step, max_steps, loss), as the Editor passes it
-Progress = Callable[[int, int, float], None]
-
-
-@contextlib.contextmanager
-def seeded(seed: int | None) -> Iterator[None]:
-    """Fix torch's RNG inside the block (when seed is not None) without disturbing the caller's."""
-    if seed is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
 
 
 @dataclass(frozen=True)

@@ -20,12 +20,13 @@ from ..core.delta import Delta, ParamDelta
 from ..core.methods import MethodSpec
 from ..core.request import TokenizedRequest
 from ..core.settable import LAYERS, SEED, Choices, Integer, Nested, Number, Settable
+from ..core.training import Progress, seeded
 from ..model.contexts import ContextPrefixes, PrefixConfig
 from ..model.hooks import frozen
 from ..model.specs import mlp_param_names, weight_layout
 from ..safety.preserve import KeyPreserver, PreserveConfig, preserve_field
 from ..scoring.batches import TrainingBatch, training_batch
-from .training import Progress, optimize, seeded
+from .training import optimize
 
 ADAPTER = "factedit"
 

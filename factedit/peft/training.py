@@ -4,26 +4,12 @@ steps. The batches and their loss are the core's (scoring/batches.py)."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
+from ..core.training import Progress
 from ..scoring.batches import TrainingBatch, target_nll
-
-# progress(step, max_steps, loss): what a caller is told while an editor trains (a UI's progress bar)
-Progress = Callable[[int, int, float], None]
-
-
-@contextlib.contextmanager
-def seeded(seed: int | None) -> Iterator[None]:
-    """Fix torch's RNG inside the block (when seed is not None) without disturbing the caller's."""
-    if seed is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
 
 
 def optimize(
