@@ -6,13 +6,12 @@
 
 An Editor binds to the first model it is used with (and, with a journal, replays the journal's
 active edits onto it, after checking it is the journal's base model). See design.md for the steps.
-Its previews, effects and diffs are in inspection.py, its exports and imports in transfer.py.
 """
-# long: the edit path (compute, apply, guard, record, journal), revert and binding to a model stay one
-# class over one lock; what reads or exports is split off (inspection.py, transfer.py).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import threading
@@ -28,29 +27,34 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from .._version import __version__
-from ..core.cost import ms_since
+from ..artifacts import adapters, gguf_export
+from ..artifacts.exported import EXPORT_FORMAT, read_exported
 from ..core.delta import Delta
-from ..core.errors import ConfigError, EditNotFoundError
+from ..core.errors import ConfigError, EditNotFoundError, InvalidRequestError, ModelMismatchError
 from ..core.methods import StreamState, config_to_dict, get_method, make_config
 from ..core.record import EditRecord, new_edit_id
 from ..core.request import EditRequest, TokenizedRequest, as_requests, max_context, tokenize_request, with_subject
 from ..model.loading import model_id as model_id_of
-from ..model.views import is_view
+from ..model.views import is_view, viewed_model
 from ..model.weights import WeightState, model_fingerprint, tensor_sha256
 from ..safety.drift import GuardConfig
 from ..safety.safeguards import Guard, Safeguards, accepts, resolve_guard
 from ..scoring.sequences import score_requests
-from .inspection import EditorInspection
+from .diff import EditDiff, diff_edit
 from .journal import Journal
+from .preview import EditPreview, edit_effect, preview_delta, with_delta
 from .replay_journal import replay
-from .transfer import EditorTransfer
 
 LOG = logging.getLogger(__name__)
 
 OWNER_ATTRIBUTE = "factedit_editor"  # set on a model: a weak reference to the Editor it belongs to
 
 
-class Editor(EditorInspection, EditorTransfer):
+def _ms(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000, 3)
+
+
+class Editor:
     """Edits facts in a causal LM with one registered method and undoes them exactly.
 
     Args:
@@ -199,6 +203,97 @@ class Editor(EditorInspection, EditorTransfer):
             delta = impl.compute(model, self.tokenizer, tokenized, **extra)
         return preserver.project(delta)
 
+    def preview(
+        self,
+        model: nn.Module,
+        requests: Sequence[EditRequest | Mapping[str, Any]],
+        *,
+        probes: Sequence[str] = (),
+        method: str | None = None,
+        **overrides: Any,
+    ) -> EditPreview:
+        """What an edit of `requests` would do, without doing it: the delta is computed as `edit_batch`
+        computes it (the method, then the preservation projection) on the current weights, and scored
+        on the requests' prompts, paraphrases, locality prompts and `probes` with the delta added
+        through functional_call; the weights are not written (preview.py). `method` and `overrides`
+        as `set_method` takes them (default: this Editor's method and config); the Editor keeps its
+        own. `apply_preview` applies exactly the previewed delta. `model` (here and in `diff`, `effect`,
+        `toggled_weights`) may be a read view of the bound model (views.py)."""
+        _check_probes(probes)
+        requests = as_requests(requests)
+        with self._lock:
+            name, config, impl = self._method_for(method, overrides)
+            requests = self._located(get_method(name), requests)
+            context = max_context(model.config)
+            tokenized = [tokenize_request(r, self.tokenizer, context) for r in requests]
+            self.attach(viewed_model(model))
+            stream = self._stream_for(name, impl)
+            start = time.perf_counter()
+            delta = self._compute_with(impl, config, model, tokenized, stream).detached_cpu()
+            compute_ms, start = _ms(start), time.perf_counter()
+            result = preview_delta(
+                model, self.tokenizer, self._state, delta, tokenized, list(probes), method=name,
+                config=config_to_dict(config), timings={}, weights=tuple(self._state.active),
+                model_fingerprint=self._fingerprint,
+            )
+            return dataclasses.replace(result, timings={"compute_ms": compute_ms, "score_ms": _ms(start)},
+                                       stream_state=stream.after if stream is not None else None)
+
+    def apply_preview(self, model: nn.Module, preview: EditPreview) -> EditRecord:
+        """Apply a preview's delta as a new edit (recorded, journaled and guarded like any edit), without
+        computing it again. Refused, with nothing changed, once the weights differ from those it was
+        computed on (an edit applied or reverted since)."""
+        with self._lock:
+            self.attach(model)
+            if preview.model_fingerprint != self._fingerprint:
+                raise ModelMismatchError("this preview was computed on another model")
+            if tuple(preview.weights) != tuple(self._state.active):
+                raise ConfigError(
+                    "the weights changed since this preview was computed (an edit was applied or reverted); "
+                    "preview it again"
+                )
+            delta = preview.delta
+            stream = StreamState(after=preview.stream_state) if preview.stream_state is not None else None
+            return self._edit(model, list(preview.requests), lambda *_: delta, preview.method, preview.config,
+                              stream)
+
+    def effect(self, edit_id: str, model: nn.Module, probes: Sequence[str] = ()) -> dict[str, Any]:
+        """What an edit does on the current weights, scored with the weights untouched: an active edit
+        without/with it, a reverted one as it is now/re-applied (`preview.edit_effect`)."""
+        _check_probes(probes)
+        with self._lock:
+            record = self._record_with_delta(edit_id)
+            self.attach(viewed_model(model))
+            return edit_effect(record, self._state, model, self.tokenizer, list(probes))
+
+    def toggled_weights(self, edit_id: str, model: nn.Module) -> tuple[bool, dict[str, torch.Tensor]]:
+        """(active, values): whether the edit is active, and the values its parameters would have with it
+        toggled: without it (the other active edits kept) when active, re-applied on the current weights
+        when reverted. The model is not changed (use the values through functional_call)."""
+        with self._lock:
+            record = self._record_with_delta(edit_id)
+            if record.delta.modules:
+                raise InvalidRequestError(f"edit {edit_id} ({record.method}) adds side modules, which weights alone "
+                                          "cannot toggle; use Editor.effect(edit_id, model, probes) instead")
+            self.attach(viewed_model(model))
+            if record.id in self._state.active:
+                return True, self._state.weights_without(model, record.id)
+            return False, with_delta(model, record.delta)
+
+    def _method_for(self, method: str | None, overrides: Mapping[str, Any]) -> tuple[str, Any, Any]:
+        """(name, config, built method) for a preview: this Editor's own (method None), or one built from
+        `overrides` (as `set_method` takes them) and kept for later previews."""
+        if method is None:
+            if overrides:
+                raise ConfigError("preview: config overrides need the method they are for (method=...)")
+            return self.method, self.config, self._impl
+        spec = get_method(method)
+        config = make_config(spec.config_cls, overrides)
+        key = (method, json.dumps(config_to_dict(config), sort_keys=True, default=str))
+        if key not in self._preview_methods:
+            self._preview_methods[key] = spec.build(config)
+        return method, config, self._preview_methods[key]
+
     def set_method(self, method: str, **overrides: Any) -> None:
         """Edit with another registered method from now on; weights, history and journal stay.
         Refused (nothing changed) for an unknown method or config key."""
@@ -207,6 +302,90 @@ class Editor(EditorInspection, EditorTransfer):
         impl = spec.build(config)
         with self._lock:
             self.method, self._spec, self.config, self._impl = method, spec, config, impl
+
+    def export_edit(self, edit_id: str, path: str | os.PathLike) -> Path:
+        """Write one edit to a self-describing file: safetensors holding the delta, with the record
+        (requests, method, config, base model id and fingerprint, version) as JSON metadata."""
+        record = self._record_with_delta(edit_id)
+        meta = {"format": EXPORT_FORMAT, "record": json.dumps(record.to_dict())}
+        path = Path(path)
+        path.write_bytes(record.delta.to_bytes(meta))
+        return path
+
+    def import_edit(self, model: nn.Module, path: str | os.PathLike) -> EditRecord:
+        """Apply an edit exported by `export_edit` (from any method) as a new edit of this Editor.
+        Refused, with nothing changed, if it was made on another base model."""
+        exported = read_exported(Path(path).read_bytes())  # record, facts and delta checked first
+        with self._lock:
+            self.attach(model)
+            if exported.model_fingerprint != self._fingerprint:
+                raise ModelMismatchError(
+                    f"{path} was made on model {exported.record['model_id']!r} (fingerprint "
+                    f"{exported.model_fingerprint}), not this one ({self._fingerprint})"
+                )
+            return self._edit(model, list(exported.requests), lambda *_: exported.delta, exported.method,
+                              exported.config)
+
+    def export_adapter(
+        self,
+        path: str | os.PathLike,
+        ids: Sequence[str] | None = None,
+        *,
+        rank: int | None = None,
+        exact: bool = False,
+        model: nn.Module | None = None,
+        format: str = "peft",
+        base_gguf: str | os.PathLike | None = None,
+    ) -> adapters.AdapterExport | gguf_export.GGUFAdapterExport:
+        """Write active edits (`ids`, default all) as one PEFT LoRA adapter folder that `peft` and vLLM
+        load, with a model card listing them. Dense edits (ft, ft_l) go through a truncated SVD of
+        `rank` (errors in the result) or, with `exact=True`, are refused. Details: adapters.py.
+        `format="gguf"`: one GGUF LoRA adapter file for llama.cpp / Ollama instead, checked against the
+        base GGUF (`base_gguf`, default the default model's own; gguf_export.py).
+        Needs the edited model: the one this Editor is bound to, or `model`."""
+        if format not in ("peft", "gguf"):
+            raise ConfigError(f"adapter format must be 'peft' or 'gguf', got {format!r}")
+        with self._lock:
+            if model is not None:
+                self.attach(model)
+            bound = self._model_ref() if self._model_ref is not None else None
+            if bound is None:
+                raise ConfigError("export_adapter needs the edited model: pass model= or edit/attach first")
+            adapters.refuse_side_modules(self._active_records(ids), f"a {format} LoRA adapter")
+            if format == "gguf":
+                return gguf_export.export_gguf_lora(bound, self._active_records(ids), path, base=base_gguf,
+                                                    base_weights=self._state.base, rank=rank, exact=exact)
+            return adapters.export_adapter(bound, self._active_records(ids), path, rank=rank, exact=exact)
+
+    def export_merged(
+        self, model: nn.Module, path: str | os.PathLike, *, format: str = "hf",
+        base_gguf: str | os.PathLike | None = None, dtype: str = "f32",
+    ) -> Path | gguf_export.GGUFMergedExport:
+        """Write `model` with its active edits as a HuggingFace folder (safetensors, config, tokenizer,
+        a model card listing the edits) that `AutoModelForCausalLM.from_pretrained` loads.
+        `format="gguf"`: one GGUF file, the base GGUF (`base_gguf`, default the default model's own) with
+        the edited tensors replaced in `dtype` (gguf_export.py); returns what it wrote (GGUFMergedExport)."""
+        if format not in ("hf", "gguf"):
+            raise ConfigError(f"merged format must be 'hf' or 'gguf', got {format!r}")
+        with self._lock:
+            self.attach(model)
+            adapters.refuse_side_modules(self._active_records(None), f"a merged {format} model")
+            if format == "gguf":
+                return gguf_export.export_gguf_merged(model, self._active_records(None), path, base=base_gguf,
+                                                      base_weights=self._state.base, dtype=dtype)
+            return adapters.export_merged(model, self.tokenizer, self._active_records(None), path)
+
+    def import_adapter(self, model: nn.Module, path: str | os.PathLike) -> EditRecord:
+        """Apply a PEFT LoRA adapter folder (LoRA on MLP matrices) as one new edit, method "import":
+        journaled, diffable, exactly revertible. Its requests are the original ones when factedit exported
+        it (factedit.json), else one placeholder ("Imported PEFT LoRA adapter" -> the folder's name).
+        Refused, with nothing changed, for another base model, modules that are not MLP matrices, other
+        peft types, LoRA variants and extras (DoRA, bias, modules_to_save), and pickled weights."""
+        with self._lock:
+            self.attach(model)
+            adapter = adapters.read_adapter(model, path, model_id=self._model_id, fingerprint=self._fingerprint)
+            return self._edit(model, list(adapter.requests), lambda *_: adapter.delta, adapters.IMPORT_METHOD,
+                              adapter.config)
 
     def _edit(
         self,
@@ -228,17 +407,17 @@ class Editor(EditorInspection, EditorTransfer):
 
             t = time.perf_counter()
             pre = score_requests(model, self.tokenizer, tokenized) if self.score else {}
-            timings["score_ms"] = ms_since(t)
+            timings["score_ms"] = _ms(t)
 
             t = time.perf_counter()
             delta = compute(model, tokenized).detached_cpu()
-            timings["compute_ms"] = ms_since(t)
+            timings["compute_ms"] = _ms(t)
 
             edit_id = new_edit_id()
             first_touched = [n for n in delta.names() if n not in self._state.base]
             t = time.perf_counter()
             self._state.apply(model, edit_id, delta)  # validates; refuses before writing anything
-            timings["apply_ms"] = ms_since(t)
+            timings["apply_ms"] = _ms(t)
             try:
                 what = f"this {method} edit of {len(requests)} fact(s)"
                 drift = self._safeguards.check_drift(model, self.tokenizer, self._state, self.guard, what, timings)
@@ -265,8 +444,8 @@ class Editor(EditorInspection, EditorTransfer):
             post = score_requests(model, self.tokenizer, tokenized, old_answers=old)
         else:
             post = {}
-        timings["score_ms"] += ms_since(t)
-        timings["edit_ms"] = ms_since(start)  # the journal write is timed apart, as journal_ms
+        timings["score_ms"] += _ms(t)
+        timings["edit_ms"] = _ms(start)  # the journal write is timed apart, as journal_ms
         record = EditRecord(
             id=edit_id, method=method, config=dict(config), requests=tuple(r.request for r in tokenized),
             pre=pre, post=post, timings=timings, model_id=self._model_id, model_fingerprint=self._fingerprint,
@@ -278,7 +457,7 @@ class Editor(EditorInspection, EditorTransfer):
             params = dict(model.named_parameters())
             after = {n: tensor_sha256(params[n]) for n in delta.names()}
             self._journal.append(record, base_hashes, self._base_sha256, after)
-            timings["journal_ms"] = ms_since(t)
+            timings["journal_ms"] = _ms(t)
         return record
 
     def revert(self, model: nn.Module, edit_id: str) -> EditRecord:
@@ -306,6 +485,17 @@ class Editor(EditorInspection, EditorTransfer):
             self.attach(model)
             active = [r.id for r in self._records.values() if r.status == "active"]
             return [self.revert(model, edit_id) for edit_id in reversed(active)]
+
+    def diff(self, edit_id: str, model: nn.Module | None = None, probes: Sequence[str] = ()) -> EditDiff:
+        """What an edit changed: per parameter ‖Δ‖_F, ‖Δ‖/‖W‖ and rank, and the top-5 next tokens
+        before and after on its prompts; with `model` and `probes`, also on those prompts (scored
+        with and without the edit, the model untouched)."""
+        _check_probes(probes)
+        with self._lock:
+            record = self._record_with_delta(edit_id)
+            if model is not None:
+                self.attach(viewed_model(model))
+            return diff_edit(record, self._state, self.tokenizer, model, list(probes))
 
     def record(self, edit_id: str) -> EditRecord:
         """One edit's record, its delta included (read back from the journal for a reverted edit)."""
@@ -390,6 +580,21 @@ class Editor(EditorInspection, EditorTransfer):
         self.close()
 
     # --- internals ---------------------------------------------------------------------------------
+    def _active_records(self, ids: Sequence[str] | None) -> list[EditRecord]:
+        """The active edits named by `ids` (all when None), in the order they were applied."""
+        active = [r for r in self._records.values() if r.status == "active"]
+        if ids is None:
+            return active
+        if isinstance(ids, str):
+            raise ConfigError(f"ids must be a list of edit ids (write [{ids!r}] for one)")
+        for edit_id in ids:
+            record = self._records.get(edit_id)
+            if record is None:
+                raise EditNotFoundError(f"no edit with id {edit_id!r}")
+            if record.status != "active":
+                raise EditNotFoundError(f"edit {edit_id} is reverted; only active edits export")
+        return [r for r in active if r.id in set(ids)]
+
     def compact_journal(self, older_than_s: float = 0.0) -> dict[str, Any]:
         """Drop the journal's deltas of edits reverted at least `older_than_s` seconds ago, keeping their
         records (`Journal.compact`); the active edits and the replay are untouched."""
@@ -411,3 +616,12 @@ class Editor(EditorInspection, EditorTransfer):
         if record.delta is None:  # a reverted edit whose delta stays in the journal
             record = self._journal.record(edit_id)
         return record
+
+
+def _check_probes(probes: Sequence[str]) -> None:
+    """Probes are a list of non-empty prompts (a string alone is a common slip)."""
+    if isinstance(probes, str):
+        raise InvalidRequestError(f"probes must be a list of prompts (write [{probes!r}] for one)")
+    for probe in probes:
+        if not isinstance(probe, str) or not probe.strip():
+            raise InvalidRequestError(f"every probe must be a non-empty prompt, not {probe!r}")
