@@ -68,6 +68,11 @@ def _resident_mb(field: str) -> float | None:
     return None
 
 
+def ms_since(start: float) -> float:
+    """Milliseconds since `start` (a `time.perf_counter()` reading), rounded to the microsecond."""
+    return round((time.perf_counter() - start) * 1000, 3)
+
+
 @contextlib.contextmanager
 def stopwatch() -> Iterator[dict[str, float]]:
     """`with stopwatch() as t: ...` then `t["ms"]` holds the block's wall time in milliseconds."""

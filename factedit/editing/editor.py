@@ -7,6 +7,8 @@
 An Editor binds to the first model it is used with (and, with a journal, replays the journal's
 active edits onto it, after checking it is the journal's base model). See design.md for the steps.
 """
+# long: the public API of one object over one lock; each job it does lives elsewhere (preview.py, diff.py,
+# journal.py, replay_journal.py, safety/safeguards.py, artifacts/) and what is left here is glue and docs.
 
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from transformers import PreTrainedTokenizerBase
 from .._version import __version__
 from ..artifacts import adapters, gguf_export
 from ..artifacts.exported import EXPORT_FORMAT, read_exported
+from ..core.cost import ms_since
 from ..core.delta import Delta
 from ..core.errors import ConfigError, EditNotFoundError, InvalidRequestError, ModelMismatchError
 from ..core.methods import StreamState, config_to_dict, get_method, make_config
@@ -48,10 +51,6 @@ from .replay_journal import replay
 LOG = logging.getLogger(__name__)
 
 OWNER_ATTRIBUTE = "factedit_editor"  # set on a model: a weak reference to the Editor it belongs to
-
-
-def _ms(start: float) -> float:
-    return round((time.perf_counter() - start) * 1000, 3)
 
 
 class Editor:
@@ -230,13 +229,13 @@ class Editor:
             stream = self._stream_for(name, impl)
             start = time.perf_counter()
             delta = self._compute_with(impl, config, model, tokenized, stream).detached_cpu()
-            compute_ms, start = _ms(start), time.perf_counter()
+            compute_ms, start = ms_since(start), time.perf_counter()
             result = preview_delta(
                 model, self.tokenizer, self._state, delta, tokenized, list(probes), method=name,
                 config=config_to_dict(config), timings={}, weights=tuple(self._state.active),
                 model_fingerprint=self._fingerprint,
             )
-            return dataclasses.replace(result, timings={"compute_ms": compute_ms, "score_ms": _ms(start)},
+            return dataclasses.replace(result, timings={"compute_ms": compute_ms, "score_ms": ms_since(start)},
                                        stream_state=stream.after if stream is not None else None)
 
     def apply_preview(self, model: nn.Module, preview: EditPreview) -> EditRecord:
@@ -407,17 +406,17 @@ class Editor:
 
             t = time.perf_counter()
             pre = score_requests(model, self.tokenizer, tokenized) if self.score else {}
-            timings["score_ms"] = _ms(t)
+            timings["score_ms"] = ms_since(t)
 
             t = time.perf_counter()
             delta = compute(model, tokenized).detached_cpu()
-            timings["compute_ms"] = _ms(t)
+            timings["compute_ms"] = ms_since(t)
 
             edit_id = new_edit_id()
             first_touched = [n for n in delta.names() if n not in self._state.base]
             t = time.perf_counter()
             self._state.apply(model, edit_id, delta)  # validates; refuses before writing anything
-            timings["apply_ms"] = _ms(t)
+            timings["apply_ms"] = ms_since(t)
             try:
                 what = f"this {method} edit of {len(requests)} fact(s)"
                 drift = self._safeguards.check_drift(model, self.tokenizer, self._state, self.guard, what, timings)
@@ -444,8 +443,8 @@ class Editor:
             post = score_requests(model, self.tokenizer, tokenized, old_answers=old)
         else:
             post = {}
-        timings["score_ms"] += _ms(t)
-        timings["edit_ms"] = _ms(start)  # the journal write is timed apart, as journal_ms
+        timings["score_ms"] += ms_since(t)
+        timings["edit_ms"] = ms_since(start)  # the journal write is timed apart, as journal_ms
         record = EditRecord(
             id=edit_id, method=method, config=dict(config), requests=tuple(r.request for r in tokenized),
             pre=pre, post=post, timings=timings, model_id=self._model_id, model_fingerprint=self._fingerprint,
@@ -457,7 +456,7 @@ class Editor:
             params = dict(model.named_parameters())
             after = {n: tensor_sha256(params[n]) for n in delta.names()}
             self._journal.append(record, base_hashes, self._base_sha256, after)
-            timings["journal_ms"] = _ms(t)
+            timings["journal_ms"] = ms_since(t)
         return record
 
     def revert(self, model: nn.Module, edit_id: str) -> EditRecord:

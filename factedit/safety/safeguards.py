@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from ..core.cost import ms_since
 from ..core.delta import Delta
 from ..core.errors import ConfigError
 from ..core.request import TokenizedRequest
@@ -141,7 +142,7 @@ class Safeguards:
         start = time.perf_counter()
         base = state.base_values(list(state.base))
         ratio = guard.ratio(model, tokenizer, base, lowest_touched_block(model, state))
-        timings["guard_ms"] = round((time.perf_counter() - start) * 1000, 3)
+        timings["guard_ms"] = ms_since(start)
         guard.check(ratio, what)
         return ratio
 

@@ -13,6 +13,8 @@ is not reentrant).
 Methods: one Editor serves edits of every method, switched in place when an edit asks for another
 (`switch.py`).
 """
+# long: the session's public API over one lock; its jobs live elsewhere (access.py, changes.py, probes.py,
+# reads.py, switch.py, origins.py, drift_meter.py) and what is left here is glue and docs.
 
 from __future__ import annotations
 
