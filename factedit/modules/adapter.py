@@ -23,7 +23,7 @@ from ..core.request import TokenizedRequest
 from ..core.settable import SEED, Choices, Integer, Number, Settable
 from ..core.side import SideModule
 from ..core.training import Progress, seeded
-from .training import module_hook, point_data, point_of, train_module
+from .training import SideModuleEditor, module_hook, train_module
 
 
 @dataclass(frozen=True)
@@ -48,21 +48,15 @@ class AdapterConfig:
             raise ValueError("rank must be >= 1, act relu/gelu/silu and lr a finite number > 0")
 
 
-class Adapter:
+class Adapter(SideModuleEditor):
     """Train one bottleneck adapter on the requests (module docstring)."""
-
-    def __init__(self, config: AdapterConfig) -> None:
-        self.config = config
-
-    def param_names(self, model: nn.Module) -> list[str]:
-        return []  # no weight changes: the adapter is a side module
 
     def compute(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[TokenizedRequest],
         progress: Progress | None = None,
     ) -> Delta:
         cfg = self.config
-        data = point_data(model, tokenizer, requests, point_of(model, cfg.layer))
+        data = self.point_data(model, tokenizer, requests)
         d = data.x.shape[-1]
         with seeded(cfg.seed):
             tensors = {"down": torch.randn(cfg.rank, d) * (cfg.init_scale / d**0.5), "b_down": torch.zeros(cfg.rank),

@@ -27,7 +27,7 @@ from ..core.request import TokenizedRequest
 from ..core.settable import SEED, Integer, Number, Settable
 from ..core.side import SideModule
 from ..core.training import Progress, seeded
-from .training import point_data, point_of, train_module
+from .training import SideModuleEditor, train_module
 
 
 @dataclass(frozen=True)
@@ -49,21 +49,15 @@ class GraceConfig:
             raise ValueError("radius and lr must be finite numbers > 0 and max_steps >= 1")
 
 
-class Grace:
+class Grace(SideModuleEditor):
     """Compute codebook entries for the requests (module docstring)."""
-
-    def __init__(self, config: GraceConfig) -> None:
-        self.config = config
-
-    def param_names(self, model: nn.Module) -> list[str]:
-        return []  # no weight changes: the codebook is a side module
 
     def compute(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[TokenizedRequest],
         progress: Progress | None = None,
     ) -> Delta:
         cfg = self.config
-        data = point_data(model, tokenizer, requests, point_of(model, cfg.layer))
+        data = self.point_data(model, tokenizer, requests)
         keys = data.key_inputs  # (n, d)
         values = data.y[data.keys].clone()  # (n, d): start from the outputs they replace
 

@@ -31,7 +31,7 @@ from ..core.settable import SEED, Integer, Number, Settable
 from ..core.side import SideModule
 from ..core.training import Progress, seeded
 from ..safety.reference import reference_texts
-from .training import module_hook, point_data, point_of, text_inputs, train_module
+from .training import SideModuleEditor, module_hook, text_inputs, train_module
 
 
 @dataclass(frozen=True)
@@ -65,11 +65,11 @@ def memory_texts(count: int) -> list[str]:
     return statements[: count - count // 2] + samples[: count // 2]
 
 
-class TPatcher:
+class TPatcher(SideModuleEditor):
     """Compute the neurons of the requests (module docstring)."""
 
     def __init__(self, config: TPatcherConfig) -> None:
-        self.config = config
+        super().__init__(config)
         # The memory texts' inputs at the point, for the model they were read from (a weak reference):
         # they only bound where neurons fire, so the base model's serve every later edit.
         self._memory: tuple[weakref.ref, str, torch.Tensor] | None = None
@@ -82,15 +82,12 @@ class TPatcher:
                                      text_inputs(model, tokenizer, memory_texts(self.config.memory), point))
         return cached[2]
 
-    def param_names(self, model: nn.Module) -> list[str]:
-        return []  # no weight changes: the neurons are a side module
-
     def compute(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[TokenizedRequest],
         progress: Progress | None = None,
     ) -> Delta:
         cfg = self.config
-        data = point_data(model, tokenizer, requests, point_of(model, cfg.layer))
+        data = self.point_data(model, tokenizer, requests)
         keys = data.key_inputs  # (n, d)
         w_in = keys / (cfg.width * keys.pow(2).sum(-1, keepdim=True))  # (n, d): pre-activation 1/width at the key
         negatives = data.other_inputs  # (m, d)

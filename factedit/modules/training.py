@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,6 +44,21 @@ class PointData:
     def other_inputs(self) -> torch.Tensor:
         """Inputs at real tokens that are not key positions: (m, d)."""
         return self.x[(self.batch.attention_mask.bool()) & ~self.keys]
+
+
+class SideModuleEditor:
+    """What the editors whose edit is one side module share: no weight changes, and the batch read at the
+    point of their config's `layer` (the output of that block's MLP)."""
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    def param_names(self, model: nn.Module) -> list[str]:
+        return []  # no weight changes: the edit is a side module
+
+    def point_data(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                   requests: Sequence[TokenizedRequest]) -> PointData:
+        return point_data(model, tokenizer, requests, point_of(model, self.config.layer))
 
 
 def point_of(model: nn.Module, layer: int) -> str:
