@@ -60,7 +60,7 @@ class TextSoFar:
 class Row:
     """Decoding state of one request inside a running batch."""
 
-    __slots__ = ("count", "emitted", "gen", "rng", "text", "tokens")
+    __slots__ = ("count", "emitted", "gen", "rng", "text", "tokens", "warpers")
 
     def __init__(self, gen: Generation, tokenizer: Any) -> None:
         seed = gen.params.seed
@@ -70,6 +70,8 @@ class Row:
         self.count = 0  # generated tokens, eos included
         self.emitted = 0  # characters of the decoded text already sent
         self.tokens: list[TokenInfo] = []  # not yet attached to a delta
+        params = gen.params  # built once a row: a sampled row's warpers (None: greedy)
+        self.warpers = _warpers(params.temperature, params.top_p) if params.temperature > 0 else None
 
 
 class Sampler:
@@ -102,7 +104,7 @@ class Sampler:
             if params.temperature == 0 or row.gen.done:
                 token = greedy[i]
             else:
-                warped = _warpers(params.temperature, params.top_p)(None, logits[i : i + 1])  # (1, vocab)
+                warped = row.warpers(None, logits[i : i + 1])  # (1, vocab)
                 probs = torch.softmax(warped, dim=-1)[0]  # (vocab,); filtered tokens at -inf get 0
                 token = int(torch.multinomial(probs, 1, generator=row.rng or self._rng))
             logprob: float | None = None
