@@ -206,6 +206,14 @@ def test_bad_config_is_a_clear_error(tiny_dir, tmp_path, capsys):
     assert "unknown method 'nope'" in capsys.readouterr().err
     assert _eval(tiny_dir, tmp_path / "x", "mode=sideways") == 2
     assert "mode must be one of" in capsys.readouterr().err
+    # one validation path for every part: ill-typed values and unknown keys name the key
+    assert _eval(tiny_dir, tmp_path / "x", "n=many") == 2
+    assert "key 'n'" in capsys.readouterr().err
+    assert _eval(tiny_dir, tmp_path / "x", "+bogus=1") == 2
+    assert "unknown config key(s) ['bogus']" in capsys.readouterr().err
+    assert _eval(tiny_dir, tmp_path / "x", "data.format=nope") == 2
+    assert "data.format must be one of" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # refused before anything was written
 
 
 def test_override_conveniences():

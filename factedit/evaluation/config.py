@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..core.configs import validated
 from ..core.errors import ConfigError
 from ..paths import resolve_path
 from .loaders import FORMATS
@@ -27,8 +29,12 @@ class DataConfig:
     path: Path
     name: str | None = None  # the named dataset, if one was chosen
     format: str = "auto"
-    fields: Mapping[str, str] | None = None
+    fields: dict[str, str] | None = None  # mapped format only: record field -> source field
     skip_invalid: bool = False  # the dataset's own default (the top-level skip_invalid overrides it)
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ConfigError(f"invalid eval config: data.format must be one of {', '.join(FORMATS)}")
 
 
 @dataclass(frozen=True)
@@ -38,14 +44,10 @@ class ModelConfig:
     device: str | None = None
 
 
-@dataclass(frozen=True)
-class EvalConfig:
-    """One evaluation run (see factedit/conf/eval.yaml for what each field does)."""
+@dataclass(frozen=True, kw_only=True)
+class RunSettings:
+    """The scalar settings of an evaluation run (see factedit/conf/eval.yaml for what each does)."""
 
-    methods: tuple[MethodRun, ...]
-    data: DataConfig
-    out: Path
-    model: ModelConfig = ModelConfig()
     n: int | None = None
     start: int = 0
     mode: str = "single"
@@ -66,8 +68,6 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if not self.methods:
-            problems.append("no method given")
         if self.mode not in MODES:
             problems.append(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.n is not None and self.n < 1:
@@ -78,12 +78,25 @@ class EvalConfig:
             problems.append("batch_size, score_batch_size, gen_tokens and chat_tokens must be >= 1")
         if any(c < 1 for c in self.checkpoints):
             problems.append("checkpoints must be >= 1")
-        if self.data.format not in FORMATS:
-            problems.append(f"data.format must be one of {', '.join(FORMATS)}")
         if self.padding_side not in ("left", "right"):
             problems.append("padding_side must be left or right")
         if problems:
             raise ConfigError("invalid eval config: " + "; ".join(problems))
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig(RunSettings):
+    """One evaluation run: the methods, the data, the model, where results go, and the run's settings."""
+
+    methods: tuple[MethodRun, ...]
+    data: DataConfig
+    out: Path
+    model: ModelConfig = ModelConfig()
+
+    def __post_init__(self) -> None:
+        if not self.methods:
+            raise ConfigError("invalid eval config: no method given")
+        super().__post_init__()
 
     def identity(self) -> dict[str, Any]:
         """What must match for an output folder to be resumed."""
@@ -128,56 +141,27 @@ def default_out(methods: tuple[MethodRun, ...], data: DataConfig) -> Path:
 
 
 def from_container(cfg: Mapping[str, Any]) -> EvalConfig:
-    """EvalConfig from the composed config as plain Python containers (OmegaConf.to_container)."""
-    known = {
-        "methods",
-        "method_overrides",
-        "data",
-        "model",
-        "out",
-        "n",
-        "start",
-        "mode",
-        "batch_size",
-        "checkpoints",
-        "shuffle",
-        "seed",
-        "skip_invalid",
-        "fluency",
-        "gen_tokens",
-        "generation",
-        "chat_tokens",
-        "score_batch_size",
-        "padding_side",
-        "resume",
-        "journal",
-        "threads",
-    }
-    unknown = sorted(set(cfg) - known)
-    if unknown:
-        raise ConfigError(f"unknown eval config key(s) {unknown}; known: {sorted(known)}")
+    """EvalConfig from the composed config as plain Python containers (OmegaConf.to_container).
+
+    Every part goes through the project's one validation path (`core.configs.validated`): unknown
+    keys and ill-typed values are refused with the key's name before anything loads."""
+    groups = {"methods", "method_overrides", "data", "model", "out"}
     data_cfg = dict(cfg.get("data") or {})
     if not data_cfg.get("path"):
         raise ConfigError(
             "no dataset: give data=<name> (counterfact, counterfact_train, zsre) or data=<file>"
         )
-    data = DataConfig(
-        path=resolve_path(data_cfg["path"]),
-        name=data_cfg.get("name"),
-        format=data_cfg.get("format") or "auto",
-        fields=data_cfg.get("fields") or None,
-        skip_invalid=bool(data_cfg.get("skip_invalid", False)),
-    )
-    model_cfg = dict(cfg.get("model") or {})
-    model = ModelConfig(model_cfg.get("path"), model_cfg.get("dtype"), model_cfg.get("device"))
-    methods = _method_runs(cfg)
-    simple = {k: cfg[k] for k in known - {"methods", "method_overrides", "data", "model", "out"} if k in cfg}
+    data_cfg["path"] = resolve_path(data_cfg["path"])
+    data_cfg["format"] = data_cfg.get("format") or "auto"
+    data = validated(DataConfig, data_cfg, "eval config data")
+    model = validated(ModelConfig, dict(cfg.get("model") or {}), "eval config model")
+    simple = {key: value for key, value in cfg.items() if key not in groups}
     if simple.get("skip_invalid") is None:
         simple["skip_invalid"] = data.skip_invalid
-    if "checkpoints" in simple:
-        simple["checkpoints"] = tuple(sorted({int(c) for c in simple["checkpoints"] or ()}))
+    if simple.get("checkpoints") is not None:  # the order given does not matter; repeats count once
+        simple["checkpoints"] = sorted({int(c) for c in simple["checkpoints"]})
+    settings = validated(RunSettings, simple, "eval config")
+    methods = _method_runs(cfg)
     out = Path(cfg["out"]) if cfg.get("out") else default_out(methods, data)
-    try:
-        return EvalConfig(methods=methods, data=data, model=model, out=out, **simple)
-    except TypeError as exc:
-        raise ConfigError(f"invalid eval config: {exc}") from exc
+    values = {f.name: getattr(settings, f.name) for f in dataclasses.fields(RunSettings)}
+    return EvalConfig(methods=methods, data=data, model=model, out=out, **values)
