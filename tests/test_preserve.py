@@ -71,6 +71,31 @@ def test_least_squares_fits_the_values_and_holds_protected_keys():
     assert (earlier @ (v2.T @ x2).T).abs().max() > 1e-2  # released: no longer held
 
 
+def test_covariance_term_leans_on_the_emptiest_null_space_directions():
+    # a spectrum with no exact null space: a threshold keeps directions that still carry corpus keys
+    g = torch.Generator().manual_seed(3)
+    basis, _ = torch.linalg.qr(torch.randn(16, 16, generator=g, dtype=torch.float64))
+    spectrum = torch.logspace(-3, 1, 16, dtype=torch.float64)
+    moment = basis @ torch.diag(spectrum) @ basis.T
+    q, energy = null_space_basis(moment, 0.5)
+    along = ((q.T @ moment) * q.T).sum(dim=1)  # (m,) corpus energy along each kept direction
+    keys = torch.randn(2, 16, generator=g, dtype=torch.float64)
+    values = torch.randn(2, 4, generator=g, dtype=torch.float64)
+
+    def corpus_effect(cov_weight: float) -> float:  # E‖ΔW k‖² over the corpus: tr(ΔW C ΔWᵀ)
+        config = PreserveConfig(threshold=0.5, ridge=1e-3, cov_weight=cov_weight, protect_edits=False)
+        preserver = KeyPreserver({"w": (q, energy)}, {"w": "out_in"}, config, {"w": along})
+        x, v = preserver.solve_rows({"w": keys}, {"w": values})["w"]
+        delta_w = v.T @ x  # (4, 16)
+        return float(torch.trace(delta_w @ moment @ delta_w.T))
+
+    assert corpus_effect(1e3) < 0.5 * corpus_effect(0.0)
+    with pytest.raises(ConfigError, match="corpus energy"):
+        KeyPreserver({"w": (q, energy)}, {"w": "out_in"}, PreserveConfig(cov_weight=1.0))
+    with pytest.raises(ConfigError, match="cov_weight"):
+        PreserveConfig(cov_weight=-1.0)
+
+
 def test_protect_then_release_gives_back_the_inverse():
     preserver = preserver_from_keys(low_rank_keys(12, 3, 20), 4)
     before = preserver._inverse["w"].clone()

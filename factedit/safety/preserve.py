@@ -15,6 +15,10 @@ corpus keys unchanged up to their small residual energy (AlphaEdit, Fang et al. 
   per-token values (MALMEN, Tan et al. 2024, without the projection).
 - Earlier edits' keys enter through `protect` / `release` (Woodbury updates of the inverse kept per
   matrix, in float64).
+- `cov_weight` > 0 adds MEMIT's covariance term inside the null space: a threshold above zero keeps
+  directions in which corpus keys still have some energy (λ_i), and the solve then also minimises
+  what the update does to them, cov_weight · Σ_i λ_i ‖ΔW q_i‖², so it leans on the emptiest
+  directions: the ridge becomes diagonal, r·e + cov_weight·λ_i.
 - `covariance_solve_rows(C, keys, values, weight)` is MEMIT's least squares without a projection
   (Meng et al. 2023): the update that maps the keys to their values while weighing the corpus keys'
   outputs by `weight` (ΔW = V (K (weight C + KᵀK)^{-1})); weight 0 inserts the keys exactly with the
@@ -49,13 +53,18 @@ class PreserveConfig:
     threshold: float = 0.1  # null space: eigenvalues of E[kkᵀ] below threshold × their mean
     ridge: float = 1.0  # r of solve_rows, × the mean projected energy of a corpus key
     protect_edits: bool = True  # earlier active edits' keys are held at zero change (solve_rows)
+    # Weight of the corpus keys' outputs left in the null space (the corpus counts as this many keys);
+    # 0 = AlphaEdit's plain ridge.
+    cov_weight: float = 0.0
 
     SETTABLE: ClassVar[Settable] = {"threshold": Number(1e-3, 10.0), "ridge": Number(1e-3, 1e3),
-                                    "protect_edits": Flag()}
+                                    "protect_edits": Flag(), "cov_weight": Number(0.0, 1e6)}
 
     def __post_init__(self) -> None:
         if not self.threshold > 0 or not self.ridge > 0:
             raise ConfigError("preserve threshold and ridge must be > 0")
+        if not 0 <= self.cov_weight < float("inf"):
+            raise ConfigError("preserve cov_weight must be a finite number >= 0")
 
 
 def preserve_field(default: PreserveConfig | None) -> PreserveConfig | None:
@@ -83,18 +92,28 @@ class KeyPreserver:
 
     bases: parameter name -> (Q (in, m), mean projected key energy), from `null_space_basis`.
     layouts: parameter name -> "out_in" (nn.Linear) or "in_out" (GPT-2 Conv1D).
+    energies: parameter name -> (m,) the corpus keys' energy along each of Q's directions (the
+    eigenvalues of E[kkᵀ] there), needed when config.cov_weight > 0.
     """
 
     def __init__(
         self, bases: Mapping[str, tuple[torch.Tensor, float]], layouts: Mapping[str, str], config: PreserveConfig,
+        energies: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         self.config = config
         self.layouts = dict(layouts)
         self.bases = {name: q for name, (q, _) in bases.items()}
         self.ridge = {name: config.ridge * energy for name, (_, energy) in bases.items()}
-        # (m, m) inverse of Qᵀ K_pᵀ K_p Q + r I per matrix: earlier edits' keys in null-space coordinates.
-        self._inverse = {name: torch.eye(q.shape[1], dtype=torch.float64) / self.ridge[name]
-                         for name, q in self.bases.items()}
+        if config.cov_weight > 0 and (energies is None or set(energies) < set(self.bases)):
+            raise ConfigError("preserve cov_weight > 0 needs the corpus energy along every null-space direction")
+        # (m,) the covariance term's share of the diagonal ridge (zero without cov_weight)
+        self._cov_diag = {name: (config.cov_weight * energies[name].double() if config.cov_weight > 0
+                                 else torch.zeros(q.shape[1], dtype=torch.float64))
+                          for name, q in self.bases.items()}
+        # (m, m) inverse of Qᵀ K_pᵀ K_p Q + diag(r + cov) per matrix: earlier edits' keys in null-space
+        # coordinates.
+        self._inverse = {name: torch.diag(1.0 / (self.ridge[name] + self._cov_diag[name]))
+                         for name in self.bases}
         self._protected: dict[str, dict[str, torch.Tensor]] = {}  # edit id -> {name: (N, m)}
         self._converted: dict[tuple, torch.Tensor] = {}  # bases in the dtype/device a caller works in
 
@@ -190,8 +209,9 @@ class KeyPreserver:
         return torch.linalg.inv(self._gram(name, ridge * energy))
 
     def _gram(self, name: str, scaled_ridge: float) -> torch.Tensor:
-        """(m, m) Gram matrix of the protected keys in null-space coordinates, plus scaled_ridge · I."""
-        gram = torch.eye(self.bases[name].shape[1], dtype=torch.float64) * scaled_ridge
+        """(m, m) Gram matrix of the protected keys in null-space coordinates, plus the diagonal
+        ridge: scaled_ridge + the covariance term."""
+        gram = torch.diag(scaled_ridge + self._cov_diag[name])
         for coords in self._protected.values():
             if name in coords:
                 gram += coords[name].T @ coords[name]
@@ -255,4 +275,6 @@ def build_preserver(
         return tensors["basis"], float(tensors["energy"])
 
     bases = {name: basis(module) for name, module in modules.items()}
-    return KeyPreserver(bases, {name: weight_layout(model, name) for name in names}, config)
+    # (m,) corpus energy along each null-space direction: diag(Qᵀ C Q), the eigenvalues kept
+    energies = {name: ((q.T @ moments[modules[name]].double()) * q.T).sum(dim=1) for name, (q, _) in bases.items()}
+    return KeyPreserver(bases, {name: weight_layout(model, name) for name in names}, config, energies)
