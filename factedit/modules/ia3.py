@@ -1,11 +1,12 @@
 """`ia3`: (IA)³ scaling vectors (Liu et al. 2022, "Few-Shot Parameter-Efficient Fine-Tuning is Better and
-Cheaper than In-Context Learning") on the MLP's intermediate activation, trained on the edit and folded
-into the weights.
+Cheaper than In-Context Learning") on the MLP's intermediate activation and, with `kv`, on the attention
+keys and values of the same blocks, trained on the edit and folded into the weights.
 
-Scaling the intermediate activation h (the input of the MLP's down projection W_out) by a vector l is the
-same as scaling W_out's input columns: W_out (l ⊙ h) = (W_out diag(l)) h. So the edit is a plain dense
-delta Δ = W_out diag(l) − W_out on W_out (in its own layout), applied as `W += Δ`, exported and reverted
-like any other. The attention k/v scalings of the paper are not edited here.
+Each vector folds exactly into one matrix (model/scalings.py): the MLP's into the down projection's input
+columns, Δ = W_out·diag(l) − W_out; the keys' and values' into their projection's rows (on GPT-2 and
+GPT-NeoX the k/v rows of the fused qkv matrix), Δ = diag(l)·W − W, and their bias entries, Δb = l⊙b − b.
+So the edit is a plain dense delta, applied as `W += Δ`, reverted like any other, and exported as a PEFT
+IA³ adapter (artifacts/peft_ia3.py) or through the truncated SVD as LoRA.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from transformers import PreTrainedTokenizerBase
 from ..core.delta import Delta, ParamDelta
 from ..core.methods import MethodSpec
 from ..core.request import TokenizedRequest
-from ..core.settable import LAYERS, SEED, Integer, Number, Settable
+from ..core.settable import LAYERS, SEED, Flag, Integer, Number, Settable
 from ..core.training import Progress, seeded
 from ..model.hooks import frozen
-from ..model.specs import mlp_param_names, weight_layout
+from ..model.scalings import Scaling, ia3_scalings
 from ..scoring.batches import make_batch
 from ..scoring.sequences import pad_id_of
 from .training import optimize
@@ -34,25 +35,37 @@ from .training import optimize
 @dataclass(frozen=True)
 class IA3Config:
     layers: tuple[int, ...] = (6, 7, 8, 9, 10)  # blocks whose intermediate activation is scaled
+    kv: bool = False  # also scale the attention keys and values of those blocks (README: measured)
     lr: float = 0.05  # Adam learning rate for the scales (which start at 1)
     max_steps: int = 40  # cap on optimisation steps
     stop_nll: float = 0.5  # stop once every target token is the argmax and the target NLL is below this
     seed: int | None = 0  # fixes any randomness; None leaves torch's RNG as it is
 
     SETTABLE: ClassVar[Settable] = {
-        "layers": LAYERS, "lr": Number(1e-5, 1.0), "max_steps": Integer(1, 500), "stop_nll": Number(1e-4, 5.0),
-        "seed": SEED,
+        "layers": LAYERS, "kv": Flag(), "lr": Number(1e-5, 1.0), "max_steps": Integer(1, 500),
+        "stop_nll": Number(1e-4, 5.0), "seed": SEED,
     }
 
     def __post_init__(self) -> None:
         if not self.layers or not (0 < self.lr < float("inf")) or self.max_steps < 1:
             raise ValueError("layers must not be empty, lr a finite number > 0 and max_steps >= 1")
+        if not isinstance(self.kv, bool):
+            raise ValueError(f"kv must be true or false, got {self.kv!r}")
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return ("mlp", "k", "v") if self.kv else ("mlp",)
 
 
-def scaled(weight: torch.Tensor, scale: torch.Tensor, layout: str) -> torch.Tensor:
-    """W_out diag(l): the down projection's input dimension scaled, in the weight's own layout
-    ((d, inter) for nn.Linear, (inter, d) for GPT-2's Conv1D)."""
-    return weight * (scale[None, :] if layout == "out_in" else scale[:, None])
+def folded(scalings: Sequence[Scaling], originals: dict[str, torch.Tensor],
+           scales: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every touched parameter with its vector folded in (float32, as `originals`)."""
+    out: dict[str, torch.Tensor] = {}
+    for s in scalings:
+        out[s.weight] = s.fold(originals[s.weight], scales[s.module])
+        if s.bias is not None:
+            out[s.bias] = s.fold_bias(originals[s.bias], scales[s.module])
+    return out
 
 
 class IA3:
@@ -61,32 +74,35 @@ class IA3:
     def __init__(self, config: IA3Config) -> None:
         self.config = config
 
+    def scalings(self, model: nn.Module) -> list[Scaling]:
+        return ia3_scalings(model, self.config.layers, self.config.targets)
+
     def param_names(self, model: nn.Module) -> list[str]:
-        return mlp_param_names(model, self.config.layers, ("out",))
+        return [name for s in self.scalings(model) for name in s.param_names()]
 
     def compute(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[TokenizedRequest],
         progress: Progress | None = None,
     ) -> Delta:
         cfg = self.config
-        names = self.param_names(model)
+        scalings = self.scalings(model)
         params = dict(model.named_parameters())
-        layouts = {n: weight_layout(model, n) for n in names}
-        originals = {n: params[n].detach().float() for n in names}
-        inter = {n: w.shape[1] if layouts[n] == "out_in" else w.shape[0] for n, w in originals.items()}
-        scales = {n: torch.ones(inter[n]) for n in names}  # (inter,) each
+        originals = {n: params[n].detach().float() for s in scalings for n in s.param_names()}
+        scales = {s.module: torch.ones(s.size) for s in scalings}  # (size,) each, 1 = unchanged
         batch = make_batch(requests, pad_id_of(tokenizer), next(model.parameters()).device)
 
         def forward() -> torch.Tensor:
-            weights = {n: scaled(originals[n], scales[n], layouts[n]).to(params[n].dtype) for n in names}
+            weights = {n: t.to(params[n].dtype) for n, t in folded(scalings, originals, scales).items()}
             kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
             return functional_call(model, weights, args=(), kwargs=kwargs).logits
 
         with frozen(model), seeded(cfg.seed):
             optimize(forward, batch.labels, scales, lr=cfg.lr, max_steps=cfg.max_steps, stop_nll=cfg.stop_nll,
                      progress=progress)
-        return Delta({n: ParamDelta(dense=scaled(originals[n], scales[n], layouts[n]) - originals[n]) for n in names})
+        final = folded(scalings, originals, {k: v.detach() for k, v in scales.items()})
+        return Delta({n: ParamDelta(dense=t - originals[n]) for n, t in final.items()})
 
 
 METHOD = MethodSpec("ia3", IA3Config, IA3, description="(IA)³: scaling vectors on the MLP's intermediate "
-                    "activation, trained on the edit, folded exactly into the down projection (W += Δ)")
+                    "activation (and, with kv, the attention keys and values), trained on the edit, folded "
+                    "exactly into the weights (W += Δ)")
