@@ -2,7 +2,8 @@
 
 For each method, through `factedit eval` (factedit.evaluation.run_eval) on CounterFact val records
 [start, start + n):
-- sequential: n edits one after another, never reverted; every edit re-measured after the last one
+- sequential: n edits one after another (or `--sequential-batch` facts per kept edit_batch), never
+  reverted; every edit re-measured after the last one
   (ES/PS/NS, the CounterFact protocol), what the model then says (gen/prompt, gen/paraphrase,
   gen/chat: factedit.scoring.said's greedy and chat rules; gen/neighbour_kept), retention two ways
   (seq/retention teacher-forced, gen/retention by generation: share whose whole target is still the
@@ -39,12 +40,12 @@ COLUMNS = ("cf/es", "gen/prompt", "cf/ps", "gen/paraphrase", "gen/chat", "cf/ns"
 
 
 def evaluate(methods, mode: str, start: int, n: int, out: Path, checkpoints, threads: int,
-             generation: bool = True) -> dict:
+             generation: bool = True, sequential_batch: int = 1) -> dict:
     config = EvalConfig(
         methods=tuple(MethodRun(m) for m in ["none", *methods]),
         data=DataConfig(path=PACKAGE_DIR / "data/counterfact/val.json", name="counterfact", format="counterfact"),
         out=out, n=n, start=start, mode=mode, batch_size=n, checkpoints=tuple(checkpoints), threads=threads,
-        generation=generation,
+        generation=generation, sequential_batch=sequential_batch,
     )
     return run_eval(config).summary
 
@@ -72,6 +73,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=200, help="sequential edits")
     parser.add_argument("--batch", type=int, default=64, help="facts in the one edit_batch")
     parser.add_argument("--checkpoints", default="10,50,100,200,500,1000")
+    parser.add_argument("--sequential-batch", type=int, default=1,
+                        help="sequential: facts per kept edit_batch (e.g. --n 1000 --sequential-batch 100)")
     parser.add_argument("--skip-batch", action="store_true")
     parser.add_argument("--skip-sequential", action="store_true")
     parser.add_argument("--no-generation", action="store_true", help="skip the gen/* checks (faster)")
@@ -86,7 +89,7 @@ def main() -> None:
     rows = []
     if not args.skip_sequential:
         summary = evaluate(methods, "sequential", args.start, args.n, Path(args.out) / "sequential", checkpoints,
-                           args.threads, not args.no_generation)
+                           args.threads, not args.no_generation, args.sequential_batch)
         for method in methods:
             rows.append((method, "sequential", args.n, summary["metrics"][method], summary["baseline"]))
             curve = summary["sequential"][method]["checkpoints"]

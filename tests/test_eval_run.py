@@ -134,6 +134,47 @@ def test_sequential_mode_measures_retention_and_drift(sequential_run):
     assert "| ft_l | 3 |" in report and "drift/ppl_ratio" in report
 
 
+def test_sequential_batches_are_kept_and_checkpointed_at_whole_batches(tiny_dir, tmp_path, monkeypatch):
+    out = tmp_path / "seq-batches"
+    args = ("method=ft_l", "mode=sequential", "sequential_batch=2", "checkpoints=[1]", *FAST)
+    real_edit = Editor.edit_batch
+    sizes = []
+
+    def counted(self, model, requests):
+        sizes.append(len(requests))
+        return real_edit(self, model, requests)
+
+    monkeypatch.setattr(Editor, "edit_batch", counted)
+    assert _eval(tiny_dir, out, *args) == 0
+    assert sizes == [2, 1]  # records 0-1 in one kept edit_batch, then record 2
+    rows = _cases(out)
+    assert rows[0]["edit_id"] == rows[1]["edit_id"] != rows[2]["edit_id"]
+    assert [r["batch"] for r in rows[:2]] == [[0, 1], [0, 1]] and "batch" not in rows[2]
+    cps = read_lines(out / "checkpoints.jsonl")
+    assert [c["edits"] for c in cps] == [2, 3]  # checkpoint 1 rounds up to the first whole batch
+    assert [c["indices"] for c in cps] == [[0, 1], [0, 1, 2]]
+    assert json.loads((out / "summary.json").read_text())["metrics"]["ft_l"]["revert/exact"] == 1.0
+    # interrupted after the first batch, a run resumes from the journal: the batch's two rows share
+    # one edit, which the replayed journal holds, so only record 2 is edited again
+    again = tmp_path / "seq-batches-resumed"
+
+    def interrupted(self, model, requests):
+        if len(requests) == 1:
+            raise KeyboardInterrupt
+        return real_edit(self, model, requests)
+
+    monkeypatch.setattr(Editor, "edit_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _eval(tiny_dir, again, *args)
+    monkeypatch.setattr(Editor, "edit_batch", counted)
+    sizes.clear()
+    assert _eval(tiny_dir, again, *args) == 0
+    assert sizes == [1]
+    resumed = _cases(again)
+    assert [r["index"] for r in resumed] == [0, 1, 2]
+    assert resumed[2]["post"]["new_nll"] == pytest.approx(rows[2]["post"]["new_nll"], abs=1e-6)
+
+
 def base_ppl(checkpoints) -> float:
     """The unedited reference perplexity a checkpoint's ratio divides by (ppl / ratio)."""
     first = checkpoints[0]["metrics"]

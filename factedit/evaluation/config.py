@@ -52,6 +52,7 @@ class RunSettings:
     start: int = 0
     mode: str = "single"
     batch_size: int = 8
+    sequential_batch: int = 1
     checkpoints: tuple[int, ...] = (10, 25, 50, 100)
     shuffle: bool = False
     seed: int = 0
@@ -74,8 +75,8 @@ class RunSettings:
             problems.append("n must be >= 1 (or null for every record)")
         if self.start < 0:
             problems.append("start must be >= 0")
-        if min(self.batch_size, self.score_batch_size, self.gen_tokens, self.chat_tokens) < 1:
-            problems.append("batch_size, score_batch_size, gen_tokens and chat_tokens must be >= 1")
+        if min(self.batch_size, self.sequential_batch, self.score_batch_size, self.gen_tokens, self.chat_tokens) < 1:
+            problems.append("batch_size, sequential_batch, score_batch_size, gen_tokens and chat_tokens must be >= 1")
         if any(c < 1 for c in self.checkpoints):
             problems.append("checkpoints must be >= 1")
         if self.padding_side not in ("left", "right"):
@@ -107,6 +108,7 @@ class EvalConfig(RunSettings):
             "start": self.start,
             "mode": self.mode,
             "batch_size": self.batch_size if self.mode == "batch" else None,
+            "sequential_batch": self.sequential_batch if self.mode == "sequential" else None,
             "shuffle": self.shuffle,
             "seed": self.seed if self.shuffle else None,
             "model": self.model.path,

@@ -3,8 +3,8 @@
 single      per record: edit, measure, revert (a fresh Editor per edit, so reverted deltas are not
             kept in memory)
 batch       per chunk of `batch_size` records: one `edit_batch`, measure each record, revert
-sequential  edit every record in turn without reverting; after each edit measure it, and at each
-            checkpoint re-measure every edit so far (retention, drift). Retention two ways:
+sequential  edit every record in turn without reverting (or `sequential_batch` records per kept
+            `edit_batch`); after each edit measure it, and at each checkpoint re-measure every edit so far (retention, drift). Retention two ways:
             seq/retention (teacher-forced: every target token still the argmax) and gen/retention
             (generated: the target still the greedy continuation, said.py's rule). The edits go to a journal in
             the output folder, so an interrupted run replays them instead of recomputing.
@@ -196,8 +196,10 @@ def _edit_measure_revert(
 
 
 def checkpoint_targets(config: EvalConfig, n: int) -> list[int]:
-    """Edit counts at which every edit so far is re-measured: the configured ones up to n, and n."""
-    return sorted({c for c in config.checkpoints if c <= n} | {n})
+    """Record counts at which every edit so far is re-measured: the configured ones up to n, each
+    rounded up to a whole `sequential_batch`, and n."""
+    step = config.sequential_batch
+    return sorted({min(n, -(-c // step) * step) for c in config.checkpoints if c <= n} | {n})
 
 
 def retention(now: Sequence[CaseScores]) -> float | None:
@@ -225,7 +227,7 @@ def _open_sequential(
         editor = ctx.editor(method, path)
         editor.attach(ctx.model)  # replays the journal's active edits
         active = [r.id for r in editor.history if r.status == "active"]
-        expected = [row["edit_id"] for row in rows if row.get("edit_id")]
+        expected = list(dict.fromkeys(row["edit_id"] for row in rows if row.get("edit_id")))  # a batch's rows share one
         if active[: len(expected)] == expected:
             for extra in reversed(active[len(expected) :]):  # edited, but the case line was lost
                 editor.revert(ctx.model, extra)
@@ -266,34 +268,44 @@ def run_sequential(ctx: RunContext, method: MethodRun, rows: list[dict[str, Any]
         measured = set()
     immediate = {row["index"]: CaseScores.from_dict(row["post"]) for row in rows if row.get("post")}
     with editor, ctx.progress(method, len(rows)) as bar:
-        for position in range(len(rows), len(ctx.records) + 1):
+        position = len(rows)
+        while True:
             if position in targets and position not in measured:
                 _checkpoint(ctx, name, position, immediate)
             if position == len(ctx.records):
                 break
-            record = ctx.records[position]
-            try:
-                edit = editor.edit_batch(ctx.model, [record.to_request()])
-            except REFUSED as exc:  # refused: recorded, not applied, the run goes on
-                logger.warning("%s refused record %d: %s", name, record.index, exc)
-                ctx.cases.append(
-                    [case_row(name, mode, record, ctx.pre[record.index], None, {}, error=str(exc))]
-                )
-                bar.update(1)
-                continue
-            with stopwatch() as post_t:
-                immediate[record.index] = post = ctx.score([record])[0]
-            timings = {**_edit_timings(dict(edit.timings)), "metrics_ms": post_t["ms"] + ctx.pre_ms}
-            if "journal_ms" in edit.timings:
-                timings["journal_ms"] = edit.timings["journal_ms"]
-            ctx.cases.append(
-                [case_row(name, mode, record, ctx.pre[record.index], post, timings, edit_id=edit.id)]
-            )
-            bar.update(1)
+            chunk = ctx.records[position : position + ctx.config.sequential_batch]
+            ctx.cases.append(_edit_and_measure(ctx, name, editor, chunk, immediate))
+            position += len(chunk)
+            bar.update(len(chunk))
         start = time.perf_counter()
         editor.revert_all(ctx.model)
         revert_ms = (time.perf_counter() - start) * 1000
         return {"revert_all_ms": revert_ms, "revert_exact": editor.weights_are_base(ctx.model)}
+
+
+def _edit_and_measure(
+    ctx: RunContext, name: str, editor: Editor, chunk: list[EvalRecord], immediate: dict[int, CaseScores],
+) -> list[dict[str, Any]]:
+    """One kept `edit_batch` of `chunk`, each record measured right after it (into `immediate`); the
+    case rows. A refused edit is recorded, not applied, and the run goes on."""
+    mode, k = ctx.config.mode, len(chunk)
+    try:
+        edit = editor.edit_batch(ctx.model, [record.to_request() for record in chunk])
+    except REFUSED as exc:
+        logger.warning("%s refused records %s: %s", name, [r.index for r in chunk], exc)
+        return [case_row(name, mode, r, ctx.pre[r.index], None, {}, error=str(exc)) for r in chunk]
+    with stopwatch() as post_t:
+        posts = ctx.score(chunk)
+    rows = []
+    for record, post in zip(chunk, posts, strict=True):
+        immediate[record.index] = post
+        timings = {**_edit_timings(dict(edit.timings), k), "metrics_ms": post_t["ms"] / k + ctx.pre_ms}
+        if "journal_ms" in edit.timings:
+            timings["journal_ms"] = edit.timings["journal_ms"] / k
+        extra = {"batch_edit_ms": edit.timings.get("edit_ms"), "batch": [r.index for r in chunk]} if k > 1 else {}
+        rows.append(case_row(name, mode, record, ctx.pre[record.index], post, timings, edit_id=edit.id, **extra))
+    return rows
 
 
 def _checkpoint(ctx: RunContext, method: str, edits: int, immediate: dict[int, CaseScores]) -> None:
