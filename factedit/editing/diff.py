@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from ..core.delta import LOW_RANK
 from ..core.errors import ConfigError
 from ..core.record import EditRecord
 from ..model.views import FunctionalModel
@@ -24,7 +25,7 @@ class ParamChange:
     kind: str  # "dense" or "low_rank"
     fro_norm: float  # ‖Δ‖_F
     relative_norm: float  # ‖Δ‖_F / ‖W_base‖_F
-    rank: int  # numerical rank of Δ
+    rank: int | None  # numerical rank of Δ (None: not computed, a dense Δ in a preview; see param_changes)
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,12 @@ def module_changes(record: EditRecord) -> list[ModuleChange]:
                          m.fro_norm()) for name, m in record.delta.modules.items()]
 
 
-def param_changes(record: EditRecord, state: WeightState, model: nn.Module | None) -> list[ParamChange]:
+def param_changes(
+    record: EditRecord, state: WeightState, model: nn.Module | None, ranks: bool = True,
+) -> list[ParamChange]:
+    """Per parameter the delta of `record` touches: norms and rank. A low-rank delta's rank comes from its
+    factors (cheap); a dense one's needs an SVD of the whole matrix (0.1-0.3 s for the default model's
+    MLP matrices on a CPU), computed only with `ranks` (else None: not computed)."""
     changes = []
     params = dict(model.named_parameters()) if model is not None else {}
     for name, pdelta in record.delta.items():
@@ -72,14 +78,34 @@ def param_changes(record: EditRecord, state: WeightState, model: nn.Module | Non
             base = params[name].detach().cpu()
         base_norm = float(base.float().norm()) if base is not None else float("nan")
         norm = float(dense.norm())
+        if norm == 0:
+            rank: int | None = 0
+        elif pdelta.kind == LOW_RANK:
+            rank = factor_rank(pdelta.left, pdelta.right)
+        else:
+            rank = int(torch.linalg.matrix_rank(dense)) if ranks else None
         changes.append(
             ParamChange(
                 name=name, shape=tuple(dense.shape), kind=pdelta.kind, fro_norm=norm,
-                relative_norm=norm / base_norm if base_norm else float("nan"),
-                rank=int(torch.linalg.matrix_rank(dense)) if norm > 0 else 0,
+                relative_norm=norm / base_norm if base_norm else float("nan"), rank=rank,
             )
         )
     return changes
+
+
+def factor_rank(left: torch.Tensor, right: torch.Tensor) -> int:
+    """The numerical rank of `left @ right` ((m, r) @ (r, n)) as `torch.linalg.matrix_rank` gives it for the
+    float32 product (singular values above σ_max · max(m, n) · eps(float32)), from the factors alone: with
+    left = Q_l R_l and rightᵀ = Q_r R_r (thin QR, float64), the product's singular values are those of the
+    r × r matrix R_l R_rᵀ."""
+    r_left = torch.linalg.qr(left.detach().cpu().double(), mode="r").R  # (r, r) when m >= r
+    r_right = torch.linalg.qr(right.detach().cpu().double().T, mode="r").R
+    values = torch.linalg.svdvals(r_left @ r_right.T)
+    if values.numel() == 0 or float(values[0]) == 0.0:
+        return 0
+    m, n = left.shape[0], right.shape[1]
+    tolerance = float(values[0]) * max(m, n) * torch.finfo(torch.float32).eps
+    return int((values > tolerance).sum())
 
 
 def diff_edit(

@@ -20,6 +20,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,8 @@ from ..safety.safeguards import Guard, Safeguards, accepts, resolve_guard
 from ..scoring.sequences import score_requests
 from .diff import EditDiff, diff_edit
 from .journal import Journal
-from .preview import EditPreview, edit_effect, preview_delta, with_delta
+from .measured import Measured, reusable, weights_token
+from .preview import EditPreview, check_probes, edit_effect, preview_delta, with_delta
 from .replay_journal import replay
 
 LOG = logging.getLogger(__name__)
@@ -214,11 +216,12 @@ class Editor:
         """What an edit of `requests` would do, without doing it: the delta is computed as `edit_batch`
         computes it (the method, then the preservation projection) on the current weights, and scored
         on the requests' prompts, paraphrases, locality prompts and `probes` with the delta added
-        through functional_call; the weights are not written (preview.py). `method` and `overrides`
+        through functional_call; with the guard on, the drift it would read is read too (`drift`,
+        `guard_refuses`); the weights are not written (preview.py). `method` and `overrides`
         as `set_method` takes them (default: this Editor's method and config); the Editor keeps its
         own. `apply_preview` applies exactly the previewed delta. `model` (here and in `diff`, `effect`,
         `toggled_weights`) may be a read view of the bound model (views.py)."""
-        _check_probes(probes)
+        check_probes(probes)
         requests = as_requests(requests)
         with self._lock:
             name, config, impl = self._method_for(method, overrides)
@@ -230,18 +233,21 @@ class Editor:
             start = time.perf_counter()
             delta = self._compute_with(impl, config, model, tokenized, stream).detached_cpu()
             compute_ms, start = ms_since(start), time.perf_counter()
+            reading = partial(self._safeguards.read_drift, model, self.tokenizer, self._state, self.guard,
+                              delta.names())  # the guard's reading with the delta's values swapped in
             result = preview_delta(
-                model, self.tokenizer, self._state, delta, tokenized, list(probes), method=name,
+                model, self.tokenizer, self._state, delta, tokenized, list(probes), guard=self.guard,
+                read_drift=reading, token=weights_token(model, self._fingerprint, self._state.active), method=name,
                 config=config_to_dict(config), timings={}, weights=tuple(self._state.active),
-                model_fingerprint=self._fingerprint,
-            )
+                model_fingerprint=self._fingerprint)
             return dataclasses.replace(result, timings={"compute_ms": compute_ms, "score_ms": ms_since(start)},
                                        stream_state=stream.after if stream is not None else None)
 
     def apply_preview(self, model: nn.Module, preview: EditPreview) -> EditRecord:
         """Apply a preview's delta as a new edit (recorded, journaled and guarded like any edit), without
-        computing it again. Refused, with nothing changed, once the weights differ from those it was
-        computed on (an edit applied or reverted since)."""
+        computing it again, nor its scores and drift while the weights are those it was previewed on
+        (measured.py). Refused, with nothing changed, once the weights differ from those it was
+        computed on (an edit applied or reverted since), or by the guard."""
         with self._lock:
             self.attach(model)
             if preview.model_fingerprint != self._fingerprint:
@@ -254,12 +260,12 @@ class Editor:
             delta = preview.delta
             stream = StreamState(after=preview.stream_state) if preview.stream_state is not None else None
             return self._edit(model, list(preview.requests), lambda *_: delta, preview.method, preview.config,
-                              stream)
+                              stream, preview.measured)
 
     def effect(self, edit_id: str, model: nn.Module, probes: Sequence[str] = ()) -> dict[str, Any]:
         """What an edit does on the current weights, scored with the weights untouched: an active edit
         without/with it, a reverted one as it is now/re-applied (`preview.edit_effect`)."""
-        _check_probes(probes)
+        check_probes(probes)
         with self._lock:
             record = self._record_with_delta(edit_id)
             self.attach(viewed_model(model))
@@ -394,18 +400,21 @@ class Editor:
         method: str,
         config: Mapping[str, Any],
         stream: StreamState | None = None,
+        measured: Measured | None = None,
     ) -> EditRecord:
         """Steps 1-7 of an edit (design.md): tokenize, score, compute, apply, score, record, journal.
-        A lifelong method's new state (`stream.after`) is kept once the edit is journaled."""
+        A lifelong method's new state (`stream.after`) is kept once the edit is journaled. `measured`: a
+        preview's scores and guard reading, taken instead of measuring again while still valid."""
         start = time.perf_counter()
         with self._lock:
             context = max_context(model.config)  # validate first: a refused request replays nothing
             tokenized = [tokenize_request(r, self.tokenizer, context) for r in requests]
             self.attach(model)
             timings: dict[str, float] = {}
-
+            token = weights_token(model, self._fingerprint, self._state.active)
+            reuse = reusable(measured, token, self.guard, self.score)
             t = time.perf_counter()
-            pre = score_requests(model, self.tokenizer, tokenized) if self.score else {}
+            pre = reuse.pre if reuse else score_requests(model, self.tokenizer, tokenized) if self.score else {}
             timings["score_ms"] = ms_since(t)
 
             t = time.perf_counter()
@@ -419,11 +428,12 @@ class Editor:
             timings["apply_ms"] = ms_since(t)
             try:
                 what = f"this {method} edit of {len(requests)} fact(s)"
-                drift = self._safeguards.check_drift(model, self.tokenizer, self._state, self.guard, what, timings)
+                drift = self._safeguards.check_drift(model, self.tokenizer, self._state, self.guard, what, timings,
+                                                     reuse.drift if reuse else None)
                 self._safeguards.protect(model, self.tokenizer, edit_id, delta, tokenized, self._keys_fn(method))
                 state = stream.after if stream is not None else None
-                record = self._measure_and_record(model, edit_id, tokenized, pre, delta, method, config,
-                                                  timings, start, first_touched, drift, state)
+                record = self._measure_and_record(model, edit_id, tokenized, pre, reuse.post if reuse else None,
+                                                  delta, method, config, timings, start, first_touched, drift, state)
             except BaseException:
                 self._state.revert(model, edit_id)  # guard, scoring or journal failed: change nothing
                 self._safeguards.release(edit_id)
@@ -434,15 +444,13 @@ class Editor:
             return record
 
     def _measure_and_record(
-        self, model, edit_id, tokenized, pre, delta, method, config, timings, start, first_touched, drift, state,
+        self, model, edit_id, tokenized, pre, post, delta, method, config, timings, start, first_touched, drift, state,
     ) -> EditRecord:
-        """Steps 5-7: score after the edit, build the record, append it to the journal."""
+        """Steps 5-7: score after the edit (unless `post` is given), build the record, journal it."""
         t = time.perf_counter()
-        if self.score:
-            old = [r["old_answer"]["id"] for r in pre["requests"]]
-            post = score_requests(model, self.tokenizer, tokenized, old_answers=old)
-        else:
-            post = {}
+        if post is None:
+            old = [r["old_answer"]["id"] for r in pre["requests"]] if self.score else []
+            post = score_requests(model, self.tokenizer, tokenized, old_answers=old) if self.score else {}
         timings["score_ms"] += ms_since(t)
         timings["edit_ms"] = ms_since(start)  # the journal write is timed apart, as journal_ms
         record = EditRecord(
@@ -489,7 +497,7 @@ class Editor:
         """What an edit changed: per parameter ‖Δ‖_F, ‖Δ‖/‖W‖ and rank, and the top-5 next tokens
         before and after on its prompts; with `model` and `probes`, also on those prompts (scored
         with and without the edit, the model untouched)."""
-        _check_probes(probes)
+        check_probes(probes)
         with self._lock:
             record = self._record_with_delta(edit_id)
             if model is not None:
@@ -616,11 +624,3 @@ class Editor:
             record = self._journal.record(edit_id)
         return record
 
-
-def _check_probes(probes: Sequence[str]) -> None:
-    """Probes are a list of non-empty prompts (a string alone is a common slip)."""
-    if isinstance(probes, str):
-        raise InvalidRequestError(f"probes must be a list of prompts (write [{probes!r}] for one)")
-    for probe in probes:
-        if not isinstance(probe, str) or not probe.strip():
-            raise InvalidRequestError(f"every probe must be a non-empty prompt, not {probe!r}")

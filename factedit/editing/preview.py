@@ -18,7 +18,7 @@ hold it alone meanwhile (EditSession does).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -28,14 +28,23 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..core.delta import Delta
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, InvalidRequestError
 from ..core.record import EditRecord
 from ..core.request import EditRequest, TokenizedRequest, encode_prompt, encode_target
 from ..model.specs import layer_index
 from ..model.views import FunctionalModel
 from ..model.weights import WeightState, checked_updates
-from ..scoring.sequences import pad_id_of, score_sequences, top_tokens
+from ..safety.drift import GuardConfig
+from ..scoring.sequences import (
+    SequenceScore,
+    pad_id_of,
+    request_pairs,
+    score_sequences,
+    summarize_requests,
+    top_tokens,
+)
 from .diff import ParamChange, param_changes
+from .measured import Measured
 
 # What a prompt is, in the rows below: the edit's own prompt, a paraphrase (scored on the target too),
 # a locality prompt of the request, or a probe.
@@ -64,6 +73,10 @@ class EditPreview:
     delta: Delta = field(repr=False, compare=False)
     # A lifelong method's state after this delta (methods.StreamState.after); `apply_preview` keeps it.
     stream_state: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)
+    drift: float | None = None  # what the drift guard would read with the delta applied (None: guard off)
+    max_drift: float | None = None  # the guard's bound: past it, applying the delta is refused
+    # What applying the delta would measure again (scores, the guard's reading); apply_preview reuses it.
+    measured: Measured | None = field(default=None, repr=False, compare=False)
 
     @property
     def edit_row(self) -> dict[str, Any]:
@@ -81,6 +94,11 @@ class EditPreview:
         return self.edit_row["old"]["after"]
 
     @property
+    def guard_refuses(self) -> bool:
+        """Whether the drift guard would refuse to apply this delta on the weights it was previewed on."""
+        return self.drift is not None and not self.drift <= self.max_drift  # NaN is refused too
+
+    @property
     def norm(self) -> float:
         """‖Δ‖_F over every parameter the delta touches."""
         return sum(p.fro_norm**2 for p in self.params) ** 0.5
@@ -90,7 +108,7 @@ class EditPreview:
             "method": self.method, "config": dict(self.config), "requests": [r.to_dict() for r in self.requests],
             "rows": self.rows, "params": [vars(p) for p in self.params], "layers": list(self.layers),
             "timings": dict(self.timings), "weights": list(self.weights), "p_new": self.p_new, "p_old": self.p_old,
-            "norm": self.norm,
+            "norm": self.norm, "drift": self.drift, "max_drift": self.max_drift,
         }
 
 
@@ -177,20 +195,53 @@ def preview_delta(
     delta: Delta,
     tokenized: Sequence[TokenizedRequest],
     probes: Sequence[str],
+    *,
+    token: tuple[Any, ...] = (),
+    guard: GuardConfig | None = None,
+    read_drift: Callable[[Mapping[str, torch.Tensor]], dict[int, float]] | None = None,
     **fields: Any,
 ) -> EditPreview:
-    """Score `delta` on the requests and probes (module docstring); `fields`: the rest of EditPreview
-    (method, config, timings, weights, model_fingerprint)."""
+    """Score `delta` on the requests and probes (module docstring); with the guard on (`guard`,
+    `read_drift`: the guard's reading for the delta's new values), read the drift too. What applying the
+    delta would measure again is kept for `apply_preview` (measured.py), with the weights' `token`.
+    `fields`: the rest of EditPreview (method, config, timings, weights, model_fingerprint)."""
     requests = tuple(t.request for t in tokenized)
     items = prompt_items(requests, probes)
+    extra = [prompt for kind, prompt, _ in items if kind == PROBE]
     with torch.no_grad():
-        before = score_prompts(model, tokenizer, items)
+        before = _score(model, tokenizer, tokenized, extra)
+        values = with_delta(model, delta)
         with state.side_as(model, extra=delta):  # a delta's side modules join the active ones meanwhile
-            after = score_prompts(FunctionalModel(model, with_delta(model, delta)), tokenizer, items)
-    # param_changes reads only `.delta` of the record it is given
-    changes = param_changes(SimpleNamespace(delta=delta), state, model)
-    return EditPreview(requests=requests, rows=compare_prompts(tokenizer, items, before, after), params=changes,
-                       layers=touched_layers(model, delta.names()), delta=delta, **fields)
+            after = _score(FunctionalModel(model, values), tokenizer, tokenized, extra)
+            drift = read_drift(values) if guard is not None and read_drift is not None else None
+    pre = summarize_requests(tokenizer, tokenized, before[0])
+    old = [r["old_answer"]["id"] for r in pre["requests"]]
+    post = summarize_requests(tokenizer, tokenized, after[0], old_answers=old)
+    # param_changes reads only `.delta` of the record it is given; a dense rank waits for the diff (an SVD)
+    changes = param_changes(SimpleNamespace(delta=delta), state, model, ranks=False)
+    rows = compare_prompts(tokenizer, items, _as_items(items, [*before[0], *before[1]]),
+                           _as_items(items, [*after[0], *after[1]]))
+    return EditPreview(requests=requests, rows=rows, params=changes, layers=touched_layers(model, delta.names()),
+                       delta=delta, drift=max(drift.values()) if drift else None,
+                       max_drift=guard.max_ratio if guard is not None else None,
+                       measured=Measured(token, pre, post, drift, guard), **fields)
+
+
+def _score(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, tokenized: Sequence[TokenizedRequest], probes: Sequence[str],
+) -> tuple[list[SequenceScore], list[SequenceScore]]:
+    """(scores of the requests' pairs, exactly as `score_requests` scores them; scores of the probes)."""
+    pad = pad_id_of(tokenizer)
+    scored = score_sequences(model, request_pairs(tokenizer, tokenized), pad)
+    return scored, score_sequences(model, [(encode_prompt(tokenizer, p), ()) for p in probes], pad) if probes else []
+
+
+def _as_items(
+    items: Sequence[tuple[str, str, str | None]], scores: Sequence[SequenceScore],
+) -> list[tuple[torch.Tensor, float | None]]:
+    """`score_prompts`'s form of `scores` (one per item, in order)."""
+    return [(s.next_logprobs, s.joint_prob if target else None)
+            for s, (_, _, target) in zip(scores, items, strict=True)]
 
 
 def edit_effect(
@@ -222,3 +273,12 @@ def edit_effect(
         "layers": list(touched_layers(model, record.delta.names())),
         "rows": compare_prompts(tokenizer, items, before, after),
     }
+
+
+def check_probes(probes: Sequence[str]) -> None:
+    """Probes are a list of non-empty prompts (a string alone is a common slip)."""
+    if isinstance(probes, str):
+        raise InvalidRequestError(f"probes must be a list of prompts (write [{probes!r}] for one)")
+    for probe in probes:
+        if not isinstance(probe, str) or not probe.strip():
+            raise InvalidRequestError(f"every probe must be a non-empty prompt, not {probe!r}")

@@ -146,30 +146,56 @@ class DriftGuard:
         self._forms: dict[int, BlockForm | str] = {}  # block -> its checked output form, or _NOT_REPLAYABLE
         self.base_perplexity: float | None = None  # of the worst group of the last check
 
-    def ratio(
-        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, base_params: Mapping[str, torch.Tensor],
-        start_layer: int | None = None,
-    ) -> float:
-        """The larger perplexity ratio, over the base model's, of the next group of texts and of the
-        worst group so far. `base_params` hold the base values of the parameters edits have touched;
-        `start_layer`, when given, is a block below which no parameter has been touched."""
-        index, self._next = self._next, (self._next + 1) % len(self.groups)
+    def plan(self) -> tuple[int, ...]:
+        """The groups the next check reads: the next group in turn, and the group that read worst so far."""
+        index = self._next
         read = [i for i, g in enumerate(self.groups) if g.last is not None]
         worst = max(read, key=lambda i: self.groups[i].last, default=index)
-        for i in dict.fromkeys((index, worst)):
-            group, layer = self._prepared(model, tokenizer, i, base_params, start_layer)
-            if layer is not None and layer not in self._forms and not self._check_replay(model, group, base_params,
-                                                                                        layer):
-                # The stored base perplexity and block input are not this model's: compute both again
-                # with a full pass (and store them), then check once more.
-                group.base, group.hidden = None, {}
-                group, layer = self._prepared(model, tokenizer, i, base_params, start_layer)
-                if layer is not None and not self._check_replay(model, group, base_params, layer):
-                    self._forms[layer] = _NOT_REPLAYABLE
-            group.last = self._perplexity(model, group, None, layer) / group.base
-        chosen = max((index, worst), key=lambda i: self.groups[i].last)
+        return tuple(dict.fromkeys((index, worst)))
+
+    def ratio(
+        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, base_params: Mapping[str, torch.Tensor],
+        start_layer: int | None = None, known: Mapping[int, float] | None = None,
+    ) -> float:
+        """The larger perplexity ratio, over the base model's, of the next group of texts and of the
+        worst group so far (`plan`). `base_params` hold the base values of the parameters edits have
+        touched; `start_layer`, when given, is a block below which no parameter has been touched.
+        `known`: ratios of groups already read on these very weights (`read` during a preview); those
+        groups are not read again. The check is recorded (the rotation moves on, `last` is set)."""
+        groups = self.plan()
+        known = known or {}
+        ratios = {i: known[i] if i in known else self._read(model, tokenizer, i, base_params, start_layer, None)
+                  for i in groups}
+        for i, value in ratios.items():
+            self.groups[i].last = value
+        self._next = (self._next + 1) % len(self.groups)
+        chosen = max(groups, key=ratios.__getitem__)
         self.base_perplexity = self.groups[chosen].base
-        return self.groups[chosen].last
+        return ratios[chosen]
+
+    def read(
+        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, base_params: Mapping[str, torch.Tensor],
+        start_layer: int | None, params: Mapping[str, torch.Tensor],
+    ) -> dict[int, float]:
+        """{group: ratio} of the groups the next check reads (`plan`), with `params` swapped in for the
+        model's own (an edit not applied yet, through functional_call); nothing is recorded, so a preview
+        can read what applying its delta would, and `ratio(known=...)` take it over."""
+        return {i: self._read(model, tokenizer, i, base_params, start_layer, params) for i in self.plan()}
+
+    def _read(
+        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, index: int,
+        base_params: Mapping[str, torch.Tensor], start_layer: int | None, params: Mapping[str, torch.Tensor] | None,
+    ) -> float:
+        """One group's ratio on the model (with `params` swapped in), its base prepared first."""
+        group, layer = self._prepared(model, tokenizer, index, base_params, start_layer)
+        if layer is not None and layer not in self._forms and not self._check_replay(model, group, base_params, layer):
+            # The stored base perplexity and block input are not this model's: compute both again
+            # with a full pass (and store them), then check once more.
+            group.base, group.hidden = None, {}
+            group, layer = self._prepared(model, tokenizer, index, base_params, start_layer)
+            if layer is not None and not self._check_replay(model, group, base_params, layer):
+                self._forms[layer] = _NOT_REPLAYABLE
+        return self._perplexity(model, group, params, layer) / group.base
 
     @staticmethod
     def _start_block(group: _Group, start_layer: int | None) -> int | None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -133,18 +133,29 @@ class Safeguards:
 
     def check_drift(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, state: WeightState, config: GuardConfig | None,
-        what: str, timings: dict[str, float],
+        what: str, timings: dict[str, float], known: Mapping[int, float] | None = None,
     ) -> float | None:
-        """The drift ratio after an edit (None with the guard off); raises DriftError past the bound."""
+        """The drift ratio after an edit (None with the guard off); raises DriftError past the bound.
+        `known`: the groups' ratios a preview read on these same weights (`read_drift`), not read again."""
         if config is None:
             return None
         guard = self._guard(model, config)
         start = time.perf_counter()
         base = state.base_values(list(state.base))
-        ratio = guard.ratio(model, tokenizer, base, lowest_touched_block(model, state))
+        ratio = guard.ratio(model, tokenizer, base, lowest_touched_block(model, state), known)
         timings["guard_ms"] = ms_since(start)
         guard.check(ratio, what)
         return ratio
+
+    def read_drift(
+        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, state: WeightState, config: GuardConfig,
+        names: Sequence[str], params: Mapping[str, torch.Tensor],
+    ) -> dict[int, float]:
+        """What the guard's next check would read ({group: ratio}) once an edit of `names` whose new values
+        are `params` is applied, read now with the weights untouched (DriftGuard.read); nothing recorded."""
+        guard = self._guard(model, config)
+        base = state.base_values(list(state.base))
+        return guard.read(model, tokenizer, base, lowest_touched_block(model, state, names), params)
 
     def warm_guard(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, state: WeightState, config: GuardConfig,

@@ -20,8 +20,8 @@ from .padding import DEFAULT_BATCH_SIZE, pad_id_of, pad_sequences
 from .targets import score_targets
 
 __all__ = [  # pad_id_of and pad_sequences live in padding.py; many callers import them from here
-    "DEFAULT_BATCH_SIZE", "SequenceScore", "logits_at", "pad_id_of", "pad_sequences", "score_requests",
-    "score_sequences", "top_tokens",
+    "DEFAULT_BATCH_SIZE", "SequenceScore", "logits_at", "pad_id_of", "pad_sequences", "request_pairs",
+    "score_requests", "score_sequences", "summarize_requests", "top_tokens",
 ]
 
 @dataclass(frozen=True)
@@ -89,13 +89,35 @@ def score_requests(
     `old_answers`: per request, the token id whose probability to report as `old_answer_prob`
     (after an edit: the top-1 before it); by default the current top-1.
     """
+    scores = score_sequences(model, request_pairs(tokenizer, requests, probes), pad_id_of(tokenizer))
+    return summarize_requests(tokenizer, requests, scores, probes, top_k, old_answers)
+
+
+def request_pairs(
+    tokenizer: PreTrainedTokenizerBase, requests: Sequence[TokenizedRequest], probes: Sequence[str] = (),
+) -> list[tuple[Sequence[int], Sequence[int]]]:
+    """The (prompt ids, target ids) pairs `score_requests` scores, in its order: per request the prompt,
+    its paraphrases (with the target) and its locality prompts (no target); then `probes`."""
     pairs: list[tuple[Sequence[int], Sequence[int]]] = []
     for treq in requests:
         pairs.append((treq.prompt_ids, treq.target_ids))
         pairs.extend((ids, treq.target_ids) for ids in treq.paraphrase_ids)
         pairs.extend((ids, ()) for ids in treq.locality_ids)
     pairs.extend((encode_prompt(tokenizer, text), ()) for text in probes)
-    scores = iter(score_sequences(model, pairs, pad_id_of(tokenizer)))
+    return pairs
+
+
+def summarize_requests(
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[TokenizedRequest],
+    scores: Sequence[SequenceScore],
+    probes: Sequence[str] = (),
+    top_k: int = 5,
+    old_answers: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """`score_requests`'s result from `scores` of its `request_pairs` (so a caller that scored them
+    already, a preview, records exactly what `score_requests` would)."""
+    scores = iter(scores)
 
     def target_view(score: SequenceScore) -> dict[str, Any]:
         return {"target_prob": score.joint_prob, "target_is_argmax": bool(score.target_argmax.all())}
