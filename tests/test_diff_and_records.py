@@ -121,3 +121,31 @@ def test_set_method_keeps_weights_and_history(tiny):
     editor.revert(model, first.id)
     editor.revert(model, second.id)
     assert_weights_equal(model, base)
+
+
+@pytest.mark.parametrize("shape, rank", [((12, 7), 1), ((12, 7), 3), ((5, 9), 4), ((6, 4), 6), ((30, 20), 8)])
+def test_a_low_rank_deltas_rank_from_its_factors_is_matrix_rank_of_the_product(shape, rank):
+    from factedit.editing.diff import factor_rank
+
+    gen = torch.Generator().manual_seed(rank)
+    left, right = torch.randn(shape[0], rank, generator=gen), torch.randn(rank, shape[1], generator=gen)
+    if rank > 2:  # dependent factors: the product's rank is lower than the factors' width
+        left[:, -1] = left[:, 0] * 2.0
+    product = ParamDelta(left=left, right=right).materialize(torch.float32)
+    assert factor_rank(left, right) == int(torch.linalg.matrix_rank(product))
+    assert factor_rank(torch.zeros(shape[0], rank), right) == 0
+
+
+def test_a_preview_gives_low_rank_ranks_and_leaves_dense_ones_to_the_diff(tiny):
+    model, tok = tiny
+    editor = factedit.Editor("ft", tokenizer=tok, **FT)
+    dense = editor.preview(model, [{"prompt": "The capital of France is", "target": "Rome"}])
+    assert [p.rank for p in dense.params] == [None] and dense.params[0].kind == "dense"
+    lora = editor.preview(model, [{"prompt": "The capital of France is", "target": "Rome"}], method="lora",
+                          layers=[-1], rank=2, max_steps=5)
+    for change in lora.params:
+        product = lora.delta.params[change.name].materialize(torch.float32)
+        assert change.kind == "low_rank" and change.rank == int(torch.linalg.matrix_rank(product))
+    record = editor.apply_preview(model, dense)
+    (change,) = editor.diff(record.id).params
+    assert change.rank == int(torch.linalg.matrix_rank(record.delta.params[change.name].dense))
