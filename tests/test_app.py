@@ -528,7 +528,7 @@ def test_a_preview_says_in_plain_words_which_probe_it_would_break():
     rows = [row("edit", PROMPT, " Rome", paris, rome, paris, 0.142, True),
             row("probe", "The capital of Germany is", None, berlin, [{"token": " Rome", "prob": 0.41}], berlin, 0.030,
                 True)]
-    preview = SimpleNamespace(rows=rows, edit_row=rows[0])
+    preview = SimpleNamespace(rows=rows, edit_row=rows[0], drift=None)
     lines = verdict(preview, {"The capital of Germany is": "same relation"}, 0.1)
     # The case: Rome 0.176 against Paris 0.142 is a flip, but a weak one.
     assert lines[0] == ("warning", "A weak flip. With this edit the model would answer **Rome** (p 0.176, before "
@@ -536,7 +536,23 @@ def test_a_preview_says_in_plain_words_which_probe_it_would_break():
     assert lines[1] == ("warning", "It would also change a neighbour (same relation) “The capital of Germany is”: its "
                                    "answer goes from **Berlin** (0.796) to **Rome** (0.410); Berlin falls to 0.030.")
     assert verdict(preview, {}, 0.1)[1][1].startswith("It would also change the probe “The capital of Germany is”")
-    assert verdict(SimpleNamespace(rows=rows[:1], edit_row=rows[0]), {}, 0.1)[1][0] == "success"  # nothing broken
+    assert verdict(SimpleNamespace(rows=rows[:1], edit_row=rows[0], drift=None), {}, 0.1)[1][0] == "success"
+    guarded = SimpleNamespace(rows=rows[:1], edit_row=rows[0], drift=2.04, max_drift=1.5, guard_refuses=True)
+    assert verdict(guarded, {}, 0.1)[1] == (
+        "warning", "The drift guard would refuse this edit: the perplexity of the reference text would be **2.040×** "
+                   "the base model's (the guard allows 1.5×). Try another method or other settings.")
+
+
+def test_a_preview_the_guard_would_refuse_says_so_and_cannot_be_applied(app_env):
+    app_env.config.write_text(TEST_CONFIG + "guard_max_ratio: 1.0000001\n")
+    at = start()
+    at.button(key="preview_edit").click()
+    at = run(at)
+    assert errors(at) == []
+    assert any(w.value.startswith("The drift guard would refuse this edit") for w in at.warning), \
+        [w.value for w in at.warning]
+    assert at.button(key="confirm_preview").disabled
+    assert not any("status" in t.value.columns for t in at.table)  # nothing applied
 
 
 def test_automatic_neighbours_of_the_same_relation_and_subject():

@@ -40,21 +40,26 @@ def render_preview(service: EditSession) -> None:
         for kind, text in verdict(preview, shown["neighbours"], threshold()):
             (st.warning if kind == "warning" else st.success if kind == "success" else st.markdown)(text)
         confirm, discard, _ = st.columns([2, 1, 3])
-        confirm.button("Apply this edit", key="confirm_preview", type="primary", disabled=stale,
-                       on_click=queue, args=("confirm", SECTION))
+        refused = preview.guard_refuses
+        confirm.button("Apply this edit", key="confirm_preview", type="primary", disabled=stale or refused,
+                       on_click=queue, args=("confirm", SECTION),
+                       help="The drift guard would refuse it (above)." if refused else None)
         discard.button("Discard", key="discard_preview", on_click=st.session_state.pop, args=("preview", None))
         with st.expander("Prompt by prompt", expanded=False):
             frame, flags = preview_frame(preview, shown["neighbours"], threshold())
             st.table(frame.style.apply(lambda row: [HIGHLIGHT if flags[row.name] else ""] * len(row), axis=1))
-        st.caption(f"Computed in {preview.timings['compute_ms'] / 1000:.2f} s, scored in "
-                   f"{preview.timings.get('score_ms', 0) / 1000:.2f} s; layers {', '.join(map(str, preview.layers))}; "
-                   f"‖Δ‖_F {preview.norm:.4g}.")
+        st.caption(f"Computed in {preview.timings['compute_ms'] / 1000:.2f} s, scored"
+                   f"{' and the drift read' if preview.drift is not None else ''} in "
+                   f"{preview.timings.get('score_ms', 0) / 1000:.2f} s (applying it measures neither again); layers "
+                   f"{', '.join(map(str, preview.layers))}; ‖Δ‖_F {preview.norm:.4g}.")
 
 
 def verdict(preview: EditPreview, extra: dict[str, str], limit: float) -> list[tuple[str, str]]:
     """(kind, markdown) lines: whether the edit takes, its paraphrases, and every other prompt it would
     change (a new top answer, or a probability moved by at least `limit`)."""
     lines = [_takes(preview, limit)]
+    if preview.drift is not None:
+        lines.append(_drift(preview))
     paraphrases = [r for r in preview.rows if r["kind"] == PARAPHRASE]
     if paraphrases:
         taken = sum(_target_is_top(r) for r in paraphrases)
@@ -68,6 +73,15 @@ def verdict(preview: EditPreview, extra: dict[str, str], limit: float) -> list[t
                                  f"{', locality prompts' if any(r['kind'] == LOCALITY for r in others) else ''}) "
                                  f"changes its answer or moves by {limit:.2f} or more."))
     return lines
+
+
+def _drift(preview: EditPreview) -> tuple[str, str]:
+    """What the drift guard would say, read with the delta added (the apply takes this reading over)."""
+    text = (f"the perplexity of the reference text would be **{preview.drift:.3f}×** the base model's (the guard "
+            f"allows {preview.max_drift:g}×)")
+    if preview.guard_refuses:
+        return "warning", f"The drift guard would refuse this edit: {text}. Try another method or other settings."
+    return "info", f"Drift: {text}."
 
 
 def _target_is_top(row: dict[str, Any]) -> bool:
