@@ -7,6 +7,7 @@
     factedit diff ID --journal F [--probe P ...]
     factedit export --journal F --format peft OUT/ [--id ID ...] [--rank R | --exact]   (a PEFT LoRA adapter)
     factedit export --journal F --format merged OUT/           (the edited model as a HuggingFace folder)
+    factedit export --journal F --format peft-ia3 OUT/ [--id ID ...]   (ia3 edits as a PEFT IA³ adapter)
     factedit export --journal F --format gguf-lora OUT.gguf [--id ID ...] [--rank R | --exact] [--base-gguf B]
                                                                (a GGUF LoRA adapter for llama.cpp / Ollama)
     factedit export --journal F --format gguf OUT.gguf [--dtype f32|f16|q8_0|base|f32-all] [--base-gguf B]
@@ -31,6 +32,7 @@ from typing import Any
 
 from . import display
 from .artifacts.adapters import check_vllm_compatible
+from .artifacts.peft_ia3 import export_ia3_adapter
 from .core.errors import FacteditError
 from .core.methods import available_methods
 from .editing.editor import Editor
@@ -139,8 +141,16 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise SystemExit("--dtype applies to --format gguf (the adapter's factors are float32)")
     if args.format == "gguf" and (args.id or args.rank is not None or args.exact):
         raise SystemExit("--id, --rank and --exact apply to adapters; a merged GGUF holds every active edit")
+    if args.format == "peft-ia3" and (args.rank is not None or args.exact):
+        raise SystemExit("--rank and --exact apply to LoRA adapters; an IA³ adapter holds the ia3 vectors exactly")
     model, editor = _open(args)
     with editor:
+        if args.format == "peft-ia3":
+            active = [editor.record(r.id) for r in editor.history if r.status == "active"]
+            ia3 = export_ia3_adapter(model, active, args.out, ids=args.id or None)
+            print(f"wrote a PEFT IA³ adapter of {len(ia3.edits)} edit(s), {len(ia3.modules)} module(s), to {ia3.path} "
+                  f"(vectors give the edits within {ia3.max_error:.2g} relative)")
+            return 0
         if args.format == "gguf-lora":
             result = editor.export_adapter(args.out, args.id or None, rank=args.rank, exact=args.exact,
                                            format="gguf", base_gguf=args.base_gguf)
@@ -241,9 +251,10 @@ def _add_artifact_commands(sub: Any) -> None:
     export = sub.add_parser("export", help="the active edits as a LoRA adapter (PEFT, GGUF), or the edited model")
     export.add_argument("out", help="folder to write (new or empty); a new .gguf file for the gguf formats")
     export.add_argument("--journal", required=True)
-    export.add_argument("--format", choices=("peft", "merged", "gguf-lora", "gguf"), default="peft",
+    export.add_argument("--format", choices=("peft", "merged", "gguf-lora", "gguf", "peft-ia3"), default="peft",
                         help="peft: PEFT LoRA folder; merged: HuggingFace folder; gguf-lora: GGUF LoRA adapter "
-                             "(llama.cpp, Ollama); gguf: the edited model as GGUF")
+                             "(llama.cpp, Ollama); gguf: the edited model as GGUF; "
+                             "peft-ia3: ia3 edits as a PEFT IA³ adapter")
     export.add_argument("--base-gguf", default=None,
                         help="the base model's GGUF (default: the default model's own)")
     export.add_argument("--dtype", choices=("f32", "f16", "q8_0", "base", "f32-all"), default=None,

@@ -138,12 +138,12 @@ def export_adapter(
         target_modules=list(modules), base_model_name_or_path=records[0].model_id,
         fan_in_fan_out=any(layout == "in_out" for layout in layouts.values()),
     )
-    out = _empty_folder(path)
+    out = empty_folder(path)
     config.save_pretrained(str(out))
     save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})  # peft's own metadata
     result = AdapterExport(out, r, tuple(rec.id for rec in records), modules, rank if errors else None, errors)
-    _write_sidecar(out, "peft_lora", model, records, {"rank": r, "svd_rank": result.svd_rank, "svd_errors": errors})
-    _write_card(out, "peft_lora", records, _adapter_notes(result))
+    write_sidecar(out, "peft_lora", model, records, {"rank": r, "svd_rank": result.svd_rank, "svd_errors": errors})
+    write_card(out, "peft_lora", records, _adapter_notes(result))
     return result
 
 
@@ -153,11 +153,11 @@ def export_merged(
     """Write `model` as it is (base + the active `records`) as a HuggingFace folder: safetensors weights,
     config, tokenizer, a model card listing the edits. `AutoModelForCausalLM.from_pretrained` loads it."""
     refuse_side_modules(records, "a merged model")
-    out = _empty_folder(path)
+    out = empty_folder(path)
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
-    _write_sidecar(out, "merged", model, records, {})
-    _write_card(out, "merged", records, [
+    write_sidecar(out, "merged", model, records, {})
+    write_card(out, "merged", records, [
         "The weights are the base model's with these edits added (`W + Δ`), in the base model's dtype.",
         "",
         "```python",
@@ -271,7 +271,7 @@ def _adapter_notes(result: AdapterExport) -> list[str]:
 
 
 # --- the files every export writes ------------------------------------------------------------------
-def _empty_folder(path: str | os.PathLike) -> Path:
+def empty_folder(path: str | os.PathLike) -> Path:
     """`path` as a folder to write into: created, or refused when it already holds files."""
     out = Path(path)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -285,7 +285,7 @@ def _edit_summary(record: EditRecord) -> dict[str, Any]:
             "requests": [q.to_dict() for q in record.requests]}
 
 
-def _write_sidecar(out: Path, kind: str, model: nn.Module, records: Sequence[EditRecord], extra: Mapping) -> None:
+def write_sidecar(out: Path, kind: str, model: nn.Module, records: Sequence[EditRecord], extra: Mapping) -> None:
     first = records[0] if records else None
     data = {
         "format": SIDECAR_FORMAT, "kind": kind, "factedit_version": __version__,
@@ -303,9 +303,9 @@ def _cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")
 
 
-def _write_card(out: Path, kind: str, records: Sequence[EditRecord], notes: Iterable[str]) -> None:
-    library = "peft" if kind == "peft_lora" else "transformers"
-    title = "PEFT LoRA adapter" if kind == "peft_lora" else "edited model"
+def write_card(out: Path, kind: str, records: Sequence[EditRecord], notes: Iterable[str]) -> None:
+    library = "peft" if kind.startswith("peft") else "transformers"
+    title = {"peft_lora": "PEFT LoRA adapter", "peft_ia3": "PEFT IA³ adapter"}.get(kind, "edited model")
     model_id = records[0].model_id if records else "?"
     lines = ["---", f"library_name: {library}", "tags:", "- factedit", "- knowledge-editing", "---", "",
              f"# factedit: {title}", "",
