@@ -115,3 +115,23 @@ def test_without_the_guard_a_preview_reads_no_drift(reads):
     assert preview.drift is None and preview.max_drift is None and not preview.guard_refuses and reads == []
     record = editor.apply_preview(model, preview)
     assert record.drift is None and "guard_ms" not in record.timings
+
+
+def test_the_weights_scores_before_a_delta_are_kept_per_weights(monkeypatch):
+    from factedit.editing import preview as preview_module
+
+    calls: list[int] = []
+    original = preview_module._score
+    monkeypatch.setattr(preview_module, "_score", lambda *a: calls.append(1) or original(*a))
+    model, tok = tiny_model("llama")
+    editor = factedit.Editor("ft", tokenizer=tok, layers=[-1], lr=0.1, max_steps=10)
+    one = editor.preview(model, [FACT], probes=["The capital of Italy is"])
+    two = editor.preview(model, [FACT], probes=["The capital of Italy is"], method="lora", layers=[-1], max_steps=3)
+    assert len(calls) == 3  # before once, after twice
+    assert [r["before"] for r in one.rows] == [r["before"] for r in two.rows]
+    editor.preview(model, [FACT], probes=["The capital of Spain is"])  # other prompts: scored
+    assert len(calls) == 5
+    editor.apply_preview(model, one)
+    calls.clear()
+    editor.preview(model, [FACT], probes=["The capital of Italy is"])  # other weights: scored again
+    assert len(calls) == 2

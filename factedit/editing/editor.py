@@ -47,7 +47,7 @@ from ..scoring.sequences import score_requests
 from .diff import EditDiff, diff_edit
 from .journal import Journal
 from .measured import Measured, reusable, weights_token
-from .preview import EditPreview, check_probes, edit_effect, preview_delta, with_delta
+from .preview import BeforeScores, EditPreview, check_probes, edit_effect, preview_delta, with_delta
 from .replay_journal import replay
 
 LOG = logging.getLogger(__name__)
@@ -113,6 +113,7 @@ class Editor:
         self._lock = threading.RLock()  # edits from several threads (app sessions) are serialised
         # (method, config JSON) -> the built method, for previews: the 8 used last are kept.
         self._preview_methods: LRUCache[tuple[str, str], Any] = LRUCache(maxsize=8)
+        self._before = BeforeScores()  # previews' scores of the weights before their delta (preview.py)
         self._streams: dict[str, dict[str, torch.Tensor]] = {}  # method -> its lifelong state (StreamState)
         # Called by the fine-tuning methods' loops as progress(step, max_steps, loss) while they compute
         # (edits and previews); None: no reports. Not part of the config: a callable is not serialisable.
@@ -237,17 +238,16 @@ class Editor:
                               delta.names())  # the guard's reading with the delta's values swapped in
             result = preview_delta(
                 model, self.tokenizer, self._state, delta, tokenized, list(probes), guard=self.guard,
-                read_drift=reading, token=weights_token(model, self._fingerprint, self._state.active), method=name,
-                config=config_to_dict(config), timings={}, weights=tuple(self._state.active),
-                model_fingerprint=self._fingerprint)
+                read_drift=reading, token=weights_token(model, self._fingerprint, self._state.active),
+                kept=self._before, method=name, config=config_to_dict(config), timings={},
+                weights=tuple(self._state.active), model_fingerprint=self._fingerprint)
             return dataclasses.replace(result, timings={"compute_ms": compute_ms, "score_ms": ms_since(start)},
                                        stream_state=stream.after if stream is not None else None)
 
     def apply_preview(self, model: nn.Module, preview: EditPreview) -> EditRecord:
         """Apply a preview's delta as a new edit (recorded, journaled and guarded like any edit), without
-        computing it again, nor its scores and drift while the weights are those it was previewed on
-        (measured.py). Refused, with nothing changed, once the weights differ from those it was
-        computed on (an edit applied or reverted since), or by the guard."""
+        computing it, nor its scores and drift while the weights are those it was previewed on (measured.py).
+        Refused, with nothing changed, by the guard or once the weights changed (an edit applied or reverted)."""
         with self._lock:
             self.attach(model)
             if preview.model_fingerprint != self._fingerprint:

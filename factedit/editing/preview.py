@@ -24,6 +24,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+from cachetools import LRUCache
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -199,17 +200,19 @@ def preview_delta(
     token: tuple[Any, ...] = (),
     guard: GuardConfig | None = None,
     read_drift: Callable[[Mapping[str, torch.Tensor]], dict[int, float]] | None = None,
+    kept: BeforeScores | None = None,
     **fields: Any,
 ) -> EditPreview:
     """Score `delta` on the requests and probes (module docstring); with the guard on (`guard`,
     `read_drift`: the guard's reading for the delta's new values), read the drift too. What applying the
     delta would measure again is kept for `apply_preview` (measured.py), with the weights' `token`.
-    `fields`: the rest of EditPreview (method, config, timings, weights, model_fingerprint)."""
+    `kept`: scores of the current weights kept from earlier previews. `fields`: the rest of EditPreview
+    (method, config, timings, weights, model_fingerprint)."""
     requests = tuple(t.request for t in tokenized)
     items = prompt_items(requests, probes)
     extra = [prompt for kind, prompt, _ in items if kind == PROBE]
     with torch.no_grad():
-        before = _score(model, tokenizer, tokenized, extra)
+        before = (kept or BeforeScores()).get(model, tokenizer, tokenized, extra, token)
         values = with_delta(model, delta)
         with state.side_as(model, extra=delta):  # a delta's side modules join the active ones meanwhile
             after = _score(FunctionalModel(model, values), tokenizer, tokenized, extra)
@@ -227,13 +230,35 @@ def preview_delta(
                        measured=Measured(token, pre, post, drift, guard), **fields)
 
 
+Scores = tuple[list[SequenceScore], list[SequenceScore]]  # (the requests' pairs, the probes)
+
+
 def _score(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, tokenized: Sequence[TokenizedRequest], probes: Sequence[str],
-) -> tuple[list[SequenceScore], list[SequenceScore]]:
+) -> Scores:
     """(scores of the requests' pairs, exactly as `score_requests` scores them; scores of the probes)."""
     pad = pad_id_of(tokenizer)
     scored = score_sequences(model, request_pairs(tokenizer, tokenized), pad)
     return scored, score_sequences(model, [(encode_prompt(tokenizer, p), ()) for p in probes], pad) if probes else []
+
+
+class BeforeScores:
+    """The current weights' scores of a preview's prompts ("before"), kept per weights token (measured.py)
+    and prompts: previews of one fact with several methods or settings on the same weights (a comparison)
+    score them once. Scoring is deterministic, so a kept score is the one scoring again would give."""
+
+    def __init__(self, size: int = 4) -> None:
+        self._kept: LRUCache[tuple[Any, ...], Scores] = LRUCache(maxsize=size)
+
+    def get(
+        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, tokenized: Sequence[TokenizedRequest],
+        probes: Sequence[str], token: tuple[Any, ...],
+    ) -> Scores:
+        pairs = tuple((tuple(p), tuple(t)) for p, t in request_pairs(tokenizer, tokenized))
+        key = (token, pairs, tuple(probes))
+        if key not in self._kept:
+            self._kept[key] = _score(model, tokenizer, tokenized, probes)
+        return self._kept[key]
 
 
 def _as_items(
