@@ -45,7 +45,7 @@ def test_every_builtin_method_is_in_the_contract_suite():
 
     # mend's contract runs in tests/test_mend.py; the editors that add a module (no weight change) in
     # tests/test_modules_methods.py
-    assert set(_BUILTIN) - {"mend", "grace", "tpatcher", "adapter"} <= set(METHODS)
+    assert set(_BUILTIN) - {"mend", "grace", "tpatcher", "adapter", "bitfit"} <= set(METHODS)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -1,4 +1,4 @@
-"""The module-adding editors (factedit/modules/: grace, tpatcher, adapter; ia3 folds into weights) on tiny
+"""The module-adding editors (factedit/modules/: grace, tpatcher, adapter, bitfit; ia3 folds into weights) on tiny
 random models of every supported architecture: compute leaves the model as it was (weights, hooks,
 modes), an edit moves the target, and revert is exact (logits and weights, `torch.equal`), also of a
 middle edit, a batch, and after a journal replay."""
@@ -20,9 +20,10 @@ TINY = {
     "tpatcher": dict(layer=-1, lr=0.1),
     "adapter": dict(layer=-1, lr=3e-2),
     "ia3": dict(layers=(-2, -1), lr=0.3, max_steps=80),
+    "bitfit": dict(layers=(-2, -1), lr=0.1, max_steps=60),
 }
 METHODS = sorted(TINY)
-SIDE = {"grace", "tpatcher", "adapter"}
+SIDE = {"grace", "tpatcher", "adapter", "bitfit"}
 PROBES = ["The capital of France is", "The capital of Italy is", "Water boils at one hundred"]
 FACTS = [("The capital of France is", "Rome"), ("The capital of Italy is", "Berlin"),
          ("The capital of Germany is", "Madrid")]

@@ -73,7 +73,7 @@ def random_delta(model, tok, seed: int) -> Delta:
     gen = torch.Generator().manual_seed(seed)
     d, layers = model.config.hidden_size, len(side_points(model))
     modules = {}
-    for kind in rng.sample(["codebook", "gated_neurons", "bottleneck"], rng.randint(1, 3)):
+    for kind in rng.sample(["codebook", "gated_neurons", "bottleneck", "bias"], rng.randint(1, 4)):
         layer = rng.randrange(layers)
         point = side_points(model)[layer]
         if kind == "codebook":
@@ -82,6 +82,8 @@ def random_delta(model, tok, seed: int) -> Delta:
         elif kind == "gated_neurons":
             tensors = {"w_in": torch.randn(3, d, generator=gen), "b_in": torch.randn(3, generator=gen),
                        "w_out": torch.randn(3, d, generator=gen) * 0.1}
+        elif kind == "bias":
+            tensors = {"bias": torch.randn(d, generator=gen) * 0.1}
         else:
             tensors = {"down": torch.randn(4, d, generator=gen), "b_down": torch.zeros(4),
                        "up": torch.randn(d, 4, generator=gen) * 0.1, "b_up": torch.randn(d, generator=gen) * 0.01}
@@ -199,6 +201,8 @@ def test_bad_side_modules_are_refused_before_anything_changes():
         side(values=torch.full((1, 32), float("nan")))
     with pytest.raises(InvalidDeltaError, match="needs tensors"):
         SideModule("codebook", "model.layers.1.mlp", {"keys": torch.zeros(1, 32)})
+    with pytest.raises(InvalidDeltaError, match="dims"):
+        SideModule("bias", "model.layers.1.mlp", {"bias": torch.zeros(1, 32)})
     name = mlp_param_names(model, (0,), ("out",))[0]
     good_param = {name: ParamDelta(dense=torch.ones_like(dict(model.named_parameters())[name]))}
     state = WeightState()

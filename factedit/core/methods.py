@@ -83,6 +83,7 @@ _BUILTIN: dict[str, str] = {
     "tpatcher": "factedit.modules.tpatcher:METHOD",
     "ia3": "factedit.modules.ia3:METHOD",
     "adapter": "factedit.modules.adapter:METHOD",
+    "bitfit": "factedit.modules.bitfit:METHOD",
 }
 _REGISTERED: dict[str, MethodSpec] = {}
 

@@ -14,6 +14,8 @@ Types:
                    relu(x w_inᵀ + b_in) w_out, non-zero only where a neuron fires.
     bottleneck     a Houlsby adapter (Houlsby et al. 2019) on the output: y + up(act(down y + b_down)) + b_up
                    with down (r, d), b_down (r,), up (d, r), b_up (d,); option "act": relu | gelu | silu.
+    bias           a bias term on the output (BitFit, Ben Zaken et al. 2022, on models whose MLP has none):
+                   y + bias, with bias (d,).
 
 The functions are pure: the same modules on the same input give the same bits, however they were
 made, which is what exact revert needs (the attached modules are a function of the active edits).
@@ -152,6 +154,12 @@ def _bottleneck(modules: Sequence[SideModule], x: torch.Tensor, y: torch.Tensor)
     return y
 
 
+def _bias(modules: Sequence[SideModule], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    for m in modules:  # one add per edit, in order: the same bits whichever edits are active around it
+        y = y + m.tensors["bias"]  # (B, T, d) + (d,)
+    return y
+
+
 MODULE_TYPES: Mapping[str, ModuleType] = {
     t.name: t
     for t in (
@@ -159,6 +167,7 @@ MODULE_TYPES: Mapping[str, ModuleType] = {
         ModuleType("gated_neurons", {"w_in": ("n", "d"), "b_in": ("n",), "w_out": ("n", "d")}, {}, _gated_neurons),
         ModuleType("bottleneck", {"down": ("r", "d"), "b_down": ("r",), "up": ("d", "r"), "b_up": ("d",)},
                    {"act": tuple(_ACTS)}, _bottleneck),
+        ModuleType("bias", {"bias": ("d",)}, {}, _bias),
     )
 }
 

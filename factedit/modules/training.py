@@ -134,22 +134,26 @@ def optimize(
     return max_steps
 
 
-def train_module(
-    model: nn.Module,
-    data: PointData,
-    hook: Callable[[Mapping[str, torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor],
-    tensors: dict[str, torch.Tensor],
-    **options: object,
-) -> int:
+Hook = Callable[[Mapping[str, torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def train_module(model: nn.Module, data: PointData, hook: Hook, tensors: dict[str, torch.Tensor],
+                 **options: object) -> int:
     """`optimize` the tensors of a module that `hook(tensors, x, y)` runs at the point (the point's input
     x and output y, (B, T, d)) on the batch of `data`; `options` as `optimize` takes them."""
+    return train_modules(model, data.batch, {data.point: hook}, tensors, **options)
+
+
+def train_modules(model: nn.Module, batch: TrainingBatch, hooks: Mapping[str, Hook],
+                  tensors: dict[str, torch.Tensor], **options: object) -> int:
+    """`train_module` for modules at several points at once: `hooks` maps each point to its
+    `hook(tensors, x, y)` (all see every tensor, in the model's dtype)."""
     dtype = next(model.parameters()).dtype
 
-    def forward_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        return hook({k: v.to(dtype) for k, v in tensors.items()}, args[0], output)
+    def forward_hook(hook: Hook) -> Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor]:
+        return lambda module, args, output: hook({k: v.to(dtype) for k, v in tensors.items()}, args[0], output)
 
-    batch = data.batch
-    with frozen(model), forward_hooks(model, hooks={data.point: forward_hook}):
+    with frozen(model), forward_hooks(model, hooks={p: forward_hook(h) for p, h in hooks.items()}):
         return optimize(lambda: model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
                         batch.labels, tensors, **options)
 
