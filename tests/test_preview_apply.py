@@ -43,26 +43,37 @@ def comparable(record: factedit.EditRecord) -> dict:
     return fields
 
 
-def test_preview_then_apply_journals_what_a_direct_edit_journals(tmp_path, reads):
+@pytest.mark.parametrize("method, settings", [("ft", SETTINGS), ("ft_l", {**SETTINGS, "norm_constraint": 0.1})])
+def test_preview_then_apply_journals_what_a_direct_edit_journals(tmp_path, reads, monkeypatch, method, settings):
+    """ft_l preserves keys: the keys the apply protects (from the preview) shape the next edit's delta."""
+    from factedit.safety import safeguards
+
+    keys: list[int] = []
+    original = safeguards.edit_keys
+    monkeypatch.setattr(safeguards, "edit_keys", lambda *a, **k: keys.append(1) or original(*a, **k))
     model, tok = tiny_model("llama")
     twin, _ = tiny_model("llama")
-    with factedit.Editor("ft", tokenizer=tok, journal=tmp_path / "a.sqlite", **SETTINGS) as editor:
+    with factedit.Editor(method, tokenizer=tok, journal=tmp_path / "a.sqlite", **settings) as editor:
         preview = editor.preview(model, [FACT], probes=["The capital of Italy is"])
         assert preview.drift is not None and preview.max_drift == 3.0 and not preview.guard_refuses
-        read_by_preview = len(reads)
+        read_by_preview, keys_by_preview = len(reads), len(keys)
         applied = editor.apply_preview(model, preview)
-    assert read_by_preview > 0 and len(reads) == read_by_preview  # the apply read nothing again
-    with factedit.Editor("ft", tokenizer=tok, journal=tmp_path / "b.sqlite", **SETTINGS) as editor:
+        assert len(reads) == read_by_preview and len(keys) == keys_by_preview  # the apply read nothing again
+        assert read_by_preview > 0 and keys_by_preview == (method == "ft_l")
+        later = editor.edit(model, "The capital of Italy is", "Paris")
+    with factedit.Editor(method, tokenizer=tok, journal=tmp_path / "b.sqlite", **settings) as editor:
         direct = editor.edit(twin, **FACT)
+        direct_later = editor.edit(twin, "The capital of Italy is", "Paris")
     assert_weights_equal(model, snapshot(twin))
     assert applied.drift == direct.drift and applied.pre == direct.pre and applied.post == direct.post
-    assert comparable(applied) == comparable(direct)
+    assert comparable(applied) == comparable(direct) and comparable(later) == comparable(direct_later)
     assert applied.timings.keys() == direct.timings.keys()
     with Journal(tmp_path / "a.sqlite") as a, Journal(tmp_path / "b.sqlite") as b:
-        (one,), (two,) = a.records(), b.records()
-    assert comparable(one) == comparable(two)
-    assert all(torch.equal(one.delta.params[n].materialize(torch.float32), p.materialize(torch.float32))
-               for n, p in two.delta.items())
+        ours, theirs = a.records(), b.records()
+    assert [comparable(r) for r in ours] == [comparable(r) for r in theirs]
+    for one, two in zip(ours, theirs, strict=True):
+        assert all(torch.equal(one.delta.params[n].materialize(torch.float32), p.materialize(torch.float32))
+                   for n, p in two.delta.items())
 
 
 def test_the_reading_is_not_reused_once_the_weights_changed(reads):

@@ -234,11 +234,11 @@ class Editor:
             start = time.perf_counter()
             delta = self._compute_with(impl, config, model, tokenized, stream).detached_cpu()
             compute_ms, start = ms_since(start), time.perf_counter()
-            reading = partial(self._safeguards.read_drift, model, self.tokenizer, self._state, self.guard,
-                              delta.names())  # the guard's reading with the delta's values swapped in
+            reading = partial(self._safeguards.read_applied, model, self.tokenizer, self._state, self.guard, delta,
+                              tokenized, self._keys_fn(name))  # the guard's reading and the keys, with the delta
             result = preview_delta(
                 model, self.tokenizer, self._state, delta, tokenized, list(probes), guard=self.guard,
-                read_drift=reading, token=weights_token(model, self._fingerprint, self._state.active),
+                read_applied=reading, token=weights_token(model, self._fingerprint, self._state.active),
                 kept=self._before, method=name, config=config_to_dict(config), timings={},
                 weights=tuple(self._state.active), model_fingerprint=self._fingerprint)
             return dataclasses.replace(result, timings={"compute_ms": compute_ms, "score_ms": ms_since(start)},
@@ -411,8 +411,7 @@ class Editor:
             tokenized = [tokenize_request(r, self.tokenizer, context) for r in requests]
             self.attach(model)
             timings: dict[str, float] = {}
-            token = weights_token(model, self._fingerprint, self._state.active)
-            reuse = reusable(measured, token, self.guard, self.score)
+            reuse = reusable(measured, model, self._fingerprint, self._state.active, self.guard, self.score)
             t = time.perf_counter()
             pre = reuse.pre if reuse else score_requests(model, self.tokenizer, tokenized) if self.score else {}
             timings["score_ms"] = ms_since(t)
@@ -430,7 +429,8 @@ class Editor:
                 what = f"this {method} edit of {len(requests)} fact(s)"
                 drift = self._safeguards.check_drift(model, self.tokenizer, self._state, self.guard, what, timings,
                                                      reuse.drift if reuse else None)
-                self._safeguards.protect(model, self.tokenizer, edit_id, delta, tokenized, self._keys_fn(method))
+                self._safeguards.protect(model, self.tokenizer, edit_id, delta, tokenized, self._keys_fn(method),
+                                         reuse.keys if reuse else None)
                 state = stream.after if stream is not None else None
                 record = self._measure_and_record(model, edit_id, tokenized, pre, reuse.post if reuse else None,
                                                   delta, method, config, timings, start, first_touched, drift, state)

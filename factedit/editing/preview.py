@@ -199,13 +199,13 @@ def preview_delta(
     *,
     token: tuple[Any, ...] = (),
     guard: GuardConfig | None = None,
-    read_drift: Callable[[Mapping[str, torch.Tensor]], dict[int, float]] | None = None,
+    read_applied: Callable[[Mapping[str, torch.Tensor]], tuple[Mapping[int, float] | None, Any]] | None = None,
     kept: BeforeScores | None = None,
     **fields: Any,
 ) -> EditPreview:
-    """Score `delta` on the requests and probes (module docstring); with the guard on (`guard`,
-    `read_drift`: the guard's reading for the delta's new values), read the drift too. What applying the
-    delta would measure again is kept for `apply_preview` (measured.py), with the weights' `token`.
+    """Score `delta` on the requests and probes (module docstring), and read what applying it would read
+    (`read_applied` of its new values: the guard's reading under `guard`, the keys to protect). What
+    applying the delta would measure again is kept for `apply_preview` (measured.py), with the weights' `token`.
     `kept`: scores of the current weights kept from earlier previews. `fields`: the rest of EditPreview
     (method, config, timings, weights, model_fingerprint)."""
     requests = tuple(t.request for t in tokenized)
@@ -216,7 +216,7 @@ def preview_delta(
         values = with_delta(model, delta)
         with state.side_as(model, extra=delta):  # a delta's side modules join the active ones meanwhile
             after = _score(FunctionalModel(model, values), tokenizer, tokenized, extra)
-            drift = read_drift(values) if guard is not None and read_drift is not None else None
+            drift, keys = read_applied(values) if read_applied is not None else (None, None)
     pre = summarize_requests(tokenizer, tokenized, before[0])
     old = [r["old_answer"]["id"] for r in pre["requests"]]
     post = summarize_requests(tokenizer, tokenized, after[0], old_answers=old)
@@ -227,7 +227,7 @@ def preview_delta(
     return EditPreview(requests=requests, rows=rows, params=changes, layers=touched_layers(model, delta.names()),
                        delta=delta, drift=max(drift.values()) if drift else None,
                        max_drift=guard.max_ratio if guard is not None else None,
-                       measured=Measured(token, pre, post, drift, guard), **fields)
+                       measured=Measured(token, pre, post, drift, guard, keys), **fields)
 
 
 Scores = tuple[list[SequenceScore], list[SequenceScore]]  # (the requests' pairs, the probes)

@@ -141,12 +141,17 @@ def cached_derivative(
 @torch.no_grad()
 def edit_keys(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, modules: Sequence[str],
-    requests: Sequence[TokenizedRequest],
+    requests: Sequence[TokenizedRequest], params: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """{module: (N, in)}: the inputs of `modules` at every token of the requests' prompt + target."""
+    """{module: (N, in)}: the inputs of `modules` at every token of the requests' prompt + target; with
+    `params` swapped in for the model's own (functional_call; e.g. an edit previewed, not applied)."""
     ids, mask = pad_sequences([r.input_ids for r in requests], pad_id_of(tokenizer))
     device = next(model.parameters()).device
+    kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
     with capture_linear_io(model, modules, grads=False) as io, stop_after(model, _last_module(model, modules)):
-        model(input_ids=ids.to(device), attention_mask=mask.to(device))
+        if params:
+            torch.func.functional_call(model, dict(params), args=(), kwargs=kwargs, strict=False)
+        else:
+            model(**kwargs)
     keep = mask.bool().to(device)
     return {name: io.inputs[name][keep].detach().cpu() for name in modules}

@@ -97,14 +97,35 @@ class Safeguards:
     def protect(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, edit_id: str, delta: Delta,
         requests: Sequence[TokenizedRequest], keys: KeysFn | None = None,
+        known: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         """Protect the keys of an applied edit, for the matrices the preserver covers: those `keys` (the
-        method's KeysFn) gives, else those of every token of its sequences."""
-        if self.preserver is None or not self.preserver.config.protect_edits:
-            return
-        names = [n for n in delta.names() if n in self.preserver.bases]
+        method's KeysFn) gives, else those of every token of its sequences. `known`: those keys, taken
+        on these same weights by a preview (`applied_keys`), used when they cover every such matrix."""
+        names = self._protected_names(delta)
         if names:
-            self.preserver.protect(edit_id, self._keys(model, tokenizer, names, requests, keys))
+            covered = keys is None and known is not None and set(names) <= set(known)
+            taken = {n: known[n] for n in names} if covered else self._keys(model, tokenizer, names, requests, keys)
+            self.preserver.protect(edit_id, taken)
+
+    def applied_keys(
+        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, delta: Delta,
+        requests: Sequence[TokenizedRequest], keys: KeysFn | None, params: Mapping[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor] | None:
+        """The keys `protect` would take once `delta` is applied, read now with its new values `params`
+        swapped in (the weights untouched); None where it would take none, or a method's own (`keys`)."""
+        names = self._protected_names(delta)
+        if not names or keys is not None:
+            return None
+        modules = {name: name.rpartition(".")[0] for name in names}
+        taken = edit_keys(model, tokenizer, sorted(set(modules.values())), requests, params)
+        return {name: taken[module] for name, module in modules.items()}
+
+    def _protected_names(self, delta: Delta) -> list[str]:
+        """The delta's matrices whose keys the preserver protects (none without one, or protection off)."""
+        if self.preserver is None or not self.preserver.config.protect_edits:
+            return []
+        return [n for n in delta.names() if n in self.preserver.bases]
 
     def release(self, edit_id: str) -> None:
         if self.preserver is not None:
@@ -146,6 +167,15 @@ class Safeguards:
         timings["guard_ms"] = ms_since(start)
         guard.check(ratio, what)
         return ratio
+
+    def read_applied(
+        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, state: WeightState, config: GuardConfig | None,
+        delta: Delta, requests: Sequence[TokenizedRequest], keys: KeysFn | None, params: Mapping[str, torch.Tensor],
+    ) -> tuple[dict[int, float] | None, dict[str, torch.Tensor] | None]:
+        """(the guard's reading, the keys `protect` would take) once `delta` is applied, read now with its new
+        values `params` swapped in (`read_drift`, `applied_keys`); None for what applying would not read."""
+        drift = self.read_drift(model, tokenizer, state, config, delta.names(), params) if config is not None else None
+        return drift, self.applied_keys(model, tokenizer, delta, requests, keys, params)
 
     def read_drift(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, state: WeightState, config: GuardConfig,
