@@ -73,6 +73,14 @@ def test_one_edit_of_several_exports_alone(tmp_path):
     result = export_ia3_adapter(model, active(editor), tmp_path / "one", ids=[first.id])
     assert result.edits == (first.id,)
     assert torch.allclose(probe_logits(loaded("llama", result.path), tok), after_first, atol=1e-4, rtol=1e-4)
+    # the Editor's own entry point writes the same adapter
+    through_editor = editor.export_adapter(tmp_path / "via-editor", [first.id], format="peft-ia3")
+    assert through_editor.edits == (first.id,)
+    written = {f.name: f.read_bytes() for f in result.path.iterdir() if f.suffix == ".safetensors"}
+    assert written == {f.name: f.read_bytes() for f in through_editor.path.iterdir() if f.suffix == ".safetensors"}
+    with pytest.raises(EditNotFoundError):
+        editor.export_adapter(tmp_path / "nope", ["no-such-edit"], format="peft-ia3")
+    assert not (tmp_path / "nope").exists()
 
 
 def test_other_edits_are_refused_before_anything_is_written(tmp_path):

@@ -32,6 +32,7 @@ from transformers import PreTrainedTokenizerBase
 from .._version import __version__
 from ..artifacts import adapters, gguf_export
 from ..artifacts.exported import EXPORT_FORMAT, read_exported
+from ..artifacts.peft_ia3 import IA3Export, export_ia3_adapter
 from ..core.cost import ms_since
 from ..core.delta import Delta
 from ..core.errors import ConfigError, EditNotFoundError, InvalidRequestError, ModelMismatchError
@@ -341,21 +342,28 @@ class Editor:
         model: nn.Module | None = None,
         format: str = "peft",
         base_gguf: str | os.PathLike | None = None,
-    ) -> adapters.AdapterExport | gguf_export.GGUFAdapterExport:
+    ) -> adapters.AdapterExport | gguf_export.GGUFAdapterExport | IA3Export:
         """Write active edits (`ids`, default all) as one PEFT LoRA adapter folder that `peft` and vLLM
         load, with a model card listing them. Dense edits (ft, ft_l) go through a truncated SVD of
         `rank` (errors in the result) or, with `exact=True`, are refused. Details: adapters.py.
         `format="gguf"`: one GGUF LoRA adapter file for llama.cpp / Ollama instead, checked against the
         base GGUF (`base_gguf`, default the default model's own; gguf_export.py).
+        `format="peft-ia3"`: `ia3` edits as one PEFT IA³ adapter (peft_ia3.py; anything else refused).
         Needs the edited model: the one this Editor is bound to, or `model`."""
-        if format not in ("peft", "gguf"):
-            raise ConfigError(f"adapter format must be 'peft' or 'gguf', got {format!r}")
+        if format not in ("peft", "gguf", "peft-ia3"):
+            raise ConfigError(f"adapter format must be 'peft', 'gguf' or 'peft-ia3', got {format!r}")
         with self._lock:
             if model is not None:
                 self.attach(model)
             bound = self._model_ref() if self._model_ref is not None else None
             if bound is None:
                 raise ConfigError("export_adapter needs the edited model: pass model= or edit/attach first")
+            if format == "peft-ia3":
+                if rank is not None or exact:
+                    raise ConfigError("rank and exact are for LoRA adapters; an IA³ adapter is exact")
+                self._active_records(ids)  # unknown or reverted ids refused first
+                active = [self._record_with_delta(r.id) for r in self._active_records(None)]
+                return export_ia3_adapter(bound, active, path, ids=ids)
             adapters.refuse_side_modules(self._active_records(ids), f"a {format} LoRA adapter")
             if format == "gguf":
                 return gguf_export.export_gguf_lora(bound, self._active_records(ids), path, base=base_gguf,
