@@ -4,9 +4,10 @@ single      per record: edit, measure, revert (a fresh Editor per edit, so rever
             kept in memory)
 batch       per chunk of `batch_size` records: one `edit_batch`, measure each record, revert
 sequential  edit every record in turn without reverting (or `sequential_batch` records per kept
-            `edit_batch`); after each edit measure it, and at each checkpoint re-measure every edit so far (retention, drift). Retention two ways:
-            seq/retention (teacher-forced: every target token still the argmax) and gen/retention
-            (generated: the target still the greedy continuation, said.py's rule). The edits go to a journal in
+            `edit_batch`); after each edit measure it, and at each checkpoint re-measure every edit so
+            far (retention, drift). Retention two ways: seq/retention (teacher-forced: every target
+            token still the argmax) and gen/retention (generated: the target still the greedy
+            continuation, said.py's rule). The edits go to a journal in
             the output folder, so an interrupted run replays them instead of recomputing.
 
 Drift: with every batch edit (batch mode) and at every checkpoint (sequential mode) the perplexity of
@@ -258,7 +259,7 @@ def sequential_done(ctx: RunContext, method: MethodRun, rows: list[dict[str, Any
 def run_sequential(ctx: RunContext, method: MethodRun, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Apply every record's edit in turn, then revert them all; returns that revert's time (ms) and
     whether it gave the base weights back bit for bit (`torch.equal` on every touched parameter)."""
-    mode, name = ctx.config.mode, method.name
+    name = method.name
     measured = _measured_checkpoints(ctx, name)
     targets = checkpoint_targets(ctx.config, len(ctx.records))
     editor, rows = _open_sequential(ctx, method, rows)
