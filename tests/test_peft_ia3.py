@@ -99,6 +99,16 @@ def test_other_edits_are_refused_before_anything_is_written(tmp_path):
     del ft
 
 
+def test_a_lora_export_of_a_bias_change_names_it_and_writes_nothing(tmp_path):
+    model, tok = tiny_model("qwen2")  # keys and values with biases: a kv edit scales them too
+    editor = factedit.Editor("ia3", tokenizer=tok, score=False, kv=True, **TINY)
+    record = editor.edit(model, *FACTS[0])
+    assert any(not name.endswith(".weight") for name in editor.delta(record.id).names())
+    with pytest.raises(factedit.ConfigError, match="not a weight matrix.*peft-ia3"):
+        editor.export_adapter(tmp_path / "lora", rank=4)
+    assert not (tmp_path / "lora").exists()
+
+
 def test_an_ia3_edit_trained_on_weights_another_edit_changed_is_refused(tmp_path):
     model, tok = tiny_model("llama")
     editor = factedit.Editor("ft", tokenizer=tok, score=False, layers=(-1,), matrices=("out",), lr=1e-2, max_steps=3)

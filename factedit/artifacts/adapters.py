@@ -203,6 +203,7 @@ def lora_factors(
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ConfigError(f"rank must be a positive integer, got {rank!r}")
     _check_dense(records, rank, exact)
+    _check_matrices(records)
     names = list(dict.fromkeys(name for r in records for name in r.delta.names()))
     layouts = {name: weight_layout(model, name) for name in names}  # refuses what is not a Linear/Conv1D weight
     pairs, errors = {}, {}
@@ -213,6 +214,18 @@ def lora_factors(
             errors[name] = error
         pairs[name] = ParamDelta(left=left, right=right).lora_pair(layouts[name])  # (k, in), (out, k)
     return LoraFactors(pairs, layouts, rank if errors else None, errors)
+
+
+def _check_matrices(records: Sequence[EditRecord]) -> None:
+    """A LoRA adapter holds changes of weight matrices only: an edit that also changes a bias (an `ia3`
+    edit with `kv` on a model whose keys/values have biases) is refused by name."""
+    for record in records:
+        others = [name for name in record.delta.names() if not name.endswith(".weight")]
+        if others:
+            raise ConfigError(
+                f"edit {record.id} ({record.method}) changes {others[0]!r}, which is not a weight matrix: a LoRA "
+                "adapter cannot hold it; export ia3 edits with format 'peft-ia3', or export the merged model"
+            )
 
 
 def _check_dense(records: list[EditRecord], rank: int | None, exact: bool) -> None:
