@@ -92,6 +92,8 @@ def test_covariance_term_leans_on_the_emptiest_null_space_directions():
     assert corpus_effect(1e3) < 0.5 * corpus_effect(0.0)
     with pytest.raises(ConfigError, match="corpus energy"):
         KeyPreserver({"w": (q, energy)}, {"w": "out_in"}, PreserveConfig(cov_weight=1.0))
+    with pytest.raises(ConfigError, match="corpus energy"):  # energies for other matrices only
+        KeyPreserver({"w": (q, energy)}, {"w": "out_in"}, PreserveConfig(cov_weight=1.0), {"v": along})
     with pytest.raises(ConfigError, match="cov_weight"):
         PreserveConfig(cov_weight=-1.0)
 

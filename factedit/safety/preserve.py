@@ -104,7 +104,7 @@ class KeyPreserver:
         self.layouts = dict(layouts)
         self.bases = {name: q for name, (q, _) in bases.items()}
         self.ridge = {name: config.ridge * energy for name, (_, energy) in bases.items()}
-        if config.cov_weight > 0 and (energies is None or set(energies) < set(self.bases)):
+        if config.cov_weight > 0 and (energies is None or not set(self.bases) <= set(energies)):
             raise ConfigError("preserve cov_weight > 0 needs the corpus energy along every null-space direction")
         # (m,) the covariance term's share of the diagonal ridge (zero without cov_weight)
         self._cov_diag = {name: (config.cov_weight * energies[name].double() if config.cov_weight > 0
@@ -275,6 +275,7 @@ def build_preserver(
         return tensors["basis"], float(tensors["energy"])
 
     bases = {name: basis(module) for name, module in modules.items()}
-    # (m,) corpus energy along each null-space direction: diag(Qᵀ C Q), the eigenvalues kept
-    energies = {name: ((q.T @ moments[modules[name]].double()) * q.T).sum(dim=1) for name, (q, _) in bases.items()}
+    energies = None
+    if config.cov_weight > 0:  # (m,) corpus energy along each null-space direction: diag(Qᵀ C Q), the eigenvalues kept
+        energies = {name: ((q.T @ moments[modules[name]].double()) * q.T).sum(dim=1) for name, (q, _) in bases.items()}
     return KeyPreserver(bases, {name: weight_layout(model, name) for name in names}, config, energies)
