@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 import factedit
+from factedit.core.cost import forward_backward_ms as core_forward_backward_ms
 from factedit.core.request import encode_prompt, encode_target
 from factedit.editing.journal import Journal
 from factedit.evaluation import EvalRecord
@@ -69,15 +70,7 @@ def counterfact_outcome(model, tok, record: dict, said_before=None) -> dict[str,
 
 def forward_backward_ms(model, tok, record: dict, repeats: int = 5) -> float:
     ids = encode_prompt(tok, record["prompt"]) + encode_target(tok, record["prompt"], record["target_new"])
-    batch = torch.tensor([ids])
-    times = []
-    for _ in range(repeats + 1):
-        model.zero_grad(set_to_none=True)
-        t = time.perf_counter()
-        model(input_ids=batch, labels=batch).loss.backward()
-        times.append((time.perf_counter() - t) * 1000)
-    model.zero_grad(set_to_none=True)
-    return statistics.median(times[1:])
+    return core_forward_backward_ms(model, torch.tensor([ids]), repeats=repeats)
 
 
 def share(outcomes: list[dict], key: str) -> float | None:

@@ -257,6 +257,32 @@ def test_bad_config_is_a_clear_error(tiny_dir, tmp_path, capsys):
     assert not (tmp_path / "x").exists()  # refused before anything was written
 
 
+def test_every_mode_in_one_overview(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "all"
+    args = ("method=[none,ft_l]", "mode=all", "batch_size=2", "checkpoints=[2]", "generation=false", *FAST)
+    assert _eval(tiny_dir, out, *args) == 0
+    for mode in ("single", "sequential", "batch"):  # each mode an ordinary run of its own
+        summary = json.loads((out / mode / "summary.json").read_text())
+        assert summary["mode"] == mode and summary["methods"] == ["none", "ft_l"]
+        assert summary["cost"]["fwd_bwd_ms"] > 0
+        ft = summary["metrics"]["ft_l"]
+        assert ft["time/edit_per_fwd_bwd"] == pytest.approx(ft["time/edit_ms"] / summary["cost"]["fwd_bwd_ms"])
+        assert "time/edit_per_fwd_bwd" not in summary["metrics"]["none"]
+    rows = json.loads((out / "overview.json").read_text())
+    assert [(r["method"], r["mode"]) for r in rows] == [
+        ("unedited", "–"), ("ft_l", "single"), ("ft_l", "sequential"), ("ft_l", "batch")
+    ]
+    assert rows[2]["revert/exact"] == 1.0 and "seq/retention" in rows[2] and "seq/retention" not in rows[1]
+    table = (out / "overview.md").read_text()
+    assert "| ft_l | sequential | 3 |" in table and "edit ÷ fwd+bwd" in table
+    assert "| ft_l | batch | 3 |" in capsys.readouterr().out
+    # a list of modes runs those only; a run started again resumes each mode's folder
+    assert _eval(tiny_dir, out, *[a if a != "mode=all" else "mode=[batch,single]" for a in args]) == 0
+    assert [r["mode"] for r in json.loads((out / "overview.json").read_text())] == ["–", "batch", "single"]
+    assert _eval(tiny_dir, tmp_path / "bad", "mode=[single,sideways]") == 2
+    assert "mode must be one of" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
 def test_override_conveniences():
     assert normalize_overrides(
         ["data=counterfact", "data=/x/y.json", "model=/m", "method_overrides.ft.lr=1"]
@@ -269,6 +295,8 @@ def test_override_conveniences():
         "++method_overrides.ft.lr=1",
     ]
     assert normalize_overrides(["method=[ft_l,lora,custom]"]) == ["method=[ft_l,lora]", "++methods.custom={}"]
+    everything = normalize_overrides(["method=all"])[0]  # the unedited model and every registered method
+    assert everything.startswith("method=[none,") and all(m in everything for m in ("alphaedit", "grace", "mend"))
     # Hydra's own grammar reads the values: spaces in a list, quoting, and a malformed override refused.
     quoted = ["method=[ft_l, 'lora']", "~seed", "+extra=1"]
     assert normalize_overrides(quoted) == ["method=[ft_l,lora]", "~seed", "+extra=1"]

@@ -237,3 +237,22 @@ def test_peak_memory_without_a_reset_never_reports_an_earlier_peak(monkeypatch):
     with PeakMemory() as small:
         pass
     assert not small.covers_block and small.peak_mb is None
+
+
+def test_forward_backward_timing_leaves_the_model_as_found(tiny):
+    from factedit.core.cost import forward_backward_ms
+
+    model, _ = tiny
+    params = list(model.parameters())
+    params[0].requires_grad_(False)  # a frozen part stays frozen, a held gradient stays held
+    held = torch.ones_like(params[1])
+    params[1].grad = held
+    before = [p.detach().clone() for p in params]
+    flags = [p.requires_grad for p in params]
+    ms = forward_backward_ms(model, torch.tensor([[1, 2, 3, 4]]), repeats=2)
+    assert ms > 0
+    assert [p.requires_grad for p in params] == flags and params[1].grad is held
+    assert all(p.grad is None for i, p in enumerate(params) if i != 1)
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+    params[0].requires_grad_(True)
+    params[1].grad = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import resource
+import statistics
 import sys
 import time
 from collections.abc import Iterator
@@ -82,3 +83,33 @@ def stopwatch() -> Iterator[dict[str, float]]:
         yield box
     finally:
         box["ms"] = (time.perf_counter() - start) * 1000
+
+
+# --- the unit edit costs are stated in -------------------------------------------------------------
+
+
+def forward_backward_ms(model: torch.nn.Module, input_ids: torch.Tensor, repeats: int = 3) -> float:
+    """Median wall time in ms of one forward and backward pass of `model` on `input_ids` (B, T) with
+    the language-model loss: a gradient editor's floor, the unit edit costs are quoted in
+    ("edit ÷ fwd+bwd"). One untimed warm-up pass first. The weights are untouched, and the gradients
+    and `requires_grad` flags are left as they were found."""
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    grads = [p.grad for p in params]
+    times = []
+    try:
+        for p in params:
+            p.requires_grad_(True)
+            p.grad = None
+        with torch.enable_grad():
+            for _ in range(repeats + 1):
+                start = time.perf_counter()
+                model(input_ids=input_ids, labels=input_ids).loss.backward()
+                times.append((time.perf_counter() - start) * 1000)
+                for p in params:
+                    p.grad = None
+    finally:
+        for p, flag, grad in zip(params, flags, grads, strict=True):
+            p.requires_grad_(flag)
+            p.grad = grad
+    return statistics.median(times[1:])

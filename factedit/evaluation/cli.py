@@ -3,6 +3,7 @@
     factedit eval method=ft_l data=counterfact n=200 mode=single out=DIR
     factedit eval method=[ft,ft_l,lora] data=counterfact n=200
     factedit eval method=none data=path/to/records.jsonl model=path/to/local/model
+    factedit eval method=all mode=all n=200 batch_size=64     every method, every mode, one overview
     factedit eval --cfg ...      print the composed config and stop
     factedit eval --help
 
@@ -10,6 +11,9 @@ Conveniences on top of plain Hydra overrides:
     data=<file>      a path (not a config of conf/data/) selects `data=file data.path=<file>`
     model=<folder>   a path (not a config of conf/model/) selects `model=local model.path=<folder>`
     method=<name>    a registered method without a conf/method/<name>.yaml runs with its defaults
+    method=all       the unedited model and every registered method
+    mode=all         single, sequential and batch (or a list: mode=[single,batch]), each in out/<mode>/,
+                     with one overview table in out/overview.md
     method_overrides.<method>.<key>=<value>   works without Hydra's `++` prefix
 """
 
@@ -22,8 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import FacteditError
+from ..core.methods import available_methods
 from ..paths import CONFIG_DIR, CONFIG_MODULE
-from .config import from_container
+from .config import NONE_METHOD, configs_by_mode, several_modes
+
+ALL_METHODS = "all"  # method=all: the unedited model and every registered method
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +59,8 @@ def normalize_overrides(argv: Sequence[str]) -> list[str]:
         elif key == "method":
             value = override.value()
             names = [str(n) for n in value] if isinstance(value, list) else [str(value)]
+            if names == [ALL_METHODS]:
+                names = [NONE_METHOD, *available_methods()]
             known = _options("method")
             out.append("method=[" + ",".join(n for n in names if n in known) + "]")
             out += [f"++methods.{n}={{}}" for n in names if n not in known]
@@ -92,10 +101,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         if show_config:
             print(OmegaConf.to_yaml(cfg))
             return 0
-        config = from_container(OmegaConf.to_container(cfg, resolve=True))
+        container = OmegaConf.to_container(cfg, resolve=True)
+        configs = configs_by_mode(container)
+        if several_modes(container):
+            from .report import drift_warnings
+            from .suite import run_suite
+
+            suite = run_suite(configs)
+            for mode, result in suite.results.items():
+                for warning in drift_warnings(result.summary):
+                    print(f"{mode}: " + warning.replace("**", ""), file=sys.stderr)
+            print(suite.overview)
+            print(f"\noutputs in {suite.out.resolve()}: overview.md, overview.json, and a run per mode")
+            return 0
         from .runner import run_eval
 
-        result = run_eval(config)
+        result = run_eval(configs[0])
     except (HydraException, OmegaConfBaseException) as exc:
         print(f"error: {exc}".rstrip(), file=sys.stderr)
         return 2

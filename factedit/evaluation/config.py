@@ -15,6 +15,7 @@ from ..paths import resolve_path
 from .loaders import FORMATS
 
 MODES = ("single", "batch", "sequential")
+ALL_MODES = "all"  # mode=all: every mode, each in out/<mode>/ (see suite.py)
 NONE_METHOD = "none"  # the unedited baseline
 
 
@@ -167,3 +168,29 @@ def from_container(cfg: Mapping[str, Any]) -> EvalConfig:
     out = Path(cfg["out"]) if cfg.get("out") else default_out(methods, data)
     values = {f.name: getattr(settings, f.name) for f in dataclasses.fields(RunSettings)}
     return EvalConfig(methods=methods, data=data, model=model, out=out, **values)
+
+
+def several_modes(cfg: Mapping[str, Any]) -> bool:
+    """Whether `mode` asks for a run per mode (a list, or `all`) rather than one run."""
+    mode = cfg.get("mode")
+    return mode == ALL_MODES or isinstance(mode, list | tuple)
+
+
+def configs_by_mode(cfg: Mapping[str, Any]) -> list[EvalConfig]:
+    """One EvalConfig per mode asked for. `mode` names one mode, a list of them, or `all` (single,
+    sequential, batch); with several, each mode is an ordinary run of its own in out/<mode>/ (resumable
+    on its own) and `suite.run_suite` adds the overview one level up."""
+    if not several_modes(cfg):
+        return [from_container(cfg)]
+    mode = cfg["mode"]
+    modes = ["single", "sequential", "batch"] if mode == ALL_MODES else list(dict.fromkeys(str(m) for m in mode))
+    unknown = [m for m in modes if m not in MODES]
+    if not modes or unknown:
+        raise ConfigError(
+            f"invalid eval config: mode must be one of {', '.join(MODES)}, a list of them or {ALL_MODES}, got {mode!r}"
+        )
+    first = from_container({**cfg, "mode": modes[0]})  # one folder name for every mode, picked once
+    base = first.out
+    return [dataclasses.replace(first, out=base / modes[0])] + [
+        from_container({**cfg, "mode": m, "out": str(base / m)}) for m in modes[1:]
+    ]

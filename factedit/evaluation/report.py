@@ -49,6 +49,9 @@ PROTOCOL = {
     "seq/retention: share of the edits so far whose whole target is still the greedy continuation of "
     "its prompt, teacher-forced (every target token the argmax); gen/retention: the same by generation "
     "(the greedy rule)",
+    "cost": "time/<part>_ms: mean wall time per case of each part (edit: the whole Editor call); "
+    "time/edit_per_fwd_bwd: time/edit_ms over one forward+backward pass of the unedited model on an edit "
+    "prompt and its new target (cost.fwd_bwd_ms, timed in the same session; a gradient editor's floor)",
     "drift": "drift/ppl: perplexity of the shipped reference text (sampled from the unedited default model); "
     "drift/ppl_ratio: over the unedited model's (1 = unchanged). Batch mode: mean over batches, with "
     "drift/ppl_ratio_max; sequential: at each checkpoint",
@@ -78,6 +81,7 @@ ROW_ORDER = [  # teacher-forced and generated figures of the same question side 
     "drift/ppl",
     "revert/exact",
     "time/edit_ms",
+    "time/edit_per_fwd_bwd",
     "time/compute_ms",
     "time/apply_ms",
     "time/guard_ms",
@@ -124,6 +128,7 @@ class RunInfo:
     model_id: str
     model_fingerprint: str
     version: str
+    fwd_bwd_ms: float | None = None  # one forward+backward pass of the unedited model (the cost unit)
 
 
 def _scores(items: Sequence[Mapping[str, Any]]) -> list[CaseScores]:
@@ -221,6 +226,8 @@ def build_summary(
             )
             values.update(_batch_drift(ok))
         values["data/errors"] = float(len(mine) - len(ok))
+        if info.fwd_bwd_ms and "time/edit_ms" in values and method.name != NONE_METHOD:
+            values["time/edit_per_fwd_bwd"] = values["time/edit_ms"] / info.fwd_bwd_ms
         metrics[method.name] = values
     summary = {
         "factedit_version": info.version,
@@ -245,19 +252,21 @@ def build_summary(
         "baseline": compute_metrics(unedited, unedited),
         "metrics": metrics,
     }
+    if info.fwd_bwd_ms:
+        summary["cost"] = {"fwd_bwd_ms": info.fwd_bwd_ms}
     if sequential:
         summary["sequential"] = sequential
     return summary
 
 
-def _fmt(key: str, value: float | None) -> str:
+def format_value(key: str, value: float | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     if key.startswith("data/"):
         return str(int(value))
     if key.startswith("mem/"):
         return f"{value:.0f}"
-    if key.endswith("_ms"):
+    if key.endswith("_ms") or key == "time/edit_per_fwd_bwd":
         return f"{value:.1f}"
     if key.startswith("drift/"):
         return f"{value:.4g}"
@@ -277,7 +286,7 @@ def metrics_table(summary: Mapping[str, Any]) -> str:
     columns.update(summary["metrics"])
     keys = _ordered_keys(list(columns.values()))
     lines = ["| metric | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
-    lines += [f"| {k} | " + " | ".join(_fmt(k, c.get(k)) for c in columns.values()) + " |" for k in keys]
+    lines += [f"| {k} | " + " | ".join(format_value(k, c.get(k)) for c in columns.values()) + " |" for k in keys]
     return "\n".join(lines)
 
 
@@ -292,7 +301,7 @@ def side_by_side_table(summary: Mapping[str, Any]) -> str | None:
         "|---|" + "---:|" * len(SIDE_BY_SIDE),
     ]
     for method, values in columns.items():
-        lines.append(f"| {method} | " + " | ".join(_fmt(k, values.get(k)) for _, k in SIDE_BY_SIDE) + " |")
+        lines.append(f"| {method} | " + " | ".join(format_value(k, values.get(k)) for _, k in SIDE_BY_SIDE) + " |")
     return "\n".join(lines)
 
 
@@ -303,7 +312,7 @@ def checkpoint_table(summary: Mapping[str, Any]) -> str:
     ]
     for method, view in summary.get("sequential", {}).items():
         for cp in view["checkpoints"]:
-            cells = " | ".join(_fmt(k, cp["metrics"].get(k)) for k in CHECKPOINT_KEYS)
+            cells = " | ".join(format_value(k, cp["metrics"].get(k)) for k in CHECKPOINT_KEYS)
             lines.append(f"| {method} | {cp['edits']} | {cells} |")
     return "\n".join(lines)
 

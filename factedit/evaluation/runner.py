@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .._version import __version__
-from ..core.cost import PeakMemory, stopwatch
+from ..core.cost import PeakMemory, forward_backward_ms, stopwatch
 from ..core.errors import ConfigError
 from ..core.methods import config_to_dict, get_method, make_config
+from ..core.request import encode_prompt, encode_target
 from ..model.loading import load_model, model_id
 from ..model.weights import model_fingerprint
 from .config import NONE_METHOD, EvalConfig, MethodRun
@@ -37,6 +39,7 @@ from .store import JsonLines
 logger = logging.getLogger(__name__)
 
 PRE_CHUNK = 8  # records per step of the pre-edit scoring (for the progress bar)
+COST_RECORDS = 3  # records whose forward+backward pass is timed as the unit of edit cost
 
 
 @dataclass(frozen=True)
@@ -146,6 +149,20 @@ def _score_unedited(ctx: RunContext, rows: list[dict[str, Any]]) -> None:
     ctx.pre_ms = t["ms"] / len(missing)
 
 
+def _forward_backward_ms(ctx: RunContext) -> float:
+    """One forward+backward pass of the unedited model on an edit's prompt and new target (median over
+    the first records): the unit `time/edit_per_fwd_bwd` divides by, measured in this session, under
+    the same thread setting and load as the edits it is compared with."""
+    device = next(ctx.model.parameters()).device
+    times = []
+    for record in ctx.records[:COST_RECORDS]:
+        ids = encode_prompt(ctx.tokenizer, record.prompt) + encode_target(
+            ctx.tokenizer, record.prompt, record.target_new
+        )
+        times.append(forward_backward_ms(ctx.model, torch.tensor([ids], device=device)))
+    return statistics.median(times)
+
+
 def _run_method(ctx: RunContext, method: MethodRun, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Run one method over the pending records; returns what this session measured of it."""
     config = ctx.config
@@ -198,6 +215,8 @@ def run_eval(config: EvalConfig) -> EvalResult:
     if config.mode in ("batch", "sequential"):
         ctx.drift("unedited model")  # the base perplexity every drift ratio divides by
     fingerprint = model_fingerprint(model)
+    edits = any(m.name != NONE_METHOD for m in config.methods)
+    fwd_bwd_ms = _forward_backward_ms(ctx) if edits and records else None
     for method in config.methods:
         method_rows = [row for row in rows if row["method"] == method.name]
         measured = _run_method(ctx, method, method_rows)
@@ -217,6 +236,7 @@ def run_eval(config: EvalConfig) -> EvalResult:
         model_id=model_id(model),
         model_fingerprint=fingerprint,
         version=__version__,
+        fwd_bwd_ms=fwd_bwd_ms,
     )
     summary = build_summary(info, cases.rows(), checkpoints.rows(), state["methods"], ctx.pre)
     report = write_outputs(config.out, summary)
