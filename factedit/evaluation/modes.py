@@ -34,6 +34,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..core.cost import stopwatch
 from ..core.errors import DriftError, InvalidDeltaError, InvalidRequestError
+from ..core.record import EditRecord
 from ..editing.editor import Editor
 from ..safety.drift import reference_perplexity
 from ..safety.reference import reference_texts
@@ -75,7 +76,11 @@ class RunContext:
         if not ratio <= DRIFT_WARNING:
             logger.warning(
                 "%s: the perplexity of the reference text is %.3g× the unedited model's (%.2f -> %.2f): "
-                "the edits are breaking the model", where, ratio, self.base_perplexity, now,
+                "the edits are breaking the model",
+                where,
+                ratio,
+                self.base_perplexity,
+                now,
             )
         return {"drift/ppl": now, "drift/ppl_ratio": ratio}
 
@@ -93,9 +98,7 @@ class RunContext:
         )
 
     def editor(self, method: MethodRun, journal: Path | None = None) -> Editor:
-        return Editor(
-            method.name, tokenizer=self.tokenizer, journal=journal, score=False, **dict(method.overrides)
-        )
+        return Editor(method.name, tokenizer=self.tokenizer, journal=journal, score=False, **dict(method.overrides))
 
     def progress(self, method: MethodRun, done: int) -> tqdm:
         return tqdm(
@@ -134,18 +137,14 @@ def case_row(
 
 def _edit_timings(record_timings: dict[str, float], share: int = 1) -> dict[str, float]:
     return {
-        k: record_timings[k] / share
-        for k in ("edit_ms", "compute_ms", "apply_ms", "guard_ms")
-        if k in record_timings
+        k: record_timings[k] / share for k in ("edit_ms", "compute_ms", "apply_ms", "guard_ms") if k in record_timings
     }
 
 
 def run_none(ctx: RunContext, method: MethodRun, pending: list[EvalRecord], bar: tqdm) -> None:
     for record in pending:
         pre = ctx.pre[record.index]
-        ctx.cases.append(
-            [case_row(method.name, ctx.config.mode, record, pre, pre, {"metrics_ms": ctx.pre_ms})]
-        )
+        ctx.cases.append([case_row(method.name, ctx.config.mode, record, pre, pre, {"metrics_ms": ctx.pre_ms})])
         bar.update(1)
 
 
@@ -161,36 +160,61 @@ def run_batch(ctx: RunContext, method: MethodRun, chunks: list[list[EvalRecord]]
         bar.update(len(chunk))
 
 
-def _edit_measure_revert(
-    ctx: RunContext, method: MethodRun, records: list[EvalRecord]
-) -> list[dict[str, Any]]:
+def _edit_measure_revert(ctx: RunContext, method: MethodRun, records: list[EvalRecord]) -> list[dict[str, Any]]:
     """One Editor call for `records`, then their post scores, then the exact revert."""
-    mode, k = ctx.config.mode, len(records)
     with ctx.editor(method) as editor:  # closed after the revert: the model is free for the next one
-        try:
-            edit = editor.edit_batch(ctx.model, [r.to_request() for r in records])
-        except REFUSED as exc:  # a request the method refuses: recorded, the run goes on
-            logger.warning("%s refused records %s: %s", method.name, [r.index for r in records], exc)
-            return [case_row(method.name, mode, r, ctx.pre[r.index], None, {}, error=str(exc)) for r in records]
-        with stopwatch() as post_t:
-            posts = ctx.score(records)
-        drift = ctx.drift(f"{method.name}, batch of records {records[0].index}..") if mode == "batch" else None
+        scored = _edit_and_score(ctx, method.name, editor, records)
+        if isinstance(scored, list):
+            return scored
+        batch = ctx.config.mode == "batch"
+        drift = ctx.drift(f"{method.name}, batch of records {records[0].index}..") if batch else None
         with stopwatch() as revert_t:
-            editor.revert(ctx.model, edit.id)
-    rows = []
-    for record, post in zip(records, posts, strict=True):
-        timings = {
-            **_edit_timings(dict(edit.timings), k),
-            "metrics_ms": post_t["ms"] / k + ctx.pre_ms,
-            "revert_ms": revert_t["ms"] / k,
-        }
-        extra = (
-            {"batch_edit_ms": edit.timings.get("edit_ms"), "batch": [r.index for r in records], "drift": drift}
-            if mode == "batch"
-            else {}
-        )
-        rows.append(case_row(method.name, mode, record, ctx.pre[record.index], post, timings, **extra))
-    return rows
+            editor.revert(ctx.model, scored.edit.id)
+    return _case_rows(
+        ctx, method.name, records, scored, {"revert_ms": revert_t["ms"]}, **({"drift": drift} if batch else {})
+    )
+
+
+@dataclass(frozen=True)
+class _Scored:
+    """An applied edit and its records' scores measured right after it."""
+
+    edit: EditRecord
+    posts: list[CaseScores]
+    post_ms: float  # the scoring's wall time, for all the records
+
+
+def _edit_and_score(
+    ctx: RunContext, name: str, editor: Editor, records: list[EvalRecord]
+) -> _Scored | list[dict[str, Any]]:
+    """One `edit_batch` of `records` and their scores right after it; for an edit the method refuses,
+    the error rows instead (recorded, nothing applied, the run goes on)."""
+    try:
+        edit = editor.edit_batch(ctx.model, [record.to_request() for record in records])
+    except REFUSED as exc:
+        logger.warning("%s refused records %s: %s", name, [r.index for r in records], exc)
+        return [case_row(name, ctx.config.mode, r, ctx.pre[r.index], None, {}, error=str(exc)) for r in records]
+    with stopwatch() as post_t:
+        posts = ctx.score(records)
+    return _Scored(edit, posts, post_t["ms"])
+
+
+def _case_rows(
+    ctx: RunContext, name: str, records: list[EvalRecord], scored: _Scored, shared_ms: dict[str, float], **extra: Any
+) -> list[dict[str, Any]]:
+    """The case rows of one edit: its timings and `shared_ms` (e.g. the revert) split evenly over the
+    records; a batch's rows name the batch and its whole edit time."""
+    k, timings = len(records), dict(scored.edit.timings)
+    split = {**_edit_timings(timings, k), "metrics_ms": scored.post_ms / k + ctx.pre_ms}
+    split.update({key: ms / k for key, ms in shared_ms.items()})
+    if "journal_ms" in timings:
+        split["journal_ms"] = timings["journal_ms"] / k
+    if ctx.config.mode == "batch" or k > 1:
+        extra = {"batch_edit_ms": timings.get("edit_ms"), "batch": [r.index for r in records], **extra}
+    return [
+        case_row(name, ctx.config.mode, record, ctx.pre[record.index], post, dict(split), **extra)
+        for record, post in zip(records, scored.posts, strict=True)
+    ]
 
 
 # --- sequential ---------------------------------------------------------------------------------------
@@ -238,9 +262,7 @@ def _open_sequential(
         editor.revert_all(ctx.model)
         editor.close()
     elif rows:
-        logger.warning(
-            "%s: sequential run without a journal cannot resume; restarting this method", method.name
-        )
+        logger.warning("%s: sequential run without a journal cannot resume; restarting this method", method.name)
     if path is not None:
         _remove_journal(path)
     return ctx.editor(method, path), []
@@ -286,27 +308,19 @@ def run_sequential(ctx: RunContext, method: MethodRun, rows: list[dict[str, Any]
 
 
 def _edit_and_measure(
-    ctx: RunContext, name: str, editor: Editor, chunk: list[EvalRecord], immediate: dict[int, CaseScores],
+    ctx: RunContext,
+    name: str,
+    editor: Editor,
+    chunk: list[EvalRecord],
+    immediate: dict[int, CaseScores],
 ) -> list[dict[str, Any]]:
     """One kept `edit_batch` of `chunk`, each record measured right after it (into `immediate`); the
     case rows. A refused edit is recorded, not applied, and the run goes on."""
-    mode, k = ctx.config.mode, len(chunk)
-    try:
-        edit = editor.edit_batch(ctx.model, [record.to_request() for record in chunk])
-    except REFUSED as exc:
-        logger.warning("%s refused records %s: %s", name, [r.index for r in chunk], exc)
-        return [case_row(name, mode, r, ctx.pre[r.index], None, {}, error=str(exc)) for r in chunk]
-    with stopwatch() as post_t:
-        posts = ctx.score(chunk)
-    rows = []
-    for record, post in zip(chunk, posts, strict=True):
-        immediate[record.index] = post
-        timings = {**_edit_timings(dict(edit.timings), k), "metrics_ms": post_t["ms"] / k + ctx.pre_ms}
-        if "journal_ms" in edit.timings:
-            timings["journal_ms"] = edit.timings["journal_ms"] / k
-        extra = {"batch_edit_ms": edit.timings.get("edit_ms"), "batch": [r.index for r in chunk]} if k > 1 else {}
-        rows.append(case_row(name, mode, record, ctx.pre[record.index], post, timings, edit_id=edit.id, **extra))
-    return rows
+    scored = _edit_and_score(ctx, name, editor, chunk)
+    if isinstance(scored, list):
+        return scored
+    immediate.update({record.index: post for record, post in zip(chunk, scored.posts, strict=True)})
+    return _case_rows(ctx, name, chunk, scored, {}, edit_id=scored.edit.id)
 
 
 def _checkpoint(ctx: RunContext, method: str, edits: int, immediate: dict[int, CaseScores]) -> None:
