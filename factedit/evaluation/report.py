@@ -194,6 +194,33 @@ def drift_warnings(summary: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _method_metrics(
+    info: RunInfo,
+    name: str,
+    mine: list[dict[str, Any]],
+    checkpoints: list[dict[str, Any]],
+    state: Mapping[str, Any],
+    pre: Mapping[int, CaseScores],
+) -> tuple[dict[str, float], dict[str, Any] | None]:
+    """One method's metrics over its case rows (in record order), and its sequential view if any."""
+    ok = [r for r in mine if r.get("post")]
+    view = None
+    if info.config.mode == "sequential" and name != NONE_METHOD:
+        values, view = _sequential_metrics(ok, checkpoints, state, pre)
+    else:
+        values = compute_metrics(
+            _scores([r["pre"] for r in ok]),
+            _scores([r["post"] for r in ok]),
+            [r["timings"] for r in ok],
+            state.get("peak_mb"),
+        )
+        values.update(_batch_drift(ok))
+    values["data/errors"] = float(len(mine) - len(ok))
+    if info.fwd_bwd_ms and "time/edit_ms" in values and name != NONE_METHOD:
+        values["time/edit_per_fwd_bwd"] = values["time/edit_ms"] / info.fwd_bwd_ms
+    return values, view
+
+
 def build_summary(
     info: RunInfo,
     rows: list[dict[str, Any]],
@@ -212,23 +239,10 @@ def build_summary(
             (r for r in rows if r["method"] == method.name and r["index"] in position),
             key=lambda r: position[r["index"]],
         )
-        ok = [r for r in mine if r.get("post")]
-        state = states.get(method.name, {})
-        if config.mode == "sequential" and method.name != NONE_METHOD:
-            cps = sorted((c for c in checkpoints if c["method"] == method.name), key=lambda c: c["edits"])
-            values, sequential[method.name] = _sequential_metrics(ok, cps, state, pre)
-        else:
-            values = compute_metrics(
-                _scores([r["pre"] for r in ok]),
-                _scores([r["post"] for r in ok]),
-                [r["timings"] for r in ok],
-                state.get("peak_mb"),
-            )
-            values.update(_batch_drift(ok))
-        values["data/errors"] = float(len(mine) - len(ok))
-        if info.fwd_bwd_ms and "time/edit_ms" in values and method.name != NONE_METHOD:
-            values["time/edit_per_fwd_bwd"] = values["time/edit_ms"] / info.fwd_bwd_ms
-        metrics[method.name] = values
+        cps = sorted((c for c in checkpoints if c["method"] == method.name), key=lambda c: c["edits"])
+        metrics[method.name], view = _method_metrics(info, method.name, mine, cps, states.get(method.name, {}), pre)
+        if view is not None:
+            sequential[method.name] = view
     summary = {
         "factedit_version": info.version,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
