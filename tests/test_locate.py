@@ -14,8 +14,9 @@ from factedit.core.errors import ConfigError, InvalidRequestError
 from factedit.core.request import EditRequest, find_subject, tokenize_request
 from factedit.locate import values as values_module
 from factedit.locate.config import LocateConfig, MEMITConfig
-from factedit.locate.method import Locate
+from factedit.locate.method import Locate, measured_at
 from factedit.locate.positions import key_rows, value_rows
+from factedit.locate.reads import read_at_subject
 from factedit.locate.tails import split_at_subject, tail_logits
 from factedit.locate.values import fit_values, selection
 from factedit.model.contexts import ContextPrefixes, PrefixConfig, generate_prefixes, token_at
@@ -251,3 +252,43 @@ def test_the_keys_an_edit_protects_are_those_read_while_spreading():
         assert torch.allclose(reused[name], fresh[name], rtol=1e-5, atol=1e-6), name
     editor.revert(model, record.id)  # the weights no longer hold what it computed: read again
     assert method._reused_keys(model, names, requests) is None
+
+
+def _share_left(method: Locate, model, tok, request, delta) -> float:
+    """‖v* − h‖ at the measured block on the prompt alone with `delta` applied, over the same before it."""
+    rows = key_rows(tok, ("",), [request])
+    names = method.param_names(model)
+    params = dict(model.named_parameters())
+    updated = {n: params[n].detach() + delta.params[n].materialize(params[n].dtype) for n in names}
+    _, after, _ = read_at_subject(model, rows, [], measured_at(model, names), params=updated)
+    _, before, _ = read_at_subject(model, rows, [], measured_at(model, names))
+    target = method.last_values.target[0]
+    return float((target - after[0]).norm() / (target - before[0]).norm())
+
+
+def test_refinement_passes_solve_again_for_what_a_regularised_solve_left():
+    model, tok = tiny_model("llama")
+    request = tokenized(tok, subject="France")
+    left, ranks = {}, {}
+    for passes, tol in ((0, 0.0), (3, 0.0), (3, 1.0)):
+        method = Locate(MEMITConfig(**TINY, prefixes=None, cov_weight=100.0, refine_passes=passes, refine_tol=tol))
+        delta = method.compute(model, tok, [request])
+        left[passes, tol] = _share_left(method, model, tok, request, delta)
+        ranks[passes, tol] = {p.left.shape[1] for p in delta.params.values()}
+    assert left[0, 0.0] > 0.3  # the covariance term holds the single pass back
+    assert left[3, 0.0] < 0.1 * left[0, 0.0]
+    assert ranks == {(0, 0.0): {1}, (3, 0.0): {4}, (3, 1.0): {1}}  # a pass adds rank N; tol 1 stops after one
+    # through an Editor: the keys it protects are still those of the final weights; revert is exact
+    base = snapshot(model)
+    editor = factedit.Editor("alphaedit", tokenizer=tok, **TINY, preserve={**NULL, "cov_weight": 1e3},
+                             refine_passes=2, refine_tol=0.0)
+    record = editor.edit(model, PROMPT, "Rome")
+    names = editor._impl.param_names(model)
+    reused = editor._impl._reused_keys(model, names, editor._impl._spread_keys.requests)
+    fresh = editor._impl.edit_keys(model, tok, names, [tokenized(tok, subject="France")])
+    assert all(torch.allclose(reused[n], fresh[n], rtol=1e-5, atol=1e-6) for n in names)
+    editor.revert(model, record.id)
+    assert_weights_equal(model, base)
+    for bad in (dict(refine_passes=-1), dict(refine_tol=1.5)):
+        with pytest.raises(ConfigError):
+            factedit.Editor("alphaedit", tokenizer=tok, **bad)

@@ -45,6 +45,12 @@ class LocateConfig:
     # Null space of the reference corpus's keys and the ridge of AlphaEdit's solve; earlier edits' keys
     # (subject's last token) held when protect_edits. None = MEMIT's covariance solve (cov_weight).
     preserve: PreserveConfig | None = preserve_field(PreserveConfig(threshold=0.5, ridge=1.0))
+    # More passes of the spread while the update falls short of v* at the measured block: after a pass,
+    # when some request still has more than `refine_tol` of its initial ‖v* − h‖ left (a regularised
+    # solve, e.g. preserve.cov_weight, gives each key less than it asks for), the blocks are solved
+    # again, lowest first, for what is left. 0 = one pass (MEMIT, AlphaEdit).
+    refine_passes: int = 0
+    refine_tol: float = 0.1
 
     # What the app and the service may set per edit (settable.py); kl_prompt (free text) is not.
     SETTABLE: ClassVar[Settable] = {
@@ -52,6 +58,7 @@ class LocateConfig:
         "v_steps": Integer(0, 100), "v_lr": Number(1e-4, 10.0), "v_weight_decay": Number(0.0, 1.0, optional=True),
         "clamp_norm": Number(0.0, 100.0, optional=True), "kl_factor": Number(0.0, 10.0, optional=True),
         "v_stop_nll": Number(0.0, 10.0), "cov_weight": Number(0.0, 1e6), "preserve": Nested(PreserveConfig.SETTABLE),
+        "refine_passes": Integer(0, 8), "refine_tol": Number(0.0, 1.0),
     }
 
     def __post_init__(self) -> None:
@@ -69,6 +76,8 @@ class LocateConfig:
             raise ValueError(f"kl_prompt must hold one '{{}}' for the subject, got {self.kl_prompt!r}")
         if not self.cov_weight >= 0 or self.v_stop_nll < 0:
             raise ValueError("cov_weight and v_stop_nll must be >= 0")
+        if self.refine_passes < 0 or not (0 <= self.refine_tol <= 1):
+            raise ValueError("refine_passes must be >= 0 and refine_tol in [0, 1]")
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,9 @@
                         keys, earlier edits' keys held
                     preserve None (MEMIT, ROME): covariance_solve_rows, the corpus keys' outputs weighed
                         by cov_weight (0: each key inserted exactly, ROME)
+            refine  (refine_passes > 0) while some request still has more than refine_tol of its
+                    initial ‖v* − h_L‖ left after a pass, the blocks are solved again for what is left
+                    (a regularised solve gives each key less than it asks for); each pass adds rank N
 
 Each ΔW_l has rank <= N and is stored as its factors (Rᵀ, X_l). The model is never written: later
 blocks see the earlier blocks' updates through functional_call, and the blocks below the first edited
@@ -108,23 +111,35 @@ class Locate:
         plain = first_rows(rows.owner, n)  # (N,): each request's prompt alone
         updated: dict[str, torch.Tensor] = {}
         start: Start | None = None
-        out, read = {}, {}
-        for i, (name, layer) in enumerate(zip(names, layers, strict=True)):
-            record = layers[0] if start is None and layers[0] >= 1 else None
-            keys, hidden, captured = read_at_subject(model, rows, [module_of(name)], measured, params=updated,
-                                                     start=start, record=record)
-            start = captured or start
-            k = mean_by_owner(keys[module_of(name)], rows.owner, n)  # (N, in)
-            read[name] = k.cpu()
-            residual = (target - hidden[plain]) / (len(layers) - i)  # (N, H)
-            x, v = solve(name, k, residual.to(k.dtype))  # (N, in), (N, out)
-            if weight_layout(model, name) == "in_out":  # Conv1D (in, out)
-                out[name] = ParamDelta(left=x.T.contiguous(), right=v.contiguous())
-            else:  # Linear (out, in)
-                out[name] = ParamDelta(left=v.T.contiguous(), right=x.contiguous())
-            w = params[name].detach()
-            updated[name] = w + out[name].materialize(w.dtype, w.device)
-            LOG.debug("block %d: residual %.3g, keys %.3g", layer, float(residual.norm()), float(k.norm()))
+        out: dict[str, ParamDelta] = {}
+        read: dict[str, torch.Tensor] = {}
+        initial: torch.Tensor | None = None  # (N,): ‖v* − h‖ before any update
+        for refinement in range(1 + self.config.refine_passes):
+            for i, (name, layer) in enumerate(zip(names, layers, strict=True)):
+                record = layers[0] if start is None and layers[0] >= 1 else None
+                keys, hidden, captured = read_at_subject(model, rows, [module_of(name)], measured, params=updated,
+                                                         start=start, record=record)
+                start = captured or start
+                k = mean_by_owner(keys[module_of(name)], rows.owner, n)  # (N, in)
+                read[name] = k.cpu()  # the last pass's: the keys on the final weights below this block
+                left = target - hidden[plain]  # (N, H)
+                initial = left.norm(dim=1) if initial is None else initial
+                x, v = solve(name, k, (left / (len(layers) - i)).to(k.dtype))  # (N, in), (N, out)
+                if weight_layout(model, name) == "in_out":  # Conv1D (in, out)
+                    step = ParamDelta(left=x.T.contiguous(), right=v.contiguous())
+                else:  # Linear (out, in)
+                    step = ParamDelta(left=v.T.contiguous(), right=x.contiguous())
+                out[name] = step if name not in out else stacked(out[name], step)
+                w = params[name].detach()
+                updated[name] = w + out[name].materialize(w.dtype, w.device)
+                LOG.debug("pass %d, block %d: residual %.3g, keys %.3g", refinement, layer, float(left.norm()),
+                          float(k.norm()))
+            if refinement == self.config.refine_passes:
+                break
+            _, hidden, _ = read_at_subject(model, rows, [], measured, params=updated, start=start)
+            short = (target - hidden[plain]).norm(dim=1) / initial.clamp(min=1e-12)  # (N,)
+            if float(short.max()) <= self.config.refine_tol:
+                break
         return Delta(out), read, updated
 
     def _solver(
@@ -191,6 +206,11 @@ class SpreadKeys:
     requests: list[TokenizedRequest]  # the requests it computed, as given
     keys: dict[str, torch.Tensor]  # name -> (N, in) K_l, on CPU
     weights: dict[str, torch.Tensor]  # name -> W_l + ΔW_l as it computed them
+
+
+def stacked(first: ParamDelta, then: ParamDelta) -> ParamDelta:
+    """One low-rank delta equal to `first` + `then`: their factors side by side (rank adds up)."""
+    return ParamDelta(left=torch.cat([first.left, then.left], dim=1), right=torch.cat([first.right, then.right], dim=0))
 
 
 def measured_at(model: nn.Module, names: Sequence[str]) -> str:
