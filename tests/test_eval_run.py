@@ -277,7 +277,10 @@ def test_every_mode_in_one_overview(tiny_dir, tmp_path, capsys):
     assert "| ft_l | sequential | 3 |" in table and "edit ÷ fwd+bwd" in table
     assert "| ft_l | batch | 3 |" in capsys.readouterr().out
     # a list of modes runs those only; a run started again resumes each mode's folder
+    timed = json.loads((out / "batch" / "summary.json").read_text())["cost"]["fwd_bwd_ms"]
     assert _eval(tiny_dir, out, *[a if a != "mode=all" else "mode=[batch,single]" for a in args]) == 0
+    # resumed: the cost unit is the one timed when the run's edits began, not timed again
+    assert json.loads((out / "batch" / "summary.json").read_text())["cost"]["fwd_bwd_ms"] == timed
     assert [r["mode"] for r in json.loads((out / "overview.json").read_text())] == ["–", "batch", "single"]
     assert _eval(tiny_dir, tmp_path / "bad", "mode=[single,sideways]") == 2
     assert "mode must be one of" in capsys.readouterr().err and not (tmp_path / "bad").exists()

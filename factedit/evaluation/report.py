@@ -51,7 +51,7 @@ PROTOCOL = {
     "(the greedy rule)",
     "cost": "time/<part>_ms: mean wall time per case of each part (edit: the whole Editor call); "
     "time/edit_per_fwd_bwd: time/edit_ms over one forward+backward pass of the unedited model on an edit "
-    "prompt and its new target (cost.fwd_bwd_ms, timed in the same session; a gradient editor's floor)",
+    "prompt and its new target (cost.fwd_bwd_ms, timed when the run's edits began; a gradient editor's floor)",
     "drift": "drift/ppl: perplexity of the shipped reference text (sampled from the unedited default model); "
     "drift/ppl_ratio: over the unedited model's (1 = unchanged). Batch mode: mean over batches, with "
     "drift/ppl_ratio_max; sequential: at each checkpoint",

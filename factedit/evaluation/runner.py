@@ -151,8 +151,8 @@ def _score_unedited(ctx: RunContext, rows: list[dict[str, Any]]) -> None:
 
 def _forward_backward_ms(ctx: RunContext) -> float:
     """One forward+backward pass of the unedited model on an edit's prompt and new target (median over
-    the first records): the unit `time/edit_per_fwd_bwd` divides by, measured in this session, under
-    the same thread setting and load as the edits it is compared with."""
+    the first records): the unit `time/edit_per_fwd_bwd` divides by, measured when the run starts (kept
+    in run.json, so a resumed run divides by the figure of the session that began its edits)."""
     device = next(ctx.model.parameters()).device
     times = []
     for record in ctx.records[:COST_RECORDS]:
@@ -216,7 +216,10 @@ def run_eval(config: EvalConfig) -> EvalResult:
         ctx.drift("unedited model")  # the base perplexity every drift ratio divides by
     fingerprint = model_fingerprint(model)
     edits = any(m.name != NONE_METHOD for m in config.methods)
-    fwd_bwd_ms = _forward_backward_ms(ctx) if edits and records else None
+    if edits and records and "fwd_bwd_ms" not in state:  # timed once, when the run's edits start
+        state["fwd_bwd_ms"] = _forward_backward_ms(ctx)
+        (config.out / "run.json").write_text(json.dumps(state, indent=1))
+    fwd_bwd_ms = state.get("fwd_bwd_ms")
     for method in config.methods:
         method_rows = [row for row in rows if row["method"] == method.name]
         measured = _run_method(ctx, method, method_rows)
