@@ -189,8 +189,5 @@ def configs_by_mode(cfg: Mapping[str, Any]) -> list[EvalConfig]:
         raise ConfigError(
             f"invalid eval config: mode must be one of {', '.join(MODES)}, a list of them or {ALL_MODES}, got {mode!r}"
         )
-    first = from_container({**cfg, "mode": modes[0]})  # one folder name for every mode, picked once
-    base = first.out
-    return [dataclasses.replace(first, out=base / modes[0])] + [
-        from_container({**cfg, "mode": m, "out": str(base / m)}) for m in modes[1:]
-    ]
+    first = from_container({**cfg, "mode": modes[0]})  # validated once; one folder name for every mode
+    return [dataclasses.replace(first, mode=m, out=first.out / m) for m in modes]

@@ -137,7 +137,9 @@ def case_row(
 
 def _edit_timings(record_timings: dict[str, float], share: int = 1) -> dict[str, float]:
     return {
-        k: record_timings[k] / share for k in ("edit_ms", "compute_ms", "apply_ms", "guard_ms") if k in record_timings
+        k: record_timings[k] / share
+        for k in ("edit_ms", "compute_ms", "apply_ms", "guard_ms", "journal_ms")
+        if k in record_timings
     }
 
 
@@ -207,8 +209,6 @@ def _case_rows(
     k, timings = len(records), dict(scored.edit.timings)
     split = {**_edit_timings(timings, k), "metrics_ms": scored.post_ms / k + ctx.pre_ms}
     split.update({key: ms / k for key, ms in shared_ms.items()})
-    if "journal_ms" in timings:
-        split["journal_ms"] = timings["journal_ms"] / k
     if ctx.config.mode == "batch" or k > 1:
         extra = {"batch_edit_ms": timings.get("edit_ms"), "batch": [r.index for r in records], **extra}
     return [

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import EvalConfig
+from .config import NONE_METHOD, EvalConfig
 from .report import format_value
 from .runner import EvalResult, run_eval
 
@@ -53,7 +53,7 @@ def overview_rows(results: dict[str, EvalResult]) -> list[dict[str, Any]]:
     for mode, result in results.items():
         summary = result.summary
         for method, values in summary["metrics"].items():
-            if method != "none":
+            if method != NONE_METHOD:
                 rows.append({"method": method, "mode": mode, "edits": summary["data"]["evaluated"], **values})
     return rows
 
@@ -73,8 +73,7 @@ def run_suite(configs: Sequence[EvalConfig]) -> SuiteResult:
     out = configs[0].out.parent
     rows = overview_rows(results)
     table = overview_table(rows)
-    first = configs[0]
-    evaluated = next(iter(results.values())).summary["data"]["evaluated"]
+    first, evaluated = configs[0], rows[0]["edits"]
     text = (
         "# factedit evaluation: every mode\n\n"
         f"- data: `{first.data.path}`: {evaluated} records from record {first.start}; batch mode: "
