@@ -25,7 +25,7 @@ demo: setup
 # meant to share the CPU); `make test-serial` runs everything in one process.
 test: setup
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -n auto -m "not browser"
+	$(PY) -m pytest -q -n auto --dist loadgroup -m "not browser"
 	$(PY) -m pytest -q -m browser
 
 test-serial: setup

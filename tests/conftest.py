@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # read by torch at import, here and in the processes tests start
+
 import pytest
 import torch
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)  # tiny models gain nothing from more; a shared CPU loses a lot
 
 

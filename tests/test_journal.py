@@ -225,38 +225,34 @@ def test_the_journal_holds_json_and_safetensors_only(tmp_path):
 
 
 def test_a_second_process_waits_then_gets_a_clear_error(tmp_path):
+    """One child process: refused with a clear error while this process holds the journal; then, asking
+    again with a longer timeout, it waits until the holder closes and gets in."""
     path = tmp_path / "edits.sqlite"
-    holder = Journal(path)
-    try:
-        proc = run_python(
-            """
-            from factedit.editing.journal import Journal
-            from factedit import JournalError
-            try:
-                Journal(sys.argv[1], lock_timeout=0.5)
-            except JournalError as exc:
-                print("refused:", exc)
-            """,
-            str(path),
-        )
-        out, err = proc.communicate(timeout=60)
-        assert "refused:" in out and "in use by another process" in out, err
-    finally:
-        holder.close()
-    # Once the holder closes, a waiting process gets in.
     holder = Journal(path)
     proc = run_python(
         """
+        import time
         from factedit.editing.journal import Journal
-        Journal(sys.argv[1], lock_timeout=30).close()
-        print("opened")
+        from factedit import JournalError
+        try:
+            Journal(sys.argv[1], lock_timeout=0.5)
+        except JournalError as exc:
+            print("refused:", exc, flush=True)
+        start = time.monotonic()
+        Journal(sys.argv[1], lock_timeout=60).close()
+        print(f"opened after {time.monotonic() - start:.2f} s", flush=True)
         """,
         str(path),
     )
-    time.sleep(1.0)
-    holder.close()
+    try:
+        refused = proc.stdout.readline()
+        assert refused.startswith("refused:") and "in use by another process" in refused, proc.stderr.read()
+        time.sleep(1.0)  # the child is now waiting on the lock
+    finally:
+        holder.close()
     out, err = proc.communicate(timeout=60)
-    assert "opened" in out, err
+    assert out.startswith("opened after"), err
+    assert float(out.split()[2]) >= 0.9  # it waited for the holder, it did not get in beside it
 
 
 def test_sigkill_mid_edit_leaves_the_journal_at_the_last_whole_edit(tmp_path):

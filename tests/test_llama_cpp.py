@@ -24,7 +24,9 @@ llama_cpp = pytest.importorskip(
            "(CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" pip install llama-cpp-python==0.3.36)",
 )
 
-pytestmark = pytest.mark.default_model
+# One worker runs this file's tests (make test: --dist loadgroup), and the session fixture builds the GGUFs
+# once there even when other files' tests run between them.
+pytestmark = [pytest.mark.default_model, pytest.mark.xdist_group(name="llama_cpp")]
 RECORDS = slice(900, 903)  # CounterFact val records: edit prompt, paraphrase, neighbour each
 
 
@@ -54,7 +56,7 @@ def set_scale(llm, scale: float) -> None:
     llm.reset()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def exported(tmp_path_factory):
     """Three `mend` edits (low-rank: the adapter is exact) on the default model, exported both ways; factedit's
     greedy next tokens before and after on the 9 prompts."""
@@ -79,7 +81,9 @@ def exported(tmp_path_factory):
 
 
 def llama(path, **kw):
-    return llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, logits_all=True, verbose=False, **kw)
+    # One thread: the suite runs a test per core, and llama.cpp's spinning threads crawl on a shared core.
+    return llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=1, n_threads_batch=1, logits_all=True,
+                           verbose=False, **kw)
 
 
 def test_llama_cpp_with_the_gguf_lora_says_what_the_edited_model_says(exported):

@@ -53,7 +53,7 @@ def test_the_shipped_editor_refuses_another_model(tmp_path):
 def test_shipped_editor_keeps_accumulated_edits_and_the_model_whole(default_model):
     """Ten CounterFact facts edited one after another (the old editor broke the model by edit 7):
     at the end the new object still outscores the old one for most of them (ES), plain text barely
-    moves, and reverting all is exact."""
+    moves, and reverting all is exact. No drift guard: the editor itself must keep the model whole."""
     import json
 
     from factedit.core.request import encode_prompt, encode_target
@@ -63,9 +63,9 @@ def test_shipped_editor_keeps_accumulated_edits_and_the_model_whole(default_mode
 
     model, tok = default_model
     records = json.loads((PACKAGE_DIR / "data/counterfact/val.json").read_text())[300:310]
-    texts = reference_texts("samples")[:16]
+    texts = reference_texts("samples")[:8]
     before = reference_perplexity(model, tok, texts)
-    editor = factedit.Editor("mend", tokenizer=tok)
+    editor = factedit.Editor("mend", tokenizer=tok, guard=None)
     try:
         for r in records:
             editor.edit(model, r["prompt"], r["target_new"])

@@ -3,7 +3,9 @@ the aggregation formulas against hand-computed values."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import mmap
 
 import pytest
 import torch
@@ -208,14 +210,24 @@ def test_greedy_generation_batched_equals_single_and_feeds_fluency(tiny):
     assert "fluency/ngram_entropy" in compute_metrics([scores], [scores])
 
 
+@contextlib.contextmanager
+def resident_block(mb: int):
+    """`mb` MB of fresh anonymous memory, every page written (so resident), unmapped on exit: unlike a
+    tensor it cannot come from memory the allocator already holds, whatever ran before in this process."""
+    size = mb * 2**20
+    with mmap.mmap(-1, size) as block:
+        for offset in range(0, size, mmap.PAGESIZE):
+            block[offset] = 1
+        yield
+
+
 def test_peak_memory_covers_the_block():
     """The peak is reset at entry: a block that allocates 256 MB peaks ~256 MB above an empty one
     (a process-lifetime high-water mark would give both the same figure)."""
     with PeakMemory() as empty:
         pass
-    with PeakMemory() as big:
-        block = torch.ones(64 * 2**20)  # 256 MB, written, so resident
-        del block
+    with PeakMemory() as big, resident_block(256):
+        pass
     if not (empty.covers_block and big.covers_block):
         pytest.skip("this kernel does not let a process reset its peak RSS (see the next test)")
     assert 200 < big.peak_mb - empty.peak_mb < 400
@@ -232,8 +244,8 @@ def test_peak_memory_without_a_reset_never_reports_an_earlier_peak(monkeypatch):
         return real_open(path, *args, **kwargs)
 
     monkeypatch.setattr("builtins.open", refuse_clear_refs)
-    block = torch.ones(64 * 2**20)  # raises the process's peak by 256 MB before the measured block
-    del block
+    with resident_block(256):  # raises the process's peak by 256 MB before the measured block
+        pass
     with PeakMemory() as small:
         pass
     assert not small.covers_block and small.peak_mb is None

@@ -34,7 +34,12 @@ class Served:
     exported: bytes  # the export of the one edit the server holds
 
 
-@pytest.fixture(scope="module")
+# One worker runs this file's tests (make test: --dist loadgroup), and a session fixture starts the server
+# once there even when other files' tests run between them.
+pytestmark = pytest.mark.xdist_group(name="server_attacks")
+
+
+@pytest.fixture(scope="session")
 def served(tmp_path_factory) -> Iterator[Served]:
     model = save_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", chat_template=CHAT_TEMPLATE)
     workdir = tmp_path_factory.mktemp("attacks")
