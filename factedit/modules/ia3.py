@@ -103,6 +103,8 @@ class IA3:
         return Delta({n: ParamDelta(dense=t - originals[n]) for n, t in final.items()})
 
 
-METHOD = MethodSpec("ia3", IA3Config, IA3, description="(IA)³: scaling vectors on the MLP's intermediate "
+# Guarded: a scale acts at every token of every input (10 kept edits moved the reference perplexity 1.65x
+# unguarded, README).
+METHOD = MethodSpec("ia3", IA3Config, IA3, guarded=True, description="(IA)³: scaling vectors on the MLP's intermediate "
                     "activation (and, with kv, the attention keys and values), trained on the edit, folded "
                     "exactly into the weights (W += Δ)")

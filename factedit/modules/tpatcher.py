@@ -15,7 +15,6 @@ fires on the edit's key only.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -31,7 +30,7 @@ from ..core.settable import SEED, Integer, Number, Settable
 from ..core.side import SideModule
 from ..core.training import Progress, seeded
 from ..safety.reference import reference_texts
-from .training import SideModuleEditor, module_hook, text_inputs, train_module
+from .training import SideModuleEditor, module_hook, train_module
 
 
 @dataclass(frozen=True)
@@ -68,20 +67,6 @@ def memory_texts(count: int) -> list[str]:
 class TPatcher(SideModuleEditor):
     """Compute the neurons of the requests (module docstring)."""
 
-    def __init__(self, config: TPatcherConfig) -> None:
-        super().__init__(config)
-        # The memory texts' inputs at the point, for the model they were read from (a weak reference):
-        # they only bound where neurons fire, so the base model's serve every later edit.
-        self._memory: tuple[weakref.ref, str, torch.Tensor] | None = None
-
-    def memory_inputs(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, point: str) -> torch.Tensor:
-        """The point's inputs at every token of the memory texts: (m, d), read once per model and point."""
-        cached = self._memory
-        if cached is None or cached[0]() is not model or cached[1] != point:
-            self._memory = cached = (weakref.ref(model), point,
-                                     text_inputs(model, tokenizer, memory_texts(self.config.memory), point))
-        return cached[2]
-
     def compute(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[TokenizedRequest],
         progress: Progress | None = None,
@@ -92,7 +77,8 @@ class TPatcher(SideModuleEditor):
         w_in = keys / (cfg.width * keys.pow(2).sum(-1, keepdim=True))  # (n, d): pre-activation 1/width at the key
         negatives = data.other_inputs  # (m, d)
         if cfg.memory:
-            negatives = torch.cat([negatives, self.memory_inputs(model, tokenizer, data.point)])
+            memory, _ = self.unrelated_points(model, tokenizer, memory_texts(cfg.memory), data.point)  # (k, d)
+            negatives = torch.cat([negatives, memory])
         tensors = {"b_in": torch.full((len(keys),), 1.0 - 1.0 / cfg.width), "w_out": torch.zeros_like(keys)}
 
         def module(ts: Mapping[str, torch.Tensor]) -> SideModule:

@@ -7,6 +7,7 @@ target token but the last. A module that changes the point's output there change
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +53,17 @@ class SideModuleEditor:
 
     def __init__(self, config: Any) -> None:
         self.config = config
+        # Unrelated texts' input and output at a point, for the model they were read from (a weak reference):
+        # they only bound what a module may change, so the base model's serve every later edit.
+        self._text_points: tuple[weakref.ref, str, tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def unrelated_points(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
+                         point: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """`text_points` of `texts` at `point`, read once per model, point and texts."""
+        cached, key = self._text_points, tuple(texts)
+        if cached is None or cached[0]() is not model or cached[1:3] != (point, key):
+            self._text_points = cached = (weakref.ref(model), point, key, text_points(model, tokenizer, key, point))
+        return cached[3]
 
     def param_names(self, model: nn.Module) -> list[str]:
         return []  # no weight changes: the edit is a side module
@@ -86,18 +98,35 @@ def point_data(model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: S
 
 
 @torch.no_grad()
-def text_inputs(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], point: str) -> torch.Tensor:
-    """The point's inputs at every real token of `texts`: (m, d), float32 (negatives for T-Patcher)."""
+def text_points(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
+                point: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The point's input and output at every real token of `texts`: two (m, d) float32 tensors (T-Patcher's
+    negatives, the positions a module must leave alone)."""
     device = next(model.parameters()).device
     enc = tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=48).to(device)
     seen: dict[str, torch.Tensor] = {}
 
-    def record(module: nn.Module, args: tuple) -> None:
-        seen["x"] = args[0].detach().float()
+    def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        seen["x"], seen["y"] = args[0].detach().float(), output.detach().float()
 
-    with forward_hooks(model, pre_hooks={point: record}), stop_after(model, point):
+    with forward_hooks(model, hooks={point: record}), stop_after(model, point):
         model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-    return seen["x"][enc["attention_mask"].bool()]
+    real = enc["attention_mask"].bool()
+    return seen["x"][real], seen["y"][real]
+
+
+def locality_loss(build: Callable[[Mapping[str, torch.Tensor]], SideModule], x: torch.Tensor, y: torch.Tensor,
+                  weight: float) -> Callable[[Mapping[str, torch.Tensor]], torch.Tensor]:
+    """An `optimize` extra loss: `weight` × the mean squared change the module `build(tensors)` makes to the
+    point's output at unrelated positions (x, y: (m, d), from `text_points`), over the mean squared output
+    there. Zero for a module that leaves those positions alone, whatever it does at the edit's keys."""
+    scale = y.pow(2).sum(-1).mean()  # () a fixed unit: the loss is scale-free across models and layers
+
+    def loss(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        change = run_modules([build(tensors)], x, y) - y  # (m, d)
+        return weight * change.pow(2).sum(-1).mean() / scale
+
+    return loss
 
 
 def optimize(
