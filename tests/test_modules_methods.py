@@ -116,6 +116,19 @@ def test_the_adapters_locality_term_leaves_unrelated_tokens_closer_to_the_base()
     assert change[10.0] < 0.5 * change[0.0], change
 
 
+def test_adapter_bitfit_and_ia3_are_guarded_and_a_refused_side_module_leaves_nothing_behind():
+    model, tok = tiny_model("llama")
+    assert all(factedit.Editor(m, tokenizer=tok).guard is not None for m in ("adapter", "bitfit", "ia3"))
+    base, base_logits = snapshot(model), logits(model, tok)
+    # A bold adapter and a guard that allows almost no drift: the edit is undone and refused.
+    editor = factedit.Editor("adapter", tokenizer=tok, guard=1.0001, **{**TINY["adapter"], "lr": 1.0})
+    with pytest.raises(factedit.DriftError):
+        editor.edit(model, *FACTS[0])
+    assert not editor.history and no_hooks(model)
+    assert torch.equal(logits(model, tok), base_logits)
+    assert_weights_equal(model, base)
+
+
 def test_grace_edit_batch_adds_entries_for_every_fact_and_revert_removes_exactly_them():
     model, tok = tiny_model("llama")
     base_logits = logits(model, tok)
