@@ -85,16 +85,25 @@ def point_data(model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: S
     """Run the requests' batch (prompt + target) once and record the point's input and output."""
     device = next(model.parameters()).device
     batch = make_batch(requests, pad_id_of(tokenizer), device)
+    x, y = read_point(model, point, batch.input_ids, batch.attention_mask)
+    keys = torch.zeros_like(batch.labels, dtype=torch.bool)  # (B, T)
+    keys[:, :-1] = batch.labels[:, 1:] != IGNORE
+    return PointData(batch, point, x, y, keys)
+
+
+@torch.no_grad()
+def read_point(model: nn.Module, point: str, input_ids: torch.Tensor,
+               attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The point's input and output on a batch: two (B, T, d) float32 tensors, detached; the forward pass
+    stops at the point (nothing above it is needed)."""
     seen: dict[str, torch.Tensor] = {}
 
     def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         seen["x"], seen["y"] = args[0].detach().float(), output.detach().float()
 
-    with forward_hooks(model, hooks={point: record}), stop_after(model, point):  # nothing above it is needed
-        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    keys = torch.zeros_like(batch.labels, dtype=torch.bool)  # (B, T)
-    keys[:, :-1] = batch.labels[:, 1:] != IGNORE
-    return PointData(batch, point, seen["x"], seen["y"], keys)
+    with forward_hooks(model, hooks={point: record}), stop_after(model, point):
+        model(input_ids=input_ids, attention_mask=attention_mask)
+    return seen["x"], seen["y"]
 
 
 @torch.no_grad()
@@ -104,15 +113,9 @@ def text_points(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Seq
     negatives, the positions a module must leave alone)."""
     device = next(model.parameters()).device
     enc = tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=48).to(device)
-    seen: dict[str, torch.Tensor] = {}
-
-    def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        seen["x"], seen["y"] = args[0].detach().float(), output.detach().float()
-
-    with forward_hooks(model, hooks={point: record}), stop_after(model, point):
-        model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    x, y = read_point(model, point, enc["input_ids"], enc["attention_mask"])  # (B, T, d) each
     real = enc["attention_mask"].bool()
-    return seen["x"][real], seen["y"][real]
+    return x[real], y[real]
 
 
 def locality_loss(build: Callable[[Mapping[str, torch.Tensor]], SideModule], x: torch.Tensor, y: torch.Tensor,
