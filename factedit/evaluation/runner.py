@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._version import __version__
+from ..core import atomic
 from ..core.cost import PeakMemory, forward_backward_ms, stopwatch
 from ..core.errors import ConfigError
 from ..core.methods import config_to_dict, get_method, make_config
@@ -73,6 +74,11 @@ def _check_method_configs(state: dict[str, Any], configs: dict[str, dict[str, An
             )
 
 
+def _save_state(out: Path, state: dict[str, Any]) -> None:
+    """Write run.json whole or not at all: a resumed run reads it first."""
+    atomic.write_text(out / "run.json", json.dumps(state, indent=1))
+
+
 def _prepare_out(config: EvalConfig, data_sha256: str) -> dict[str, Any]:
     """Create the output folder; refuse to resume a run made with another config. Returns run.json."""
     out = config.out
@@ -92,7 +98,7 @@ def _prepare_out(config: EvalConfig, data_sha256: str) -> dict[str, Any]:
         if name in ("cases.jsonl", "checkpoints.jsonl", "run.json") or name.startswith("journal-"):
             (out / name).unlink()
     state = {"identity": identity, "methods": {}}
-    path.write_text(json.dumps(state, indent=1))
+    _save_state(out, state)
     return state
 
 
@@ -206,7 +212,7 @@ def run_eval(config: EvalConfig) -> EvalResult:
     )
     state = _prepare_out(config, data.sha256)
     _check_method_configs(state, configs, config.out)
-    (config.out / "run.json").write_text(json.dumps(state, indent=1))
+    _save_state(config.out, state)
     model, tokenizer = load_model(config.model.path, dtype=config.model.dtype, device=config.model.device)
     cases, checkpoints = JsonLines(config.out / "cases.jsonl"), JsonLines(config.out / "checkpoints.jsonl")
     rows = cases.replace(_resumable_rows(config, records, cases.rows()))
@@ -218,7 +224,7 @@ def run_eval(config: EvalConfig) -> EvalResult:
     edits = any(m.name != NONE_METHOD for m in config.methods)
     if edits and records and "fwd_bwd_ms" not in state:  # timed once, when the run's edits start
         state["fwd_bwd_ms"] = _forward_backward_ms(ctx)
-        (config.out / "run.json").write_text(json.dumps(state, indent=1))
+        _save_state(config.out, state)
     fwd_bwd_ms = state.get("fwd_bwd_ms")
     for method in config.methods:
         method_rows = [row for row in rows if row["method"] == method.name]
@@ -231,7 +237,7 @@ def run_eval(config: EvalConfig) -> EvalResult:
             if earlier.get("peak_mb") and measured.get("peak_mb"):  # a resumed run: the peak of all sessions
                 merged["peak_mb"] = max(earlier["peak_mb"], measured["peak_mb"])
             state["methods"][method.name] = merged
-            (config.out / "run.json").write_text(json.dumps(state, indent=1))
+            _save_state(config.out, state)
     info = RunInfo(
         config=config,
         data=data,
