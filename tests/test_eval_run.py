@@ -199,6 +199,25 @@ def test_a_breaking_run_is_flagged(tiny_dir, tmp_path, caplog):
     assert "broke" not in result.report.replace(f"{WRECK} broke", "")  # the baseline is not flagged
 
 
+def test_the_guard_is_a_method_override_and_a_refused_edit_counts_as_failed(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "guarded"
+    strong = ["method_overrides.ft_l.layers=[-1]", "method_overrides.ft_l.max_steps=3",
+              "method_overrides.ft_l.lr=1.0", "method_overrides.ft_l.norm_constraint=null"]
+    assert _eval(tiny_dir, out, "method=ft_l", "generation=false", *strong,
+                 "method_overrides.ft_l.guard={max_ratio:1.01}") == 0
+    state = json.loads((out / "run.json").read_text())["methods"]["ft_l"]["config"]
+    assert state["guard"] == {"max_ratio": 1.01, "texts": 4, "max_tokens": 24}  # part of the resume identity
+    rows = _cases(out)
+    refused = [r for r in rows if r.get("error")]
+    assert refused and all("perplexity" in r["error"] for r in refused)
+    ft = json.loads((out / "summary.json").read_text())["metrics"]["ft_l"]
+    assert ft["data/errors"] == len(refused) < 3
+    assert ft["cf/es_requested"] == pytest.approx(ft["cf/es"] * (3 - len(refused)) / 3)
+    assert ft["cf/es_requested"] < ft["cf/es"]
+    assert _eval(tiny_dir, tmp_path / "x", "method=ft_l", "method_overrides.ft_l.guard=0.5") == 2
+    assert "max_ratio must be a number > 1" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 def test_resume_skips_done_records_and_ignores_a_half_written_line(tiny_dir, tmp_path):
     out = tmp_path / "resume"
     assert _eval(tiny_dir, out, "method=ft_l", *FAST) == 0

@@ -66,8 +66,9 @@ class Editor:
             history in memory only.
         score: measure each edit before and after (target probability, top-5, locality); turn off
             when an evaluation measures on its own.
-        guard: the drift guard (drift.py): a `GuardConfig`, a largest allowed perplexity ratio of the
-            reference text against the base model, None (off), or "auto" (on for methods registered
+        guard: the drift guard (drift.py): a `GuardConfig` (or a mapping of its fields), a largest
+            allowed perplexity ratio of the reference text against the base model, None (off), or
+            "auto" (on for methods registered
             as guarded: `mend`, `ultraedit` and the editors that act at every token, `adapter`,
             `bitfit`, `ia3`). An edit past the bound is undone and raises `DriftError`.
         **overrides: fields of the method's config dataclass; unknown names are errors. Methods whose

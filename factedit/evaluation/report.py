@@ -49,6 +49,9 @@ PROTOCOL = {
     "seq/retention: share of the edits so far whose whole target is still the greedy continuation of "
     "its prompt, teacher-forced (every target token the argmax); gen/retention: the same by generation "
     "(the greedy rule)",
+    "refused": "data/errors: edits the method or the drift guard refused (nothing applied). Rates are over "
+    "the applied edits; cf/es_requested and gen/prompt_requested are over every edit asked for, a refused "
+    "edit counted as failed",
     "cost": "time/<part>_ms: mean wall time per case of each part (edit: the whole Editor call); "
     "time/edit_per_fwd_bwd: time/edit_ms over one forward+backward pass of the unedited model on an edit "
     "prompt and its new target (cost.fwd_bwd_ms, timed when the run's edits began; a gradient editor's floor)",
@@ -57,9 +60,14 @@ PROTOCOL = {
     "drift/ppl_ratio_max; sequential: at each checkpoint",
 }
 
+# Success rates also reported over every edit asked for (<key>_requested), a refused edit counted as
+# failed; the plain rates are over the edits that were applied.
+REQUESTED_RATES = ("cf/es", "gen/prompt")
 ROW_ORDER = [  # teacher-forced and generated figures of the same question side by side
     "cf/es",
+    "cf/es_requested",
     "gen/prompt",
+    "gen/prompt_requested",
     "gen/chat",
     "cf/ps",
     "gen/paraphrase",
@@ -216,6 +224,10 @@ def _method_metrics(
         )
         values.update(_batch_drift(ok))
     values["data/errors"] = float(len(mine) - len(ok))
+    if name != NONE_METHOD and mine:  # the rates over every edit asked for: a refused edit counts as failed
+        for key in REQUESTED_RATES:
+            if key in values:
+                values[f"{key}_requested"] = values[key] * len(ok) / len(mine)
     if info.fwd_bwd_ms and "time/edit_ms" in values and name != NONE_METHOD:
         values["time/edit_per_fwd_bwd"] = values["time/edit_ms"] / info.fwd_bwd_ms
     return values, view

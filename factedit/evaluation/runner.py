@@ -12,6 +12,7 @@ stopped; `resume=false` starts over.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ from ..core.methods import config_to_dict, get_method, make_config
 from ..core.request import encode_prompt, encode_target
 from ..model.loading import load_model, model_id
 from ..model.weights import model_fingerprint
+from ..safety.safeguards import resolve_guard
 from .config import NONE_METHOD, EvalConfig, MethodRun
 from .loaders import LoadedData, load_records, select_records
 from .modes import RunContext, run_batch, run_none, run_sequential, run_single, sequential_done
@@ -41,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 PRE_CHUNK = 8  # records per step of the pre-edit scoring (for the progress bar)
 COST_RECORDS = 3  # records whose forward+backward pass is timed as the unit of edit cost
+EDITOR_GUARD = "guard"  # a method override that is the Editor's drift guard, not a key of the method's config
 
 
 @dataclass(frozen=True)
@@ -53,12 +56,19 @@ class EvalResult:
 def method_configs(config: EvalConfig) -> dict[str, dict[str, Any]]:
     """Each method's full effective config (its defaults plus the overrides); fails before any slow
     work on an unknown method or override key."""
-    return {
-        m.name: {}
-        if m.name == NONE_METHOD
-        else config_to_dict(make_config(get_method(m.name).config_cls, dict(m.overrides)))
-        for m in config.methods
-    }
+    return {m.name: {} if m.name == NONE_METHOD else _effective_config(m) for m in config.methods}
+
+
+def _effective_config(method: MethodRun) -> dict[str, Any]:
+    """The method's config with its overrides, and the Editor's guard option when one is given (a
+    refused bad option fails here, before any slow work)."""
+    overrides = dict(method.overrides)
+    guard = overrides.pop(EDITOR_GUARD, "auto")
+    effective = config_to_dict(make_config(get_method(method.name).config_cls, overrides))
+    if guard != "auto":
+        resolved = resolve_guard(guard, get_method(method.name).guarded)
+        effective[EDITOR_GUARD] = None if resolved is None else dataclasses.asdict(resolved)
+    return effective
 
 
 def _check_method_configs(state: dict[str, Any], configs: dict[str, dict[str, Any]], out: Path) -> None:

@@ -33,6 +33,7 @@ OVERVIEW_COLUMNS = [
     ("drift", "drift/ppl_ratio"),
     ("exact revert", "revert/exact"),
     ("refused", "data/errors"),
+    ("ES, refused = failed", "cf/es_requested"),
     ("edit ms", "time/edit_ms"),
     ("edit ÷ fwd+bwd", "time/edit_per_fwd_bwd"),
     ("peak MB", "mem/peak_mb"),

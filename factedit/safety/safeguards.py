@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from ..core.configs import validated
 from ..core.cost import ms_since
 from ..core.delta import Delta
 from ..core.errors import ConfigError
@@ -35,7 +36,9 @@ from .keys import edit_keys, key_statistics
 from .preserve import KeyPreserver, PreserveConfig, build_preserver
 from .reference import key_corpus, reference_texts
 
-Guard = GuardConfig | float | None | str  # what Editor(guard=...) accepts; "auto": the method's default
+# What Editor(guard=...) accepts; "auto": the method's default; a mapping: GuardConfig's fields (from a
+# YAML or Hydra config)
+Guard = GuardConfig | Mapping[str, Any] | float | None | str
 # A method's own keys of an edit, {param name: (N, in)} for the given param names and requests, on the
 # current weights (e.g. locate-then-edit: the subject's last token, over context prefixes). Methods
 # without one get every token of prompt + target (`keys.edit_keys`).
@@ -44,14 +47,19 @@ KeysFn = Callable[[nn.Module, PreTrainedTokenizerBase, Sequence[str], Sequence[T
 
 
 def resolve_guard(option: Guard, guarded_by_default: bool) -> GuardConfig | None:
-    """GuardConfig from `Editor(guard=...)`: a GuardConfig, a max ratio, None (off) or "auto"."""
+    """GuardConfig from `Editor(guard=...)`: a GuardConfig or its fields as a mapping, a max ratio, None
+    (off) or "auto"."""
     if isinstance(option, GuardConfig) or option is None:
         return option
+    if isinstance(option, Mapping):
+        return validated(GuardConfig, dict(option), "guard")
     if option == "auto":
         return GuardConfig() if guarded_by_default else None
     if isinstance(option, (int, float)) and not isinstance(option, bool):
         return GuardConfig(max_ratio=float(option))
-    raise ConfigError(f"guard must be a GuardConfig, a max perplexity ratio > 1, None or 'auto'; got {option!r}")
+    raise ConfigError(
+        f"guard must be a GuardConfig (or its fields), a max perplexity ratio > 1, None or 'auto'; got {option!r}"
+    )
 
 
 def lowest_touched_block(model: nn.Module, state: WeightState, names: Sequence[str] = ()) -> int | None:
