@@ -72,6 +72,42 @@ def test_reopening_replays_the_active_edits_bit_for_bit(tmp_path):
         assert_weights_equal(fresh, snapshot(tiny_model("llama")[0]))
 
 
+def test_revert_all_is_one_transaction_and_leaves_the_base_bit_for_bit(tmp_path, monkeypatch):
+    """revert_all restores the base once instead of replaying the others per edit; the journal marks
+    every edit in one transaction (or none: a failed write leaves model and history as they were)."""
+    path = tmp_path / "edits.sqlite"
+    model, tok = tiny_model("llama")
+    base = snapshot(tiny_model("llama")[0])
+    with factedit.Editor("ft", tokenizer=tok, journal=path, layers=(-2, -1), lr=1e-2, max_steps=5) as editor:
+        records = [editor.edit(model, p, t) for p, t in FACTS]
+        editor.revert(model, records[1].id)
+        edited = snapshot(model)
+        commits = []
+        real_commit = Journal._commit
+
+        def failing(self, items):
+            commits.append(sorted(items))
+            raise factedit.JournalError("disk full")
+
+        monkeypatch.setattr(Journal, "_commit", failing)
+        with pytest.raises(factedit.JournalError):
+            editor.revert_all(model)
+        assert_weights_equal(model, edited)
+        assert [r.status for r in editor.history] == ["active", "reverted", "active", "active"]
+        monkeypatch.setattr(Journal, "_commit", real_commit)
+        reverted = editor.revert_all(model)
+        assert [r.id for r in reverted] == [records[3].id, records[2].id, records[0].id]  # newest first
+        assert_weights_equal(model, base)
+        assert editor.revert_all(model) == []
+    assert commits == [["meta", *sorted(f"record/{records[i].id}" for i in (0, 2, 3))]]  # one transaction
+    fresh, _ = tiny_model("llama")
+    with factedit.Editor("ft", tokenizer=tok, journal=path) as editor:
+        assert {r.status for r in editor.history} == {"reverted"}
+        editor.attach(fresh)
+        assert editor.replay_differs == []  # the hashes it recorded are the base's
+        assert_weights_equal(fresh, base)
+
+
 def test_a_reverted_delta_is_read_back_from_the_journal_when_needed(tmp_path):
     """With a journal, a reverted edit's tensors leave memory; diff and export read the same bytes back."""
     path = tmp_path / "edits.sqlite"

@@ -487,21 +487,36 @@ class Editor:
             if record.status != "active":
                 raise EditNotFoundError(f"edit {edit_id} is already reverted")
             updated = record.with_status("reverted")
-            if self._journal is not None:
-                after = {n: tensor_sha256(v) for n, v in self._state.weights_without(model, edit_id).items()}
-                self._journal.set_status(updated, after)  # first: a failed write leaves the model as it was
-            self._state.revert(model, edit_id)
-            self._safeguards.release(edit_id)
-            # With a journal the reverted delta lives on disk; `diff`/`export_edit` read it back.
-            self._records[edit_id] = updated.without_delta() if self._journal is not None else updated
+            without = self._state.weights_without(model, edit_id)  # base + the other active edits, in order
+            if self._journal is not None:  # first: a failed write leaves the model as it was
+                self._journal.set_status(updated, {n: tensor_sha256(v) for n, v in without.items()})
+            self._state.revert(model, edit_id, without)
+            self._mark_reverted([updated])
             return updated
 
     def revert_all(self, model: nn.Module) -> list[EditRecord]:
-        """Revert every active edit, newest first."""
+        """Revert every active edit, newest first. Returns the updated records.
+
+        What is left is the base model, so the touched parameters are set back to their base values
+        once and the journal marks every edit in one transaction: O(edits), where reverting them one
+        by one replays the remaining edits each time."""
         with self._lock:
             self.attach(model)
-            active = [r.id for r in self._records.values() if r.status == "active"]
-            return [self.revert(model, edit_id) for edit_id in reversed(active)]
+            updated = [r.with_status("reverted") for r in reversed(self._records.values()) if r.status == "active"]
+            if not updated:
+                return []
+            if self._journal is not None:
+                base = self._state.base_values({n for r in updated for n in self._state.active[r.id].names()})
+                self._journal.set_statuses(updated, {n: tensor_sha256(v) for n, v in base.items()})
+            self._state.restore_base(model)
+            self._mark_reverted(updated)
+            return updated
+
+    def _mark_reverted(self, updated: Sequence[EditRecord]) -> None:
+        for record in updated:
+            self._safeguards.release(record.id)
+            # With a journal the reverted delta lives on disk; `diff`/`export_edit` read it back.
+            self._records[record.id] = record.without_delta() if self._journal is not None else record
 
     def diff(self, edit_id: str, model: nn.Module | None = None, probes: Sequence[str] = ()) -> EditDiff:
         """What an edit changed: per parameter ‖Δ‖_F, ‖Δ‖/‖W‖ and rank, and the top-5 next tokens

@@ -186,14 +186,19 @@ class Journal:
 
     def set_status(self, record: EditRecord, weights_hashes: Mapping[str, str] | None = None) -> None:
         """Rewrite the record's status fields (revert); `weights_hashes` as for `append`, after it."""
-        key = f"record/{record.id}"
+        self.set_statuses([record], weights_hashes)
+
+    def set_statuses(self, records: Sequence[EditRecord], weights_hashes: Mapping[str, str] | None = None) -> None:
+        """Rewrite several records' status fields in one transaction (`Editor.revert_all`);
+        `weights_hashes` as for `append`, after all of them."""
+        keys = [f"record/{record.id}" for record in records]
         try:
-            known = key in self._db
+            unknown = [key.partition("/")[2] for key in keys if key not in self._db]
         except sqlite3.Error as exc:
             raise JournalError(f"could not write journal {self.path}: {exc}") from exc
-        if not known:
-            raise EditNotFoundError(f"edit {record.id} is not in journal {self.path}")
-        items = {key: _json_bytes(record.to_dict())}
+        if unknown:
+            raise EditNotFoundError(f"edit(s) {', '.join(unknown)} not in journal {self.path}")
+        items = {key: _json_bytes(record.to_dict()) for key, record in zip(keys, records, strict=True)}
         if weights_hashes and self.meta:
             meta = {**self.meta, "weights_sha256": {**self.meta.get("weights_sha256", {}), **weights_hashes}}
             items["meta"] = _json_bytes(meta)

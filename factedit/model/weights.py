@@ -213,26 +213,20 @@ class WeightState:
         if delta.modules:
             self.attach_side(model)
 
-    def revert(self, model: nn.Module, edit_id: str) -> None:
-        """Remove one active edit; the others stay, exactly as if it had never been applied."""
+    def revert(self, model: nn.Module, edit_id: str, without: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Remove one active edit; the others stay, exactly as if it had never been applied. `without`:
+        `weights_without(model, edit_id)` when the caller already has it (the same values, not rebuilt)."""
         if edit_id not in self.active:
             raise EditNotFoundError(f"edit {edit_id} is not active")
+        if without is None:
+            without = self.weights_without(model, edit_id)
         removed = self.active.pop(edit_id)
-        self.rebuild(model, set(removed.names()))
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in without.items():
+                params[name].copy_(value)
         if removed.modules:
             self.attach_side(model)
-
-    def rebuild(self, model: nn.Module, names: Iterable[str]) -> None:
-        """Set `names` to base + the active deltas, in order."""
-        params = dict(model.named_parameters())
-        names = [n for n in names if n in self.base]
-        with torch.no_grad():
-            for name in names:
-                params[name].copy_(self.base[name])
-            for delta in self.active.values():
-                for name, pdelta in delta.items():
-                    if name in names:
-                        params[name].add_(pdelta.materialize(params[name].dtype, params[name].device))
 
     def restore_base(self, model: nn.Module) -> None:
         """Put every touched parameter back to its base value and forget all deltas."""
