@@ -102,6 +102,20 @@ def read_until_closed(sock: socket.socket, timeout: float) -> tuple[bytes, bool]
     return data, False
 
 
+def read_head(sock: socket.socket, timeout: float) -> bytes:
+    """What the server sends until a response's head is through (a blank line), or `timeout` passes: on a
+    kept-alive connection, one answer without waiting for a close."""
+    data, deadline = b"", time.monotonic() + timeout
+    while b"\r\n\r\n" not in data and (left := deadline - time.monotonic()) > 0:
+        if not select.select([sock], [], [], left)[0]:
+            break
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def test_a_60_mib_upload_without_a_token_is_refused_from_its_head(served):
     server = served.server
     head = (f"POST /v1/edits/import HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=x\r\n"
@@ -143,7 +157,7 @@ def test_half_open_connections_are_dropped_and_health_still_answers(served):
             sock.sendall(b"GET /v1/health HTT")  # half a request line, then silence
         kept_alive = server.connect()  # one whole request first, then half of the next one
         kept_alive.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert read_until_closed(kept_alive, 0.5)[0].startswith(b"HTTP/1.1 200 ")
+        assert read_head(kept_alive, 10).startswith(b"HTTP/1.1 200 ")  # answered, the connection kept
         kept_alive.sendall(b"GET /v1/hea")
         sockets.append(kept_alive)
 
