@@ -24,9 +24,8 @@ llama_cpp = pytest.importorskip(
            "(CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" pip install llama-cpp-python==0.3.36)",
 )
 
-# One worker runs this file's tests (make test: --dist loadgroup), and the session fixture builds the GGUFs
-# once there even when other files' tests run between them.
-pytestmark = [pytest.mark.default_model, pytest.mark.xdist_group(name="llama_cpp")]
+# One worker runs this file's tests (make test: --dist loadfile), and the module fixture builds the GGUFs once.
+pytestmark = pytest.mark.default_model
 RECORDS = slice(900, 903)  # CounterFact val records: edit prompt, paraphrase, neighbour each
 
 
@@ -56,7 +55,7 @@ def set_scale(llm, scale: float) -> None:
     llm.reset()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """Three `mend` edits (low-rank: the adapter is exact) on the default model, exported both ways; factedit's
     greedy next tokens before and after on the 9 prompts."""

@@ -34,12 +34,10 @@ class Served:
     exported: bytes  # the export of the one edit the server holds
 
 
-# One worker runs this file's tests (make test: --dist loadgroup), and a session fixture starts the server
-# once there even when other files' tests run between them.
-pytestmark = pytest.mark.xdist_group(name="server_attacks")
+# One worker runs this file's tests (make test: --dist loadfile), and the module fixture starts the server once.
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def served(tmp_path_factory) -> Iterator[Served]:
     model = save_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", chat_template=CHAT_TEMPLATE)
     workdir = tmp_path_factory.mktemp("attacks")
