@@ -71,6 +71,27 @@ def test_keys_are_read_at_the_subjects_last_token():
     assert torch.allclose(keys[0], io.inputs[name.rpartition(".")[0]][0, index], atol=1e-6)
 
 
+def test_chat_context_adds_the_fact_asked_as_a_chat_to_the_value_rows():
+    from tiny_models import CHAT_TEMPLATE
+
+    model, tok = tiny_model("llama")
+    request = tokenized(tok, "The capital of the Eiffel Tower region is", "Rome", subject="Eiffel Tower")
+    plain = value_rows(tok, ("",), [request], "{} is a", chat=True)
+    assert plain.input_ids.shape[0] == 2  # no chat template: the prompt and the KL row only
+    tok.chat_template = CHAT_TEMPLATE
+    rows = value_rows(tok, ("",), [request], "{} is a", chat=True)
+    assert rows.input_ids.shape[0] == 3 and rows.kl.tolist() == [False, False, True]
+    ids = rows.input_ids[1][: int(rows.attention_mask[1].sum())].tolist()
+    index = int(rows.subject[1])
+    assert tok.decode(ids[: index + 1]).endswith("<|user|>The capital of the Eiffel Tower")
+    labelled = rows.labels[1][rows.labels[1] != -100].tolist()
+    assert tok.decode(labelled) == "Rome" and ids[-len(labelled):] == labelled
+    assert tok.decode(ids[: -len(labelled)]).endswith("<|assistant|>")  # the reply starts with the target
+    editor = factedit.Editor("alphaedit", tokenizer=tok, chat_context=True, prefixes=None, preserve=NULL, **TINY)
+    record = editor.edit_batch(model, [request.request])
+    assert record.post["requests"][0]["target_prob"] > record.pre["requests"][0]["target_prob"]
+
+
 def test_token_at_finds_the_last_token_of_a_span_after_a_prefix():
     _, tok = tiny_model("llama")
     text = "Some words. The capital of France is"

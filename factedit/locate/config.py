@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ..core.settable import LAYERS, Choice, Integer, Nested, Number, Settable
+from ..core.settable import LAYERS, Choice, Flag, Integer, Nested, Number, Settable
 from ..model.contexts import PrefixConfig
 from ..safety.preserve import PreserveConfig, preserve_field
 
@@ -28,6 +28,9 @@ class LocateConfig:
     position: str = "subject_last"  # where keys are read and v* written: "subject_last", or "last" (prompt's last)
     # Context prefixes the model writes (contexts.py); keys and values are taken over them. None = prompt alone.
     prefixes: PrefixConfig | None = field(default=PrefixConfig(), metadata={"dataclass": PrefixConfig})
+    # Fit v* also on the prompt asked as a chat (the tokenizer's chat template, the target as the reply):
+    # one more row per fact, none without a chat template. Keys stay those of the prefixed prompts.
+    chat_context: bool = False
     v_steps: int = 20  # at most this many Adam steps on the value's δ
     # Adam learning rate of δ. MEMIT's 0.5 (GPT-J) takes 12-21 steps on the default model, most of them
     # walking δ to the ~0.7-1.5 ‖h‖ it needs; 2.0 takes ~8 on CounterFact train[20:40], with ES, said,
@@ -55,7 +58,8 @@ class LocateConfig:
     # What the app and the service may set per edit (settable.py); kl_prompt (free text) is not.
     SETTABLE: ClassVar[Settable] = {
         "layers": LAYERS, "position": Choice("subject_last", "last"), "prefixes": Nested(PrefixConfig.SETTABLE),
-        "v_steps": Integer(0, 100), "v_lr": Number(1e-4, 10.0), "v_weight_decay": Number(0.0, 1.0, optional=True),
+        "chat_context": Flag(), "v_steps": Integer(0, 100), "v_lr": Number(1e-4, 10.0),
+        "v_weight_decay": Number(0.0, 1.0, optional=True),
         "clamp_norm": Number(0.0, 100.0, optional=True), "kl_factor": Number(0.0, 10.0, optional=True),
         "v_stop_nll": Number(0.0, 10.0), "cov_weight": Number(0.0, 1e6), "preserve": Nested(PreserveConfig.SETTABLE),
         "refine_passes": Integer(0, 8), "refine_tol": Number(0.0, 1.0),

@@ -86,7 +86,8 @@ class Locate:
         with frozen(model):
             prefixes = self.context_prefixes(model, tokenizer)
             kl_prompt = self.config.kl_prompt if self.config.kl_factor else None
-            value_batch = value_rows(tokenizer, prefixes, requests, kl_prompt, self.config.position).to(device)
+            value_batch = value_rows(tokenizer, prefixes, requests, kl_prompt, self.config.position,
+                                     chat=self.config.chat_context).to(device)
             measured = measured_at(model, names)
             values = fit_values(model, value_batch, len(requests), module_of(names[-1]), layers[-1], measured,
                                 self.config, check=model not in self._tails_agree)

@@ -2,8 +2,9 @@
 
 ("last" instead reads and writes at the prompt's last token: MEMIT's fact_token option.)
 Key rows: each request's prompt under each context prefix (the first prefix is empty: the prompt
-alone). Value rows: the same followed by the target (labelled), then one row of `kl_prompt` about the
-subject. Every row carries the position of the subject's last token and the request it belongs to.
+alone). Value rows: the same followed by the target (labelled), optionally the prompt asked through the
+chat template with the target as the reply, then one row of `kl_prompt` about the subject. Every row
+carries the position of the subject's last token and the request it belongs to.
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ class Rows:
     owner: torch.Tensor  # (B,) long: the request (index into the requests) the row belongs to
     labels: torch.Tensor  # (B, T): target ids at target positions, IGNORE elsewhere (key rows: all IGNORE)
     kl: torch.Tensor  # (B,) bool: a kl_prompt row
+    chat: torch.Tensor  # (B,) bool: the fact asked as a chat (chat_row)
 
     def to(self, device: torch.device) -> Rows:
         return Rows(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.subject, self.owner,
-                                              self.labels, self.kl)))
+                                              self.labels, self.kl, self.chat)))
 
 
 def subject_of(request: TokenizedRequest) -> str:
@@ -43,14 +45,24 @@ def subject_of(request: TokenizedRequest) -> str:
     return request.request.subject if request.request.subject is not None else find_subject(request.request.prompt)
 
 
-def _batch(tokenizer: PreTrainedTokenizerBase, items: Sequence[tuple[list[int], int, int, list[int], bool]]) -> Rows:
-    """items: (ids, subject index, owner, target ids, kl) -> Rows."""
-    ids, mask = pad_sequences([list(i) + list(t) for i, _, _, t, _ in items], pad_id_of(tokenizer))
+@dataclass(frozen=True)
+class _Item:
+    ids: list[int]
+    subject: int  # index of the subject's last token (or the read position) in ids
+    owner: int  # the request
+    target: list[int]  # labelled after ids (empty: a key or KL row)
+    kl: bool = False
+    chat: bool = False
+
+
+def _batch(tokenizer: PreTrainedTokenizerBase, items: Sequence[_Item]) -> Rows:
+    ids, mask = pad_sequences([list(i.ids) + list(i.target) for i in items], pad_id_of(tokenizer))
     labels = torch.full_like(ids, IGNORE)
-    for row, (prompt, _, _, target, _) in enumerate(items):
-        labels[row, len(prompt) : len(prompt) + len(target)] = torch.tensor(target, dtype=torch.long)
-    return Rows(ids, mask, torch.tensor([s for _, s, _, _, _ in items]), torch.tensor([o for _, _, o, _, _ in items]),
-                labels, torch.tensor([k for *_, k in items], dtype=torch.bool))
+    for row, item in enumerate(items):
+        labels[row, len(item.ids) : len(item.ids) + len(item.target)] = torch.tensor(item.target, dtype=torch.long)
+    flags = {name: torch.tensor([getattr(i, name) for i in items], dtype=torch.bool) for name in ("kl", "chat")}
+    return Rows(ids, mask, torch.tensor([i.subject for i in items]), torch.tensor([i.owner for i in items]), labels,
+                **flags)
 
 
 def positions(
@@ -71,22 +83,44 @@ def key_rows(
     items = []
     for owner, request in enumerate(requests):
         for ids, index in positions(tokenizer, prefixes, request.request.prompt, subject_of(request), position):
-            items.append((ids[: index + 1], index, owner, [], False))
+            items.append(_Item(ids[: index + 1], index, owner, []))
     return _batch(tokenizer, items)
+
+
+def chat_row(
+    tokenizer: PreTrainedTokenizerBase, request: TokenizedRequest, position: str = "subject_last",
+) -> tuple[list[int], int, list[int]] | None:
+    """(ids, read position, target ids) of the request asked as a chat: its prompt as one user message
+    through the tokenizer's chat template, the assistant's reply starting with the target (no leading
+    space); None when the tokenizer has no chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    prompt = request.request.prompt
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         tokenize=False)
+    offset = text.index(prompt)  # the template keeps the message as written
+    span = subject_span(prompt, subject_of(request))
+    ids, index = token_at(tokenizer, text, offset + span[1], special_tokens=False)
+    target = list(tokenizer(request.request.target.strip(), add_special_tokens=False)["input_ids"])
+    return ids, index if position == SUBJECT_LAST else len(ids) - 1, target
 
 
 def value_rows(
     tokenizer: PreTrainedTokenizerBase, prefixes: Sequence[str], requests: Sequence[TokenizedRequest],
-    kl_prompt: str | None, position: str = "subject_last",
+    kl_prompt: str | None, position: str = "subject_last", chat: bool = False,
 ) -> Rows:
-    """Each request's prompt + target under each prefix, then (with `kl_prompt`) its KL row."""
+    """Each request's prompt + target under each prefix, then (with `chat`, when the tokenizer has a
+    chat template) the request asked as a chat (`chat_row`), then (with `kl_prompt`) its KL row."""
     items = []
     for owner, request in enumerate(requests):
         subject = subject_of(request)
         for ids, index in positions(tokenizer, prefixes, request.request.prompt, subject, position):
-            items.append((ids, index, owner, list(request.target_ids), False))
+            items.append(_Item(ids, index, owner, list(request.target_ids)))
+        asked = chat_row(tokenizer, request, position) if chat else None
+        if asked is not None:
+            items.append(_Item(*asked[:2], owner, asked[2], chat=True))
         if kl_prompt is not None:
             start = kl_prompt.index("{}")
             ids, index = token_at(tokenizer, kl_prompt.replace("{}", subject), start + len(subject))
-            items.append((ids, index if position == SUBJECT_LAST else len(ids) - 1, owner, [], True))
+            items.append(_Item(ids, index if position == SUBJECT_LAST else len(ids) - 1, owner, [], kl=True))
     return _batch(tokenizer, items)

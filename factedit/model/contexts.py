@@ -99,18 +99,22 @@ def in_context(prefix: str, prompt: str) -> tuple[str, int]:
     return text + prompt, len(text)
 
 
-def token_at(tokenizer: PreTrainedTokenizerBase, text: str, char_end: int) -> tuple[list[int], int]:
-    """(ids, index): the ids of `text` (as `encode_prompt` gives them) and the index of the token
+def token_at(
+    tokenizer: PreTrainedTokenizerBase, text: str, char_end: int, special_tokens: bool = True,
+) -> tuple[list[int], int]:
+    """(ids, index): the ids of `text` (as `encode_prompt` gives them; `special_tokens=False`: none
+    added, for a text that holds its own, such as a chat template's) and the index of the token
     holding character `char_end - 1`, the last character of a span ending at `char_end`."""
     if getattr(tokenizer, "is_fast", False):
-        encoded = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+        encoded = tokenizer(text, add_special_tokens=special_tokens, return_offsets_mapping=True)
         ids = list(encoded["input_ids"])
         hits = [i for i, (a, b) in enumerate(encoded["offset_mapping"]) if b > a and a < char_end]
         if hits:
             return ids, hits[-1]
     else:
-        ids = encode_prompt(tokenizer, text)
-        count = len(encode_prompt(tokenizer, text[:char_end]))
+        encode = encode_prompt if special_tokens else lambda tok, t: list(tok(t, add_special_tokens=False)["input_ids"])
+        ids = encode(tokenizer, text)
+        count = len(encode(tokenizer, text[:char_end]))
         if 0 < count <= len(ids):
             return ids, count - 1
     raise InvalidRequestError(f"no token of {text!r} ends the span at character {char_end}")
