@@ -29,8 +29,7 @@ class LocateConfig:
     # Context prefixes the model writes (contexts.py); keys and values are taken over them. None = prompt alone.
     prefixes: PrefixConfig | None = field(default=PrefixConfig(), metadata={"dataclass": PrefixConfig})
     # Fit v* also on the prompt asked as a chat (the tokenizer's chat template, the target as the reply):
-    # one more row per fact, none without a chat template; it counts in the stop check like a prefixed
-    # prompt. Keys stay those of the prefixed prompts. Off: about twice the v* steps (README).
+    # one more row per fact, none without a chat template. Keys stay those of the prefixed prompts.
     chat_context: bool = False
     v_steps: int = 20  # at most this many Adam steps on the value's δ
     # Adam learning rate of δ. MEMIT's 0.5 (GPT-J) takes 12-21 steps on the default model, most of them

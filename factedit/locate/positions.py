@@ -33,10 +33,11 @@ class Rows:
     owner: torch.Tensor  # (B,) long: the request (index into the requests) the row belongs to
     labels: torch.Tensor  # (B, T): target ids at target positions, IGNORE elsewhere (key rows: all IGNORE)
     kl: torch.Tensor  # (B,) bool: a kl_prompt row
+    chat: torch.Tensor  # (B,) bool: the fact asked as a chat (chat_row)
 
     def to(self, device: torch.device) -> Rows:
         return Rows(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.subject, self.owner,
-                                              self.labels, self.kl)))
+                                              self.labels, self.kl, self.chat)))
 
 
 def subject_of(request: TokenizedRequest) -> str:
@@ -51,6 +52,7 @@ class _Item:
     owner: int  # the request
     target: list[int]  # labelled after ids (empty: a key or KL row)
     kl: bool = False
+    chat: bool = False
 
 
 def _batch(tokenizer: PreTrainedTokenizerBase, items: Sequence[_Item]) -> Rows:
@@ -58,8 +60,9 @@ def _batch(tokenizer: PreTrainedTokenizerBase, items: Sequence[_Item]) -> Rows:
     labels = torch.full_like(ids, IGNORE)
     for row, item in enumerate(items):
         labels[row, len(item.ids) : len(item.ids) + len(item.target)] = torch.tensor(item.target, dtype=torch.long)
+    flags = {name: torch.tensor([getattr(i, name) for i in items], dtype=torch.bool) for name in ("kl", "chat")}
     return Rows(ids, mask, torch.tensor([i.subject for i in items]), torch.tensor([i.owner for i in items]), labels,
-                torch.tensor([i.kl for i in items], dtype=torch.bool))
+                **flags)
 
 
 def positions(
@@ -115,7 +118,7 @@ def value_rows(
             items.append(_Item(ids, index, owner, list(request.target_ids)))
         asked = chat_row(tokenizer, request, position) if chat else None
         if asked is not None:
-            items.append(_Item(*asked[:2], owner, asked[2]))
+            items.append(_Item(*asked[:2], owner, asked[2], chat=True))
         if kl_prompt is not None:
             start = kl_prompt.index("{}")
             ids, index = token_at(tokenizer, kl_prompt.replace("{}", subject), start + len(subject))

@@ -14,8 +14,8 @@ block, the down projection's own output, as ROME measures it: exact for blocks t
 output, e.g. Gemma's); v*_i = h_i + δ_i. The
 requests' δ are independent (the loss is a sum over requests). Each step runs only what δ changes:
 each row from its subject's last token on, from block L up, the tokens before it cached (tails.py).
-Stops when every request's NLL is below `stop_nll` (with `chat_context`, its chat row counted like a
-prefixed prompt: fitting it takes about twice the steps on the default model).
+Stops when every request's NLL is below `stop_nll`; with `chat_context` its chat row counts in the loss
+and not in that check (the prompt's rows decide, as without it).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class Values:
     target: torch.Tensor  # (N, H) v*: block L's output wanted at the subject's last token
     initial: torch.Tensor  # (N, H) h: what it is before the edit
     steps: int  # Adam steps taken
-    nll: torch.Tensor  # (N,) each request's target NLL at the end
+    nll: torch.Tensor  # (N,) each request's target NLL at the end (over the rows the stop reads)
     tails: bool = True  # the steps ran tail passes (tails.py), not whole rows
 
 
@@ -65,8 +65,8 @@ def selection(rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _losses(logits, rows: Rows, select, targets, n: int, base_kl: torch.Tensor | None):
-    """(nll (n,), kl (n,)) per request from logits (M, V) at `select`: the mean over each request's
-    target rows of its target's mean NLL."""
+    """(nll (n,), nll of the rows the stop reads (n,), kl (n,)) per request from logits (M, V) at
+    `select`: the NLL over all of a request's target rows, and over those without its chat row."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # (M, V)
     row = select.nonzero()[:, 0]  # (M,)
     on_target = targets != IGNORE
@@ -77,14 +77,20 @@ def _losses(logits, rows: Rows, select, targets, n: int, base_kl: torch.Tensor |
     count = torch.zeros(b, device=logits.device).index_add(0, rows_t, torch.ones_like(picked))
     per_row = per_row / count.clamp(min=1)  # (B,) mean NLL of each row's target
     rewrite = ~rows.kl
-    nll = torch.zeros(n, device=logits.device).index_add(0, rows.owner[rewrite], per_row[rewrite])
-    nll = nll / torch.zeros(n, device=logits.device).index_add(0, rows.owner[rewrite], rewrite[rewrite].float())
+    nll = _mean_per_request(per_row, rows.owner, rewrite, n)
+    stop = _mean_per_request(per_row.detach(), rows.owner, rewrite & ~rows.chat, n)
     kl = torch.zeros(n, device=logits.device)
     if base_kl is not None:
         edited = logprobs[~on_target]  # (K, V), K = KL rows, in row order
         terms = (edited.exp() * (edited - base_kl)).sum(-1)  # KL(edited ‖ unedited)
         kl = kl.index_add(0, rows.owner[rows.kl], terms)
-    return nll, kl
+    return nll, stop, kl
+
+
+def _mean_per_request(per_row: torch.Tensor, owner: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    """(n,) the mean of per_row (B,) over each request's rows where `rows` (B,) is set."""
+    total = torch.zeros(n, device=per_row.device).index_add(0, owner[rows], per_row[rows])
+    return total / torch.zeros(n, device=per_row.device).index_add(0, owner[rows], rows[rows].float())
 
 
 def _passes(
@@ -159,8 +165,8 @@ def fit_values(
     steps = 0
     for steps in range(config.v_steps + 1):
         with torch.enable_grad():
-            nll, kl = _losses(passes.run({out_module: add_delta}), rows, select, targets, n, base_kl)
-            if bool((nll < config.v_stop_nll).all()) or steps == config.v_steps:
+            nll, stop_nll, kl = _losses(passes.run({out_module: add_delta}), rows, select, targets, n, base_kl)
+            if bool((stop_nll < config.v_stop_nll).all()) or steps == config.v_steps:
                 break
             loss = nll + (config.kl_factor or 0.0) * kl
             if config.v_weight_decay:
@@ -173,4 +179,4 @@ def fit_values(
                 limit = config.clamp_norm * norms  # (N,)
                 scale = (limit / delta.norm(dim=1).clamp(min=1e-12)).clamp(max=1.0)
                 delta.mul_(scale[:, None])
-    return Values(initial + delta.detach(), initial, steps, nll.detach(), passes.tails)
+    return Values(initial + delta.detach(), initial, steps, stop_nll, passes.tails)
