@@ -235,6 +235,17 @@ def test_resume_skips_done_records_and_ignores_a_half_written_line(tiny_dir, tmp
     assert _eval(tiny_dir, out, "method=ft_l", "n=2", *FAST) == 2
     assert _eval(tiny_dir, out, "method=ft_l", *FAST, "method_overrides.ft_l.lr=0.01") == 2
     assert json.loads((out / "run.json").read_text())["methods"]["ft_l"]["config"]["lr"] == 0.05
+    # a run recorded before the config gained a field resumes while the field has its default, not otherwise
+    state = json.loads((out / "run.json").read_text())
+    for key in ("prefixes", "lr"):  # prefixes: at its default (None); lr: overridden (0.05)
+        del state["methods"]["ft_l"]["config"][key]
+    (out / "run.json").write_text(json.dumps(state))
+    assert _eval(tiny_dir, out, "method=ft_l", *FAST) == 2  # lr is not at its default: refused
+    assert json.loads((out / "run.json").read_text()) == state  # and nothing written
+    state["methods"]["ft_l"]["config"]["lr"] = 0.05
+    (out / "run.json").write_text(json.dumps(state))
+    assert _eval(tiny_dir, out, "method=ft_l", *FAST) == 0
+    assert json.loads((out / "run.json").read_text())["methods"]["ft_l"]["config"]["prefixes"] is None
 
 
 def test_sequential_resume_replays_the_journal(tiny_dir, sequential_run, tmp_path, monkeypatch):

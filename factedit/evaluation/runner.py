@@ -73,15 +73,25 @@ def _effective_config(method: MethodRun) -> dict[str, Any]:
 
 def _check_method_configs(state: dict[str, Any], configs: dict[str, dict[str, Any]], out: Path) -> None:
     """Record each method's effective config in run.json; refuse to resume one whose config changed
-    (other overrides, or changed defaults), since its earlier cases would not be comparable."""
+    (other overrides, or changed defaults), since its earlier cases would not be comparable. A field the
+    method's config gained since the run was recorded is no change while it has its default (a new
+    option, off as before); it is recorded from then on."""
     for name, effective in configs.items():
         recorded = state["methods"].setdefault(name, {}).setdefault("config", effective)
+        added = {k: v for k, v in effective.items() if k not in recorded and v == _default_config(name).get(k, v)}
+        if added and name != NONE_METHOD:
+            recorded.update(added)
         if recorded != effective:
             changed = sorted(k for k in set(recorded) | set(effective) if recorded.get(k) != effective.get(k))
             raise ConfigError(
                 f"{out} holds {name} results made with another {name} config (differs in "
                 f"{', '.join(changed)}); give another out= or resume=false to start over"
             )
+
+
+def _default_config(name: str) -> dict[str, Any]:
+    """A method's config at its defaults, as `method_configs` gives it ({} for the unedited model)."""
+    return {} if name == NONE_METHOD else config_to_dict(make_config(get_method(name).config_cls, {}))
 
 
 def _save_state(out: Path, state: dict[str, Any]) -> None:
