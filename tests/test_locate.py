@@ -90,6 +90,13 @@ def test_chat_context_adds_the_fact_asked_as_a_chat_to_the_value_rows():
     editor = factedit.Editor("alphaedit", tokenizer=tok, chat_context=True, prefixes=None, preserve=NULL, **TINY)
     record = editor.edit_batch(model, [request.request])
     assert record.post["requests"][0]["target_prob"] > record.pre["requests"][0]["target_prob"]
+    # a template that rewrites the message: the subject cannot be placed, the edit is refused, nothing changes
+    tok.chat_template = CHAT_TEMPLATE.replace("m['content']", "m['content'] | upper")
+    before = snapshot(model)
+    with pytest.raises(InvalidRequestError, match="chat template"):
+        editor.edit(model, "The capital of Spain is", "Paris")
+    assert_weights_equal(model, before)
+    assert len(editor.history) == 1
 
 
 def test_token_at_finds_the_last_token_of_a_span_after_a_prefix():

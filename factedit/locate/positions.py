@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from ..core.errors import InvalidRequestError
 from ..core.request import TokenizedRequest, find_subject, subject_span
 from ..model.contexts import subject_positions, token_at
 from ..scoring.sequences import pad_id_of, pad_sequences
@@ -88,21 +89,23 @@ def key_rows(
 
 
 def chat_row(
-    tokenizer: PreTrainedTokenizerBase, request: TokenizedRequest, position: str = "subject_last",
-) -> tuple[list[int], int, list[int]] | None:
-    """(ids, read position, target ids) of the request asked as a chat: its prompt as one user message
-    through the tokenizer's chat template, the assistant's reply starting with the target (no leading
-    space); None when the tokenizer has no chat template."""
+    tokenizer: PreTrainedTokenizerBase, request: TokenizedRequest, owner: int, position: str = "subject_last",
+) -> _Item | None:
+    """The request asked as a chat: its prompt as one user message through the tokenizer's chat
+    template, the assistant's reply starting with the target (no leading space); None when the
+    tokenizer has no chat template."""
     if not getattr(tokenizer, "chat_template", None):
         return None
-    prompt = request.request.prompt
+    prompt = request.request.prompt.strip()
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                          tokenize=False)
-    offset = text.index(prompt)  # the template keeps the message as written
+    if prompt not in text:
+        raise InvalidRequestError("the model's chat template does not keep the prompt as written, so "
+                                  "chat_context cannot find the subject in it; edit with chat_context off")
     span = subject_span(prompt, subject_of(request))
-    ids, index = token_at(tokenizer, text, offset + span[1], special_tokens=False)
+    ids, index = token_at(tokenizer, text, text.index(prompt) + span[1], special_tokens=False)
     target = list(tokenizer(request.request.target.strip(), add_special_tokens=False)["input_ids"])
-    return ids, index if position == SUBJECT_LAST else len(ids) - 1, target
+    return _Item(ids, index if position == SUBJECT_LAST else len(ids) - 1, owner, target, chat=True)
 
 
 def value_rows(
@@ -116,9 +119,9 @@ def value_rows(
         subject = subject_of(request)
         for ids, index in positions(tokenizer, prefixes, request.request.prompt, subject, position):
             items.append(_Item(ids, index, owner, list(request.target_ids)))
-        asked = chat_row(tokenizer, request, position) if chat else None
+        asked = chat_row(tokenizer, request, owner, position) if chat else None
         if asked is not None:
-            items.append(_Item(*asked[:2], owner, asked[2], chat=True))
+            items.append(asked)
         if kl_prompt is not None:
             start = kl_prompt.index("{}")
             ids, index = token_at(tokenizer, kl_prompt.replace("{}", subject), start + len(subject))
