@@ -155,6 +155,26 @@ def test_prefixes_put_the_prompt_under_each_prefix_in_the_training_batch(method,
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("method, module", [("ft_l", ft), ("lora", lora)])
+def test_chat_context_adds_the_fact_asked_as_a_chat_to_the_training_batch(method, module, monkeypatch):
+    from tiny_models import CHAT_TEMPLATE
+
+    model, tok = tiny_model("llama")
+    captured = _captured_batches(module, monkeypatch)
+    request, = _requests(tok, FACT)
+    editor = factedit.Editor(method, tokenizer=tok, layers=(-1,), max_steps=2, preserve=None, chat_context=True)
+    editor._impl.compute(model, tok, [request])  # no chat template: the request alone
+    tok.chat_template = CHAT_TEMPLATE
+    editor._impl.compute(model, tok, [request])
+    alone, chat = captured
+    assert alone.input_ids.tolist() == [list(request.input_ids)]
+    assert chat.input_ids.shape[0] == 2 and chat.stop.tolist() == [True, False]  # the stop reads the prompt
+    n = int(chat.attention_mask[1].sum())
+    labelled = chat.labels[1] != batches.IGNORE
+    assert tok.decode(chat.input_ids[1, :n][~labelled[:n]]) == f"<|user|>{FACT[0]}<|assistant|>"
+    assert tok.decode(chat.labels[1, labelled]) == FACT[1].strip()  # the reply starts with the target
+
+
 def test_without_prefixes_the_batch_is_the_requests_alone(monkeypatch):
     model, tok = tiny_model("llama")
     captured = _captured_batches(ft, monkeypatch)

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from ..core.errors import InvalidRequestError
 from ..core.request import TokenizedRequest, find_subject, subject_span
-from ..model.contexts import subject_positions, token_at
+from ..model.contexts import in_chat, reply_ids, subject_positions, token_at
 from ..scoring.sequences import pad_id_of, pad_sequences
 
 IGNORE = -100
@@ -91,21 +90,16 @@ def key_rows(
 def chat_row(
     tokenizer: PreTrainedTokenizerBase, request: TokenizedRequest, owner: int, position: str = "subject_last",
 ) -> _Item | None:
-    """The request asked as a chat: its prompt as one user message through the tokenizer's chat
-    template, the assistant's reply starting with the target (no leading space); None when the
-    tokenizer has no chat template."""
-    if not getattr(tokenizer, "chat_template", None):
-        return None
+    """The request asked as a chat (`in_chat`), the assistant's reply starting with the target; None
+    when the tokenizer has no chat template."""
     prompt = request.request.prompt.strip()
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                         tokenize=False)
-    if prompt not in text:
-        raise InvalidRequestError("the model's chat template does not keep the prompt as written, so "
-                                  "chat_context cannot find the subject in it; edit with chat_context off")
-    span = subject_span(prompt, subject_of(request))
-    ids, index = token_at(tokenizer, text, text.index(prompt) + span[1], special_tokens=False)
-    target = list(tokenizer(request.request.target.strip(), add_special_tokens=False)["input_ids"])
-    return _Item(ids, index if position == SUBJECT_LAST else len(ids) - 1, owner, target, chat=True)
+    chat = in_chat(tokenizer, prompt)
+    if chat is None:
+        return None
+    text, offset = chat
+    ids, index = token_at(tokenizer, text, offset + subject_span(prompt, subject_of(request))[1], special_tokens=False)
+    return _Item(ids, index if position == SUBJECT_LAST else len(ids) - 1, owner,
+                 reply_ids(tokenizer, request.request.target), chat=True)
 
 
 def value_rows(

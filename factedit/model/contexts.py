@@ -99,6 +99,31 @@ def in_context(prefix: str, prompt: str) -> tuple[str, int]:
     return text + prompt, len(text)
 
 
+def in_chat(tokenizer: PreTrainedTokenizerBase, prompt: str) -> tuple[str, int] | None:
+    """(text, offset): `prompt` as one user message through the tokenizer's chat template, up to where
+    the assistant's reply begins (its ids: `ids_as_written`), and where the prompt starts in it; None when the
+    tokenizer has no chat template. InvalidRequestError when the template does not keep the prompt as
+    written (the subject could not be found in it)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         tokenize=False)
+    if prompt not in text:
+        raise InvalidRequestError("the model's chat template does not keep the prompt as written; edit with "
+                                  "chat_context off")
+    return text, text.index(prompt)
+
+
+def ids_as_written(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Ids of a text that holds its own special tokens (a chat text, `in_chat`): none added."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def reply_ids(tokenizer: PreTrainedTokenizerBase, target: str) -> list[int]:
+    """Ids of `target` as the start of an assistant's reply: no leading space, nothing added."""
+    return list(tokenizer(target.strip(), add_special_tokens=False)["input_ids"])
+
+
 def token_at(
     tokenizer: PreTrainedTokenizerBase, text: str, char_end: int, special_tokens: bool = True,
 ) -> tuple[list[int], int]:
@@ -112,7 +137,7 @@ def token_at(
         if hits:
             return ids, hits[-1]
     else:
-        encode = encode_prompt if special_tokens else lambda tok, t: list(tok(t, add_special_tokens=False)["input_ids"])
+        encode = encode_prompt if special_tokens else ids_as_written
         ids = encode(tokenizer, text)
         count = len(encode(tokenizer, text[:char_end]))
         if 0 < count <= len(ids):

@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from ..core.delta import Delta, ParamDelta
 from ..core.methods import MethodSpec
 from ..core.request import TokenizedRequest
-from ..core.settable import LAYERS, SEED, Choices, Integer, Nested, Number, Settable
+from ..core.settable import LAYERS, SEED, Choices, Flag, Integer, Nested, Number, Settable
 from ..core.training import Progress, seeded
 from ..model.contexts import ContextPrefixes, PrefixConfig
 from ..model.hooks import frozen
@@ -45,6 +45,9 @@ class FTConfig:
     # Train on the prompt alone and under each of these short model-written prefixes (contexts.py,
     # MEMIT's context templates): the loss averages the target NLL over them. None = the prompt alone.
     prefixes: PrefixConfig | None = field(default=None, metadata={"dataclass": PrefixConfig})
+    # Also train on the prompt asked through the chat template, the target as the reply's start
+    # (scoring/batches.py); nothing without a chat template. The stop check reads the prompt alone.
+    chat_context: bool = False
 
     # What the app and the service may set per edit (settable.py): steps bound the time an edit
     # holds the weights.
@@ -52,6 +55,7 @@ class FTConfig:
         "layers": LAYERS, "matrices": Choices("in", "gate", "out"), "lr": Number(1e-6, 0.1),
         "max_steps": Integer(1, 200), "norm_constraint": Number(1e-5, 1.0, optional=True), "seed": SEED,
         "preserve": Nested(PreserveConfig.SETTABLE), "prefixes": Nested(PrefixConfig.SETTABLE),
+        "chat_context": Flag(),
     }
 
     def __post_init__(self) -> None:
@@ -108,7 +112,7 @@ class FineTune:
         # its steps would be rounded away or turn to NaN on float16 weights.
         originals = {n: params[n].detach().float() for n in names}
         trained = {n: w.clone().requires_grad_(True) for n, w in originals.items()}
-        batch = training_batch(model, tokenizer, requests, self.prefixes)
+        batch = training_batch(model, tokenizer, requests, self.prefixes, chat=self.config.chat_context)
 
         def forward(b: TrainingBatch) -> torch.Tensor:
             kwargs = {"input_ids": b.input_ids, "attention_mask": b.attention_mask}

@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from ..core.delta import Delta, ParamDelta
 from ..core.methods import MethodSpec
 from ..core.request import TokenizedRequest
-from ..core.settable import LAYERS, SEED, Choices, Integer, Nested, Number, Settable
+from ..core.settable import LAYERS, SEED, Choices, Flag, Integer, Nested, Number, Settable
 from ..core.training import Progress, seeded
 from ..model.contexts import ContextPrefixes, PrefixConfig
 from ..model.hooks import frozen
@@ -56,12 +56,16 @@ class LoRAEditConfig:
     # Train on the prompt alone and under each of these short model-written prefixes (contexts.py,
     # MEMIT's context templates): the loss averages the target NLL over them. None = the prompt alone.
     prefixes: PrefixConfig | None = field(default=None, metadata={"dataclass": PrefixConfig})
+    # Also train on the prompt asked through the chat template, the target as the reply's start
+    # (scoring/batches.py); nothing without a chat template. The stop check reads the prompt alone.
+    chat_context: bool = False
 
     # What the app and the service may set per edit (settable.py): rank bounds memory, steps time.
     SETTABLE: ClassVar[Settable] = {
         "layers": LAYERS, "matrices": Choices("in", "gate", "out", "act"), "rank": Integer(1, 64),
         "alpha": Number(1e-3, 1e3), "lr": Number(1e-6, 0.1), "max_steps": Integer(1, 200), "seed": SEED,
         "preserve": Nested(PreserveConfig.SETTABLE), "prefixes": Nested(PrefixConfig.SETTABLE),
+        "chat_context": Flag(),
     }
 
     def __post_init__(self) -> None:
@@ -91,7 +95,8 @@ class LoRAEdit:
             r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=modules, bias="none",
             fan_in_fan_out=any(layout == "in_out" for layout in layouts.values()),
         )
-        batch = training_batch(model, tokenizer, requests, self.prefixes)  # before the adapter goes in
+        # before the adapter goes in
+        batch = training_batch(model, tokenizer, requests, self.prefixes, chat=cfg.chat_context)
         with frozen(model), seeded(cfg.seed):
             peft_model = get_peft_model(model, lora_config, adapter_name=ADAPTER)
             try:

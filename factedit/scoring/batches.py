@@ -7,8 +7,9 @@ log-likelihood of the target tokens.
 With context prefixes (`prefixed_batch`, MEMIT's context templates from contexts.py) each request also
 trains under each prefix: rows `prefix + ". " + prompt + target`, request-major and prefix-minor, the
 prompt alone first. All rows of a request share its target ids (the join rule depends only on the
-prompt's end), so the token mean is the mean over its contexts. The stop check reads the prompt-alone
-rows only: the edit is done when the prompt itself gives the target.
+prompt's end), so the token mean is the mean over its contexts. With `chat` a request also trains asked
+through the chat template, its target (without the leading space) as the start of the reply. The stop
+check reads the prompt-alone rows only: the edit is done when the prompt itself gives the target.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..core.request import TokenizedRequest, encode_prompt, max_context
-from ..model.contexts import ContextPrefixes, in_context
+from ..model.contexts import ContextPrefixes, ids_as_written, in_chat, in_context, reply_ids
 from .sequences import pad_id_of, pad_sequences
 
 LOG = logging.getLogger(__name__)
@@ -39,15 +40,17 @@ class TrainingBatch:
 
 def training_batch(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[TokenizedRequest],
-    prefixes: ContextPrefixes | None,
+    prefixes: ContextPrefixes | None, chat: bool = False,
 ) -> TrainingBatch:
-    """The batch an editor trains on: the requests alone, or (with `prefixes`) under the model's
-    context prefixes, written by the model the first time this editor meets it."""
+    """The batch an editor trains on: the requests alone, or also (with `prefixes`) under the model's
+    context prefixes, written by the model the first time this editor meets it, and (with `chat`) each
+    asked through the tokenizer's chat template."""
     device = next(model.parameters()).device
-    if prefixes is None:
+    if prefixes is None and not chat:
         return make_batch(requests, pad_id_of(tokenizer), device)
-    return prefixed_batch(requests, tokenizer, prefixes.get(model, tokenizer), pad_id_of(tokenizer), device,
-                          max_context(model.config))
+    contexts = prefixes.get(model, tokenizer) if prefixes is not None else ("",)
+    return prefixed_batch(requests, tokenizer, contexts, pad_id_of(tokenizer), device, max_context(model.config),
+                          chat=chat)
 
 
 def make_batch(requests: Sequence[TokenizedRequest], pad_id: int, device: torch.device) -> TrainingBatch:
@@ -56,24 +59,28 @@ def make_batch(requests: Sequence[TokenizedRequest], pad_id: int, device: torch.
 
 def prefixed_batch(
     requests: Sequence[TokenizedRequest], tokenizer: PreTrainedTokenizerBase, prefixes: Sequence[str],
-    pad_id: int, device: torch.device, context_length: int | None = None,
+    pad_id: int, device: torch.device, context_length: int | None = None, chat: bool = False,
 ) -> TrainingBatch:
     """Each request's prompt alone, then under each non-empty prefix (`in_context`, tokenized with
-    `encode_prompt`), followed by its target ids; `stop` marks the prompt-alone rows. A prefixed row
-    longer than `context_length` is left out (the prompt alone always fits: the request was checked)."""
+    `encode_prompt`), then (with `chat`, when the tokenizer has a chat template) asked as a chat
+    (`in_chat`, the target as the reply's start), each followed by its target ids; `stop` marks the
+    prompt-alone rows. A row longer than `context_length` is left out (the prompt alone always fits:
+    the request was checked)."""
     rows: list[tuple[Sequence[int], Sequence[int]]] = []
     stop: list[bool] = []
     for r in requests:
         rows.append((r.prompt_ids, r.target_ids))
         stop.append(True)
-        for prefix in prefixes:
-            if not prefix:
-                continue  # the prompt alone is already the request's first row
-            ids = encode_prompt(tokenizer, in_context(prefix, r.request.prompt)[0])
-            if context_length is not None and len(ids) + len(r.target_ids) > context_length:
-                LOG.debug("prefix %r left out: %r would not fit the context", prefix, r.request.prompt)
+        extra = [(encode_prompt(tokenizer, in_context(prefix, r.request.prompt)[0]), r.target_ids)
+                 for prefix in prefixes if prefix]  # the prompt alone is already the request's first row
+        asked = in_chat(tokenizer, r.request.prompt.strip()) if chat else None
+        if asked is not None:
+            extra.append((ids_as_written(tokenizer, asked[0]), reply_ids(tokenizer, r.request.target)))
+        for ids, target in extra:
+            if context_length is not None and len(ids) + len(target) > context_length:
+                LOG.debug("a context of %r left out: it would not fit the model's context", r.request.prompt)
                 continue
-            rows.append((ids, r.target_ids))
+            rows.append((ids, target))
             stop.append(False)
     batch = _rows_batch(rows, pad_id, device)
     return TrainingBatch(batch.input_ids, batch.attention_mask, batch.labels, torch.tensor(stop, device=device))
