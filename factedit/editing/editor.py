@@ -68,9 +68,9 @@ class Editor:
             when an evaluation measures on its own.
         guard: the drift guard (drift.py): a `GuardConfig` (or a mapping of its fields), a largest
             allowed perplexity ratio of the reference text against the base model, None (off), or
-            "auto" (on for methods registered
-            as guarded: `mend`, `ultraedit` and the editors that act at every token, `adapter`,
-            `bitfit`, `ia3`). An edit past the bound is undone and raises `DriftError`.
+            "auto" (on for methods registered as guarded: `mend`, `ultraedit` and the editors that act
+            at every token, `adapter`, `bitfit`, `ia3`). An edit past the bound is undone and raises
+            `DriftError`.
         **overrides: fields of the method's config dataclass; unknown names are errors. Methods whose
             config has `preserve` (a `PreserveConfig`, or None for off) keep their deltas in the null
             space of the reference corpus's keys (preserve.py).
