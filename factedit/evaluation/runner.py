@@ -74,11 +74,13 @@ def _effective_config(method: MethodRun) -> dict[str, Any]:
 def _check_method_configs(state: dict[str, Any], configs: dict[str, dict[str, Any]], out: Path) -> None:
     """Record each method's effective config in run.json; refuse to resume one whose config changed
     (other overrides, or changed defaults), since its earlier cases would not be comparable. A field the
-    method's config gained since the run was recorded is no change while it has its default (a new
-    option, off as before); it is recorded from then on."""
+    method's config gained since the run was recorded is no change while it is off (False or None) and
+    that is its default: a new option, off as before; it is recorded from then on. A new field on by
+    default (alphaedit's chat_context) changed what the method does, and is refused like any change."""
     for name, effective in configs.items():
         recorded = state["methods"].setdefault(name, {}).setdefault("config", effective)
-        added = {k: v for k, v in effective.items() if k not in recorded and v == _default_config(name).get(k, v)}
+        added = {k: v for k, v in effective.items()
+                 if k not in recorded and v in (False, None) and v == _default_config(name).get(k, v)}
         if added and name != NONE_METHOD:
             recorded.update(added)
         if recorded != effective:
