@@ -246,6 +246,8 @@ def test_resume_skips_done_records_and_ignores_a_half_written_line(tiny_dir, tmp
     (out / "run.json").write_text(json.dumps(state))
     assert _eval(tiny_dir, out, "method=ft_l", *FAST) == 0
     assert json.loads((out / "run.json").read_text())["methods"]["ft_l"]["config"]["prefixes"] is None
+    # the guard is no config field: turning it off (null) on a run made without the option is a change
+    assert _eval(tiny_dir, out, "method=ft_l", *FAST, "method_overrides.ft_l.guard=null") == 2
 
 
 def test_sequential_resume_replays_the_journal(tiny_dir, sequential_run, tmp_path, monkeypatch):

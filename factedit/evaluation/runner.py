@@ -79,10 +79,9 @@ def _check_method_configs(state: dict[str, Any], configs: dict[str, dict[str, An
     default (alphaedit's chat_context) changed what the method does, and is refused like any change."""
     for name, effective in configs.items():
         recorded = state["methods"].setdefault(name, {}).setdefault("config", effective)
-        added = {k: v for k, v in effective.items()
-                 if k not in recorded and v in (False, None) and v == _default_config(name).get(k, v)}
-        if added and name != NONE_METHOD:
-            recorded.update(added)
+        defaults = _default_config(name)  # the Editor's guard is not a config field: never "added"
+        recorded.update({k: v for k, v in effective.items()
+                         if k not in recorded and k in defaults and v in (False, None) and defaults[k] == v})
         if recorded != effective:
             changed = sorted(k for k in set(recorded) | set(effective) if recorded.get(k) != effective.get(k))
             raise ConfigError(
