@@ -1,5 +1,5 @@
 """factedit.scoring.said: what the model SAYS. The judging rules on given strings, chat prompts through
-the template (None without one), batched greedy generation against unbatched and against HF generate,
+the template (refused without one), batched greedy generation against unbatched and against HF generate,
 the greedy rule on a tiny model before and after an `ft` edit, and the gen/* aggregation by hand."""
 
 from __future__ import annotations
@@ -7,14 +7,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from factedit.core.errors import ConfigError
 from factedit.core.request import encode_prompt
 from factedit.editing.editor import Editor
 from factedit.evaluation import EvalRecord
+from factedit.model.chat import chat_ids, has_chat_template, user_message
 from factedit.scoring.metrics import CaseScores, compute_metrics, score_cases
 from factedit.scoring.said import (
     GREEDY_EXTRA,
     SaidScores,
-    chat_ids,
     chat_questions,
     eos_ids_of,
     generate_ids,
@@ -91,7 +92,9 @@ def test_chat_prompt_goes_through_the_template(tiny):
     from tiny_models import CHAT_TEMPLATE
 
     _, tok = tiny
-    assert chat_ids(tok, "anything") is None  # the tiny tokenizer has no template
+    assert not has_chat_template(tok)  # the tiny tokenizer has none
+    with pytest.raises(ConfigError, match="no chat template"):
+        chat_ids(tok, user_message("anything"))
     tok.chat_template = CHAT_TEMPLATE
     questions = chat_questions(CASE.prompt, CASE.paraphrases)
     assert questions == [
@@ -99,7 +102,7 @@ def test_chat_prompt_goes_through_the_template(tiny):
         "The capital city of France is what?",
         "Paris is the capital of what?",
     ]
-    ids = chat_ids(tok, questions[0])
+    ids = chat_ids(tok, user_message(questions[0]))
     assert tok.decode(ids) == "<|user|>Complete the sentence: The capital of France is<|assistant|>"
 
 

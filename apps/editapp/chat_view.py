@@ -1,5 +1,5 @@
 """The chat view of "Try the model": the question through the model's chat template (the tokenizer's
-`apply_chat_template`, factedit.session.chat), the reply of the model now streamed from the session's
+`apply_chat_template`, factedit.model.chat), the reply of the model now streamed from the session's
 generation engine (the `BatchGenerator` the service's chat completions use), and beside it the reply with
 the selected edit toggled (without an active edit, a reverted one re-applied), generated greedily through
 the session's read view. Only "Ask" generates: replies are kept with the question, length, edit and
@@ -14,8 +14,8 @@ from typing import Any
 
 import streamlit as st
 
+from factedit.model.chat import chat_ids, chat_text, has_chat_template
 from factedit.session import EditSession
-from factedit.session.chat import chat_ids, chat_text, has_chat_template
 from factedit.session.generation_types import SamplingParams, TextDelta
 
 from .ui import md

@@ -28,6 +28,7 @@ from transformers import PreTrainedTokenizerBase
 from ..core.errors import ConfigError, InvalidRequestError
 from ..core.request import encode_prompt
 from ..core.settable import Integer, Settable
+from .chat import chat_text, has_chat_template, user_message
 from .hooks import frozen
 
 SEPARATOR = ". "  # between a prefix and the prompt
@@ -104,10 +105,9 @@ def in_chat(tokenizer: PreTrainedTokenizerBase, prompt: str) -> tuple[str, int] 
     the assistant's reply begins (its ids: `ids_as_written`), and where the prompt starts in it; None when the
     tokenizer has no chat template. InvalidRequestError when the template does not keep the prompt as
     written (the subject could not be found in it)."""
-    if not getattr(tokenizer, "chat_template", None):
+    if not has_chat_template(tokenizer):
         return None
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                         tokenize=False)
+    text = chat_text(tokenizer, user_message(prompt))
     if prompt not in text:
         raise InvalidRequestError("the model's chat template does not keep the prompt as written; edit with "
                                   "chat_context off")

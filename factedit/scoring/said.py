@@ -48,6 +48,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..core.request import encode_prompt, encode_target
+from ..model.chat import chat_ids, has_chat_template, user_message
 from .sequences import DEFAULT_BATCH_SIZE, pad_id_of, pad_sequences
 
 GREEDY_EXTRA = 2  # tokens generated past the target's length (greedy success, neighbours)
@@ -99,17 +100,6 @@ def says_in(reply: str, target: str, avoid: str | None = None) -> bool:
         return False
     old = normalise(avoid) if avoid else ""
     return not old or _at_word_boundaries(old).search(pattern.sub(" ", text)) is None
-
-
-def chat_ids(tokenizer: PreTrainedTokenizerBase, question: str) -> list[int] | None:
-    """Token ids of `question` as one user message through the tokenizer's chat template, with the
-    assistant's generation prompt; None when the tokenizer has no chat template."""
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
-    )
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def chat_questions(prompt: str, paraphrases: Sequence[str]) -> list[str]:
@@ -247,9 +237,8 @@ def said_scores(
         for text, answer in [*case.neighborhood, *case.locality]:
             greedy("neigh", text, answer)
         for question in chat_questions(case.prompt, case.paraphrases):
-            ids = chat_ids(tokenizer, question)
-            if ids is not None:
-                requests.append((c, "chat", ids, chat_tokens))
+            if has_chat_template(tokenizer):
+                requests.append((c, "chat", chat_ids(tokenizer, user_message(question)), chat_tokens))
     generated = generate_ids(
         model,
         [r[2] for r in requests],

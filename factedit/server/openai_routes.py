@@ -19,6 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from ..model.chat import chat_text, has_chat_template
 from ..session.generation_types import Completion, Finished, QueueFullError, SamplingParams, TextDelta, TokenInfo
 from ..session.handle import Generation
 from .access import Access, declare
@@ -70,10 +71,9 @@ async def create_chat_completion(body: ChatRequest, state: StateDep, request: Re
     if len(body.messages) > limits.max_messages:
         raise APIError(422, "too_many_messages", f"at most {limits.max_messages} messages", param="messages")
     tokenizer = state.session.tokenizer
-    if not getattr(tokenizer, "chat_template", None):
+    if not has_chat_template(tokenizer):
         raise APIError(422, "no_chat_template", "this model's tokenizer has no chat template; use /v1/completions")
-    messages = [{"role": m.role, "content": m.text} for m in body.messages]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = chat_text(tokenizer, [{"role": m.role, "content": m.text} for m in body.messages])
     ids = _encode(state, text, body.token_budget, special_tokens=False)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = _sampling(body, body.token_budget, logprobs)
