@@ -99,6 +99,31 @@ def test_chat_context_adds_the_fact_asked_as_a_chat_to_the_value_rows():
     assert len(editor.history) == 1
 
 
+def test_contexts_that_would_not_fit_the_model_are_left_out():
+    """A prompt near the context length: its prefixed and chat rows would run past the model's positions
+    (GPT-2's are absolute: an index error), so they are left out and the prompt alone is edited."""
+    from tiny_models import CHAT_TEMPLATE, CONTEXT
+
+    model, tok = tiny_model("gpt2")
+    tok.chat_template = CHAT_TEMPLATE
+    n = 0  # words before the prompt: as many as leave room for the target
+    while len(tok("word " * (n + 1) + PROMPT)["input_ids"]) <= CONTEXT - 6:
+        n += 1
+    prompt = "word " * n + PROMPT
+    request = tokenized(tok, prompt, "Rome", subject="France")
+    prefixes = ("", "Some words written first, as a context", "And another context")
+    rows = value_rows(tok, prefixes, [request], "{} is a", chat=True, context_length=CONTEXT)
+    assert rows.input_ids.shape[1] <= CONTEXT
+    assert rows.input_ids.shape[0] == 2 and rows.kl.tolist() == [False, True]  # the prompt alone and the KL row
+    assert key_rows(tok, prefixes, [request], context_length=CONTEXT).input_ids.shape[0] == 1
+    before = snapshot(model)
+    editor = factedit.Editor("alphaedit", tokenizer=tok, chat_context=True, preserve=NULL, score=False,
+                             **{**TINY, "prefixes": {"per_seed": 1, "tokens": 8}})
+    record = editor.edit(model, prompt, "Rome", subject="France")
+    editor.revert(model, record.id)
+    assert_weights_equal(model, before)
+
+
 def test_token_at_finds_the_last_token_of_a_span_after_a_prefix():
     _, tok = tiny_model("llama")
     text = "Some words. The capital of France is"

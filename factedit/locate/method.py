@@ -34,7 +34,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..core.delta import Delta, ParamDelta
 from ..core.methods import MethodSpec
-from ..core.request import TokenizedRequest, subject_span
+from ..core.request import TokenizedRequest, max_context, subject_span
 from ..model.contexts import ContextPrefixes
 from ..model.hooks import frozen
 from ..model.loading import model_id
@@ -86,8 +86,9 @@ class Locate:
         with frozen(model):
             prefixes = self.context_prefixes(model, tokenizer)
             kl_prompt = self.config.kl_prompt if self.config.kl_factor else None
+            fits = max_context(model.config)
             value_batch = value_rows(tokenizer, prefixes, requests, kl_prompt, self.config.position,
-                                     chat=self.config.chat_context).to(device)
+                                     chat=self.config.chat_context, context_length=fits).to(device)
             measured = measured_at(model, names)
             values = fit_values(model, value_batch, len(requests), module_of(names[-1]), layers[-1], measured,
                                 self.config, check=model not in self._tails_agree)
@@ -95,7 +96,7 @@ class Locate:
                 self._tails_agree[model] = True
             self.last_values = values
             solve = self._solver(model, tokenizer, names, preserver, moments)
-            rows = key_rows(tokenizer, prefixes, requests, self.config.position).to(device)
+            rows = key_rows(tokenizer, prefixes, requests, self.config.position, fits).to(device)
             delta, keys, weights = self._spread(model, rows, values.target, names, layers, measured, solve)
             ascending = layers == sorted(set(layers))  # else a key read early may move under a later update
             self._spread_keys = SpreadKeys(list(requests), keys, weights) if ascending else None
@@ -173,7 +174,7 @@ class Locate:
         modules = sorted({module_of(n) for n in names})
         with frozen(model):
             rows = key_rows(tokenizer, self.context_prefixes(model, tokenizer), requests,
-                            self.config.position).to(device)
+                            self.config.position, max_context(model.config)).to(device)
             top = max(modules, key=lambda m: layer_index(model, m + ".weight"))
             keys, _, _ = read_at_subject(model, rows, modules, top)
         return {n: mean_by_owner(keys[module_of(n)], rows.owner, len(requests)).cpu() for n in names}

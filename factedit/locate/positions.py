@@ -55,7 +55,11 @@ class _Item:
     chat: bool = False
 
 
-def _batch(tokenizer: PreTrainedTokenizerBase, items: Sequence[_Item]) -> Rows:
+def _batch(tokenizer: PreTrainedTokenizerBase, items: Sequence[_Item], context_length: int | None = None) -> Rows:
+    """The items as one batch, those longer than `context_length` left out: a context (prefix, chat
+    template) that would not fit the model. Each request's prompt alone fits (the request was checked)."""
+    if context_length is not None:
+        items = [i for i in items if len(i.ids) + len(i.target) <= context_length]
     ids, mask = pad_sequences([list(i.ids) + list(i.target) for i in items], pad_id_of(tokenizer))
     labels = torch.full_like(ids, IGNORE)
     for row, item in enumerate(items):
@@ -76,15 +80,16 @@ def positions(
 
 def key_rows(
     tokenizer: PreTrainedTokenizerBase, prefixes: Sequence[str], requests: Sequence[TokenizedRequest],
-    position: str = "subject_last",
+    position: str = "subject_last", context_length: int | None = None,
 ) -> Rows:
     """Each request's prompt under each prefix (rows request-major, prefix-minor), no target, cut after
-    the read position: with causal attention nothing after it changes what is read there."""
+    the read position: with causal attention nothing after it changes what is read there. Rows longer
+    than `context_length` are left out."""
     items = []
     for owner, request in enumerate(requests):
         for ids, index in positions(tokenizer, prefixes, request.request.prompt, subject_of(request), position):
             items.append(_Item(ids[: index + 1], index, owner, []))
-    return _batch(tokenizer, items)
+    return _batch(tokenizer, items, context_length)
 
 
 def chat_row(
@@ -104,10 +109,11 @@ def chat_row(
 
 def value_rows(
     tokenizer: PreTrainedTokenizerBase, prefixes: Sequence[str], requests: Sequence[TokenizedRequest],
-    kl_prompt: str | None, position: str = "subject_last", chat: bool = False,
+    kl_prompt: str | None, position: str = "subject_last", chat: bool = False, context_length: int | None = None,
 ) -> Rows:
     """Each request's prompt + target under each prefix, then (with `chat`, when the tokenizer has a
-    chat template) the request asked as a chat (`chat_row`), then (with `kl_prompt`) its KL row."""
+    chat template) the request asked as a chat (`chat_row`), then (with `kl_prompt`) its KL row. Rows
+    longer than `context_length` are left out."""
     items = []
     for owner, request in enumerate(requests):
         subject = subject_of(request)
@@ -120,4 +126,4 @@ def value_rows(
             start = kl_prompt.index("{}")
             ids, index = token_at(tokenizer, kl_prompt.replace("{}", subject), start + len(subject))
             items.append(_Item(ids, index if position == SUBJECT_LAST else len(ids) - 1, owner, [], kl=True))
-    return _batch(tokenizer, items)
+    return _batch(tokenizer, items, context_length)

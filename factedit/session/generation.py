@@ -47,6 +47,7 @@ from typing import Any
 
 import torch
 
+from ..core.request import max_context
 from .generation_types import GenerationError, GeneratorStats, QueueFullError, SamplingParams, is_int
 from .handle import Generation
 from .sampling import Row, Sampler
@@ -66,14 +67,6 @@ def _close_all_at_exit() -> None:
     # ("terminate called without an active exception" from torch's thread pools), so stop them first.
     for generator in list(_LIVE):
         generator.close(timeout=5)
-
-
-def _context_length(config: Any) -> int | None:
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, name, None)
-        if is_int(value) and value > 0:
-            return value
-    return None
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
@@ -124,7 +117,7 @@ class BatchGenerator:
         embeddings = model.get_input_embeddings()
         self._device = embeddings.weight.device
         self._vocab = int(embeddings.num_embeddings)
-        self._max_positions = _context_length(model.config)
+        self._max_positions = max_context(model.config)
         eos = _eos_ids(model, tokenizer)
         pad = getattr(tokenizer, "pad_token_id", None)
         if not is_int(pad):  # the id is masked out, any valid one does
