@@ -74,7 +74,8 @@ def test_single_mode_writes_every_output(tiny_dir, tmp_path, capsys):
     said = rows[-1]["post"]["said"]  # what the model said, kept beside the verdicts
     assert said["prompt_text"] and len(said["chat_replies"]) == 2 and len(said["neigh_texts"]) == 1
     report = (out / "report.md").read_text()
-    assert "| metric | unedited | none | ft_l |" in report and "| cf/es |" in report
+    # the method "none" is the unedited model: one column and one row for it, not two
+    assert "| metric | unedited | ft_l |" in report and "| cf/es |" in report and "| none |" not in report
     assert "| gen/prompt |" in report and "said (`gen/prompt`)" in report
     printed = capsys.readouterr().out
     assert "| cf/es |" in printed and "| gen/chat |" in printed and "side by side" in printed

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .report import method_columns
+
 # Two panels side by side: the same questions scored from probabilities, and by what the model says.
 BAR_PANELS = {
     "teacher-forced (probabilities)": [
@@ -36,7 +38,7 @@ def plot_metrics(summary: Mapping[str, Any], path: Path) -> Path | None:
     """Grouped bars: one group per metric (0..1), one bar per method and the unedited model; the
     teacher-forced metrics and the generated ones in two panels side by side (a metric a method
     lacks, e.g. gen/chat without a chat template, is left out, not drawn as 0)."""
-    columns = {"unedited": summary["baseline"], **summary["metrics"]}
+    columns = method_columns(summary)
     panels = {
         title: [k for k in keys if any(k in c for c in columns.values())] for title, keys in BAR_PANELS.items()
     }

@@ -304,12 +304,17 @@ def _ordered_keys(dicts: Sequence[Mapping[str, float]]) -> list[str]:
     return [k for k in ROW_ORDER if k in present] + sorted(present - set(ROW_ORDER))
 
 
+def method_columns(summary: Mapping[str, Any]) -> dict[str, Mapping[str, float]]:
+    """{"unedited": the baseline, then each method's metrics}: the columns of a mode's tables and plots.
+    The method "none" (method=all runs it) is left out: its figures are the baseline's."""
+    return {"unedited": summary["baseline"],
+            **{name: values for name, values in summary["metrics"].items() if name != NONE_METHOD}}
+
+
 def metrics_table(summary: Mapping[str, Any]) -> str:
     """Markdown table: one row per metric, one column per method, after the unedited model."""
-    columns = {
-        "unedited": {k: v for k, v in summary["baseline"].items() if not k.startswith(("time/", "mem/"))}
-    }
-    columns.update(summary["metrics"])
+    columns = method_columns(summary)
+    columns["unedited"] = {k: v for k, v in summary["baseline"].items() if not k.startswith(("time/", "mem/"))}
     keys = _ordered_keys(list(columns.values()))
     lines = ["| metric | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     lines += [f"| {k} | " + " | ".join(format_value(k, c.get(k)) for c in columns.values()) + " |" for k in keys]
@@ -319,7 +324,7 @@ def metrics_table(summary: Mapping[str, Any]) -> str:
 def side_by_side_table(summary: Mapping[str, Any]) -> str | None:
     """Markdown table, one row per method (after the unedited model): ES/PS/NS each beside what the
     model then says (greedy, chat); None when the run has no generation checks."""
-    columns = {"unedited": summary["baseline"], **summary["metrics"]}
+    columns = method_columns(summary)
     if not any(k.startswith("gen/") for values in columns.values() for k in values):
         return None
     lines = [
