@@ -122,3 +122,41 @@ def test_ultraedit_without_a_null_space_is_the_plain_ridge_solve():
     assert record.post["requests"][0]["target_prob"] > record.pre["requests"][0]["target_prob"]
     editor.revert(model, record.id)
     assert_weights_equal(model, base)
+
+
+@pytest.mark.parametrize("method", ["ultraedit", "mend"])
+def test_prefixes_make_the_edit_in_every_context_and_revert_exactly(method, tmp_path):
+    model, tok = tiny_model("llama")
+    base = snapshot(model)
+    prefixes = {"seeds": ["The", "I"], "per_seed": 1, "tokens": 4}
+
+    def editor(**extra):
+        if method == "mend":
+            path = tmp_path / "ck"
+            if not path.exists():
+                tiny_checkpoint(tmp_path, model)
+            return mend_editor(tok, path, guard=None, positions="all", **extra)
+        return factedit.Editor(method, tokenizer=tok, warmup=0, **TINY_ULTRAEDIT, **extra)
+
+    plain, prefixed = editor(), editor(prefixes=prefixes)
+    alone = plain.preview(model, [EditRequest(*FACTS[0])])
+    plain.close()
+    record = prefixed.edit(model, *FACTS[0])
+    # the statistics saw the rows of the prompt alone and of the two prefixed prompts (positions="all")
+    assert counts(record.state)[0] > 2 * counts(alone.stream_state)[0]
+    prefixed.revert(model, record.id)
+    assert_weights_equal(model, base)
+
+
+def test_prefixed_requests_keep_the_request_first_and_leave_out_what_does_not_fit():
+    from factedit.core.request import tokenize_request
+    from factedit.scoring.batches import prefixed_requests
+
+    _, tok = tiny_model("llama")
+    request = tokenize_request(EditRequest(*FACTS[0]), tok, None)
+    out = prefixed_requests([request], tok, ("", "A short one", "A much longer prefix than the other one"))
+    assert out[0] is request and len(out) == 3
+    assert tok.decode(list(out[1].prompt_ids)).endswith(FACTS[0][0]) and out[1].target_ids == request.target_ids
+    fits = len(out[1].prompt_ids) + len(request.target_ids)
+    kept = prefixed_requests([request], tok, ("", "A short one", "A much longer prefix than the other one"), fits)
+    assert [r.prompt_ids for r in kept] == [r.prompt_ids for r in out[:2]]

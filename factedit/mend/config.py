@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ..core.settable import Choice, Choices, Flag, Integer, Integers, Nested, Numbers, Settable
+from ..model.contexts import PrefixConfig
 from ..safety.preserve import PreserveConfig, preserve_field
 
 POSITIONS = ("loss", "all")
@@ -47,6 +48,9 @@ class MENDConfig:
         0.90 / 0.65 / 0.62, ×3.3; with fallback 1 0.85 / 0.72 / 0.60, ×8.4 after 40. The default
         keeps edits accumulating; `fallback_ridges=(3.0,)` suits edits reverted soon after. Ridge 1
         alone (as trained) moved perplexity ×1.15 after five edits (val[300:305]).
+    prefixes: the edit is also made under these short model-written prefixes (contexts.py, MEMIT's
+        context templates): each request's prompt under each prefix is one more request of the same
+        edit (its rows in the capture, the solve and the step checks); None = the prompt alone.
     """
 
     checkpoint: str | None = None
@@ -59,6 +63,7 @@ class MENDConfig:
     fallback_ridges: tuple[float, ...] = ()
     lifelong: bool = True
     extra_steps: int = 1
+    prefixes: PrefixConfig | None = field(default=None, metadata={"dataclass": PrefixConfig})
 
     # What the app and the service may set per edit (settable.py). Not the checkpoint: a path on the
     # server; the operator chooses it (SessionConfig.method_overrides).
@@ -68,6 +73,7 @@ class MENDConfig:
         "pass_size": Integer(1, 64, optional=True), "step_scales": Numbers(1e-3, 100.0, max_items=6),
         "preserve": Nested(PreserveConfig.SETTABLE), "fallback_ridges": Numbers(1e-3, 1e3, max_items=4),
         "lifelong": Flag(), "extra_steps": Integer(0, 8),
+        "prefixes": Nested(PrefixConfig.SETTABLE),
     }
 
     def __post_init__(self) -> None:

@@ -19,11 +19,12 @@ from transformers import PreTrainedTokenizerBase
 from ..core.delta import Delta, ParamDelta
 from ..core.errors import ConfigError
 from ..core.methods import MethodSpec, StreamState
-from ..core.request import TokenizedRequest
+from ..core.request import TokenizedRequest, max_context
+from ..model.contexts import ContextPrefixes
 from ..model.hooks import frozen
 from ..model.specs import layer_index, mlp_param_names, weight_layout
 from ..safety.preserve import KeyPreserver
-from ..scoring.batches import make_batch
+from ..scoring.batches import make_batch, prefixed_requests
 from ..scoring.sequences import logits_at, pad_id_of
 from .capture import capture, loss_positions, next_tokens
 from .checkpoint import MENDCheckpoint, check_model, load_checkpoint
@@ -184,6 +185,7 @@ class MEND:
         self.config = config
         self.checkpoint = checkpoint if checkpoint is not None else load_checkpoint(config.checkpoint)
         self.network = self.checkpoint.network.eval()
+        self.prefixes = ContextPrefixes(config.prefixes) if config.prefixes is not None else None
         self._checked: weakref.WeakSet = weakref.WeakSet()
 
     def param_names(self, model: nn.Module) -> list[str]:
@@ -230,7 +232,7 @@ class MEND:
                                  stream if self.config.lifelong else None, self.stream_tag,
                                  positions=self.positions, pass_size=self.config.pass_size,
                                  step_scales=self.config.step_scales, fallback_ridges=self.config.fallback_ridges,
-                                 extra_steps=self.config.extra_steps)
+                                 extra_steps=self.config.extra_steps, prefixes=self.prefixes)
 
 
 def edit_with_network(
@@ -239,10 +241,14 @@ def edit_with_network(
     tag: str, *, positions: str, pass_size: int | None, step_scales: Sequence[float],
     fallback_ridges: Sequence[float] = (), key_weighted: bool = False,
     initial: Callable[[], dict[str, Stats]] | None = None, extra_steps: int = 0,
+    prefixes: ContextPrefixes | None = None,
 ) -> Delta:
     """One edit by an editor network (MEND's, or the identity for `ultraedit`): capture the rows,
     normalise them (lifelong when `stream` is given), transform, aggregate, scale the step; then up
-    to `extra_steps` more steps for the requests whose target is not yet the argmax."""
+    to `extra_steps` more steps for the requests whose target is not yet the argmax. With `prefixes`
+    each request under each of them is one more request of the edit (`prefixed_requests`)."""
+    if prefixes is not None:
+        requests = prefixed_requests(requests, tokenizer, prefixes.get(model, tokenizer), max_context(model.config))
     # More than one level to check: the capture pass records the hidden states entering the first
     # edited block, so each check runs only the edited blocks.
     checks = None

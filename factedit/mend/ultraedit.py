@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from torch import nn
@@ -32,6 +32,7 @@ from ..core.delta import Delta
 from ..core.methods import MethodSpec, StreamState
 from ..core.request import TokenizedRequest
 from ..core.settable import Choice, Choices, Integer, Integers, Nested, Number, Numbers, Settable
+from ..model.contexts import ContextPrefixes, PrefixConfig
 from ..model.specs import mlp_param_names, num_layers
 from ..paths import PACKAGE_DIR
 from ..safety.preserve import KeyPreserver, PreserveConfig, preserve_field
@@ -65,6 +66,10 @@ class UltraEditConfig:
     warmup: how many edits of the shipped CounterFact training records (their first records) start the
         statistics, computed once per model; 0 = start empty.
     pass_size: edit_batch runs at most this many requests per pass (None: one pass).
+    prefixes: the edit is also made under these short model-written prefixes (contexts.py, MEMIT's
+        context templates): each request's prompt under each prefix is one more request of the same
+        edit (its rows in the capture, the solve and the step checks, so a step is kept once the
+        target is the argmax in every context); None = the prompt alone.
     """
 
     layers: tuple[int, ...] | None = None
@@ -77,6 +82,7 @@ class UltraEditConfig:
     warmup: int = 32
     extra_steps: int = 4
     pass_size: int | None = None
+    prefixes: PrefixConfig | None = field(default=None, metadata={"dataclass": PrefixConfig})
 
     # What the app and the service may set per edit (settable.py): the warm-up bounds the edits run
     # once per model, step scales and extra steps the passes of one edit.
@@ -85,6 +91,7 @@ class UltraEditConfig:
         "lr": Number(1e-8, 0.1), "positions": Choice("loss", "all"), "step_scales": Numbers(1e-3, 100.0, max_items=6),
         "preserve": Nested(PreserveConfig.SETTABLE), "ridge": Number(1e-3, 1e3), "warmup": Integer(0, 64),
         "extra_steps": Integer(0, 8), "pass_size": Integer(1, 64, optional=True),
+        "prefixes": Nested(PrefixConfig.SETTABLE),
     }
 
     def __post_init__(self) -> None:
@@ -109,6 +116,7 @@ class UltraEdit:
         self.config = config
         self._networks: weakref.WeakKeyDictionary[nn.Module, MENDNetwork] = weakref.WeakKeyDictionary()
         self._initial: weakref.WeakKeyDictionary[nn.Module, dict[str, Stats]] = weakref.WeakKeyDictionary()
+        self.prefixes = ContextPrefixes(config.prefixes) if config.prefixes is not None else None
 
     def layers(self, model: nn.Module) -> tuple[int, ...]:
         if self.config.layers is not None:
@@ -143,7 +151,7 @@ class UltraEdit:
                                  preserver, stream if stream is not None else StreamState(), STREAM_TAG,
                                  positions=self.config.positions, pass_size=self.config.pass_size,
                                  step_scales=self.config.step_scales, key_weighted=True, initial=initial,
-                                 extra_steps=self.config.extra_steps)
+                                 extra_steps=self.config.extra_steps, prefixes=self.prefixes)
 
     def _initial_stats(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, network: MENDNetwork,

@@ -57,6 +57,27 @@ def make_batch(requests: Sequence[TokenizedRequest], pad_id: int, device: torch.
     return _rows_batch([(r.prompt_ids, r.target_ids) for r in requests], pad_id, device)
 
 
+def prefixed_requests(
+    requests: Sequence[TokenizedRequest], tokenizer: PreTrainedTokenizerBase, prefixes: Sequence[str],
+    context_length: int | None = None,
+) -> list[TokenizedRequest]:
+    """Each request, then the same fact under each non-empty prefix (`in_context`: the prefixed prompt's
+    ids, the request's own target ids), request by request. A prefixed prompt longer than
+    `context_length` with its target is left out (the request itself was checked)."""
+    out = []
+    for r in requests:
+        out.append(r)
+        for prefix in prefixes:
+            if not prefix:  # the prompt alone is the request itself
+                continue
+            ids = tuple(encode_prompt(tokenizer, in_context(prefix, r.request.prompt)[0]))
+            if context_length is not None and len(ids) + len(r.target_ids) > context_length:
+                LOG.debug("a context of %r left out: it would not fit the model's context", r.request.prompt)
+                continue
+            out.append(TokenizedRequest(r.request, ids, r.target_ids))
+    return out
+
+
 def prefixed_batch(
     requests: Sequence[TokenizedRequest], tokenizer: PreTrainedTokenizerBase, prefixes: Sequence[str],
     pad_id: int, device: torch.device, context_length: int | None = None, chat: bool = False,
@@ -69,16 +90,14 @@ def prefixed_batch(
     rows: list[tuple[Sequence[int], Sequence[int]]] = []
     stop: list[bool] = []
     for r in requests:
-        rows.append((r.prompt_ids, r.target_ids))
-        stop.append(True)
-        extra = [(encode_prompt(tokenizer, in_context(prefix, r.request.prompt)[0]), r.target_ids)
-                 for prefix in prefixes if prefix]  # the prompt alone is already the request's first row
-        asked = in_chat(tokenizer, r.request.prompt.strip()) if chat else None
-        if asked is not None:
-            extra.append((ids_as_written(tokenizer, asked[0]), reply_ids(tokenizer, r.request.target)))
-        for ids, target in extra:
+        for asked in prefixed_requests([r], tokenizer, prefixes, context_length):  # r itself first
+            rows.append((asked.prompt_ids, asked.target_ids))
+            stop.append(asked is r)
+        chat_text = in_chat(tokenizer, r.request.prompt.strip()) if chat else None
+        if chat_text is not None:
+            ids, target = ids_as_written(tokenizer, chat_text[0]), reply_ids(tokenizer, r.request.target)
             if context_length is not None and len(ids) + len(target) > context_length:
-                LOG.debug("a context of %r left out: it would not fit the model's context", r.request.prompt)
+                LOG.debug("the chat row of %r left out: it would not fit the model's context", r.request.prompt)
                 continue
             rows.append((ids, target))
             stop.append(False)
