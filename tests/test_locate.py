@@ -21,7 +21,7 @@ from factedit.locate.tails import split_at_subject, tail_logits
 from factedit.locate.values import fit_values, selection
 from factedit.model.contexts import ContextPrefixes, PrefixConfig, generate_prefixes, token_at
 from factedit.model.hooks import capture_linear_io
-from factedit.safety.preserve import covariance_solve_rows
+from factedit.safety.preserve import PreserveConfig, covariance_solve_rows
 from factedit.scoring.sequences import logits_at
 
 TINY = dict(v_steps=10, v_weight_decay=None, clamp_norm=None, layers=(1, 2))
@@ -165,6 +165,23 @@ def test_edit_batch_is_one_solve_of_rank_the_number_of_facts_and_reverts_exactly
     assert all(p.left.shape[1] == 3 for _, p in record.delta.items())
     editor.revert(model, record.id)
     assert_weights_equal(model, base)
+
+
+def test_v_star_is_fitted_in_groups_of_v_chunk_requests_each_as_if_alone():
+    model, tok = tiny_model("llama")
+    facts = [("The capital of France is", "Rome"), ("The capital of Spain is", "Paris"),
+             ("The capital of Italy is", "Berlin")]
+    requests = [tokenized(tok, p, t) for p, t in facts]
+    grouped = Locate(LocateConfig(**TINY, v_chunk=2, preserve=PreserveConfig(**NULL), prefixes=None))
+    grouped.compute(model, tok, requests)
+    alone = Locate(LocateConfig(**TINY, v_chunk=2, preserve=PreserveConfig(**NULL), prefixes=None))
+    alone.compute(model, tok, requests[:2])
+    first = alone.last_values
+    alone.compute(model, tok, requests[2:])
+    assert torch.equal(grouped.last_values.target, torch.cat([first.target, alone.last_values.target]))
+    assert grouped.last_values.steps == max(first.steps, alone.last_values.steps)
+    with pytest.raises(ValueError, match="v_chunk"):
+        LocateConfig(v_chunk=0)
 
 
 def test_sequential_edits_hold_the_keys_of_earlier_edits():

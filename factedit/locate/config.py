@@ -44,6 +44,10 @@ class LocateConfig:
     kl_factor: float | None = 0.0625  # weight of KL(edited ‖ unedited) on `kl_prompt`; None = off
     kl_prompt: str = "{} is a"  # the subject's other facts: the next token after this, "{}" = the subject
     v_stop_nll: float = 0.05  # stop once every request's mean target NLL (over its contexts) is below
+    # v* is fitted for at most this many requests at a time, each group stopping on its own requests'
+    # NLL: the fit's memory grows with its rows (about 0.2 GB a fact on the default model: an
+    # edit_batch of 100 facts in one fit needed more than 23 GB). Batches up to this size are one fit.
+    v_chunk: int = 16
     # Without preserve: the corpus keys count as this many tokens; 0 = exact (ROME). MEMIT's 15000 is for
     # GPT-J's 16384-wide keys (k C⁻¹ k grows with the width); 1500 for the default model's 1536 (at 15000
     # France -> Rome does not take; at 1500 it does, paraphrases too: not tuned further).
@@ -61,7 +65,7 @@ class LocateConfig:
     # What the app and the service may set per edit (settable.py); kl_prompt (free text) is not.
     SETTABLE: ClassVar[Settable] = {
         "layers": LAYERS, "position": Choice("subject_last", "last"), "prefixes": Nested(PrefixConfig.SETTABLE),
-        "chat_context": Flag(), "v_steps": Integer(0, 100), "v_lr": Number(1e-4, 10.0),
+        "chat_context": Flag(), "v_steps": Integer(0, 100), "v_lr": Number(1e-4, 10.0), "v_chunk": Integer(1, 256),
         "v_weight_decay": Number(0.0, 1.0, optional=True),
         "clamp_norm": Number(0.0, 100.0, optional=True), "kl_factor": Number(0.0, 10.0, optional=True),
         "v_stop_nll": Number(0.0, 10.0), "cov_weight": Number(0.0, 1e6), "preserve": Nested(PreserveConfig.SETTABLE),
@@ -73,6 +77,8 @@ class LocateConfig:
             raise ValueError(f"position must be 'subject_last' or 'last', got {self.position!r}")
         if not self.layers:
             raise ValueError("layers must name at least one block")
+        if self.v_chunk < 1:
+            raise ValueError("v_chunk must be >= 1")
         if self.v_steps < 0 or not (0 < self.v_lr < float("inf")):
             raise ValueError("v_steps must be >= 0 and v_lr a finite number > 0")
         for name in ("v_weight_decay", "clamp_norm", "kl_factor"):

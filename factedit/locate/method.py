@@ -46,7 +46,7 @@ from ..safety.reference import key_corpus
 from .config import LocateConfig, MEMITConfig, ROMEConfig
 from .positions import Rows, key_rows, subject_of, value_rows
 from .reads import Start, block_name, first_rows, mean_by_owner, read_at_subject
-from .values import fit_values
+from .values import Values, fit_values
 
 LOG = logging.getLogger(__name__)
 Moments = Callable[[Sequence[str]], dict[str, torch.Tensor]]
@@ -87,14 +87,17 @@ class Locate:
             prefixes = self.context_prefixes(model, tokenizer)
             kl_prompt = self.config.kl_prompt if self.config.kl_factor else None
             fits = max_context(model.config)
-            value_batch = value_rows(tokenizer, prefixes, requests, kl_prompt, self.config.position,
-                                     chat=self.config.chat_context, context_length=fits).to(device)
             measured = measured_at(model, names)
-            values = fit_values(model, value_batch, len(requests), module_of(names[-1]), layers[-1], measured,
-                                self.config, check=model not in self._tails_agree)
-            if values.tails:
-                self._tails_agree[model] = True
-            self.last_values = values
+            parts = []
+            for start in range(0, len(requests), self.config.v_chunk):  # a fit's memory grows with its rows
+                group = requests[start : start + self.config.v_chunk]
+                value_batch = value_rows(tokenizer, prefixes, group, kl_prompt, self.config.position,
+                                         chat=self.config.chat_context, context_length=fits).to(device)
+                parts.append(fit_values(model, value_batch, len(group), module_of(names[-1]), layers[-1], measured,
+                                        self.config, check=model not in self._tails_agree))
+                if parts[-1].tails:
+                    self._tails_agree[model] = True
+            values = self.last_values = Values.joined(parts)
             solve = self._solver(model, tokenizer, names, preserver, moments)
             rows = key_rows(tokenizer, prefixes, requests, self.config.position, fits).to(device)
             delta, keys, weights = self._spread(model, rows, values.target, names, layers, measured, solve)

@@ -21,7 +21,7 @@ and not in that check (the prompt's rows decide, as without it).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +50,12 @@ class Values:
     steps: int  # Adam steps taken
     nll: torch.Tensor  # (N,) each request's target NLL at the end (over the rows the stop reads)
     tails: bool = True  # the steps ran tail passes (tails.py), not whole rows
+
+    @classmethod
+    def joined(cls, parts: Sequence[Values]) -> Values:
+        """The values of requests fitted in groups, in the groups' order (steps: the most any took)."""
+        return cls(torch.cat([p.target for p in parts]), torch.cat([p.initial for p in parts]),
+                   max(p.steps for p in parts), torch.cat([p.nll for p in parts]), all(p.tails for p in parts))
 
 
 def selection(rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
