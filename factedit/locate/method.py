@@ -86,20 +86,20 @@ class Locate:
         with frozen(model):
             prefixes = self.context_prefixes(model, tokenizer)
             kl_prompt = self.config.kl_prompt if self.config.kl_factor else None
-            fits = max_context(model.config)
+            context_length = max_context(model.config)
             measured = measured_at(model, names)
             parts = []
             for start in range(0, len(requests), self.config.v_chunk):  # a fit's memory grows with its rows
                 group = requests[start : start + self.config.v_chunk]
                 value_batch = value_rows(tokenizer, prefixes, group, kl_prompt, self.config.position,
-                                         chat=self.config.chat_context, context_length=fits).to(device)
+                                         chat=self.config.chat_context, context_length=context_length).to(device)
                 parts.append(fit_values(model, value_batch, len(group), module_of(names[-1]), layers[-1], measured,
                                         self.config, check=model not in self._tails_agree))
                 if parts[-1].tails:
                     self._tails_agree[model] = True
             values = self.last_values = Values.joined(parts)
             solve = self._solver(model, tokenizer, names, preserver, moments)
-            rows = key_rows(tokenizer, prefixes, requests, self.config.position, fits).to(device)
+            rows = key_rows(tokenizer, prefixes, requests, self.config.position, context_length).to(device)
             delta, keys, weights = self._spread(model, rows, values.target, names, layers, measured, solve)
             ascending = layers == sorted(set(layers))  # else a key read early may move under a later update
             self._spread_keys = SpreadKeys(list(requests), keys, weights) if ascending else None

@@ -34,4 +34,3 @@ def chat_text(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> str:
 def chat_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
     """`chat_text`'s token ids (the template's own special tokens, none added)."""
     return list(tokenizer(chat_text(tokenizer, messages), add_special_tokens=False)["input_ids"])
-

@@ -93,9 +93,9 @@ def prefixed_batch(
         for asked in prefixed_requests([r], tokenizer, prefixes, context_length):  # r itself first
             rows.append((asked.prompt_ids, asked.target_ids))
             stop.append(asked is r)
-        chat_text = in_chat(tokenizer, r.request.prompt.strip()) if chat else None
-        if chat_text is not None:
-            ids, target = ids_as_written(tokenizer, chat_text[0]), reply_ids(tokenizer, r.request.target)
+        asked_in_chat = in_chat(tokenizer, r.request.prompt.strip()) if chat else None
+        if asked_in_chat is not None:
+            ids, target = ids_as_written(tokenizer, asked_in_chat[0]), reply_ids(tokenizer, r.request.target)
             if context_length is not None and len(ids) + len(target) > context_length:
                 LOG.debug("the chat row of %r left out: it would not fit the model's context", r.request.prompt)
                 continue

@@ -225,6 +225,7 @@ def said_scores(
     """Generate and judge every case's checks on the model as it is now; all cases' generations are
     batched together."""
     requests: list[tuple[int, str, list[int], int]] = []  # (case, kind, prompt ids, budget)
+    has_chat = has_chat_template(tokenizer)
     for c, case in enumerate(cases):
 
         def greedy(kind: str, prompt: str, answer: str, c: int = c) -> None:
@@ -236,9 +237,8 @@ def said_scores(
             greedy("para", text, case.target_new)
         for text, answer in [*case.neighborhood, *case.locality]:
             greedy("neigh", text, answer)
-        for question in chat_questions(case.prompt, case.paraphrases):
-            if has_chat_template(tokenizer):
-                requests.append((c, "chat", chat_ids(tokenizer, user_message(question)), chat_tokens))
+        for question in chat_questions(case.prompt, case.paraphrases) if has_chat else ():
+            requests.append((c, "chat", chat_ids(tokenizer, user_message(question)), chat_tokens))
     generated = generate_ids(
         model,
         [r[2] for r in requests],
@@ -250,7 +250,6 @@ def said_scores(
     texts: list[dict[str, list[str]]] = [{} for _ in cases]
     for (c, kind, _, _), ids in zip(requests, generated, strict=True):
         texts[c].setdefault(kind, []).append(tokenizer.decode(ids, skip_special_tokens=True))
-    has_chat = bool(getattr(tokenizer, "chat_template", None))
     results = []
     for case, mine in zip(cases, texts, strict=True):
         replies = mine.get("chat", []) if has_chat else None
