@@ -11,6 +11,7 @@ onto the field's default config when it has one (a partial override changes only
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -45,13 +46,19 @@ def validated(config_cls: type[T], overrides: Mapping[str, Any], what: str | Non
     plain = {k: v for k, v in overrides.items() if k not in nested}
     _refuse_interpolation(plain, what)
     try:
-        merged = OmegaConf.merge(_writable(OmegaConf.structured(config_cls)), _plain(plain))
+        merged = OmegaConf.merge(_schema(config_cls), _plain(plain))
         values = OmegaConf.to_container(merged, resolve=True, structured_config_mode=SCMode.DICT)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None)
         reason = str(exc.msg).splitlines()[0]
         raise ConfigError(f"invalid {what}{f' key {key!r}' if key else ''}: {reason}") from None
     return _build(config_cls, {**values, **inner}, what)
+
+
+@functools.cache
+def _schema(config_cls: type) -> DictConfig:
+    """The class's structured config, built once (OmegaConf.merge copies it, never writes it)."""
+    return _writable(OmegaConf.structured(config_cls))
 
 
 def _onto_default(field: dataclasses.Field, value: Any) -> Any:
