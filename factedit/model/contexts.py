@@ -68,11 +68,14 @@ def generate_prefixes(model: nn.Module, tokenizer: PreTrainedTokenizerBase, conf
         for word in config.seeds:
             start = encode_prompt(tokenizer, word)
             ids = torch.tensor([start] * config.per_seed, device=device)  # (n, T): no padding needed
+            step, past = ids, None  # the KV cache: each pass after the first runs the new token only
             for _ in range(config.tokens):
-                logits = model(input_ids=ids).logits[:, -1].float().cpu()  # (n, V)
+                output = model(input_ids=step, past_key_values=past, use_cache=True)
+                past, logits = output.past_key_values, output.logits[:, -1].float().cpu()  # (n, V)
                 top = logits.topk(min(config.top_k, logits.shape[-1]))
                 choice = torch.multinomial(torch.softmax(top.values, -1), 1, generator=generator)  # (n, 1)
-                ids = torch.cat([ids, top.indices.gather(1, choice).to(device)], dim=1)
+                step = top.indices.gather(1, choice).to(device)  # (n, 1)
+                ids = torch.cat([ids, step], dim=1)
             for row in ids.tolist():
                 text = tokenizer.decode(row, skip_special_tokens=True)
                 out.append(" ".join(text.replace("{", " ").replace("}", " ").split()))
