@@ -12,6 +12,7 @@ from helpers import assert_weights_equal, snapshot
 import factedit
 from factedit.core.delta import Delta, ParamDelta
 from factedit.core.methods import MethodSpec, register_method
+from factedit.editing import journal as journal_module
 from factedit.model.specs import mlp_param_names
 
 FT = dict(layers=(-1,), lr=1e-2, max_steps=30)
@@ -41,8 +42,9 @@ register_method(MethodSpec("test_poison", PoisonConfig, PoisonDelta))
 
 
 @pytest.fixture
-def setup(tiny, tmp_path):
+def setup(tiny, tmp_path, monkeypatch):
     model, tok = tiny
+    monkeypatch.setattr(journal_module, "BUSY_TIMEOUT_S", 0.2)  # a write held by a foreign lock fails sooner
     editor = factedit.Editor("ft", tokenizer=tok, journal=tmp_path / "j.sqlite", **FT)
     kept = editor.edit(model, "The capital of France is", "Rome")
     state = snapshot(model)

@@ -33,6 +33,9 @@ from ..core.record import EditRecord
 
 FORMAT = "factedit.journal/1"
 TABLE = "factedit_journal"
+# How long a write waits for a lock another SQLite connection holds before it fails (SQLite's default
+# through Python, said here). Other factedit processes never get that far: the lock file keeps them out.
+BUSY_TIMEOUT_S = 5.0
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
@@ -271,10 +274,12 @@ class Journal:
             raise JournalError(f"could not write journal {self.path}: {exc}") from exc
 
     def _open_db(self) -> SqliteDict:
-        return SqliteDict(
+        db = SqliteDict(
             str(self.path), tablename=TABLE, flag="c", autocommit=False,
             encode=_encode, decode=_decode, outer_stack=False,
         )
+        db.conn.execute(f"PRAGMA busy_timeout = {round(BUSY_TIMEOUT_S * 1000)}")
+        return db
 
     def _reopen(self) -> None:
         self._db.close(do_log=False)  # without autocommit, closing rolls back what was not committed
