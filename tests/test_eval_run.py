@@ -28,7 +28,9 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 
 def _eval(tiny_dir: Path, out: Path, *args: str) -> int:
-    return main([f"model={tiny_dir}", f"data={FIXTURES / 'counterfact_small.json'}", f"out={out}", *args])
+    """`factedit eval` on the small fixture; without plots (a second each) unless `args` ask for them."""
+    plots = [] if any(a.startswith("plots=") for a in args) else ["plots=false"]
+    return main([f"model={tiny_dir}", f"data={FIXTURES / 'counterfact_small.json'}", f"out={out}", *plots, *args])
 
 
 def _cases(out: Path) -> list[dict]:
@@ -37,7 +39,7 @@ def _cases(out: Path) -> list[dict]:
 
 def test_single_mode_writes_every_output(tiny_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    assert _eval(tiny_dir, out, "method=[none,ft_l]", "fluency=true", "gen_tokens=4", *FAST) == 0
+    assert _eval(tiny_dir, out, "method=[none,ft_l]", "fluency=true", "gen_tokens=4", "plots=true", *FAST) == 0
     for name in ("summary.json", "cases.jsonl", "report.md", "metrics.png", "run.json"):
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
@@ -96,13 +98,14 @@ SEQUENTIAL = ("method=ft_l", "mode=sequential", "checkpoints=[1,2]", *FAST)
 @pytest.fixture(scope="module")
 def sequential_run(tiny_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("seq") / "run"
-    assert _eval(tiny_dir, out, *SEQUENTIAL) == 0
+    assert _eval(tiny_dir, out, "plots=true", *SEQUENTIAL) == 0
     return out
 
 
 def test_batch_mode_measures_drift_per_batch(tiny_dir, tmp_path):
     out = tmp_path / "batch"
     assert _eval(tiny_dir, out, "method=ft_l", "mode=batch", "batch_size=2", *FAST) == 0
+    assert not (out / "metrics.png").exists() and "![" not in (out / "report.md").read_text()  # plots=false
     rows = _cases(out)
     assert [r["batch"] for r in rows] == [[0, 1], [0, 1], [2]]
     ratios = [r["drift"]["drift/ppl_ratio"] for r in rows]

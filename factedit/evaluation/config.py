@@ -66,6 +66,7 @@ class RunSettings:
     padding_side: str = "right"
     resume: bool = True
     journal: bool = True
+    plots: bool = True
     threads: int | None = None
 
     def __post_init__(self) -> None:

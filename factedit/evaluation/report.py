@@ -383,14 +383,16 @@ def render_report(summary: Mapping[str, Any], plots: Sequence[str]) -> str:
     return "\n".join(head) + "\n"
 
 
-def write_outputs(out: Path, summary: dict[str, Any]) -> str:
-    """summary.json, the plots and report.md; returns report.md's text."""
+def write_outputs(out: Path, summary: dict[str, Any], *, plots: bool = True) -> str:
+    """summary.json, the plots (unless `plots` is False) and report.md; returns report.md's text."""
     from .plots import plot_metrics, plot_retention
 
     (out / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=False))
-    plots = [plot_metrics(summary, out / "metrics.png")]
-    if summary.get("sequential"):
-        plots.append(plot_retention(summary, out / "retention.png"))
-    report = render_report(summary, [p.name for p in plots if p is not None])
+    written = []
+    if plots:
+        written.append(plot_metrics(summary, out / "metrics.png"))
+        if summary.get("sequential"):
+            written.append(plot_retention(summary, out / "retention.png"))
+    report = render_report(summary, [p.name for p in written if p is not None])
     (out / "report.md").write_text(report)
     return report

@@ -269,5 +269,5 @@ def run_eval(config: EvalConfig) -> EvalResult:
         fwd_bwd_ms=fwd_bwd_ms,
     )
     summary = build_summary(info, cases.rows(), checkpoints.rows(), state["methods"], ctx.pre)
-    report = write_outputs(config.out, summary)
+    report = write_outputs(config.out, summary, plots=config.plots)
     return EvalResult(config.out, summary, report)
