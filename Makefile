@@ -22,13 +22,13 @@ demo: setup
 	$(PY) -m factedit.demo
 
 # Tests run on every core (pytest-xdist), a file's tests on one worker so that its module fixtures (the
-# llama.cpp GGUFs, the attacked server) are built once, then the browser test alone (it times a real page
-# and is not meant to share the CPU); `make test-serial` runs everything in one process. (Not `--dist
-# loadgroup`: with pytest 9.2 it no longer groups, pytest-xdist issue #1386.)
+# llama.cpp GGUFs, the attacked server) are built once, the slowest files first (tests/conftest.py's
+# SLOWEST_FIRST; --no-loadscope-reorder, pytest-xdist 3.8, keeps that order); the browser test runs beside
+# the others. `make test-serial` runs everything in one process. (Not `--dist loadgroup`: with pytest 9.2
+# it no longer groups, pytest-xdist issue #1386.)
 test: setup
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -n auto --dist loadfile -m "not browser"
-	$(PY) -m pytest -q -m browser
+	$(PY) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder
 
 test-serial: setup
 	$(PY) -m pytest -q

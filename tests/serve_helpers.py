@@ -52,7 +52,7 @@ class Server:
                     return
             except httpx.TransportError:
                 pass
-            time.sleep(0.3)
+            time.sleep(0.1)
         raise AssertionError("server did not start in time")
 
     def get(self, path: str, **kwargs) -> httpx.Response:

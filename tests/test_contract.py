@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_weights_equal, snapshot
+from helpers import assert_weights_equal, no_hooks, snapshot
 from tiny_models import ARCHS, tiny_model
 
 import factedit
@@ -58,14 +58,15 @@ def test_compute_leaves_the_model_unchanged(method, arch):
     editor = make_editor(method, tok)
     request = tokenize_request(EditRequest("The capital of France is", "Rome"), tok, None)
     delta = editor._impl.compute(model, tok, [request])
-    # A real change of the parameters the method edits, finite everywhere.
-    assert set(delta.names()) <= set(editor._impl.param_names(model))
+    # A real change of the parameters the method edits, finite everywhere, and no module added (W += Δ).
+    assert set(delta.names()) <= set(editor._impl.param_names(model)) and not delta.modules
     parts = [t for pdelta in delta.params.values() for t in pdelta.tensors().values()]
     assert all(torch.isfinite(t).all() for t in parts) and any(t.abs().sum() > 0 for t in parts)
     assert_weights_equal(model, before)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert model.training
     assert [n for n, _ in model.named_modules()] == [n for n, _ in tiny_model(arch)[0].named_modules()]
+    assert no_hooks(model)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -83,6 +84,7 @@ def test_edit_makes_the_target_the_argmax_and_revert_is_exact(method, arch):
     assert any(not torch.equal(p, base[n]) for n, p in model.named_parameters())
     editor.revert(model, record.id)
     assert_weights_equal(model, base)
+    assert no_hooks(model)
     assert [r.status for r in editor.history] == ["reverted"]
 
 

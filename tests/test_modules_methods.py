@@ -1,13 +1,14 @@
-"""The module-adding editors (factedit/modules/: grace, tpatcher, adapter, bitfit; ia3 folds into weights) on tiny
-random models of every supported architecture: compute leaves the model as it was (weights, hooks,
-modes), an edit moves the target, and revert is exact (logits and weights, `torch.equal`), also of a
-middle edit, a batch, and after a journal replay."""
+"""The module-adding editors (factedit/modules/: grace, tpatcher, adapter, bitfit) on tiny random models of
+every supported architecture: compute leaves the model as it was (weights, hooks, modes), an edit moves the
+target, and revert is exact (logits and weights, `torch.equal`), also of a middle edit, a batch, and after a
+journal replay. ia3, in the same folder, folds into the weights (W += Δ): tests/test_contract.py runs its
+contract with the other weight editors; here, its guard and its export."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_weights_equal, snapshot
+from helpers import assert_weights_equal, no_hooks, snapshot
 from tiny_models import ARCHS, tiny_model
 
 import factedit
@@ -27,8 +28,7 @@ TINY = {
     "ia3": dict(layers=(-2, -1), lr=0.3, max_steps=80),
     "bitfit": dict(layers=(-2, -1), lr=0.1, max_steps=60),
 }
-METHODS = sorted(TINY)
-SIDE = {"grace", "tpatcher", "adapter", "bitfit"}
+SIDE = sorted(TINY.keys() - {"ia3"})
 PROBES = ["The capital of France is", "The capital of Italy is", "Water boils at one hundred"]
 FACTS = [("The capital of France is", "Rome"), ("The capital of Italy is", "Berlin"),
          ("The capital of Germany is", "Madrid")]
@@ -40,31 +40,27 @@ def logits(model, tok) -> torch.Tensor:
         return model(**ids).logits  # (B, T, V)
 
 
-def no_hooks(model) -> bool:
-    return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
-
-
 def test_the_methods_are_registered_with_a_description():
-    for method in METHODS:
+    for method in TINY:
         assert get_method(method).description
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", SIDE)
 def test_compute_leaves_the_model_unchanged(method, arch):
     model, tok = tiny_model(arch)
     before, flags = snapshot(model), {n: p.requires_grad for n, p in model.named_parameters()}
     model.train()
     editor = factedit.Editor(method, tokenizer=tok, **TINY[method])
     delta = editor._impl.compute(model, tok, [tokenize_request(EditRequest(*FACTS[0]), tok, None)])
-    assert bool(delta.modules) == (method in SIDE) and bool(delta.params) == (method not in SIDE)
+    assert delta.modules and not delta.params
     assert_weights_equal(model, before)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags and model.training
     assert no_hooks(model)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", SIDE)
 def test_edit_moves_the_target_and_revert_is_exact(method, arch):
     model, tok = tiny_model(arch)
     base, base_logits = snapshot(model), logits(model, tok)
@@ -72,7 +68,7 @@ def test_edit_moves_the_target_and_revert_is_exact(method, arch):
     record = editor.edit(model, *FACTS[0])
     pre, post = record.pre["requests"][0], record.post["requests"][0]
     assert post["target_prob"] > pre["target_prob"]
-    if arch != "gemma3_text" and method != "ia3":  # its norm after the MLP bounds one MLP's reach
+    if arch != "gemma3_text":  # its norm after the MLP bounds one MLP's reach
         assert post["target_is_argmax"]
     assert not torch.equal(logits(model, tok), base_logits)
     editor.revert(model, record.id)
@@ -81,7 +77,7 @@ def test_edit_moves_the_target_and_revert_is_exact(method, arch):
     assert no_hooks(model)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", SIDE)
 def test_reverting_a_middle_edit_computes_the_other_two_exactly(method):
     model, tok = tiny_model("llama")
     base_logits = logits(model, tok)
@@ -146,7 +142,7 @@ def test_grace_edit_batch_adds_entries_for_every_fact_and_revert_removes_exactly
     assert torch.equal(logits(model, tok), base_logits)
 
 
-@pytest.mark.parametrize("method", sorted(SIDE))
+@pytest.mark.parametrize("method", SIDE)
 def test_a_journal_replays_the_modules_on_a_fresh_model(method, tmp_path):
     model, tok = tiny_model("gpt2")
     path = tmp_path / "edits.sqlite"

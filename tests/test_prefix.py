@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_weights_equal, snapshot
+from helpers import assert_weights_equal, no_hooks, snapshot
 from peft import PeftModel
 from tiny_models import tiny_model
 
@@ -36,7 +36,7 @@ def test_a_trained_prefix_loads_in_peft_and_the_model_is_left_as_it_was(arch, tm
                                   PrefixConfig(num_virtual_tokens=4, lr=0.1, max_steps=60))
     assert_weights_equal(model, before)
     assert model.training and {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert no_hooks(model)
     model.eval()
     assert nll(model, tok) == base_nll
     fresh, _ = tiny_model(arch)
