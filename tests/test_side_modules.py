@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from helpers import assert_weights_equal, snapshot
+from helpers import assert_weights_equal, no_hooks, snapshot
 from tiny_models import ARCHS, tiny_model
 
 import factedit
@@ -126,7 +126,7 @@ def test_any_sequence_of_side_edits_and_reverts_computes_base_plus_active_edits(
     editor.revert_all(model)
     assert torch.equal(logits(model, tok), base_logits)
     assert_weights_equal(model, base)
-    assert all(not m._forward_hooks for m in model.modules())
+    assert no_hooks(model)
 
 
 def test_journal_replays_side_modules_and_reverts_them(tmp_path):
@@ -211,7 +211,7 @@ def test_bad_side_modules_are_refused_before_anything_changes():
             state.apply(model, "x", Delta(good_param, {"m": bad}))
     assert torch.equal(logits(model, tok), before)
     assert_weights_equal(model, weights)
-    assert not state.active and all(not m._forward_hooks for m in model.modules())
+    assert not state.active and no_hooks(model)
 
 
 def test_blobs_without_side_modules_read_as_before_and_unknown_formats_are_refused():
