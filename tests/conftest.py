@@ -15,9 +15,9 @@ import pytest
 # first) left the one-test browser file for last, running alone for half a minute. A file missing from
 # the list only runs later; a renamed one only loses its place.
 SLOWEST_FIRST = (
-    "test_app_browser.py", "test_export.py", "test_locate.py", "test_contract.py", "test_modules_methods.py",
-    "test_mend_default.py", "test_app.py", "test_eval_run.py", "test_serve_process.py", "test_journal.py",
-    "test_server_attacks.py", "test_server.py", "test_bad_input.py",
+    "test_contract.py", "test_app_browser.py", "test_export.py", "test_modules_methods.py", "test_mend_default.py",
+    "test_app.py", "test_serve_process.py", "test_journal.py", "test_server_attacks.py", "test_eval_run.py",
+    "test_locate.py", "test_server.py", "test_peft_ia3.py", "test_exact_revert_property.py",
 )
 
 

@@ -67,7 +67,10 @@ def test_preview_confirm_chat_compare_and_revert_in_a_real_browser(tmp_path):
         "FACTEDIT_APP_CONFIG": str(tmp_path / "app.yaml"),
     }
     with ui.app_server(env, tmp_path / "server.log", timeout=TIMEOUT_S) as url, ui.browser_page() as page:
-        other_tab = page.context.new_page()
+        # The second tab in a window of its own: a tab opened beside `page` in the same window would put
+        # `page` in the background, where Chromium throttles its timers and frames (each page update then
+        # took ~2 s to show, a person's foreground tab does not).
+        other_tab = page.context.browser.new_context().new_page()
         ui.open_app(other_tab, url, TIMEOUT_S)
         ui.open_app(page, url, TIMEOUT_S)
         ui.wait_idle(page, TIMEOUT_S)
