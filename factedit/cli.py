@@ -30,14 +30,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import display
-from .artifacts.adapters import check_vllm_compatible
-from .artifacts.peft_ia3 import export_ia3_adapter
 from .core.errors import FacteditError
-from .core.methods import available_methods
-from .editing.editor import Editor
-from .editing.journal import Journal
-from .model.loading import load_model
+
+# The commands import what they use when they run: `factedit --help` and a mistyped command answer at
+# once, without loading torch, transformers and peft first (seconds).
 
 DEFAULT_METHOD = "ft_l"
 
@@ -65,6 +61,9 @@ def _journal_model_and_method(
 ) -> tuple[str | None, str | None]:
     """The model to load (the journal's, unless it is new) and the journal's last method. Without
     `create`, a missing journal is an error (nothing is created)."""
+    from .core.methods import available_methods
+    from .editing.journal import Journal
+
     if path is None or (create and not path.exists()):
         return model_arg, None
     with Journal(path, create=create) as journal:
@@ -81,6 +80,9 @@ def _journal_model_and_method(
 
 def _open(args: argparse.Namespace, method: str | None = None, *, create: bool = False, **overrides: Any):
     """Load the journal's model and an Editor that replayed it; only `edit` may create a journal."""
+    from .editing.editor import Editor
+    from .model.loading import load_model
+
     journal = Path(args.journal) if args.journal else None
     model_name, journal_method = _journal_model_and_method(journal, getattr(args, "model", None), create)
     model, tokenizer = load_model(model_name)
@@ -90,6 +92,8 @@ def _open(args: argparse.Namespace, method: str | None = None, *, create: bool =
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
+    from . import display
+
     model, editor = _open(args, args.method, create=True, **_overrides(args.set))
     with editor:
         record = editor.edit(model, args.prompt, args.target, paraphrases=args.paraphrase, locality=args.locality)
@@ -106,6 +110,9 @@ def cmd_revert(args: argparse.Namespace) -> int:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
+    from . import display
+    from .editing.journal import Journal
+
     with Journal(args.journal, create=False) as journal:
         records = journal.records(deltas=False)
     if args.json:
@@ -118,6 +125,8 @@ def cmd_history(args: argparse.Namespace) -> int:
 def cmd_journal_compact(args: argparse.Namespace) -> int:
     if args.older_than_days < 0:
         raise SystemExit("--older-than-days must be >= 0")
+    from .editing.journal import Journal
+
     with Journal(args.journal, create=False) as journal:
         report = journal.compact(args.older_than_days * 86400)
     print(json.dumps(report) if args.json else
@@ -127,6 +136,8 @@ def cmd_journal_compact(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
+    from . import display
+
     model, editor = _open(args)
     with editor:
         diff = editor.diff(args.id, model=model, probes=args.probe)
@@ -143,6 +154,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise SystemExit("--id, --rank and --exact apply to adapters; a merged GGUF holds every active edit")
     if args.format == "peft-ia3" and (args.rank is not None or args.exact):
         raise SystemExit("--rank and --exact apply to LoRA adapters; an IA³ adapter holds the ia3 vectors exactly")
+    from .artifacts.adapters import check_vllm_compatible
+    from .artifacts.peft_ia3 import export_ia3_adapter
+
     model, editor = _open(args)
     with editor:
         if args.format == "peft-ia3":
@@ -186,6 +200,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    from . import display
+
     model, editor = _open(args, create=True)
     with editor:
         record = editor.import_adapter(model, args.adapter)

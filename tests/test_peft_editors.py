@@ -107,6 +107,44 @@ def test_lora_edit_changes_the_output_as_the_trained_adapter_did(arch, monkeypat
     assert torch.allclose(edited_logits, adapter_logits[0], atol=1e-5)
 
 
+@pytest.mark.parametrize("ratio", [1.0, 8.0])
+def test_lora_plus_steps_b_ratio_times_as_far_as_a(ratio, monkeypatch):
+    """LoRA+ (`b_lr_ratio`): Adam's first step moves each entry with a gradient by its learning rate, so
+    after one step B (zero at the start) is lr·ratio at its largest; A has not moved (its gradient goes
+    through B, zero before that step): why plain LoRA's product B·A grows slowly and a faster B helps."""
+    from factedit.peft import lora
+
+    model, tok = tiny_model("llama")
+    lr, seen = 1e-3, {}
+    real_fold = lora._fold
+
+    def fold_after_reading_the_factors(layer, layout):
+        seen["a_moved"] = float((layer.lora_A[lora.ADAPTER].weight - seen["a0"]).abs().max())
+        seen["b"] = float(layer.lora_B[lora.ADAPTER].weight.abs().max())
+        return real_fold(layer, layout)
+
+    real_optimize = lora.optimize
+
+    def optimize_keeping_a0(forward, batch, optimizer, **kwargs):
+        (a0,) = [p for g in optimizer.param_groups for p in g["params"] if p.shape[0] == 4]  # A: (r, in)
+        seen["a0"] = a0.detach().clone()
+        return real_optimize(forward, batch, optimizer, **kwargs)
+
+    monkeypatch.setattr(lora, "_fold", fold_after_reading_the_factors)
+    monkeypatch.setattr(lora, "optimize", optimize_keeping_a0)
+    editor = factedit.Editor("lora", tokenizer=tok, layers=(-1,), rank=4, lr=lr, b_lr_ratio=ratio, max_steps=1,
+                             preserve=None, score=False)
+    editor._impl.compute(model, tok, _requests(tok, FACT))
+    assert seen["b"] == pytest.approx(lr * ratio, rel=1e-2)
+    assert seen["a_moved"] == 0.0
+
+
+def test_a_b_lr_ratio_below_one_is_refused():
+    _, tok = tiny_model("llama")
+    with pytest.raises(ConfigError, match="b_lr_ratio"):
+        factedit.Editor("lora", tokenizer=tok, b_lr_ratio=0.5)
+
+
 # Subject-anchored fine-tuning: the prompt also trained under the model's context prefixes.
 PREFIXES = {"seeds": ["The", "Because", "I"], "per_seed": 2, "tokens": 4}
 FACT = ("The capital of France is", "Rome")

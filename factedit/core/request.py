@@ -13,11 +13,12 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidRequestError
+
+if TYPE_CHECKING:  # annotations only: requests are made and checked without loading transformers
+    from transformers import PreTrainedTokenizerBase
 
 LOG = logging.getLogger(__name__)
 

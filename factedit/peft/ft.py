@@ -129,7 +129,7 @@ class FineTune:
 
         with frozen(model), seeded(cfg.seed):
             optimize(
-                forward, batch, list(trained.values()), lr=cfg.lr, max_steps=cfg.max_steps,
+                forward, batch, torch.optim.Adam(trained.values(), lr=cfg.lr), max_steps=cfg.max_steps,
                 after_step=constrain if cfg.norm_constraint is not None or preserver is not None else None,
                 progress=progress,
             )

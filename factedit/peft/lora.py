@@ -13,6 +13,7 @@ from typing import ClassVar
 
 import torch
 from peft import LoraConfig, get_peft_model
+from peft.optimizers import create_loraplus_optimizer
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -47,7 +48,10 @@ class LoRAEditConfig:
     matrices: tuple[str, ...] = ("act",)  # MLP roles: "in", "gate" (gated MLPs), "out", "act" (alias)
     rank: int = 8  # LoRA rank r
     alpha: float = 16.0  # LoRA scale = alpha / rank
-    lr: float = 3e-3  # Adam learning rate
+    lr: float = 3e-3  # Adam learning rate (of the A factors and, times `b_lr_ratio`, of the B factors)
+    # LoRA+ (Hayou et al. 2024; peft's create_loraplus_optimizer): B, which starts at zero, learns this many
+    # times faster than A, so the product B·A grows in fewer steps. 1 = plain LoRA.
+    b_lr_ratio: float = 1.0
     max_steps: int = 80  # cap on optimisation steps (early stop when every target token is argmax)
     seed: int | None = 0  # LoRA's A matrices start random; this makes edits reproducible
     # Keep the change in the null space of the reference corpus's keys (preserve.py: the A factors,
@@ -63,7 +67,8 @@ class LoRAEditConfig:
     # What the app and the service may set per edit (settable.py): rank bounds memory, steps time.
     SETTABLE: ClassVar[Settable] = {
         "layers": LAYERS, "matrices": Choices("in", "gate", "out", "act"), "rank": Integer(1, 64),
-        "alpha": Number(1e-3, 1e3), "lr": Number(1e-6, 0.1), "max_steps": Integer(1, 200), "seed": SEED,
+        "alpha": Number(1e-3, 1e3), "lr": Number(1e-6, 0.1), "b_lr_ratio": Number(1.0, 64.0),
+        "max_steps": Integer(1, 200), "seed": SEED,
         "preserve": Nested(PreserveConfig.SETTABLE), "prefixes": Nested(PrefixConfig.SETTABLE),
         "chat_context": Flag(),
     }
@@ -72,6 +77,8 @@ class LoRAEditConfig:
         finite = float("inf")
         if self.rank < 1 or self.max_steps < 1 or not (0 < self.alpha < finite) or not (0 < self.lr < finite):
             raise ValueError("rank and max_steps must be >= 1, alpha and lr finite numbers > 0")
+        if not 1 <= self.b_lr_ratio < finite:
+            raise ValueError("b_lr_ratio must be a finite number >= 1")
         if not self.layers or not self.matrices:
             raise ValueError("layers and matrices must not be empty")
 
@@ -105,8 +112,6 @@ class LoRAEdit:
                 def forward(b: TrainingBatch) -> torch.Tensor:
                     return peft_model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
 
-                trainable = [p for p in peft_model.parameters() if p.requires_grad]
-
                 def project_inputs() -> None:  # A (r, in) rows into the null space of preserved keys
                     for m, layer in lora_layers.items():
                         a = layer.lora_A[ADAPTER].weight
@@ -115,7 +120,9 @@ class LoRAEdit:
                 if preserver is not None:
                     with torch.no_grad():
                         project_inputs()
-                optimize(forward, batch, trainable, lr=cfg.lr, max_steps=cfg.max_steps,
+                optimizer = create_loraplus_optimizer(peft_model, torch.optim.Adam, lr=cfg.lr,
+                                                      loraplus_lr_ratio=cfg.b_lr_ratio)
+                optimize(forward, batch, optimizer, max_steps=cfg.max_steps,
                          after_step=project_inputs if preserver is not None else None, progress=progress)
                 factors = {m: _fold(layer, layouts[m]) for m, layer in lora_layers.items()}
             finally:

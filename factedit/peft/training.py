@@ -1,10 +1,10 @@
-"""The optimisation loop shared by the fine-tuning editors: Adam on the trained tensors until every
-target token is the argmax (checked on the same forward pass, before stepping), or after `max_steps`
-steps. The batches and their loss are the core's (scoring/batches.py)."""
+"""The optimisation loop shared by the fine-tuning editors: an optimizer (Adam) on the trained tensors
+until every target token is the argmax (checked on the same forward pass, before stepping), or after
+`max_steps` steps. The batches and their loss are the core's (scoring/batches.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 
@@ -15,16 +15,14 @@ from ..scoring.batches import TrainingBatch, target_nll
 def optimize(
     forward: Callable[[TrainingBatch], torch.Tensor],
     batch: TrainingBatch,
-    parameters: Sequence[torch.Tensor],
+    optimizer: torch.optim.Optimizer,
     *,
-    lr: float,
     max_steps: int,
     after_step: Callable[[], None] | None = None,
     progress: Progress | None = None,
 ) -> int:
-    """Adam on `parameters` until every target token is the argmax; returns the steps taken.
+    """`optimizer`'s steps until every target token is the argmax; returns the steps taken.
     `progress(step, max_steps, loss)` is called on every forward pass (step 0 = before any update)."""
-    optimizer = torch.optim.Adam(parameters, lr=lr)
     for step in range(max_steps + 1):
         loss, done = target_nll(forward(batch), batch.labels, batch.stop)
         if progress is not None:

@@ -17,10 +17,7 @@ import logging
 import os
 
 from ..core.errors import ConfigError
-from ..model.loading import cache_dir
-from ..session import EditSession, SessionConfig
-from .config import ServerConfig, is_loopback
-from .security import TOKEN_ENV, load_token, new_token_file, owner_only
+from .config import TOKEN_ENV, ServerConfig, is_loopback
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +53,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def resolve_token(token_file: str | None, host: str) -> str:
     """The token from the file or the environment, else the one kept in the cache (loopback only)."""
+    from .security import load_token, new_token_file, owner_only  # the HTTP stack, loaded only to serve
+
     token = load_token(token_file)
     if token is not None:
         return token
     if not is_loopback(host):
         raise ConfigError(f"refusing to serve on {host} (not a loopback address) without a token: "
                           f"give --token-file or set {TOKEN_ENV}")
+    from ..model.loading import cache_dir
+
     path = cache_dir() / "serve-token"
     token = ""
     if path.is_file():
@@ -76,6 +77,7 @@ def resolve_token(token_file: str | None, host: str) -> str:
 def serve_command(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from ..session import EditSession, SessionConfig
     from .app import create_app
     from .connections import header_timeout_protocol
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from ..core.errors import ConfigError
 from ..session.limits import RequestLimits
 
+TOKEN_ENV = "FACTEDIT_API_TOKEN"  # the environment variable that may hold the bearer token for edits
 MAX_LIST_ITEMS = 256  # ceiling of every per-request list limit: the request schemas refuse longer lists
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..core.errors import ConfigError
+from .config import TOKEN_ENV
 from .errors import APIError, refuse
 
 logger = logging.getLogger(__name__)
 
-TOKEN_ENV = "FACTEDIT_API_TOKEN"
 
 
 def load_token(token_file: str | os.PathLike | None, environ: dict[str, str] | None = None) -> str | None:
