@@ -208,6 +208,39 @@ def test_the_guard_reads_the_next_texts_and_the_worst_at_each_check(tiny):
     assert guard.groups[5].last == pytest.approx(1.0)  # read again (the next group is 0)
 
 
+@pytest.mark.parametrize("quick_share", [0.5, 0.0])
+def test_far_below_the_bound_a_check_reads_one_group_and_near_it_two(tiny, monkeypatch, quick_share):
+    """The quick check: one group while it and every group's last reading are under the quick limit
+    (1.25 for a 1.5 bound at share 0.5); the worst group again once one is past it. Share 0: always two."""
+    model, tok = tiny
+    ratios, reads = {2: 1.3}, []  # group 2 reads past the quick limit, every other group 1.01
+
+    def scripted(self, model, tokenizer, index, *args):
+        reads.append(index)
+        return ratios.get(index, 1.01)
+
+    monkeypatch.setattr(DriftGuard, "_read", scripted)
+    guard = DriftGuard(GuardConfig(max_ratio=1.5, texts=4, max_tokens=8, quick_share=quick_share))
+    per_check = []
+    for _ in range(5):
+        before = len(reads)
+        guard.ratio(model, tok, {})
+        per_check.append(reads[before:])
+    if quick_share:
+        # first check: group 0 alone; then 1 alone; 2 reads 1.3, so the worst so far (0) is read too;
+        # after that group 2 is the worst and past the limit: every check reads it again
+        assert per_check == [[0], [1], [2, 0], [3, 2], [4, 2]]
+    else:
+        assert per_check == [[0], [1, 0], [2, 0], [3, 2], [4, 2]]
+    assert guard.groups[2].last == 1.3
+
+
+def test_a_quick_share_outside_0_1_is_refused():
+    for bad in (-0.1, 1.0, "half"):
+        with pytest.raises(ConfigError, match="quick_share"):
+            GuardConfig(quick_share=bad)
+
+
 def test_a_damaged_key_statistics_cache_is_recomputed(tiny, tmp_path, monkeypatch, caplog):
     from factedit.safety.keys import key_statistics
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -88,12 +88,16 @@ def _batch_nll(
 class GuardConfig:
     """The Editor's drift guard. `max_ratio`: largest allowed perplexity of the reference text after an
     edit, over the base model's; `texts`/`max_tokens`: the size of one group of the shipped samples
-    (a check reads two groups, from the lowest edited block up; its time is `guard_ms`). 4 × 24 follows
-    the drift of all 64 samples as closely as 4 × 48 at half the cost (bench/bench_guard.py, README)."""
+    (a check reads one or two groups, from the lowest edited block up; its time is `guard_ms`). 4 × 24
+    follows the drift of all 64 samples as closely as 4 × 48 at half the cost (bench/bench_guard.py, README).
+    `quick_share`: a check that finds the next group, and every group's last reading, within this share
+    of the allowed rise (`max_ratio` − 1) stops after that one group; otherwise it reads the worst group
+    again too. 0: always both (DriftGuard's docstring says what the quick check gives up)."""
 
     max_ratio: float = 1.5
     texts: int = 4
     max_tokens: int = 24
+    quick_share: float = 0.5
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_ratio, (int, float)) and self.max_ratio > 1.0):
@@ -101,6 +105,13 @@ class GuardConfig:
         if not (isinstance(self.texts, int) and self.texts >= 1 and isinstance(self.max_tokens, int)
                 and self.max_tokens >= 2):
             raise ConfigError("guard texts must be an int >= 1 and max_tokens an int >= 2")
+        if not (isinstance(self.quick_share, (int, float)) and 0.0 <= self.quick_share < 1.0):
+            raise ConfigError(f"guard quick_share must be a number in [0, 1), got {self.quick_share!r}")
+
+    @property
+    def quick_limit(self) -> float:
+        """The ratio up to which one group's reading may stand for the check (`quick_share`)."""
+        return 1.0 + self.quick_share * (self.max_ratio - 1.0)
 
 
 @dataclass
@@ -129,6 +140,14 @@ class DriftGuard:
     through whenever it happens to be a mild one (a selection effect: after 1,000 attempted sequential
     `mend` edits, all 64 texts were at 2.7× under a 1.5× bound).
 
+    The quick check (`GuardConfig.quick_share`): while every group's last reading and the next group's
+    reading are far below the bound (by default under half of the allowed rise), the worst group is not
+    read again and the check costs one group, not two. What it gives up: between two readings of a group,
+    edits accepted on other groups' readings may raise it unseen; the rotation reads every group again
+    within len(groups) checks, and the first reading past the quick limit brings back full checks until
+    every group reads under it again, so what goes unseen is what that many edits add to a group already
+    under the quick limit (kept edits move the guard's texts by thousandths each: README "Lifelong").
+
     Cost: the base model's perplexity of a group is measured the first time the group is read (or
     taken from `store`). When the caller says no parameter below block `start_layer` has been touched,
     the group's input to that block is kept from that first full pass (or the store), and reads run only
@@ -147,7 +166,8 @@ class DriftGuard:
         self.base_perplexity: float | None = None  # of the worst group of the last check
 
     def plan(self) -> tuple[int, ...]:
-        """The groups the next check reads: the next group in turn, and the group that read worst so far."""
+        """The groups a full check reads: the next group in turn, and the group that read worst so far (the
+        quick check reads only the first)."""
         index = self._next
         read = [i for i, g in enumerate(self.groups) if g.last is not None]
         worst = max(read, key=lambda i: self.groups[i].last, default=index)
@@ -157,15 +177,16 @@ class DriftGuard:
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, base_params: Mapping[str, torch.Tensor],
         start_layer: int | None = None, known: Mapping[int, float] | None = None,
     ) -> float:
-        """The larger perplexity ratio, over the base model's, of the next group of texts and of the
-        worst group so far (`plan`). `base_params` hold the base values of the parameters edits have
-        touched; `start_layer`, when given, is a block below which no parameter has been touched.
-        `known`: ratios of groups already read on these very weights (`read` during a preview); those
-        groups are not read again. The check is recorded (the rotation moves on, `last` is set)."""
-        groups = self.plan()
+        """The larger perplexity ratio, over the base model's, of the next group of texts and, unless the
+        quick check lets that reading stand, of the worst group so far (`plan`). `base_params` hold the
+        base values of the parameters edits have touched; `start_layer`, when given, is a block below which
+        no parameter has been touched. `known`: ratios of groups already read on these very weights (`read`
+        during a preview); those groups are not read again. The check is recorded (the rotation moves on,
+        `last` is set)."""
         known = known or {}
-        ratios = {i: known[i] if i in known else self._read(model, tokenizer, i, base_params, start_layer, None)
-                  for i in groups}
+        ratios = self._check(lambda i: known[i] if i in known else self._read(
+            model, tokenizer, i, base_params, start_layer, None))
+        groups = tuple(ratios)
         for i, value in ratios.items():
             self.groups[i].last = value
         self._next = (self._next + 1) % len(self.groups)
@@ -177,10 +198,21 @@ class DriftGuard:
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, base_params: Mapping[str, torch.Tensor],
         start_layer: int | None, params: Mapping[str, torch.Tensor],
     ) -> dict[int, float]:
-        """{group: ratio} of the groups the next check reads (`plan`), with `params` swapped in for the
-        model's own (an edit not applied yet, through functional_call); nothing is recorded, so a preview
-        can read what applying its delta would, and `ratio(known=...)` take it over."""
-        return {i: self._read(model, tokenizer, i, base_params, start_layer, params) for i in self.plan()}
+        """{group: ratio} of the groups the next check reads (`plan`, quick check included), with `params`
+        swapped in for the model's own (an edit not applied yet, through functional_call); nothing is
+        recorded, so a preview can read what applying its delta would, and `ratio(known=...)` take it over."""
+        return self._check(lambda i: self._read(model, tokenizer, i, base_params, start_layer, params))
+
+    def _check(self, read: Callable[[int], float]) -> dict[int, float]:
+        """{group: ratio} of one check: the next group (`plan`'s first) by `read`, then the worst group,
+        unless the quick check lets the first reading stand (class docstring). Nothing is recorded."""
+        first, *rest = self.plan()
+        ratios = {first: read(first)}
+        lasts = [g.last for g in self.groups if g.last is not None]
+        limit = self.config.quick_limit
+        if rest and not (ratios[first] <= limit and lasts and max(lasts) <= limit):
+            ratios[rest[0]] = read(rest[0])
+        return ratios
 
     def _read(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, index: int,
