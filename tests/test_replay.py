@@ -151,8 +151,30 @@ def test_warm_guard_prepares_every_group_so_the_first_edit_reads_only_from_its_b
         return real(self, model, group, params, layer)
 
     monkeypatch.setattr(DriftGuard, "_perplexity", counting)
+    checks = []
+    real_check = DriftGuard._check_replay
+    monkeypatch.setattr(DriftGuard, "_check_replay", lambda self, *a: checks.append(a[-1]) or real_check(self, *a))
     editor.edit(model, "The capital of France is", "Rome")
     assert not any(full_passes)
+    assert checks == []  # replay from block 2 was checked while warming, not in the first edit's time
+
+
+def test_prepare_also_checks_higher_blocks_kept_in_the_store(cache, monkeypatch):
+    """A store from earlier processes may keep a group's input to a higher block; reads of edits above it
+    start there, so warming checks it too and the first such edit runs no check."""
+    model, tok = tiny_model("llama")
+    config = GuardConfig(texts=4, max_tokens=16)
+    DriftGuard(config, store_for(model, config)).ratio(model, tok, {}, start_layer=3)  # stores group 0's block 3
+    guard = DriftGuard(config, store_for(model, config))
+    guard.prepare(model, tok, {}, start_layer=1)
+    assert set(guard._forms) == {1, 3} and set(guard.groups[0].hidden) == {1, 3}
+    checks = []
+    real_check = DriftGuard._check_replay
+    monkeypatch.setattr(DriftGuard, "_check_replay", lambda self, *a: checks.append(a[-1]) or real_check(self, *a))
+    name = mlp_param_names(model, 3, "out")[0]
+    base = {name: bump(model, name)}
+    assert guard.ratio(model, tok, base, start_layer=3) == DriftGuard(config).ratio(model, tok, base)
+    assert checks == []
 
 
 def test_a_read_starts_at_the_highest_kept_block_at_or_below_the_lowest_edited_one(cache):

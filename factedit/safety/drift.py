@@ -219,6 +219,14 @@ class DriftGuard:
         base_params: Mapping[str, torch.Tensor], start_layer: int | None, params: Mapping[str, torch.Tensor] | None,
     ) -> float:
         """One group's ratio on the model (with `params` swapped in), its base prepared first."""
+        group, layer = self._checked(model, tokenizer, index, base_params, start_layer)
+        return self._perplexity(model, group, params, layer) / group.base
+
+    def _checked(
+        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, index: int,
+        base_params: Mapping[str, torch.Tensor], start_layer: int | None,
+    ) -> tuple[_Group, int | None]:
+        """`_prepared`, with replay from the group's start block checked (once per block)."""
         group, layer = self._prepared(model, tokenizer, index, base_params, start_layer)
         if layer is not None and layer not in self._forms and not self._check_replay(model, group, base_params, layer):
             # The stored base perplexity and block input are not this model's: compute both again
@@ -227,7 +235,7 @@ class DriftGuard:
             group, layer = self._prepared(model, tokenizer, index, base_params, start_layer)
             if layer is not None and not self._check_replay(model, group, base_params, layer):
                 self._forms[layer] = _NOT_REPLAYABLE
-        return self._perplexity(model, group, params, layer) / group.base
+        return group, layer
 
     @staticmethod
     def _start_block(group: _Group, start_layer: int | None) -> int | None:
@@ -243,9 +251,15 @@ class DriftGuard:
         start_layer: int | None = None,
     ) -> None:
         """Find every group's base perplexity and input to `start_layer` now (from the store, or one full
-        pass per group missing there), so that later checks read only from that block."""
-        for index in range(len(self.groups)):
-            self._prepared(model, tokenizer, index, base_params, start_layer)
+        pass per group missing there), and check replay from the blocks they start at, so that later
+        checks read only from there and the first edits do not pay for the checks (0.3 s a block on the
+        default model). Blocks above `start_layer` whose input a group keeps (from the store) are checked
+        too: reads of edits that touch only higher blocks start there."""
+        for index, group in enumerate(self.groups):
+            self._checked(model, tokenizer, index, base_params, start_layer)
+            if start_layer is not None:
+                for layer in sorted(b for b in group.hidden if b > start_layer and b not in self._forms):
+                    self._checked(model, tokenizer, index, base_params, layer)
 
     def _prepared(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, index: int,
