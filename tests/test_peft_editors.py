@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import tiny_model
+from tiny_models import ARCHS, tiny_model
 
 import factedit
 from factedit.core.errors import ConfigError
@@ -143,6 +144,37 @@ def test_a_b_lr_ratio_below_one_is_refused():
     _, tok = tiny_model("llama")
     with pytest.raises(ConfigError, match="b_lr_ratio"):
         factedit.Editor("lora", tokenizer=tok, b_lr_ratio=0.5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", ["ft_l", "lora"])
+def test_skipping_the_frozen_blocks_trains_exactly_as_full_passes(arch, method, monkeypatch):
+    """The fine-tuning loop runs the blocks below the trained ones once (replay.skip_frozen_blocks); the
+    delta is bit for bit the one full passes at every step give."""
+    from factedit.model import replay
+
+    skipped = []
+    real = replay.skip_frozen_blocks
+
+    def recording(*args):
+        with real(*args) as skips:
+            skipped.append(skips)
+            yield skips
+
+    def deltas(patch):
+        monkeypatch.setattr(training, "skip_frozen_blocks", contextlib.contextmanager(patch))
+        model, tok = tiny_model(arch)
+        editor = factedit.Editor(method, tokenizer=tok, layers=(2,), lr=3e-2, max_steps=4, preserve=None)
+        return editor._impl.compute(model, tok, _requests(tok, FACT))
+
+    def full_passes(*args):
+        yield False
+
+    fast, full = deltas(recording), deltas(full_passes)
+    assert skipped == [True]  # blocks 0-1 were skipped
+    assert any(float(change.materialize(torch.float32).abs().max()) > 0 for change in fast.params.values())
+    for name, change in fast.items():
+        assert torch.equal(change.materialize(torch.float32), full.params[name].materialize(torch.float32))
 
 
 # Subject-anchored fine-tuning: the prompt also trained under the model's context prefixes.

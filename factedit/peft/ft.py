@@ -27,7 +27,7 @@ from ..model.hooks import frozen
 from ..model.specs import mlp_param_names
 from ..safety.preserve import KeyPreserver, PreserveConfig, preserve_field
 from ..scoring.batches import TrainingBatch, training_batch
-from .training import optimize
+from .training import above_trained_blocks, optimize
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,7 @@ class FineTune:
                 if preserver is not None:  # the change back into the null space of preserved keys
                     w.copy_(originals[n] + preserver.project_tensor(n, w - originals[n]))
 
-        with frozen(model), seeded(cfg.seed):
+        with frozen(model), seeded(cfg.seed), above_trained_blocks(model, names, batch):
             optimize(
                 forward, batch, torch.optim.Adam(trained.values(), lr=cfg.lr), max_steps=cfg.max_steps,
                 after_step=constrain if cfg.norm_constraint is not None or preserver is not None else None,

@@ -27,7 +27,7 @@ from ..model.hooks import frozen
 from ..model.specs import mlp_param_names, weight_layout
 from ..safety.preserve import KeyPreserver, PreserveConfig, preserve_field
 from ..scoring.batches import TrainingBatch, training_batch
-from .training import optimize
+from .training import above_trained_blocks, optimize
 
 ADAPTER = "factedit"
 
@@ -122,8 +122,9 @@ class LoRAEdit:
                         project_inputs()
                 optimizer = create_loraplus_optimizer(peft_model, torch.optim.Adam, lr=cfg.lr,
                                                       loraplus_lr_ratio=cfg.b_lr_ratio)
-                optimize(forward, batch, optimizer, max_steps=cfg.max_steps,
-                         after_step=project_inputs if preserver is not None else None, progress=progress)
+                with above_trained_blocks(model, modules, batch):
+                    optimize(forward, batch, optimizer, max_steps=cfg.max_steps,
+                             after_step=project_inputs if preserver is not None else None, progress=progress)
                 factors = {m: _fold(layer, layouts[m]) for m, layer in lora_layers.items()}
             finally:
                 peft_model.unload()  # puts the original modules back; their weights were never written

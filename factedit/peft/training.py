@@ -4,11 +4,15 @@ until every target token is the argmax (checked on the same forward pass, before
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
+from torch import nn
 
 from ..core.training import Progress
+from ..model.replay import skip_frozen_blocks
+from ..model.specs import layer_index
 from ..scoring.batches import TrainingBatch, target_nll
 
 
@@ -36,3 +40,13 @@ def optimize(
             with torch.no_grad():
                 after_step()
     return max_steps
+
+
+@contextlib.contextmanager
+def above_trained_blocks(model: nn.Module, names: Sequence[str], batch: TrainingBatch) -> Iterator[None]:
+    """Passes of `batch` inside the block start at the lowest block holding one of the trained parameters
+    `names` (model/replay.py `skip_frozen_blocks`): the blocks below it are frozen, their output the same
+    at every step."""
+    lowest = min(layer_index(model, name) for name in names)
+    with skip_frozen_blocks(model, lowest, {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}):
+        yield
