@@ -186,11 +186,10 @@ class DriftGuard:
         known = known or {}
         ratios = self._check(lambda i: known[i] if i in known else self._read(
             model, tokenizer, i, base_params, start_layer, None))
-        groups = tuple(ratios)
         for i, value in ratios.items():
             self.groups[i].last = value
         self._next = (self._next + 1) % len(self.groups)
-        chosen = max(groups, key=ratios.__getitem__)
+        chosen = max(ratios, key=ratios.__getitem__)
         self.base_perplexity = self.groups[chosen].base
         return ratios[chosen]
 
