@@ -135,7 +135,17 @@ def test_an_editor_guard_starts_at_the_lowest_edited_block(tiny, cache):
     assert set(editor._safeguards.guard._forms) == {1, 3}
 
 
-def test_warm_guard_prepares_every_group_so_the_first_edit_reads_only_from_its_block(tiny, cache, monkeypatch):
+@pytest.fixture
+def replay_checks(monkeypatch) -> list[int]:
+    """The block of every replay check the drift guard runs from here on."""
+    checks: list[int] = []
+    real = DriftGuard._check_replay
+    monkeypatch.setattr(DriftGuard, "_check_replay", lambda self, *a: checks.append(a[-1]) or real(self, *a))
+    return checks
+
+
+def test_warm_guard_prepares_every_group_so_the_first_edit_reads_only_from_its_block(tiny, cache, monkeypatch,
+                                                                                    replay_checks):
     model, tok = tiny
     editor = factedit.Editor("ft", tokenizer=tok, guard=100.0, layers=(2, 3), lr=1e-3, max_steps=2)
     editor.warm_guard(model)
@@ -151,15 +161,13 @@ def test_warm_guard_prepares_every_group_so_the_first_edit_reads_only_from_its_b
         return real(self, model, group, params, layer)
 
     monkeypatch.setattr(DriftGuard, "_perplexity", counting)
-    checks = []
-    real_check = DriftGuard._check_replay
-    monkeypatch.setattr(DriftGuard, "_check_replay", lambda self, *a: checks.append(a[-1]) or real_check(self, *a))
+    assert replay_checks == [2]  # replay from block 2 checked while warming...
     editor.edit(model, "The capital of France is", "Rome")
     assert not any(full_passes)
-    assert checks == []  # replay from block 2 was checked while warming, not in the first edit's time
+    assert replay_checks == [2]  # ...not again in the first edit's time
 
 
-def test_prepare_also_checks_higher_blocks_kept_in_the_store(cache, monkeypatch):
+def test_prepare_also_checks_higher_blocks_kept_in_the_store(cache, replay_checks):
     """A store from earlier processes may keep a group's input to a higher block; reads of edits above it
     start there, so warming checks it too and the first such edit runs no check."""
     model, tok = tiny_model("llama")
@@ -168,13 +176,12 @@ def test_prepare_also_checks_higher_blocks_kept_in_the_store(cache, monkeypatch)
     guard = DriftGuard(config, store_for(model, config))
     guard.prepare(model, tok, {}, start_layer=1)
     assert set(guard._forms) == {1, 3} and set(guard.groups[0].hidden) == {1, 3}
-    checks = []
-    real_check = DriftGuard._check_replay
-    monkeypatch.setattr(DriftGuard, "_check_replay", lambda self, *a: checks.append(a[-1]) or real_check(self, *a))
+    assert replay_checks[-2:] == [1, 3]  # both checked while warming
+    warmed = len(replay_checks)
     name = mlp_param_names(model, 3, "out")[0]
     base = {name: bump(model, name)}
     assert guard.ratio(model, tok, base, start_layer=3) == DriftGuard(config).ratio(model, tok, base)
-    assert checks == []
+    assert replay_checks[warmed:] == []
 
 
 def test_a_read_starts_at_the_highest_kept_block_at_or_below_the_lowest_edited_one(cache):
