@@ -50,17 +50,17 @@ def test_ft_l_keeps_every_weight_inside_the_linf_ball():
 def test_ft_stops_as_soon_as_every_target_token_is_the_argmax(monkeypatch):
     model, tok = tiny_model("llama")
     seen = []
-    real = training.target_nll
+    real = training.target_nll_at
 
     def spy(logits, labels, stop=None):
         loss, done = real(logits, labels, stop)
         seen.append(done)
         return loss, done
 
-    monkeypatch.setattr(training, "target_nll", spy)
+    monkeypatch.setattr(training, "target_nll_at", spy)
     editor = factedit.Editor("ft", tokenizer=tok, layers=(-1,), lr=1e-2, max_steps=200)
     editor.edit(model, "The capital of France is", "Rome")
-    # score=True scoring does not go through target_nll: every call is one optimisation check.
+    # score=True scoring does not go through target_nll_at: every call is one optimisation check.
     assert seen[-1] is True and not any(seen[:-1])
     assert len(seen) < 200
 
@@ -138,6 +138,38 @@ def test_lora_plus_steps_b_ratio_times_as_far_as_a(ratio, monkeypatch):
     editor._impl.compute(model, tok, _requests(tok, FACT))
     assert seen["b"] == pytest.approx(lr * ratio, rel=1e-2)
     assert seen["a_moved"] == 0.0
+
+
+def test_lora_keys_init_starts_a_on_the_edits_own_inputs(monkeypatch):
+    """`init="keys"`: A's first rows are orthonormal and span the matrix's inputs at the positions that
+    predict a target token (the edit's keys); B is zero, so the model is unchanged until the first step."""
+    from factedit.peft import lora
+
+    model, tok = tiny_model("llama")
+    seen = {}
+    real_optimize = lora.optimize
+
+    def optimize_keeping_a0(forward, batch, optimizer, **kwargs):
+        (a0,) = [p for g in optimizer.param_groups for p in g["params"] if p.shape[0] == 4]  # A: (r, in)
+        seen["a0"] = a0.detach().clone()
+        return real_optimize(forward, batch, optimizer, **kwargs)
+
+    monkeypatch.setattr(lora, "optimize", optimize_keeping_a0)
+    editor = factedit.Editor("lora", tokenizer=tok, layers=(-1,), rank=4, init="keys", max_steps=1, preserve=None,
+                             score=False)
+    module = "model.layers.3.mlp.gate_proj"
+    keys = lora.edit_keys(model, [module], _batch_of(model, tok))[module]  # (N, in)
+    editor._impl.compute(model, tok, _requests(tok, FACT))
+    k = min(4, int(torch.linalg.matrix_rank(keys)))
+    rows = seen["a0"][:k]  # (k, in)
+    assert torch.allclose(rows @ rows.T, torch.eye(k), atol=1e-5)
+    assert torch.allclose(keys @ rows.T @ rows, keys, atol=1e-4)  # every key lies in their span
+    with pytest.raises(ConfigError, match="init"):
+        factedit.Editor("lora", tokenizer=tok, init="pissa")
+
+
+def _batch_of(model, tok):
+    return batches.training_batch(model, tok, _requests(tok, FACT), None)
 
 
 def test_a_b_lr_ratio_below_one_is_refused():
@@ -263,6 +295,8 @@ def test_stop_reads_only_the_prompt_alone_and_the_loss_averages_over_contexts():
     logits[1, 2, 2] = 5.0  # the prefixed row does not
     loss, done = batches.target_nll(logits, labels, torch.tensor([True, False]))
     assert done and not batches.target_nll(logits, labels)[1]
+    at_targets = logits[batches.predicting_positions(labels)]  # (M, V): what batch_target_logits gives
+    assert batches.target_nll_at(at_targets, labels, torch.tensor([True, False])) == (loss, done)
     per_row = [torch.nn.functional.cross_entropy(logits[r, 2:3], labels[r, 3:4]) for r in range(2)]
     assert torch.allclose(loss, (per_row[0] + per_row[1]) / 2)
 

@@ -17,7 +17,6 @@ from typing import ClassVar
 
 import torch
 from torch import nn
-from torch.func import functional_call
 from transformers import PreTrainedTokenizerBase
 
 from ..core.delta import Delta, ParamDelta
@@ -27,7 +26,7 @@ from ..core.settable import LAYERS, SEED, Flag, Integer, Number, Settable
 from ..core.training import Progress, seeded
 from ..model.hooks import frozen
 from ..model.scalings import Scaling, ia3_scalings
-from ..scoring.batches import make_batch
+from ..scoring.batches import batch_target_logits, make_batch
 from ..scoring.sequences import pad_id_of
 from .training import optimize
 
@@ -93,8 +92,7 @@ class IA3:
 
         def forward() -> torch.Tensor:
             weights = {n: t.to(params[n].dtype) for n, t in folded(scalings, originals, scales).items()}
-            kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
-            return functional_call(model, weights, args=(), kwargs=kwargs).logits
+            return batch_target_logits(model, batch, weights)  # (M, V)
 
         with frozen(model), seeded(cfg.seed):
             optimize(forward, batch.labels, scales, lr=cfg.lr, max_steps=cfg.max_steps, stop_nll=cfg.stop_nll,

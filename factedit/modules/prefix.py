@@ -26,7 +26,7 @@ from transformers import PreTrainedTokenizerBase
 from ..core.request import EditRequest, tokenize_request
 from ..core.training import seeded
 from ..model.hooks import frozen
-from ..scoring.batches import make_batch, target_nll
+from ..scoring.batches import batch_target_logits, make_batch, target_nll_at
 from ..scoring.sequences import pad_id_of
 from .training import optimize
 
@@ -71,11 +71,11 @@ def train_prefix_adapter(model: nn.Module, tokenizer: PreTrainedTokenizerBase, r
         prefix = wrapped.prompt_encoder["default"].embedding.weight  # (n_virtual, layers · 2 · kv width)
 
         def forward() -> torch.Tensor:
-            return wrapped(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, T, V)
+            return batch_target_logits(wrapped, batch)  # (M, V)
 
         steps = optimize(forward, batch.labels, {"prefix": prefix}, lr=config.lr, max_steps=config.max_steps,
                          stop_nll=config.stop_nll)
         with torch.no_grad():
-            final = float(target_nll(forward(), batch.labels)[0])
+            final = float(target_nll_at(forward(), batch.labels)[0])
         wrapped.save_pretrained(str(out))
     return PrefixAdapter(out, steps, config.num_virtual_tokens, final)

@@ -22,7 +22,7 @@ from ..core.training import Progress
 from ..model.hooks import forward_hooks, frozen, stop_after
 from ..model.specs import resolve_layers
 from ..model.weights import side_points
-from ..scoring.batches import IGNORE, TrainingBatch, make_batch, target_nll
+from ..scoring.batches import IGNORE, TrainingBatch, batch_target_logits, make_batch, target_nll_at
 from ..scoring.sequences import pad_id_of
 
 
@@ -144,14 +144,15 @@ def optimize(
     progress: Progress | None = None,
 ) -> int:
     """Adam on `tensors` (float32 leaves, trained in place) until every target token of `forward()`'s
-    logits (B, T, V) is the argmax and the target NLL is below `stop_nll`, or after `max_steps` steps.
+    logits (M, V) at the target-predicting positions (`batch_target_logits`) is the argmax and the target
+    NLL is below `stop_nll`, or after `max_steps` steps.
     Loss: target NLL + `extra_loss(tensors)`. Returns the steps taken."""
     for t in tensors.values():
         t.requires_grad_(True)
     optimizer = torch.optim.Adam(list(tensors.values()), lr=lr)
     try:
         for step in range(max_steps + 1):
-            nll, done = target_nll(forward(), labels)
+            nll, done = target_nll_at(forward(), labels)
             loss = nll + extra_loss(tensors) if extra_loss is not None else nll
             if progress is not None:
                 progress(step, max_steps, float(loss.detach()))
@@ -186,7 +187,7 @@ def train_modules(model: nn.Module, batch: TrainingBatch, hooks: Mapping[str, Ho
         return lambda module, args, output: hook({k: v.to(dtype) for k, v in tensors.items()}, args[0], output)
 
     with frozen(model), forward_hooks(model, hooks={p: forward_hook(h) for p, h in hooks.items()}):
-        return optimize(lambda: model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
+        return optimize(lambda: batch_target_logits(model, batch),
                         batch.labels, tensors, **options)
 
 

@@ -14,7 +14,6 @@ from typing import ClassVar
 
 import torch
 from torch import nn
-from torch.func import functional_call
 from transformers import PreTrainedTokenizerBase
 
 from ..core.delta import Delta, ParamDelta
@@ -26,7 +25,7 @@ from ..model.contexts import ContextPrefixes, PrefixConfig
 from ..model.hooks import frozen
 from ..model.specs import mlp_param_names
 from ..safety.preserve import KeyPreserver, PreserveConfig, preserve_field
-from ..scoring.batches import TrainingBatch, training_batch
+from ..scoring.batches import TrainingBatch, batch_target_logits, training_batch
 from .training import above_trained_blocks, optimize
 
 
@@ -115,9 +114,8 @@ class FineTune:
         batch = training_batch(model, tokenizer, requests, self.prefixes, chat=self.config.chat_context)
 
         def forward(b: TrainingBatch) -> torch.Tensor:
-            kwargs = {"input_ids": b.input_ids, "attention_mask": b.attention_mask}
             weights = {n: w.to(dtypes[n]) for n, w in trained.items()}  # the model's dtype; grads reach w
-            return functional_call(model, weights, args=(), kwargs=kwargs).logits
+            return batch_target_logits(model, b, weights)  # (M, V)
 
         def constrain() -> None:
             for n, w in trained.items():

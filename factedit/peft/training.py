@@ -13,7 +13,7 @@ from torch import nn
 from ..core.training import Progress
 from ..model.replay import skip_frozen_blocks
 from ..model.specs import layer_index
-from ..scoring.batches import TrainingBatch, target_nll
+from ..scoring.batches import TrainingBatch, target_nll_at
 
 
 def optimize(
@@ -25,10 +25,11 @@ def optimize(
     after_step: Callable[[], None] | None = None,
     progress: Progress | None = None,
 ) -> int:
-    """`optimizer`'s steps until every target token is the argmax; returns the steps taken.
+    """`optimizer`'s steps until every target token is the argmax; returns the steps taken. `forward(batch)`
+    gives the logits (M, V) at the batch's target-predicting positions (`batch_target_logits`).
     `progress(step, max_steps, loss)` is called on every forward pass (step 0 = before any update)."""
     for step in range(max_steps + 1):
-        loss, done = target_nll(forward(batch), batch.labels, batch.stop)
+        loss, done = target_nll_at(forward(batch), batch.labels, batch.stop)
         if progress is not None:
             progress(step, max_steps, float(loss.detach()))
         if done or step == max_steps:

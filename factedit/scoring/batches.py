@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..core.request import TokenizedRequest, encode_prompt, max_context
 from ..model.contexts import ContextPrefixes, ids_as_written, in_chat, in_context, reply_ids
-from .sequences import pad_id_of, pad_sequences
+from .sequences import logits_at, pad_id_of, pad_sequences
 
 LOG = logging.getLogger(__name__)
 IGNORE = -100  # the label of a position that is not a target token
@@ -116,21 +116,41 @@ def _rows_batch(
     return TrainingBatch(ids.to(device), mask.to(device), labels.to(device))
 
 
-def target_nll(
+def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: the positions whose next token is a target token (labels (B, T))."""
+    predicting = torch.zeros_like(labels, dtype=torch.bool)
+    predicting[:, :-1] = labels[:, 1:] != IGNORE
+    return predicting
+
+
+def batch_target_logits(
+    model: nn.Module, batch: TrainingBatch, params: dict[str, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """Logits (M, V) at the batch's positions that predict a target token, row-major (`logits_at`: the
+    language-model head, a quarter of a pass on the default model, runs on those positions only)."""
+    return logits_at(model, batch.input_ids, batch.attention_mask, predicting_positions(batch.labels), params)
+
+
+def target_nll_at(
     logits: torch.Tensor, labels: torch.Tensor, stop: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, bool]:
     """Mean NLL over target tokens, and whether every target token of the `stop` rows (None = all
     rows) is already the argmax.
 
-    logits: (B, T, V) for the whole sequence; labels: (B, T); stop: (B,) bool.
+    logits: (M, V) at `predicting_positions(labels)`, row-major (`batch_target_logits`); labels: (B, T);
+    stop: (B,) bool.
     """
-    shifted_logits = logits[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
-    shifted_labels = labels[:, 1:]  # (B, T-1)
-    loss = nn.functional.cross_entropy(
-        shifted_logits.reshape(-1, shifted_logits.shape[-1]), shifted_labels.reshape(-1), ignore_index=IGNORE
-    )
-    on_target = shifted_labels != IGNORE  # (B, T-1)
-    if stop is not None:
-        on_target = on_target & stop[:, None]
-    done = bool((shifted_logits.argmax(-1)[on_target] == shifted_labels[on_target]).all())
+    predicting = predicting_positions(labels)  # (B, T)
+    targets = labels[:, 1:][predicting[:, :-1]]  # (M,): position t predicts token t+1
+    loss = nn.functional.cross_entropy(logits.float(), targets)
+    checked = predicting if stop is None else predicting & stop[:, None]
+    on_stop = checked[predicting]  # (M,)
+    done = bool((logits.argmax(-1)[on_stop] == targets[on_stop]).all())
     return loss, done
+
+
+def target_nll(
+    logits: torch.Tensor, labels: torch.Tensor, stop: torch.Tensor | None = None
+) -> tuple[torch.Tensor, bool]:
+    """`target_nll_at` from logits (B, T, V) for the whole sequence."""
+    return target_nll_at(logits[predicting_positions(labels)], labels, stop)
