@@ -62,7 +62,7 @@ class Locate:
 
     def __init__(self, config: LocateConfig) -> None:
         self.config = config
-        self.prefixes = ContextPrefixes(config.prefixes) if config.prefixes is not None else None
+        self.prefixes = ContextPrefixes.of(config.prefixes)
         self.last_values = None  # the last compute's Values (steps, NLL): for benchmarks and tests
         # Models whose tail passes (tails.py) agreed with a full pass once: not checked again.
         self._tails_agree: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()

@@ -185,7 +185,7 @@ class MEND:
         self.config = config
         self.checkpoint = checkpoint if checkpoint is not None else load_checkpoint(config.checkpoint)
         self.network = self.checkpoint.network.eval()
-        self.prefixes = ContextPrefixes(config.prefixes) if config.prefixes is not None else None
+        self.prefixes = ContextPrefixes.of(config.prefixes)
         self._checked: weakref.WeakSet = weakref.WeakSet()
 
     def param_names(self, model: nn.Module) -> list[str]:

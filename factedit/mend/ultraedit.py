@@ -118,7 +118,7 @@ class UltraEdit:
         self.config = config
         self._networks: weakref.WeakKeyDictionary[nn.Module, MENDNetwork] = weakref.WeakKeyDictionary()
         self._initial: weakref.WeakKeyDictionary[nn.Module, dict[str, Stats]] = weakref.WeakKeyDictionary()
-        self.prefixes = ContextPrefixes(config.prefixes) if config.prefixes is not None else None
+        self.prefixes = ContextPrefixes.of(config.prefixes)
 
     def layers(self, model: nn.Module) -> tuple[int, ...]:
         if self.config.layers is not None:

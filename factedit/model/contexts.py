@@ -89,6 +89,11 @@ class ContextPrefixes:
         self.config = config
         self._by_model: weakref.WeakKeyDictionary[nn.Module, tuple[str, ...]] = weakref.WeakKeyDictionary()
 
+    @classmethod
+    def of(cls, config: PrefixConfig | None) -> ContextPrefixes | None:
+        """The prefixes an editor's `prefixes` setting asks for; None (the prompt alone) for None."""
+        return cls(config) if config is not None else None
+
     def get(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:
         if model not in self._by_model:
             self._by_model[model] = generate_prefixes(model, tokenizer, self.config)

@@ -94,7 +94,7 @@ class FineTune:
 
     def __init__(self, config: FTConfig) -> None:
         self.config = config
-        self.prefixes = ContextPrefixes(config.prefixes) if config.prefixes is not None else None
+        self.prefixes = ContextPrefixes.of(config.prefixes)
 
     def param_names(self, model: nn.Module) -> list[str]:
         return mlp_param_names(model, self.config.layers, self.config.matrices)
