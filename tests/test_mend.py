@@ -13,11 +13,11 @@ from tiny_models import tiny_model
 import factedit
 from factedit.core.errors import CheckpointError, ConfigError, ModelMismatchError
 from factedit.core.request import EditRequest, tokenize_request
-from factedit.mend.capture import loss_positions, per_request_nll
+from factedit.mend.capture import per_request_nll
 from factedit.mend.checkpoint import base_model_info, load_checkpoint, save_checkpoint
 from factedit.mend.method import new_network
 from factedit.model.hooks import capture_linear_io, forward_hooks
-from factedit.scoring.batches import make_batch
+from factedit.scoring.batches import loss_positions, make_batch
 from factedit.scoring.sequences import pad_id_of
 
 ROLES = {"llama": ("gate", "in", "out"), "gpt2": ("in", "out")}

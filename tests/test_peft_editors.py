@@ -295,7 +295,7 @@ def test_stop_reads_only_the_prompt_alone_and_the_loss_averages_over_contexts():
     logits[1, 2, 2] = 5.0  # the prefixed row does not
     loss, done = batches.target_nll(logits, labels, torch.tensor([True, False]))
     assert done and not batches.target_nll(logits, labels)[1]
-    at_targets = logits[batches.predicting_positions(labels)]  # (M, V): what batch_target_logits gives
+    at_targets = logits[batches.loss_positions(labels)]  # (M, V): what batch_target_logits gives
     assert batches.target_nll_at(at_targets, labels, torch.tensor([True, False])) == (loss, done)
     per_row = [torch.nn.functional.cross_entropy(logits[r, 2:3], labels[r, 3:4]) for r in range(2)]
     assert torch.allclose(loss, (per_row[0] + per_row[1]) / 2)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..model.hooks import capture_linear_io
-from ..scoring.batches import IGNORE, TrainingBatch
+from ..scoring.batches import IGNORE, TrainingBatch, loss_positions, next_tokens
 from ..scoring.sequences import logits_at
 
 
@@ -29,20 +29,6 @@ class Captured:
     logits: torch.Tensor  # (M, V) detached: pre-edit logits at `select`, row-major
     select: torch.Tensor  # (B, T) positions predicting any row's labelled tokens (edit rows or not)
     owners: torch.Tensor  # (N,) long: the batch row each u/δ row came from
-
-
-def loss_positions(labels: torch.Tensor) -> torch.Tensor:
-    """(B, T) bool: position t whose output predicts a labelled token t + 1."""
-    mask = torch.zeros_like(labels, dtype=torch.bool)
-    mask[:, :-1] = labels[:, 1:] != IGNORE
-    return mask
-
-
-def next_tokens(labels: torch.Tensor) -> torch.Tensor:
-    """(B, T): the label of token t + 1, the one position t predicts (IGNORE at the end)."""
-    out = torch.full_like(labels, IGNORE)
-    out[:, :-1] = labels[:, 1:]
-    return out
 
 
 def per_request_nll(logits: torch.Tensor, labels: torch.Tensor, select: torch.Tensor) -> torch.Tensor:

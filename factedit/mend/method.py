@@ -24,9 +24,9 @@ from ..model.contexts import ContextPrefixes
 from ..model.hooks import frozen
 from ..model.specs import layer_index, mlp_param_names, weight_layout
 from ..safety.preserve import KeyPreserver
-from ..scoring.batches import make_batch, prefixed_requests
+from ..scoring.batches import loss_positions, make_batch, next_tokens, prefixed_requests
 from ..scoring.sequences import logits_at, pad_id_of
-from .capture import capture, loss_positions, next_tokens
+from .capture import capture
 from .checkpoint import MENDCheckpoint, check_model, load_checkpoint
 from .config import MENDConfig
 from .network import EditedParam, MENDNetwork, Stats, dense_update

@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 from ..safety.preserve import KeyPreserver
-from ..scoring.batches import IGNORE, make_batch
+from ..scoring.batches import IGNORE, loss_positions, make_batch, next_tokens
 from ..scoring.sequences import logits_at, pad_sequences
-from .capture import capture, loss_positions, next_tokens, per_request_nll
+from .capture import capture, per_request_nll
 from .data import EditExample, Pair, cf_pairs, counterfact_flags
 from .method import dense_params, edit_rows, scaled_step
 from .network import MENDNetwork

@@ -26,7 +26,7 @@ from ..model.contexts import ContextPrefixes, PrefixConfig
 from ..model.hooks import capture_linear_io, frozen, stop_after
 from ..model.specs import layer_index, mlp_param_names, weight_layout
 from ..safety.preserve import KeyPreserver, PreserveConfig, preserve_field
-from ..scoring.batches import TrainingBatch, batch_target_logits, predicting_positions, training_batch
+from ..scoring.batches import TrainingBatch, batch_target_logits, loss_positions, training_batch
 from .training import above_trained_blocks, optimize
 
 ADAPTER = "factedit"
@@ -147,7 +147,7 @@ class LoRAEdit:
 @torch.no_grad()
 def edit_keys(model: nn.Module, modules: Sequence[str], batch: TrainingBatch) -> dict[str, torch.Tensor]:
     """module -> its inputs (N, in) at the positions that predict a target token."""
-    predicts = predicting_positions(batch.labels)  # (B, T)
+    predicts = loss_positions(batch.labels)  # (B, T)
     top = max(modules, key=lambda m: layer_index(model, f"{m}.weight"))
     with capture_linear_io(model, modules, grads=False) as io, stop_after(model, top):
         model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)

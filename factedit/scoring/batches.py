@@ -116,11 +116,18 @@ def _rows_batch(
     return TrainingBatch(ids.to(device), mask.to(device), labels.to(device))
 
 
-def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
-    """(B, T) bool: the positions whose next token is a target token (labels (B, T))."""
-    predicting = torch.zeros_like(labels, dtype=torch.bool)
-    predicting[:, :-1] = labels[:, 1:] != IGNORE
-    return predicting
+def loss_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: position t whose output predicts a labelled token t + 1."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != IGNORE
+    return mask
+
+
+def next_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T): the label of token t + 1, the one position t predicts (IGNORE at the end)."""
+    out = torch.full_like(labels, IGNORE)
+    out[:, :-1] = labels[:, 1:]
+    return out
 
 
 def batch_target_logits(
@@ -128,7 +135,7 @@ def batch_target_logits(
 ) -> torch.Tensor:
     """Logits (M, V) at the batch's positions that predict a target token, row-major (`logits_at`: the
     language-model head, a quarter of a pass on the default model, runs on those positions only)."""
-    return logits_at(model, batch.input_ids, batch.attention_mask, predicting_positions(batch.labels), params)
+    return logits_at(model, batch.input_ids, batch.attention_mask, loss_positions(batch.labels), params)
 
 
 def target_nll_at(
@@ -137,11 +144,11 @@ def target_nll_at(
     """Mean NLL over target tokens, and whether every target token of the `stop` rows (None = all
     rows) is already the argmax.
 
-    logits: (M, V) at `predicting_positions(labels)`, row-major (`batch_target_logits`); labels: (B, T);
+    logits: (M, V) at `loss_positions(labels)`, row-major (`batch_target_logits`); labels: (B, T);
     stop: (B,) bool.
     """
-    predicting = predicting_positions(labels)  # (B, T)
-    targets = labels[:, 1:][predicting[:, :-1]]  # (M,): position t predicts token t+1
+    predicting = loss_positions(labels)  # (B, T)
+    targets = next_tokens(labels)[predicting]  # (M,)
     loss = nn.functional.cross_entropy(logits.float(), targets)
     checked = predicting if stop is None else predicting & stop[:, None]
     on_stop = checked[predicting]  # (M,)
@@ -153,4 +160,4 @@ def target_nll(
     logits: torch.Tensor, labels: torch.Tensor, stop: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, bool]:
     """`target_nll_at` from logits (B, T, V) for the whole sequence."""
-    return target_nll_at(logits[predicting_positions(labels)], labels, stop)
+    return target_nll_at(logits[loss_positions(labels)], labels, stop)
