@@ -210,7 +210,8 @@ def test_the_guard_is_a_method_override_and_a_refused_edit_counts_as_failed(tiny
     assert _eval(tiny_dir, out, "method=ft_l", "generation=false", *strong,
                  "method_overrides.ft_l.guard={max_ratio:1.01}") == 0
     state = json.loads((out / "run.json").read_text())["methods"]["ft_l"]["config"]
-    assert state["guard"] == {"max_ratio": 1.01, "texts": 4, "max_tokens": 24, "quick_share": 0.5}  # resume identity
+    assert state["guard"] == {"max_ratio": 1.01, "texts": 4, "max_tokens": 24, "quick_share": 0.5,
+                              "whole_from": 16}  # resume identity
     rows = _cases(out)
     refused = [r for r in rows if r.get("error")]
     assert refused and all("perplexity" in r["error"] for r in refused)

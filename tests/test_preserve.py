@@ -241,6 +241,34 @@ def test_a_quick_share_outside_0_1_is_refused():
             GuardConfig(quick_share=bad)
 
 
+def test_an_edit_of_many_facts_is_checked_on_the_whole_reference_text(tiny):
+    """From `whole_from` facts the guard reads every shipped sample in full (evaluation's drift), not groups:
+    the record's drift is that ratio, and the groups' rotation does not move; fewer facts read groups."""
+    model, tok = tiny
+    samples = reference_texts("samples")
+    base = reference_perplexity(model, tok, samples)
+    guard = GuardConfig(max_ratio=100.0, whole_from=2)
+    editor = factedit.Editor("ft", tokenizer=tok, layers=(-1,), lr=1e-2, max_steps=3, score=False, guard=guard)
+    facts = [{"prompt": "The capital of France is", "target": "Rome"},
+             {"prompt": "The Eiffel Tower is in", "target": "Berlin"}]
+    record = editor.edit_batch(model, facts)
+    assert record.drift == pytest.approx(reference_perplexity(model, tok, samples) / base, rel=1e-6)
+    assert record.drift != pytest.approx(1.0)  # the edit moved the text: the reading is a real one
+    checker = editor._safeguards.guard
+    assert all(g.last is None for g in checker.groups) and checker.base_perplexity == pytest.approx(base)
+    one = editor.edit(model, "The Louvre is in", "Madrid")
+    assert sum(g.last is not None for g in checker.groups) >= 1 and one.drift is not None
+    editor.close()
+
+
+def test_guard_whole_from_must_be_a_positive_int_or_none():
+    assert GuardConfig(whole_from=None).reads_whole(1000) is False
+    assert GuardConfig(whole_from=8).reads_whole(8) and not GuardConfig(whole_from=8).reads_whole(7)
+    for bad in (0, -1, 2.5, "8"):
+        with pytest.raises(ConfigError, match="whole_from"):
+            GuardConfig(whole_from=bad)
+
+
 def test_a_damaged_key_statistics_cache_is_recomputed(tiny, tmp_path, monkeypatch, caplog):
     from factedit.safety.keys import key_statistics
 

@@ -438,7 +438,7 @@ class Editor:
             try:
                 what = f"this {method} edit of {len(requests)} fact(s)"
                 drift = self._safeguards.check_drift(model, self.tokenizer, self._state, self.guard, what, timings,
-                                                     reuse.drift if reuse else None)
+                                                     reuse.drift if reuse else None, facts=len(requests))
                 self._safeguards.protect(model, self.tokenizer, edit_id, delta, tokenized, self._keys_fn(method),
                                          reuse.keys if reuse else None)
                 state = stream.after if stream is not None else None

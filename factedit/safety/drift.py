@@ -92,12 +92,17 @@ class GuardConfig:
     follows the drift of all 64 samples as closely as 4 × 48 at half the cost (bench/bench_guard.py, README).
     `quick_share`: a check that finds the next group, and every group's last reading, within this share
     of the allowed rise (`max_ratio` − 1) stops after that one group; otherwise it reads the worst group
-    again too. 0: always both (DriftGuard's docstring says what the quick check gives up)."""
+    again too. 0: always both (DriftGuard's docstring says what the quick check gives up).
+    `whole_from`: an edit of at least this many facts is checked on the whole reference text instead (all
+    the shipped samples in full, evaluation's drift/ppl_ratio): many facts at once move the samples
+    unevenly, and a few short groups read far below the whole (README, "The guard and a large batch").
+    None: groups for every edit."""
 
     max_ratio: float = 1.5
     texts: int = 4
     max_tokens: int = 24
     quick_share: float = 0.5
+    whole_from: int | None = 16
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_ratio, (int, float)) and self.max_ratio > 1.0):
@@ -107,6 +112,12 @@ class GuardConfig:
             raise ConfigError("guard texts must be an int >= 1 and max_tokens an int >= 2")
         if not (isinstance(self.quick_share, (int, float)) and 0.0 <= self.quick_share < 1.0):
             raise ConfigError(f"guard quick_share must be a number in [0, 1), got {self.quick_share!r}")
+        if self.whole_from is not None and not (isinstance(self.whole_from, int) and self.whole_from >= 1):
+            raise ConfigError(f"guard whole_from must be an int >= 1 or None, got {self.whole_from!r}")
+
+    def reads_whole(self, facts: int) -> bool:
+        """Whether an edit of `facts` facts is checked on the whole reference text (`whole_from`)."""
+        return self.whole_from is not None and facts >= self.whole_from
 
     @property
     def quick_limit(self) -> float:
@@ -126,6 +137,7 @@ class _Group:
     last: float | None = None  # its ratio when last read
 
 
+WHOLE = -1  # the key of the whole reference text's ratio among a check's {group: ratio}
 _NOT_REPLAYABLE = "not replayable"
 _REPLAY_RTOL = 1e-4  # a replayed base perplexity must match the full pass's (cached inputs may come from
 # another process, whose thread count can move the last bits)
@@ -158,9 +170,10 @@ class DriftGuard:
     def __init__(self, config: GuardConfig, store: GuardStore | None = None) -> None:
         self.config = config
         self.store = store
-        samples = reference_texts("samples")
-        size = min(config.texts, len(samples))
-        self.groups = [_Group(samples[i : i + size]) for i in range(0, len(samples) - size + 1, size)]
+        self.samples = reference_texts("samples")
+        size = min(config.texts, len(self.samples))
+        self.groups = [_Group(self.samples[i : i + size]) for i in range(0, len(self.samples) - size + 1, size)]
+        self._whole_base: float | None = None  # the base model's perplexity of every sample in full
         self._next = 0
         self._forms: dict[int, BlockForm | str] = {}  # block -> its checked output form, or _NOT_REPLAYABLE
         self.base_perplexity: float | None = None  # of the worst group of the last check
@@ -175,17 +188,20 @@ class DriftGuard:
 
     def ratio(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, base_params: Mapping[str, torch.Tensor],
-        start_layer: int | None = None, known: Mapping[int, float] | None = None,
+        start_layer: int | None = None, known: Mapping[int, float] | None = None, whole: bool = False,
     ) -> float:
         """The larger perplexity ratio, over the base model's, of the next group of texts and, unless the
-        quick check lets that reading stand, of the worst group so far (`plan`). `base_params` hold the
-        base values of the parameters edits have touched; `start_layer`, when given, is a block below which
-        no parameter has been touched. `known`: ratios of groups already read on these very weights (`read`
-        during a preview); those groups are not read again. The check is recorded (the rotation moves on,
-        `last` is set)."""
+        quick check lets that reading stand, of the worst group so far (`plan`); with `whole`, of every
+        sample in full instead. `base_params` hold the base values of the parameters edits have touched;
+        `start_layer`, when given, is a block below which no parameter has been touched. `known`: ratios
+        of groups already read on these very weights (`read` during a preview); those groups are not
+        read again. A group check is recorded (the rotation moves on, `last` is set)."""
         known = known or {}
         ratios = self._check(lambda i: known[i] if i in known else self._read(
-            model, tokenizer, i, base_params, start_layer, None))
+            model, tokenizer, i, base_params, start_layer, None), whole)
+        if WHOLE in ratios:
+            self.base_perplexity = self._whole_base
+            return ratios[WHOLE]
         for i, value in ratios.items():
             self.groups[i].last = value
         self._next = (self._next + 1) % len(self.groups)
@@ -195,16 +211,20 @@ class DriftGuard:
 
     def read(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, base_params: Mapping[str, torch.Tensor],
-        start_layer: int | None, params: Mapping[str, torch.Tensor],
+        start_layer: int | None, params: Mapping[str, torch.Tensor], whole: bool = False,
     ) -> dict[int, float]:
-        """{group: ratio} of the groups the next check reads (`plan`, quick check included), with `params`
-        swapped in for the model's own (an edit not applied yet, through functional_call); nothing is
-        recorded, so a preview can read what applying its delta would, and `ratio(known=...)` take it over."""
-        return self._check(lambda i: self._read(model, tokenizer, i, base_params, start_layer, params))
+        """{group: ratio} of the groups the next check reads (`plan`, quick check included; {WHOLE: ratio}
+        with `whole`), with `params` swapped in for the model's own (an edit not applied yet, through
+        functional_call); nothing is recorded, so a preview can read what applying its delta would, and
+        `ratio(known=...)` take it over."""
+        return self._check(lambda i: self._read(model, tokenizer, i, base_params, start_layer, params), whole)
 
-    def _check(self, read: Callable[[int], float]) -> dict[int, float]:
+    def _check(self, read: Callable[[int], float], whole: bool = False) -> dict[int, float]:
         """{group: ratio} of one check: the next group (`plan`'s first) by `read`, then the worst group,
-        unless the quick check lets the first reading stand (class docstring). Nothing is recorded."""
+        unless the quick check lets the first reading stand (class docstring); {WHOLE: ratio} with
+        `whole`. Nothing is recorded."""
+        if whole:
+            return {WHOLE: read(WHOLE)}
         first, *rest = self.plan()
         ratios = {first: read(first)}
         lasts = [g.last for g in self.groups if g.last is not None]
@@ -217,7 +237,12 @@ class DriftGuard:
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, index: int,
         base_params: Mapping[str, torch.Tensor], start_layer: int | None, params: Mapping[str, torch.Tensor] | None,
     ) -> float:
-        """One group's ratio on the model (with `params` swapped in), its base prepared first."""
+        """One group's ratio on the model (with `params` swapped in), its base prepared first; for WHOLE, every
+        sample's in full (`reference_perplexity`, as evaluation reads drift)."""
+        if index == WHOLE:
+            if self._whole_base is None:
+                self._whole_base = reference_perplexity(model, tokenizer, self.samples, params=base_params)
+            return reference_perplexity(model, tokenizer, self.samples, params=params) / self._whole_base
         group, layer = self._checked(model, tokenizer, index, base_params, start_layer)
         return self._perplexity(model, group, params, layer) / group.base
 

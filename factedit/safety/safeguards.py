@@ -162,16 +162,18 @@ class Safeguards:
 
     def check_drift(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, state: WeightState, config: GuardConfig | None,
-        what: str, timings: dict[str, float], known: Mapping[int, float] | None = None,
+        what: str, timings: dict[str, float], known: Mapping[int, float] | None = None, facts: int = 1,
     ) -> float | None:
-        """The drift ratio after an edit (None with the guard off); raises DriftError past the bound.
-        `known`: the groups' ratios a preview read on these same weights (`read_drift`), not read again."""
+        """The drift ratio after an edit of `facts` facts (None with the guard off); raises DriftError past
+        the bound. `known`: the groups' ratios a preview read on these same weights (`read_drift`), not
+        read again."""
         if config is None:
             return None
         guard = self._guard(model, config)
         start = time.perf_counter()
         base = state.base_values(list(state.base))
-        ratio = guard.ratio(model, tokenizer, base, lowest_touched_block(model, state), known)
+        ratio = guard.ratio(model, tokenizer, base, lowest_touched_block(model, state), known,
+                            whole=config.reads_whole(facts))
         timings["guard_ms"] = ms_since(start)
         guard.check(ratio, what)
         return ratio
@@ -182,18 +184,21 @@ class Safeguards:
     ) -> tuple[dict[int, float] | None, dict[str, torch.Tensor] | None]:
         """(the guard's reading, the keys `protect` would take) once `delta` is applied, read now with its new
         values `params` swapped in (`read_drift`, `applied_keys`); None for what applying would not read."""
-        drift = self.read_drift(model, tokenizer, state, config, delta.names(), params) if config is not None else None
+        drift = (self.read_drift(model, tokenizer, state, config, delta.names(), params, facts=len(requests))
+                 if config is not None else None)
         return drift, self.applied_keys(model, tokenizer, delta, requests, keys, params)
 
     def read_drift(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, state: WeightState, config: GuardConfig,
-        names: Sequence[str], params: Mapping[str, torch.Tensor],
+        names: Sequence[str], params: Mapping[str, torch.Tensor], facts: int = 1,
     ) -> dict[int, float]:
-        """What the guard's next check would read ({group: ratio}) once an edit of `names` whose new values
-        are `params` is applied, read now with the weights untouched (DriftGuard.read); nothing recorded."""
+        """What the guard's next check would read ({group: ratio}) once an edit of `facts` facts touching
+        `names`, whose new values are `params`, is applied, read now with the weights untouched
+        (DriftGuard.read); nothing recorded."""
         guard = self._guard(model, config)
         base = state.base_values(list(state.base))
-        return guard.read(model, tokenizer, base, lowest_touched_block(model, state, names), params)
+        return guard.read(model, tokenizer, base, lowest_touched_block(model, state, names), params,
+                          whole=config.reads_whole(facts))
 
     def warm_guard(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, state: WeightState, config: GuardConfig,
