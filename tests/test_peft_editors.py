@@ -158,7 +158,7 @@ def test_lora_keys_init_starts_a_on_the_edits_own_inputs(monkeypatch):
     editor = factedit.Editor("lora", tokenizer=tok, layers=(-1,), rank=4, init="keys", max_steps=1, preserve=None,
                              score=False)
     module = "model.layers.3.mlp.gate_proj"
-    keys = lora.edit_keys(model, [module], _batch_of(model, tok))[module]  # (N, in)
+    keys = lora.target_keys(model, [module], _batch_of(model, tok))[module]  # (N, in)
     editor._impl.compute(model, tok, _requests(tok, FACT))
     k = min(4, int(torch.linalg.matrix_rank(keys)))
     rows = seen["a0"][:k]  # (k, in)

@@ -23,8 +23,9 @@ from ..core.request import TokenizedRequest
 from ..core.settable import LAYERS, SEED, Choices, Flag, Integer, Nested, Number, Settable
 from ..core.training import Progress, seeded
 from ..model.contexts import ContextPrefixes, PrefixConfig
-from ..model.hooks import capture_linear_io, frozen, stop_after
-from ..model.specs import layer_index, mlp_param_names, weight_layout
+from ..model.hooks import frozen
+from ..model.specs import mlp_param_names, weight_layout
+from ..safety.keys import module_inputs
 from ..safety.preserve import KeyPreserver, PreserveConfig, preserve_field
 from ..scoring.batches import TrainingBatch, batch_target_logits, loss_positions, training_batch
 from .training import above_trained_blocks, optimize
@@ -112,7 +113,7 @@ class LoRAEdit:
         )
         # before the adapter goes in
         batch = training_batch(model, tokenizer, requests, self.prefixes, chat=cfg.chat_context)
-        keys = edit_keys(model, modules, batch) if cfg.init == "keys" else None
+        keys = target_keys(model, modules, batch) if cfg.init == "keys" else None
         with frozen(model), seeded(cfg.seed):
             peft_model = get_peft_model(model, lora_config, adapter_name=ADAPTER)
             try:
@@ -144,14 +145,11 @@ class LoRAEdit:
         return Delta({f"{m}.weight": factors[m] for m in modules})
 
 
-@torch.no_grad()
-def edit_keys(model: nn.Module, modules: Sequence[str], batch: TrainingBatch) -> dict[str, torch.Tensor]:
+def target_keys(model: nn.Module, modules: Sequence[str], batch: TrainingBatch) -> dict[str, torch.Tensor]:
     """module -> its inputs (N, in) at the positions that predict a target token."""
     predicts = loss_positions(batch.labels)  # (B, T)
-    top = max(modules, key=lambda m: layer_index(model, f"{m}.weight"))
-    with capture_linear_io(model, modules, grads=False) as io, stop_after(model, top):
-        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    return {m: io.inputs[m][predicts] for m in modules}
+    inputs = module_inputs(model, modules, batch.input_ids, batch.attention_mask)  # module -> (B, T, in)
+    return {m: inputs[m][predicts] for m in modules}
 
 
 def start_from_keys(a: torch.Tensor, keys: torch.Tensor, preserver: KeyPreserver | None, name: str) -> None:

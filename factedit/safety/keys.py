@@ -149,6 +149,18 @@ def edit_keys(
     """{module: (N, in)}: the inputs of `modules` at every token of the requests' prompt + target; with
     `params` swapped in for the model's own (functional_call; e.g. an edit previewed, not applied)."""
     ids, mask = pad_sequences([r.input_ids for r in requests], pad_id_of(tokenizer))
+    inputs = module_inputs(model, modules, ids, mask, params)
+    keep = mask.bool().to(next(model.parameters()).device)
+    return {name: inputs[name][keep].cpu() for name in modules}
+
+
+@torch.no_grad()
+def module_inputs(
+    model: nn.Module, modules: Sequence[str], ids: torch.Tensor, mask: torch.Tensor,
+    params: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """{module: (B, T, in)}: the inputs of `modules` on one padded batch, ids and mask (B, T); the pass
+    stops after the last of them. `params` as `edit_keys` takes them."""
     device = next(model.parameters()).device
     kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
     with capture_linear_io(model, modules, grads=False) as io, stop_after(model, _last_module(model, modules)):
@@ -156,5 +168,4 @@ def edit_keys(
             torch.func.functional_call(model, dict(params), args=(), kwargs=kwargs, strict=False)
         else:
             model(**kwargs)
-    keep = mask.bool().to(device)
-    return {name: io.inputs[name][keep].detach().cpu() for name in modules}
+    return {name: io.inputs[name].detach() for name in modules}
