@@ -31,16 +31,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import factedit
-from factedit.core.request import EditRequest, encode_prompt, encode_target, tokenize_request
+from factedit.core.cost import forward_backward_ms
+from factedit.core.request import encode_prompt, encode_target
 from factedit.paths import PACKAGE_DIR
-from factedit.scoring.batches import make_batch, target_nll
 from factedit.scoring.said import said_scores
 from factedit.scoring.sequences import pad_id_of, score_sequences
 
@@ -80,16 +79,9 @@ def said(model, tok, rec) -> dict[str, float]:
 
 
 def fwd_bwd_ms(model, tok, rec) -> float:
-    """One forward + backward of the base model on prompt + target (all parameters trainable)."""
-    treq = tokenize_request(EditRequest(rec["prompt"], rec["target_new"]), tok, None)
-    batch = make_batch([treq], pad_id_of(tok), next(model.parameters()).device)
-    start = time.perf_counter()
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    loss, _ = target_nll(logits, batch.labels)
-    loss.backward()
-    elapsed = (time.perf_counter() - start) * 1000
-    model.zero_grad(set_to_none=True)
-    return elapsed
+    """One forward + backward of the base model on prompt + target (all parameters trainable; core.cost)."""
+    ids = encode_prompt(tok, rec["prompt"]) + encode_target(tok, rec["prompt"], rec["target_new"])
+    return forward_backward_ms(model, torch.tensor([ids]), repeats=1)
 
 
 def main() -> None:

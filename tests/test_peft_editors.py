@@ -124,15 +124,8 @@ def test_lora_plus_steps_b_ratio_times_as_far_as_a(ratio, monkeypatch):
         seen["b"] = float(layer.lora_B[lora.ADAPTER].weight.abs().max())
         return real_fold(layer, layout)
 
-    real_optimize = lora.optimize
-
-    def optimize_keeping_a0(forward, batch, optimizer, **kwargs):
-        (a0,) = [p for g in optimizer.param_groups for p in g["params"] if p.shape[0] == 4]  # A: (r, in)
-        seen["a0"] = a0.detach().clone()
-        return real_optimize(forward, batch, optimizer, **kwargs)
-
     monkeypatch.setattr(lora, "_fold", fold_after_reading_the_factors)
-    monkeypatch.setattr(lora, "optimize", optimize_keeping_a0)
+    _keep_a_at_the_start(lora, monkeypatch, seen)
     editor = factedit.Editor("lora", tokenizer=tok, layers=(-1,), rank=4, lr=lr, b_lr_ratio=ratio, max_steps=1,
                              preserve=None, score=False)
     editor._impl.compute(model, tok, _requests(tok, FACT))
@@ -142,23 +135,17 @@ def test_lora_plus_steps_b_ratio_times_as_far_as_a(ratio, monkeypatch):
 
 def test_lora_keys_init_starts_a_on_the_edits_own_inputs(monkeypatch):
     """`init="keys"`: A's first rows are orthonormal and span the matrix's inputs at the positions that
-    predict a target token (the edit's keys); B is zero, so the model is unchanged until the first step."""
+    predict a target token (the edit's keys)."""
     from factedit.peft import lora
 
     model, tok = tiny_model("llama")
     seen = {}
-    real_optimize = lora.optimize
-
-    def optimize_keeping_a0(forward, batch, optimizer, **kwargs):
-        (a0,) = [p for g in optimizer.param_groups for p in g["params"] if p.shape[0] == 4]  # A: (r, in)
-        seen["a0"] = a0.detach().clone()
-        return real_optimize(forward, batch, optimizer, **kwargs)
-
-    monkeypatch.setattr(lora, "optimize", optimize_keeping_a0)
+    _keep_a_at_the_start(lora, monkeypatch, seen)
     editor = factedit.Editor("lora", tokenizer=tok, layers=(-1,), rank=4, init="keys", max_steps=1, preserve=None,
                              score=False)
     module = "model.layers.3.mlp.gate_proj"
-    keys = lora.target_keys(model, [module], _batch_of(model, tok))[module]  # (N, in)
+    batch = batches.training_batch(model, tok, _requests(tok, FACT), None)
+    keys = lora.target_keys(model, [module], batch)[module]  # (N, in)
     editor._impl.compute(model, tok, _requests(tok, FACT))
     k = min(4, int(torch.linalg.matrix_rank(keys)))
     rows = seen["a0"][:k]  # (k, in)
@@ -168,8 +155,16 @@ def test_lora_keys_init_starts_a_on_the_edits_own_inputs(monkeypatch):
         factedit.Editor("lora", tokenizer=tok, init="pissa")
 
 
-def _batch_of(model, tok):
-    return batches.training_batch(model, tok, _requests(tok, FACT), None)
+def _keep_a_at_the_start(lora, monkeypatch, seen: dict) -> None:
+    """lora's optimize, spied: `seen["a0"]` is the A factor (r = 4) as the optimisation starts."""
+    real_optimize = lora.optimize
+
+    def optimize_keeping_a0(forward, batch, optimizer, **kwargs):
+        (a0,) = [p for g in optimizer.param_groups for p in g["params"] if p.shape[0] == 4]  # A: (r, in)
+        seen["a0"] = a0.detach().clone()
+        return real_optimize(forward, batch, optimizer, **kwargs)
+
+    monkeypatch.setattr(lora, "optimize", optimize_keeping_a0)
 
 
 def test_a_b_lr_ratio_below_one_is_refused():
@@ -293,10 +288,9 @@ def test_stop_reads_only_the_prompt_alone_and_the_loss_averages_over_contexts():
     logits = torch.zeros(2, 4, 3)
     logits[0, 2, 1] = 5.0  # the prompt alone predicts the target
     logits[1, 2, 2] = 5.0  # the prefixed row does not
-    loss, done = batches.target_nll(logits, labels, torch.tensor([True, False]))
-    assert done and not batches.target_nll(logits, labels)[1]
     at_targets = logits[batches.loss_positions(labels)]  # (M, V): what batch_target_logits gives
-    assert batches.target_nll_at(at_targets, labels, torch.tensor([True, False])) == (loss, done)
+    loss, done = batches.target_nll_at(at_targets, labels, torch.tensor([True, False]))
+    assert done and not batches.target_nll_at(at_targets, labels)[1]
     per_row = [torch.nn.functional.cross_entropy(logits[r, 2:3], labels[r, 3:4]) for r in range(2)]
     assert torch.allclose(loss, (per_row[0] + per_row[1]) / 2)
 

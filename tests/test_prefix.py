@@ -13,7 +13,7 @@ from tiny_models import tiny_model
 from factedit.core.errors import ConfigError
 from factedit.core.request import EditRequest, tokenize_request
 from factedit.modules.prefix import PrefixConfig, train_prefix_adapter
-from factedit.scoring.batches import make_batch, target_nll
+from factedit.scoring.batches import batch_target_logits, make_batch, target_nll_at
 from factedit.scoring.sequences import pad_id_of
 
 REQUEST = EditRequest("The capital of France is", "Rome")
@@ -22,8 +22,8 @@ REQUEST = EditRequest("The capital of France is", "Rome")
 def nll(model, tok) -> float:
     batch = make_batch([tokenize_request(REQUEST, tok, None)], pad_id_of(tok), "cpu")
     with torch.no_grad():
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    return float(target_nll(logits, batch.labels)[0])
+        logits = batch_target_logits(model, batch)  # (M, V)
+    return float(target_nll_at(logits, batch.labels)[0])
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

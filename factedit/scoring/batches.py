@@ -154,10 +154,3 @@ def target_nll_at(
     on_stop = checked[predicting]  # (M,)
     done = bool((logits.argmax(-1)[on_stop] == targets[on_stop]).all())
     return loss, done
-
-
-def target_nll(
-    logits: torch.Tensor, labels: torch.Tensor, stop: torch.Tensor | None = None
-) -> tuple[torch.Tensor, bool]:
-    """`target_nll_at` from logits (B, T, V) for the whole sequence."""
-    return target_nll_at(logits[loss_positions(labels)], labels, stop)
