@@ -77,7 +77,36 @@ def test_a_step_that_does_not_take_is_grown_through_the_step_scales(tmp_path):
         assert torch.equal(grown.params[name].left, 3.0 * pdelta.left), name
 
 
-def test_the_first_step_scale_that_takes_is_kept(tmp_path, monkeypatch):
+def _scale_of_step(params, base, plain):
+    """The multiple of the plain step's ΔW that `params` add to the base weights (one matrix)."""
+    name = next(iter(plain.names()))
+    added = params[name].detach() - base[name]
+    return float(added.norm() / plain.params[name].materialize(torch.float32).norm())
+
+
+def test_the_smallest_step_scale_that_takes_is_kept_by_bisection(tmp_path, monkeypatch):
+    """The smallest and the largest scales are checked first; those between them are bisected."""
+    import factedit.mend.method as method
+
+    model, tok = tiny_model("llama")
+    path, _ = tiny_checkpoint(tmp_path, model, alpha=0.1)
+    requests = requests_for(tok)
+    plain = mend_editor(tok, path, step_scales=(1.0,))._impl.compute(model, tok, requests)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tried = []
+
+    def takes_from_two(_model, _pad, group, params, *_):
+        tried.append(round(_scale_of_step(params, base, plain), 4))
+        return torch.full((len(group),), tried[-1] >= 2.0)
+
+    monkeypatch.setattr(method, "_targets_taken", takes_from_two)
+    chosen = mend_editor(tok, path, step_scales=(0.5, 1.0, 2.0, 3.0), extra_steps=1)._impl.compute(model, tok, requests)
+    assert tried == [0.5, 3.0, 2.0, 1.0]  # the ends, then between; no check again before a second step
+    for name, pdelta in plain.items():
+        assert torch.equal(chosen.params[name].left, 2.0 * pdelta.left), name
+
+
+def test_a_step_neither_end_makes_take_is_settled_by_two_checks(tmp_path, monkeypatch):
     import factedit.mend.method as method
 
     model, tok = tiny_model("llama")
@@ -86,15 +115,25 @@ def test_the_first_step_scale_that_takes_is_kept(tmp_path, monkeypatch):
     plain = mend_editor(tok, path, step_scales=(1.0,))._impl.compute(model, tok, requests)
     tried = []
 
-    def second_check_takes(_model, _pad, group, *_):
-        tried.append(1)
-        return torch.full((len(group),), len(tried) == 2)
+    def never_takes(_model, _pad, group, *_):
+        tried.append(len(group))
+        return torch.zeros(len(group), dtype=torch.bool)
 
-    monkeypatch.setattr(method, "_targets_taken", second_check_takes)
-    chosen = mend_editor(tok, path, step_scales=(0.5, 2.0, 3.0))._impl.compute(model, tok, requests)
-    assert len(tried) == 2  # 0.5 did not take, 2.0 did, 3.0 was never tried
+    monkeypatch.setattr(method, "_targets_taken", never_takes)
+    chosen = mend_editor(tok, path, step_scales=(0.5, 1.0, 2.0, 3.0))._impl.compute(model, tok, requests)
+    assert tried == [len(requests)] * 2
     for name, pdelta in plain.items():
-        assert torch.equal(chosen.params[name].left, 2.0 * pdelta.left), name
+        assert torch.equal(chosen.params[name].left, 3.0 * pdelta.left), name
+
+
+def test_step_scales_must_increase(tmp_path):
+    model, tok = tiny_model("llama")
+    path, _ = tiny_checkpoint(tmp_path, model)
+    for scales in [(2.0, 1.0), (1.0, 1.0), ()]:
+        with pytest.raises(ValueError, match="step_scales"):
+            mend_editor(tok, path, step_scales=scales)
+    with pytest.raises(ValueError, match="step_scales must increase"):
+        factedit.Editor("ultraedit", tokenizer=tok, step_scales=(4.0, 2.0))
 
 
 def test_each_request_of_a_batch_gets_its_own_step_scale(tmp_path, monkeypatch):
@@ -113,7 +152,7 @@ def test_each_request_of_a_batch_gets_its_own_step_scale(tmp_path, monkeypatch):
 
     monkeypatch.setattr(method, "_targets_taken", only_easy_takes)
     mixed = mend_editor(tok, path, step_scales=(1.0, 2.0, 3.0))._impl.compute(model, tok, [easy, hard])
-    assert checks == [2, 2, 2]  # hard grows 1 -> 2 -> 3 and stops at the last scale; easy stays at 1
+    assert checks == [2, 2]  # easy takes at the smallest scale; hard does not at the largest either
     # Rows (columns of the low-rank left factor) follow the length-sorted requests, one per target token.
     ordered = sorted([easy, hard], key=lambda r: len(r.input_ids))
     expected = torch.cat([torch.full((len(r.target_ids),), 1.0 if r is easy else 3.0) for r in ordered])
@@ -138,16 +177,16 @@ def test_an_edit_no_scale_makes_take_falls_back_to_the_smaller_ridge(tmp_path, m
 
     tried = []
 
-    def fourth_check_takes(_model, _pad, group, *_):
+    def only_the_top_takes(_model, _pad, group, *_):  # the bottom level, the top, then between
         tried.append(1)
-        return torch.full((len(group),), len(tried) == 4)
+        return torch.full((len(group),), len(tried) == 2)
 
     at_small_ridge = editor(0.5, step_scales=(2.0,), fallback_ridges=())._impl
     expected = at_small_ridge.compute(model, tok, requests, preserver=_preserver(at_small_ridge, model, tok, 0.5))
-    monkeypatch.setattr(method, "_targets_taken", fourth_check_takes)
+    monkeypatch.setattr(method, "_targets_taken", only_the_top_takes)
     ladder = editor(8.0, step_scales=(1.0, 2.0), fallback_ridges=(0.5,))._impl
     chosen = ladder.compute(model, tok, requests, preserver=_preserver(ladder, model, tok, 8.0))
-    assert len(tried) == 4  # ridge 8 at scales 1 and 2, ridge 0.5 at scale 1 did not take; scale 2 did
+    assert len(tried) == 3  # the top (ridge 0.5, scale 2) took; ridge 8 at scale 2 and ridge 0.5 at 1 did not
     for name, pdelta in expected.items():
         assert torch.allclose(chosen.params[name].materialize(torch.float64), pdelta.materialize(torch.float64),
                               rtol=1e-5, atol=1e-9), name
@@ -185,14 +224,14 @@ def test_step_checks_from_the_recorded_states_decide_as_full_forwards_do(arch, t
     editor = mend_editor(tok, path, roles=ROLES[arch], step_scales=scales)
     check, pairs = method._targets_taken, []
 
-    def both_ways(model_, pad_id, requests, params, cache=None):  # and never stop: every scale is checked
+    def both_ways(model_, pad_id, requests, params, cache=None):
         (cached,), (full,) = check(model_, pad_id, requests, params, cache), check(model_, pad_id, requests, params)
         pairs.append((bool(cached), bool(full)))
-        return torch.tensor([False])
+        return torch.tensor([full])
 
     monkeypatch.setattr(method, "_targets_taken", both_ways)
     editor._impl.compute(model, tok, requests_for(tok)[:1])
-    assert len(pairs) == len(scales) and {full for _, full in pairs} == {True, False}, pairs
+    assert 3 <= len(pairs) <= 2 + 3 and {full for _, full in pairs} == {True, False}, pairs  # the ends, a bisection
     assert all(cached == full for cached, full in pairs), pairs
     assert hook_count(model) == 0 and all("forward" not in m.__dict__ for m in model.modules())
 
@@ -407,3 +446,28 @@ def test_a_second_step_is_computed_at_the_weights_the_first_left(tmp_path, monke
     rank_one, rank_two = one.delta.params[name].left.shape[1], two.delta.params[name].left.shape[1]
     assert rank_two == 2 * rank_one  # the first step's rows and the second's
     assert torch.equal(two.delta.params[name].left[:, :rank_one], one.delta.params[name].left)
+
+
+def test_a_second_step_captures_from_the_kept_states_as_a_full_forward_does(tmp_path, monkeypatch):
+    """A second step's capture runs only the edited blocks, from the states the first capture kept."""
+    import factedit.mend.method as method
+
+    model, tok = tiny_model("llama")
+    path, _ = tiny_checkpoint(tmp_path, model, alpha=1e-9)  # never takes: every edit takes its second step
+    requests = requests_for(tok)
+    editor = mend_editor(tok, path, step_scales=(1.0, 2.0), extra_steps=1)
+    real, skipped = method._below_edited_blocks, []
+
+    def spying(model_, checks, group, pad_id):
+        skipped.append(all(tuple(r.input_ids) in checks.store for r in group))
+        return real(model_, checks, group, pad_id)
+
+    monkeypatch.setattr(method, "_below_edited_blocks", spying)
+    fast = editor._impl.compute(model, tok, requests)
+    assert skipped == [False, True]  # the first capture records, the second skips
+    monkeypatch.setattr(method, "_below_edited_blocks", lambda _m, checks, group, _p: checks.recording(
+        _m, [tuple(r.input_ids) for r in group]))
+    full = editor._impl.compute(model, tok, requests)
+    for name, pdelta in full.items():
+        assert torch.allclose(fast.params[name].materialize(torch.float64), pdelta.materialize(torch.float64),
+                              rtol=1e-5, atol=1e-9), name

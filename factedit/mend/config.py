@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -11,6 +12,14 @@ from ..safety.preserve import PreserveConfig, preserve_field
 
 POSITIONS = ("loss", "all")
 
+
+
+def check_step_scales(scales: tuple[float, ...]) -> None:
+    """Step scales are one or more increasing numbers > 0 (`scaled_step` bisects them)."""
+    if not scales or any(not scale > 0 for scale in scales):
+        raise ValueError("step_scales must be one or more numbers > 0")
+    if any(later <= earlier for earlier, later in itertools.pairwise(scales)):
+        raise ValueError(f"step_scales must increase (the smallest that takes is searched), got {scales}")
 
 @dataclass(frozen=True)
 class MENDConfig:
@@ -25,12 +34,13 @@ class MENDConfig:
         None = as the checkpoint was trained.
     pass_size: `edit_batch` runs the base model on at most this many requests at a time, sorted by
         length so little padding is computed (the result does not depend on it); None = one pass.
-    step_scales: multipliers of the learned step sizes α, tried in order: the first under which every
+    step_scales: multipliers of the learned step sizes α, increasing: the smallest under which every
         target token is the argmax (the criterion the fine-tuning editors stop on) is kept, else the
-        last. In `edit_batch` each request's rows get their own scale: those that take keep theirs
-        while the others grow. Each try runs the edited blocks once (from states the capture pass
-        keeps); a single value is applied without a check (1.0 = the step as trained). An edit thus
-        gets no more of the step than it needs to take.
+        largest. The smallest and the largest are checked first, then the scales between them are
+        bisected (`scaled_step`); in `edit_batch` each request's rows get their own scale. Each check
+        runs the edited blocks once (from states the capture pass keeps); a single value is applied
+        without a check (1.0 = the step as trained). An edit thus gets no more of the step than it needs
+        to take.
     preserve: the null space and ridge of the least-squares solve (`aggregation: least_squares`
         editors; for "sum" editors, the projection of the summed update); None = no preservation.
     lifelong: the normalisation statistics of (u, δ) keep learning while the editor edits: each edit's
@@ -85,8 +95,7 @@ class MENDConfig:
             raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
         if self.pass_size is not None and self.pass_size < 1:
             raise ValueError("pass_size must be >= 1, or None for one pass")
-        if not self.step_scales or any(not scale > 0 for scale in self.step_scales):
-            raise ValueError("step_scales must be one or more numbers > 0")
+        check_step_scales(self.step_scales)
         if self.extra_steps < 0:
             raise ValueError("extra_steps must be >= 0")
         if any(not ridge > 0 for ridge in self.fallback_ridges):

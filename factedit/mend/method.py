@@ -7,10 +7,12 @@ checked against it the first time `compute` sees that model.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -147,14 +149,16 @@ def capture_rows(
     """(rows, owners): every request's u/δ rows per matrix (one forward and backward per pass of
     `length_groups`) and each row's request as an index into the length-sorted order. With `checks`
     the hidden states entering the first edited block are recorded, so step checks run only the
-    edited blocks. `params` replace the model's own tensors (a second step's capture at W + ΔW)."""
+    edited blocks; a capture of requests whose states are kept (a second step's) runs only those
+    blocks too. `params` replace the model's own tensors (a second step's capture at W + ΔW; only
+    edited blocks differ, so the kept states below them hold)."""
     device = next(model.parameters()).device
     factors: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in names}
     owners, seen = [], 0
     with frozen(model):
         for group in length_groups(requests, pass_size):
             batch = make_batch(group, pad_id_of(tokenizer), device)
-            with checks.recording(model, [r.input_ids for r in group]) if checks else nullcontext():
+            with _below_edited_blocks(model, checks, group, pad_id_of(tokenizer)):
                 captured = capture(model, [module_of(n) for n in names], names, batch, positions=positions,
                                    params=params)
             for name in names:
@@ -163,6 +167,19 @@ def capture_rows(
             seen += len(group)
     rows = {n: (torch.cat([u for u, _ in f]), torch.cat([d for _, d in f])) for n, f in factors.items()}
     return rows, torch.cat(owners)
+
+
+def _below_edited_blocks(
+    model: nn.Module, checks: PrefixCache | None, group: Sequence[TokenizedRequest], pad_id: int,
+) -> contextlib.AbstractContextManager:
+    """The blocks below the edited ones for a capture of `group`: skipped where `checks` keeps every
+    row's states, else run and their output recorded into `checks` (nothing without `checks`)."""
+    if checks is None:
+        return nullcontext()
+    sequences = [tuple(r.input_ids) for r in group]
+    if all(seq in checks.store for seq in sequences):
+        return checks.skipping(model, sequences, pad_id)
+    return checks.recording(model, sequences)
 
 
 def factors_to_delta(network: MENDNetwork, transformed: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Delta:
@@ -259,18 +276,19 @@ def edit_with_network(
     with torch.no_grad():
         stats = lifelong_stats(network, rows, stream, tag, initial)
         candidates = candidate_rows(network, rows, preserver, (None, *fallback_ridges), stats, key_weighted)
-        transformed = scaled_step(model, pad_id, requests, candidates, network, step_scales, owners, pass_size,
-                                  checks)
+        step = scaled_step(model, pad_id, requests, candidates, network, step_scales, owners, pass_size, checks)
+    transformed, known = step.rows, step.taken  # known: each request's check under all steps so far, or None
     for _ in range(extra_steps):
         # A fresh gradient at the weights the steps so far left, for the requests still short of the
         # target: the same editor, normalisation, solve and step checks, its rows added to the update.
         params = dense_params(model, network, transformed)
         groups = length_groups(requests, pass_size)
         ordered = [r for group in groups for r in group]
-        with torch.no_grad():
-            taken = torch.cat([_targets_taken(model, pad_id, group, params, checks)
-                               for group in groups])  # (R,) in `ordered` order
-        missing = [r for r, ok in zip(ordered, taken.tolist(), strict=True) if not ok]
+        if known is None:
+            with torch.no_grad():
+                known = torch.cat([_targets_taken(model, pad_id, group, params, checks)
+                                   for group in groups])  # (R,) in `ordered` order
+        missing = [r for r, ok in zip(ordered, known.tolist(), strict=True) if not ok]
         if not missing:
             break
         rows, owners = capture_rows(model, tokenizer, missing, names, positions, pass_size, checks, params)
@@ -281,8 +299,10 @@ def edit_with_network(
             candidates = candidate_rows(network, rows, preserver, (None, *fallback_ridges), stats, key_weighted)
             more = scaled_step(model, pad_id, missing, candidates, network, step_scales, owners, pass_size,
                                checks, base=params)
-        transformed = {name: (torch.cat([u, more[name][0]]), torch.cat([d, more[name][1]]))
+        transformed = {name: (torch.cat([u, more.rows[name][0]]), torch.cat([d, more.rows[name][1]]))
                        for name, (u, d) in transformed.items()}
+        # The step's checks saw every request only when every request was still short; else check again.
+        known = more.taken if len(missing) == len(requests) else None
     return factors_to_delta(network, transformed)
 
 
@@ -299,38 +319,74 @@ def dense_params(
     }
 
 
+class Step(NamedTuple):
+    """A step of `scaled_step`: its rows (ũ, −α·δ̃) per matrix, and whether each request's target tokens
+    are all the argmax under it ((R,) bool in length-sorted order; None where no check saw exactly
+    this step)."""
+
+    rows: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    taken: torch.Tensor | None
+
+
 def scaled_step(
     model: nn.Module, pad_id: int, requests: Sequence[TokenizedRequest],
     candidates: Sequence[dict[str, tuple[torch.Tensor, torch.Tensor]]], network: MENDNetwork,
     step_scales: Sequence[float], owners: torch.Tensor, pass_size: int | None = None,
     cache: PrefixCache | None = None, base: dict[str, torch.Tensor] | None = None,
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The step (rows ũ, −α·δ̃) each request gets: the first level under which every one of its
-    target tokens is the argmax, given the others' steps; a request no level makes take gets the last.
+) -> Step:
+    """The step each request gets: the smallest level under which every one of its target tokens is
+    the argmax, given the others' steps; a request the largest level does not make take gets that one.
     The levels are each candidate (rows of the same shape, `candidate_rows`, smallest first) times
-    each of `step_scales` (MENDConfig). A single level is applied unchecked.
+    each of `step_scales` (MENDConfig, increasing), an order in which the update only grows. A single
+    level is applied unchecked.
+
+    The search checks the smallest level, then the largest, then bisects between them. The two ends
+    are where most steps of a lifelong edit are decided: its first steps often fall short even at the
+    largest level (one check settles them, where a search upwards spends one per level), and a step
+    near the target often takes at the smallest, where a larger one can overshoot to another token.
+    Between the ends the search assumes that a larger step takes where a smaller one does: 2 + ⌈log2 L⌉
+    checks of L levels at most, each fact of a batch on its own level.
 
     owners (N,): each row's request, as an index into the length-sorted order of `length_groups`.
-    Requests that take keep their level while the others grow, so each fact of a batch gets the
-    smallest step that works for it. With `cache` holding the requests' states below the edited
-    blocks, checks run only those blocks. `base`: the weights the step is added to (dense_params).
+    With `cache` holding the requests' states below the edited blocks, checks run only those blocks.
+    `base`: the weights the step is added to (dense_params).
     """
     n_levels = len(candidates) * len(step_scales)
     scales = torch.tensor(step_scales, dtype=torch.float32, device=owners.device).repeat(len(candidates))  # (L,)
     which = torch.arange(len(candidates), device=owners.device).repeat_interleave(len(step_scales))  # (L,)
-    level = torch.zeros(len(requests), dtype=torch.long, device=owners.device)  # (R,) into the levels
+
+    def rows_at(level: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:  # level (R,)
+        return _rows_at(candidates, which[level][owners], scales[level][owners])
+
+    top = torch.full((len(requests),), n_levels - 1, dtype=torch.long, device=owners.device)  # (R,)
+    if n_levels == 1:
+        return Step(rows_at(top), None)
     groups = length_groups(requests, pass_size)
-    # At most one check per level, as for a single edit; requests still short at the last check move
-    # one level up unchecked. A single level is applied without a check.
-    for _ in range(n_levels if n_levels > 1 else 0):
-        step = _rows_at(candidates, which[level][owners], scales[level][owners])
-        taken = torch.cat([_targets_taken(model, pad_id, group, dense_params(model, network, step, base), cache)
-                           for group in groups])  # (R,)
-        grow = ~taken.to(level.device) & (level < n_levels - 1)
-        if not bool(grow.any()):
-            break
-        level = level + grow.long()
-    return _rows_at(candidates, which[level][owners], scales[level][owners])
+    checked: dict[tuple[int, ...], torch.Tensor] = {}  # levels (R,) -> taken (R,) of each check
+
+    def check(level: torch.Tensor) -> torch.Tensor:
+        key = tuple(level.tolist())
+        if key not in checked:
+            params = dense_params(model, network, rows_at(level), base)
+            taken = torch.cat([_targets_taken(model, pad_id, group, params, cache) for group in groups])  # (R,)
+            checked[key] = taken.to(level.device)
+        return checked[key]
+
+    # Per request, `high` is the smallest level known (or, at the top, taken) to do; [low, high] is
+    # bisected while low < high. A request settles at the bottom when it takes there, at the top
+    # when it does not take there either.
+    low, high = torch.zeros_like(top), top.clone()
+    at_bottom = check(low)
+    high = torch.where(at_bottom, low, high)
+    at_top = check(high)
+    low = torch.where(at_bottom | ~at_top, high, low + 1)
+    while bool((low < high).any()):
+        active = low < high
+        middle = torch.where(active, (low + high) // 2, high)
+        taken = check(middle)
+        high = torch.where(active & taken, middle, high)
+        low = torch.where(active & ~taken, middle + 1, low)
+    return Step(rows_at(high), checked.get(tuple(high.tolist())))
 
 
 def _rows_at(

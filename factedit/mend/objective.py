@@ -220,7 +220,7 @@ def evaluate_single_edits(
                     captured = capture(model, [module_of(x) for x in names], names, batch, positions=positions)
                 rows = edit_rows(base, captured.factors, preserver)
                 transformed = scaled_step(model, pad_id, [example.edit], [rows], base,
-                                          step_scales, captured.owners, cache=cache)
+                                          step_scales, captured.owners, cache=cache).rows
                 params = dense_params(model, base, transformed)
                 scores = mean_logprobs(model, cf_pairs(example, tokenizer), pad_id, params, cache)
                 for key, value in counterfact_flags(scores).items():

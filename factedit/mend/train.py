@@ -29,6 +29,7 @@ from ..core.configs import validated
 from ..core.errors import ConfigError
 from ..paths import CONFIG_DIR as PACKAGE_CONFIG_DIR
 from ..paths import CONFIG_MODULE
+from .config import check_step_scales
 from .data import EditExample
 from .network import AGGREGATIONS
 from .objective import edit_step_loss, module_of, skipping_cached_blocks, unwrap
@@ -100,6 +101,7 @@ class TrainConfig:
             raise ValueError("positions must be 'loss' or 'all'")
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}")
+        check_step_scales(self.step_scales)
         positive = ("lr", "lr_alpha", "preserve_threshold", "preserve_ridge", "grad_clip", "margin")
         if not all(0 < getattr(self, name) < math.inf for name in positive):
             raise ValueError(f"{', '.join(positive)} must be finite numbers > 0")

@@ -14,7 +14,7 @@ It is MEND's machinery with the identity in place of a trained network:
 4. the update is the least-squares map from the raw keys to those values inside the null space of
    the reference corpus's keys, with a ridge (`KeyPreserver.solve_rows`): it leaves ordinary text
    alone and stays small, which is what lets thousands of edits accumulate;
-5. the step is checked as `mend` checks it (`step_scales`): the first scale under which every
+5. the step is checked as `mend` checks it (`step_scales`): the smallest scale under which every
    target token is the argmax is kept.
 """
 
@@ -36,7 +36,7 @@ from ..model.contexts import ContextPrefixes, PrefixConfig
 from ..model.specs import mlp_param_names, num_layers
 from ..paths import PACKAGE_DIR
 from ..safety.preserve import KeyPreserver, PreserveConfig, preserve_field
-from .config import POSITIONS
+from .config import POSITIONS, check_step_scales
 from .data import load_examples
 from .method import capture_rows, edit_with_network, new_network
 from .network import MENDNetwork, Stats
@@ -55,8 +55,8 @@ class UltraEditConfig:
     lr: the step: each value is −lr·‖ũ‖²·δ̃.
     positions: "loss" = the positions whose output predicts a target token (UltraEdit's); "all" =
         every non-padding position.
-    step_scales: multipliers of lr tried in order (as MENDConfig.step_scales): the first under which
-        every target token is the argmax is kept, else the last.
+    step_scales: multipliers of lr, increasing (as MENDConfig.step_scales): the smallest under which
+        every target token is the argmax is kept, else the largest.
     preserve: the null space and ridge of the least-squares solve; `protect_edits` holds earlier
         edits' keys (every token's) at zero change. None: no null space, the plain ridge solve
         ΔW = V Kᵀ (K Kᵀ + ridge·I)^{-1} of the UltraEdit paper.
@@ -105,8 +105,7 @@ class UltraEditConfig:
             raise ValueError("warmup and extra_steps must be >= 0")
         if self.positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
-        if not self.step_scales or any(not scale > 0 for scale in self.step_scales):
-            raise ValueError("step_scales must be one or more numbers > 0")
+        check_step_scales(self.step_scales)
         if self.pass_size is not None and self.pass_size < 1:
             raise ValueError("pass_size must be >= 1, or None for one pass")
 
