@@ -13,13 +13,13 @@ from ..safety.preserve import PreserveConfig, preserve_field
 POSITIONS = ("loss", "all")
 
 
-
 def check_step_scales(scales: tuple[float, ...]) -> None:
     """Step scales are one or more increasing numbers > 0 (`scaled_step` bisects them)."""
     if not scales or any(not scale > 0 for scale in scales):
         raise ValueError("step_scales must be one or more numbers > 0")
     if any(later <= earlier for earlier, later in itertools.pairwise(scales)):
         raise ValueError(f"step_scales must increase (the smallest that takes is searched), got {scales}")
+
 
 @dataclass(frozen=True)
 class MENDConfig:

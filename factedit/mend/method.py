@@ -155,10 +155,11 @@ def capture_rows(
     device = next(model.parameters()).device
     factors: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in names}
     owners, seen = [], 0
+    pad_id = pad_id_of(tokenizer)
     with frozen(model):
         for group in length_groups(requests, pass_size):
-            batch = make_batch(group, pad_id_of(tokenizer), device)
-            with _below_edited_blocks(model, checks, group, pad_id_of(tokenizer)):
+            batch = make_batch(group, pad_id, device)
+            with _below_edited_blocks(model, checks, group, pad_id):
                 captured = capture(model, [module_of(n) for n in names], names, batch, positions=positions,
                                    params=params)
             for name in names:
@@ -372,9 +373,9 @@ def scaled_step(
             checked[key] = taken.to(level.device)
         return checked[key]
 
-    # Per request, `high` is the smallest level known (or, at the top, taken) to do; [low, high] is
-    # bisected while low < high. A request settles at the bottom when it takes there, at the top
-    # when it does not take there either.
+    # Per request, [low, high] holds the smallest level that takes (the top stands for "none does")
+    # and is bisected while low < high. A request settles at the bottom when it takes there, at the
+    # top when it does not take there either.
     low, high = torch.zeros_like(top), top.clone()
     at_bottom = check(low)
     high = torch.where(at_bottom, low, high)
