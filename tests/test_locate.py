@@ -15,13 +15,13 @@ from factedit.core.request import EditRequest, find_subject, tokenize_request
 from factedit.locate import values as values_module
 from factedit.locate.config import LocateConfig, MEMITConfig
 from factedit.locate.method import Locate, measured_at
-from factedit.locate.positions import key_rows, value_rows
 from factedit.locate.reads import read_at_subject
 from factedit.locate.tails import split_at_subject, tail_logits
 from factedit.locate.values import fit_values, selection
 from factedit.model.contexts import ContextPrefixes, PrefixConfig, generate_prefixes, token_at
 from factedit.model.hooks import capture_linear_io
 from factedit.safety.preserve import PreserveConfig, covariance_solve_rows
+from factedit.scoring.positions import key_rows, value_rows
 from factedit.scoring.sequences import logits_at
 
 TINY = dict(v_steps=10, v_weight_decay=None, clamp_norm=None, layers=(1, 2))

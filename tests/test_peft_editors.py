@@ -14,7 +14,8 @@ from tiny_models import ARCHS, tiny_model
 import factedit
 from factedit.core.errors import ConfigError
 from factedit.core.request import EditRequest, encode_prompt, tokenize_request
-from factedit.model.contexts import in_context
+from factedit.model.contexts import in_context, token_at
+from factedit.model.hooks import capture_linear_io
 from factedit.peft import ft, lora, training
 from factedit.scoring import batches
 
@@ -340,3 +341,87 @@ def test_a_float16_model_is_trained_through_float32_copies(method):
         editor.revert(model, record.id)
     for name, p in model.named_parameters():
         assert p.dtype == torch.float16 and torch.equal(p, base[name]), name
+
+
+# Subject-anchored fine-tuning: the loss reaches the edited block through the subject's last token only.
+@pytest.mark.parametrize("method, module", [("ft_l", ft), ("lora", lora)])
+def test_an_anchored_batch_is_the_prefixed_batch_with_the_subjects_last_token(method, module, monkeypatch):
+    model, tok = tiny_model("llama")
+    captured = _captured_batches(module, monkeypatch)
+    request, = _requests(tok, FACT)
+    for anchor in ("all", "subject"):
+        editor = factedit.Editor(method, tokenizer=tok, layers=(-1,), max_steps=1, preserve=None, prefixes=PREFIXES,
+                                 anchor=anchor)
+        editor._impl.compute(model, tok, [request])
+    plain, anchored = captured
+    assert plain.anchor is None
+    for a, b in zip((plain.input_ids, plain.attention_mask, plain.labels, plain.stop),
+                    (anchored.input_ids, anchored.attention_mask, anchored.labels, anchored.stop), strict=True):
+        assert torch.equal(a, b)
+    for row, prefix in enumerate(editor._impl.prefixes.get(model, tok)):
+        text, offset = in_context(prefix, FACT[0])
+        subject_end = offset + FACT[0].index("France") + len("France")
+        assert int(anchored.anchor[row]) == token_at(tok, text, subject_end)[1]  # "France"'s last token
+
+
+LAST_OUT = "model.layers.3.mlp.down_proj"  # the tiny llama's last block (of 4)
+
+
+def _out_weight_grad(model, batch, anchored: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits at the targets, gradient of the target NLL with respect to the last block's down projection)."""
+    weight = model.model.layers[-1].mlp.down_proj.weight
+    weight.grad = None
+    names = [f"{LAST_OUT}.weight"]
+    hold = training.through_anchor(model, names, batch) if anchored else contextlib.nullcontext()
+    with hold:
+        logits = batches.batch_target_logits(model, batch)
+        loss, _ = batches.target_nll_at(logits, batch.labels)
+        loss.backward()
+    return logits.detach(), weight.grad.clone()
+
+
+def test_through_anchor_passes_the_gradient_at_the_anchor_only_and_keeps_the_forward():
+    model, tok = tiny_model("llama")
+    assert len(model.model.layers) == 4
+    requests = _requests(tok, FACT, ("Danielle Darrieux's mother tongue is", "English"))
+    batch = batches.anchored_batch(requests, tok, ("", "Some words first"), torch.device("cpu"))
+    rows = torch.arange(len(batch.anchor))
+    full_logits, full_grad = _out_weight_grad(model, batch, anchored=False)
+    anchored_logits, anchored_grad = _out_weight_grad(model, batch, anchored=True)
+    assert torch.equal(full_logits, anchored_logits)  # the same forward: the stop check sees the edit as applied
+    with capture_linear_io(model, [LAST_OUT]) as io:  # u (B, T, in), δ (B, T, out)
+        loss, _ = batches.target_nll_at(batches.batch_target_logits(model, batch), batch.labels)
+        loss.backward()
+    u = io.inputs[LAST_OUT][rows, batch.anchor]  # (B, in)
+    delta = io.output_grads[LAST_OUT][rows, batch.anchor]  # (B, out)
+    assert torch.allclose(anchored_grad, delta.T @ u, atol=1e-6)  # Σ over rows of δ uᵀ at the anchor alone
+    assert not torch.allclose(anchored_grad, full_grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["ft_l", "lora"])
+def test_an_anchored_edit_raises_the_target_and_reverts_exactly(method):
+    """On a tiny random model the subject's token carries too little for the target to become the argmax
+    (the default model's figures are in the README); the edit still moves the target up."""
+    model, tok = tiny_model("llama")
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    kwargs = {"norm_constraint": 0.1} if method == "ft_l" else {}
+    # not the last block: at the subject's token its output reaches the target only through later blocks
+    editor = factedit.Editor(method, tokenizer=tok, layers=(1,), lr=1e-2, max_steps=20, prefixes=PREFIXES,
+                             anchor="subject", **kwargs)
+    record = editor.edit(model, *FACT)
+    before, after = record.pre["requests"][0], record.post["requests"][0]
+    assert after["target_prob"] > before["target_prob"] and record.config["anchor"] == "subject"
+    editor.revert(model, record.id)
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("method", ["ft_l", "lora"])
+def test_an_anchor_that_is_not_in_the_prompt_or_not_known_is_refused_and_changes_nothing(method):
+    model, tok = tiny_model("llama")
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ConfigError, match="anchor"):
+        factedit.Editor(method, tokenizer=tok, anchor="object")
+    editor = factedit.Editor(method, tokenizer=tok, layers=(-1,), max_steps=2, anchor="subject")
+    with pytest.raises(factedit.InvalidRequestError, match="Berlin"):
+        editor.edit(model, *FACT, subject="Berlin")
+    assert editor.history == [] and all(torch.equal(p, base[n]) for n, p in model.named_parameters())

@@ -18,7 +18,7 @@ from torch import nn
 from ..model.hooks import capture_linear_io, forward_hooks, stop_after
 from ..model.replay import CapturedInput, capture_block_input, start_at_block
 from ..model.specs import spec_for
-from .positions import Rows
+from ..scoring.positions import Rows
 
 
 @dataclass(frozen=True)

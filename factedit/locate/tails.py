@@ -27,7 +27,7 @@ from torch import nn
 
 from ..model.hooks import ForwardHook, forward_hooks
 from ..model.replay import capture_block_input
-from .positions import Rows
+from ..scoring.positions import Rows
 from .reads import Start, started
 
 

@@ -26,7 +26,7 @@ from ..model.hooks import frozen
 from ..model.specs import mlp_param_names
 from ..safety.preserve import KeyPreserver, PreserveConfig, preserve_field
 from ..scoring.batches import TrainingBatch, batch_target_logits, training_batch
-from .training import above_trained_blocks, optimize
+from .training import ANCHORS, above_trained_blocks, check_anchor, optimize, through_anchor
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,10 @@ class FTConfig:
     # Also train on the prompt asked through the chat template, the target as the reply's start
     # (scoring/batches.py); nothing without a chat template. The stop check reads the prompt alone.
     chat_context: bool = False
+    # Where the loss reaches the edited blocks: "all" positions, or only the "subject"'s last token
+    # (subject-anchored fine-tuning, peft/training.py `through_anchor`; the subject is the request's,
+    # else the one found in the prompt). With `prefixes` it reaches paraphrases (README, "Subject-anchored").
+    anchor: str = "all"
 
     # What the app and the service may set per edit (settable.py): steps bound the time an edit
     # holds the weights.
@@ -54,10 +58,11 @@ class FTConfig:
         "layers": LAYERS, "matrices": Choices("in", "gate", "out"), "lr": Number(1e-6, 0.1),
         "max_steps": Integer(1, 200), "norm_constraint": Number(1e-5, 1.0, optional=True), "seed": SEED,
         "preserve": Nested(PreserveConfig.SETTABLE), "prefixes": Nested(PrefixConfig.SETTABLE),
-        "chat_context": Flag(),
+        "chat_context": Flag(), "anchor": Choices(*ANCHORS),
     }
 
     def __post_init__(self) -> None:
+        check_anchor(self.anchor)
         if not (0 < self.lr < float("inf")) or self.max_steps < 1:
             raise ValueError("lr must be a finite number > 0 and max_steps >= 1")
         if self.norm_constraint is not None and not (0 < self.norm_constraint < float("inf")):
@@ -111,7 +116,8 @@ class FineTune:
         # its steps would be rounded away or turn to NaN on float16 weights.
         originals = {n: params[n].detach().float() for n in names}
         trained = {n: w.clone().requires_grad_(True) for n, w in originals.items()}
-        batch = training_batch(model, tokenizer, requests, self.prefixes, chat=self.config.chat_context)
+        batch = training_batch(model, tokenizer, requests, self.prefixes, chat=cfg.chat_context,
+                               anchored=cfg.anchor == "subject")
 
         def forward(b: TrainingBatch) -> torch.Tensor:
             weights = {n: w.to(dtypes[n]) for n, w in trained.items()}  # the model's dtype; grads reach w
@@ -125,7 +131,8 @@ class FineTune:
                 if preserver is not None:  # the change back into the null space of preserved keys
                     w.copy_(originals[n] + preserver.project_tensor(n, w - originals[n]))
 
-        with frozen(model), seeded(cfg.seed), above_trained_blocks(model, names, batch):
+        with frozen(model), seeded(cfg.seed), above_trained_blocks(model, names, batch), \
+                through_anchor(model, names, batch):
             optimize(
                 forward, batch, torch.optim.Adam(trained.values(), lr=cfg.lr), max_steps=cfg.max_steps,
                 after_step=constrain if cfg.norm_constraint is not None or preserver is not None else None,

@@ -28,7 +28,7 @@ from ..model.specs import mlp_param_names, weight_layout
 from ..safety.keys import module_inputs
 from ..safety.preserve import KeyPreserver, PreserveConfig, preserve_field
 from ..scoring.batches import TrainingBatch, batch_target_logits, loss_positions, training_batch
-from .training import above_trained_blocks, optimize
+from .training import ANCHORS, above_trained_blocks, check_anchor, optimize, through_anchor
 
 ADAPTER = "factedit"
 
@@ -70,6 +70,9 @@ class LoRAEditConfig:
     # Also train on the prompt asked through the chat template, the target as the reply's start
     # (scoring/batches.py); nothing without a chat template. The stop check reads the prompt alone.
     chat_context: bool = False
+    # Where the loss reaches the edited blocks: "all" positions or the "subject"'s last token only
+    # (subject-anchored fine-tuning, as for ft / ft_l: peft/training.py `through_anchor`).
+    anchor: str = "all"
 
     # What the app and the service may set per edit (settable.py): rank bounds memory, steps time.
     SETTABLE: ClassVar[Settable] = {
@@ -78,10 +81,11 @@ class LoRAEditConfig:
         "init": Choices("random", "keys"),
         "max_steps": Integer(1, 200), "seed": SEED,
         "preserve": Nested(PreserveConfig.SETTABLE), "prefixes": Nested(PrefixConfig.SETTABLE),
-        "chat_context": Flag(),
+        "chat_context": Flag(), "anchor": Choices(*ANCHORS),
     }
 
     def __post_init__(self) -> None:
+        check_anchor(self.anchor)
         finite = float("inf")
         if self.rank < 1 or self.max_steps < 1 or not (0 < self.alpha < finite) or not (0 < self.lr < finite):
             raise ValueError("rank and max_steps must be >= 1, alpha and lr finite numbers > 0")
@@ -113,7 +117,8 @@ class LoRAEdit:
             fan_in_fan_out=any(layout == "in_out" for layout in layouts.values()),
         )
         # before the adapter goes in
-        batch = training_batch(model, tokenizer, requests, self.prefixes, chat=cfg.chat_context)
+        batch = training_batch(model, tokenizer, requests, self.prefixes, chat=cfg.chat_context,
+                               anchored=cfg.anchor == "subject")
         keys = target_keys(model, modules, batch) if cfg.init == "keys" else None
         with frozen(model), seeded(cfg.seed):
             peft_model = get_peft_model(model, lora_config, adapter_name=ADAPTER)
@@ -137,7 +142,7 @@ class LoRAEdit:
                         project_inputs()
                 optimizer = create_loraplus_optimizer(peft_model, torch.optim.Adam, lr=cfg.lr,
                                                       loraplus_lr_ratio=cfg.b_lr_ratio)
-                with above_trained_blocks(model, modules, batch):
+                with above_trained_blocks(model, modules, batch), through_anchor(model, modules, batch):
                     optimize(forward, batch, optimizer, max_steps=cfg.max_steps,
                              after_step=project_inputs if preserver is not None else None, progress=progress)
                 factors = {m: _fold(layer, layouts[m]) for m, layer in lora_layers.items()}

@@ -10,6 +10,10 @@ prompt alone first. All rows of a request share its target ids (the join rule de
 prompt's end), so the token mean is the mean over its contexts. With `chat` a request also trains asked
 through the chat template, its target (without the leading space) as the start of the reply. The stop
 check reads the prompt-alone rows only: the edit is done when the prompt itself gives the target.
+
+Anchored (`anchored=True`, subject-anchored fine-tuning): the same rows built as the locate-then-edit
+family builds its value rows (scoring/positions.py), each carrying the position of the subject's last
+token, where a fine-tuning editor lets the loss reach the edited block (peft/training.py).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..core.request import TokenizedRequest, encode_prompt, max_context
 from ..model.contexts import ContextPrefixes, ids_as_written, in_chat, in_context, reply_ids
+from .positions import value_rows
 from .sequences import logits_at, pad_id_of, pad_sequences
 
 LOG = logging.getLogger(__name__)
@@ -36,16 +41,22 @@ class TrainingBatch:
     attention_mask: torch.Tensor  # (B, T)
     labels: torch.Tensor  # (B, T): target ids at target positions, IGNORE elsewhere
     stop: torch.Tensor | None = None  # (B,) bool: rows the stop check reads (the prompt alone); None = all
+    anchor: torch.Tensor | None = None  # (B,) long: the subject's last token in each row; None = not anchored
 
 
 def training_batch(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[TokenizedRequest],
-    prefixes: ContextPrefixes | None, chat: bool = False,
+    prefixes: ContextPrefixes | None, chat: bool = False, anchored: bool = False,
 ) -> TrainingBatch:
     """The batch an editor trains on: the requests alone, or also (with `prefixes`) under the model's
     context prefixes, written by the model the first time this editor meets it, and (with `chat`) each
-    asked through the tokenizer's chat template."""
+    asked through the tokenizer's chat template; with `anchored`, every row's `anchor` is the position
+    of the request's subject's last token (`subject_of`: the given subject, else the one found in the
+    prompt)."""
     device = next(model.parameters()).device
+    if anchored:
+        contexts = prefixes.get(model, tokenizer) if prefixes is not None else ()
+        return anchored_batch(requests, tokenizer, contexts, device, max_context(model.config), chat=chat)
     if prefixes is None and not chat:
         return make_batch(requests, pad_id_of(tokenizer), device)
     contexts = prefixes.get(model, tokenizer) if prefixes is not None else ("",)
@@ -103,6 +114,20 @@ def prefixed_batch(
             stop.append(False)
     batch = _rows_batch(rows, pad_id, device)
     return TrainingBatch(batch.input_ids, batch.attention_mask, batch.labels, torch.tensor(stop, device=device))
+
+
+def anchored_batch(
+    requests: Sequence[TokenizedRequest], tokenizer: PreTrainedTokenizerBase, prefixes: Sequence[str],
+    device: torch.device, context_length: int | None = None, chat: bool = False,
+) -> TrainingBatch:
+    """`prefixed_batch`'s rows (the prompt alone, under each non-empty prefix, with `chat` as a chat),
+    each with the position of its subject's last token as `anchor`; `stop` marks the prompt-alone rows."""
+    contexts = ("", *(p for p in prefixes if p))  # value_rows reads the prompt alone as the empty prefix
+    rows = value_rows(tokenizer, contexts, requests, None, chat=chat, context_length=context_length)
+    first = torch.ones_like(rows.owner, dtype=torch.bool)
+    first[1:] = rows.owner[1:] != rows.owner[:-1]  # a request's rows are adjacent, the prompt alone first
+    return TrainingBatch(rows.input_ids.to(device), rows.attention_mask.to(device), rows.labels.to(device),
+                         first.to(device), rows.subject.to(device))
 
 
 def _rows_batch(

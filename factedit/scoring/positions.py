@@ -1,4 +1,5 @@
-"""Where a locate-then-edit method reads and writes: the subject's last token, in every text it runs.
+"""Where a locate-then-edit method reads and writes: the subject's last token, in every text it runs
+(also where subject-anchored fine-tuning lets its loss reach the edited block: batches.anchored_batch).
 
 ("last" instead reads and writes at the prompt's last token: MEMIT's fact_token option.)
 Key rows: each request's prompt under each context prefix (the first prefix is empty: the prompt
@@ -17,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..core.request import TokenizedRequest, find_subject, subject_span
 from ..model.contexts import in_chat, reply_ids, subject_positions, token_at
-from ..scoring.sequences import pad_id_of, pad_sequences
+from .sequences import pad_id_of, pad_sequences
 
 IGNORE = -100
 SUBJECT_LAST, LAST = "subject_last", "last"  # where keys are read and values written
