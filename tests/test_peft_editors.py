@@ -425,3 +425,14 @@ def test_an_anchor_that_is_not_in_the_prompt_or_not_known_is_refused_and_changes
     with pytest.raises(factedit.InvalidRequestError, match="Berlin"):
         editor.edit(model, *FACT, subject="Berlin")
     assert editor.history == [] and all(torch.equal(p, base[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_an_anchored_edit_reverts_exactly_on_every_architecture(arch):
+    model, tok = tiny_model(arch)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    editor = factedit.Editor("ft_l", tokenizer=tok, layers=(1,), max_steps=3, prefixes=PREFIXES, anchor="subject")
+    record = editor.edit(model, *FACT)
+    assert any(not torch.equal(p, base[n]) for n, p in model.named_parameters())
+    editor.revert(model, record.id)
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters())
