@@ -411,6 +411,7 @@ def test_an_anchored_edit_raises_the_target_and_reverts_exactly(method):
     record = editor.edit(model, *FACT)
     before, after = record.pre["requests"][0], record.post["requests"][0]
     assert after["target_prob"] > before["target_prob"] and record.config["anchor"] == "subject"
+    assert record.requests[0].subject == "France"  # the record says where it anchored (found in the prompt)
     editor.revert(model, record.id)
     assert all(torch.equal(p, base[n]) for n, p in model.named_parameters())
 

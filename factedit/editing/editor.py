@@ -164,14 +164,16 @@ class Editor:
                 stream.before = self._streams.get(method)
             return self._compute_with(impl, config, m, tokenized, stream)
 
-        return self._edit(model, self._located(self._spec, as_requests(requests)), compute, method,
+        return self._edit(model, self._located(self._spec, config, as_requests(requests)), compute, method,
                           config_to_dict(config), stream)
 
     @staticmethod
-    def _located(spec: Any, requests: list[EditRequest]) -> list[EditRequest]:
-        """The requests with a subject (request.with_subject) for a method that edits at the subject, so
-        the record says which one was used; as given for other methods."""
-        return [with_subject(r) for r in requests] if spec.locates else requests
+    def _located(spec: Any, config: Any, requests: list[EditRequest]) -> list[EditRequest]:
+        """The requests with a subject (request.with_subject) for a method that edits at the subject (a
+        locating method, or a fine-tuning editor anchored there), so the record says which one was used;
+        as given otherwise."""
+        anchored = getattr(config, "anchor", None) == "subject"
+        return [with_subject(r) for r in requests] if spec.locates or anchored else requests
 
     def _keys_fn(self, method: str) -> Any:
         """The keys an edit of `method` protects (safeguards.KeysFn): the current method's own, when it
@@ -229,7 +231,7 @@ class Editor:
         requests = as_requests(requests)
         with self._lock:
             name, config, impl = self._method_for(method, overrides)
-            requests = self._located(get_method(name), requests)
+            requests = self._located(get_method(name), config, requests)
             context = max_context(model.config)
             tokenized = [tokenize_request(r, self.tokenizer, context) for r in requests]
             self.attach(viewed_model(model))
