@@ -369,7 +369,7 @@ LAST_OUT = "model.layers.3.mlp.down_proj"  # the tiny llama's last block (of 4)
 
 def _out_weight_grad(model, batch, anchored: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits at the targets, gradient of the target NLL with respect to the last block's down projection)."""
-    weight = model.model.layers[-1].mlp.down_proj.weight
+    weight = model.get_submodule(LAST_OUT).weight
     weight.grad = None
     names = [f"{LAST_OUT}.weight"]
     hold = training.through_anchor(model, names, batch) if anchored else contextlib.nullcontext()

@@ -28,11 +28,11 @@ from transformers import PreTrainedTokenizerBase
 
 from ..core.request import TokenizedRequest, encode_prompt, max_context
 from ..model.contexts import ContextPrefixes, ids_as_written, in_chat, in_context, reply_ids
+from .padding import IGNORE
 from .positions import value_rows
 from .sequences import logits_at, pad_id_of, pad_sequences
 
 LOG = logging.getLogger(__name__)
-IGNORE = -100  # the label of a position that is not a target token
 
 
 @dataclass(frozen=True)

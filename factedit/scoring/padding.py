@@ -8,6 +8,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 DEFAULT_BATCH_SIZE = 16  # sequences per scoring pass
+IGNORE = -100  # the label of a position that is not a target token (labelled batches, positions.py rows)
 
 
 def pad_sequences(

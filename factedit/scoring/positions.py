@@ -18,9 +18,9 @@ from transformers import PreTrainedTokenizerBase
 
 from ..core.request import TokenizedRequest, find_subject, subject_span
 from ..model.contexts import in_chat, reply_ids, subject_positions, token_at
+from .padding import IGNORE
 from .sequences import pad_id_of, pad_sequences
 
-IGNORE = -100
 SUBJECT_LAST, LAST = "subject_last", "last"  # where keys are read and values written
 
 
