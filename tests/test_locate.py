@@ -309,6 +309,55 @@ def test_v_star_is_the_same_from_tails_and_from_whole_rows(monkeypatch):
     assert not fit_values(model, rows, 2, name, 2, "model.layers.2", LocateConfig(**{**TINY, "v_steps": 1})).tails
 
 
+def test_v_star_is_shortened_to_the_least_of_its_length_that_still_meets_the_stop():
+    model, _, rows, _ = _value_setup("llama")
+    name, block = "model.layers.2.mlp.down_proj", "model.layers.2"
+
+    def fitted(**settings):
+        return fit_values(model, rows, 2, name, 2, block, LocateConfig(**{**TINY, **settings}))
+
+    start, far = fitted(v_steps=0).nll, fitted(v_steps=20, v_stop_nll=0.0).nll  # (2,) each
+    stop = float((start.max() + far.max()) / 2)  # both requests meet it within 20 steps, not at the start
+    assert float(far.max()) < stop < float(start.max())
+    plain, short = fitted(v_steps=20, v_stop_nll=stop), fitted(v_steps=20, v_stop_nll=stop, v_shrink_checks=6)
+    assert bool((plain.nll < stop).all()) and short.steps == plain.steps
+    assert bool((short.nll < stop).all()) and bool((short.nll >= plain.nll).all())
+    wanted, kept = plain.target - plain.initial, short.target - short.initial  # (2, H) each
+    fraction = kept.norm(dim=1) / wanted.norm(dim=1)
+    assert bool((fraction < 1).all()) and bool((fraction > 0).all())
+    assert torch.allclose(kept, wanted * fraction[:, None], atol=1e-5)  # the same direction, shorter
+    # a request that did not meet the stop keeps its δ as Adam left it
+    unmet = fitted(v_steps=1, v_stop_nll=0.0), fitted(v_steps=1, v_stop_nll=0.0, v_shrink_checks=6)
+    assert torch.equal(unmet[0].target, unmet[1].target)
+    with pytest.raises(ValueError, match="v_shrink_checks"):
+        LocateConfig(v_shrink_checks=-1)
+
+
+def test_gradient_steps_move_each_value_by_its_share_of_the_hidden_norm_along_its_gradient():
+    model, _, rows, _ = _value_setup("llama")
+    name, block = "model.layers.2.mlp.down_proj", "model.layers.2"
+    config = LocateConfig(**{**TINY, "v_optimizer": "gradient", "v_lr": 0.25, "v_steps": 1, "v_stop_nll": 0.0})
+    one = fit_values(model, rows, 2, name, 2, block, config)
+    moved = one.target - one.initial  # (2, H)
+    assert torch.allclose(moved.norm(dim=1), 0.25 * one.initial.norm(dim=1), rtol=1e-5)
+    two = fit_values(model, rows, 2, name, 2, block, LocateConfig(**{**vars(config), "v_steps": 2}))
+    assert bool((two.nll < one.nll).all())  # a second step along the fresh gradient lowers the NLL again
+    with pytest.raises(ValueError, match="v_optimizer"):
+        LocateConfig(v_optimizer="sgd")
+
+
+def test_the_stop_can_also_ask_every_target_token_to_be_the_argmax():
+    model, _, rows, _ = _value_setup("llama")
+    name, block = "model.layers.2.mlp.down_proj", "model.layers.2"
+    loose = LocateConfig(**{**TINY, "v_steps": 3, "v_stop_nll": 100.0})  # any NLL meets it
+    assert fit_values(model, rows, 2, name, 2, block, loose).steps == 0
+    said = LocateConfig(**{**vars(loose), "v_stop_said": True})  # the random model does not say the targets
+    assert fit_values(model, rows, 2, name, 2, block, said).steps == 3
+    stop = values_module.Stop(nll=torch.tensor([0.01, 0.01, 1.0]), said=torch.tensor([True, False, True]))
+    assert stop.met(LocateConfig(v_stop_nll=0.05)).tolist() == [True, True, False]
+    assert stop.met(LocateConfig(v_stop_nll=0.05, v_stop_said=True)).tolist() == [True, False, False]
+
+
 def test_the_keys_an_edit_protects_are_those_read_while_spreading():
     model, tok = tiny_model("llama")
     editor = factedit.Editor("alphaedit", tokenizer=tok, **TINY, preserve=NULL)
