@@ -346,18 +346,6 @@ def test_gradient_steps_move_each_value_by_its_share_of_the_hidden_norm_along_it
         LocateConfig(v_optimizer="sgd")
 
 
-def test_the_stop_can_also_ask_every_target_token_to_be_the_argmax():
-    model, _, rows, _ = _value_setup("llama")
-    name, block = "model.layers.2.mlp.down_proj", "model.layers.2"
-    loose = LocateConfig(**{**TINY, "v_steps": 3, "v_stop_nll": 100.0})  # any NLL meets it
-    assert fit_values(model, rows, 2, name, 2, block, loose).steps == 0
-    said = LocateConfig(**{**vars(loose), "v_stop_said": True})  # the random model does not say the targets
-    assert fit_values(model, rows, 2, name, 2, block, said).steps == 3
-    stop = values_module.Stop(nll=torch.tensor([0.01, 0.01, 1.0]), said=torch.tensor([True, False, True]))
-    assert stop.met(LocateConfig(v_stop_nll=0.05)).tolist() == [True, True, False]
-    assert stop.met(LocateConfig(v_stop_nll=0.05, v_stop_said=True)).tolist() == [True, False, False]
-
-
 def test_the_keys_an_edit_protects_are_those_read_while_spreading():
     model, tok = tiny_model("llama")
     editor = factedit.Editor("alphaedit", tokenizer=tok, **TINY, preserve=NULL)

@@ -48,9 +48,6 @@ class LocateConfig:
     kl_factor: float | None = 0.0625  # weight of KL(edited ‖ unedited) on `kl_prompt`; None = off
     kl_prompt: str = "{} is a"  # the subject's other facts: the next token after this, "{}" = the subject
     v_stop_nll: float = 0.05  # stop once every request's mean target NLL (over its contexts) is below
-    # ... and, with v_stop_said, once every target token is the argmax in each of those contexts: a
-    # short v* can meet the NLL with a later token of a longer target not yet the model's first choice.
-    v_stop_said: bool = False
     # After the stop, each request's δ is shortened to the smallest fraction of it that still meets the
     # stop, found by this many bisection passes (forward only); 0 = δ as the steps left it. Adam at lr 2.0
     # stops with ‖δ‖ 1.1-2.2 ‖h‖ where 0.7-1.6 meet the stop, and the excess is written into the weights:
@@ -84,7 +81,7 @@ class LocateConfig:
         "v_optimizer": Choice("adam", "gradient"), "v_chunk": Integer(1, 256),
         "v_weight_decay": Number(0.0, 1.0, optional=True),
         "clamp_norm": Number(0.0, 100.0, optional=True), "kl_factor": Number(0.0, 10.0, optional=True),
-        "v_stop_nll": Number(0.0, 10.0), "v_stop_said": Flag(), "v_shrink_checks": Integer(0, 16),
+        "v_stop_nll": Number(0.0, 10.0), "v_shrink_checks": Integer(0, 16),
         "cov_weight": Number(0.0, 1e6), "preserve": Nested(PreserveConfig.SETTABLE),
         "refine_passes": Integer(0, 8), "refine_tol": Number(0.0, 1.0),
     }

@@ -71,8 +71,8 @@ def selection(rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _losses(logits, rows: Rows, select, targets, n: int, base_kl: torch.Tensor | None):
-    """(nll (n,), Stop, kl (n,)) per request from logits (M, V) at `select`: the NLL over all of a
-    request's target rows, and what the stop reads over those without its chat row."""
+    """(nll (n,), nll of the rows the stop reads (n,), kl (n,)) per request from logits (M, V) at
+    `select`: the NLL over all of a request's target rows, and over those without its chat row."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # (M, V)
     row = select.nonzero()[:, 0]  # (M,)
     on_target = targets != IGNORE
@@ -82,32 +82,15 @@ def _losses(logits, rows: Rows, select, targets, n: int, base_kl: torch.Tensor |
     per_row = torch.zeros(b, device=logits.device).index_add(0, rows_t, picked)
     count = torch.zeros(b, device=logits.device).index_add(0, rows_t, torch.ones_like(picked))
     per_row = per_row / count.clamp(min=1)  # (B,) mean NLL of each row's target
-    missed = (logprobs[on_target].argmax(-1) != targets[on_target]).float()  # (M_t,) 1: not the argmax
-    row_said = torch.zeros(b, device=logits.device).index_add(0, rows_t, missed) == 0  # (B,)
     rewrite = ~rows.kl
-    stop_rows = rewrite & ~rows.chat
     nll = _mean_per_request(per_row, rows.owner, rewrite, n)
-    stop = Stop(_mean_per_request(per_row.detach(), rows.owner, stop_rows, n),
-                _mean_per_request(row_said.float(), rows.owner, stop_rows, n) == 1)
+    stop = _mean_per_request(per_row.detach(), rows.owner, rewrite & ~rows.chat, n)
     kl = torch.zeros(n, device=logits.device)
     if base_kl is not None:
         edited = logprobs[~on_target]  # (K, V), K = KL rows, in row order
         terms = (edited.exp() * (edited - base_kl)).sum(-1)  # KL(edited ‖ unedited)
         kl = kl.index_add(0, rows.owner[rows.kl], terms)
     return nll, stop, kl
-
-
-@dataclass(frozen=True)
-class Stop:
-    """What the stop reads of each request's prefixed prompts (its chat row left out)."""
-
-    nll: torch.Tensor  # (n,) mean target NLL
-    said: torch.Tensor  # (n,) bool: every target token the argmax in every one of them
-
-    def met(self, config: LocateConfig) -> torch.Tensor:
-        """(n,) bool: the NLL under v_stop_nll, and with v_stop_said every target token the argmax."""
-        below = self.nll < config.v_stop_nll
-        return below & self.said if config.v_stop_said else below
 
 
 def _mean_per_request(per_row: torch.Tensor, owner: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
@@ -183,8 +166,8 @@ def fit_values(
     for steps in range(config.v_steps + 1):
         with torch.enable_grad():
             logits = passes.run({out_module: _adding(delta[rows.owner])})  # delta[owner]: (B, H)
-            nll, stop, kl = _losses(logits, rows, select, targets, n, base_kl)
-            if bool(stop.met(config).all()) or steps == config.v_steps:
+            nll, stop_nll, kl = _losses(logits, rows, select, targets, n, base_kl)
+            if bool((stop_nll < config.v_stop_nll).all()) or steps == config.v_steps:
                 break
             loss = nll + (config.kl_factor or 0.0) * kl
             if config.v_weight_decay:
@@ -203,9 +186,10 @@ def fit_values(
                 scale = (limit / delta.norm(dim=1).clamp(min=1e-12)).clamp(max=1.0)
                 delta.mul_(scale[:, None])
     if config.v_shrink_checks:
-        fraction, stop = _shortest(passes, rows, select, targets, n, delta.detach(), out_module, config, stop)
+        fraction, stop_nll = _shortest(passes, rows, select, targets, n, delta.detach(), out_module,
+                                       config.v_stop_nll, stop_nll, config.v_shrink_checks)
         delta = delta.detach() * fraction[:, None]
-    return Values(initial + delta.detach(), initial, steps, stop.nll, passes.tails)
+    return Values(initial + delta.detach(), initial, steps, stop_nll, passes.tails)
 
 
 def _adding(per_row: torch.Tensor) -> ForwardHook:
@@ -223,22 +207,22 @@ def _adding(per_row: torch.Tensor) -> ForwardHook:
 @torch.no_grad()
 def _shortest(
     passes: Passes, rows: Rows, select: torch.Tensor, targets: torch.Tensor, n: int, delta: torch.Tensor,
-    out_module: str, config: LocateConfig, stop: Stop,
-) -> tuple[torch.Tensor, Stop]:
-    """((n,) the smallest fraction of each request's δ (N, H) found by config.v_shrink_checks bisection
-    passes that still meets the stop, 1 for a request that did not meet it; what the stop read there).
+    out_module: str, stop: float, nll: torch.Tensor, checks: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """((n,) the smallest fraction of each request's δ (N, H) found by `checks` bisection passes that
+    still meets the stop, 1 for a request that did not meet it; (n,) the stop NLL there).
 
     Adam at a large learning rate walks δ past the length the target needs; every unit of ‖v* − h‖
     left over is spread into the weights and, kept edits adding up, into the model's drift."""
-    met = stop.met(config)  # (n,)
+    met = nll < stop  # (n,)
     low, high = torch.zeros(n, device=delta.device), torch.ones(n, device=delta.device)
-    best_nll, best_said = stop.nll.clone(), stop.said.clone()
-    for _ in range(config.v_shrink_checks):
+    best = nll.clone()
+    for _ in range(checks):
         middle = torch.where(met, (low + high) / 2, high)
         logits = passes.run({out_module: _adding((delta * middle[:, None])[rows.owner])})
         _, at_middle, _ = _losses(logits, rows, select, targets, n, None)
-        holds = met & at_middle.met(config)
+        holds = met & (at_middle < stop)
         high = torch.where(holds, middle, high)
         low = torch.where(met & ~holds, middle, low)
-        best_nll, best_said = torch.where(holds, at_middle.nll, best_nll), torch.where(holds, at_middle.said, best_said)
-    return high, Stop(best_nll, best_said)
+        best = torch.where(holds, at_middle, best)
+    return high, best
