@@ -1,23 +1,30 @@
 """Where the drift of many kept edits comes from: the edits of a journal summed per matrix, read apart.
 
     python bench/bench_accumulated.py runs/eval/seq200-val1700-b/journal-alphaedit.sqlite
+    python bench/bench_accumulated.py runs/tune21b/grad0.25-shrink4-refine2/journal-alphaedit.sqlite \
+        --remove 1,3,10 --records train:3000
 
 For each edited matrix: the singular values of ΣΔW (every edit in the journal, active or reverted,
 summed) beside W's largest, and ‖ΣΔW‖ beside ‖W‖; then the reference text's perplexity over the
 unedited model's (the `drift/ppl_ratio` of an evaluation) with all of ΣΔW, with one matrix's alone,
 with ΣΔW's largest singular values removed, and (`--each`) with each edit's delta alone, to see whether a
-few edits carry the drift. Nothing is written: the sums enter through
+few edits carry the drift. With `--records SPLIT:START` (the CounterFact records the journal's edits were
+made from, in order) each reading also gives the share of them whose new target beats the true one
+(ES) and whose every target token is the argmax. Nothing is written: the sums enter through
 `functional_call` (reference_perplexity's `params`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 
 import torch
+from torch.func import functional_call
 
 import factedit
 from factedit.editing.journal import Journal
+from factedit.paths import PACKAGE_DIR
 from factedit.safety.drift import reference_perplexity
 from factedit.safety.reference import reference_texts
 
@@ -33,12 +40,30 @@ def journal_edits(path: str) -> list[tuple[str, dict[str, torch.Tensor]]]:
     return edits
 
 
+def reach(model, tok, records: list[dict], changed: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """(ES, share with every target token the argmax) of `records` on the weights `changed` replaces."""
+    beats = said = 0
+    for record in records:
+        nll = {}
+        for key in ("target_new", "ground_truth"):
+            prompt, target = tok(record["prompt"]).input_ids, tok(" " + record[key]).input_ids
+            with torch.no_grad():
+                logits = functional_call(model, changed, (torch.tensor([prompt + target]),)).logits[0]
+            logits = logits[len(prompt) - 1 : -1].float()  # (T, V): the positions predicting the target
+            nll[key] = float(-torch.log_softmax(logits, -1)[range(len(target)), target].mean())
+            if key == "target_new":
+                said += bool((logits.argmax(-1) == torch.tensor(target)).all())
+        beats += nll["target_new"] < nll["ground_truth"]
+    return beats / len(records), said / len(records)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("journal")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--remove", default="1,10,30", help="numbers of largest singular values to remove")
     parser.add_argument("--each", action="store_true", help="also the drift of each edit alone")
+    parser.add_argument("--records", help="SPLIT:START of the CounterFact records the edits were made from")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = factedit.load_model()
@@ -51,10 +76,23 @@ def main() -> None:
             total[name] = total[name] + d if name in total else d
     base = reference_perplexity(model, tok, texts)
 
+    records = None
+    if args.records:
+        split, start = args.records.split(":")
+        data = json.loads((PACKAGE_DIR / f"data/counterfact/{split}.json").read_text())
+        records = data[int(start) : int(start) + len(edits)]
+
     def ratio(changes: dict[str, torch.Tensor]) -> float:
         return reference_perplexity(model, tok, texts, params={n: weights[n] + d for n, d in changes.items()}) / base
 
-    print(f"{len(edits)} edits; drift with all of them: {ratio(total):.3f}x")
+    def read(changes: dict[str, torch.Tensor]) -> str:
+        drift = f"drift {ratio(changes):.3f}x"
+        if records is None:
+            return drift
+        es, said = reach(model, tok, records, {n: weights[n] + d for n, d in changes.items()})
+        return f"{drift}, ES {es:.2f}, every target token the argmax {said:.2f}"
+
+    print(f"{len(edits)} edits; with all of them: {read(total)}")
     svd = {}
     for name, d in total.items():
         u, s, vh = torch.linalg.svd(d, full_matrices=False)  # d (out, in)
@@ -70,7 +108,7 @@ def main() -> None:
             rest = s.clone()
             rest[:k] = 0
             kept[name] = (u * rest) @ vh
-        print(f"drift without each matrix's {k} largest singular values: {ratio(kept):.3f}x")
+        print(f"without each matrix's {k} largest singular values: {read(kept)}")
 
     if args.each:
         alone = sorted(((ratio(deltas), what) for what, deltas in edits), reverse=True)
