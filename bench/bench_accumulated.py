@@ -7,11 +7,11 @@
 For each edited matrix: the singular values of ΣΔW (every edit in the journal, active or reverted,
 summed) beside W's largest, and ‖ΣΔW‖ beside ‖W‖; then the reference text's perplexity over the
 unedited model's (the `drift/ppl_ratio` of an evaluation) with all of ΣΔW, with one matrix's alone,
-with ΣΔW's largest singular values removed, and (`--each`) with each edit's delta alone, to see whether a
-few edits carry the drift. With `--records SPLIT:START` (the CounterFact records the journal's edits were
-made from, in order) each reading also gives the share of them whose new target beats the true one
-(ES) and whose every target token is the argmax. Nothing is written: the sums enter through
-`functional_call` (reference_perplexity's `params`).
+with ΣΔW's largest singular values removed or capped (`--cap`), and (`--each`) with each edit's delta
+alone, to see whether a few edits carry the drift. With `--records SPLIT:START` (the CounterFact
+records the journal's edits were made from, in order) each reading also gives the share of them whose
+new target beats the true one (ES) and whose every target token is the argmax. Nothing is written:
+the sums enter through `functional_call` (reference_perplexity's `params`).
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("journal")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--remove", default="1,10,30", help="numbers of largest singular values to remove")
+    parser.add_argument("--cap", default="", help="singular values of each ΣΔW to cap at, e.g. 20,15,10")
     parser.add_argument("--each", action="store_true", help="also the drift of each edit alone")
     parser.add_argument("--records", help="SPLIT:START of the CounterFact records the edits were made from")
     args = parser.parse_args()
@@ -109,6 +110,9 @@ def main() -> None:
             rest[:k] = 0
             kept[name] = (u * rest) @ vh
         print(f"without each matrix's {k} largest singular values: {read(kept)}")
+    for cap in (float(x) for x in args.cap.split(",") if x):
+        capped = {name: (u * s.clamp(max=cap)) @ vh for name, (u, s, vh) in svd.items()}
+        print(f"each matrix's singular values capped at {cap:g}: {read(capped)}")
 
     if args.each:
         alone = sorted(((ratio(deltas), what) for what, deltas in edits), reverse=True)
