@@ -15,7 +15,9 @@ output, e.g. Gemma's); v*_i = h_i + δ_i. The
 requests' δ are independent (the loss is a sum over requests). Each step runs only what δ changes:
 each row from its subject's last token on, from block L up, the tokens before it cached (tails.py).
 Stops when every request's NLL is below `stop_nll`; with `chat_context` its chat row counts in the loss
-and not in that check (the prompt's rows decide, as without it).
+and not in that check (the prompt's rows decide, as without it). With v_optimizer "gradient" each step
+moves δ_i by v_lr · ‖h_i‖ along its own gradient instead of Adam's; with v_shrink_checks > 0 each δ_i
+that met the stop is then cut, by bisection, to the least fraction of it that still meets it.
 """
 
 from __future__ import annotations
