@@ -43,9 +43,9 @@ from ..model.weights import model_fingerprint
 from ..safety.keys import key_statistics
 from ..safety.preserve import KeyPreserver, build_preserver, covariance_solve_rows
 from ..safety.reference import key_corpus
-from ..scoring.positions import Rows, key_rows, subject_of, value_rows
+from ..scoring.positions import Rows, first_rows, key_rows, subject_of, value_rows
 from .config import LocateConfig, MEMITConfig, ROMEConfig
-from .reads import Start, block_name, first_rows, mean_by_owner, read_at_subject
+from .reads import Start, block_name, mean_by_owner, read_at_subject
 from .values import Values, fit_values
 
 LOG = logging.getLogger(__name__)

@@ -81,10 +81,3 @@ def mean_by_owner(values: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Te
     count = torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, owner, torch.ones_like(owner,
                                                                                                         dtype=values.dtype))
     return total / count.clamp(min=1)[:, None]
-
-
-def first_rows(owner: torch.Tensor, n: int) -> torch.Tensor:
-    """(n,) long: the index of each owner's first row (rows are grouped by owner, in order)."""
-    first = torch.full((n,), -1, dtype=torch.long, device=owner.device)
-    positions = torch.arange(owner.shape[0], device=owner.device)
-    return first.scatter_reduce(0, owner, positions, reduce="amin", include_self=False)

@@ -30,10 +30,10 @@ import torch
 from torch import nn
 
 from ..model.hooks import ForwardHook, forward_hooks
-from ..scoring.positions import IGNORE, Rows
+from ..scoring.positions import IGNORE, Rows, first_rows
 from ..scoring.sequences import logits_at
 from .config import LocateConfig
-from .reads import block_hidden, first_rows, read_at_subject, started
+from .reads import block_hidden, read_at_subject, started
 from .tails import split_at_subject, tail_logits
 
 LOG = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ from transformers import PreTrainedTokenizerBase
 from ..core.request import TokenizedRequest, encode_prompt, max_context
 from ..model.contexts import ContextPrefixes, ids_as_written, in_chat, in_context, reply_ids
 from .padding import IGNORE
-from .positions import value_rows
+from .positions import first_rows, value_rows
 from .sequences import logits_at, pad_id_of, pad_sequences
 
 LOG = logging.getLogger(__name__)
@@ -124,8 +124,8 @@ def anchored_batch(
     each with the position of its subject's last token as `anchor`; `stop` marks the prompt-alone rows."""
     contexts = ("", *(p for p in prefixes if p))  # value_rows reads the prompt alone as the empty prefix
     rows = value_rows(tokenizer, contexts, requests, None, chat=chat, context_length=context_length)
-    first = torch.ones_like(rows.owner, dtype=torch.bool)
-    first[1:] = rows.owner[1:] != rows.owner[:-1]  # a request's rows are adjacent, the prompt alone first
+    first = torch.zeros_like(rows.owner, dtype=torch.bool)
+    first[first_rows(rows.owner, len(requests))] = True  # each request's prompt alone
     return TrainingBatch(rows.input_ids.to(device), rows.attention_mask.to(device), rows.labels.to(device),
                          first.to(device), rows.subject.to(device))
 

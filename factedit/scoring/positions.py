@@ -128,3 +128,10 @@ def value_rows(
             ids, index = token_at(tokenizer, kl_prompt.replace("{}", subject), start + len(subject))
             items.append(_Item(ids, index if position == SUBJECT_LAST else len(ids) - 1, owner, [], kl=True))
     return _batch(tokenizer, items, context_length)
+
+
+def first_rows(owner: torch.Tensor, n: int) -> torch.Tensor:
+    """(n,) long: the index of each owner's first row (rows are grouped by owner, in order)."""
+    first = torch.full((n,), -1, dtype=torch.long, device=owner.device)
+    positions = torch.arange(owner.shape[0], device=owner.device)
+    return first.scatter_reduce(0, owner, positions, reduce="amin", include_self=False)
