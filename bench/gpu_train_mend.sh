@@ -6,14 +6,19 @@
 #   here:      ../shared/tools/gpu-model-chunks.sh && bash bench/gpu_train_mend.sh prepare
 #   device 1:  carry [".gpu1"]: bash bench/gpu_train_mend.sh install
 #   device 2:  carry [".gpu2", "runs/mend-stream"]: bash bench/gpu_train_mend.sh run 8
+#   here:      bash bench/gpu_train_mend.sh unpack /work/.device/...   # the folder device 2's files came to
 # `run MINUTES` assembles the model, trains for MINUTES (resuming runs/mend-stream/last when carried,
-# else the shipped editor) and leaves the run folder under $OUT/mend-stream to copy back into runs/.
+# else the shipped editor) and leaves the run folder as a tar in 15 MiB parts under $OUT (a call brings
+# back files of at most 16 MiB); `unpack` puts it back together as runs/mend-stream.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  prepare)  # wheels the GPU machine lacks, beside the model's first half
-    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .gpu1 \
-      hydra-core==1.3.2 omegaconf==2.3.0 antlr4-python3-runtime==4.9.3 sqlitedict==2.1.0 accelerate
+  prepare)  # wheels the GPU machine lacks (it has accelerate), beside the model's first half
+    py=python3; [ -x .venv/bin/python ] && py=.venv/bin/python
+    "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .gpu1 \
+      hydra-core==1.3.2 omegaconf==2.3.0
+    # these two are published as source only: build their (pure Python) wheels here
+    "$py" -m pip wheel -q --no-deps -w .gpu1 antlr4-python3-runtime==4.9.3 sqlitedict==2.1.0
     du -sh .gpu1 .gpu2 ;;
   install)
     mkdir -p /root/m && cp .gpu1/gguf.part00 /root/m/
@@ -26,7 +31,13 @@ case "${1:-}" in
     export PYTHONPATH=/root/site:$PWD FACTEDIT_CACHE=/root/cache
     resume=factedit/mend/checkpoints/smollm2-135m
     [ -f runs/mend-stream/last/trainer_state.json ] && resume=runs/mend-stream/last
-    python3 -m factedit.cli train-mend --config-name stream "resume=$resume" "output_dir=$OUT/mend-stream" \
-      threads=null "max_minutes=$minutes" ;;
-  *) echo "usage: $0 prepare | install | run [MINUTES]" >&2; exit 2 ;;
+    export PYTHONUNBUFFERED=1
+    python3 -m factedit.cli train-mend --config-name stream "resume=$resume" output_dir=/root/run/mend-stream \
+      threads=null cpu=false "max_minutes=$minutes" || status=$?
+    tar -C /root/run -cf - mend-stream | split -b 15M -d - "$OUT/mend-stream.tar.part"
+    grep -h '"val/score"' /root/run/mend-stream/metrics.jsonl | tail -20 || true
+    exit "${status:-0}" ;;
+  unpack)
+    mkdir -p runs && cat "${2:?the folder the files of the run call came to}"/mend-stream.tar.part* | tar -C runs -xf - ;;
+  *) echo "usage: $0 prepare | install | run [MINUTES] | unpack DIR" >&2; exit 2 ;;
 esac
