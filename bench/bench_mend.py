@@ -38,6 +38,7 @@ import torch
 
 import factedit
 from factedit.core.cost import forward_backward_ms
+from factedit.core.errors import DriftError
 from factedit.core.request import encode_prompt, encode_target
 from factedit.paths import PACKAGE_DIR
 from factedit.scoring.said import said_scores
@@ -78,6 +79,12 @@ def said(model, tok, rec) -> dict[str, float]:
     return out
 
 
+def refused(unedited: dict[str, float], edited_keys) -> dict[str, float]:
+    """A fact whose edit the drift guard refused counts as failed; the model is unchanged, so NS is the
+    unedited model's."""
+    return {key: unedited["ns"] if key == "ns" else 0.0 for key in edited_keys}
+
+
 def fwd_bwd_ms(model, tok, rec) -> float:
     """One forward + backward of the base model on prompt + target (all parameters trainable; core.cost)."""
     ids = encode_prompt(tok, rec["prompt"]) + encode_target(tok, rec["prompt"], rec["target_new"])
@@ -114,10 +121,16 @@ def main() -> None:
         fwd_bwd_ms(model, tok, r)
         editor.revert(model, editor.edit(model, r["prompt"], r["target_new"]).id)
 
-    flags, compute_ms, edit_ms, fb_ms, exact = [], [], [], [], True
-    for rec in records:
+    flags, compute_ms, edit_ms, fb_ms, exact, refusals = [], [], [], [], True, {"single": 0, "batch": 0}
+    for rec, before in zip(records, unedited, strict=True):
         fb_ms.append(fwd_bwd_ms(model, tok, rec))
-        record = editor.edit(model, rec["prompt"], rec["target_new"])
+        try:
+            record = editor.edit(model, rec["prompt"], rec["target_new"])
+        except DriftError:
+            refusals["single"] += 1
+            flags.append(refused(before, ("es", "ps", "ns", "said", "said_para")
+                                 + (("said_chat",) if tok.chat_template else ())))
+            continue
         compute_ms.append(record.timings["compute_ms"])
         edit_ms.append(record.timings["edit_ms"])
         flags.append(cf_scores(model, tok, rec) | said(model, tok, rec))
@@ -128,7 +141,10 @@ def main() -> None:
     batch_ms, batch_edit_ms = [], []
     requests = [{"prompt": r["prompt"], "target": r["target_new"]} for r in records[: args.batch]]
     for _ in range(3):
-        record = editor.edit_batch(model, requests)
+        try:
+            record = editor.edit_batch(model, requests)
+        except DriftError:
+            break
         batch_ms.append(record.timings["compute_ms"])
         batch_edit_ms.append(record.timings["edit_ms"])
         editor.revert(model, record.id)
@@ -138,13 +154,21 @@ def main() -> None:
     batch_flags = []
     for start in range(0, len(records) - args.batch + 1, args.batch):
         chunk = records[start : start + args.batch]
-        record = editor.edit_batch(model, [{"prompt": r["prompt"], "target": r["target_new"]} for r in chunk])
+        try:
+            record = editor.edit_batch(model, [{"prompt": r["prompt"], "target": r["target_new"]} for r in chunk])
+        except DriftError:  # every fact of a refused batch counts as failed
+            refusals["batch"] += 1
+            batch_flags += [refused(u, ("es", "ps", "ns")) for u in unedited[start : start + args.batch]]
+            continue
         batch_flags += [cf_scores(model, tok, r) for r in chunk]
         editor.revert(model, record.id)
         exact &= all(torch.equal(params[n], base[n]) for n in names)
 
     def mean(rows, key):
         return sum(r[key] for r in rows) / len(rows) if rows else float("nan")
+
+    def median(values):
+        return statistics.median(values) if values else float("nan")
 
     figures = {
         "method": args.method,
@@ -158,6 +182,7 @@ def main() -> None:
         f"batch{args.batch}/n": len(batch_flags),
         f"batch{args.batch}/es": mean(batch_flags, "es"), f"batch{args.batch}/ps": mean(batch_flags, "ps"),
         f"batch{args.batch}/ns": mean(batch_flags, "ns"),
+        "refused/single": refusals["single"], f"refused/batch{args.batch}_calls": refusals["batch"],
         "revert/exact": exact,
         "time/edit_compute_ms": single_ms,
         "time/edit_total_ms": statistics.median(edit_ms),
@@ -165,10 +190,10 @@ def main() -> None:
         "time/edit_over_fwd_bwd": single_ms / statistics.median(fb_ms),
         # the whole Editor call with score=False: compute, projection, apply, guard, key protection
         "time/edit_total_over_fwd_bwd": statistics.median(edit_ms) / statistics.median(fb_ms),
-        f"time/batch{args.batch}_compute_ms": statistics.median(batch_ms),
-        f"time/batch{args.batch}_over_single": statistics.median(batch_ms) / single_ms,
-        f"time/batch{args.batch}_total_over_single_total":
-            statistics.median(batch_edit_ms) / statistics.median(edit_ms),
+        # nan when the guard refused the timed batch
+        f"time/batch{args.batch}_compute_ms": median(batch_ms),
+        f"time/batch{args.batch}_over_single": median(batch_ms) / single_ms,
+        f"time/batch{args.batch}_total_over_single_total": median(batch_edit_ms) / statistics.median(edit_ms),
         "threads": args.threads,
     }
     width = max(len(k) for k in figures)
