@@ -87,14 +87,15 @@ def test_hydra_config_is_validated():
     with pytest.raises(ConfigError, match="unknown"):
         compose_config(["--config-name", "tiny", "+no_such_key=1"])
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    for name in ("default", "quick", "tiny"):  # every key present, so any `key=value` override works
+    for name in ("default", "quick", "tiny", "stream"):  # every key present, so any `key=value` override works
         assert set(yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())) == fields, name
     assert compose_config(["--config-name", "quick"]).layers == (-3, -2, -1)
-    # default.yaml is the shipped editor's last stage: the settings its checkpoint records
-    default, shipped = compose_config(["--config-name", "default"]), load_checkpoint().meta["train_config"]
+    # stream.yaml is the shipped editor's last stage (PROVENANCE.md, stage 3): the settings its checkpoint records
+    stream, shipped = compose_config(["--config-name", "stream"]), load_checkpoint().meta["train_config"]
     for key in ("layers", "matrices", "positions", "aggregation", "rank", "lr", "lr_alpha", "c_loc", "c_margin",
-                "preserve_threshold", "preserve_ridge", "step_scales", "max_steps"):
-        value = getattr(default, key)
+                "preserve_threshold", "preserve_ridge", "step_scales", "max_steps", "episode_length", "c_replay",
+                "replay_edits", "c_norm"):
+        value = getattr(stream, key)
         assert (list(value) if isinstance(value, tuple) else value) == shipped[key], key
 
 
