@@ -56,8 +56,9 @@ LABELS = {
 GUIDE = (
     "**For edits you keep, use `ultraedit`** (the default): 40 kept edits give ES 1.00, the new target said "
     "for 0.83 of the facts, retention 0.83 and drift 1.01×; 60 kept, ES 0.98 and drift 1.02× (README, "
-    "“Lifelong editing”); it needs no trained network. `mend` is as quick but keeps fewer (40 kept: ES 0.93, "
-    "said 0.55, drift 1.23×) and needs a checkpoint trained for the model. `ft_l` (one edit at a time ES 1.00, "
+    "“Lifelong editing”); it needs no trained network. `mend` is as quick but keeps fewer (of 200 edits asked "
+    "in sequence on held-out facts, the guard let 101 through, drift 1.08× after 50) and needs a checkpoint "
+    "trained for the model. `ft_l` (one edit at a time ES 1.00, "
     "PS 0.62, NS 0.61 against 0.63 unedited; 200 kept edits at ES 0.935 and drift 1.19×) is the fine-tuning "
     "baseline that holds up; with `anchor` \"subject\" and prefixes (radius 0.05) it reaches paraphrases "
     "(PS 0.80-0.92 on held-out facts, chat 0.4) at three times the cost and more drift when kept; `lora` "
