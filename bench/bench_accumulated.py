@@ -23,6 +23,7 @@ import torch
 from torch.func import functional_call
 
 import factedit
+from factedit.core.request import encode_prompt, encode_target
 from factedit.editing.journal import Journal
 from factedit.paths import PACKAGE_DIR
 from factedit.safety.drift import reference_perplexity
@@ -46,7 +47,8 @@ def reach(model, tok, records: list[dict], changed: dict[str, torch.Tensor]) -> 
     for record in records:
         nll = {}
         for key in ("target_new", "ground_truth"):
-            prompt, target = tok(record["prompt"]).input_ids, tok(" " + record[key]).input_ids
+            prompt = encode_prompt(tok, record["prompt"])
+            target = encode_target(tok, record["prompt"], record[key])  # the project's join rule
             with torch.no_grad():
                 logits = functional_call(model, changed, (torch.tensor([prompt + target]),)).logits[0]
             logits = logits[len(prompt) - 1 : -1].float()  # (T, V): the positions predicting the target
@@ -84,13 +86,17 @@ def main() -> None:
         records = data[int(start) : int(start) + len(edits)]
 
     def ratio(changes: dict[str, torch.Tensor]) -> float:
-        return reference_perplexity(model, tok, texts, params={n: weights[n] + d for n, d in changes.items()}) / base
+        return reference_perplexity(model, tok, texts, params=changed(changes)) / base
+
+    def changed(changes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {n: weights[n] + d for n, d in changes.items()}
 
     def read(changes: dict[str, torch.Tensor]) -> str:
-        drift = f"drift {ratio(changes):.3f}x"
+        params = changed(changes)  # once for both readings
+        drift = f"drift {reference_perplexity(model, tok, texts, params=params) / base:.3f}x"
         if records is None:
             return drift
-        es, said = reach(model, tok, records, {n: weights[n] + d for n, d in changes.items()})
+        es, said = reach(model, tok, records, params)
         return f"{drift}, ES {es:.2f}, every target token the argmax {said:.2f}"
 
     print(f"{len(edits)} edits; with all of them: {read(total)}")
