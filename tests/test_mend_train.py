@@ -147,3 +147,40 @@ def test_an_episode_trains_on_the_edited_model_and_restores_it_exactly(tmp_path)
     assert all(torch.equal(p, base[n]) for n, p in model.named_parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in network.parameters())
     assert train(cfg, model, tok)["steps"] == 4
+
+
+def test_kept_edit_validation_reads_the_stream_and_restores_the_weights_exactly():
+    """evaluate_kept_edits applies the edits one after another in place, reads every fact and the drift at
+    the end, and leaves the weights bit for bit as they were; with no step at all nothing moves."""
+    from factedit.mend.objective import evaluate_kept_edits, evaluate_single_edits
+
+    model, tok = tiny_model("llama")
+    examples = tiny_examples(tok, n=3)
+    network = new_network(model, (-2, -1), ("in", "out"), rank=8, alpha_init=0.05)
+    before = snapshot(model)
+    pad = pad_id_of(tok)
+    with torch.no_grad():
+        network.alpha.zero_()
+    still = evaluate_kept_edits(model, network, examples, tok, pad)
+    unedited = evaluate_single_edits(model, network, examples, tok, pad)
+    assert still["val/kept_drift"] == 1.0
+    assert [still[f"val/kept_{k}"] for k in ("es", "ps", "ns")] == [unedited[f"val/{k}"] for k in ("es", "ps", "ns")]
+    with torch.no_grad():
+        network.alpha.fill_(50.0)  # large kept edits: the model moves
+    moved = evaluate_kept_edits(model, network, examples, tok, pad)
+    assert moved["val/kept_drift"] != 1.0
+    assert 0 < moved["val/kept_score"] <= 1 and network.training
+    assert_weights_equal(model, before)
+
+
+def test_training_validates_kept_edits_when_asked(tmp_path):
+    model, tok = tiny_model("llama")
+    with pytest.raises(ConfigError, match="val_kept"):
+        compose_config(["--config-name", "tiny", "val_kept=5"])  # more than n_val (4)
+    with pytest.raises(ConfigError, match="val_kept > 0"):
+        compose_config(["--config-name", "tiny", "early_stop_key=val/stream_score"])
+    cfg = compose_config(["--config-name", "tiny", f"output_dir={tmp_path / 'run'}", "max_steps=2", "val_every=2",
+                          "val_kept=2", "early_stop_key=val/stream_score"])
+    result = train(cfg, model, tok)
+    assert {"val/kept_es", "val/kept_drift", "val/kept_score", "val/stream_score"} <= set(result["best"])
+    assert load_checkpoint(tmp_path / "run").meta["metrics"]["val/stream_score"] == result["best"]["val/stream_score"]

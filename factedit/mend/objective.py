@@ -197,6 +197,42 @@ def mean_logprobs(
     return [-float(x) for x in per_request_nll(logits, labels, select)]
 
 
+def _edit_params(
+    model: nn.Module, network: MENDNetwork, example: EditExample, pad_id: int, positions: str,
+    cache: PrefixCache | None, step_scales: Sequence[float], preserver: KeyPreserver | None,
+) -> dict[str, torch.Tensor]:
+    """{name: W + ΔW} of one edit computed at the model's current weights, the step scaled as the `mend`
+    method does (MENDConfig.step_scales); the model itself is not written."""
+    names = network.param_names
+    batch = make_batch([example.edit], pad_id, next(model.parameters()).device)
+    with torch.enable_grad(), skipping_cached_blocks(cache, model, [example.edit], pad_id):
+        captured = capture(model, [module_of(x) for x in names], names, batch, positions=positions)
+    rows = edit_rows(network, captured.factors, preserver)
+    transformed = scaled_step(model, pad_id, [example.edit], [rows], network, step_scales, captured.owners,
+                              cache=cache).rows
+    return dense_params(model, network, transformed)
+
+
+def harmonic_mean(*values: float) -> float:
+    """The harmonic mean of rates in [0, 1] (a zero counts as 1e-9): high only when all of them are."""
+    return len(values) / sum(1 / max(v, 1e-9) for v in values)
+
+
+@contextlib.contextmanager
+def _validating(model: nn.Module, network: nn.Module):
+    """The editor in eval mode and the model frozen, both as they were afterwards."""
+    from ..model.hooks import frozen
+
+    base = unwrap(network)
+    was_training = base.training
+    base.eval()
+    try:
+        with frozen(model):
+            yield base
+    finally:
+        base.train(was_training)
+
+
 @torch.no_grad()
 def evaluate_single_edits(
     model: nn.Module, network: nn.Module, examples: Sequence[EditExample], tokenizer, pad_id: int,
@@ -205,31 +241,59 @@ def evaluate_single_edits(
 ) -> dict[str, float]:
     """CounterFact ES/PS/NS of one edit at a time (the model itself is never written), the step
     scaled as the `mend` method does (MENDConfig.step_scales)."""
-    from ..model.hooks import frozen
-
-    base = unwrap(network)
-    was_training = base.training
-    base.eval()
-    names = base.param_names
     totals = {"es": 0.0, "ps": 0.0, "ns": 0.0, "nll": 0.0}
-    try:
-        with frozen(model):
-            for example in examples:
-                batch = make_batch([example.edit], pad_id, next(model.parameters()).device)
-                with torch.enable_grad(), skipping_cached_blocks(cache, model, [example.edit], pad_id):
-                    captured = capture(model, [module_of(x) for x in names], names, batch, positions=positions)
-                rows = edit_rows(base, captured.factors, preserver)
-                transformed = scaled_step(model, pad_id, [example.edit], [rows], base,
-                                          step_scales, captured.owners, cache=cache).rows
-                params = dense_params(model, base, transformed)
-                scores = mean_logprobs(model, cf_pairs(example, tokenizer), pad_id, params, cache)
-                for key, value in counterfact_flags(scores).items():
-                    totals[key] += value
-                totals["nll"] -= scores[0]
-    finally:
-        base.train(was_training)
+    with _validating(model, network) as base:
+        for example in examples:
+            params = _edit_params(model, base, example, pad_id, positions, cache, step_scales, preserver)
+            scores = mean_logprobs(model, cf_pairs(example, tokenizer), pad_id, params, cache)
+            for key, value in counterfact_flags(scores).items():
+                totals[key] += value
+            totals["nll"] -= scores[0]
     count = max(1, len(examples))
     out = {f"val/{k}": v / count for k, v in totals.items()}
-    es, ps, ns = out["val/es"], out["val/ps"], out["val/ns"]
-    out["val/score"] = 3 / (1 / max(es, 1e-9) + 1 / max(ps, 1e-9) + 1 / max(ns, 1e-9))
+    out["val/score"] = harmonic_mean(out["val/es"], out["val/ps"], out["val/ns"])
+    return out
+
+
+KEPT_DRIFT_TEXTS = 16  # shipped reference samples read before and after the kept edits (drift.py)
+KEPT_DRIFT_TOKENS = 128
+
+
+@torch.no_grad()
+def evaluate_kept_edits(
+    model: nn.Module, network: nn.Module, examples: Sequence[EditExample], tokenizer, pad_id: int,
+    positions: str = "loss", cache: PrefixCache | None = None, step_scales: Sequence[float] = (1.0,),
+    preserver: KeyPreserver | None = None,
+) -> dict[str, float]:
+    """What a stream editor must do: `examples` edited one after another and kept (each edit computed on
+    the weights the earlier ones left, as at edit time), then every fact's CounterFact ES/PS/NS read at
+    the final weights (val/kept_es, _ps, _ns) and the drift of the whole model (val/kept_drift: the
+    perplexity of shipped reference samples after, over before). val/kept_score is the harmonic mean of
+    the three rates and 1/drift (capped at 1). The weights are restored bit for bit afterwards."""
+    from ..safety.drift import reference_perplexity
+    from ..safety.reference import reference_texts
+
+    texts = reference_texts("samples")[:KEPT_DRIFT_TEXTS]
+    params = dict(model.named_parameters())
+    with _validating(model, network) as base:
+        saved = {name: params[name].detach().clone() for name in base.param_names}
+        try:
+            before = reference_perplexity(model, tokenizer, texts, max_tokens=KEPT_DRIFT_TOKENS)
+            for example in examples:
+                edited = _edit_params(model, base, example, pad_id, positions, cache, step_scales, preserver)
+                for name, value in edited.items():
+                    params[name].copy_(value)
+            totals = {"es": 0.0, "ps": 0.0, "ns": 0.0}
+            for example in examples:
+                flags = counterfact_flags(mean_logprobs(model, cf_pairs(example, tokenizer), pad_id, None, cache))
+                for key in totals:
+                    totals[key] += flags[key]
+            drift = reference_perplexity(model, tokenizer, texts, max_tokens=KEPT_DRIFT_TOKENS) / before
+        finally:
+            for name, value in saved.items():
+                params[name].copy_(value)
+    out = {f"val/kept_{k}": v / max(1, len(examples)) for k, v in totals.items()}
+    out["val/kept_drift"] = drift
+    rates = (out["val/kept_es"], out["val/kept_ps"], out["val/kept_ns"], min(1.0, 1 / drift))
+    out["val/kept_score"] = harmonic_mean(*rates)
     return out

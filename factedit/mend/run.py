@@ -28,7 +28,7 @@ from ..scoring.sequences import pad_id_of
 from .checkpoint import base_model_info, check_model, load_checkpoint, save_checkpoint
 from .data import EditExample, load_examples
 from .method import new_network
-from .objective import evaluate_single_edits
+from .objective import evaluate_kept_edits, evaluate_single_edits, harmonic_mean
 from .prefix import PrefixCache
 
 if TYPE_CHECKING:
@@ -185,8 +185,11 @@ class Keeper:
         run, cfg = self.run, self.run.cfg
         t = time.perf_counter()
         network = run.accelerator.unwrap_model(run.network)
-        metrics = evaluate_single_edits(run.model, network, run.val_set, run.tokenizer, run.pad_id, cfg.positions,
-                                        run.cache, cfg.step_scales, run.preserver)
+        args = (run.tokenizer, run.pad_id, cfg.positions, run.cache, cfg.step_scales, run.preserver)
+        metrics = evaluate_single_edits(run.model, network, run.val_set, *args)
+        if cfg.val_kept:
+            metrics.update(evaluate_kept_edits(run.model, network, run.val_set[: cfg.val_kept], *args))
+            metrics["val/stream_score"] = harmonic_mean(metrics["val/score"], metrics["val/kept_score"])
         metrics.update({"step": at_step, "time/val_s": round(time.perf_counter() - t, 2),
                         "time/elapsed_min": round(self.minutes(), 2)})
         self.log(metrics)

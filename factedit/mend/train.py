@@ -6,8 +6,9 @@
 
 The base model stays frozen; only the editor network and its step sizes train (Adam). Every
 `val_every` steps the editor is evaluated on validation records (one edit at a time, CounterFact
-ES/PS/NS); the best one by `early_stop_key` is saved to `output_dir` as a checkpoint, and training
-stops after `patience` evaluations without improvement, at `max_steps`, or after `max_minutes`.
+ES/PS/NS; with `val_kept`, also that many edited one after another and kept); the best one by
+`early_stop_key` is saved to `output_dir` as a checkpoint, and training stops after `patience`
+evaluations without improvement, at `max_steps`, or after `max_minutes`.
 Metrics go to `output_dir/metrics.jsonl` as flat `area/name` keys. `resume=<dir>` continues from a
 checkpoint directory written by this command (weights, statistics, optimiser state, step).
 """
@@ -82,7 +83,11 @@ class TrainConfig:
     n_val: int = 50
     val_every: int = 200
     patience: int = 5  # evaluations without improvement before stopping; None-like 0 = never stop
-    early_stop_key: str = "val/score"
+    # Kept-edit validation: the first `val_kept` validation records are also edited one after another and
+    # kept (objective.evaluate_kept_edits: val/kept_es, _ps, _ns, _drift, _score); val/stream_score is the
+    # harmonic mean of val/score (one at a time) and val/kept_score. 0 = off.
+    val_kept: int = 0
+    early_stop_key: str = "val/score"  # val/stream_score needs val_kept > 0
     step_scales: tuple[float, ...] = (1.0, 1.5, 2.25)  # validate as the `mend` method edits (MENDConfig)
     grad_clip: float = 100.0
     seed: int = 0
@@ -95,6 +100,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if min(self.batch_size, self.max_steps, self.val_every, self.episode_length, self.replay_edits) < 1:
             raise ValueError("batch_size, max_steps, val_every, episode_length and replay_edits must be >= 1")
+        if not 0 <= self.val_kept <= self.n_val:
+            raise ValueError(f"val_kept must be between 0 and n_val ({self.n_val}), got {self.val_kept}")
+        if self.early_stop_key.startswith(("val/kept_", "val/stream_")) and not self.val_kept:
+            raise ValueError(f"early_stop_key {self.early_stop_key!r} is measured only with val_kept > 0")
         if not (0 <= self.c_replay < math.inf and 0 <= self.c_norm < math.inf):
             raise ValueError("c_replay and c_norm must be finite numbers >= 0")
         if self.positions not in ("loss", "all"):
