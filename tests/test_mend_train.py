@@ -149,9 +149,11 @@ def test_an_episode_trains_on_the_edited_model_and_restores_it_exactly(tmp_path)
     assert train(cfg, model, tok)["steps"] == 4
 
 
-def test_kept_edit_validation_reads_the_stream_and_restores_the_weights_exactly():
-    """evaluate_kept_edits applies the edits one after another in place, reads every fact and the drift at
-    the end, and leaves the weights bit for bit as they were; with no step at all nothing moves."""
+def test_kept_edit_validation_runs_the_method_on_a_stream_and_reverts_it_exactly(tmp_path):
+    """evaluate_kept_edits edits with the `mend` method (an Editor on the checkpoint), keeps the edits one
+    after another, reads every fact and the drift at the end, and leaves the weights bit for bit as they
+    were; an editor whose step is zero moves nothing."""
+    from factedit.mend.checkpoint import base_model_info, save_checkpoint
     from factedit.mend.objective import evaluate_kept_edits, evaluate_single_edits
 
     model, tok = tiny_model("llama")
@@ -161,15 +163,19 @@ def test_kept_edit_validation_reads_the_stream_and_restores_the_weights_exactly(
     pad = pad_id_of(tok)
     with torch.no_grad():
         network.alpha.zero_()
-    still = evaluate_kept_edits(model, network, examples, tok, pad)
+    still = evaluate_kept_edits(model, tok, save_checkpoint(tmp_path / "still", network, base_model_info(model)),
+                                examples, pad)
     unedited = evaluate_single_edits(model, network, examples, tok, pad)
-    assert still["val/kept_drift"] == 1.0
+    assert still["val/kept_drift"] == still["val/kept_drift_horizon"] == 1.0 and still["val/kept_refused"] == 0.0
     assert [still[f"val/kept_{k}"] for k in ("es", "ps", "ns")] == [unedited[f"val/{k}"] for k in ("es", "ps", "ns")]
+    assert_weights_equal(model, before)
     with torch.no_grad():
-        network.alpha.fill_(50.0)  # large kept edits: the model moves
-    moved = evaluate_kept_edits(model, network, examples, tok, pad)
-    assert moved["val/kept_drift"] != 1.0
-    assert 0 < moved["val/kept_score"] <= 1 and network.training
+        network.alpha.fill_(50.0)  # large kept edits: the model moves (or the guard refuses them)
+    moved = evaluate_kept_edits(model, tok, save_checkpoint(tmp_path / "moved", network, base_model_info(model)),
+                                examples, pad)
+    assert moved["val/kept_drift"] != 1.0 or moved["val/kept_refused"] > 0
+    assert moved["val/kept_drift_horizon"] == pytest.approx(moved["val/kept_drift"] ** (200 / 3))
+    assert 0 < moved["val/kept_score"] <= 1
     assert_weights_equal(model, before)
 
 

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import random
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,10 +186,13 @@ class Keeper:
         run, cfg = self.run, self.run.cfg
         t = time.perf_counter()
         network = run.accelerator.unwrap_model(run.network)
-        args = (run.tokenizer, run.pad_id, cfg.positions, run.cache, cfg.step_scales, run.preserver)
-        metrics = evaluate_single_edits(run.model, network, run.val_set, *args)
+        metrics = evaluate_single_edits(run.model, network, run.val_set, run.tokenizer, run.pad_id, cfg.positions,
+                                        run.cache, cfg.step_scales, run.preserver)
         if cfg.val_kept:
-            metrics.update(evaluate_kept_edits(run.model, network, run.val_set[: cfg.val_kept], *args))
+            with tempfile.TemporaryDirectory(prefix="mend-val-") as folder:
+                save_checkpoint(folder, network, run.base_info, train_config=self.cfg_dict)
+                metrics.update(evaluate_kept_edits(run.model, run.tokenizer, folder, run.val_set[: cfg.val_kept],
+                                                   run.pad_id, run.cache))
             metrics["val/stream_score"] = harmonic_mean(metrics["val/score"], metrics["val/kept_score"])
         metrics.update({"step": at_step, "time/val_s": round(time.perf_counter() - t, 2),
                         "time/elapsed_min": round(self.minutes(), 2)})

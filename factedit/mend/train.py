@@ -84,8 +84,9 @@ class TrainConfig:
     val_every: int = 200
     patience: int = 5  # evaluations without improvement before stopping; None-like 0 = never stop
     # Kept-edit validation: the first `val_kept` validation records are also edited one after another and
-    # kept (objective.evaluate_kept_edits: val/kept_es, _ps, _ns, _drift, _score); val/stream_score is the
-    # harmonic mean of val/score (one at a time) and val/kept_score. 0 = off.
+    # kept by the `mend` method itself, with its defaults and guard (objective.evaluate_kept_edits:
+    # val/kept_es, _ps, _ns, _refused, _drift, _score); val/stream_score is the harmonic mean of val/score
+    # (one at a time) and val/kept_score. 0 = off.
     val_kept: int = 0
     early_stop_key: str = "val/score"  # val/stream_score needs val_kept > 0
     step_scales: tuple[float, ...] = (1.0, 1.5, 2.25)  # validate as the `mend` method edits (MENDConfig)
