@@ -13,6 +13,7 @@ from tiny_models import tiny_model
 
 from factedit.core.errors import ConfigError
 from factedit.mend.checkpoint import load_checkpoint
+from factedit.mend.config import MENDConfig
 from factedit.mend.data import load_examples
 from factedit.mend.method import new_network
 from factedit.mend.objective import edit_step_loss
@@ -90,13 +91,14 @@ def test_hydra_config_is_validated():
     for name in ("default", "quick", "tiny", "stream"):  # every key present, so any `key=value` override works
         assert set(yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())) == fields, name
     assert compose_config(["--config-name", "quick"]).layers == (-3, -2, -1)
-    # stream.yaml is the shipped editor's last stage (PROVENANCE.md, stage 3): the settings its checkpoint records
+    # stream.yaml is the shipped editor's last stage (PROVENANCE.md, stage 4): the settings its checkpoint
+    # records (not how long it ran, nor how it was validated), and it validates as the `mend` method edits
     stream, shipped = compose_config(["--config-name", "stream"]), load_checkpoint().meta["train_config"]
     for key in ("layers", "matrices", "positions", "aggregation", "rank", "lr", "lr_alpha", "c_loc", "c_margin",
-                "preserve_threshold", "preserve_ridge", "step_scales", "max_steps", "episode_length", "c_replay",
-                "replay_edits", "c_norm"):
+                "preserve_threshold", "preserve_ridge", "episode_length", "c_replay", "replay_edits", "c_norm"):
         value = getattr(stream, key)
         assert (list(value) if isinstance(value, tuple) else value) == shipped[key], key
+    assert stream.step_scales == MENDConfig().step_scales
 
 
 def test_train_writes_a_checkpoint_metrics_and_resumes(tmp_path):

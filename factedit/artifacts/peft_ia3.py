@@ -37,7 +37,11 @@ from .peft_files import ADAPTER_WEIGHTS, PEFT_PREFIX
 __all__ = ["IA3_METHOD", "IA3Export", "export_ia3_adapter", "ia3_vectors"]
 
 IA3_METHOD = "ia3"
-_TOLERANCE = 1e-5  # largest |W₀·l − T| allowed, relative to max |T| of the parameter (float32 rounding)
+# Largest |W₀·l − T| allowed, relative to max |T| of the parameter times max(1, max |l|): float32 rounding.
+# W₀ is read back as the weights less the edits' deltas, each rounded to float32 at the scale of T, and
+# l multiplies that rounding: vectors far from 1 (entries of ±200 after a few edits of a tiny model)
+# read back with errors near 1e-5 of max |T| where the scaling is exact.
+_TOLERANCE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,8 @@ class IA3Export:
     edits: tuple[str, ...]  # edit ids, in the order they were applied
     modules: tuple[str, ...]  # target modules (full names)
     feedforward: tuple[str, ...]  # those whose vector scales the input (the MLP down projections)
-    max_error: float  # largest |W₀·l − T| / max |T| over the parameters: how closely the vectors give the edits
+    # largest |W₀·l − T| / (max |T| · max(1, max |l|)) over the parameters: how closely the vectors give the edits
+    max_error: float
 
 
 def _chosen(active: Sequence[EditRecord], ids: Sequence[str] | None) -> list[EditRecord]:
@@ -129,7 +134,8 @@ def ia3_vectors(model: nn.Module, active: Sequence[EditRecord],
         w0, t = _slices(s, base[s.weight], b0), _slices(s, total[s.weight], total[s.bias] if s.bias else None)
         norms = w0.pow(2).sum(1)  # (length,)
         vector = torch.where(norms > 0, (t * w0).sum(1) / norms.clamp_min(1e-300), torch.ones_like(norms))
-        error = float((w0 * vector[:, None] - t).abs().max() / t.abs().max().clamp_min(1e-30))
+        scale = t.abs().max().clamp_min(1e-30) * vector.abs().max().clamp_min(1.0)
+        error = float((w0 * vector[:, None] - t).abs().max() / scale)
         if error > _TOLERANCE:
             raise InvalidRequestError(
                 f"the edits' change to {module} is not a scaling of its base weights (relative error {error:.2g}); "
