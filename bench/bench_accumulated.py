@@ -85,15 +85,15 @@ def main() -> None:
         data = json.loads((PACKAGE_DIR / f"data/counterfact/{split}.json").read_text())
         records = data[int(start) : int(start) + len(edits)]
 
-    def ratio(changes: dict[str, torch.Tensor]) -> float:
-        return reference_perplexity(model, tok, texts, params=changed(changes)) / base
-
     def changed(changes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {n: weights[n] + d for n, d in changes.items()}
 
+    def ratio(params: dict[str, torch.Tensor]) -> float:
+        return reference_perplexity(model, tok, texts, params=params) / base
+
     def read(changes: dict[str, torch.Tensor]) -> str:
         params = changed(changes)  # once for both readings
-        drift = f"drift {reference_perplexity(model, tok, texts, params=params) / base:.3f}x"
+        drift = f"drift {ratio(params):.3f}x"
         if records is None:
             return drift
         es, said = reach(model, tok, records, params)
@@ -108,7 +108,7 @@ def main() -> None:
         largest = float(torch.linalg.svdvals(weights[name])[0])
         print(f"{name}: ||dW|| {float(d.norm()):.1f} (||W|| {float(weights[name].norm()):.1f}); singular values "
               f"{', '.join(f'{float(x):.1f}' for x in s[:5])} ... (W's largest {largest:.1f}); "
-              f"top 10 hold {top10:.0%} of ||dW||^2; drift with this matrix alone {ratio({name: d}):.3f}x")
+              f"top 10 hold {top10:.0%} of ||dW||^2; drift with this matrix alone {ratio(changed({name: d})):.3f}x")
     for k in (int(x) for x in args.remove.split(",")):
         kept = {}
         for name, (u, s, vh) in svd.items():
@@ -121,7 +121,7 @@ def main() -> None:
         print(f"each matrix's singular values capped at {cap:g}: {read(capped)}")
 
     if args.each:
-        alone = sorted(((ratio(deltas), what) for what, deltas in edits), reverse=True)
+        alone = sorted(((ratio(changed(deltas)), what) for what, deltas in edits), reverse=True)
         values = torch.tensor([r for r, _ in alone])
         excess = values - 1  # each edit's own excess perplexity
         print(f"each edit alone: median {float(values.median()):.4f}x, max {float(values.max()):.4f}x; the 10% largest "

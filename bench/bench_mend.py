@@ -86,6 +86,11 @@ def refused(unedited: dict[str, float], edited_keys) -> dict[str, float]:
     return {key: unedited["ns"] if key == "ns" else 0.0 for key in edited_keys}
 
 
+def mean(rows, key) -> float:
+    """The mean of one figure over the facts, nan for none."""
+    return sum(r[key] for r in rows) / len(rows) if rows else float("nan")
+
+
 def median(values) -> float:
     """The median, nan for none (every edit refused)."""
     return statistics.median(values) if values else float("nan")
@@ -171,10 +176,6 @@ def main() -> None:
         batch_flags += [cf_scores(model, tok, r) for r in chunk]
         editor.revert(model, record.id)
         exact &= all(torch.equal(params[n], base[n]) for n in names)
-
-    def mean(rows, key):
-        return sum(r[key] for r in rows) / len(rows) if rows else float("nan")
-
 
     figures = {
         "method": args.method,

@@ -198,40 +198,9 @@ def mean_logprobs(
     return [-float(x) for x in per_request_nll(logits, labels, select)]
 
 
-def _edit_params(
-    model: nn.Module, network: MENDNetwork, example: EditExample, pad_id: int, positions: str,
-    cache: PrefixCache | None, step_scales: Sequence[float], preserver: KeyPreserver | None,
-) -> dict[str, torch.Tensor]:
-    """{name: W + ΔW} of one edit computed at the model's current weights, the step scaled as the `mend`
-    method does (MENDConfig.step_scales); the model itself is not written."""
-    names = network.param_names
-    batch = make_batch([example.edit], pad_id, next(model.parameters()).device)
-    with torch.enable_grad(), skipping_cached_blocks(cache, model, [example.edit], pad_id):
-        captured = capture(model, [module_of(x) for x in names], names, batch, positions=positions)
-    rows = edit_rows(network, captured.factors, preserver)
-    transformed = scaled_step(model, pad_id, [example.edit], [rows], network, step_scales, captured.owners,
-                              cache=cache).rows
-    return dense_params(model, network, transformed)
-
-
 def harmonic_mean(*values: float) -> float:
     """The harmonic mean of rates in [0, 1] (a zero counts as 1e-9): high only when all of them are."""
     return len(values) / sum(1 / max(v, 1e-9) for v in values)
-
-
-@contextlib.contextmanager
-def _validating(model: nn.Module, network: nn.Module):
-    """The editor in eval mode and the model frozen, both as they were afterwards."""
-    from ..model.hooks import frozen
-
-    base = unwrap(network)
-    was_training = base.training
-    base.eval()
-    try:
-        with frozen(model):
-            yield base
-    finally:
-        base.train(was_training)
 
 
 @torch.no_grad()
@@ -242,14 +211,29 @@ def evaluate_single_edits(
 ) -> dict[str, float]:
     """CounterFact ES/PS/NS of one edit at a time (the model itself is never written), the step
     scaled as the `mend` method does (MENDConfig.step_scales)."""
+    from ..model.hooks import frozen
+
+    base = unwrap(network)
+    was_training = base.training
+    base.eval()
+    names = base.param_names
     totals = {"es": 0.0, "ps": 0.0, "ns": 0.0, "nll": 0.0}
-    with _validating(model, network) as base:
-        for example in examples:
-            params = _edit_params(model, base, example, pad_id, positions, cache, step_scales, preserver)
-            scores = mean_logprobs(model, cf_pairs(example, tokenizer), pad_id, params, cache)
-            for key, value in counterfact_flags(scores).items():
-                totals[key] += value
-            totals["nll"] -= scores[0]
+    try:
+        with frozen(model):
+            for example in examples:
+                batch = make_batch([example.edit], pad_id, next(model.parameters()).device)
+                with torch.enable_grad(), skipping_cached_blocks(cache, model, [example.edit], pad_id):
+                    captured = capture(model, [module_of(x) for x in names], names, batch, positions=positions)
+                rows = edit_rows(base, captured.factors, preserver)
+                transformed = scaled_step(model, pad_id, [example.edit], [rows], base,
+                                          step_scales, captured.owners, cache=cache).rows
+                params = dense_params(model, base, transformed)
+                scores = mean_logprobs(model, cf_pairs(example, tokenizer), pad_id, params, cache)
+                for key, value in counterfact_flags(scores).items():
+                    totals[key] += value
+                totals["nll"] -= scores[0]
+    finally:
+        base.train(was_training)
     count = max(1, len(examples))
     out = {f"val/{k}": v / count for k, v in totals.items()}
     out["val/score"] = harmonic_mean(out["val/es"], out["val/ps"], out["val/ns"])
