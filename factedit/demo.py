@@ -1,13 +1,14 @@
 """The main job (`make demo`): keep several facts at once in the default model, check them, revert exactly.
 
 Loads the embedded SmolLM2-135M and edits four facts one after another with the lifelong editor that
-kept edits best of `mend` and `ultraedit` (`ultraedit`: normalised gradient steps whose statistics
-keep learning, solved in the null space of reference keys; `bench/bench_accumulate.py`, README), with
-the drift guard on, keeping all of them.
+keeps edits best there, `mend` (its trained editor network, lifelong statistics, small steps from fresh
+gradients; `ultraedit`, which needs no trained network, on a model `mend`'s editor was not trained
+for; README, "Lifelong editing"), with the drift guard on, keeping all of them.
 It then shows that each new fact holds (with a paraphrase), that unrelated facts keep their answers,
 and how far plain text drifted (perplexity of the reference text over the base model's). It reverts
 one edit (the others stay), then the rest, and checks every parameter against the original bit for
-bit. `--method mend` runs the same with the trained editor, `--method ft_l` with constrained fine-tuning.
+bit. `--method ultraedit` runs the same without a trained network, `--method ft_l` with constrained
+fine-tuning.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 import torch
 
 from . import display
+from .core.methods import available_methods, default_method_for
 from .core.request import encode_prompt
 from .editing.editor import Editor
 from .model.loading import load_model
@@ -58,7 +60,8 @@ def show(model, tokenizer, title: str, rows: list[tuple[str, str]], base_ppl: fl
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--method", default="ultraedit")
+    parser.add_argument("--method", default=None,
+                        help="default: mend on a model its trained editor fits (the embedded one), else ultraedit")
     parser.add_argument("--model", default=None, help="hub id or local folder (default: embedded model)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -73,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     unrelated = [(p, "unchanged") for p in UNRELATED]
     show(model, tokenizer, "Before any edit", checks + unrelated, base_ppl)
 
+    args.method = args.method or default_method_for(model, available_methods())
     editor = Editor(args.method, tokenizer=tokenizer, guard=GuardConfig())
     records = []
     print(f"\nEditing {len(FACTS)} facts one after another with {args.method} (guard: {editor.guard})")

@@ -461,7 +461,7 @@ def test_markdown_in_prompts_is_shown_as_typed(app_env):
 
 def test_settings_file_and_environment(tmp_path):
     shipped = load_app_config({})  # configs/app.yaml as shipped
-    assert shipped.model == "default" and shipped.default_method in factedit.available_methods()
+    assert shipped.model == "default" and shipped.default_method is None  # chosen for the model: MethodSwitch
     assert shipped.journal_path.name == "edits-default.sqlite"
     env = {"FACTEDIT_APP_MODEL": "/models/x", "FACTEDIT_APP_JOURNAL": str(tmp_path / "j.sqlite"),
            "FACTEDIT_APP_THREADS": "0"}

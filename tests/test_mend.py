@@ -15,6 +15,7 @@ from factedit.core.errors import CheckpointError, ConfigError, ModelMismatchErro
 from factedit.core.request import EditRequest, tokenize_request
 from factedit.mend.capture import per_request_nll
 from factedit.mend.checkpoint import base_model_info, load_checkpoint, save_checkpoint
+from factedit.mend.config import MENDConfig
 from factedit.mend.method import new_network
 from factedit.model.hooks import capture_linear_io, forward_hooks
 from factedit.scoring.batches import loss_positions, make_batch
@@ -214,6 +215,27 @@ def test_a_step_check_answers_for_each_request():
     assert method._targets_taken(model, pad_id_of(tok), [other, taken], {}).tolist() == [False, True]
 
 
+
+def test_a_take_margin_asks_the_target_to_lead_the_runner_up_by_that_much():
+    import factedit.mend.method as method
+
+    model, tok = tiny_model("llama")
+    _, request = requests_for(tok)
+    with torch.no_grad():
+        top2 = model(input_ids=torch.tensor([request.prompt_ids])).logits[0, -1].topk(2)
+    gap = float(top2.values[0] - top2.values[1])
+    taken = dataclasses.replace(request, target_ids=(int(top2.indices[0]),))
+    second = dataclasses.replace(request, target_ids=(int(top2.indices[1]),))
+
+    def takes(margin: float) -> list[bool]:
+        return method._targets_taken(model, pad_id_of(tok), [taken, second], {}, None, margin).tolist()
+
+    assert takes(0.0) == [True, False]
+    assert takes(gap * 0.5) == [True, False]
+    assert takes(gap * 2.0) == [False, False]
+    with pytest.raises(ValueError, match="take_margin"):
+        MENDConfig(take_margin=-1.0)
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_step_checks_from_the_recorded_states_decide_as_full_forwards_do(arch, tmp_path, monkeypatch):
     import factedit.mend.method as method
@@ -224,7 +246,7 @@ def test_step_checks_from_the_recorded_states_decide_as_full_forwards_do(arch, t
     editor = mend_editor(tok, path, roles=ROLES[arch], step_scales=scales)
     check, pairs = method._targets_taken, []
 
-    def both_ways(model_, pad_id, requests, params, cache=None):
+    def both_ways(model_, pad_id, requests, params, cache=None, margin=0.0):
         (cached,), (full,) = check(model_, pad_id, requests, params, cache), check(model_, pad_id, requests, params)
         pairs.append((bool(cached), bool(full)))
         return torch.tensor([full])

@@ -340,3 +340,34 @@ def test_a_new_journal_stops_the_generator_before_holding_the_weights(session, m
     session.start_new_journal()
     assert closes == [False]
     assert session.model is not old_model and session.generator is not old_generator
+
+
+# --- the default method -----------------------------------------------------------------------------
+def test_a_session_that_names_no_method_edits_with_a_lifelong_editor_that_fits_its_model(tiny_dir, tmp_path):
+    """`mend`'s shipped network was trained for the default model: on another model the session's default
+    falls to `ultraedit`, which needs none; a method the config names stays its default."""
+    from factedit.core.methods import DEFAULT_METHODS, default_method_for
+
+    model, _ = factedit.load_model(str(tiny_dir))
+    assert DEFAULT_METHODS == ("mend", "ultraedit")
+    assert default_method_for(model, available_methods()) == "ultraedit"
+    assert default_method_for(model, ["ft_l", "lora"]) == "ft_l"  # neither lifelong editor registered
+    config = SessionConfig(model=str(tiny_dir), journal=str(tmp_path / "journal.sqlite"), warm_guard=False,
+                           method_overrides={"ultraedit": {"layers": [1, 2, 3]}})
+    named = SessionConfig(model=str(tiny_dir), journal=str(tmp_path / "named.sqlite"), warm_guard=False,
+                          default_method="ft_l", method_overrides={"ft_l": FT_L})
+    for session_config, expected in ((config, "ultraedit"), (named, "ft_l")):
+        session = EditSession(session_config)
+        try:
+            assert session.default_method == expected == session.health()["default_method"]
+            assert session.editor is not None and session._switch.method == expected
+        finally:
+            session.close()
+
+
+@pytest.mark.default_model
+def test_on_the_default_model_the_default_method_is_mend(default_model):
+    from factedit.core.methods import default_method_for
+
+    model, _ = default_model
+    assert default_method_for(model, available_methods()) == "mend"

@@ -37,7 +37,7 @@ class AppConfig(SessionConfig):
     example_target: str = "Rome"
     # Preselected in "Compare methods" (those registered): the methods the guide covers that edit fast
     # enough to compare at once.
-    compare_methods: tuple[str, ...] = ("ultraedit", "mend", "ft_l", "lora")
+    compare_methods: tuple[str, ...] = ("mend", "ultraedit", "ft_l", "lora")
 
     def default_journal_path(self) -> Path:
         return REPO_ROOT / "runs" / "app" / f"edits-{self.model_tag}.sqlite"

@@ -25,7 +25,7 @@ STATUS_HEIGHT = 64  # px: room for a progress bar and its label
 def render_edit(service: EditSession) -> None:
     st.subheader("Edit a fact")
     methods = service.methods
-    default = service.config.default_method
+    default = service.default_method
     method = st.selectbox("Method", methods, index=methods.index(default) if default in methods else 0,
                           key="edit_method")
     st.caption(description(method))

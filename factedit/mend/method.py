@@ -250,7 +250,8 @@ class MEND:
                                  stream if self.config.lifelong else None, self.stream_tag,
                                  positions=self.positions, pass_size=self.config.pass_size,
                                  step_scales=self.config.step_scales, fallback_ridges=self.config.fallback_ridges,
-                                 extra_steps=self.config.extra_steps, prefixes=self.prefixes)
+                                 extra_steps=self.config.extra_steps, prefixes=self.prefixes,
+                                 take_margin=self.config.take_margin)
 
 
 def edit_with_network(
@@ -259,12 +260,13 @@ def edit_with_network(
     tag: str, *, positions: str, pass_size: int | None, step_scales: Sequence[float],
     fallback_ridges: Sequence[float] = (), key_weighted: bool = False,
     initial: Callable[[], dict[str, Stats]] | None = None, extra_steps: int = 0,
-    prefixes: ContextPrefixes | None = None,
+    prefixes: ContextPrefixes | None = None, take_margin: float = 0.0,
 ) -> Delta:
     """One edit by an editor network (MEND's, or the identity for `ultraedit`): capture the rows,
     normalise them (lifelong when `stream` is given), transform, aggregate, scale the step; then up
     to `extra_steps` more steps for the requests whose target is not yet the argmax. With `prefixes`
-    each request under each of them is one more request of the edit (`prefixed_requests`)."""
+    each request under each of them is one more request of the edit (`prefixed_requests`). A target
+    takes once each of its tokens leads every other by `take_margin` in log-probability (0: is the argmax)."""
     if prefixes is not None:
         requests = prefixed_requests(requests, tokenizer, prefixes.get(model, tokenizer), max_context(model.config))
     # More than one level to check: the capture pass records the hidden states entering the first
@@ -277,7 +279,8 @@ def edit_with_network(
     with torch.no_grad():
         stats = lifelong_stats(network, rows, stream, tag, initial)
         candidates = candidate_rows(network, rows, preserver, (None, *fallback_ridges), stats, key_weighted)
-        step = scaled_step(model, pad_id, requests, candidates, network, step_scales, owners, pass_size, checks)
+        step = scaled_step(model, pad_id, requests, candidates, network, step_scales, owners, pass_size, checks,
+                           margin=take_margin)
     transformed, known = step.rows, step.taken  # known: each request's check under all steps so far, or None
     for _ in range(extra_steps):
         # A fresh gradient at the weights the steps so far left, for the requests still short of the
@@ -287,7 +290,7 @@ def edit_with_network(
         ordered = [r for group in groups for r in group]
         if known is None:
             with torch.no_grad():
-                known = torch.cat([_targets_taken(model, pad_id, group, params, checks)
+                known = torch.cat([_targets_taken(model, pad_id, group, params, checks, take_margin)
                                    for group in groups])  # (R,) in `ordered` order
         missing = [r for r, ok in zip(ordered, known.tolist(), strict=True) if not ok]
         if not missing:
@@ -299,7 +302,7 @@ def edit_with_network(
                 stream.after = stats_to_tensors(stats, tag)
             candidates = candidate_rows(network, rows, preserver, (None, *fallback_ridges), stats, key_weighted)
             more = scaled_step(model, pad_id, missing, candidates, network, step_scales, owners, pass_size,
-                               checks, base=params)
+                               checks, base=params, margin=take_margin)
         transformed = {name: (torch.cat([u, more.rows[name][0]]), torch.cat([d, more.rows[name][1]]))
                        for name, (u, d) in transformed.items()}
         # The step's checks saw every request only when every request was still short; else check again.
@@ -333,7 +336,7 @@ def scaled_step(
     model: nn.Module, pad_id: int, requests: Sequence[TokenizedRequest],
     candidates: Sequence[dict[str, tuple[torch.Tensor, torch.Tensor]]], network: MENDNetwork,
     step_scales: Sequence[float], owners: torch.Tensor, pass_size: int | None = None,
-    cache: PrefixCache | None = None, base: dict[str, torch.Tensor] | None = None,
+    cache: PrefixCache | None = None, base: dict[str, torch.Tensor] | None = None, margin: float = 0.0,
 ) -> Step:
     """The step each request gets: the smallest level under which every one of its target tokens is
     the argmax, given the others' steps; a request the largest level does not make take gets that one.
@@ -350,7 +353,7 @@ def scaled_step(
 
     owners (N,): each row's request, as an index into the length-sorted order of `length_groups`.
     With `cache` holding the requests' states below the edited blocks, checks run only those blocks.
-    `base`: the weights the step is added to (dense_params).
+    `base`: the weights the step is added to (dense_params). `margin`: what "takes" asks (_targets_taken).
     """
     n_levels = len(candidates) * len(step_scales)
     scales = torch.tensor(step_scales, dtype=torch.float32, device=owners.device).repeat(len(candidates))  # (L,)
@@ -369,7 +372,8 @@ def scaled_step(
         key = tuple(level.tolist())
         if key not in checked:
             params = dense_params(model, network, rows_at(level), base)
-            taken = torch.cat([_targets_taken(model, pad_id, group, params, cache) for group in groups])  # (R,)
+            taken = torch.cat([_targets_taken(model, pad_id, group, params, cache, margin)
+                               for group in groups])  # (R,)
             checked[key] = taken.to(level.device)
         return checked[key]
 
@@ -416,17 +420,22 @@ def _rows_scaled(
 
 def _targets_taken(
     model: nn.Module, pad_id: int, requests: Sequence[TokenizedRequest], params: dict[str, torch.Tensor],
-    cache: PrefixCache | None = None,
+    cache: PrefixCache | None = None, margin: float = 0.0,
 ) -> torch.Tensor:
-    """(B,) bool: whether every target token of each request is the argmax under `params`."""
+    """(B,) bool: whether every target token of each request is the argmax under `params`, and with
+    `margin` > 0 also leads the runner-up token by at least `margin` (logits, i.e. log-probabilities)."""
     batch = make_batch(requests, pad_id, next(model.parameters()).device)
     select = loss_positions(batch.labels)  # (B, T)
     skip = cache.skipping(model, [tuple(r.input_ids) for r in requests], pad_id) if cache else nullcontext()
     with skip:
         logits = logits_at(model, batch.input_ids, batch.attention_mask, select, params=params)  # (M, V)
-    misses = (logits.argmax(-1) != next_tokens(batch.labels)[select]).float()  # (M,)
+    targets = next_tokens(batch.labels)[select]  # (M,)
+    misses = logits.argmax(-1) != targets  # (M,)
+    if margin > 0:
+        runner_up = logits.scatter(-1, targets[:, None], float("-inf")).amax(-1)  # (M,)
+        misses |= logits.gather(-1, targets[:, None])[:, 0] - runner_up < margin
     request_of = select.nonzero()[:, 0]  # (M,) row-major, as logits_at returns them
-    return torch.zeros(len(requests), device=misses.device).index_add(0, request_of, misses) == 0
+    return torch.zeros(len(requests), device=misses.device).index_add(0, request_of, misses.float()) == 0
 
 
 def build(config: MENDConfig) -> MEND:

@@ -89,7 +89,7 @@ class TrainConfig:
     # (one at a time) and val/kept_score. 0 = off.
     val_kept: int = 0
     early_stop_key: str = "val/score"  # val/stream_score needs val_kept > 0
-    step_scales: tuple[float, ...] = (1.0, 1.5, 2.25, 3.5)  # validate as the `mend` method edits (MENDConfig)
+    step_scales: tuple[float, ...] = (1.0, 1.5)  # validate as the `mend` method scales its steps (MENDConfig)
     grad_clip: float = 100.0
     seed: int = 0
     threads: int | None = None  # torch.set_num_threads; None leaves it

@@ -28,7 +28,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser("serve", help="serve the edited model over HTTP (OpenAI-compatible) and take edits")
     serve.add_argument("--model", default="default", help="'default' (embedded SmolLM2-135M) or a local folder")
     serve.add_argument("--journal", help="journal file (default: <cache>/journals/edits-<model>.sqlite)")
-    serve.add_argument("--method", default="ultraedit", help="method of edits that name none")
+    serve.add_argument("--method", default=None,
+                       help="method of edits that name none (default: mend on a model its trained editor fits, "
+                            "else ultraedit)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=int(os.environ.get("PORT", DEFAULT_PORT)))
     serve.add_argument("--token-file", help=f"file holding the bearer token (else ${TOKEN_ENV})")

@@ -26,7 +26,9 @@ DEFAULT_PROBES = (
 class SessionConfig:
     model: str = DEFAULT_MODEL  # "default" (the embedded SmolLM2-135M) or a local HuggingFace folder
     journal: str = ""  # journal file; "" = `default_journal_path()`
-    default_method: str = "ultraedit"  # the method of an edit that names none (README: kept edits)
+    # The method of an edit that names none; None = `mend` where its trained editor fits the model (the
+    # default model), else `ultraedit` (switch.DEFAULT_METHODS; README, "Lifelong editing").
+    default_method: str | None = None
     method_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # method -> config fields
     probes: tuple[str, ...] = DEFAULT_PROBES  # the probe list a new journal starts with
     continuation_tokens: int = 12  # length of the greedy continuation shown before/after an edit

@@ -84,7 +84,7 @@ class EditSession:
         self.journal_error: str | None = None  # why the journal cannot be used (then nothing can be edited)
         self.editor: Editor | None = None
         self._journal: Journal | None = None
-        self._switch = MethodSwitch(config, self.methods)
+        self._switch = MethodSwitch(config, self.methods, self.model)
         self._cache = VersionedCache(lambda: self.version)
         self._log = ChangeLog()
         self._generator: BatchGenerator | None = None
@@ -464,6 +464,11 @@ class EditSession:
         with self.rw.read():
             return self._cache.fetch(self._cache.key("sha256"), lambda: model_sha256(self.model))
 
+    @property
+    def default_method(self) -> str:
+        """The method of an edit that names none (the config's, else chosen for the model: MethodSwitch)."""
+        return self._switch.default
+
     def health(self) -> dict[str, Any]:
         """Model, method, journal and edit counts, and the drift the guard measured last. Never waits for
         the lock: it answers during an edit too (the figures are those of the last finished change)."""
@@ -471,6 +476,7 @@ class EditSession:
             "status": "ok" if self.editor is not None else "read_only",
             "model": self.model_id,
             "method": self._switch.method,
+            "default_method": self._switch.default,
             "methods": list(self.methods),
             "journal": {"name": self.journal_path.name, "error": self.journal_error, "bytes": self._journal_bytes(),
                         "deltas": self._log.summary.get("stored_deltas", 0),

@@ -14,7 +14,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..core.errors import ConfigError, FacteditError
-from ..core.methods import get_method, make_config
+from ..core.methods import default_method_for, get_method, param_names_of
 from ..core.settable import checked, settable_fields
 from ..editing.editor import Editor
 from ..editing.journal import Journal
@@ -25,12 +25,17 @@ class MethodSwitch:
     """Args:
     config: the default method, each method's settings and the guard.
     methods: the registered methods.
+    model: the session's model, which decides the default method where `config` names none.
     """
 
-    def __init__(self, config: SessionConfig, methods: Sequence[str]) -> None:
+    def __init__(self, config: SessionConfig, methods: Sequence[str], model: nn.Module) -> None:
         self.config = config
         self.methods = methods
         self.current: tuple[str, str] | None = None  # (method, overrides as JSON) the Editor has
+        self.default = config.default_method or default_method_for(model, methods, config.overrides_for)
+
+    def _param_names(self, method: str, model: nn.Module) -> list[str] | None:
+        return param_names_of(method, model, self.config.overrides_for(method))
 
     @property
     def method(self) -> str | None:
@@ -38,8 +43,8 @@ class MethodSwitch:
 
     def first_editor(self, journal: Journal, tokenizer: PreTrainedTokenizerBase) -> tuple[str, Editor]:
         """(method, an Editor over `journal`, not yet attached) for the first method that builds, the
-        config's default first; ConfigError saying why each failed when none does."""
-        first = self.config.default_method
+        default first; ConfigError saying why each failed when none does."""
+        first = self.default
         errors = []
         for method in [first] + [m for m in self.methods if m != first]:
             try:
@@ -51,22 +56,16 @@ class MethodSwitch:
 
     def edited_params(self, model: nn.Module) -> list[str]:
         """The parameters each method that builds would edit with the config's settings for it."""
-        names: list[str] = []
-        for method in self.methods:
-            spec = get_method(method)
-            try:
-                names += spec.build(make_config(spec.config_cls, self.config.overrides_for(method))).param_names(model)
-            except Exception:  # a method that does not build here is not used either
-                continue
-        return list(dict.fromkeys(names))
+        names = [self._param_names(method, model) for method in self.methods]  # None: not used here either
+        return list(dict.fromkeys(name for some in names if some is not None for name in some))
 
     def built(self, method: str) -> None:
         """The Editor now in use was built with `method` and the config's settings for it."""
         self.current = (method, "{}")
 
     def known(self, method: str | None) -> str:
-        """`method`, or the config's default; ConfigError for one that is not registered."""
-        method = method or self.config.default_method
+        """`method`, or the default; ConfigError for one that is not registered."""
+        method = method or self.default
         if method not in self.methods:
             raise ConfigError(f"unknown method {method!r}; registered: {', '.join(self.methods)}")
         return method
@@ -79,7 +78,7 @@ class MethodSwitch:
         return {**self.config.overrides_for(method), **caller}
 
     def switch(self, editor: Editor, method: str | None, overrides: Mapping[str, Any] | None = None) -> Editor:
-        """`editor` set to `method` (default: the config's) with `settings(method, overrides)`; switched
+        """`editor` set to `method` (default: `self.default`) with `settings(method, overrides)`; switched
         only when they differ from the current ones."""
         method = self.known(method)
         merged = self.settings(method, overrides)
