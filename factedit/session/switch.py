@@ -34,9 +34,6 @@ class MethodSwitch:
         self.current: tuple[str, str] | None = None  # (method, overrides as JSON) the Editor has
         self.default = config.default_method or default_method_for(model, methods, config.overrides_for)
 
-    def _param_names(self, method: str, model: nn.Module) -> list[str] | None:
-        return param_names_of(method, model, self.config.overrides_for(method))
-
     @property
     def method(self) -> str | None:
         return self.current[0] if self.current else None
@@ -56,7 +53,8 @@ class MethodSwitch:
 
     def edited_params(self, model: nn.Module) -> list[str]:
         """The parameters each method that builds would edit with the config's settings for it."""
-        names = [self._param_names(method, model) for method in self.methods]  # None: not used here either
+        # None: a method that does not build or edit here is not used either
+        names = [param_names_of(method, model, self.config.overrides_for(method)) for method in self.methods]
         return list(dict.fromkeys(name for some in names if some is not None for name in some))
 
     def built(self, method: str) -> None:
