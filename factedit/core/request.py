@@ -98,6 +98,7 @@ class TokenizedRequest:
     target_ids: tuple[int, ...]
     paraphrase_ids: tuple[tuple[int, ...], ...] = field(default=())
     locality_ids: tuple[tuple[int, ...], ...] = field(default=())
+    anchor: int | None = None  # index in prompt_ids of the subject's last token, where an editor keys on it
 
     @property
     def input_ids(self) -> tuple[int, ...]:

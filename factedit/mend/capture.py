@@ -60,7 +60,9 @@ def capture(
 
     module_names[i] owns param_names[i]. `rows` (B,) bool selects the rows that are edits (others,
     e.g. locality prompts sharing the pass, contribute nothing); default: all rows.
-    positions: "loss" keeps the positions predicting a target token; "all" every non-padding one.
+    positions: "loss" keeps the positions predicting a target token; "all" every non-padding one;
+    "subject" each row's `batch.anchor` (the subject's last token: the edit keyed on the subject, as
+    the locate-then-edit family keys it, so every wording that names the subject reads it).
     params: tensors the pass uses instead of the model's own (functional_call; e.g. W + ΔW of a first
     step), the model is not written.
     The caller must have frozen the model (no parameter requires grad).
@@ -77,6 +79,12 @@ def capture(
         loss.backward()
     if positions == "loss":
         select = target_mask
+    elif positions == "subject":
+        if batch.anchor is None:
+            raise ValueError('positions="subject" needs the batch\'s anchors (the subject\'s last token)')
+        select = torch.zeros_like(target_mask)
+        select[torch.arange(select.shape[0], device=select.device), batch.anchor] = True
+        select &= edit_rows[:, None]  # (B, T): one position a row
     else:
         select = batch.attention_mask.bool() & edit_rows[:, None]  # (B, T)
     factors = {}

@@ -25,6 +25,7 @@ from ..core.request import TokenizedRequest, max_context
 from ..model.contexts import ContextPrefixes
 from ..model.hooks import frozen
 from ..model.specs import layer_index, mlp_param_names, weight_layout
+from ..safety.keys import anchor_keys
 from ..safety.preserve import KeyPreserver
 from ..scoring.batches import loss_positions, make_batch, next_tokens, prefixed_requests
 from ..scoring.sequences import logits_at, pad_id_of
@@ -153,6 +154,8 @@ def capture_rows(
     blocks too. `params` replace the model's own tensors (a second step's capture at W + ΔW; only
     edited blocks differ, so the kept states below them hold)."""
     device = next(model.parameters()).device
+    if positions == "subject" and any(r.anchor is None for r in requests):
+        requests = prefixed_requests(requests, tokenizer, ("",), anchored=True)  # the same requests, anchored
     factors: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in names}
     owners, seen = [], 0
     pad_id = pad_id_of(tokenizer)
@@ -181,6 +184,20 @@ def _below_edited_blocks(
     if all(seq in checks.store for seq in sequences):
         return checks.skipping(model, sequences, pad_id)
     return checks.recording(model, sequences)
+
+
+def subject_keys(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, names: Sequence[str],
+    requests: Sequence[TokenizedRequest], prefixes: ContextPrefixes | None,
+) -> dict[str, torch.Tensor]:
+    """{name: (N, in)}: the keys a subject-keyed edit (positions="subject") wrote at, the inputs of the
+    matrices `names` at the subject's last token of each request in each context it was edited in: what
+    later edits hold when `preserve.protect_edits` is on (safeguards.KeysFn)."""
+    contexts = prefixes.get(model, tokenizer) if prefixes is not None else ("",)
+    anchored = prefixed_requests(requests, tokenizer, contexts, max_context(model.config), anchored=True)
+    modules = {name: module_of(name) for name in names}
+    keys = anchor_keys(model, tokenizer, sorted(set(modules.values())), anchored)
+    return {name: keys[module] for name, module in modules.items()}
 
 
 def factors_to_delta(network: MENDNetwork, transformed: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Delta:
@@ -234,6 +251,15 @@ class MEND:
         return self.network.param_names
 
     @property
+    def edit_keys(self) -> Callable[..., dict[str, torch.Tensor]] | None:
+        """The keys an edit protects (with `preserve.protect_edits`): a subject-keyed edit's own
+        (`subject_keys`); None = those of every token of its prompt and target."""
+        if self.positions != "subject":
+            return None
+        return lambda model, tokenizer, names, requests: subject_keys(model, tokenizer, names, requests,
+                                                                      self.prefixes)
+
+    @property
     def stream_tag(self) -> str:
         """Names this editor's statistics in a stream (another checkpoint's are not used)."""
         return "mend-" + str(self.checkpoint.meta.get("weights_sha256", "untracked"))[:16]
@@ -267,8 +293,10 @@ def edit_with_network(
     to `extra_steps` more steps for the requests whose target is not yet the argmax. With `prefixes`
     each request under each of them is one more request of the edit (`prefixed_requests`). A target
     takes once each of its tokens leads every other by `take_margin` in log-probability (0: is the argmax)."""
-    if prefixes is not None:
-        requests = prefixed_requests(requests, tokenizer, prefixes.get(model, tokenizer), max_context(model.config))
+    if prefixes is not None or positions == "subject":
+        contexts = prefixes.get(model, tokenizer) if prefixes is not None else ("",)
+        requests = prefixed_requests(requests, tokenizer, contexts, max_context(model.config),
+                                     anchored=positions == "subject")
     # More than one level to check: the capture pass records the hidden states entering the first
     # edited block, so each check runs only the edited blocks.
     checks = None

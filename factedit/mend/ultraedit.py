@@ -21,10 +21,11 @@ It is MEND's machinery with the identity in place of a trained network:
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -38,7 +39,7 @@ from ..paths import PACKAGE_DIR
 from ..safety.preserve import KeyPreserver, PreserveConfig, preserve_field
 from .config import POSITIONS, check_step_scales
 from .data import load_examples
-from .method import capture_rows, edit_with_network, new_network
+from .method import capture_rows, edit_with_network, new_network, subject_keys
 from .network import MENDNetwork, Stats
 
 STREAM_TAG = "ultraedit"
@@ -54,9 +55,14 @@ class UltraEditConfig:
         of the default model's 30), where facts are stored and the null space is wide.
     lr: the step: each value is −lr·‖ũ‖²·δ̃.
     positions: "loss" = the positions whose output predicts a target token (UltraEdit's); "all" =
-        every non-padding position.
+        every non-padding position; "subject" = the subject's last token only (MENDConfig.positions;
+        its gradient there is smaller: it needs an `lr` about ten times larger).
     step_scales: multipliers of lr, increasing (as MENDConfig.step_scales): the smallest under which
-        every target token is the argmax is kept, else the largest.
+        every target token is the argmax is kept, else the largest. Small steps, more of them (with
+        `extra_steps`): scales 1-2 with up to 8 extra steps hold a stream of edits the former scales
+        1-8 did not (1,000 kept edits on CounterFact val[700:1700]: ES 0.93, drift 1.084×, none refused,
+        against ES 0.89, 1.48× and 348 refused), for fewer paraphrases one edit at a time (PS 0.725
+        against 0.80 on val[0:40]; README, "Small steps for `ultraedit` too").
     preserve: the null space and ridge of the least-squares solve; `protect_edits` holds earlier
         edits' keys (every token's) at zero change. None: no null space, the plain ridge solve
         ΔW = V Kᵀ (K Kᵀ + ridge·I)^{-1} of the UltraEdit paper.
@@ -78,11 +84,11 @@ class UltraEditConfig:
     matrices: tuple[str, ...] = ("out",)
     lr: float = 1e-4
     positions: str = "all"
-    step_scales: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
+    step_scales: tuple[float, ...] = (1.0, 2.0)
     preserve: PreserveConfig | None = preserve_field(PreserveConfig(threshold=0.5, ridge=10.0, protect_edits=False))
     ridge: float = 1.0
     warmup: int = 32
-    extra_steps: int = 4
+    extra_steps: int = 8
     pass_size: int | None = None
     prefixes: PrefixConfig | None = field(default=None, metadata={"dataclass": PrefixConfig})
 
@@ -90,7 +96,7 @@ class UltraEditConfig:
     # once per model, step scales and extra steps the passes of one edit.
     SETTABLE: ClassVar[Settable] = {
         "layers": Integers(-64, 63, max_items=8, optional=True), "matrices": Choices("gate", "in", "out"),
-        "lr": Number(1e-8, 0.1), "positions": Choice("loss", "all"), "step_scales": Numbers(1e-3, 100.0, max_items=6),
+        "lr": Number(1e-8, 0.1), "positions": Choice(*POSITIONS), "step_scales": Numbers(1e-3, 100.0, max_items=6),
         "preserve": Nested(PreserveConfig.SETTABLE), "ridge": Number(1e-3, 1e3), "warmup": Integer(0, 64),
         "extra_steps": Integer(0, 8), "pass_size": Integer(1, 64, optional=True),
         "prefixes": Nested(PrefixConfig.SETTABLE),
@@ -127,6 +133,14 @@ class UltraEdit:
 
     def param_names(self, model: nn.Module) -> list[str]:
         return mlp_param_names(model, self.layers(model), self.config.matrices)
+
+    @property
+    def edit_keys(self) -> Callable[..., dict[str, torch.Tensor]] | None:
+        """The keys an edit protects (as `MEND.edit_keys`)."""
+        if self.config.positions != "subject":
+            return None
+        return lambda model, tokenizer, names, requests: subject_keys(model, tokenizer, names, requests,
+                                                                      self.prefixes)
 
     def _network(self, model: nn.Module) -> MENDNetwork:
         if model not in self._networks:

@@ -154,6 +154,21 @@ def edit_keys(
     return {name: inputs[name][keep].cpu() for name in modules}
 
 
+def anchor_keys(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, modules: Sequence[str],
+    requests: Sequence[TokenizedRequest],
+) -> dict[str, torch.Tensor]:
+    """{module: (N, in)}: the inputs of `modules` at each request's `anchor` (the subject's last token
+    of an edit keyed on its subject); every request must carry one."""
+    if any(r.anchor is None for r in requests):
+        raise ValueError("anchor_keys needs requests that carry their anchor (scoring.batches.prefixed_requests)")
+    ids, mask = pad_sequences([r.input_ids for r in requests], pad_id_of(tokenizer))
+    inputs = module_inputs(model, modules, ids, mask)
+    rows = torch.arange(len(requests))
+    anchors = torch.tensor([r.anchor for r in requests])
+    return {name: inputs[name][rows, anchors].cpu() for name in modules}  # (N, in)
+
+
 @torch.no_grad()
 def module_inputs(
     model: nn.Module, modules: Sequence[str], ids: torch.Tensor, mask: torch.Tensor,

@@ -20,16 +20,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ..core.request import TokenizedRequest, encode_prompt, max_context
-from ..model.contexts import ContextPrefixes, ids_as_written, in_chat, in_context, reply_ids
+from ..core.errors import InvalidRequestError
+from ..core.request import TokenizedRequest, encode_prompt, max_context, subject_span
+from ..model.contexts import ContextPrefixes, ids_as_written, in_chat, in_context, reply_ids, subject_positions
 from .padding import IGNORE
-from .positions import first_rows, value_rows
+from .positions import first_rows, subject_of, value_rows
 from .sequences import logits_at, pad_id_of, pad_sequences
 
 LOG = logging.getLogger(__name__)
@@ -65,27 +66,40 @@ def training_batch(
 
 
 def make_batch(requests: Sequence[TokenizedRequest], pad_id: int, device: torch.device) -> TrainingBatch:
-    return _rows_batch([(r.prompt_ids, r.target_ids) for r in requests], pad_id, device)
+    """The requests' prompt + target rows; each row's `anchor` where every request carries one."""
+    batch = _rows_batch([(r.prompt_ids, r.target_ids) for r in requests], pad_id, device)
+    if requests and all(r.anchor is not None for r in requests):
+        anchor = torch.tensor([r.anchor for r in requests], dtype=torch.long, device=device)  # (B,)
+        return TrainingBatch(batch.input_ids, batch.attention_mask, batch.labels, anchor=anchor)
+    return batch
 
 
 def prefixed_requests(
     requests: Sequence[TokenizedRequest], tokenizer: PreTrainedTokenizerBase, prefixes: Sequence[str],
-    context_length: int | None = None,
+    context_length: int | None = None, anchored: bool = False,
 ) -> list[TokenizedRequest]:
     """Each request, then the same fact under each non-empty prefix (`in_context`: the prefixed prompt's
     ids, the request's own target ids), request by request. A prefixed prompt longer than
-    `context_length` with its target is left out (the request itself was checked)."""
+    `context_length` with its target is left out (the request itself was checked). With `anchored`
+    every request out carries the position of its subject's last token (`subject_of`; the locate
+    family's rule, scoring/positions.py) as `anchor`."""
     out = []
     for r in requests:
-        out.append(r)
-        for prefix in prefixes:
-            if not prefix:  # the prompt alone is the request itself
-                continue
-            ids = tuple(encode_prompt(tokenizer, in_context(prefix, r.request.prompt)[0]))
+        contexts = ("", *(p for p in prefixes if p))  # the prompt alone is the request itself
+        if anchored:
+            span = subject_span(r.request.prompt, subject_of(r))
+            found = [(tuple(ids), at) for ids, at in subject_positions(tokenizer, contexts, r.request.prompt, span)]
+            if found[0][0] != r.prompt_ids:
+                raise InvalidRequestError(f"the tokenizer does not give {r.request.prompt!r} the same ids twice")
+        else:
+            found = [(r.prompt_ids, None)] + [
+                (tuple(encode_prompt(tokenizer, in_context(p, r.request.prompt)[0])), None) for p in contexts[1:]]
+        out.append(replace(r, anchor=found[0][1]) if anchored else r)
+        for ids, anchor in found[1:]:
             if context_length is not None and len(ids) + len(r.target_ids) > context_length:
                 LOG.debug("a context of %r left out: it would not fit the model's context", r.request.prompt)
                 continue
-            out.append(TokenizedRequest(r.request, ids, r.target_ids))
+            out.append(TokenizedRequest(r.request, ids, r.target_ids, anchor=anchor))
     return out
 
 

@@ -1,0 +1,112 @@
+"""Edits keyed on the subject (`positions="subject"` for `mend` and `ultraedit`): the editor network reads
+u/δ at the subject's last token only, where the locate-then-edit family keys its edits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_weights_equal, snapshot
+from test_lifelong import counts
+from test_mend import mend_editor, requests_for, tiny_checkpoint
+from tiny_models import tiny_model
+
+import factedit
+from factedit import EditRequest
+from factedit.core.errors import InvalidRequestError
+from factedit.core.request import tokenize_request
+from factedit.mend.capture import per_request_nll
+from factedit.model.hooks import capture_linear_io
+from factedit.scoring.batches import loss_positions, make_batch, prefixed_requests
+from factedit.scoring.sequences import pad_id_of
+
+PREFIXES = ("", "A short one", "I think")
+
+
+def test_anchored_requests_carry_the_subjects_last_token_in_every_context():
+    _, tok = tiny_model("llama")
+    request = tokenize_request(EditRequest("The capital of France is", "Rome", subject="France"), tok, None)
+    out = prefixed_requests([request], tok, PREFIXES, anchored=True)
+    assert [r.prompt_ids for r in out] == [r.prompt_ids for r in prefixed_requests([request], tok, PREFIXES)]
+    for asked in out:
+        assert tok.decode(list(asked.prompt_ids[: asked.anchor + 1])).endswith("France")
+        assert not tok.decode(list(asked.prompt_ids[: asked.anchor])).endswith("France")
+    assert out[0].anchor is not None and request.anchor is None  # the request itself is not changed
+
+
+def test_without_a_subject_the_one_found_in_the_prompt_is_the_anchor():
+    _, tok = tiny_model("llama")
+    request = tokenize_request(EditRequest("The mother tongue of Danielle Darrieux is", "English"), tok, None)
+    (asked,) = prefixed_requests([request], tok, ("",), anchored=True)
+    assert tok.decode(list(asked.prompt_ids[: asked.anchor + 1])).endswith("Darrieux")
+
+
+def test_the_identity_editor_keyed_on_the_subject_gives_minus_alpha_times_the_gradient_there(tmp_path):
+    model, tok = tiny_model("llama")
+    alpha = 0.5
+    path, _ = tiny_checkpoint(tmp_path, model, alpha=alpha)
+    editor = mend_editor(tok, path, positions="subject", step_scales=(1.0,), lifelong=False)
+    requests = requests_for(tok)
+    delta = editor._impl.compute(model, tok, requests)
+
+    # By plain autograd: the edit loss's gradient at each module's output, taken at the subject's last
+    # token only, times that token's input.
+    anchored = prefixed_requests(requests, tok, ("",), anchored=True)
+    batch = make_batch(anchored, pad_id_of(tok), torch.device("cpu"))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    modules = {name: name.rpartition(".")[0] for name in delta.names()}
+    with capture_linear_io(model, list(modules.values())) as io:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        select = loss_positions(batch.labels)
+        per_request_nll(logits[select], batch.labels, select).sum().backward()
+    rows = torch.arange(len(anchored))
+    for name, module in modules.items():
+        u = io.inputs[module][rows, batch.anchor]  # (B, d_in)
+        grad = io.output_grads[module][rows, batch.anchor]  # (B, d_out)
+        expected = -alpha * grad.T @ u  # (d_out, d_in): the llama layout
+        got = delta.params[name].left @ delta.params[name].right
+        assert torch.allclose(got, expected, atol=1e-7, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("method", ["mend", "ultraedit"])
+def test_a_subject_keyed_edit_has_one_row_per_context_and_reverts_exactly(method, tmp_path):
+    model, tok = tiny_model("llama")
+    base = snapshot(model)
+    prefixes = {"seeds": ["The", "I"], "per_seed": 1, "tokens": 4}
+    if method == "mend":
+        path, _ = tiny_checkpoint(tmp_path, model)
+        editor = mend_editor(tok, path, guard=None, positions="subject", prefixes=prefixes)
+    else:
+        # not the last block: its output at the subject's token reaches no target's logits (δ = 0 there)
+        editor = factedit.Editor("ultraedit", tokenizer=tok, warmup=0, layers=(0,), positions="subject",
+                                 preserve=None, step_scales=(1.0,), extra_steps=0, guard=None, prefixes=prefixes)
+    record = editor.edit(model, "The capital of France is", "Rome")
+    if method == "ultraedit":  # fresh statistics: exactly the prompt alone and its two prefixed forms
+        assert counts(record.state)[0] == 3
+    assert not all(torch.equal(p, base[n]) for n, p in model.named_parameters())
+    editor.revert(model, record.id)
+    assert_weights_equal(model, base)
+
+
+def test_a_subject_not_in_the_prompt_is_refused_before_anything_changes(tmp_path):
+    model, tok = tiny_model("llama")
+    base = snapshot(model)
+    path, _ = tiny_checkpoint(tmp_path, model)
+    editor = mend_editor(tok, path, guard=None, positions="subject")
+    with pytest.raises(InvalidRequestError, match="does not occur in the prompt"):
+        editor.edit(model, "The capital of France is", "Rome", subject="Germany")
+    assert_weights_equal(model, base)
+    assert editor.history == []
+
+
+def test_a_subject_keyed_edit_protects_its_subjects_keys_for_later_edits(tmp_path):
+    model, tok = tiny_model("llama")
+    path, _ = tiny_checkpoint(tmp_path, model)
+    editor = mend_editor(tok, path, guard=None, positions="subject", preserve={"threshold": 1.0})
+    record = editor.edit(model, "The capital of France is", "Rome")
+    protected = editor._safeguards.preserver._protected[record.id]
+    # one key per matrix: the prompt's subject's last token, not every token of prompt and target
+    assert {name: tuple(z.shape[:1]) for name, z in protected.items()} == {name: (1,) for name in protected}
+    (asked,) = prefixed_requests([tokenize_request(EditRequest("The capital of France is", "Rome"), tok, None)],
+                                 tok, ("",), anchored=True)
+    assert editor._impl.edit_keys(model, tok, list(protected), [asked])[next(iter(protected))].shape[0] == 1
