@@ -68,6 +68,9 @@ class MENDConfig:
         argmax and ahead of the runner-up token by at least this many nats (logits); 0 = the argmax.
         Margin 1 with the defaults, 100 kept edits on train[3000:3100]: said 0.95 against 0.94, said
         paraphrases 0.12 against 0.07, but neighbours' answers kept 0.60 against 0.67, 1.2× the compute.
+    finish_steps: after the extra steps, up to this many more for an edit still short of its target,
+        keyed at the "loss" positions whatever `positions` says: a subject-keyed edit that the subject
+        alone does not make take still ends taken; 0 = none.
     fallback_ridges: smaller ridges tried, in order, for an edit that no step scale makes take at the
         preserve ridge (each again with every step scale); () = none. The shipped editor was trained
         with ridge 1; a large ridge keeps each update small and off the directions plain text uses.
@@ -94,6 +97,7 @@ class MENDConfig:
     lifelong: bool = True
     extra_steps: int = 8
     take_margin: float = 0.0
+    finish_steps: int = 0
     prefixes: PrefixConfig | None = field(default=None, metadata={"dataclass": PrefixConfig})
 
     # What the app and the service may set per edit (settable.py). Not the checkpoint: a path on the
@@ -104,7 +108,7 @@ class MENDConfig:
         "pass_size": Integer(1, 64, optional=True), "step_scales": Numbers(1e-3, 100.0, max_items=6),
         "preserve": Nested(PreserveConfig.SETTABLE), "fallback_ridges": Numbers(1e-3, 1e3, max_items=4),
         "lifelong": Flag(), "extra_steps": Integer(0, 8), "take_margin": Number(0.0, 10.0),
-        "prefixes": Nested(PrefixConfig.SETTABLE),
+        "finish_steps": Integer(0, 8), "prefixes": Nested(PrefixConfig.SETTABLE),
     }
 
     def __post_init__(self) -> None:
@@ -115,8 +119,8 @@ class MENDConfig:
         if self.pass_size is not None and self.pass_size < 1:
             raise ValueError("pass_size must be >= 1, or None for one pass")
         check_step_scales(self.step_scales)
-        if self.extra_steps < 0:
-            raise ValueError("extra_steps must be >= 0")
+        if self.extra_steps < 0 or self.finish_steps < 0:
+            raise ValueError("extra_steps and finish_steps must be >= 0")
         if not 0.0 <= self.take_margin <= 10.0:
             raise ValueError(f"take_margin must be in [0, 10], got {self.take_margin!r}")
         if any(not ridge > 0 for ridge in self.fallback_ridges):

@@ -277,7 +277,7 @@ class MEND:
                                  positions=self.positions, pass_size=self.config.pass_size,
                                  step_scales=self.config.step_scales, fallback_ridges=self.config.fallback_ridges,
                                  extra_steps=self.config.extra_steps, prefixes=self.prefixes,
-                                 take_margin=self.config.take_margin)
+                                 take_margin=self.config.take_margin, finish_steps=self.config.finish_steps)
 
 
 def edit_with_network(
@@ -286,13 +286,15 @@ def edit_with_network(
     tag: str, *, positions: str, pass_size: int | None, step_scales: Sequence[float],
     fallback_ridges: Sequence[float] = (), key_weighted: bool = False,
     initial: Callable[[], dict[str, Stats]] | None = None, extra_steps: int = 0,
-    prefixes: ContextPrefixes | None = None, take_margin: float = 0.0,
+    prefixes: ContextPrefixes | None = None, take_margin: float = 0.0, finish_steps: int = 0,
 ) -> Delta:
     """One edit by an editor network (MEND's, or the identity for `ultraedit`): capture the rows,
     normalise them (lifelong when `stream` is given), transform, aggregate, scale the step; then up
-    to `extra_steps` more steps for the requests whose target is not yet the argmax. With `prefixes`
-    each request under each of them is one more request of the edit (`prefixed_requests`). A target
-    takes once each of its tokens leads every other by `take_margin` in log-probability (0: is the argmax)."""
+    to `extra_steps` more steps for the requests whose target is not yet the argmax, and after them up
+    to `finish_steps` more keyed at the "loss" positions (for a subject-keyed edit still short of its
+    target). With `prefixes` each request under each of them is one more request of the edit
+    (`prefixed_requests`). A target takes once each of its tokens leads every other by `take_margin` in
+    log-probability (0: is the argmax)."""
     if prefixes is not None or positions == "subject":
         contexts = prefixes.get(model, tokenizer) if prefixes is not None else ("",)
         requests = prefixed_requests(requests, tokenizer, contexts, max_context(model.config),
@@ -300,7 +302,7 @@ def edit_with_network(
     # More than one level to check: the capture pass records the hidden states entering the first
     # edited block, so each check runs only the edited blocks.
     checks = None
-    if len(step_scales) > 1 or fallback_ridges or extra_steps:
+    if len(step_scales) > 1 or fallback_ridges or extra_steps or finish_steps:
         checks = PrefixCache(model, min(layer_index(model, n) for n in names))
     rows, owners = capture_rows(model, tokenizer, requests, names, positions, pass_size, checks)
     pad_id = pad_id_of(tokenizer)
@@ -310,7 +312,7 @@ def edit_with_network(
         step = scaled_step(model, pad_id, requests, candidates, network, step_scales, owners, pass_size, checks,
                            margin=take_margin)
     transformed, known = step.rows, step.taken  # known: each request's check under all steps so far, or None
-    for _ in range(extra_steps):
+    for step_positions in [positions] * extra_steps + ["loss"] * finish_steps:
         # A fresh gradient at the weights the steps so far left, for the requests still short of the
         # target: the same editor, normalisation, solve and step checks, its rows added to the update.
         params = dense_params(model, network, transformed)
@@ -323,7 +325,7 @@ def edit_with_network(
         missing = [r for r, ok in zip(ordered, known.tolist(), strict=True) if not ok]
         if not missing:
             break
-        rows, owners = capture_rows(model, tokenizer, missing, names, positions, pass_size, checks, params)
+        rows, owners = capture_rows(model, tokenizer, missing, names, step_positions, pass_size, checks, params)
         with torch.no_grad():
             if stats is not None:  # lifelong: the second step's rows are seen too
                 stats = network.merged_stats(stats, rows)
