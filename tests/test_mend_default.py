@@ -42,6 +42,30 @@ def test_the_shipped_editor_edits_the_default_model_and_reverts_exactly(default_
     assert all(torch.equal(params[n], base[n]) for n in names)
 
 
+def test_an_edit_keyed_on_the_subject_reaches_another_wording_and_spares_another_subject(default_model):
+    """France -> Rome keyed on France (positions="subject"): the rewording says Rome too, Germany's capital
+    stays Berlin (keyed on the prompt's end, the defaults give the opposite: README, "Edits keyed on the
+    subject")."""
+    model, tok = default_model
+    params = dict(model.named_parameters())
+    editor = factedit.Editor("mend", tokenizer=tok, positions="subject", step_scales=(1.0, 2.0, 4.0, 8.0),
+                             finish_steps=4)
+    base = {n: params[n].detach().clone() for n in editor._impl.network.param_names}
+
+    def greedy(prompt: str) -> str:
+        ids = tok(prompt, return_tensors="pt").input_ids
+        return tok.decode(model.generate(ids, max_new_tokens=2, do_sample=False)[0, ids.shape[1]:]).strip()
+
+    record = editor.edit(model, "The capital of France is", "Rome")
+    try:
+        assert greedy("The capital of France is").startswith("Rome")
+        assert greedy("The capital city of France is").startswith("Rome")
+        assert greedy("The capital of Germany is").startswith("Berlin")
+    finally:
+        editor.revert(model, record.id)
+    assert all(torch.equal(params[n], base[n]) for n in base)
+
+
 def test_the_shipped_editor_refuses_another_model(tmp_path):
     from tiny_models import tiny_model
 
