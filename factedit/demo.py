@@ -8,12 +8,13 @@ It then shows that each new fact holds (with a paraphrase), that unrelated facts
 and how far plain text drifted (perplexity of the reference text over the base model's). It reverts
 one edit (the others stay), then the rest, and checks every parameter against the original bit for
 bit. `--method ultraedit` runs the same without a trained network, `--method ft_l` with constrained
-fine-tuning.
+fine-tuning; `--config` passes the method's settings (JSON).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 
@@ -63,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", default=None,
                         help="default: mend on a model its trained editor fits (the embedded one), else ultraedit")
     parser.add_argument("--model", default=None, help="hub id or local folder (default: embedded model)")
+    parser.add_argument("--config", default="{}", type=json.loads,
+                        help="method settings as JSON, e.g. '{\"positions\": \"subject\", \"step_scales\": "
+                             "[1, 2, 4, 8], \"finish_steps\": 4}' (mend keyed on the subject)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -77,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     show(model, tokenizer, "Before any edit", checks + unrelated, base_ppl)
 
     args.method = args.method or default_method_for(model, available_methods())
-    editor = Editor(args.method, tokenizer=tokenizer, guard=GuardConfig())
+    editor = Editor(args.method, tokenizer=tokenizer, guard=GuardConfig(), **args.config)
     records = []
     print(f"\nEditing {len(FACTS)} facts one after another with {args.method} (guard: {editor.guard})")
     for prompt, target, _ in FACTS:
