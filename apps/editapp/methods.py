@@ -65,7 +65,7 @@ GUIDE = (
     "For a fact you will ask in other words, `mend` keyed on the subject (positions \"subject\", step "
     "scales 1, 2, 4, 8, finishing steps 4) reaches more paraphrases one edit at a time (held-out facts: "
     "PS 0.80-0.83 against 0.61-0.71, chat 0.25 against 0.1) but keeps fewer of its targets when edits "
-    "pile up. "
+    "pile up, and a batch of 64 such edits moves plain text too far (the guard refuses it). "
     "`ft_l` (one edit at a time ES 1.00, "
     "PS 0.62, NS 0.61 against 0.63 unedited; 200 kept edits at ES 0.935 and drift 1.19×) is the fine-tuning "
     "baseline that holds up; with `anchor` \"subject\" and prefixes (radius 0.05) it reaches paraphrases "
