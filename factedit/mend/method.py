@@ -8,6 +8,7 @@ checked against it the first time `compute` sees that model.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import weakref
 from collections.abc import Callable, Sequence
@@ -186,6 +187,19 @@ def _below_edited_blocks(
     return checks.recording(model, sequences)
 
 
+def edit_requests(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[TokenizedRequest],
+    prefixes: ContextPrefixes | None, positions: str,
+) -> list[TokenizedRequest]:
+    """The requests an edit captures: each under each of `prefixes` (`prefixed_requests`; the prompt
+    alone without), each carrying its subject's last token as `anchor` when keyed there."""
+    if prefixes is None and positions != "subject":
+        return list(requests)
+    contexts = prefixes.get(model, tokenizer) if prefixes is not None else ("",)
+    return prefixed_requests(requests, tokenizer, contexts, max_context(model.config),
+                             anchored=positions == "subject")
+
+
 def subject_keys(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, names: Sequence[str],
     requests: Sequence[TokenizedRequest], prefixes: ContextPrefixes | None,
@@ -193,11 +207,16 @@ def subject_keys(
     """{name: (N, in)}: the keys a subject-keyed edit (positions="subject") wrote at, the inputs of the
     matrices `names` at the subject's last token of each request in each context it was edited in: what
     later edits hold when `preserve.protect_edits` is on (safeguards.KeysFn)."""
-    contexts = prefixes.get(model, tokenizer) if prefixes is not None else ("",)
-    anchored = prefixed_requests(requests, tokenizer, contexts, max_context(model.config), anchored=True)
     modules = {name: module_of(name) for name in names}
+    anchored = edit_requests(model, tokenizer, requests, prefixes, "subject")
     keys = anchor_keys(model, tokenizer, sorted(set(modules.values())), anchored)
     return {name: keys[module] for name, module in modules.items()}
+
+
+def subject_keys_fn(positions: str, prefixes: ContextPrefixes | None) -> Callable[..., dict[str, torch.Tensor]] | None:
+    """The `edit_keys` of an editor network method: `subject_keys` for a subject-keyed edit; None = the
+    keys of every token of its prompt and target (safeguards)."""
+    return functools.partial(subject_keys, prefixes=prefixes) if positions == "subject" else None
 
 
 def factors_to_delta(network: MENDNetwork, transformed: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Delta:
@@ -254,10 +273,7 @@ class MEND:
     def edit_keys(self) -> Callable[..., dict[str, torch.Tensor]] | None:
         """The keys an edit protects (with `preserve.protect_edits`): a subject-keyed edit's own
         (`subject_keys`); None = those of every token of its prompt and target."""
-        if self.positions != "subject":
-            return None
-        return lambda model, tokenizer, names, requests: subject_keys(model, tokenizer, names, requests,
-                                                                      self.prefixes)
+        return subject_keys_fn(self.positions, self.prefixes)
 
     @property
     def stream_tag(self) -> str:
@@ -295,10 +311,7 @@ def edit_with_network(
     target). With `prefixes` each request under each of them is one more request of the edit
     (`prefixed_requests`). A target takes once each of its tokens leads every other by `take_margin` in
     log-probability (0: is the argmax)."""
-    if prefixes is not None or positions == "subject":
-        contexts = prefixes.get(model, tokenizer) if prefixes is not None else ("",)
-        requests = prefixed_requests(requests, tokenizer, contexts, max_context(model.config),
-                                     anchored=positions == "subject")
+    requests = edit_requests(model, tokenizer, requests, prefixes, positions)
     # More than one level to check: the capture pass records the hidden states entering the first
     # edited block, so each check runs only the edited blocks.
     checks = None

@@ -39,7 +39,7 @@ from ..paths import PACKAGE_DIR
 from ..safety.preserve import KeyPreserver, PreserveConfig, preserve_field
 from .config import POSITIONS, check_step_scales
 from .data import load_examples
-from .method import capture_rows, edit_with_network, new_network, subject_keys
+from .method import capture_rows, edit_with_network, new_network, subject_keys_fn
 from .network import MENDNetwork, Stats
 
 STREAM_TAG = "ultraedit"
@@ -137,10 +137,7 @@ class UltraEdit:
     @property
     def edit_keys(self) -> Callable[..., dict[str, torch.Tensor]] | None:
         """The keys an edit protects (as `MEND.edit_keys`)."""
-        if self.config.positions != "subject":
-            return None
-        return lambda model, tokenizer, names, requests: subject_keys(model, tokenizer, names, requests,
-                                                                      self.prefixes)
+        return subject_keys_fn(self.config.positions, self.prefixes)
 
     def _network(self, model: nn.Module) -> MENDNetwork:
         if model not in self._networks:
