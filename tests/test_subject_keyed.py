@@ -112,19 +112,28 @@ def test_a_subject_keyed_edit_protects_its_subjects_keys_for_later_edits(tmp_pat
     assert editor._impl.edit_keys(model, tok, list(protected), [asked])[next(iter(protected))].shape[0] == 1
 
 
-def test_finish_steps_at_the_loss_positions_make_a_subject_keyed_edit_take(tmp_path):
+@pytest.mark.parametrize("method", ["mend", "ultraedit"])
+def test_finish_steps_at_the_loss_positions_make_a_subject_keyed_edit_take(method, tmp_path):
     model, tok = tiny_model("llama")
     # The last block's output at the subject's token reaches no target logit: keyed on the subject, its
     # gradient there is zero and the edit cannot take; a finishing step at the loss positions can.
-    path, _ = tiny_checkpoint(tmp_path, model, layers=(-1,), roles=("out",), alpha=10.0)
     base = snapshot(model)
-    keyed = mend_editor(tok, path, layers=(-1,), roles=("out",), guard=None, positions="subject", extra_steps=1)
+    if method == "mend":
+        path, _ = tiny_checkpoint(tmp_path, model, layers=(-1,), roles=("out",), alpha=10.0)
+
+        def editor(**finish):
+            return mend_editor(tok, path, layers=(-1,), roles=("out",), guard=None, positions="subject",
+                               extra_steps=1, **finish)
+    else:
+        def editor(**finish):
+            return factedit.Editor("ultraedit", tokenizer=tok, warmup=0, layers=(-1,), positions="subject",
+                                   lr=1.0, preserve=None, step_scales=(1.0,), extra_steps=1, guard=None, **finish)
+    keyed = editor()
     record = keyed.edit(model, "The capital of France is", "Rome")
     assert not record.post["requests"][0]["target_is_argmax"]
     keyed.revert(model, record.id)
     keyed.close()
-    finished = mend_editor(tok, path, layers=(-1,), roles=("out",), guard=None, positions="subject",
-                           extra_steps=1, finish_steps=1)
+    finished = editor(finish_steps=1)
     record = finished.edit(model, "The capital of France is", "Rome")
     assert record.post["requests"][0]["target_is_argmax"]
     finished.revert(model, record.id)

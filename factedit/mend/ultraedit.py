@@ -56,7 +56,10 @@ class UltraEditConfig:
     lr: the step: each value is −lr·‖ũ‖²·δ̃.
     positions: "loss" = the positions whose output predicts a target token (UltraEdit's); "all" =
         every non-padding position; "subject" = the subject's last token only (MENDConfig.positions;
-        its gradient there is smaller: it needs an `lr` about ten times larger).
+        its gradient there is smaller: it needs an `lr` about ten times larger). It reaches more
+        paraphrases but kept edits do not hold: 200 kept on CounterFact train[3000:3200] with lr 5e-4
+        and `finish_steps=4`, PS 0.705 against 0.62, retention 0.715 against 0.86, drift 1.052× against
+        1.012× (README, "Edits keyed on the subject").
     step_scales: multipliers of lr, increasing (as MENDConfig.step_scales): the smallest under which
         every target token is the argmax is kept, else the largest. Small steps, more of them (with
         `extra_steps`): scales 1-2 with up to 8 extra steps hold a stream of edits the former scales
@@ -69,6 +72,8 @@ class UltraEditConfig:
     ridge: that plain solve's ridge (used only when `preserve` is None).
     extra_steps: more steps for an edit still short of the target, each from a fresh gradient at the
         weights the steps so far left (MENDConfig.extra_steps).
+    finish_steps: after the extra steps, up to this many more keyed at the "loss" positions for an
+        edit still short of its target (MENDConfig.finish_steps); 0 = none.
     warmup: how many edits of the shipped CounterFact training records (their first records) start the
         statistics, computed once per model; 0 = start empty.
     pass_size: edit_batch runs at most this many requests per pass (None: one pass).
@@ -89,6 +94,7 @@ class UltraEditConfig:
     ridge: float = 1.0
     warmup: int = 32
     extra_steps: int = 8
+    finish_steps: int = 0
     pass_size: int | None = None
     prefixes: PrefixConfig | None = field(default=None, metadata={"dataclass": PrefixConfig})
 
@@ -98,7 +104,7 @@ class UltraEditConfig:
         "layers": Integers(-64, 63, max_items=8, optional=True), "matrices": Choices("gate", "in", "out"),
         "lr": Number(1e-8, 0.1), "positions": Choice(*POSITIONS), "step_scales": Numbers(1e-3, 100.0, max_items=6),
         "preserve": Nested(PreserveConfig.SETTABLE), "ridge": Number(1e-3, 1e3), "warmup": Integer(0, 64),
-        "extra_steps": Integer(0, 8), "pass_size": Integer(1, 64, optional=True),
+        "extra_steps": Integer(0, 8), "finish_steps": Integer(0, 8), "pass_size": Integer(1, 64, optional=True),
         "prefixes": Nested(PrefixConfig.SETTABLE),
     }
 
@@ -107,8 +113,8 @@ class UltraEditConfig:
             raise ValueError("layers and matrices must not be empty (layers None: the default blocks)")
         if not self.lr > 0 or not self.ridge > 0:
             raise ValueError("lr and ridge must be > 0")
-        if self.warmup < 0 or self.extra_steps < 0:
-            raise ValueError("warmup and extra_steps must be >= 0")
+        if self.warmup < 0 or self.extra_steps < 0 or self.finish_steps < 0:
+            raise ValueError("warmup, extra_steps and finish_steps must be >= 0")
         if self.positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
         check_step_scales(self.step_scales)
@@ -163,7 +169,8 @@ class UltraEdit:
                                  preserver, stream if stream is not None else StreamState(), STREAM_TAG,
                                  positions=self.config.positions, pass_size=self.config.pass_size,
                                  step_scales=self.config.step_scales, key_weighted=True, initial=initial,
-                                 extra_steps=self.config.extra_steps, prefixes=self.prefixes)
+                                 extra_steps=self.config.extra_steps, finish_steps=self.config.finish_steps,
+                                 prefixes=self.prefixes)
 
     def _initial_stats(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, network: MENDNetwork,
