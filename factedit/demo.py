@@ -1,9 +1,10 @@
 """The main job (`make demo`): keep several facts at once in the default model, check them, revert exactly.
 
 Loads the embedded SmolLM2-135M and edits four facts one after another with the lifelong editor that
-keeps edits best there, `mend` (its trained editor network, lifelong statistics, small steps from fresh
-gradients; `ultraedit`, which needs no trained network, on a model `mend`'s editor was not trained
-for; README, "Lifelong editing"), with the drift guard on, keeping all of them.
+keeps edits best there, `mend` (its trained editor network keyed on each fact's subject, lifelong
+statistics, small steps from fresh gradients until the target leads by a margin; `ultraedit`, which
+needs no trained network, on a model `mend`'s editor was not trained for; README, "Lifelong
+editing"), with the drift guard on, keeping all of them.
 It then shows that each new fact holds (with a paraphrase), that unrelated facts keep their answers,
 and how far plain text drifted (perplexity of the reference text over the base model's). It reverts
 one edit (the others stay), then the rest, and checks every parameter against the original bit for
