@@ -138,3 +138,28 @@ def test_finish_steps_at_the_loss_positions_make_a_subject_keyed_edit_take(metho
     assert record.post["requests"][0]["target_is_argmax"]
     finished.revert(model, record.id)
     assert_weights_equal(model, base)
+
+
+def test_an_ultraedit_margin_keeps_stepping_past_the_bare_argmax():
+    model, tok = tiny_model("llama")
+    base = snapshot(model)
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    (rome,) = tok(" Rome", add_special_tokens=False).input_ids
+
+    def lead() -> float:  # Rome's logit over the best other token after the prompt
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, -1]
+        return float(logits[rome] - logits.scatter(0, torch.tensor([rome]), float("-inf")).max())
+
+    leads = {}
+    for margin in (0.0, 0.3):
+        editor = factedit.Editor("ultraedit", tokenizer=tok, warmup=0, lr=0.003, preserve=None, guard=None,
+                                 step_scales=(1.0,), extra_steps=8, take_margin=margin)
+        record = editor.edit(model, "The capital of France is", "Rome")
+        leads[margin] = lead()
+        editor.revert(model, record.id)
+        editor.close()
+    # Without a margin the steps stop as soon as Rome is the argmax; with one they go on (on this tiny
+    # random model eight steps bring the lead to about 0.14, short of 0.3).
+    assert 0.0 < leads[0.0] < 0.05 < 0.1 < leads[0.3]
+    assert_weights_equal(model, base)

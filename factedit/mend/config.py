@@ -21,6 +21,12 @@ def check_step_scales(scales: tuple[float, ...]) -> None:
         raise ValueError(f"step_scales must increase (the smallest that takes is searched), got {scales}")
 
 
+def check_take_margin(margin: float) -> None:
+    """A take margin is a number of nats in [0, 10] (0: the argmax alone)."""
+    if not 0.0 <= margin <= 10.0:
+        raise ValueError(f"take_margin must be in [0, 10], got {margin!r}")
+
+
 @dataclass(frozen=True)
 class MENDConfig:
     """How MEND edits; the editor network's own shape lives in its checkpoint.
@@ -123,7 +129,6 @@ class MENDConfig:
         check_step_scales(self.step_scales)
         if self.extra_steps < 0 or self.finish_steps < 0:
             raise ValueError("extra_steps and finish_steps must be >= 0")
-        if not 0.0 <= self.take_margin <= 10.0:
-            raise ValueError(f"take_margin must be in [0, 10], got {self.take_margin!r}")
+        check_take_margin(self.take_margin)
         if any(not ridge > 0 for ridge in self.fallback_ridges):
             raise ValueError("fallback_ridges must be numbers > 0")

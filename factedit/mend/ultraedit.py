@@ -37,7 +37,7 @@ from ..model.contexts import ContextPrefixes, PrefixConfig
 from ..model.specs import mlp_param_names, num_layers
 from ..paths import PACKAGE_DIR
 from ..safety.preserve import KeyPreserver, PreserveConfig, preserve_field
-from .config import POSITIONS, check_step_scales
+from .config import POSITIONS, check_step_scales, check_take_margin
 from .data import load_examples
 from .method import capture_rows, edit_with_network, new_network, subject_keys_fn
 from .network import MENDNetwork, Stats
@@ -74,6 +74,8 @@ class UltraEditConfig:
         weights the steps so far left (MENDConfig.extra_steps).
     finish_steps: after the extra steps, up to this many more keyed at the "loss" positions for an
         edit still short of its target (MENDConfig.finish_steps); 0 = none.
+    take_margin: what "takes" asks of the step checks and the extra steps: every target token ahead of
+        the runner-up by at least this many nats (MENDConfig.take_margin); 0 = the argmax.
     warmup: how many edits of the shipped CounterFact training records (their first records) start the
         statistics, computed once per model; 0 = start empty.
     pass_size: edit_batch runs at most this many requests per pass (None: one pass).
@@ -95,6 +97,7 @@ class UltraEditConfig:
     warmup: int = 32
     extra_steps: int = 8
     finish_steps: int = 0
+    take_margin: float = 0.0
     pass_size: int | None = None
     prefixes: PrefixConfig | None = field(default=None, metadata={"dataclass": PrefixConfig})
 
@@ -104,7 +107,8 @@ class UltraEditConfig:
         "layers": Integers(-64, 63, max_items=8, optional=True), "matrices": Choices("gate", "in", "out"),
         "lr": Number(1e-8, 0.1), "positions": Choice(*POSITIONS), "step_scales": Numbers(1e-3, 100.0, max_items=6),
         "preserve": Nested(PreserveConfig.SETTABLE), "ridge": Number(1e-3, 1e3), "warmup": Integer(0, 64),
-        "extra_steps": Integer(0, 8), "finish_steps": Integer(0, 8), "pass_size": Integer(1, 64, optional=True),
+        "extra_steps": Integer(0, 8), "finish_steps": Integer(0, 8),
+        "take_margin": Number(0.0, 10.0), "pass_size": Integer(1, 64, optional=True),
         "prefixes": Nested(PrefixConfig.SETTABLE),
     }
 
@@ -118,6 +122,7 @@ class UltraEditConfig:
         if self.positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
         check_step_scales(self.step_scales)
+        check_take_margin(self.take_margin)
         if self.pass_size is not None and self.pass_size < 1:
             raise ValueError("pass_size must be >= 1, or None for one pass")
 
@@ -170,7 +175,7 @@ class UltraEdit:
                                  positions=self.config.positions, pass_size=self.config.pass_size,
                                  step_scales=self.config.step_scales, key_weighted=True, initial=initial,
                                  extra_steps=self.config.extra_steps, finish_steps=self.config.finish_steps,
-                                 prefixes=self.prefixes)
+                                 take_margin=self.config.take_margin, prefixes=self.prefixes)
 
     def _initial_stats(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, network: MENDNetwork,
