@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="default: mend on a model its trained editor fits (the embedded one), else ultraedit")
     parser.add_argument("--model", default=None, help="hub id or local folder (default: embedded model)")
     parser.add_argument("--config", default="{}", type=json.loads,
-                        help="method settings as JSON, e.g. '{\"positions\": \"subject\", \"step_scales\": "
-                             "[1, 2, 4, 8], \"finish_steps\": 4}' (mend keyed on the subject)")
+                        help="method settings as JSON, e.g. '{\"positions\": \"all\", \"finish_steps\": 0, "
+                             "\"take_margin\": 0}' (mend's defaults before 2026-12-05)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
