@@ -105,7 +105,34 @@ def test_protect_then_release_gives_back_the_inverse():
     preserver.protect("b", {"w": torch.randn(2, 12, dtype=torch.float64)})
     preserver.release("a")
     preserver.release("b")
-    assert torch.allclose(preserver._inverse["w"], before, atol=1e-9)
+    assert torch.allclose(preserver._inverse_at("w", None), before, atol=1e-9)
+
+
+def test_releases_rebuild_the_inverse_once_when_it_is_next_needed(monkeypatch):
+    """A revert is cheap: releasing edits only marks the inverse stale; the next solve rebuilds it
+    once, from the edits still protected."""
+    g = torch.Generator().manual_seed(5)
+    edit_keys = {name: torch.randn(2, 12, generator=g, dtype=torch.float64) for name in "abc"}
+    new_keys, values = torch.randn(3, 12, generator=g, dtype=torch.float64), torch.randn(3, 4, generator=g)
+
+    def preserver_holding(names: str) -> KeyPreserver:
+        preserver = preserver_from_keys(low_rank_keys(12, 3, 20), 4)
+        for name in names:
+            preserver.protect(name, {"w": edit_keys[name]})
+        return preserver
+
+    inversions = []
+    real_inv = torch.linalg.inv
+    monkeypatch.setattr(torch.linalg, "inv", lambda m: inversions.append(1) or real_inv(m))
+    released = preserver_holding("abc")
+    released.release("a")
+    released.release("b")
+    assert inversions == [] and released.protected_edits() == ["c"]  # nothing computed at revert time
+    x, _ = released.solve_rows({"w": new_keys}, {"w": values})["w"]
+    released.solve_rows({"w": new_keys}, {"w": values})
+    assert len(inversions) == 1  # rebuilt once, then kept
+    expected, _ = preserver_holding("c").solve_rows({"w": new_keys}, {"w": values})["w"]
+    assert torch.allclose(x, expected, atol=1e-6)
 
 
 def test_no_null_space_is_refused():

@@ -115,6 +115,7 @@ class KeyPreserver:
         self._inverse = {name: torch.diag(1.0 / (self.ridge[name] + self._cov_diag[name]))
                          for name in self.bases}
         self._protected: dict[str, dict[str, torch.Tensor]] = {}  # edit id -> {name: (N, m)}
+        self._stale: set[str] = set()  # matrices whose inverse waits for a rebuild after a release
         self._converted: dict[tuple, torch.Tensor] = {}  # bases in the dtype/device a caller works in
 
     @classmethod
@@ -191,20 +192,26 @@ class KeyPreserver:
             return
         coords = {name: k.detach().cpu().double() @ self.bases[name] for name, k in keys.items() if name in self.bases}
         for name, z in coords.items():
-            self._inverse[name] = _woodbury(self._inverse[name], z)
+            self._inverse[name] = _woodbury(self._current_inverse(name), z)
         self._protected[edit_id] = coords
 
     def release(self, edit_id: str) -> None:
         """Stop protecting a reverted edit's keys. The inverse is rebuilt from the edits still
-        protected (a Woodbury downdate loses precision when the ridge is small)."""
-        released = self._protected.pop(edit_id, {})
-        for name in released:
+        protected (a Woodbury downdate loses precision when the ridge is small) when it is next
+        needed, so a revert costs nothing here and reverting many edits rebuilds it once."""
+        self._stale |= set(self._protected.pop(edit_id, {}))
+
+    def _current_inverse(self, name: str) -> torch.Tensor:
+        """(m, m) inverse at the config's ridge, rebuilt first if a release left it stale."""
+        if name in self._stale:
             self._inverse[name] = torch.linalg.inv(self._gram(name, self.ridge[name]))
+            self._stale.discard(name)
+        return self._inverse[name]
 
     def _inverse_at(self, name: str, ridge: float | None) -> torch.Tensor:
         """(m, m) inverse of the protected keys' Gram matrix plus the ridge (the config's when None)."""
         if ridge is None or ridge == self.config.ridge:
-            return self._inverse[name]
+            return self._current_inverse(name)
         energy = self.ridge[name] / self.config.ridge  # the mean projected energy of a corpus key
         return torch.linalg.inv(self._gram(name, ridge * energy))
 
