@@ -16,7 +16,7 @@ from factedit.core.errors import InvalidRequestError
 from factedit.core.request import tokenize_request
 from factedit.mend.capture import per_request_nll
 from factedit.model.hooks import capture_linear_io
-from factedit.scoring.batches import loss_positions, make_batch, prefixed_requests
+from factedit.scoring.batches import chat_requests, loss_positions, make_batch, prefixed_requests
 from factedit.scoring.sequences import pad_id_of
 
 PREFIXES = ("", "A short one", "I think")
@@ -163,3 +163,49 @@ def test_an_ultraedit_margin_keeps_stepping_past_the_bare_argmax():
     # random model eight steps bring the lead to about 0.14, short of 0.3).
     assert 0.0 < leads[0.0] < 0.05 < 0.1 < leads[0.3]
     assert_weights_equal(model, base)
+
+
+def test_chat_requests_ask_the_fact_through_the_template_keyed_at_the_subject_there():
+    from tiny_models import CHAT_TEMPLATE
+
+    _, tok = tiny_model("llama")
+    request = tokenize_request(EditRequest("The capital of France is", "Rome", subject="France"), tok, None)
+    assert chat_requests([request], tok, anchored=True) == []  # no chat template: no chat row
+    tok.chat_template = CHAT_TEMPLATE
+    (anchored,) = chat_requests([request], tok, anchored=True)
+    (plain,) = chat_requests([request], tok)
+    assert anchored.prompt_ids == plain.prompt_ids and plain.anchor is None
+    assert tok.decode(list(anchored.prompt_ids[: anchored.anchor + 1])).endswith("<|user|>The capital of France")
+    assert tok.decode(list(anchored.prompt_ids)).endswith("<|assistant|>")
+    assert tok.decode(list(anchored.target_ids)) == "Rome"  # the reply starts with the target
+    assert chat_requests([request], tok, context_length=len(anchored.prompt_ids)) == []  # too long: left out
+
+
+@pytest.mark.parametrize("method", ["mend", "ultraedit"])
+def test_a_chat_context_edit_is_also_made_on_the_fact_asked_as_a_chat(method, tmp_path):
+    from tiny_models import CHAT_TEMPLATE
+
+    model, tok = tiny_model("llama")
+    tok.chat_template = CHAT_TEMPLATE
+    base = snapshot(model)
+    protect = {"threshold": 1.0, "protect_edits": True}
+    if method == "mend":
+        path, _ = tiny_checkpoint(tmp_path, model)
+
+        def editor(chat: bool):
+            return mend_editor(tok, path, guard=None, positions="subject", preserve=protect, chat_context=chat)
+    else:
+        def editor(chat: bool):
+            return factedit.Editor("ultraedit", tokenizer=tok, warmup=0, layers=(0,), positions="subject",
+                                   preserve=protect, step_scales=(1.0,), extra_steps=0, guard=None,
+                                   chat_context=chat)
+    shapes = {}
+    for chat in (False, True):
+        with editor(chat) as chatting:
+            record = chatting.edit(model, "The capital of France is", "Rome")
+            protected = chatting._safeguards.preserver._protected[record.id]
+            shapes[chat] = {name: z.shape[0] for name, z in protected.items()}
+            chatting.revert(model, record.id)
+            assert_weights_equal(model, base)
+    # the chat row is one more request: its subject's key is written at and held, beside the prompt's
+    assert shapes[False] == {name: 1 for name in shapes[False]} and shapes[True] == {name: 2 for name in shapes[True]}

@@ -92,6 +92,10 @@ class MENDConfig:
         edit (its rows in the capture, the solve and the step checks); None = the prompt alone.
         Off by default: one at a time it gains paraphrases and chat answers for 2-3 times the cost, but
         kept `ultraedit` edits drifted 1.22× after 100 against 1.04× (README, "Lifelong editing").
+    chat_context: the edit is also made on the prompt asked as one user message through the tokenizer's
+        chat template, the target as the start of the reply (`chat_requests`; the locate family's chat
+        row): one more request of the edit, keyed at the subject there too; nothing for a tokenizer
+        without a chat template. Off by default (README, "The fact asked as a chat, for `mend`").
     """
 
     checkpoint: str | None = None
@@ -107,6 +111,7 @@ class MENDConfig:
     take_margin: float = 1.0
     finish_steps: int = 4
     prefixes: PrefixConfig | None = field(default=None, metadata={"dataclass": PrefixConfig})
+    chat_context: bool = False
 
     # What the app and the service may set per edit (settable.py). Not the checkpoint: a path on the
     # server; the operator chooses it (SessionConfig.method_overrides).
@@ -116,7 +121,7 @@ class MENDConfig:
         "pass_size": Integer(1, 64, optional=True), "step_scales": Numbers(1e-3, 100.0, max_items=6),
         "preserve": Nested(PreserveConfig.SETTABLE), "fallback_ridges": Numbers(1e-3, 1e3, max_items=4),
         "lifelong": Flag(), "extra_steps": Integer(0, 8), "take_margin": Number(0.0, 10.0),
-        "finish_steps": Integer(0, 8), "prefixes": Nested(PrefixConfig.SETTABLE),
+        "finish_steps": Integer(0, 8), "prefixes": Nested(PrefixConfig.SETTABLE), "chat_context": Flag(),
     }
 
     def __post_init__(self) -> None:

@@ -28,7 +28,7 @@ from ..model.hooks import frozen
 from ..model.specs import layer_index, mlp_param_names, weight_layout
 from ..safety.keys import anchor_keys
 from ..safety.preserve import KeyPreserver
-from ..scoring.batches import loss_positions, make_batch, next_tokens, prefixed_requests
+from ..scoring.batches import chat_requests, loss_positions, make_batch, next_tokens, prefixed_requests
 from ..scoring.sequences import logits_at, pad_id_of
 from .capture import capture
 from .checkpoint import MENDCheckpoint, check_model, load_checkpoint
@@ -189,34 +189,40 @@ def _below_edited_blocks(
 
 def edit_requests(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[TokenizedRequest],
-    prefixes: ContextPrefixes | None, positions: str,
+    prefixes: ContextPrefixes | None, positions: str, chat: bool = False,
 ) -> list[TokenizedRequest]:
     """The requests an edit captures: each under each of `prefixes` (`prefixed_requests`; the prompt
-    alone without), each carrying its subject's last token as `anchor` when keyed there."""
-    if prefixes is None and positions != "subject":
-        return list(requests)
-    contexts = prefixes.get(model, tokenizer) if prefixes is not None else ("",)
-    return prefixed_requests(requests, tokenizer, contexts, max_context(model.config),
-                             anchored=positions == "subject")
+    alone without), then with `chat` each asked through the chat template (`chat_requests`), each
+    carrying its subject's last token as `anchor` when keyed there."""
+    out = list(requests)
+    if prefixes is not None or positions == "subject":
+        contexts = prefixes.get(model, tokenizer) if prefixes is not None else ("",)
+        out = prefixed_requests(requests, tokenizer, contexts, max_context(model.config),
+                                anchored=positions == "subject")
+    if chat:
+        out += chat_requests(requests, tokenizer, max_context(model.config), anchored=positions == "subject")
+    return out
 
 
 def subject_keys(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, names: Sequence[str],
-    requests: Sequence[TokenizedRequest], prefixes: ContextPrefixes | None,
+    requests: Sequence[TokenizedRequest], prefixes: ContextPrefixes | None, chat: bool = False,
 ) -> dict[str, torch.Tensor]:
     """{name: (N, in)}: the keys a subject-keyed edit (positions="subject") wrote at, the inputs of the
     matrices `names` at the subject's last token of each request in each context it was edited in: what
     later edits hold when `preserve.protect_edits` is on (safeguards.KeysFn)."""
     modules = {name: module_of(name) for name in names}
-    anchored = edit_requests(model, tokenizer, requests, prefixes, "subject")
+    anchored = edit_requests(model, tokenizer, requests, prefixes, "subject", chat)
     keys = anchor_keys(model, tokenizer, sorted(set(modules.values())), anchored)
     return {name: keys[module] for name, module in modules.items()}
 
 
-def subject_keys_fn(positions: str, prefixes: ContextPrefixes | None) -> Callable[..., dict[str, torch.Tensor]] | None:
+def subject_keys_fn(
+    positions: str, prefixes: ContextPrefixes | None, chat: bool = False,
+) -> Callable[..., dict[str, torch.Tensor]] | None:
     """The `edit_keys` of an editor network method: `subject_keys` for a subject-keyed edit; None = the
     keys of every token of its prompt and target (safeguards)."""
-    return functools.partial(subject_keys, prefixes=prefixes) if positions == "subject" else None
+    return functools.partial(subject_keys, prefixes=prefixes, chat=chat) if positions == "subject" else None
 
 
 def factors_to_delta(network: MENDNetwork, transformed: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Delta:
@@ -273,7 +279,7 @@ class MEND:
     def edit_keys(self) -> Callable[..., dict[str, torch.Tensor]] | None:
         """The keys an edit protects (with `preserve.protect_edits`): a subject-keyed edit's own
         (`subject_keys`); None = those of every token of its prompt and target."""
-        return subject_keys_fn(self.positions, self.prefixes)
+        return subject_keys_fn(self.positions, self.prefixes, self.config.chat_context)
 
     @property
     def stream_tag(self) -> str:
@@ -293,7 +299,8 @@ class MEND:
                                  positions=self.positions, pass_size=self.config.pass_size,
                                  step_scales=self.config.step_scales, fallback_ridges=self.config.fallback_ridges,
                                  extra_steps=self.config.extra_steps, prefixes=self.prefixes,
-                                 take_margin=self.config.take_margin, finish_steps=self.config.finish_steps)
+                                 take_margin=self.config.take_margin, finish_steps=self.config.finish_steps,
+                                 chat=self.config.chat_context)
 
 
 def edit_with_network(
@@ -302,16 +309,17 @@ def edit_with_network(
     tag: str, *, positions: str, pass_size: int | None, step_scales: Sequence[float],
     fallback_ridges: Sequence[float] = (), key_weighted: bool = False,
     initial: Callable[[], dict[str, Stats]] | None = None, extra_steps: int = 0,
-    prefixes: ContextPrefixes | None = None, take_margin: float = 0.0, finish_steps: int = 0,
+    prefixes: ContextPrefixes | None = None, take_margin: float = 0.0, finish_steps: int = 0, chat: bool = False,
 ) -> Delta:
     """One edit by an editor network (MEND's, or the identity for `ultraedit`): capture the rows,
     normalise them (lifelong when `stream` is given), transform, aggregate, scale the step; then up
     to `extra_steps` more steps for the requests whose target is not yet the argmax, and after them up
     to `finish_steps` more keyed at the "loss" positions (for a subject-keyed edit still short of its
     target). With `prefixes` each request under each of them is one more request of the edit
-    (`prefixed_requests`). A target takes once each of its tokens leads every other by `take_margin` in
-    log-probability (0: is the argmax)."""
-    requests = edit_requests(model, tokenizer, requests, prefixes, positions)
+    (`prefixed_requests`), and with `chat` each asked through the chat template (`chat_requests`). A
+    target takes once each of its tokens leads every other by `take_margin` in log-probability (0: is
+    the argmax)."""
+    requests = edit_requests(model, tokenizer, requests, prefixes, positions, chat)
     # More than one level to check: the capture pass records the hidden states entering the first
     # edited block, so each check runs only the edited blocks.
     checks = None

@@ -32,7 +32,7 @@ from transformers import PreTrainedTokenizerBase
 from ..core.delta import Delta
 from ..core.methods import MethodSpec, StreamState
 from ..core.request import TokenizedRequest
-from ..core.settable import Choice, Choices, Integer, Integers, Nested, Number, Numbers, Settable
+from ..core.settable import Choice, Choices, Flag, Integer, Integers, Nested, Number, Numbers, Settable
 from ..model.contexts import ContextPrefixes, PrefixConfig
 from ..model.specs import mlp_param_names, num_layers
 from ..paths import PACKAGE_DIR
@@ -87,6 +87,8 @@ class UltraEditConfig:
         target is the argmax in every context); None = the prompt alone.
         Off by default: one at a time it gains paraphrases and chat answers for 2-3 times the cost, but
         kept `ultraedit` edits drifted 1.22× after 100 against 1.04× (README, "Lifelong editing").
+    chat_context: the edit is also made on the prompt asked through the chat template (as `mend`'s
+        `chat_context`); off by default.
     """
 
     layers: tuple[int, ...] | None = None
@@ -102,6 +104,7 @@ class UltraEditConfig:
     take_margin: float = 1.0
     pass_size: int | None = None
     prefixes: PrefixConfig | None = field(default=None, metadata={"dataclass": PrefixConfig})
+    chat_context: bool = False
 
     # What the app and the service may set per edit (settable.py): the warm-up bounds the edits run
     # once per model, step scales and extra steps the passes of one edit.
@@ -111,7 +114,7 @@ class UltraEditConfig:
         "preserve": Nested(PreserveConfig.SETTABLE), "ridge": Number(1e-3, 1e3), "warmup": Integer(0, 64),
         "extra_steps": Integer(0, 8), "finish_steps": Integer(0, 8),
         "take_margin": Number(0.0, 10.0), "pass_size": Integer(1, 64, optional=True),
-        "prefixes": Nested(PrefixConfig.SETTABLE),
+        "prefixes": Nested(PrefixConfig.SETTABLE), "chat_context": Flag(),
     }
 
     def __post_init__(self) -> None:
@@ -150,7 +153,7 @@ class UltraEdit:
     @property
     def edit_keys(self) -> Callable[..., dict[str, torch.Tensor]] | None:
         """The keys an edit protects (as `MEND.edit_keys`)."""
-        return subject_keys_fn(self.config.positions, self.prefixes)
+        return subject_keys_fn(self.config.positions, self.prefixes, self.config.chat_context)
 
     def _network(self, model: nn.Module) -> MENDNetwork:
         if model not in self._networks:
@@ -177,7 +180,8 @@ class UltraEdit:
                                  positions=self.config.positions, pass_size=self.config.pass_size,
                                  step_scales=self.config.step_scales, key_weighted=True, initial=initial,
                                  extra_steps=self.config.extra_steps, finish_steps=self.config.finish_steps,
-                                 take_margin=self.config.take_margin, prefixes=self.prefixes)
+                                 take_margin=self.config.take_margin, prefixes=self.prefixes,
+                                 chat=self.config.chat_context)
 
     def _initial_stats(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, network: MENDNetwork,

@@ -30,7 +30,7 @@ from ..core.errors import InvalidRequestError
 from ..core.request import TokenizedRequest, encode_prompt, max_context, subject_span
 from ..model.contexts import ContextPrefixes, ids_as_written, in_chat, in_context, reply_ids, subject_positions
 from .padding import IGNORE
-from .positions import first_rows, subject_of, value_rows
+from .positions import chat_row, first_rows, subject_of, value_rows
 from .sequences import logits_at, pad_id_of, pad_sequences
 
 LOG = logging.getLogger(__name__)
@@ -103,6 +103,34 @@ def prefixed_requests(
     return out
 
 
+def chat_requests(
+    requests: Sequence[TokenizedRequest], tokenizer: PreTrainedTokenizerBase, context_length: int | None = None,
+    anchored: bool = False,
+) -> list[TokenizedRequest]:
+    """Each request asked as one user message through the tokenizer's chat template (`in_chat`), the
+    target without its leading space as the start of the assistant's reply; none when the tokenizer has
+    no chat template, and a row longer than `context_length` is left out. With `anchored` each carries
+    the position of its subject's last token in the chat text as `anchor` (`chat_row`, the locate
+    family's rule)."""
+    out = []
+    for r in requests:
+        if anchored:
+            row = chat_row(tokenizer, r, 0)
+            asked = None if row is None else (row.ids, row.target, row.subject)
+        else:
+            chat = in_chat(tokenizer, r.request.prompt.strip())
+            asked = None if chat is None else (ids_as_written(tokenizer, chat[0]),
+                                               reply_ids(tokenizer, r.request.target), None)
+        if asked is None:
+            continue
+        ids, target, anchor = asked
+        if context_length is not None and len(ids) + len(target) > context_length:
+            LOG.debug("the chat row of %r left out: it would not fit the model's context", r.request.prompt)
+            continue
+        out.append(TokenizedRequest(r.request, tuple(ids), tuple(target), anchor=anchor))
+    return out
+
+
 def prefixed_batch(
     requests: Sequence[TokenizedRequest], tokenizer: PreTrainedTokenizerBase, prefixes: Sequence[str],
     pad_id: int, device: torch.device, context_length: int | None = None, chat: bool = False,
@@ -118,13 +146,8 @@ def prefixed_batch(
         for asked in prefixed_requests([r], tokenizer, prefixes, context_length):  # r itself first
             rows.append((asked.prompt_ids, asked.target_ids))
             stop.append(asked is r)
-        asked_in_chat = in_chat(tokenizer, r.request.prompt.strip()) if chat else None
-        if asked_in_chat is not None:
-            ids, target = ids_as_written(tokenizer, asked_in_chat[0]), reply_ids(tokenizer, r.request.target)
-            if context_length is not None and len(ids) + len(target) > context_length:
-                LOG.debug("the chat row of %r left out: it would not fit the model's context", r.request.prompt)
-                continue
-            rows.append((ids, target))
+        for asked in chat_requests([r], tokenizer, context_length) if chat else ():
+            rows.append((asked.prompt_ids, asked.target_ids))
             stop.append(False)
     batch = _rows_batch(rows, pad_id, device)
     return TrainingBatch(batch.input_ids, batch.attention_mask, batch.labels, torch.tensor(stop, device=device))
