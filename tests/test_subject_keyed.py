@@ -209,3 +209,34 @@ def test_a_chat_context_edit_is_also_made_on_the_fact_asked_as_a_chat(method, tm
             assert_weights_equal(model, base)
     # the chat row is one more request: its subject's key is written at and held, beside the prompt's
     assert shapes[False] == {name: 1 for name in shapes[False]} and shapes[True] == {name: 2 for name in shapes[True]}
+
+
+def test_a_chat_row_follows_its_facts_step_and_the_checks_read_the_prompts_alone(tmp_path, monkeypatch):
+    from tiny_models import CHAT_TEMPLATE
+
+    from factedit.mend import method as mend_method
+
+    model, tok = tiny_model("llama")
+    tok.chat_template = CHAT_TEMPLATE
+    path, _ = tiny_checkpoint(tmp_path, model)
+    facts = [EditRequest("The capital of France is", "Rome"), EditRequest("The Eiffel Tower is in", "Berlin")]
+    requests = mend_method.edit_requests(model, tok, [tokenize_request(f, tok, None) for f in facts], None,
+                                         "subject")
+    asked = chat_requests(requests, tok, anchored=True)
+    rows, owners = mend_method.capture_with_chat(model, tok, requests, asked, ["model.layers.1.mlp.down_proj.weight"],
+                                                 "subject", None, None)
+    assert rows["model.layers.1.mlp.down_proj.weight"][0].shape[0] == 4  # two prompts, two chat rows
+    assert sorted(owners.tolist()) == [0, 0, 1, 1]  # each chat row owned by its fact's request
+
+    checked = []
+    real = mend_method._targets_taken
+
+    def spy(model, pad_id, group, *args, **kwargs):
+        checked.extend(group)
+        return real(model, pad_id, group, *args, **kwargs)
+
+    monkeypatch.setattr(mend_method, "_targets_taken", spy)
+    editor = mend_editor(tok, path, guard=None, positions="subject", chat_context=True, step_scales=(1.0, 2.0),
+                         extra_steps=1)
+    editor.edit_batch(model, facts)
+    assert checked and all("<|assistant|>" not in tok.decode(list(r.prompt_ids)) for r in checked)

@@ -94,7 +94,8 @@ class MENDConfig:
         kept `ultraedit` edits drifted 1.22× after 100 against 1.04× (README, "Lifelong editing").
     chat_context: the edit is also made on the prompt asked as one user message through the tokenizer's
         chat template, the target as the start of the reply (`chat_requests`; the locate family's chat
-        row): one more request of the edit, keyed at the subject there too; nothing for a tokenizer
+        row), keyed at the subject there too: its rows join every step of its fact at that fact's step
+        scale, and the step checks read the prompt alone (`capture_with_chat`); nothing for a tokenizer
         without a chat template. Off by default (README, "The fact asked as a chat, for `mend`").
     """
 
