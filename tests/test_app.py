@@ -380,6 +380,15 @@ def test_method_settings_descriptions_and_help(app_env):
     assert record.config["max_steps"] == 2 and record.config["lr"] == 0.1
 
 
+def test_a_flag_setting_reads_true_or_false():
+    from editapp.methods import parse_value
+
+    assert parse_value("True", False, "bool") is True and parse_value(" off ", True, "bool") is False
+    assert parse_value("yes", False, "bool") is True
+    with pytest.raises(factedit.ConfigError, match="not true or false"):
+        parse_value("maybe", False, "bool")
+
+
 def test_probes_are_flagged_by_probability_shift():
     from editapp.probes_view import probe_frame
 

@@ -42,7 +42,8 @@ MAIN_SETTINGS = {
     "ft_l": ("layers", "lr", "max_steps", "norm_constraint"),
     "ft": ("layers", "lr", "max_steps"),
     "lora": ("layers", "rank", "lr", "b_lr_ratio", "max_steps"),
-    "mend": ("positions", "step_scales", "extra_steps", "finish_steps", "take_margin", "fallback_ridges"),
+    "mend": ("positions", "step_scales", "extra_steps", "finish_steps", "take_margin", "chat_context",
+             "fallback_ridges"),
     "ultraedit": ("lr", "extra_steps", "step_scales", "take_margin"),
 }
 # Human labels of the settings the page offers; the field's own name stays in its help.
@@ -55,6 +56,7 @@ LABELS = {
     "positions": "Where the edit is keyed (subject: its last token)",
     "finish_steps": "Finishing steps at the prompt's end (subject-keyed edits)",
     "take_margin": "Lead the target must take over the runner-up (nats)",
+    "chat_context": "Also edit the fact asked as a chat",
 }
 # The guide to the methods: figures from the README (default model, CounterFact, this 2-core CPU).
 GUIDE = (
@@ -172,6 +174,9 @@ def format_value(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+FLAG_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
 def parse_value(text: str, default: Any, annotation: str) -> Any:
     """`text` as the type of the field (from its annotation and default); "" = None where None is allowed."""
     text = text.strip()
@@ -179,6 +184,10 @@ def parse_value(text: str, default: Any, annotation: str) -> Any:
         if "None" in annotation:
             return None
         raise ConfigError("a value is needed")
+    if annotation == "bool" or isinstance(default, bool):
+        if text.lower() not in FLAG_WORDS:
+            raise ConfigError(f"{text!r} is not true or false")
+        return FLAG_WORDS[text.lower()]
     element = "float" if "float" in annotation else "int" if "int" in annotation else "str"
     convert = {"float": float, "int": int, "str": str}[element]
     try:
