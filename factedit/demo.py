@@ -5,11 +5,12 @@ keeps edits best there, `mend` (its trained editor network keyed on each fact's 
 statistics, small steps from fresh gradients until the target leads by a margin; `ultraedit`, which
 needs no trained network, on a model `mend`'s editor was not trained for; README, "Lifelong
 editing"), with the drift guard on, keeping all of them.
-It then shows that each new fact holds (with a paraphrase), that unrelated facts keep their answers,
-and how far plain text drifted (perplexity of the reference text over the base model's). It reverts
-one edit (the others stay), then the rest, and checks every parameter against the original bit for
-bit. `--method ultraedit` runs the same without a trained network, `--method ft_l` with constrained
-fine-tuning; `--config` passes the method's settings (JSON).
+It then shows that each new fact holds (with a paraphrase, and what the model replies when asked it
+as a chat), that unrelated facts keep their answers, and how far plain text drifted (perplexity of
+the reference text over the base model's). It reverts one edit (the others stay), then the rest, and
+checks every parameter against the original bit for bit. `--method ultraedit` runs the same without
+a trained network, `--method ft_l` with constrained fine-tuning; `--config` passes the method's
+settings (JSON).
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ from . import display
 from .core.methods import available_methods, default_method_for
 from .core.request import encode_prompt
 from .editing.editor import Editor
+from .model.chat import chat_ids, has_chat_template, user_message
 from .model.loading import load_model
 from .safety.drift import GuardConfig, reference_perplexity
 from .safety.reference import reference_texts
+from .scoring.said import eos_ids_of, generate_ids
 from .scoring.sequences import pad_id_of, score_sequences, top_tokens
 
 # (prompt, new target, paraphrase)
@@ -43,6 +46,14 @@ UNRELATED = [
     "The Colosseum is located in the city of",
     "The mother tongue of Vladimir Putin is",
 ]
+# The facts asked as a chat (one user message through the chat template), and one unrelated question.
+CHAT = [
+    ("What is the capital of France?", "Rome"),
+    ("In which city is the Eiffel Tower?", "London"),
+    ("What is the mother tongue of Danielle Darrieux?", "English"),
+    ("What is the capital of Germany?", "unchanged"),
+]
+CHAT_TOKENS = 16
 
 
 def top1(model, tokenizer, prompts: list[str]) -> list[str]:
@@ -58,6 +69,18 @@ def show(model, tokenizer, title: str, rows: list[tuple[str, str]], base_ppl: fl
     print(display.format_table(table, ["prompt", "wanted", "top next token"]))
     ppl = reference_perplexity(model, tokenizer, reference_texts("samples"))
     print(f"plain text: perplexity {ppl:.3f}, {ppl / base_ppl:.4f}× the unedited model's")
+
+
+def show_chat(model, tokenizer, title: str) -> None:
+    """The greedy reply to each CHAT question (nothing for a tokenizer without a chat template)."""
+    if not has_chat_template(tokenizer):
+        return
+    prompts = [chat_ids(tokenizer, user_message(question)) for question, _ in CHAT]
+    replies = generate_ids(model, prompts, CHAT_TOKENS, pad_id_of(tokenizer), eos_ids_of(model, tokenizer))
+    table = [(repr(q), want, tokenizer.decode(r, skip_special_tokens=True).strip())
+             for (q, want), r in zip(CHAT, replies, strict=True)]
+    print(f"\n{title}, asked as a chat")
+    print(display.format_table(table, ["question", "wanted", f"reply ({CHAT_TOKENS} tokens at most)"]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     checks = [(p, f"{t!r}") for p, t, _ in FACTS] + [(q, f"{t!r}") for _, t, q in FACTS]
     unrelated = [(p, "unchanged") for p in UNRELATED]
     show(model, tokenizer, "Before any edit", checks + unrelated, base_ppl)
+    show_chat(model, tokenizer, "Before any edit")
 
     args.method = args.method or default_method_for(model, available_methods())
     editor = Editor(args.method, tokenizer=tokenizer, guard=GuardConfig(), **args.config)
@@ -91,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         drift = f", drift {record.drift:.4f}×" if record.drift is not None else ""
         print(f"  {record.id}: {prompt!r} -> {target!r}  {record.timings['edit_ms']:.0f} ms{drift}")
     show(model, tokenizer, f"With all {len(records)} edits active", checks + unrelated, base_ppl)
+    show_chat(model, tokenizer, f"With all {len(records)} edits active")
 
     t = time.perf_counter()
     editor.revert(model, records[0].id)
