@@ -96,7 +96,11 @@ class MENDConfig:
         chat template, the target as the start of the reply (`chat_requests`; the locate family's chat
         row), keyed at the subject there too: its rows join every step of its fact at that fact's step
         scale, and the step checks read the prompt alone (`capture_with_chat`); nothing for a tokenizer
-        without a chat template. Off by default (README, "The fact asked as a chat, for `mend`").
+        without a chat template. Off by default: one at a time on CounterFact val[0:80] it raised chat
+        answers from 0.113 to 0.25 and PS from 0.762 to 0.812 at 7.5 forward+backward passes an edit
+        against 4.0, but 200 kept edits (val[1700:1900]) drifted 1.128× against 1.051× and kept fewer
+        targets said (0.87 against 0.91) with chat answers no better (README, "The fact asked as a
+        chat, for `mend`").
     """
 
     checkpoint: str | None = None
