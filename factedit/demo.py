@@ -3,7 +3,7 @@
 Loads the embedded SmolLM2-135M and edits four facts one after another with the lifelong editor that
 keeps edits best there, `mend` (its trained editor network keyed on each fact's subject, lifelong
 statistics, small steps from fresh gradients until the target leads by a margin; `ultraedit`, which
-needs no trained network, on a model `mend`'s editor was not trained for; README, "Lifelong
+needs no trained network, on a model `mend`'s editor was not trained for; docs/lifelong.md, "Lifelong
 editing"), with the drift guard on, keeping all of them.
 It then shows that each new fact holds (with a paraphrase, and what the model replies when asked it
 as a chat), that unrelated facts keep their answers, and how far plain text drifted (perplexity of

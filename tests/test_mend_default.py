@@ -45,7 +45,7 @@ def test_the_shipped_editor_edits_the_default_model_and_reverts_exactly(default_
 def test_an_edit_keyed_on_the_subject_reaches_another_wording_and_spares_another_subject(default_model):
     """France -> Rome at the defaults, keyed on France (positions="subject"): the rewording says Rome too,
     Germany's capital stays Berlin (keyed on every position, the former defaults gave the opposite:
-    README, "Edits keyed on the subject")."""
+    docs/lifelong.md, "Edits keyed on the subject")."""
     model, tok = default_model
     params = dict(model.named_parameters())
     editor = factedit.Editor("mend", tokenizer=tok)

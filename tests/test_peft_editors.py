@@ -401,7 +401,7 @@ def test_through_anchor_passes_the_gradient_at_the_anchor_only_and_keeps_the_for
 @pytest.mark.parametrize("method", ["ft_l", "lora"])
 def test_an_anchored_edit_raises_the_target_and_reverts_exactly(method):
     """On a tiny random model the subject's token carries too little for the target to become the argmax
-    (the default model's figures are in the README); the edit still moves the target up."""
+    (the default model's figures are in docs/measured.md); the edit still moves the target up."""
     model, tok = tiny_model("llama")
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     kwargs = {"norm_constraint": 0.1} if method == "ft_l" else {}

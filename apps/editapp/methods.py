@@ -58,12 +58,12 @@ LABELS = {
     "take_margin": "Lead the target must take over the runner-up (nats)",
     "chat_context": "Also edit the fact asked as a chat",
 }
-# The guide to the methods: figures from the README (default model, CounterFact, this 2-core CPU).
+# The guide to the methods: figures from the README and docs/ (default model, CounterFact, this 2-core CPU).
 GUIDE = (
     "**For edits you keep, use `mend`** (the default on the default model; keyed on the subject, with "
     "finishing steps and a margin): 200 edits kept one after another on held-out facts give ES 0.99, the "
     "new target said for 0.91 of them at the end, PS 0.855, chat answers 0.20, neighbours as unedited "
-    "(NS 0.635) and drift 1.051× (README, “Lifelong editing”), at about 3.9 forward+backward passes an "
+    "(NS 0.635) and drift 1.051× (docs/lifelong.md, “Lifelong editing”), at about 3.9 forward+backward passes an "
     "edit. `ultraedit` needs no trained network (the default on another model) and keeps the same 200 at "
     "ES 0.985, said 0.86, PS 0.685, drift 1.014×, at 4.4 passes. For a single fact you will ask in other "
     "words, larger step scales (1, 2, 4, 8) with margin 0 reach more paraphrases (held-out facts: PS "
@@ -96,7 +96,7 @@ def compare_default(methods: list[str], wanted: tuple[str, ...]) -> list[str]:
 
 
 def method_guide() -> str:
-    """One paragraph: which method for what, with the README's figures, and the recommendation for kept edits."""
+    """One paragraph: which method for what, with the measured figures, and the recommendation for kept edits."""
     return GUIDE
 
 

@@ -120,7 +120,7 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 
 # The default method where the config names none: the first of these that edits the session's model.
-# `mend` keeps edits best on the default model (README, "Small steps, more of them": 200 kept, ES 0.995,
+# `mend` keeps edits best on the default model (docs/lifelong.md, "Small steps, more of them": 200 kept, ES 0.995,
 # retention 0.875, drift 1.045x against ultraedit's 0.985 / 0.70 / 1.106x) but its trained editor fits
 # only that model; `ultraedit` needs no trained network.
 DEFAULT_METHODS = ("mend", "ultraedit")

@@ -1,7 +1,7 @@
 """The locate-then-edit family's one config: `alphaedit`, `memit` and `rome` are its defaults.
 
 Defaults for the default model (SmolLM2-135M: 30 blocks, hidden 576, down projection input 1536),
-chosen on CounterFact train records (bench/bench_editing.py --split train); the README gives the
+chosen on CounterFact train records (bench/bench_editing.py --split train); docs/locate.md gives the
 figures on validation records that no choice used.
 """
 
@@ -32,12 +32,12 @@ class LocateConfig:
     # start): one more row per fact (none without a chat template), in the loss, not in the stop check.
     # Keys stay those of the prefixed prompts. On held-out CounterFact val[20:40] (alphaedit): chat 0.50
     # -> 0.75, chat para 0.45 -> 0.60, said para, NS and neighbours kept unchanged, 9.7 v* steps for 9.1
-    # (README, "Locate-then-edit").
+    # (docs/locate.md, "Locate-then-edit").
     chat_context: bool = True
     v_steps: int = 20  # at most this many Adam steps on the value's δ
     # Adam learning rate of δ. MEMIT's 0.5 (GPT-J) takes 12-21 steps on the default model, most of them
     # walking δ to the ~0.7-1.5 ‖h‖ it needs; 2.0 takes ~8 on CounterFact train[20:40], with ES, said,
-    # paraphrase and NS no worse there (README, "Locate-then-edit").
+    # paraphrase and NS no worse there (docs/locate.md, "Locate-then-edit").
     v_lr: float = 2.0
     # "adam" (MEMIT's): v_lr is Adam's learning rate. "gradient": each step moves δ_i by v_lr × ‖h_i‖ along
     # its own gradient; Adam's first steps move every coordinate alike (sign-like), and the coordinates the
@@ -54,7 +54,7 @@ class LocateConfig:
     # 4 checks cut the drift of 100 kept edits by a third (CounterFact train[3000:3100]: 1.084x against
     # 1.125x, ES / PS / NS alike) but leave less margin, and one edit at a time the prompt's greedy answer
     # is the target a little less often (held-out val[1740:1780]: 0.875 against 0.925): off by default,
-    # the setting for long streams of kept edits (README, "Locate-then-edit").
+    # the setting for long streams of kept edits (docs/locate.md, "Locate-then-edit").
     v_shrink_checks: int = 0
     # v* is fitted for at most this many requests at a time, each group stopping on its own requests'
     # NLL: the fit's memory grows with its rows (about 0.2 GB a fact on the default model: an

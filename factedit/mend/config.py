@@ -45,7 +45,7 @@ class MENDConfig:
         trained. With `finish_steps=4` and `take_margin=1` (the defaults since 2026-12-05), 200 kept
         edits on CounterFact val[1700:1900]: PS 0.855 against 0.73 keyed at "all", the target still
         said at the end 0.91 against 0.875, chat 0.20 against 0.09, drift 1.051× against 1.045×, at
-        about 1.6 times the compute an edit (README, "Keyed on the subject, with a margin").
+        about 1.6 times the compute an edit (docs/lifelong.md, "Keyed on the subject, with a margin").
     pass_size: `edit_batch` runs the base model on at most this many requests at a time, sorted by
         length so little padding is computed (the result does not depend on it); None = one pass.
     step_scales: multipliers of the learned step sizes α, increasing: the smallest under which every
@@ -59,7 +59,7 @@ class MENDConfig:
         the last step left points where the target still needs to go (100 kept edits on CounterFact
         train[3000:3100]: scales to 3.5 with one extra step kept 0.68 of the targets said at 1.029×
         drift; adding a scale 5.25 drifted 1.31×; scales to 1.5 with eight extra steps kept 0.94 at
-        1.013×: README, "Lifelong editing").
+        1.013×: docs/lifelong.md, "Lifelong editing").
     preserve: the null space and ridge of the least-squares solve (`aggregation: least_squares`
         editors; for "sum" editors, the projection of the summed update); None = no preservation.
     lifelong: the normalisation statistics of (u, δ) keep learning while the editor edits: each edit's
@@ -91,7 +91,7 @@ class MENDConfig:
         context templates): each request's prompt under each prefix is one more request of the same
         edit (its rows in the capture, the solve and the step checks); None = the prompt alone.
         Off by default: one at a time it gains paraphrases and chat answers for 2-3 times the cost, but
-        kept `ultraedit` edits drifted 1.22× after 100 against 1.04× (README, "Lifelong editing").
+        kept `ultraedit` edits drifted 1.22× after 100 against 1.04× (docs/lifelong.md, "Lifelong editing").
     chat_context: the edit is also made on the prompt asked as one user message through the tokenizer's
         chat template, the target as the start of the reply (`chat_requests`; the locate family's chat
         row), keyed at the subject there too: its rows join every step of its fact at that fact's step
@@ -99,7 +99,7 @@ class MENDConfig:
         without a chat template. Off by default: one at a time on CounterFact val[0:80] it raised chat
         answers from 0.113 to 0.25 and PS from 0.762 to 0.812 at 7.5 forward+backward passes an edit
         against 4.0, but 200 kept edits (val[1700:1900]) drifted 1.128× against 1.051× and kept fewer
-        targets said (0.87 against 0.91) with chat answers no better (README, "The fact asked as a
+        targets said (0.87 against 0.91) with chat answers no better (docs/lifelong.md, "The fact asked as a
         chat, for `mend`").
     """
 

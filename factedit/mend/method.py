@@ -182,7 +182,7 @@ def capture_with_chat(
     """`capture_rows` of `requests` and of the chat rows (`chat_requests`) of their facts, each chat row's
     rows owned by its fact's first request: a chat row follows that request's step scale and steps, and
     the step checks read the requests alone (checked as well, a chat row must lead by the margin in the
-    chat too: one at a time that cost 19 forward+backward passes an edit against 7.5, README)."""
+    chat too: one at a time that cost 19 forward+backward passes an edit against 7.5, docs/lifelong.md)."""
     if not asked_in_chat:
         return capture_rows(model, tokenizer, requests, names, positions, pass_size, checks, params)
     leader = {}  # id(EditRequest) -> the first request of that fact

@@ -244,7 +244,7 @@ KEPT_DRIFT_TEXTS = 16  # shipped reference samples read before and after the kep
 KEPT_DRIFT_TOKENS = 128
 # The stream length the drift is judged at: issue 19's 200 kept edits. A validation stream is shorter, and
 # 40 edits' drift barely tells an editor that will stop at the guard after 100 from one that keeps 200
-# (1.038× against 1.009×: README, "Lifelong editing"), so the score reads the drift at the same rate per
+# (1.038× against 1.009×: docs/lifelong.md, "Lifelong editing"), so the score reads the drift at the same rate per
 # edit over this many.
 KEPT_HORIZON = 200
 

@@ -59,13 +59,13 @@ class UltraEditConfig:
         its gradient there is smaller: it needs an `lr` about ten times larger). It reaches more
         paraphrases but kept edits do not hold: 200 kept on CounterFact train[3000:3200] with lr 5e-4
         and `finish_steps=4`, PS 0.705 against 0.62, retention 0.715 against 0.86, drift 1.052× against
-        1.012× (README, "Edits keyed on the subject").
+        1.012× (docs/lifelong.md, "Edits keyed on the subject").
     step_scales: multipliers of lr, increasing (as MENDConfig.step_scales): the smallest under which
         every target token is the argmax is kept, else the largest. Small steps, more of them (with
         `extra_steps`): scales 1-2 with up to 8 extra steps hold a stream of edits the former scales
         1-8 did not (1,000 kept edits on CounterFact val[700:1700]: ES 0.93, drift 1.084×, none refused,
         against ES 0.89, 1.48× and 348 refused), for fewer paraphrases one edit at a time (PS 0.725
-        against 0.80 on val[0:40]; README, "Small steps for `ultraedit` too").
+        against 0.80 on val[0:40]; docs/lifelong.md, "Small steps for `ultraedit` too").
     preserve: the null space and ridge of the least-squares solve; `protect_edits` holds earlier
         edits' keys (every token's) at zero change. None: no null space, the plain ridge solve
         ΔW = V Kᵀ (K Kᵀ + ridge·I)^{-1} of the UltraEdit paper.
@@ -77,7 +77,7 @@ class UltraEditConfig:
     take_margin: what "takes" asks of the step checks and the extra steps: every target token ahead of
         the runner-up by at least this many nats (MENDConfig.take_margin); 0 = the argmax. Default 1
         (since 2026-12-05): an edit that only just takes is undone by later ones more often (200 kept
-        on CounterFact val[1700:1900]: README, "A margin for `ultraedit`").
+        on CounterFact val[1700:1900]: docs/lifelong.md, "A margin for `ultraedit`").
     warmup: how many edits of the shipped CounterFact training records (their first records) start the
         statistics, computed once per model; 0 = start empty.
     pass_size: edit_batch runs at most this many requests per pass (None: one pass).
@@ -86,7 +86,7 @@ class UltraEditConfig:
         edit (its rows in the capture, the solve and the step checks, so a step is kept once the
         target is the argmax in every context); None = the prompt alone.
         Off by default: one at a time it gains paraphrases and chat answers for 2-3 times the cost, but
-        kept `ultraedit` edits drifted 1.22× after 100 against 1.04× (README, "Lifelong editing").
+        kept `ultraedit` edits drifted 1.22× after 100 against 1.04× (docs/lifelong.md, "Lifelong editing").
     chat_context: the edit is also made on the prompt asked through the chat template (as `mend`'s
         `chat_context`); off by default.
     """

@@ -84,6 +84,6 @@ class Adapter(SideModuleEditor):
 
 
 # Guarded: it acts at every token of every input, and kept adapters compound (10 kept moved the reference
-# perplexity 4.7e6x unguarded, README).
+# perplexity 4.7e6x unguarded, docs/evaluation.md).
 METHOD = MethodSpec("adapter", AdapterConfig, Adapter, guarded=True,
                     description="Houlsby bottleneck adapter after one MLP, identity at start, trained on the edit")

@@ -84,7 +84,7 @@ class BitFit:
 
 
 # Guarded: a bias shifts every token of every input (10 kept edits moved the reference perplexity 2.7x
-# unguarded, README).
+# unguarded, docs/evaluation.md).
 METHOD = MethodSpec("bitfit", BitFitConfig, BitFit, guarded=True,
                     description="BitFit on models without biases: a bias added to the MLP output of a few blocks "
                     "(a side module), trained on the edit")

@@ -34,7 +34,7 @@ from .training import optimize
 @dataclass(frozen=True)
 class IA3Config:
     layers: tuple[int, ...] = (6, 7, 8, 9, 10)  # blocks whose intermediate activation is scaled
-    kv: bool = False  # also scale the attention keys and values of those blocks (README: measured)
+    kv: bool = False  # also scale the attention keys and values of those blocks (docs/side-modules.md)
     lr: float = 0.05  # Adam learning rate for the scales (which start at 1)
     max_steps: int = 40  # cap on optimisation steps
     stop_nll: float = 0.5  # stop once every target token is the argmax and the target NLL is below this
@@ -102,7 +102,7 @@ class IA3:
 
 
 # Guarded: a scale acts at every token of every input (10 kept edits moved the reference perplexity 1.65x
-# unguarded, README).
+# unguarded, docs/evaluation.md).
 METHOD = MethodSpec("ia3", IA3Config, IA3, guarded=True, description="(IA)³: scaling vectors on the MLP's intermediate "
                     "activation (and, with kv, the attention keys and values), trained on the edit, folded "
                     "exactly into the weights (W += Δ)")

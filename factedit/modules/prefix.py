@@ -1,5 +1,5 @@
 """Prefix tuning (Li & Liang 2021, "Prefix-Tuning: Optimizing Continuous Prompts for Generation") trained on
-facts, as a PEFT prefix adapter: NOT a factedit edit (README, "Editors that add a module", says why).
+facts, as a PEFT prefix adapter: NOT a factedit edit (docs/side-modules.md, "Editors that add a module", says why).
 
 Prefix tuning gives every layer's attention a few trained virtual keys and values that every real token
 attends to. That changes the attention's softmax itself (its normaliser grows by the prefix's scores),

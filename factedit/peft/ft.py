@@ -49,7 +49,7 @@ class FTConfig:
     chat_context: bool = False
     # Where the loss reaches the edited blocks: "all" positions, or only the "subject"'s last token
     # (subject-anchored fine-tuning, peft/training.py `through_anchor`; the subject is the request's,
-    # else the one found in the prompt). With `prefixes` it reaches paraphrases (README, "Subject-anchored").
+    # else the one found in the prompt). With `prefixes` it reaches paraphrases (docs/measured.md, "Subject-anchored").
     anchor: str = "all"
 
     # What the app and the service may set per edit (settable.py): steps bound the time an edit

@@ -54,13 +54,13 @@ class LoRAEditConfig:
     # language models (2^4): B starts at zero, so a faster B makes the product B·A grow in fewer steps.
     # CounterFact val[600:700], one edit at a time: ES / PS / NS 1.00 / 0.65 / 0.60 at 3.8x a
     # forward+backward pass, against 1.00 / 0.65 / 0.59 at 10.2x with plain LoRA (ratio 1); 40 kept edits
-    # reach more facts (retention 0.775 vs 0.70) but drift more (1.12x vs 1.05x after 40; README, "LoRA+").
+    # reach more facts (retention 0.775 vs 0.70) but drift more (1.12x vs 1.05x after 40; docs/measured.md, "LoRA+").
     b_lr_ratio: float = 16.0  # B's learning rate over A's (LoRA+); 1 = plain LoRA
     # How the A factors start: "random" (peft's Kaiming init) or "keys": the edit's own inputs to the
     # matrix, their top right singular vectors (in the null space with preservation), the rest random.
     # With b_lr_ratio=16, "keys" edits at about 3x a forward+backward pass (plain LoRA 10x) with ES as plain
     # LoRA's, PS/NS within 0.02 on val[600:650] but 0.08/0.04 lower on val[650:700], and kept edits drift
-    # more (README, "LoRA from the edit's keys").
+    # more (docs/measured.md, "LoRA from the edit's keys").
     init: str = "random"
     max_steps: int = 80  # cap on optimisation steps (early stop when every target token is argmax)
     seed: int | None = 0  # LoRA's A matrices start random; this makes edits reproducible

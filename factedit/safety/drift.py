@@ -89,13 +89,13 @@ class GuardConfig:
     """The Editor's drift guard. `max_ratio`: largest allowed perplexity of the reference text after an
     edit, over the base model's; `texts`/`max_tokens`: the size of one group of the shipped samples
     (a check reads one or two groups, from the lowest edited block up; its time is `guard_ms`). 4 × 24
-    follows the drift of all 64 samples as closely as 4 × 48 at half the cost (bench/bench_guard.py, README).
+    follows the drift of all 64 samples as closely as 4 × 48 at half the cost (bench_guard.py, docs/accumulate.md).
     `quick_share`: a check that finds the next group, and every group's last reading, within this share
     of the allowed rise (`max_ratio` − 1) stops after that one group; otherwise it reads the worst group
     again too. 0: always both (DriftGuard's docstring says what the quick check gives up).
     `whole_from`: an edit of at least this many facts is checked on the whole reference text instead (all
     the shipped samples in full, evaluation's drift/ppl_ratio): many facts at once move the samples
-    unevenly, and a few short groups read far below the whole (README, "The guard and a large batch").
+    unevenly, and a few short groups read far below the whole (docs/evaluation.md, "The guard and a large batch").
     None: groups for every edit."""
 
     max_ratio: float = 1.5
@@ -158,7 +158,7 @@ class DriftGuard:
     edits accepted on other groups' readings may raise it unseen; the rotation reads every group again
     within len(groups) checks, and the first reading past the quick limit brings back full checks until
     every group reads under it again, so what goes unseen is what that many edits add to a group already
-    under the quick limit (kept edits move the guard's texts by thousandths each: README "Lifelong").
+    under the quick limit (kept edits move the guard's texts by thousandths each: docs/lifelong.md "Lifelong").
 
     Cost: the base model's perplexity of a group is measured the first time the group is read (or
     taken from `store`). When the caller says no parameter below block `start_layer` has been touched,

@@ -27,7 +27,7 @@ class SessionConfig:
     model: str = DEFAULT_MODEL  # "default" (the embedded SmolLM2-135M) or a local HuggingFace folder
     journal: str = ""  # journal file; "" = `default_journal_path()`
     # The method of an edit that names none; None = `mend` where its trained editor fits the model (the
-    # default model), else `ultraedit` (switch.DEFAULT_METHODS; README, "Lifelong editing").
+    # default model), else `ultraedit` (switch.DEFAULT_METHODS; docs/lifelong.md, "Lifelong editing").
     default_method: str | None = None
     method_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # method -> config fields
     probes: tuple[str, ...] = DEFAULT_PROBES  # the probe list a new journal starts with
