@@ -153,10 +153,9 @@ def capture_rows(
     the hidden states entering the first edited block are recorded, so step checks run only the
     edited blocks; a capture of requests whose states are kept (a second step's) runs only those
     blocks too. `params` replace the model's own tensors (a second step's capture at W + ΔW; only
-    edited blocks differ, so the kept states below them hold)."""
+    edited blocks differ, so the kept states below them hold). Keyed on the subject, `requests` carry
+    their anchors (`edit_requests`)."""
     device = next(model.parameters()).device
-    if positions == "subject" and any(r.anchor is None for r in requests):
-        requests = prefixed_requests(requests, tokenizer, ("",), anchored=True)  # the same requests, anchored
     factors: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in names}
     owners, seen = [], 0
     pad_id = pad_id_of(tokenizer)

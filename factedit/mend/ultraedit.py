@@ -39,7 +39,7 @@ from ..paths import PACKAGE_DIR
 from ..safety.preserve import KeyPreserver, PreserveConfig, preserve_field
 from .config import POSITIONS, check_step_scales, check_take_margin
 from .data import load_examples
-from .method import capture_rows, edit_with_network, new_network, subject_keys_fn
+from .method import capture_rows, edit_requests, edit_with_network, new_network, subject_keys_fn
 from .network import MENDNetwork, Stats
 
 STREAM_TAG = "ultraedit"
@@ -192,8 +192,8 @@ class UltraEdit:
             if self.config.warmup:
                 path = PACKAGE_DIR / WARMUP_DATA
                 examples = load_examples(path, tokenizer, "counterfact", limit=self.config.warmup)
-                rows, _ = capture_rows(model, tokenizer, [e.edit for e in examples], network.param_names,
-                                       self.config.positions, 8, None)
+                requests = edit_requests(model, tokenizer, [e.edit for e in examples], None, self.config.positions)
+                rows, _ = capture_rows(model, tokenizer, requests, network.param_names, self.config.positions, 8, None)
                 stats = network.merged_stats(stats, rows)
             self._initial[model] = stats
         return self._initial[model]
