@@ -223,9 +223,9 @@ def test_a_chat_row_follows_its_facts_step_and_the_checks_read_the_prompts_alone
     requests = mend_method.edit_requests(model, tok, [tokenize_request(f, tok, None) for f in facts], None,
                                          "subject")
     asked = chat_requests(requests, tok, anchored=True)
-    rows, owners = mend_method.capture_with_chat(model, tok, requests, asked, ["model.layers.1.mlp.down_proj.weight"],
-                                                 "subject", None, None)
-    assert rows["model.layers.1.mlp.down_proj.weight"][0].shape[0] == 4  # two prompts, two chat rows
+    name = "model.layers.1.mlp.down_proj.weight"
+    rows, owners = mend_method.capture_with_followers(model, tok, requests, asked, [name], "subject", None, None)
+    assert rows[name][0].shape[0] == 4  # two prompts, two chat rows
     assert sorted(owners.tolist()) == [0, 0, 1, 1]  # each chat row owned by its fact's request
 
     checked = []
@@ -240,3 +240,36 @@ def test_a_chat_row_follows_its_facts_step_and_the_checks_read_the_prompts_alone
                          extra_steps=1)
     editor.edit_batch(model, facts)
     assert checked and all("<|assistant|>" not in tok.decode(list(r.prompt_ids)) for r in checked)
+
+
+@pytest.mark.parametrize("check_prefixes", [True, False])
+def test_prefixed_prompts_are_checked_or_follow_their_facts_step(check_prefixes, tmp_path, monkeypatch):
+    from factedit.mend import method as mend_method
+    from factedit.model.contexts import ContextPrefixes
+
+    model, tok = tiny_model("llama")
+    path, _ = tiny_checkpoint(tmp_path, model)
+    monkeypatch.setattr(ContextPrefixes, "get", lambda self, model, tokenizer: PREFIXES)
+    checked, captured = [], []
+    real_check, real_capture = mend_method._targets_taken, mend_method.capture_rows
+
+    def check_spy(model, pad_id, group, *args, **kwargs):
+        checked.extend(tok.decode(list(r.prompt_ids)) for r in group)
+        return real_check(model, pad_id, group, *args, **kwargs)
+
+    def capture_spy(model, tokenizer, requests, *args, **kwargs):
+        captured.extend(tok.decode(list(r.prompt_ids)) for r in requests)
+        return real_capture(model, tokenizer, requests, *args, **kwargs)
+
+    monkeypatch.setattr(mend_method, "_targets_taken", check_spy)
+    monkeypatch.setattr(mend_method, "capture_rows", capture_spy)
+    base = snapshot(model)
+    with mend_editor(tok, path, guard=None, positions="subject", prefixes={}, check_prefixes=check_prefixes,
+                     step_scales=(1.0, 2.0), extra_steps=1) as editor:
+        record = editor.edit(model, "The capital of France is", "Rome")
+        editor.revert(model, record.id)
+    assert_weights_equal(model, base)
+    # every context is edited either way; only with check_prefixes do the step checks read the prefixed ones
+    assert {any(text.startswith(p) for text in captured) for p in PREFIXES[1:]} == {True}
+    prefixed_checked = [text for text in checked if text.startswith(PREFIXES[1:])]
+    assert checked and bool(prefixed_checked) == check_prefixes

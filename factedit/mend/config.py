@@ -95,12 +95,15 @@ class MENDConfig:
     chat_context: the edit is also made on the prompt asked as one user message through the tokenizer's
         chat template, the target as the start of the reply (`chat_requests`; the locate family's chat
         row), keyed at the subject there too: its rows join every step of its fact at that fact's step
-        scale, and the step checks read the prompt alone (`capture_with_chat`); nothing for a tokenizer
+        scale, and the step checks read the prompt alone (`capture_with_followers`); nothing for a tokenizer
         without a chat template. Off by default: one at a time on CounterFact val[0:80] it raised chat
         answers from 0.113 to 0.25 and PS from 0.762 to 0.812 at 7.5 forward+backward passes an edit
         against 4.0, but 200 kept edits (val[1700:1900]) drifted 1.128× against 1.051× and kept fewer
         targets said (0.87 against 0.91) with chat answers no better (docs/lifelong.md, "The fact asked as a
         chat, for `mend`").
+    check_prefixes: with `prefixes`, whether the step checks read every prefixed prompt (True: a step
+        is kept once the target leads by the margin in every context) or the prompt alone (False: the
+        prefixed rows follow their fact's step scale and steps, as the chat row does).
     """
 
     checkpoint: str | None = None
@@ -117,6 +120,7 @@ class MENDConfig:
     finish_steps: int = 4
     prefixes: PrefixConfig | None = field(default=None, metadata={"dataclass": PrefixConfig})
     chat_context: bool = False
+    check_prefixes: bool = True
 
     # What the app and the service may set per edit (settable.py). Not the checkpoint: a path on the
     # server; the operator chooses it (SessionConfig.method_overrides).
@@ -127,6 +131,7 @@ class MENDConfig:
         "preserve": Nested(PreserveConfig.SETTABLE), "fallback_ridges": Numbers(1e-3, 1e3, max_items=4),
         "lifelong": Flag(), "extra_steps": Integer(0, 8), "take_margin": Number(0.0, 10.0),
         "finish_steps": Integer(0, 8), "prefixes": Nested(PrefixConfig.SETTABLE), "chat_context": Flag(),
+        "check_prefixes": Flag(),
     }
 
     def __post_init__(self) -> None:

@@ -173,26 +173,28 @@ def capture_rows(
     return rows, torch.cat(owners)
 
 
-def capture_with_chat(
+def capture_with_followers(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[TokenizedRequest],
-    asked_in_chat: Sequence[TokenizedRequest], names: Sequence[str], positions: str, pass_size: int | None,
+    following: Sequence[TokenizedRequest], names: Sequence[str], positions: str, pass_size: int | None,
     checks: PrefixCache | None, params: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
-    """`capture_rows` of `requests` and of the chat rows (`chat_requests`) of their facts, each chat row's
-    rows owned by its fact's first request: a chat row follows that request's step scale and steps, and
-    the step checks read the requests alone (checked as well, a chat row must lead by the margin in the
-    chat too: one at a time that cost 19 forward+backward passes an edit against 7.5, docs/lifelong.md)."""
-    if not asked_in_chat:
-        return capture_rows(model, tokenizer, requests, names, positions, pass_size, checks, params)
+    """`capture_rows` of `requests` and of the rows that follow their facts (the chat rows of
+    `chat_requests`; with `check_prefixes` off, the prefixed prompts), each follower's rows owned by its
+    fact's first request: a follower takes that request's step scale and steps, and the step checks read
+    the requests alone (the chat row checked as well had to lead by the margin in the chat too: one at a
+    time that cost 19 forward+backward passes an edit against 7.5, docs/lifelong.md). Followers of facts
+    not among `requests` are left out."""
     leader = {}  # id(EditRequest) -> the first request of that fact
     for r in requests:
         leader.setdefault(id(r.request), r)
-    followers = [c for c in asked_in_chat if id(c.request) in leader]
+    followers = [c for c in following if id(c.request) in leader]
+    if not followers:
+        return capture_rows(model, tokenizer, requests, names, positions, pass_size, checks, params)
     rows, owners = capture_rows(model, tokenizer, [*requests, *followers], names, positions, pass_size, checks, params)
     index = {id(r): i for i, r in enumerate(r for group in length_groups(requests, pass_size) for r in group)}
     captured = [r for group in length_groups([*requests, *followers], pass_size) for r in group]
-    following = {id(c) for c in followers}
-    owner_of = torch.tensor([index[id(leader[id(r.request)] if id(r) in following else r)] for r in captured])
+    follower_ids = {id(c) for c in followers}
+    owner_of = torch.tensor([index[id(leader[id(r.request)] if id(r) in follower_ids else r)] for r in captured])
     return rows, owner_of.to(owners.device)[owners]
 
 
@@ -322,7 +324,7 @@ class MEND:
                                  step_scales=self.config.step_scales, fallback_ridges=self.config.fallback_ridges,
                                  extra_steps=self.config.extra_steps, prefixes=self.prefixes,
                                  take_margin=self.config.take_margin, finish_steps=self.config.finish_steps,
-                                 chat=self.config.chat_context)
+                                 chat=self.config.chat_context, check_prefixes=self.config.check_prefixes)
 
 
 def edit_with_network(
@@ -332,24 +334,34 @@ def edit_with_network(
     fallback_ridges: Sequence[float] = (), key_weighted: bool = False,
     initial: Callable[[], dict[str, Stats]] | None = None, extra_steps: int = 0,
     prefixes: ContextPrefixes | None = None, take_margin: float = 0.0, finish_steps: int = 0, chat: bool = False,
+    check_prefixes: bool = True,
 ) -> Delta:
     """One edit by an editor network (MEND's, or the identity for `ultraedit`): capture the rows,
     normalise them (lifelong when `stream` is given), transform, aggregate, scale the step; then up
     to `extra_steps` more steps for the requests whose target is not yet the argmax, and after them up
     to `finish_steps` more keyed at the "loss" positions (for a subject-keyed edit still short of its
     target). With `prefixes` each request under each of them is one more request of the edit
-    (`prefixed_requests`), and with `chat` each asked through the chat template (`chat_requests`). A
+    (`prefixed_requests`; checked as the request is, or, without `check_prefixes`, following its step),
+    and with `chat` each asked through the chat template (`chat_requests`, following its step). A
     target takes once each of its tokens leads every other by `take_margin` in log-probability (0: is
     the argmax)."""
     context = max_context(model.config)
-    asked_in_chat = chat_requests(requests, tokenizer, context, anchored=positions == "subject") if chat else []
-    requests = edit_requests(model, tokenizer, requests, prefixes, positions)
+    following = chat_requests(requests, tokenizer, context, anchored=positions == "subject") if chat else []
+    if prefixes is not None and not check_prefixes:
+        alone = edit_requests(model, tokenizer, requests, None, positions)
+        seen = {(id(r.request), r.prompt_ids) for r in alone}
+        prefixed = edit_requests(model, tokenizer, requests, prefixes, positions)
+        following = [r for r in prefixed if (id(r.request), r.prompt_ids) not in seen] + following
+        requests = alone
+    else:
+        requests = edit_requests(model, tokenizer, requests, prefixes, positions)
     # More than one level to check: the capture pass records the hidden states entering the first
     # edited block, so each check runs only the edited blocks.
     checks = None
     if len(step_scales) > 1 or fallback_ridges or extra_steps or finish_steps:
         checks = PrefixCache(model, min(layer_index(model, n) for n in names))
-    rows, owners = capture_with_chat(model, tokenizer, requests, asked_in_chat, names, positions, pass_size, checks)
+    rows, owners = capture_with_followers(model, tokenizer, requests, following, names, positions, pass_size,
+                                         checks)
     pad_id = pad_id_of(tokenizer)
     with torch.no_grad():
         stats = lifelong_stats(network, rows, stream, tag, initial)
@@ -370,8 +382,8 @@ def edit_with_network(
         missing = [r for r, ok in zip(ordered, known.tolist(), strict=True) if not ok]
         if not missing:
             break
-        rows, owners = capture_with_chat(model, tokenizer, missing, asked_in_chat, names, step_positions, pass_size,
-                                         checks, params)
+        rows, owners = capture_with_followers(model, tokenizer, missing, following, names, step_positions,
+                                              pass_size, checks, params)
         with torch.no_grad():
             if stats is not None:  # lifelong: the second step's rows are seen too
                 stats = network.merged_stats(stats, rows)

@@ -89,6 +89,8 @@ class UltraEditConfig:
         kept `ultraedit` edits drifted 1.22× after 100 against 1.04× (docs/lifelong.md, "Lifelong editing").
     chat_context: the edit is also made on the prompt asked through the chat template (as `mend`'s
         `chat_context`); off by default.
+    check_prefixes: with `prefixes`, whether the step checks read every prefixed prompt (True) or the
+        prompt alone, the prefixed rows following their fact's step as the chat row does (as `mend`'s).
     """
 
     layers: tuple[int, ...] | None = None
@@ -105,6 +107,7 @@ class UltraEditConfig:
     pass_size: int | None = None
     prefixes: PrefixConfig | None = field(default=None, metadata={"dataclass": PrefixConfig})
     chat_context: bool = False
+    check_prefixes: bool = True
 
     # What the app and the service may set per edit (settable.py): the warm-up bounds the edits run
     # once per model, step scales and extra steps the passes of one edit.
@@ -115,6 +118,7 @@ class UltraEditConfig:
         "extra_steps": Integer(0, 8), "finish_steps": Integer(0, 8),
         "take_margin": Number(0.0, 10.0), "pass_size": Integer(1, 64, optional=True),
         "prefixes": Nested(PrefixConfig.SETTABLE), "chat_context": Flag(),
+        "check_prefixes": Flag(),
     }
 
     def __post_init__(self) -> None:
@@ -181,7 +185,7 @@ class UltraEdit:
                                  step_scales=self.config.step_scales, key_weighted=True, initial=initial,
                                  extra_steps=self.config.extra_steps, finish_steps=self.config.finish_steps,
                                  take_margin=self.config.take_margin, prefixes=self.prefixes,
-                                 chat=self.config.chat_context)
+                                 chat=self.config.chat_context, check_prefixes=self.config.check_prefixes)
 
     def _initial_stats(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, network: MENDNetwork,
