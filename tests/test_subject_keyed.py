@@ -15,6 +15,8 @@ from factedit import EditRequest
 from factedit.core.errors import InvalidRequestError
 from factedit.core.request import tokenize_request
 from factedit.mend.capture import per_request_nll
+from factedit.mend.method import averaged_rows
+from factedit.mend.ultraedit import UltraEditConfig
 from factedit.model.hooks import capture_linear_io
 from factedit.scoring.batches import chat_requests, loss_positions, make_batch, prefixed_requests
 from factedit.scoring.sequences import pad_id_of
@@ -242,8 +244,8 @@ def test_a_chat_row_follows_its_facts_step_and_the_checks_read_the_prompts_alone
     assert checked and all("<|assistant|>" not in tok.decode(list(r.prompt_ids)) for r in checked)
 
 
-@pytest.mark.parametrize("check_prefixes", [True, False])
-def test_prefixed_prompts_are_checked_or_follow_their_facts_step(check_prefixes, tmp_path, monkeypatch):
+@pytest.mark.parametrize("prefix_rows", ["checked", "follow", "mean"])
+def test_prefixed_prompts_are_checked_follow_or_are_averaged(prefix_rows, tmp_path, monkeypatch):
     from factedit.mend import method as mend_method
     from factedit.model.contexts import ContextPrefixes
 
@@ -264,12 +266,39 @@ def test_prefixed_prompts_are_checked_or_follow_their_facts_step(check_prefixes,
     monkeypatch.setattr(mend_method, "_targets_taken", check_spy)
     monkeypatch.setattr(mend_method, "capture_rows", capture_spy)
     base = snapshot(model)
-    with mend_editor(tok, path, guard=None, positions="subject", prefixes={}, check_prefixes=check_prefixes,
-                     step_scales=(1.0, 2.0), extra_steps=1) as editor:
+    with mend_editor(tok, path, guard=None, positions="subject", prefixes={}, prefix_rows=prefix_rows,
+                     step_scales=(1.0, 2.0), extra_steps=0) as editor:
         record = editor.edit(model, "The capital of France is", "Rome")
+        ranks = {p.left.shape[1] for p in editor._impl.compute(model, tok, requests_for(tok)[:1]).params.values()}
         editor.revert(model, record.id)
     assert_weights_equal(model, base)
-    # every context is edited either way; only with check_prefixes do the step checks read the prefixed ones
+    # every context is captured; only "checked" has the step checks read the prefixed ones; "mean" makes
+    # one row of a fact's three contexts
     assert {any(text.startswith(p) for text in captured) for p in PREFIXES[1:]} == {True}
     prefixed_checked = [text for text in checked if text.startswith(PREFIXES[1:])]
-    assert checked and bool(prefixed_checked) == check_prefixes
+    assert checked and bool(prefixed_checked) == (prefix_rows == "checked")
+    assert ranks == ({1} if prefix_rows == "mean" else {len(PREFIXES)})
+
+
+def test_averaged_rows_are_the_mean_of_a_facts_contexts_and_followers_stay():
+    rows = {"w": (torch.arange(12.0).reshape(6, 2), torch.arange(18.0).reshape(6, 3))}
+    owners = torch.tensor([1, 0, 1, 0, 1, 0])  # rows 0, 2 of fact 1 and 1, 3 of fact 0 are averaged
+    follows = torch.tensor([False, False, False, False, True, True])
+    out, out_owners = averaged_rows(rows, owners, follows, 2)
+    u, d = out["w"]
+    u_in, d_in = rows["w"]
+    assert torch.equal(u[0], (u_in[1] + u_in[3]) / 2) and torch.equal(u[1], (u_in[0] + u_in[2]) / 2)
+    assert torch.equal(d[0], (d_in[1] + d_in[3]) / 2) and torch.equal(u[2:], u_in[4:]) and torch.equal(d[2:], d_in[4:])
+    assert out_owners.tolist() == [0, 1, 1, 0]
+
+
+def mend_method_averaged(rows, owners, follows):
+    from factedit.mend.method import _averaged_rows
+
+    out, out_owners = _averaged_rows(rows, owners, follows, 2)
+    return out["w"], out_owners
+
+
+def test_averaged_contexts_need_an_edit_keyed_on_the_subject():
+    with pytest.raises(ValueError, match="positions"):
+        UltraEditConfig(positions="all", prefix_rows="mean")

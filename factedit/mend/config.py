@@ -11,6 +11,7 @@ from ..model.contexts import PrefixConfig
 from ..safety.preserve import PreserveConfig, preserve_field
 
 POSITIONS = ("loss", "all", "subject")
+PREFIX_ROWS = ("checked", "follow", "mean")  # what the rows of an edit's prefixed prompts do (MENDConfig)
 
 
 def check_step_scales(scales: tuple[float, ...]) -> None:
@@ -25,6 +26,15 @@ def check_take_margin(margin: float) -> None:
     """A take margin is a number of nats in [0, 10] (0: the argmax alone)."""
     if not 0.0 <= margin <= 10.0:
         raise ValueError(f"take_margin must be in [0, 10], got {margin!r}")
+
+
+def check_prefix_rows(prefix_rows: str, positions: str | None) -> None:
+    """`prefix_rows` is one of PREFIX_ROWS; "mean" averages one row a request, so it needs the edit keyed
+    on the subject (None: the checkpoint's positions, checked when the edit is made)."""
+    if prefix_rows not in PREFIX_ROWS:
+        raise ValueError(f"prefix_rows must be one of {PREFIX_ROWS}, got {prefix_rows!r}")
+    if prefix_rows == "mean" and positions not in (None, "subject"):
+        raise ValueError(f'prefix_rows="mean" needs positions="subject", got {positions!r}')
 
 
 @dataclass(frozen=True)
@@ -101,9 +111,12 @@ class MENDConfig:
         against 4.0, but 200 kept edits (val[1700:1900]) drifted 1.128× against 1.051× and kept fewer
         targets said (0.87 against 0.91) with chat answers no better (docs/lifelong.md, "The fact asked as a
         chat, for `mend`").
-    check_prefixes: with `prefixes`, whether the step checks read every prefixed prompt (True: a step
-        is kept once the target leads by the margin in every context) or the prompt alone (False: the
-        prefixed rows follow their fact's step scale and steps, as the chat row does).
+    prefix_rows: with `prefixes`, what the prefixed prompts' rows do. "checked": each is one more
+        request, its rows in the update and the step checks (a step is kept once the target leads by
+        the margin in every context). "follow": its rows join its fact's step scale and steps, as the
+        chat row's do, and the checks read the prompt alone. "mean" (keyed on the subject): a fact's
+        rows are averaged over its contexts into one row (MEMIT's key averaged over contexts), stepped
+        and checked as the prompt's.
     """
 
     checkpoint: str | None = None
@@ -120,7 +133,7 @@ class MENDConfig:
     finish_steps: int = 4
     prefixes: PrefixConfig | None = field(default=None, metadata={"dataclass": PrefixConfig})
     chat_context: bool = False
-    check_prefixes: bool = True
+    prefix_rows: str = "checked"
 
     # What the app and the service may set per edit (settable.py). Not the checkpoint: a path on the
     # server; the operator chooses it (SessionConfig.method_overrides).
@@ -131,7 +144,7 @@ class MENDConfig:
         "preserve": Nested(PreserveConfig.SETTABLE), "fallback_ridges": Numbers(1e-3, 1e3, max_items=4),
         "lifelong": Flag(), "extra_steps": Integer(0, 8), "take_margin": Number(0.0, 10.0),
         "finish_steps": Integer(0, 8), "prefixes": Nested(PrefixConfig.SETTABLE), "chat_context": Flag(),
-        "check_prefixes": Flag(),
+        "prefix_rows": Choice(*PREFIX_ROWS),
     }
 
     def __post_init__(self) -> None:
@@ -145,5 +158,6 @@ class MENDConfig:
         if self.extra_steps < 0 or self.finish_steps < 0:
             raise ValueError("extra_steps and finish_steps must be >= 0")
         check_take_margin(self.take_margin)
+        check_prefix_rows(self.prefix_rows, self.positions)
         if any(not ridge > 0 for ridge in self.fallback_ridges):
             raise ValueError("fallback_ridges must be numbers > 0")

@@ -177,25 +177,51 @@ def capture_with_followers(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[TokenizedRequest],
     following: Sequence[TokenizedRequest], names: Sequence[str], positions: str, pass_size: int | None,
     checks: PrefixCache | None, params: dict[str, torch.Tensor] | None = None,
+    averaged: Sequence[TokenizedRequest] = (),
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
     """`capture_rows` of `requests` and of the rows that follow their facts (the chat rows of
-    `chat_requests`; with `check_prefixes` off, the prefixed prompts), each follower's rows owned by its
-    fact's first request: a follower takes that request's step scale and steps, and the step checks read
-    the requests alone (the chat row checked as well had to lead by the margin in the chat too: one at a
-    time that cost 19 forward+backward passes an edit against 7.5, docs/lifelong.md). Followers of facts
-    not among `requests` are left out."""
+    `chat_requests`; with `prefix_rows="follow"`, the prefixed prompts), each follower's rows owned by
+    its fact's first request: a follower takes that request's step scale and steps, and the step checks
+    read the requests alone (the chat row checked as well had to lead by the margin in the chat too: one
+    at a time that cost 19 forward+backward passes an edit against 7.5, docs/lifelong.md). `averaged`
+    (`prefix_rows="mean"`, keyed on the subject: one row a request) are more contexts of the same facts
+    whose rows are averaged with their fact's first request's into one row, MEMIT's key averaged over
+    contexts. Followers and contexts of facts not among `requests` are left out."""
     leader = {}  # id(EditRequest) -> the first request of that fact
     for r in requests:
         leader.setdefault(id(r.request), r)
     followers = [c for c in following if id(c.request) in leader]
-    if not followers:
+    joined = [c for c in averaged if id(c.request) in leader]
+    if not followers and not joined:
         return capture_rows(model, tokenizer, requests, names, positions, pass_size, checks, params)
-    rows, owners = capture_rows(model, tokenizer, [*requests, *followers], names, positions, pass_size, checks, params)
+    if joined and positions != "subject":
+        raise ValueError('rows are averaged over contexts only for an edit keyed on the subject (positions="subject")')
+    everything = [*requests, *followers, *joined]
+    rows, owners = capture_rows(model, tokenizer, everything, names, positions, pass_size, checks, params)
     index = {id(r): i for i, r in enumerate(r for group in length_groups(requests, pass_size) for r in group)}
-    captured = [r for group in length_groups([*requests, *followers], pass_size) for r in group]
-    follower_ids = {id(c) for c in followers}
-    owner_of = torch.tensor([index[id(leader[id(r.request)] if id(r) in follower_ids else r)] for r in captured])
-    return rows, owner_of.to(owners.device)[owners]
+    captured = [r for group in length_groups(everything, pass_size) for r in group]
+    others = {id(c) for c in [*followers, *joined]}
+    owner_of = torch.tensor([index[id(leader[id(r.request)] if id(r) in others else r)] for r in captured])
+    owned = owner_of.to(owners.device)[owners]  # (rows,): each row's request among `requests`
+    if not joined:
+        return rows, owned
+    follows = torch.tensor([id(r) in {id(c) for c in followers} for r in captured], device=owners.device)[owners]
+    return averaged_rows(rows, owned, follows, len(requests))
+
+
+def averaged_rows(
+    rows: dict[str, tuple[torch.Tensor, torch.Tensor]], owners: torch.Tensor, follows: torch.Tensor, count: int,
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """One row per request, the mean of its rows that do not follow (its own and its averaged contexts'),
+    then the following rows as they are; owners (rows,) in the same order."""
+    mean_owners, kept = owners[~follows], follows.nonzero().squeeze(-1)
+    counts = torch.bincount(mean_owners, minlength=count).clamp_min(1)  # (count,)
+    out = {}
+    for name, (u, d) in rows.items():  # u (rows, in), d (rows, out)
+        means = [torch.zeros(count, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, mean_owners, x[~follows])
+                 / counts[:, None].to(x.dtype) for x in (u, d)]
+        out[name] = (torch.cat([means[0], u[kept]]), torch.cat([means[1], d[kept]]))
+    return out, torch.cat([torch.arange(count, device=owners.device), owners[kept]])
 
 
 def _below_edited_blocks(
@@ -324,7 +350,7 @@ class MEND:
                                  step_scales=self.config.step_scales, fallback_ridges=self.config.fallback_ridges,
                                  extra_steps=self.config.extra_steps, prefixes=self.prefixes,
                                  take_margin=self.config.take_margin, finish_steps=self.config.finish_steps,
-                                 chat=self.config.chat_context, check_prefixes=self.config.check_prefixes)
+                                 chat=self.config.chat_context, prefix_rows=self.config.prefix_rows)
 
 
 def edit_with_network(
@@ -334,24 +360,27 @@ def edit_with_network(
     fallback_ridges: Sequence[float] = (), key_weighted: bool = False,
     initial: Callable[[], dict[str, Stats]] | None = None, extra_steps: int = 0,
     prefixes: ContextPrefixes | None = None, take_margin: float = 0.0, finish_steps: int = 0, chat: bool = False,
-    check_prefixes: bool = True,
+    prefix_rows: str = "checked",
 ) -> Delta:
     """One edit by an editor network (MEND's, or the identity for `ultraedit`): capture the rows,
     normalise them (lifelong when `stream` is given), transform, aggregate, scale the step; then up
     to `extra_steps` more steps for the requests whose target is not yet the argmax, and after them up
     to `finish_steps` more keyed at the "loss" positions (for a subject-keyed edit still short of its
     target). With `prefixes` each request under each of them is one more request of the edit
-    (`prefixed_requests`; checked as the request is, or, without `check_prefixes`, following its step),
-    and with `chat` each asked through the chat template (`chat_requests`, following its step). A
+    (`prefixed_requests`; `prefix_rows`: "checked" as the request is, "follow" its step, or "mean": its
+    rows averaged with the request's), and with `chat` each asked through the chat template
+    (`chat_requests`, following its step). A
     target takes once each of its tokens leads every other by `take_margin` in log-probability (0: is
     the argmax)."""
     context = max_context(model.config)
     following = chat_requests(requests, tokenizer, context, anchored=positions == "subject") if chat else []
-    if prefixes is not None and not check_prefixes:
+    averaged: list[TokenizedRequest] = []
+    if prefixes is not None and prefix_rows != "checked":
         alone = edit_requests(model, tokenizer, requests, None, positions)
         seen = {(id(r.request), r.prompt_ids) for r in alone}
-        prefixed = edit_requests(model, tokenizer, requests, prefixes, positions)
-        following = [r for r in prefixed if (id(r.request), r.prompt_ids) not in seen] + following
+        prefixed = [r for r in edit_requests(model, tokenizer, requests, prefixes, positions)
+                    if (id(r.request), r.prompt_ids) not in seen]
+        averaged, following = (prefixed, following) if prefix_rows == "mean" else ([], prefixed + following)
         requests = alone
     else:
         requests = edit_requests(model, tokenizer, requests, prefixes, positions)
@@ -361,7 +390,7 @@ def edit_with_network(
     if len(step_scales) > 1 or fallback_ridges or extra_steps or finish_steps:
         checks = PrefixCache(model, min(layer_index(model, n) for n in names))
     rows, owners = capture_with_followers(model, tokenizer, requests, following, names, positions, pass_size,
-                                         checks)
+                                          checks, averaged=averaged)
     pad_id = pad_id_of(tokenizer)
     with torch.no_grad():
         stats = lifelong_stats(network, rows, stream, tag, initial)
@@ -382,8 +411,11 @@ def edit_with_network(
         missing = [r for r, ok in zip(ordered, known.tolist(), strict=True) if not ok]
         if not missing:
             break
-        rows, owners = capture_with_followers(model, tokenizer, missing, following, names, step_positions,
-                                              pass_size, checks, params)
+        # averaged contexts need one row a request (keyed on the subject); at the loss positions they follow
+        keyed = step_positions == "subject"
+        rows, owners = capture_with_followers(model, tokenizer, missing, following if keyed else following + averaged,
+                                              names, step_positions, pass_size, checks, params,
+                                              averaged=averaged if keyed else ())
         with torch.no_grad():
             if stats is not None:  # lifelong: the second step's rows are seen too
                 stats = network.merged_stats(stats, rows)

@@ -37,7 +37,7 @@ from ..model.contexts import ContextPrefixes, PrefixConfig
 from ..model.specs import mlp_param_names, num_layers
 from ..paths import PACKAGE_DIR
 from ..safety.preserve import KeyPreserver, PreserveConfig, preserve_field
-from .config import POSITIONS, check_step_scales, check_take_margin
+from .config import POSITIONS, PREFIX_ROWS, check_prefix_rows, check_step_scales, check_take_margin
 from .data import load_examples
 from .method import capture_rows, edit_requests, edit_with_network, new_network, subject_keys_fn
 from .network import MENDNetwork, Stats
@@ -89,8 +89,8 @@ class UltraEditConfig:
         kept `ultraedit` edits drifted 1.22× after 100 against 1.04× (docs/lifelong.md, "Lifelong editing").
     chat_context: the edit is also made on the prompt asked through the chat template (as `mend`'s
         `chat_context`); off by default.
-    check_prefixes: with `prefixes`, whether the step checks read every prefixed prompt (True) or the
-        prompt alone, the prefixed rows following their fact's step as the chat row does (as `mend`'s).
+    prefix_rows: with `prefixes`, what the prefixed prompts' rows do: "checked", "follow" or "mean" (as
+        `mend`'s).
     """
 
     layers: tuple[int, ...] | None = None
@@ -107,7 +107,7 @@ class UltraEditConfig:
     pass_size: int | None = None
     prefixes: PrefixConfig | None = field(default=None, metadata={"dataclass": PrefixConfig})
     chat_context: bool = False
-    check_prefixes: bool = True
+    prefix_rows: str = "checked"
 
     # What the app and the service may set per edit (settable.py): the warm-up bounds the edits run
     # once per model, step scales and extra steps the passes of one edit.
@@ -118,7 +118,7 @@ class UltraEditConfig:
         "extra_steps": Integer(0, 8), "finish_steps": Integer(0, 8),
         "take_margin": Number(0.0, 10.0), "pass_size": Integer(1, 64, optional=True),
         "prefixes": Nested(PrefixConfig.SETTABLE), "chat_context": Flag(),
-        "check_prefixes": Flag(),
+        "prefix_rows": Choice(*PREFIX_ROWS),
     }
 
     def __post_init__(self) -> None:
@@ -132,6 +132,7 @@ class UltraEditConfig:
             raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
         check_step_scales(self.step_scales)
         check_take_margin(self.take_margin)
+        check_prefix_rows(self.prefix_rows, self.positions)
         if self.pass_size is not None and self.pass_size < 1:
             raise ValueError("pass_size must be >= 1, or None for one pass")
 
@@ -185,7 +186,7 @@ class UltraEdit:
                                  step_scales=self.config.step_scales, key_weighted=True, initial=initial,
                                  extra_steps=self.config.extra_steps, finish_steps=self.config.finish_steps,
                                  take_margin=self.config.take_margin, prefixes=self.prefixes,
-                                 chat=self.config.chat_context, check_prefixes=self.config.check_prefixes)
+                                 chat=self.config.chat_context, prefix_rows=self.config.prefix_rows)
 
     def _initial_stats(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, network: MENDNetwork,
