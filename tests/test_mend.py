@@ -35,13 +35,14 @@ def tiny_checkpoint(tmp_path, model, layers=(-2, -1), roles=("in", "out"), alpha
 
 
 def mend_editor(tok, path, layers=(-2, -1), roles=("in", "out"), **extra):
-    """A MEND Editor over a summing tiny checkpoint, without preservation and with one step keyed at the
-    loss positions (MEND as published) unless asked."""
+    """A MEND Editor over a summing tiny checkpoint, without preservation, on the prompt alone and with one
+    step keyed at the loss positions (MEND as published) unless asked."""
     extra.setdefault("preserve", None)
     extra.setdefault("extra_steps", 0)
     extra.setdefault("positions", "loss")
     extra.setdefault("finish_steps", 0)
     extra.setdefault("take_margin", 0.0)
+    extra.setdefault("prefixes", None)
     return factedit.Editor("mend", tokenizer=tok, checkpoint=str(path), layers=layers, matrices=roles, **extra)
 
 

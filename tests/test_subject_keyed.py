@@ -16,7 +16,6 @@ from factedit.core.errors import InvalidRequestError
 from factedit.core.request import tokenize_request
 from factedit.mend.capture import per_request_nll
 from factedit.mend.method import averaged_rows
-from factedit.mend.ultraedit import UltraEditConfig
 from factedit.model.hooks import capture_linear_io
 from factedit.scoring.batches import chat_requests, loss_positions, make_batch, prefixed_requests
 from factedit.scoring.sequences import pad_id_of
@@ -297,8 +296,3 @@ def mend_method_averaged(rows, owners, follows):
 
     out, out_owners = _averaged_rows(rows, owners, follows, 2)
     return out["w"], out_owners
-
-
-def test_averaged_contexts_need_an_edit_keyed_on_the_subject():
-    with pytest.raises(ValueError, match="positions"):
-        UltraEditConfig(positions="all", prefix_rows="mean")

@@ -28,13 +28,10 @@ def check_take_margin(margin: float) -> None:
         raise ValueError(f"take_margin must be in [0, 10], got {margin!r}")
 
 
-def check_prefix_rows(prefix_rows: str, positions: str | None) -> None:
-    """`prefix_rows` is one of PREFIX_ROWS; "mean" averages one row a request, so it needs the edit keyed
-    on the subject (None: the checkpoint's positions, checked when the edit is made)."""
+def check_prefix_rows(prefix_rows: str) -> None:
+    """`prefix_rows` is one of PREFIX_ROWS."""
     if prefix_rows not in PREFIX_ROWS:
         raise ValueError(f"prefix_rows must be one of {PREFIX_ROWS}, got {prefix_rows!r}")
-    if prefix_rows == "mean" and positions not in (None, "subject"):
-        raise ValueError(f'prefix_rows="mean" needs positions="subject", got {positions!r}')
 
 
 @dataclass(frozen=True)
@@ -114,9 +111,10 @@ class MENDConfig:
     prefix_rows: with `prefixes`, what the prefixed prompts' rows do. "checked": each is one more
         request, its rows in the update and the step checks (a step is kept once the target leads by
         the margin in every context). "follow": its rows join its fact's step scale and steps, as the
-        chat row's do, and the checks read the prompt alone. "mean" (keyed on the subject): a fact's
-        rows are averaged over its contexts into one row (MEMIT's key averaged over contexts), stepped
-        and checked as the prompt's.
+        chat row's do, and the checks read the prompt alone. "mean": a fact's rows at the subject's last
+        token are averaged over its contexts into one row (MEMIT's key averaged over contexts), stepped
+        and checked as the prompt's; at other positions (positions "loss" or "all", and the finishing
+        steps) the contexts' rows follow, as with "follow".
     """
 
     checkpoint: str | None = None
@@ -158,6 +156,6 @@ class MENDConfig:
         if self.extra_steps < 0 or self.finish_steps < 0:
             raise ValueError("extra_steps and finish_steps must be >= 0")
         check_take_margin(self.take_margin)
-        check_prefix_rows(self.prefix_rows, self.positions)
+        check_prefix_rows(self.prefix_rows)
         if any(not ridge > 0 for ridge in self.fallback_ridges):
             raise ValueError("fallback_ridges must be numbers > 0")

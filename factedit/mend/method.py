@@ -380,7 +380,9 @@ def edit_with_network(
         seen = {(id(r.request), r.prompt_ids) for r in alone}
         prefixed = [r for r in edit_requests(model, tokenizer, requests, prefixes, positions)
                     if (id(r.request), r.prompt_ids) not in seen]
-        averaged, following = (prefixed, following) if prefix_rows == "mean" else ([], prefixed + following)
+        # averaged contexts need one row a request (keyed on the subject); elsewhere they follow
+        averaged, following = (prefixed, following) if prefix_rows == "mean" and positions == "subject" else (
+            [], prefixed + following)
         requests = alone
     else:
         requests = edit_requests(model, tokenizer, requests, prefixes, positions)
@@ -411,7 +413,6 @@ def edit_with_network(
         missing = [r for r, ok in zip(ordered, known.tolist(), strict=True) if not ok]
         if not missing:
             break
-        # averaged contexts need one row a request (keyed on the subject); at the loss positions they follow
         keyed = step_positions == "subject"
         rows, owners = capture_with_followers(model, tokenizer, missing, following if keyed else following + averaged,
                                               names, step_positions, pass_size, checks, params,

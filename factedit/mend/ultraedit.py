@@ -132,7 +132,7 @@ class UltraEditConfig:
             raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
         check_step_scales(self.step_scales)
         check_take_margin(self.take_margin)
-        check_prefix_rows(self.prefix_rows, self.positions)
+        check_prefix_rows(self.prefix_rows)
         if self.pass_size is not None and self.pass_size < 1:
             raise ValueError("pass_size must be >= 1, or None for one pass")
 
