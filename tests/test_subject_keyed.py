@@ -243,8 +243,9 @@ def test_a_chat_row_follows_its_facts_step_and_the_checks_read_the_prompts_alone
     assert checked and all("<|assistant|>" not in tok.decode(list(r.prompt_ids)) for r in checked)
 
 
-@pytest.mark.parametrize("prefix_rows", ["checked", "follow", "mean"])
-def test_prefixed_prompts_are_checked_follow_or_are_averaged(prefix_rows, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("prefix_rows", "positions"),
+                         [("checked", "subject"), ("follow", "subject"), ("mean", "subject"), ("mean", "loss")])
+def test_prefixed_prompts_are_checked_follow_or_are_averaged(prefix_rows, positions, tmp_path, monkeypatch):
     from factedit.mend import method as mend_method
     from factedit.model.contexts import ContextPrefixes
 
@@ -265,18 +266,21 @@ def test_prefixed_prompts_are_checked_follow_or_are_averaged(prefix_rows, tmp_pa
     monkeypatch.setattr(mend_method, "_targets_taken", check_spy)
     monkeypatch.setattr(mend_method, "capture_rows", capture_spy)
     base = snapshot(model)
-    with mend_editor(tok, path, guard=None, positions="subject", prefixes={}, prefix_rows=prefix_rows,
+    with mend_editor(tok, path, guard=None, positions=positions, prefixes={}, prefix_rows=prefix_rows,
                      step_scales=(1.0, 2.0), extra_steps=0) as editor:
         record = editor.edit(model, "The capital of France is", "Rome")
         ranks = {p.left.shape[1] for p in editor._impl.compute(model, tok, requests_for(tok)[:1]).params.values()}
         editor.revert(model, record.id)
     assert_weights_equal(model, base)
     # every context is captured; only "checked" has the step checks read the prefixed ones; "mean" makes
-    # one row of a fact's three contexts
+    # one row of a fact's three contexts where the edit is keyed on the subject, and lets them follow elsewhere
     assert {any(text.startswith(p) for text in captured) for p in PREFIXES[1:]} == {True}
     prefixed_checked = [text for text in checked if text.startswith(PREFIXES[1:])]
     assert checked and bool(prefixed_checked) == (prefix_rows == "checked")
-    assert ranks == ({1} if prefix_rows == "mean" else {len(PREFIXES)})
+    if positions == "subject":
+        assert ranks == ({1} if prefix_rows == "mean" else {len(PREFIXES)})
+    else:  # a row per target token, in each of the three contexts
+        assert ranks == {len(PREFIXES) * len(requests_for(tok)[0].target_ids)}
 
 
 def test_averaged_rows_are_the_mean_of_a_facts_contexts_and_followers_stay():
