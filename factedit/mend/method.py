@@ -200,12 +200,13 @@ def capture_with_followers(
     rows, owners = capture_rows(model, tokenizer, everything, names, positions, pass_size, checks, params)
     index = {id(r): i for i, r in enumerate(r for group in length_groups(requests, pass_size) for r in group)}
     captured = [r for group in length_groups(everything, pass_size) for r in group]
-    others = {id(c) for c in [*followers, *joined]}
-    owner_of = torch.tensor([index[id(leader[id(r.request)] if id(r) in others else r)] for r in captured])
+    follower_ids = {id(c) for c in followers}
+    others = follower_ids | {id(c) for c in joined}
+    owner_of = torch.tensor([index[id(leader[id(r.request)]) if id(r) in others else id(r)] for r in captured])
     owned = owner_of.to(owners.device)[owners]  # (rows,): each row's request among `requests`
     if not joined:
         return rows, owned
-    follows = torch.tensor([id(r) in {id(c) for c in followers} for r in captured], device=owners.device)[owners]
+    follows = torch.tensor([id(r) in follower_ids for r in captured], device=owners.device)[owners]
     return averaged_rows(rows, owned, follows, len(requests))
 
 
@@ -369,30 +370,31 @@ def edit_with_network(
     target). With `prefixes` each request under each of them is one more request of the edit
     (`prefixed_requests`; `prefix_rows`: "checked" as the request is, "follow" its step, or "mean": its
     rows averaged with the request's), and with `chat` each asked through the chat template
-    (`chat_requests`, following its step). A
-    target takes once each of its tokens leads every other by `take_margin` in log-probability (0: is
-    the argmax)."""
+    (`chat_requests`, following its step). A target takes once each of its tokens leads every other by
+    `take_margin` in log-probability (0: is the argmax)."""
     context = max_context(model.config)
     following = chat_requests(requests, tokenizer, context, anchored=positions == "subject") if chat else []
     averaged: list[TokenizedRequest] = []
+    own = {(id(r.request), r.prompt_ids) for r in requests}  # each request's prompt alone
+    requests = edit_requests(model, tokenizer, requests, prefixes, positions)
     if prefixes is not None and prefix_rows != "checked":
-        alone = edit_requests(model, tokenizer, requests, None, positions)
-        seen = {(id(r.request), r.prompt_ids) for r in alone}
-        prefixed = [r for r in edit_requests(model, tokenizer, requests, prefixes, positions)
-                    if (id(r.request), r.prompt_ids) not in seen]
-        # averaged contexts need one row a request (keyed on the subject); elsewhere they follow
-        averaged, following = (prefixed, following) if prefix_rows == "mean" and positions == "subject" else (
-            [], prefixed + following)
-        requests = alone
-    else:
-        requests = edit_requests(model, tokenizer, requests, prefixes, positions)
+        prefixed = [r for r in requests if (id(r.request), r.prompt_ids) not in own]
+        averaged, following = (prefixed, following) if prefix_rows == "mean" else ([], prefixed + following)
+        requests = [r for r in requests if (id(r.request), r.prompt_ids) in own]
+
+    def contexts_at(step_positions: str) -> tuple[list[TokenizedRequest], list[TokenizedRequest]]:
+        """(following, averaged) for a capture at `step_positions`: averaging needs one row a request
+        (keyed on the subject); elsewhere the averaged contexts follow."""
+        return (following, averaged) if step_positions == "subject" else ([*averaged, *following], [])
+
     # More than one level to check: the capture pass records the hidden states entering the first
     # edited block, so each check runs only the edited blocks.
     checks = None
     if len(step_scales) > 1 or fallback_ridges or extra_steps or finish_steps:
         checks = PrefixCache(model, min(layer_index(model, n) for n in names))
-    rows, owners = capture_with_followers(model, tokenizer, requests, following, names, positions, pass_size,
-                                          checks, averaged=averaged)
+    step_following, step_averaged = contexts_at(positions)
+    rows, owners = capture_with_followers(model, tokenizer, requests, step_following, names, positions, pass_size,
+                                          checks, averaged=step_averaged)
     pad_id = pad_id_of(tokenizer)
     with torch.no_grad():
         stats = lifelong_stats(network, rows, stream, tag, initial)
@@ -413,10 +415,9 @@ def edit_with_network(
         missing = [r for r, ok in zip(ordered, known.tolist(), strict=True) if not ok]
         if not missing:
             break
-        keyed = step_positions == "subject"
-        rows, owners = capture_with_followers(model, tokenizer, missing, following if keyed else following + averaged,
-                                              names, step_positions, pass_size, checks, params,
-                                              averaged=averaged if keyed else ())
+        step_following, step_averaged = contexts_at(step_positions)
+        rows, owners = capture_with_followers(model, tokenizer, missing, step_following, names, step_positions,
+                                              pass_size, checks, params, averaged=step_averaged)
         with torch.no_grad():
             if stats is not None:  # lifelong: the second step's rows are seen too
                 stats = network.merged_stats(stats, rows)
