@@ -18,7 +18,8 @@ from tiny_models import save_tiny_model, tiny_model
 
 import factedit
 from factedit.core import request as request_module
-from factedit.core.methods import MethodSpec
+from factedit.core.methods import MethodSpec, config_to_dict
+from factedit.model.contexts import PrefixConfig
 from factedit.session import EditSession
 
 REPO = Path(__file__).resolve().parents[1]
@@ -357,6 +358,16 @@ def test_the_guards_refusal_is_shown_in_the_header(app_env):
     assert "**0** active edit(s)" in health
 
 
+def the_applied_edit(at: AppTest, app_env) -> factedit.EditRecord:
+    """Apply the page's edit with its settings; the journal's one record."""
+    at = apply_edit(run(at))
+    assert errors(at) == []
+    st.cache_resource.clear()  # closes the journal, to read it here
+    with factedit.editing.journal.Journal(app_env.journal) as journal:
+        (record,) = journal.records(deltas=False)
+    return record
+
+
 def test_method_settings_descriptions_and_help(app_env):
     at = start()
     assert any(c.value.startswith("Constrained fine-tuning (FT+L)") for c in at.caption)
@@ -372,11 +383,7 @@ def test_method_settings_descriptions_and_help(app_env):
     at = run(at)
     assert any("would be refused" in e and "max_steps must be between 1 and 200" in e for e in errors(at))
     at.text_input(key="setting:ft_l:max_steps").input("2")
-    at = apply_edit(run(at))
-    assert errors(at) == []
-    st.cache_resource.clear()  # closes the journal, to read it here
-    with factedit.editing.journal.Journal(app_env.journal) as journal:
-        (record,) = journal.records(deltas=False)
+    record = the_applied_edit(at, app_env)
     assert record.config["max_steps"] == 2 and record.config["lr"] == 0.1
 
 
@@ -387,6 +394,48 @@ def test_a_flag_setting_reads_true_or_false():
     assert parse_value("yes", False, "bool") is True
     with pytest.raises(factedit.ConfigError, match="not true or false"):
         parse_value("maybe", False, "bool")
+
+
+def test_a_nested_config_setting_reads_on_or_off():
+    from editapp.methods import format_value, parse_value
+
+    configured = {"seeds": ["The"], "tokens": 8}
+    assert format_value(configured) == "on" and format_value(None) == ""
+    assert parse_value("on", configured, "PrefixConfig | None") == configured  # as configured
+    assert parse_value("on", None, "PrefixConfig | None") == {}  # the nested config's defaults
+    assert parse_value("off", configured, "PrefixConfig | None") is None
+    assert parse_value("", configured, "PrefixConfig | None") is None
+    with pytest.raises(factedit.ConfigError, match="not on or off"):
+        parse_value("some", None, "PrefixConfig | None")
+
+
+def test_mend_contexts_are_offered_and_checked(app_env):
+    at = start()
+    at.selectbox(key="edit_method").select("mend")
+    at = run(at)
+    prefixes = at.text_input(key="setting:mend:prefixes")
+    assert prefixes.value == "on" and prefixes.label == "Also edit under contexts the model writes"
+    assert "on / off" in prefixes.help
+    assert at.text_input(key="setting:mend:prefix_rows").value == "mean_follow"
+    at.text_input(key="setting:mend:prefix_rows").input("sometimes")
+    at = run(at)
+    assert any("would be refused" in e and "prefix_rows" in e for e in errors(at))
+    at.text_input(key="setting:mend:prefix_rows").input("checked")
+    at.text_input(key="setting:mend:prefixes").input("off")
+    at = run(at)
+    assert not any("would be refused" in e for e in errors(at))
+
+
+def test_contexts_set_on_the_page_reach_the_edit(app_env):
+    at = start()
+    at.selectbox(key="edit_method").select("ultraedit")
+    at = run(at)
+    assert at.text_input(key="setting:ultraedit:prefixes").value == ""  # off for ultraedit
+    at.text_input(key="setting:ultraedit:prefixes").input("on")
+    at.text_input(key="setting:ultraedit:prefix_rows").input("mean_follow")
+    record = the_applied_edit(at, app_env)
+    assert record.config["prefix_rows"] == "mean_follow"
+    assert record.config["prefixes"] == config_to_dict(PrefixConfig())
 
 
 def test_probes_are_flagged_by_probability_shift():

@@ -143,6 +143,23 @@ def test_prefixes_are_deterministic_and_start_with_the_prompt_alone():
     assert generate_prefixes(model, tok, PrefixConfig(seeds=("The",), per_seed=2, seed=1)) != first[:3]
 
 
+def test_a_read_view_shares_its_models_prefixes(monkeypatch):
+    from factedit.model import contexts
+    from factedit.model.views import read_view
+
+    model, tok = tiny_model("llama")
+    written = []
+    real = contexts.generate_prefixes
+    monkeypatch.setattr(contexts, "generate_prefixes", lambda *a: written.append(a[0]) or real(*a))
+    prefixes = ContextPrefixes(PrefixConfig(seeds=("The",), tokens=3))
+    first = prefixes.get(read_view(model), tok)  # a preview's view before any edit
+    assert prefixes.get(model, tok) == first and prefixes.get(read_view(model), tok) == first
+    assert len(written) == 1  # written once for the model and every view of it
+    other, _ = tiny_model("llama")
+    prefixes.get(other, tok)
+    assert len(written) == 2
+
+
 @pytest.mark.parametrize("method", ["alphaedit", "memit", "rome"])
 def test_compute_leaves_the_model_unchanged(method):
     model, tok = tiny_model("llama")

@@ -11,7 +11,8 @@ from ..model.contexts import PrefixConfig
 from ..safety.preserve import PreserveConfig, preserve_field
 
 POSITIONS = ("loss", "all", "subject")
-PREFIX_ROWS = ("checked", "follow", "mean")  # what the rows of an edit's prefixed prompts do (MENDConfig)
+# What the rows of an edit's prefixed prompts do (MENDConfig.prefix_rows).
+PREFIX_ROWS = ("checked", "follow", "mean", "mean_follow")
 
 
 def check_step_scales(scales: tuple[float, ...]) -> None:
@@ -50,9 +51,10 @@ class MENDConfig:
         holds about the subject, which other wordings that name it read too, and with
         `preserve.protect_edits` later edits hold those keys only; None = as the checkpoint was
         trained. With `finish_steps=4` and `take_margin=1` (the defaults since 2026-12-05), 200 kept
-        edits on CounterFact val[1700:1900]: PS 0.855 against 0.73 keyed at "all", the target still
-        said at the end 0.91 against 0.875, chat 0.20 against 0.09, drift 1.051× against 1.045×, at
-        about 1.6 times the compute an edit (docs/lifelong.md, "Keyed on the subject, with a margin").
+        edits on CounterFact val[1700:1900] (the prompt alone, `prefixes=None`): PS 0.855 against 0.73
+        keyed at "all", the target still said at the end 0.91 against 0.875, chat 0.20 against 0.09,
+        drift 1.051× against 1.045×, at about 1.6 times the compute an edit (docs/lifelong.md, "Keyed
+        on the subject, with a margin").
     pass_size: `edit_batch` runs the base model on at most this many requests at a time, sorted by
         length so little padding is computed (the result does not depend on it); None = one pass.
     step_scales: multipliers of the learned step sizes α, increasing: the smallest under which every
@@ -95,18 +97,20 @@ class MENDConfig:
         keeps edits accumulating; `fallback_ridges=(3.0,)` suits edits reverted soon after. Ridge 1
         alone (as trained) moved perplexity ×1.15 after five edits (val[300:305]).
     prefixes: the edit is also made under these short model-written prefixes (contexts.py, MEMIT's
-        context templates): each request's prompt under each prefix is one more request of the same
-        edit (its rows in the capture, the solve and the step checks); None = the prompt alone.
-        Off by default: one at a time on CounterFact val[0:80] PS 0.95 against 0.762 and chat answers
-        0.575 against 0.113 at 10.5 forward+backward passes an edit against 4.0, but 100 kept edits
-        (train[3000:3100]) drifted 1.105× against 1.022×; with `prefix_rows="mean"` 1.030×, chat 0.46
-        against 0.18 and fewer targets still said (0.87 against 0.94) after 100 kept on val[1700:1800]
-        (docs/lifelong.md, "Several contexts").
+        context templates): each request's prompt under each prefix is one more context of the same
+        fact (what its rows do: `prefix_rows`); None = the prompt alone (MEND as published). On by
+        default since 2026-12-05 (five prefixes, `prefix_rows="mean_follow"`): held out, one at a time
+        on CounterFact val[0:80] PS 0.912 against 0.762, said para 0.287 against 0.175, chat 0.412
+        against 0.113, the prompt said 0.925 against 0.90, NS as unedited, at 7.5 forward+backward
+        passes an edit against 4.0; 200 kept on val[1700:1900] PS 0.90 against 0.855, said at the end
+        0.94 against 0.91, chat 0.395 against 0.20, drift 1.079× against 1.051× (docs/lifelong.md,
+        "Several contexts").
     chat_context: the edit is also made on the prompt asked as one user message through the tokenizer's
         chat template, the target as the start of the reply (`chat_requests`; the locate family's chat
         row), keyed at the subject there too: its rows join every step of its fact at that fact's step
         scale, and the step checks read the prompt alone (`capture_with_followers`); nothing for a tokenizer
-        without a chat template. Off by default: one at a time on CounterFact val[0:80] it raised chat
+        without a chat template. Off by default (measured with `prefixes=None`, the defaults of the
+        day): one at a time on CounterFact val[0:80] it raised chat
         answers from 0.113 to 0.25 and PS from 0.762 to 0.812 at 7.5 forward+backward passes an edit
         against 4.0, but 200 kept edits (val[1700:1900]) drifted 1.128× against 1.051× and kept fewer
         targets said (0.87 against 0.91) with chat answers no better (docs/lifelong.md, "The fact asked as a
@@ -117,7 +121,12 @@ class MENDConfig:
         chat row's do, and the checks read the prompt alone. "mean": a fact's rows at the subject's last
         token are averaged over its contexts into one row (MEMIT's key averaged over contexts), stepped
         and checked as the prompt's; at other positions (positions "loss" or "all", and the finishing
-        steps) the contexts' rows follow, as with "follow".
+        steps) the contexts' rows follow, as with "follow". "mean_follow" (the default): the prompt's
+        row stays as it is, stepped and checked; the other contexts' rows at the subject's last token
+        are averaged into one more row that follows its step (two rows a fact; elsewhere they
+        follow): the prompt keeps its own reach, which "mean" gives up, and the stream drifts about
+        as with "mean" (100 kept on train[3000:3100]: "checked" 1.105×, "follow" 1.114×, "mean"
+        1.030×, "mean_follow" 1.040×, the prompt alone 1.022×).
     """
 
     checkpoint: str | None = None
@@ -132,9 +141,9 @@ class MENDConfig:
     extra_steps: int = 8
     take_margin: float = 1.0
     finish_steps: int = 4
-    prefixes: PrefixConfig | None = field(default=None, metadata={"dataclass": PrefixConfig})
+    prefixes: PrefixConfig | None = field(default=PrefixConfig(), metadata={"dataclass": PrefixConfig})
     chat_context: bool = False
-    prefix_rows: str = "checked"
+    prefix_rows: str = "mean_follow"
 
     # What the app and the service may set per edit (settable.py). Not the checkpoint: a path on the
     # server; the operator chooses it (SessionConfig.method_overrides).

@@ -177,16 +177,18 @@ def capture_with_followers(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[TokenizedRequest],
     following: Sequence[TokenizedRequest], names: Sequence[str], positions: str, pass_size: int | None,
     checks: PrefixCache | None, params: dict[str, torch.Tensor] | None = None,
-    averaged: Sequence[TokenizedRequest] = (),
+    averaged: Sequence[TokenizedRequest] = (), mean_with_request: bool = True,
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
     """`capture_rows` of `requests` and of the rows that follow their facts (the chat rows of
     `chat_requests`; with `prefix_rows="follow"`, the prefixed prompts), each follower's rows owned by
     its fact's first request: a follower takes that request's step scale and steps, and the step checks
     read the requests alone (the chat row checked as well had to lead by the margin in the chat too: one
     at a time that cost 19 forward+backward passes an edit against 7.5, docs/lifelong.md). `averaged`
-    (`prefix_rows="mean"`, keyed on the subject: one row a request) are more contexts of the same facts
-    whose rows are averaged with their fact's first request's into one row, MEMIT's key averaged over
-    contexts. Followers and contexts of facts not among `requests` are left out."""
+    (`prefix_rows` "mean" and "mean_follow", keyed on the subject: one row a request) are more contexts
+    of the same facts whose rows are averaged into one row a fact, MEMIT's key averaged over contexts:
+    with `mean_with_request` the fact's first request's row is one of them, else that row stays as it
+    is and the contexts' mean follows its step. Followers and contexts of facts not among `requests`
+    are left out."""
     leader = {}  # id(EditRequest) -> the first request of that fact
     for r in requests:
         leader.setdefault(id(r.request), r)
@@ -206,23 +208,25 @@ def capture_with_followers(
     owned = owner_of.to(owners.device)[owners]  # (rows,): each row's request among `requests`
     if not joined:
         return rows, owned
-    follows = torch.tensor([id(r) in follower_ids for r in captured], device=owners.device)[owners]
-    return averaged_rows(rows, owned, follows, len(requests))
+    pooled_ids = {id(c) for c in joined} | ({id(r) for r in requests} if mean_with_request else set())
+    pooled = torch.tensor([id(r) in pooled_ids for r in captured], device=owners.device)[owners]
+    return averaged_rows(rows, owned, pooled, len(requests))
 
 
 def averaged_rows(
-    rows: dict[str, tuple[torch.Tensor, torch.Tensor]], owners: torch.Tensor, follows: torch.Tensor, count: int,
+    rows: dict[str, tuple[torch.Tensor, torch.Tensor]], owners: torch.Tensor, pooled: torch.Tensor, count: int,
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
-    """One row per request, the mean of its rows that do not follow (its own and its averaged contexts'),
-    then the following rows as they are; owners (rows,) in the same order."""
-    mean_owners, kept = owners[~follows], follows.nonzero().squeeze(-1)
-    counts = torch.bincount(mean_owners, minlength=count).clamp_min(1)  # (count,)
+    """One row per request that owns `pooled` rows, the mean of those, then the other rows as they are;
+    owners (rows,) in the same order (`count` requests)."""
+    pooled_owners, kept = owners[pooled], (~pooled).nonzero().squeeze(-1)
+    counts = torch.bincount(pooled_owners, minlength=count)  # (count,)
+    present = counts.nonzero().squeeze(-1)  # the requests with a mean row
     out = {}
     for name, (u, d) in rows.items():  # u (rows, in), d (rows, out)
-        means = [torch.zeros(count, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, mean_owners, x[~follows])
-                 / counts[:, None].to(x.dtype) for x in (u, d)]
+        means = [(torch.zeros(count, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, pooled_owners, x[pooled])
+                  / counts.clamp_min(1)[:, None].to(x.dtype))[present] for x in (u, d)]
         out[name] = (torch.cat([means[0], u[kept]]), torch.cat([means[1], d[kept]]))
-    return out, torch.cat([torch.arange(count, device=owners.device), owners[kept]])
+    return out, torch.cat([present, owners[kept]])
 
 
 def _below_edited_blocks(
@@ -368,10 +372,11 @@ def edit_with_network(
     to `extra_steps` more steps for the requests whose target is not yet the argmax, and after them up
     to `finish_steps` more keyed at the "loss" positions (for a subject-keyed edit still short of its
     target). With `prefixes` each request under each of them is one more request of the edit
-    (`prefixed_requests`; `prefix_rows`: "checked" as the request is, "follow" its step, or "mean": its
-    rows averaged with the request's), and with `chat` each asked through the chat template
-    (`chat_requests`, following its step). A target takes once each of its tokens leads every other by
-    `take_margin` in log-probability (0: is the argmax)."""
+    (`prefixed_requests`; `prefix_rows`: "checked" as the request is, "follow" its step, "mean": its
+    rows averaged with the request's, or "mean_follow": averaged into one row that follows its step),
+    and with `chat` each asked through the chat template (`chat_requests`, following its step). A
+    target takes once each of its tokens leads every other by `take_margin` in log-probability (0: is
+    the argmax)."""
     context = max_context(model.config)
     following = chat_requests(requests, tokenizer, context, anchored=positions == "subject") if chat else []
     averaged: list[TokenizedRequest] = []
@@ -379,8 +384,9 @@ def edit_with_network(
     requests = edit_requests(model, tokenizer, requests, prefixes, positions)
     if prefixes is not None and prefix_rows != "checked":
         prefixed = [r for r in requests if (id(r.request), r.prompt_ids) not in own]
-        averaged, following = (prefixed, following) if prefix_rows == "mean" else ([], prefixed + following)
+        averaged, following = (prefixed, following) if prefix_rows.startswith("mean") else ([], prefixed + following)
         requests = [r for r in requests if (id(r.request), r.prompt_ids) in own]
+    mean_with_request = prefix_rows == "mean"
 
     def contexts_at(step_positions: str) -> tuple[list[TokenizedRequest], list[TokenizedRequest]]:
         """(following, averaged) for a capture at `step_positions`: averaging needs one row a request
@@ -394,7 +400,7 @@ def edit_with_network(
         checks = PrefixCache(model, min(layer_index(model, n) for n in names))
     step_following, step_averaged = contexts_at(positions)
     rows, owners = capture_with_followers(model, tokenizer, requests, step_following, names, positions, pass_size,
-                                          checks, averaged=step_averaged)
+                                          checks, averaged=step_averaged, mean_with_request=mean_with_request)
     pad_id = pad_id_of(tokenizer)
     with torch.no_grad():
         stats = lifelong_stats(network, rows, stream, tag, initial)
@@ -417,7 +423,8 @@ def edit_with_network(
             break
         step_following, step_averaged = contexts_at(step_positions)
         rows, owners = capture_with_followers(model, tokenizer, missing, step_following, names, step_positions,
-                                              pass_size, checks, params, averaged=step_averaged)
+                                              pass_size, checks, params, averaged=step_averaged,
+                                              mean_with_request=mean_with_request)
         with torch.no_grad():
             if stats is not None:  # lifelong: the second step's rows are seen too
                 stats = network.merged_stats(stats, rows)

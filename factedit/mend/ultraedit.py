@@ -89,8 +89,8 @@ class UltraEditConfig:
         kept `ultraedit` edits drifted 1.22× after 100 against 1.04× (docs/lifelong.md, "Lifelong editing").
     chat_context: the edit is also made on the prompt asked through the chat template (as `mend`'s
         `chat_context`); off by default.
-    prefix_rows: with `prefixes`, what the prefixed prompts' rows do: "checked", "follow" or "mean" (as
-        `mend`'s).
+    prefix_rows: with `prefixes`, what the prefixed prompts' rows do: "checked", "follow", "mean" or
+        "mean_follow" (as `mend`'s).
     """
 
     layers: tuple[int, ...] | None = None

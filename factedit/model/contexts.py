@@ -30,6 +30,7 @@ from ..core.request import encode_prompt
 from ..core.settable import Integer, Settable
 from .chat import chat_text, has_chat_template, user_message
 from .hooks import frozen
+from .views import viewed_model
 
 SEPARATOR = ". "  # between a prefix and the prompt
 
@@ -95,9 +96,12 @@ class ContextPrefixes:
         return cls(config) if config is not None else None
 
     def get(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:
-        if model not in self._by_model:
-            self._by_model[model] = generate_prefixes(model, tokenizer, self.config)
-        return self._by_model[model]
+        """The prefixes of `model`; a read view (a preview's, views.py) shares its model's, so a session's
+        previews do not write them again (two seconds each on the default model)."""
+        source = viewed_model(model)
+        if source not in self._by_model:
+            self._by_model[source] = generate_prefixes(model, tokenizer, self.config)
+        return self._by_model[source]
 
 
 def in_context(prefix: str, prompt: str) -> tuple[str, int]:
