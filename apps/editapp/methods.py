@@ -193,13 +193,9 @@ def parse_value(text: str, default: Any, annotation: str) -> Any:
             return None
         raise ConfigError("a value is needed")
     if nested(annotation, default):  # on: as configured (or the nested config's defaults); off: None
-        if text.lower() not in FLAG_WORDS:
-            raise ConfigError(f"{text!r} is not on or off")
-        return (dict(default) if isinstance(default, Mapping) else {}) if FLAG_WORDS[text.lower()] else None
+        return (dict(default) if isinstance(default, Mapping) else {}) if flag(text, "on or off") else None
     if annotation == "bool" or isinstance(default, bool):
-        if text.lower() not in FLAG_WORDS:
-            raise ConfigError(f"{text!r} is not true or false")
-        return FLAG_WORDS[text.lower()]
+        return flag(text, "true or false")
     element = "float" if "float" in annotation else "int" if "int" in annotation else "str"
     convert = {"float": float, "int": int, "str": str}[element]
     try:
@@ -208,6 +204,13 @@ def parse_value(text: str, default: Any, annotation: str) -> Any:
         return convert(text)
     except ValueError:
         raise ConfigError(f"{text!r} is not {'a list of ' if ',' in text else ''}{element}") from None
+
+
+def flag(text: str, words: str) -> bool:
+    """`text` as one of FLAG_WORDS; ConfigError naming `words` otherwise."""
+    if text.lower() not in FLAG_WORDS:
+        raise ConfigError(f"{text!r} is not {words}")
+    return FLAG_WORDS[text.lower()]
 
 
 def nested(annotation: str, default: Any) -> bool:

@@ -202,13 +202,13 @@ def capture_with_followers(
     rows, owners = capture_rows(model, tokenizer, everything, names, positions, pass_size, checks, params)
     index = {id(r): i for i, r in enumerate(r for group in length_groups(requests, pass_size) for r in group)}
     captured = [r for group in length_groups(everything, pass_size) for r in group]
-    follower_ids = {id(c) for c in followers}
-    others = follower_ids | {id(c) for c in joined}
+    joined_ids = {id(c) for c in joined}
+    others = joined_ids | {id(c) for c in followers}
     owner_of = torch.tensor([index[id(leader[id(r.request)]) if id(r) in others else id(r)] for r in captured])
     owned = owner_of.to(owners.device)[owners]  # (rows,): each row's request among `requests`
     if not joined:
         return rows, owned
-    pooled_ids = {id(c) for c in joined} | ({id(r) for r in requests} if mean_with_request else set())
+    pooled_ids = joined_ids | ({id(r) for r in requests} if mean_with_request else set())
     pooled = torch.tensor([id(r) in pooled_ids for r in captured], device=owners.device)[owners]
     return averaged_rows(rows, owned, pooled, len(requests))
 
@@ -220,11 +220,11 @@ def averaged_rows(
     owners (rows,) in the same order (`count` requests)."""
     pooled_owners, kept = owners[pooled], (~pooled).nonzero().squeeze(-1)
     counts = torch.bincount(pooled_owners, minlength=count)  # (count,)
-    present = counts.nonzero().squeeze(-1)  # the requests with a mean row
+    present = counts.nonzero().squeeze(-1)  # (P,) the requests with a mean row
     out = {}
     for name, (u, d) in rows.items():  # u (rows, in), d (rows, out)
-        means = [(torch.zeros(count, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, pooled_owners, x[pooled])
-                  / counts.clamp_min(1)[:, None].to(x.dtype))[present] for x in (u, d)]
+        means = [torch.zeros(count, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, pooled_owners, x[pooled])
+                 [present] / counts[present, None].to(x.dtype) for x in (u, d)]  # (P, in), (P, out)
         out[name] = (torch.cat([means[0], u[kept]]), torch.cat([means[1], d[kept]]))
     return out, torch.cat([present, owners[kept]])
 
@@ -384,7 +384,8 @@ def edit_with_network(
     requests = edit_requests(model, tokenizer, requests, prefixes, positions)
     if prefixes is not None and prefix_rows != "checked":
         prefixed = [r for r in requests if (id(r.request), r.prompt_ids) not in own]
-        averaged, following = (prefixed, following) if prefix_rows.startswith("mean") else ([], prefixed + following)
+        averaged, following = ((prefixed, following) if prefix_rows in ("mean", "mean_follow")
+                               else ([], prefixed + following))
         requests = [r for r in requests if (id(r.request), r.prompt_ids) in own]
     mean_with_request = prefix_rows == "mean"
 
