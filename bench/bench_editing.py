@@ -6,10 +6,11 @@ P(o*) > P(oᶜ) on the edit prompt, PS the same on the rephrase, NS = share of n
 with P(oᶜ) > P(o*). What the model then says (factedit.scoring.said, the rules of `factedit eval`):
 "said" = share whose greedy continuation of the edit prompt is the new target, "said para" the same on
 the rephrase, "chat" / "chat para" the prompt / rephrase asked through the chat template and judged on
-the reply, "nbr kept" = share of neighbourhood prompts whose greedy continuation the edit leaves
-unchanged. Speed: median compute time of an edit over the median forward+backward pass of
-the same model on the same text (all weights trainable), measured in the same run; revert and journal
-append times; model load from the cache.
+the reply, "said para, same question" = "said para" over the records whose rephrase is a paraphrase
+(not one of CounterFact's generation prompts, factedit.evaluation.rephrases), "nbr kept" = share of
+neighbourhood prompts whose greedy continuation the edit leaves unchanged. Speed: median compute time
+of an edit over the median forward+backward pass of the same model on the same text (all weights
+trainable), measured in the same run; revert and journal append times; model load from the cache.
 
     python bench/bench_editing.py                       # ft, ft_l, lora on val[:100]
     python bench/bench_editing.py --methods ft_l --n 30 --split train --set ft_l.lr=1e-3
@@ -31,11 +32,13 @@ from factedit.core.cost import forward_backward_ms as core_forward_backward_ms
 from factedit.core.request import encode_prompt, encode_target
 from factedit.editing.journal import Journal
 from factedit.evaluation import EvalRecord
+from factedit.evaluation.rephrases import rephrase_kind
 from factedit.paths import PACKAGE_DIR
 from factedit.scoring.said import normalise, said_scores
 from factedit.scoring.sequences import pad_id_of, score_sequences
 
-SAID = ("said", "said_para", "chat", "chat_para", "nbr_kept")  # generation-based shares, see the docstring
+# generation-based shares, see the docstring
+SAID = ("said", "said_para", "said_para_same_question", "chat", "chat_para", "nbr_kept")
 
 
 def mean_logprobs(model, tok, prompt: str, targets: list[str]) -> list[float]:
@@ -51,6 +54,14 @@ def said_case(record: dict) -> EvalRecord:
     )
 
 
+def with_rephrase_kind(records: list[dict], kind: str) -> list[dict]:
+    """The records whose `rephrase_prompt` is of `kind` ("paraphrase" or "generation", see
+    factedit.evaluation.rephrases), or all of them for "all"."""
+    if kind == "all":
+        return records
+    return [r for r in records if rephrase_kind(r["rephrase_prompt"], r.get("subject")) == kind]
+
+
 def counterfact_outcome(model, tok, record: dict, said_before=None) -> dict[str, float]:
     """ES/PS/NS of one record and, with `said_before` (the unedited model's said_scores), what the model
     says now (None where the tokenizer has no chat template)."""
@@ -63,6 +74,8 @@ def counterfact_outcome(model, tok, record: dict, said_before=None) -> dict[str,
         now = said_scores(model, tok, [said_case(record)])[0]
         outcome.update(said=now.prompt_ok, said_para=now.para_ok[0],
                        nbr_kept=normalise(now.neigh_texts[0]) == normalise(said_before.neigh_texts[0]))
+        if rephrase_kind(record["rephrase_prompt"], record.get("subject")) == "paraphrase":
+            outcome["said_para_same_question"] = now.para_ok[0]  # not after a generation prompt (rephrases.py)
         if now.chat_ok is not None:
             outcome.update(chat=now.chat_ok[0], chat_para=now.chat_ok[1])
     return outcome
@@ -129,6 +142,8 @@ def main() -> None:
     parser.add_argument("--methods", default="ft,ft_l,lora")
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--start", type=int, default=0, help="first record (the bars use 0)")
+    parser.add_argument("--rephrase", default="all", choices=["all", "paraphrase", "generation"],
+                        help="only the first n records from --start whose rephrase prompt is of this kind")
     parser.add_argument("--split", default="val", choices=["train", "val"])
     parser.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE")
     parser.add_argument("--unedited", action="store_true", help="also report the unedited ES/PS/NS")
@@ -145,7 +160,7 @@ def main() -> None:
         overrides.setdefault(method, {})[field] = json.loads(value)
 
     split = json.loads((PACKAGE_DIR / f"data/counterfact/{args.split}.json").read_text())
-    records = split[args.start : args.start + args.n]
+    records = with_rephrase_kind(split[args.start :], args.rephrase)[: args.n]
     model, tok = factedit.load_model()
     said_before = (
         [None] * len(records) if args.no_generation else said_scores(model, tok, [said_case(r) for r in records])
@@ -158,15 +173,18 @@ def main() -> None:
         rows.append(run_method(method, overrides.get(method, {}), model, tok, records, said_before))
         print(json.dumps(rows[-1]), flush=True)
 
-    header = ["method", "ES", "said", "chat", "PS", "said para", "chat para", "NS", "nbr kept", "exact reverts",
-              "median edit ms", "edit / fwd+bwd", "revert ms"]
+    header = ["method", "ES", "said", "chat", "PS", "said para", "chat para", "said para, same question", "NS",
+              "nbr kept", "exact reverts", "median edit ms", "edit / fwd+bwd", "revert ms"]
     fmt = lambda value: "-" if value is None else f"{value:.2f}"  # noqa: E731
-    print(f"\nCounterFact {args.split}[{args.start or ''}:{args.start + args.n}], default model, "
+    chosen = f" ({args.rephrase} rephrase prompts only: {len(records)} records from {args.start})" * (
+        args.rephrase != "all")
+    print(f"\nCounterFact {args.split}[{args.start or ''}:{args.start + args.n}]{chosen}, default model, "
           f"one edit at a time then revert (torch {torch.__version__}, {torch.get_num_threads()} threads)")
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for r in rows:
-        cells = [r["method"], *(fmt(r.get(k)) for k in ("es", "said", "chat", "ps", "said_para", "chat_para", "ns",
-                                                            "nbr_kept")), r.get("exact", "-"),
+        cells = [r["method"], *(fmt(r.get(k)) for k in ("es", "said", "chat", "ps", "said_para", "chat_para",
+                                                            "said_para_same_question", "ns", "nbr_kept")),
+                 r.get("exact", "-"),
                  f"{r['edit_ms']:.0f}" if "edit_ms" in r else "-", f"{r['ratio']:.1f}x" if "ratio" in r else "-",
                  f"{r['revert_ms']:.1f}" if "revert_ms" in r else "-"]
         print("| " + " | ".join(cells) + " |")

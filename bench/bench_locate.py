@@ -18,9 +18,17 @@ import time
 from pathlib import Path
 
 import torch
-from bench_editing import counterfact_outcome, forward_backward_ms, mean_logprobs, said_case, share
+from bench_editing import (
+    counterfact_outcome,
+    forward_backward_ms,
+    mean_logprobs,
+    said_case,
+    share,
+    with_rephrase_kind,
+)
 
 import factedit
+from factedit.evaluation.rephrases import rephrase_kind
 from factedit.paths import PACKAGE_DIR
 from factedit.scoring.said import normalise, said_scores
 
@@ -55,7 +63,8 @@ def edit_one(editor: factedit.Editor, model, tok, record: dict, before) -> dict:
         "case_id": record.get("case_id"), **{k: float(v) for k, v in outcome.items()},
         "edit_ms": edit_ms, "ratio": edit_ms / fwd_bwd, "steps": values.steps, "nll": float(values.nll.max()),
         "shift": float(((values.target - values.initial).norm(dim=1) / values.initial.norm(dim=1)).max()),
-        "para": para, "target": record["target_new"],
+        "para": para, "para_kind": rephrase_kind(record["rephrase_prompt"], record.get("subject")),
+        "target": record["target_new"],
     }
 
 
@@ -65,6 +74,8 @@ def main() -> None:
     parser.add_argument("--split", default="val", choices=["train", "val"])
     parser.add_argument("--start", type=int, default=0)
     parser.add_argument("--n", type=int, default=20)
+    parser.add_argument("--rephrase", default="all", choices=["all", "paraphrase", "generation"],
+                        help="only the first n records from --start whose rephrase prompt is of this kind")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (JSON value)")
     parser.add_argument("--no-generation", action="store_true", help="skip the greedy / chat checks")
     parser.add_argument("--threads", type=int, default=1)
@@ -73,7 +84,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     overrides = {k: json.loads(v) for k, _, v in (item.partition("=") for item in args.set)}
     records = json.loads((PACKAGE_DIR / f"data/counterfact/{args.split}.json").read_text())
-    records = records[args.start : args.start + args.n]
+    records = with_rephrase_kind(records[args.start :], args.rephrase)[: args.n]
     model, tok = factedit.load_model()
     before = [None] * len(records) if args.no_generation else said_scores(model, tok, [said_case(r) for r in records])
     unedited = [counterfact_outcome(model, tok, r) for r in records]
@@ -87,10 +98,15 @@ def main() -> None:
                 out.write(json.dumps(rows[-1]) + "\n")
     editor.close()
     summary = {k: share(rows, k) for k in ("es", "said", "chat", "ps", "said_para", "chat_para", "ns", "nbr_kept")}
+    for kind in ("paraphrase", "generation"):  # what is said after a paraphrase, and after a generation prompt
+        summary[f"said_para/{kind}"] = share([r for r in rows if r["para_kind"] == kind], "said_para")
     summary.update(ns_unedited=share(unedited, "ns"), ratio=statistics.median(r["ratio"] for r in rows),
                    edit_s=statistics.median(r["edit_ms"] for r in rows) / 1000,
                    steps=statistics.mean(r["steps"] for r in rows))
-    print(f"\n{args.method} {overrides} on CounterFact {args.split}[{args.start}:{args.start + args.n}], "
+    span = f"{args.split}[{args.start}:{args.start + args.n}]"
+    if args.rephrase != "all":
+        span = f"the first {args.n} records of {args.split}[{args.start}:] whose rephrase prompt is a {args.rephrase}"
+    print(f"\n{args.method} {overrides} on CounterFact {span}, "
           f"{torch.get_num_threads()} torch thread(s)")
     print(json.dumps({k: round(v, 3) if v is not None else None for k, v in summary.items()}))
 

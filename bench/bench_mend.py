@@ -36,11 +36,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from bench_editing import with_rephrase_kind
 
 import factedit
 from factedit.core.cost import forward_backward_ms
 from factedit.core.errors import DriftError
 from factedit.core.request import encode_prompt, encode_target
+from factedit.evaluation.rephrases import rephrase_kind
 from factedit.paths import PACKAGE_DIR
 from factedit.scoring.said import said_scores
 from factedit.scoring.sequences import pad_id_of, score_sequences
@@ -75,6 +77,8 @@ def said(model, tok, rec) -> dict[str, float]:
     case = SaidRecord(rec["prompt"], rec["target_new"], rec["ground_truth"], (rec["rephrase_prompt"],))
     (scores,) = said_scores(model, tok, [case])
     out = {"said": float(scores.prompt_ok), "said_para": float(scores.para_ok[0])}
+    if rephrase_kind(rec["rephrase_prompt"], rec.get("subject")) == "paraphrase":
+        out["said_para_same_question"] = out["said_para"]  # not after a generation prompt (rephrases.py)
     if scores.chat_ok:
         out["said_chat"] = float(scores.chat_ok[0])
     return out
@@ -109,6 +113,8 @@ def main() -> None:
     parser.add_argument("--config", default="{}", help="JSON of method config overrides")
     parser.add_argument("--n", type=int, default=200, help="n records of val.json from --start")
     parser.add_argument("--start", type=int, default=0, help="first record")
+    parser.add_argument("--rephrase", default="all", choices=["all", "paraphrase", "generation"],
+                        help="only the first n records from --start whose rephrase prompt is of this kind")
     parser.add_argument("--split", default="val", choices=("val", "train"), help="CounterFact split")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=16, help="size of the edit_batch timing")
@@ -118,7 +124,7 @@ def main() -> None:
 
     model, tok = factedit.load_model()
     records = json.loads((PACKAGE_DIR / f"data/counterfact/{args.split}.json").read_text())
-    records = records[args.start : args.start + args.n]
+    records = with_rephrase_kind(records[args.start :], args.rephrase)[: args.n]
     overrides = json.loads(args.config)
     if args.method == "mend":
         overrides["checkpoint"] = args.checkpoint
@@ -181,9 +187,10 @@ def main() -> None:
         "method": args.method,
         "config": args.config,
         "checkpoint": (args.checkpoint or "shipped") if args.method == "mend" else "-",
-        "n": len(records),
+        "n": len(records), "start": args.start, "rephrase": args.rephrase,
         "edit/es": mean(flags, "es"), "edit/ps": mean(flags, "ps"), "loc/ns": mean(flags, "ns"),
         "gen/prompt": mean(flags, "said"), "gen/paraphrase": mean(flags, "said_para"),
+        "gen/paraphrase_prompts": mean([f for f in flags if "said_para_same_question" in f], "said_para_same_question"),
         "gen/chat": mean([f for f in flags if "said_chat" in f], "said_chat"),
         "unedited/es": mean(unedited, "es"), "unedited/ps": mean(unedited, "ps"), "unedited/ns": mean(unedited, "ns"),
         f"batch{args.batch}/n": len(batch_flags),

@@ -26,6 +26,7 @@ def test_counterfact_flat_format():
         subject="France",
         case_id=1,
         paraphrases=("The capital city of France is",),
+        paraphrase_kinds=("paraphrase",),
         neighborhood=(("The Eiffel Tower is in", "Paris"),),
     )
     # the neighbour's own true answer is used (here it differs from the edited fact's)

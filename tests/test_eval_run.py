@@ -279,6 +279,20 @@ def test_sequential_resume_replays_the_journal(tiny_dir, sequential_run, tmp_pat
     assert [c["edits"] for c in read_lines(out / "checkpoints.jsonl")] == [1, 2, 3]
 
 
+def test_a_run_on_the_records_whose_rephrase_is_a_paraphrase(tiny_dir, tmp_path):
+    records = json.loads((FIXTURES / "counterfact_small.json").read_text())
+    records[0]["rephrase_prompt"] = "France's surroundings include"  # a CounterFact generation prompt
+    data = tmp_path / "mixed.json"
+    data.write_text(json.dumps(records))
+    out = tmp_path / "run"
+    assert main([f"model={tiny_dir}", f"data={data}", f"out={out}", "plots=false", "method=none",
+                 "rephrase=paraphrase"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["data"]["rephrase"] == "paraphrase" and [c["index"] for c in _cases(out)] == [1, 2]
+    assert "only those whose rephrase prompt is a paraphrase prompt" in (out / "report.md").read_text()
+    assert {"cf/ps_paraphrase_prompts", "gen/paraphrase_prompts"} <= set(summary["baseline"])
+
+
 def test_bad_config_is_a_clear_error(tiny_dir, tmp_path, capsys):
     assert _eval(tiny_dir, tmp_path / "x", "method=nope") == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
@@ -291,6 +305,8 @@ def test_bad_config_is_a_clear_error(tiny_dir, tmp_path, capsys):
     assert "unknown config key(s) ['bogus']" in capsys.readouterr().err
     assert _eval(tiny_dir, tmp_path / "x", "data.format=nope") == 2
     assert "data.format must be one of" in capsys.readouterr().err
+    assert _eval(tiny_dir, tmp_path / "x", "rephrase=some") == 2
+    assert "rephrase must be one of" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # refused before anything was written
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from ..core.configs import validated
 from ..core.errors import ConfigError
 from ..paths import resolve_path
-from .loaders import FORMATS
+from .loaders import FORMATS, REPHRASE_CHOICES
 
 MODES = ("single", "batch", "sequential")
 ALL_MODES = "all"  # mode=all: every mode, each in out/<mode>/ (see suite.py)
@@ -57,6 +57,7 @@ class RunSettings:
     checkpoints: tuple[int, ...] = (10, 25, 50, 100)
     shuffle: bool = False
     seed: int = 0
+    rephrase: str = "all"  # "paraphrase" / "generation": only records with a rephrase prompt of that kind
     skip_invalid: bool = False
     fluency: bool = False
     gen_tokens: int = 100
@@ -77,6 +78,8 @@ class RunSettings:
             problems.append("n must be >= 1 (or null for every record)")
         if self.start < 0:
             problems.append("start must be >= 0")
+        if self.rephrase not in REPHRASE_CHOICES:
+            problems.append(f"rephrase must be one of {', '.join(REPHRASE_CHOICES)}, got {self.rephrase!r}")
         if min(self.batch_size, self.sequential_batch, self.score_batch_size, self.gen_tokens, self.chat_tokens) < 1:
             problems.append("batch_size, sequential_batch, score_batch_size, gen_tokens and chat_tokens must be >= 1")
         if any(c < 1 for c in self.checkpoints):
@@ -113,6 +116,7 @@ class EvalConfig(RunSettings):
             "sequential_batch": self.sequential_batch if self.mode == "sequential" else None,
             "shuffle": self.shuffle,
             "seed": self.seed if self.shuffle else None,
+            **({"rephrase": self.rephrase} if self.rephrase != "all" else {}),  # folders from before it resume
             "model": self.model.path,
             "dtype": self.model.dtype,
             "fluency": self.fluency,

@@ -3,7 +3,8 @@
 Formats (`format=`):
     counterfact  the flat CounterFact of factedit/data/counterfact/*.json (EasyEdit's): prompt, target_new,
                  ground_truth, subject, rephrase_prompt, locality_prompt + locality_ground_truth
-                 (the neighbourhood prompt, same relation, true answer: CounterFact NS)
+                 (the neighbourhood prompt, same relation, true answer: CounterFact NS); each rephrase
+                 prompt is told a paraphrase or a generation prompt (rephrases.py)
     rome         the original ROME CounterFact: requested_rewrite {prompt template with "{}", subject,
                  target_new.str, target_true.str}, paraphrase_prompts, neighborhood_prompts (strings or
                  {prompt, target}), generation_prompts
@@ -29,10 +30,12 @@ from typing import Any
 from ..core.errors import FacteditError
 from ..core.hashing import file_sha256
 from .records import EvalRecord
+from .rephrases import rephrase_kind
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("auto", "counterfact", "rome", "zsre", "mapped")
+REPHRASE_CHOICES = ("all", "paraphrase", "generation")  # which records `select_records` keeps (rephrases.py)
 # Fields a `mapped` dataset may map; the values of list fields may be a string or a list of strings.
 MAPPED_FIELDS = {
     "prompt": "the edit prompt (required; a '{}' in it is replaced by the subject)",
@@ -122,14 +125,17 @@ def _counterfact(row: _Row) -> EvalRecord:
     true = row.text("ground_truth")
     neighbours = row.texts("locality_prompt")
     answers = row.texts("locality_ground_truth") or ([true] if true else [])
+    subject = row.text("subject", required=False)
+    rephrases = row.texts("rephrase_prompt")
     return EvalRecord(
         index=row.index,
         prompt=row.text("prompt"),
         target_new=row.text("target_new"),
         target_true=true,
-        subject=row.text("subject", required=False),
+        subject=subject,
         case_id=row.case_id(),
-        paraphrases=tuple(row.texts("rephrase_prompt")),
+        paraphrases=tuple(rephrases),
+        paraphrase_kinds=tuple(rephrase_kind(p, subject) for p in rephrases),
         neighborhood=row.answered(neighbours, answers, "locality_ground_truth"),
     )
 
@@ -318,14 +324,21 @@ def load_records(
 
 
 def select_records(
-    records: Sequence[EvalRecord], n: int | None = None, shuffle: bool = False, seed: int = 0, start: int = 0
+    records: Sequence[EvalRecord], n: int | None = None, shuffle: bool = False, seed: int = 0, start: int = 0,
+    rephrase: str = "all",
 ) -> list[EvalRecord]:
     """`n` records from position `start` (e.g. held-out ones past those tuned on), in file order or
-    (shuffle) in a seeded random order."""
+    (shuffle) in a seeded random order; with `rephrase` "paraphrase" or "generation", of the records from
+    `start` on only those with a rephrase prompt of that kind (EvalRecord.paraphrase_kinds; a record
+    without kinds holds paraphrases only)."""
     import random
 
+    if rephrase not in REPHRASE_CHOICES:
+        raise ValueError(f"rephrase must be one of {', '.join(REPHRASE_CHOICES)}, got {rephrase!r}")
     chosen = list(records)
     if shuffle:
         random.Random(seed).shuffle(chosen)
     chosen = chosen[start:]
+    if rephrase != "all":
+        chosen = [r for r in chosen if rephrase in (r.paraphrase_kinds or ("paraphrase",) * len(r.paraphrases))]
     return chosen if n is None else chosen[:n]

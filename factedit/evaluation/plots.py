@@ -15,7 +15,8 @@ BAR_PANELS = {
         "cf/es", "cf/ps", "cf/ns", "cf/score", "tok/reliability", "tok/generalization", "tok/locality"
     ],
     "generated (what the model says)": [
-        "gen/prompt", "gen/paraphrase", "gen/neighbour_kept", "gen/chat", "gen/chat_paraphrase"
+        "gen/prompt", "gen/paraphrase", "gen/paraphrase_prompts", "gen/neighbour_kept", "gen/chat",
+        "gen/chat_paraphrase",
     ],
 }
 CURVE_KEYS = [

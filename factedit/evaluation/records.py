@@ -20,6 +20,9 @@ class EvalRecord:
         CounterFact-protocol metrics, which compare o* with oᶜ, are not computed for the record).
     subject: the entity the fact is about.
     paraphrases: other prompts for the same fact (generalization).
+    paraphrase_kinds: what each of `paraphrases` is, where the dataset mixes kinds (rephrases.py):
+        "paraphrase", the same question, or "generation", a CounterFact generation prompt about the
+        subject whose answer need not be the target; empty = every one a paraphrase.
     neighborhood: (prompt, true answer) pairs of the same relation for other subjects, whose answer
         must stay (CounterFact NS; also part of token locality).
     locality: (prompt, answer) pairs unrelated to the edit, whose predictions must stay.
@@ -33,6 +36,7 @@ class EvalRecord:
     subject: str | None = None
     case_id: str | int | None = None
     paraphrases: tuple[str, ...] = ()
+    paraphrase_kinds: tuple[str, ...] = ()
     neighborhood: tuple[tuple[str, str], ...] = ()
     locality: tuple[tuple[str, str], ...] = ()
     generation_prompts: tuple[str, ...] = ()
@@ -51,6 +55,7 @@ class EvalRecord:
             "target_true": self.target_true,
             "subject": self.subject,
             "paraphrases": list(self.paraphrases),
+            "paraphrase_kinds": list(self.paraphrase_kinds),
             "neighborhood": [list(p) for p in self.neighborhood],
             "locality": [list(p) for p in self.locality],
             "generation_prompts": list(self.generation_prompts),
@@ -66,6 +71,7 @@ class EvalRecord:
             subject=data.get("subject"),
             case_id=data.get("case_id"),
             paraphrases=tuple(data.get("paraphrases", ())),
+            paraphrase_kinds=tuple(data.get("paraphrase_kinds", ())),
             neighborhood=tuple((p, a) for p, a in data.get("neighborhood", ())),
             locality=tuple((p, a) for p, a in data.get("locality", ())),
             generation_prompts=tuple(data.get("generation_prompts", ())),

@@ -23,7 +23,9 @@ PROTOCOL = {
         "CounterFact (ROME, Meng et al. 2022): P(o) = exp(-mean per-token NLL of o after the prompt). "
         "cf/es, cf/ps: share of edit prompts / paraphrases with P(o*) > P(oc); cf/ns: share of neighbourhood "
         "prompts with P(oc) > P(o*); cf/em, cf/pm: mean P(o*) - P(oc); cf/nm: mean P(oc) - P(o*); "
-        "cf/score: harmonic mean of es, ps, ns"
+        "cf/score: harmonic mean of es, ps, ns; cf/ps_paraphrase_prompts: cf/ps over the rephrase prompts that "
+        "ask the same question, where the data tells them from CounterFact's generation prompts "
+        "(factedit.evaluation.rephrases: EasyEdit's flat CounterFact holds one of either in rephrase_prompt)"
     ),
     "token_accuracy": (
         "EasyEdit (Yao et al. 2023): tok/reliability, tok/generalization: teacher-forced share of o* tokens "
@@ -39,7 +41,10 @@ PROTOCOL = {
         "(default 16) tokens of greedy reply; success when the reply contains the new target at word "
         "boundaries and, those taken out, not the true object. gen/chat: the edit prompt as 'Complete the sentence: "
         "{prompt}'; gen/chat_paraphrase: each paraphrase as '{paraphrase} what?'; absent without a chat "
-        "template. gen/neighbour_kept: share of neighbourhood and locality prompts whose greedy "
+        "template. gen/paraphrase_prompts, gen/chat_paraphrase_prompts: gen/paraphrase and "
+        "gen/chat_paraphrase over the rephrase prompts that ask the same question (as "
+        "cf/ps_paraphrase_prompts; after a generation prompt the target is often not the answer). "
+        "gen/neighbour_kept: share of neighbourhood and locality prompts whose greedy "
         "continuation (len(answer tokens) + 2 tokens) is the same before and after the edit"
     ),
     "fluency": "fluency/ngram_entropy: ROME's weighted bi-/tri-gram entropy of greedy generations (opt-in)",
@@ -72,6 +77,9 @@ ROW_ORDER = [  # teacher-forced and generated figures of the same question side 
     "cf/ps",
     "gen/paraphrase",
     "gen/chat_paraphrase",
+    "cf/ps_paraphrase_prompts",
+    "gen/paraphrase_prompts",
+    "gen/chat_paraphrase_prompts",
     "cf/ns",
     "gen/neighbour_kept",
     "cf/score",
@@ -105,6 +113,7 @@ CHECKPOINT_KEYS = [
     "gen/prompt",
     "cf/ps",
     "gen/paraphrase",
+    "gen/paraphrase_prompts",
     "gen/chat",
     "cf/ns",
     "gen/neighbour_kept",
@@ -123,6 +132,7 @@ SIDE_BY_SIDE = [
     ("PS", "cf/ps"),
     ("said para", "gen/paraphrase"),
     ("chat para", "gen/chat_paraphrase"),
+    ("said para, same question", "gen/paraphrase_prompts"),
     ("NS", "cf/ns"),
     ("neighbour kept", "gen/neighbour_kept"),
 ]
@@ -270,6 +280,8 @@ def build_summary(
             "evaluated": len(info.records),
             "shuffle": config.shuffle,
             "seed": config.seed,
+            "start": config.start,
+            "rephrase": config.rephrase,
         },
         "mode": config.mode,
         "methods": [m.name for m in config.methods],
@@ -352,6 +364,10 @@ def render_report(summary: Mapping[str, Any], plots: Sequence[str]) -> str:
     data, model = summary["data"], summary["model"]
     source = f"`{data['path']}` ({data['format']}, sha256 {data['sha256'][:12]}…)"
     order = f"shuffled (seed {data['seed']})" if data["shuffle"] else "file order"
+    if data.get("start"):
+        order += f", from record {data['start']}"
+    if data.get("rephrase", "all") != "all":  # absent in summaries written before the choice existed
+        order += f", only those whose rephrase prompt is a {data['rephrase']} prompt"
     skipped = f"; {data['skipped_invalid']} malformed skipped" if data["skipped_invalid"] else ""
     methods = ", ".join(summary["methods"])
     head = [

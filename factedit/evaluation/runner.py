@@ -219,7 +219,7 @@ def _run_method(ctx: RunContext, method: MethodRun, rows: list[dict[str, Any]]) 
 
 def load_data(config: EvalConfig) -> tuple[LoadedData, list]:
     data = load_records(config.data.path, config.data.format, config.data.fields, config.skip_invalid)
-    return data, select_records(data.records, config.n, config.shuffle, config.seed, config.start)
+    return data, select_records(data.records, config.n, config.shuffle, config.seed, config.start, config.rephrase)
 
 
 def run_eval(config: EvalConfig) -> EvalResult:

@@ -27,6 +27,7 @@ OVERVIEW_COLUMNS = [
     ("PS", "cf/ps"),
     ("said para", "gen/paraphrase"),
     ("chat para", "gen/chat_paraphrase"),
+    ("said para, same question", "gen/paraphrase_prompts"),
     ("NS", "cf/ns"),
     ("nbr kept", "gen/neighbour_kept"),
     ("retention", "seq/retention"),

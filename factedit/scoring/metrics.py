@@ -7,6 +7,9 @@ per-token negative log-likelihood of o's tokens and P(o) = exp(-NLL(o)). o* is t
 true one.
     cf/es   efficacy: share of cases with P(o*) > P(oᶜ) on the edit prompt
     cf/ps   generalization: the same on paraphrases (per case the mean over its paraphrases)
+    cf/ps_paraphrase_prompts  the same over the paraphrases that ask the same question, where the
+            dataset tells them from generation prompts (EasyEdit's flat CounterFact mixes the two in
+            `rephrase_prompt`, factedit.evaluation.rephrases); absent where it does not
     cf/ns   specificity: share of neighbourhood prompts (same relation, true answer oᶜ) with
             P(oᶜ) > P(o*) (per case the mean over its neighbourhood prompts)
     cf/em, cf/pm  mean of P(o*) - P(oᶜ) on edit prompts / paraphrases
@@ -24,6 +27,10 @@ What the model says (opt-in here, on by default in `factedit eval`; rules and en
     gen/chat            chat success: the edit prompt asked through the chat template, judged on the
                         reply (absent when the tokenizer has no chat template)
     gen/chat_paraphrase the same for the paraphrases asked as questions
+    gen/paraphrase_prompts, gen/chat_paraphrase_prompts  gen/paraphrase and gen/chat_paraphrase over the
+                        paraphrases that ask the same question (as cf/ps_paraphrase_prompts): after a
+                        generation prompt the target is often not the answer, so these are the rates
+                        that say whether an edit reaches another wording of its question
     gen/neighbour_kept  share of neighbourhood and locality prompts whose greedy continuation the edit
                         leaves unchanged
 Fluency (opt-in, slow): fluency/ngram_entropy, ROME's weighted bi-/tri-gram entropy of greedy
@@ -68,6 +75,7 @@ class FactCase(Protocol):
     target_new: str
     target_true: str | None
     paraphrases: Sequence[str]
+    paraphrase_kinds: Sequence[str]  # "paraphrase" / "generation" per paraphrase; empty = all paraphrases
     neighborhood: Sequence[tuple[str, str]]  # (prompt, true answer)
     locality: Sequence[tuple[str, str]]  # (unrelated prompt, its answer)
     generation_prompts: Sequence[str]
@@ -94,6 +102,7 @@ class CaseScores:
     entropy: float | None = None  # fluency: mean n-gram entropy of the generations
     generations: list[str] = field(default_factory=list)
     said: SaidScores | None = None  # what the model said (generation checks), when measured
+    para_kinds: list[str] = field(default_factory=list)  # the case's paraphrase_kinds (empty: all paraphrases)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -169,6 +178,8 @@ def score_cases(
     flat = [(p, t) for pairs in per_case for _, p, t in pairs]
     scores = iter(score_targets(model, flat, pad_id_of(tokenizer), batch_size, padding_side))
     results = [_collect(pairs, [next(scores) for _ in pairs]) for pairs in per_case]
+    for case, result in zip(cases, results, strict=True):
+        result.para_kinds = list(case.paraphrase_kinds)
     if generation:
         said = said_scores(model, tokenizer, cases, batch_size=batch_size, chat_tokens=chat_tokens)
         for result, case_said in zip(results, said, strict=True):
@@ -252,6 +263,9 @@ def case_metrics(pre: CaseScores, post: CaseScores) -> dict[str, float]:
         pairs = list(zip(post.para_new_nll, post.para_true_nll, strict=True))
         values["cf/ps"] = _mean([float(n < t) for n, t in pairs])
         values["cf/pm"] = _mean([_prob(n) - _prob(t) for n, t in pairs])
+        if post.para_kinds:
+            values["cf/ps_paraphrase_prompts"] = _mean(
+                [float(n < t) for (n, t), kind in zip(pairs, post.para_kinds, strict=True) if kind == "paraphrase"])
     neigh = list(zip(post.neigh_new_nll, post.neigh_true_nll, strict=True))
     values["cf/ns"] = _mean([float(t < n) for n, t in neigh])
     values["cf/nm"] = _mean([_prob(t) - _prob(n) for n, t in neigh])
@@ -263,7 +277,7 @@ def case_metrics(pre: CaseScores, post: CaseScores) -> dict[str, float]:
             for before, after in zip(pre.loc_pred, post.loc_pred, strict=True)
         ]
     )
-    values.update(said_case_metrics(pre.said, post.said))
+    values.update(said_case_metrics(pre.said, post.said, post.para_kinds))
     return {k: v for k, v in values.items() if v is not None}
 
 

@@ -41,6 +41,7 @@ import re
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import compress
 from typing import Any, Protocol
 
 import torch
@@ -274,20 +275,29 @@ def _share(values: Sequence[bool]) -> float | None:
     return sum(map(float, values)) / len(values) if values else None
 
 
-def said_case_metrics(pre: SaidScores | None, post: SaidScores | None) -> dict[str, float]:
+def said_case_metrics(
+    pre: SaidScores | None, post: SaidScores | None, para_kinds: Sequence[str] = (),
+) -> dict[str, float]:
     """Per-case `gen/*` values (absent where the case or the tokenizer lacks the data):
     gen/prompt, gen/paraphrase (mean over paraphrases), gen/chat (the edit prompt's question),
     gen/chat_paraphrase (mean over the paraphrases' questions), gen/neighbour_kept (share of
-    neighbourhood and locality prompts whose greedy continuation is unchanged)."""
+    neighbourhood and locality prompts whose greedy continuation is unchanged). With `para_kinds`
+    ("paraphrase" / "generation" per paraphrase) also gen/paraphrase_prompts and
+    gen/chat_paraphrase_prompts, the two paraphrase rates over the "paraphrase" ones alone."""
     if post is None:
         return {}
+    same_question = [kind == "paraphrase" for kind in para_kinds]
     values: dict[str, float | None] = {
         "gen/prompt": float(post.prompt_ok),
         "gen/paraphrase": _share(post.para_ok),
     }
+    if para_kinds:
+        values["gen/paraphrase_prompts"] = _share(list(compress(post.para_ok, same_question)))
     if post.chat_ok is not None and post.chat_ok:
         values["gen/chat"] = float(post.chat_ok[0])
         values["gen/chat_paraphrase"] = _share(post.chat_ok[1:])
+        if para_kinds:
+            values["gen/chat_paraphrase_prompts"] = _share(list(compress(post.chat_ok[1:], same_question)))
     if pre is not None:
         if len(pre.neigh_texts) != len(post.neigh_texts):
             raise ValueError("pre and post generations of a case have different neighbour prompts")
