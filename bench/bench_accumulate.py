@@ -15,6 +15,7 @@ The unedited model's NS on the same records is printed beside them.
     python bench/bench_accumulate.py --methods mend,ft_l --start 300 --n 200 --batch 64
     python bench/bench_accumulate.py --methods mend --n 1000 --checkpoints 100,200,500 --skip-batch
     python bench/bench_accumulate.py --methods ft_l --n 200 --no-generation     # teacher-forced only
+    python bench/bench_accumulate.py --methods alphaedit --start 100 --n 50 --rephrase paraphrase --skip-batch
 
 Outputs (summary.json, report.md, plots, cases) go to --out/<mode>; a run started again continues.
 """
@@ -34,18 +35,19 @@ from factedit.paths import PACKAGE_DIR
 
 # data/errors: edits refused (by the drift guard, for mend); the cf/ figures cover the applied ones.
 # gen/*: what the model says (greedy continuation, chat reply, neighbours' continuations unchanged).
-COLUMNS = ("cf/es", "gen/prompt", "cf/ps", "gen/paraphrase", "gen/chat", "cf/ns", "gen/neighbour_kept",
+COLUMNS = ("cf/es", "gen/prompt", "cf/ps", "gen/paraphrase", "gen/paraphrase_prompts", "gen/chat", "cf/ns",
+           "gen/neighbour_kept",
            "seq/retention", "gen/retention", "drift/ppl_ratio", "drift/ppl_ratio_max", "revert/exact",
            "data/errors", "time/edit_ms")
 
 
 def evaluate(methods, mode: str, start: int, n: int, out: Path, checkpoints, threads: int,
-             generation: bool = True, sequential_batch: int = 1) -> dict:
+             generation: bool = True, sequential_batch: int = 1, rephrase: str = "all") -> dict:
     config = EvalConfig(
         methods=tuple(MethodRun(m) for m in ["none", *methods]),
         data=DataConfig(path=PACKAGE_DIR / "data/counterfact/val.json", name="counterfact", format="counterfact"),
         out=out, n=n, start=start, mode=mode, batch_size=n, checkpoints=tuple(checkpoints), threads=threads,
-        generation=generation, sequential_batch=sequential_batch,
+        generation=generation, sequential_batch=sequential_batch, rephrase=rephrase,
     )
     return run_eval(config).summary
 
@@ -75,6 +77,8 @@ def main() -> None:
     parser.add_argument("--checkpoints", default="10,50,100,200,500,1000")
     parser.add_argument("--sequential-batch", type=int, default=1,
                         help="sequential: facts per kept edit_batch (e.g. --n 1000 --sequential-batch 100)")
+    parser.add_argument("--rephrase", default="all", choices=["all", "paraphrase", "generation"],
+                        help="only the first n records from --start whose rephrase prompt is of this kind")
     parser.add_argument("--skip-batch", action="store_true")
     parser.add_argument("--skip-sequential", action="store_true")
     parser.add_argument("--no-generation", action="store_true", help="skip the gen/* checks (faster)")
@@ -89,7 +93,7 @@ def main() -> None:
     rows = []
     if not args.skip_sequential:
         summary = evaluate(methods, "sequential", args.start, args.n, Path(args.out) / "sequential", checkpoints,
-                           args.threads, not args.no_generation, args.sequential_batch)
+                           args.threads, not args.no_generation, args.sequential_batch, args.rephrase)
         for method in methods:
             rows.append((method, "sequential", args.n, summary["metrics"][method], summary["baseline"]))
             curve = summary["sequential"][method]["checkpoints"]
@@ -100,10 +104,11 @@ def main() -> None:
             ], "(edits, retention teacher-forced, retention greedy, ppl ratio)")
     if not args.skip_batch:
         summary = evaluate(methods, "batch", args.start, args.batch, Path(args.out) / "batch", (), args.threads,
-                           not args.no_generation)
+                           not args.no_generation, rephrase=args.rephrase)
         for method in methods:
             rows.append((method, "batch", args.batch, summary["metrics"][method], summary["baseline"]))
-    print(f"\nCounterFact val[{args.start}:...], default model, {args.threads} threads")
+    chosen = f", only records whose rephrase prompt is a {args.rephrase}" * (args.rephrase != "all")
+    print(f"\nCounterFact val[{args.start}:...]{chosen}, default model, {args.threads} threads")
     print(table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps([{"method": r[0], "mode": r[1], "edits": r[2], **r[3]} for r in rows],
