@@ -7,7 +7,7 @@ with P(oᶜ) > P(o*). What the model then says (factedit.scoring.said, the rules
 "said" = share whose greedy continuation of the edit prompt is the new target, "said para" the same on
 the rephrase, "chat" / "chat para" the prompt / rephrase asked through the chat template and judged on
 the reply, "said para, same question" = "said para" over the records whose rephrase is a paraphrase
-(not one of CounterFact's generation prompts, factedit.evaluation.rephrases), "nbr kept" = share of
+(not one of CounterFact's generation prompts, factedit.core.rephrases), "nbr kept" = share of
 neighbourhood prompts whose greedy continuation the edit leaves unchanged. Speed: median compute time
 of an edit over the median forward+backward pass of the same model on the same text (all weights
 trainable), measured in the same run; revert and journal append times; model load from the cache.
@@ -29,10 +29,10 @@ import torch
 
 import factedit
 from factedit.core.cost import forward_backward_ms as core_forward_backward_ms
+from factedit.core.rephrases import rephrase_kind
 from factedit.core.request import encode_prompt, encode_target
 from factedit.editing.journal import Journal
 from factedit.evaluation import EvalRecord
-from factedit.evaluation.rephrases import rephrase_kind
 from factedit.paths import PACKAGE_DIR
 from factedit.scoring.said import normalise, said_scores
 from factedit.scoring.sequences import pad_id_of, score_sequences
@@ -56,7 +56,7 @@ def said_case(record: dict) -> EvalRecord:
 
 def with_rephrase_kind(records: list[dict], kind: str) -> list[dict]:
     """The records whose `rephrase_prompt` is of `kind` ("paraphrase" or "generation", see
-    factedit.evaluation.rephrases), or all of them for "all"."""
+    factedit.core.rephrases), or all of them for "all"."""
     if kind == "all":
         return records
     return [r for r in records if rephrase_kind(r["rephrase_prompt"], r.get("subject")) == kind]

@@ -28,7 +28,7 @@ from bench_editing import (
 )
 
 import factedit
-from factedit.evaluation.rephrases import rephrase_kind
+from factedit.core.rephrases import rephrase_kind
 from factedit.paths import PACKAGE_DIR
 from factedit.scoring.said import normalise, said_scores
 

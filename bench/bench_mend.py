@@ -41,8 +41,8 @@ from bench_editing import with_rephrase_kind
 import factedit
 from factedit.core.cost import forward_backward_ms
 from factedit.core.errors import DriftError
+from factedit.core.rephrases import rephrase_kind
 from factedit.core.request import encode_prompt, encode_target
-from factedit.evaluation.rephrases import rephrase_kind
 from factedit.paths import PACKAGE_DIR
 from factedit.scoring.said import said_scores
 from factedit.scoring.sequences import pad_id_of, score_sequences

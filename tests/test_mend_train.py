@@ -82,6 +82,30 @@ def test_the_locality_terms_vanish_without_an_edit_and_the_margin_term_adds_up()
     assert (with_margin - without).item() == pytest.approx(3.0 * m["loc/margin_drop"], rel=1e-4)
 
 
+def test_the_paraphrase_term_can_read_real_paraphrases_only():
+    """With paraphrases_only, rephrases that are CounterFact generation prompts leave the paraphrase term:
+    a batch without a real paraphrase takes the edit's NLL there; with one, its rephrase alone."""
+    model, tok = tiny_model("llama")
+    examples = tiny_examples(tok)
+    assert [e.same_question for e in examples] == [False, True, False, False]  # train[0:4] as shipped
+    network = new_network(model, (-2, -1), ("in", "out"), rank=8, alpha_init=0.05).eval()
+    pad = pad_id_of(tok)
+    none = [dataclasses.replace(e, same_question=False) for e in examples]
+    with frozen(model), torch.no_grad():
+        loss, m = edit_step_loss(model, network, none, pad, c_edit=1.0, c_loc=0.0, paraphrases_only=True)
+        assert loss.item() == pytest.approx(m["edit/nll"], rel=1e-5)
+        loss, m = edit_step_loss(model, network, examples, pad, c_edit=1.0, c_loc=0.0, paraphrases_only=True)
+        # the same update (rephrases are not part of it) with every rephrase row the real paraphrase's
+        theirs = [dataclasses.replace(e, rephrase=examples[1].rephrase) for e in examples]
+        _, m_theirs = edit_step_loss(model, network, theirs, pad, c_edit=1.0, c_loc=0.0)
+        assert m["edit/nll_rephrase"] == pytest.approx(m_theirs["edit/nll_rephrase"], rel=1e-4)
+        assert loss.item() == pytest.approx((m["edit/nll"] + m["edit/nll_rephrase"]) / 2, rel=1e-5)
+        _, every = edit_step_loss(model, network, examples, pad, c_edit=1.0, c_loc=0.0)
+    assert every["edit/nll_rephrase"] != pytest.approx(m["edit/nll_rephrase"], rel=1e-5)
+    with pytest.raises(ValueError, match="paraphrase_term"):
+        TrainConfig(paraphrase_term="some")
+
+
 def test_hydra_config_is_validated():
     cfg = compose_config(["--config-name", "tiny", "rank=4"])
     assert cfg.rank == 4 and cfg.layers == (-2, -1)

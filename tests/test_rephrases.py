@@ -8,9 +8,9 @@ from collections import Counter
 
 import pytest
 
+from factedit.core.rephrases import GENERATION_TEMPLATES, rephrase_kind
 from factedit.evaluation import EvalRecord
 from factedit.evaluation.loaders import load_records, select_records
-from factedit.evaluation.rephrases import GENERATION_TEMPLATES, rephrase_kind
 from factedit.paths import PACKAGE_DIR
 from factedit.scoring.metrics import CaseScores, compute_metrics
 from factedit.scoring.said import SaidScores

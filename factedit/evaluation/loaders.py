@@ -4,7 +4,7 @@ Formats (`format=`):
     counterfact  the flat CounterFact of factedit/data/counterfact/*.json (EasyEdit's): prompt, target_new,
                  ground_truth, subject, rephrase_prompt, locality_prompt + locality_ground_truth
                  (the neighbourhood prompt, same relation, true answer: CounterFact NS); each rephrase
-                 prompt is told a paraphrase or a generation prompt (rephrases.py)
+                 prompt is told a paraphrase or a generation prompt (core/rephrases.py)
     rome         the original ROME CounterFact: requested_rewrite {prompt template with "{}", subject,
                  target_new.str, target_true.str}, paraphrase_prompts, neighborhood_prompts (strings or
                  {prompt, target}), generation_prompts
@@ -29,13 +29,13 @@ from typing import Any
 
 from ..core.errors import FacteditError
 from ..core.hashing import file_sha256
+from ..core.rephrases import rephrase_kind
 from .records import EvalRecord
-from .rephrases import rephrase_kind
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("auto", "counterfact", "rome", "zsre", "mapped")
-REPHRASE_CHOICES = ("all", "paraphrase", "generation")  # which records `select_records` keeps (rephrases.py)
+REPHRASE_CHOICES = ("all", "paraphrase", "generation")  # which records `select_records` keeps (core/rephrases.py)
 # Fields a `mapped` dataset may map; the values of list fields may be a string or a list of strings.
 MAPPED_FIELDS = {
     "prompt": "the edit prompt (required; a '{}' in it is replaced by the subject)",

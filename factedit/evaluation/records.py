@@ -20,7 +20,7 @@ class EvalRecord:
         CounterFact-protocol metrics, which compare o* with oᶜ, are not computed for the record).
     subject: the entity the fact is about.
     paraphrases: other prompts for the same fact (generalization).
-    paraphrase_kinds: what each of `paraphrases` is, where the dataset mixes kinds (rephrases.py):
+    paraphrase_kinds: what each of `paraphrases` is, where the dataset mixes kinds (core/rephrases.py):
         "paraphrase", the same question, or "generation", a CounterFact generation prompt about the
         subject whose answer need not be the target; empty = every one a paraphrase.
     neighborhood: (prompt, true answer) pairs of the same relation for other subjects, whose answer

@@ -25,7 +25,7 @@ PROTOCOL = {
         "prompts with P(oc) > P(o*); cf/em, cf/pm: mean P(o*) - P(oc); cf/nm: mean P(oc) - P(o*); "
         "cf/score: harmonic mean of es, ps, ns; cf/ps_paraphrase_prompts: cf/ps over the rephrase prompts that "
         "ask the same question, where the data tells them from CounterFact's generation prompts "
-        "(factedit.evaluation.rephrases: EasyEdit's flat CounterFact holds one of either in rephrase_prompt)"
+        "(factedit.core.rephrases: EasyEdit's flat CounterFact holds one of either in rephrase_prompt)"
     ),
     "token_accuracy": (
         "EasyEdit (Yao et al. 2023): tok/reliability, tok/generalization: teacher-forced share of o* tokens "

@@ -18,6 +18,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from ..core.errors import InvalidRequestError
+from ..core.rephrases import rephrase_kind
 from ..core.request import EditRequest, TokenizedRequest, encode_prompt, encode_target, tokenize_request
 
 LOG = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ class EditExample:
     loc_new: TokenizedRequest  # locality prompt -> the edit's new target (what must not rise there)
     true_target: str | None = None  # the object before the edit (CounterFact metrics)
     source: str = ""
+    same_question: bool = True  # the rephrase asks the edit's question (False: a CounterFact generation prompt)
 
 
 def _request(tokenizer: PreTrainedTokenizerBase, prompt: str, target: str) -> TokenizedRequest:
@@ -48,6 +50,7 @@ def counterfact_example(record: dict[str, Any], tokenizer: PreTrainedTokenizerBa
         loc_new=_request(tokenizer, record["locality_prompt"], record["target_new"]),
         true_target=record["ground_truth"],
         source=f"counterfact:{record.get('case_id', '')}",
+        same_question=rephrase_kind(record["rephrase_prompt"], record.get("subject")) == "paraphrase",
     )
 
 

@@ -93,12 +93,15 @@ def edit_step_loss(
     c_replay: float = 0.0,
     c_norm: float = 0.0,
     updates: dict[str, torch.Tensor] | None = None,
+    paraphrases_only: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The training loss of one batch edit (module docstring) and its metrics; the model is frozen.
     Rows of both passes, n each: edits, (paraphrases, post only), locality prompts with their own answer,
     the locality prompts with the new target (c_margin > 0). For a stream of edits (train.py): `replay`,
     earlier edits of the episode still to be said (c_replay · their NLL at the edited weights); c_norm ·
-    Σ ‖ΔW‖²_F / ‖W‖²_F; `updates` receives each detached ΔW for the episode to apply."""
+    Σ ‖ΔW‖²_F / ‖W‖²_F; `updates` receives each detached ΔW for the episode to apply. With
+    `paraphrases_only` the paraphrase term reads only the examples whose rephrase asks the edit's question
+    (`EditExample.same_question`), and is the edit's NLL in a batch without one."""
     device, names, n = next(model.parameters()).device, unwrap(network).param_names, len(examples)
     loc_new = [e.loc_new for e in examples] if c_margin > 0 else []
     pre_requests = [e.edit for e in examples] + [e.loc for e in examples] + loc_new
@@ -115,6 +118,9 @@ def edit_step_loss(
         logits = logits_at(model, post_batch.input_ids, post_batch.attention_mask, select, params=new_params)
     nll = per_request_nll(logits, post_batch.labels, select)  # (rows,)
     nll_edit, nll_rephrase = nll[:n].mean(), nll[n : 2 * n].mean()
+    if paraphrases_only:
+        asked = torch.tensor([e.same_question for e in examples], device=nll.device)  # (n,)
+        nll_rephrase = nll[n : 2 * n][asked].mean() if bool(asked.any()) else nll_edit
     post_loc = rows_in(logits, select, 2 * n, 3 * n)  # (M_loc, V)
     pre_logp = torch.log_softmax(pre_loc.float(), -1)
     kl = (pre_logp.exp() * (pre_logp - torch.log_softmax(post_loc.float(), -1))).sum(-1).mean()

@@ -9,7 +9,7 @@ true one.
     cf/ps   generalization: the same on paraphrases (per case the mean over its paraphrases)
     cf/ps_paraphrase_prompts  the same over the paraphrases that ask the same question, where the
             dataset tells them from generation prompts (EasyEdit's flat CounterFact mixes the two in
-            `rephrase_prompt`, factedit.evaluation.rephrases); absent where it does not
+            `rephrase_prompt`, factedit.core.rephrases); absent where it does not
     cf/ns   specificity: share of neighbourhood prompts (same relation, true answer oᶜ) with
             P(oᶜ) > P(o*) (per case the mean over its neighbourhood prompts)
     cf/em, cf/pm  mean of P(o*) - P(oᶜ) on edit prompts / paraphrases
