@@ -28,6 +28,7 @@ import logging
 from pathlib import Path
 
 import torch
+from bench_editing import add_rephrase_option
 
 from factedit.evaluation.config import DataConfig, EvalConfig, MethodRun
 from factedit.evaluation.runner import run_eval
@@ -77,8 +78,7 @@ def main() -> None:
     parser.add_argument("--checkpoints", default="10,50,100,200,500,1000")
     parser.add_argument("--sequential-batch", type=int, default=1,
                         help="sequential: facts per kept edit_batch (e.g. --n 1000 --sequential-batch 100)")
-    parser.add_argument("--rephrase", default="all", choices=["all", "paraphrase", "generation"],
-                        help="only the first n records from --start whose rephrase prompt is of this kind")
+    add_rephrase_option(parser)
     parser.add_argument("--skip-batch", action="store_true")
     parser.add_argument("--skip-sequential", action="store_true")
     parser.add_argument("--no-generation", action="store_true", help="skip the gen/* checks (faster)")

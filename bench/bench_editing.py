@@ -33,6 +33,7 @@ from factedit.core.rephrases import rephrase_kind
 from factedit.core.request import encode_prompt, encode_target
 from factedit.editing.journal import Journal
 from factedit.evaluation import EvalRecord
+from factedit.evaluation.loaders import REPHRASE_CHOICES
 from factedit.paths import PACKAGE_DIR
 from factedit.scoring.said import normalise, said_scores
 from factedit.scoring.sequences import pad_id_of, score_sequences
@@ -54,12 +55,21 @@ def said_case(record: dict) -> EvalRecord:
     )
 
 
+def record_rephrase_kind(record: dict) -> str:
+    """What the record's `rephrase_prompt` is: "paraphrase" or "generation" (factedit.core.rephrases)."""
+    return rephrase_kind(record["rephrase_prompt"], record.get("subject"))
+
+
 def with_rephrase_kind(records: list[dict], kind: str) -> list[dict]:
-    """The records whose `rephrase_prompt` is of `kind` ("paraphrase" or "generation", see
-    factedit.core.rephrases), or all of them for "all"."""
-    if kind == "all":
-        return records
-    return [r for r in records if rephrase_kind(r["rephrase_prompt"], r.get("subject")) == kind]
+    """The records whose `rephrase_prompt` is of `kind` ("paraphrase" or "generation"), or all of them
+    for "all"."""
+    return records if kind == "all" else [r for r in records if record_rephrase_kind(r) == kind]
+
+
+def add_rephrase_option(parser: argparse.ArgumentParser) -> None:
+    """--rephrase: which records a benchmark takes (with_rephrase_kind)."""
+    parser.add_argument("--rephrase", default="all", choices=REPHRASE_CHOICES,
+                        help="only the first n records from --start whose rephrase prompt is of this kind")
 
 
 def counterfact_outcome(model, tok, record: dict, said_before=None) -> dict[str, float]:
@@ -74,7 +84,7 @@ def counterfact_outcome(model, tok, record: dict, said_before=None) -> dict[str,
         now = said_scores(model, tok, [said_case(record)])[0]
         outcome.update(said=now.prompt_ok, said_para=now.para_ok[0],
                        nbr_kept=normalise(now.neigh_texts[0]) == normalise(said_before.neigh_texts[0]))
-        if rephrase_kind(record["rephrase_prompt"], record.get("subject")) == "paraphrase":
+        if record_rephrase_kind(record) == "paraphrase":
             outcome["said_para_same_question"] = now.para_ok[0]  # not after a generation prompt (rephrases.py)
         if now.chat_ok is not None:
             outcome.update(chat=now.chat_ok[0], chat_para=now.chat_ok[1])
@@ -142,8 +152,7 @@ def main() -> None:
     parser.add_argument("--methods", default="ft,ft_l,lora")
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--start", type=int, default=0, help="first record (the bars use 0)")
-    parser.add_argument("--rephrase", default="all", choices=["all", "paraphrase", "generation"],
-                        help="only the first n records from --start whose rephrase prompt is of this kind")
+    add_rephrase_option(parser)
     parser.add_argument("--split", default="val", choices=["train", "val"])
     parser.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE")
     parser.add_argument("--unedited", action="store_true", help="also report the unedited ES/PS/NS")

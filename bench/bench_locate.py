@@ -19,16 +19,17 @@ from pathlib import Path
 
 import torch
 from bench_editing import (
+    add_rephrase_option,
     counterfact_outcome,
     forward_backward_ms,
     mean_logprobs,
+    record_rephrase_kind,
     said_case,
     share,
     with_rephrase_kind,
 )
 
 import factedit
-from factedit.core.rephrases import rephrase_kind
 from factedit.paths import PACKAGE_DIR
 from factedit.scoring.said import normalise, said_scores
 
@@ -63,7 +64,7 @@ def edit_one(editor: factedit.Editor, model, tok, record: dict, before) -> dict:
         "case_id": record.get("case_id"), **{k: float(v) for k, v in outcome.items()},
         "edit_ms": edit_ms, "ratio": edit_ms / fwd_bwd, "steps": values.steps, "nll": float(values.nll.max()),
         "shift": float(((values.target - values.initial).norm(dim=1) / values.initial.norm(dim=1)).max()),
-        "para": para, "para_kind": rephrase_kind(record["rephrase_prompt"], record.get("subject")),
+        "para": para, "para_kind": record_rephrase_kind(record),
         "target": record["target_new"],
     }
 
@@ -74,8 +75,7 @@ def main() -> None:
     parser.add_argument("--split", default="val", choices=["train", "val"])
     parser.add_argument("--start", type=int, default=0)
     parser.add_argument("--n", type=int, default=20)
-    parser.add_argument("--rephrase", default="all", choices=["all", "paraphrase", "generation"],
-                        help="only the first n records from --start whose rephrase prompt is of this kind")
+    add_rephrase_option(parser)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (JSON value)")
     parser.add_argument("--no-generation", action="store_true", help="skip the greedy / chat checks")
     parser.add_argument("--threads", type=int, default=1)

@@ -36,12 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from bench_editing import with_rephrase_kind
+from bench_editing import add_rephrase_option, record_rephrase_kind, with_rephrase_kind
 
 import factedit
 from factedit.core.cost import forward_backward_ms
 from factedit.core.errors import DriftError
-from factedit.core.rephrases import rephrase_kind
 from factedit.core.request import encode_prompt, encode_target
 from factedit.paths import PACKAGE_DIR
 from factedit.scoring.said import said_scores
@@ -77,7 +76,7 @@ def said(model, tok, rec) -> dict[str, float]:
     case = SaidRecord(rec["prompt"], rec["target_new"], rec["ground_truth"], (rec["rephrase_prompt"],))
     (scores,) = said_scores(model, tok, [case])
     out = {"said": float(scores.prompt_ok), "said_para": float(scores.para_ok[0])}
-    if rephrase_kind(rec["rephrase_prompt"], rec.get("subject")) == "paraphrase":
+    if record_rephrase_kind(rec) == "paraphrase":
         out["said_para_same_question"] = out["said_para"]  # not after a generation prompt (rephrases.py)
     if scores.chat_ok:
         out["said_chat"] = float(scores.chat_ok[0])
@@ -113,8 +112,7 @@ def main() -> None:
     parser.add_argument("--config", default="{}", help="JSON of method config overrides")
     parser.add_argument("--n", type=int, default=200, help="n records of val.json from --start")
     parser.add_argument("--start", type=int, default=0, help="first record")
-    parser.add_argument("--rephrase", default="all", choices=["all", "paraphrase", "generation"],
-                        help="only the first n records from --start whose rephrase prompt is of this kind")
+    add_rephrase_option(parser)
     parser.add_argument("--split", default="val", choices=("val", "train"), help="CounterFact split")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=16, help="size of the edit_batch timing")

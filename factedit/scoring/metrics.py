@@ -61,7 +61,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..core.request import encode_prompt, encode_target
-from .said import CHAT_TOKENS, SaidScores, said_case_metrics, said_scores
+from .said import CHAT_TOKENS, SaidScores, on_paraphrase_prompts, said_case_metrics, said_scores
 from .sequences import DEFAULT_BATCH_SIZE, pad_id_of, pad_sequences
 from .targets import PaddingSide, TargetScore, score_targets
 
@@ -265,7 +265,7 @@ def case_metrics(pre: CaseScores, post: CaseScores) -> dict[str, float]:
         values["cf/pm"] = _mean([_prob(n) - _prob(t) for n, t in pairs])
         if post.para_kinds:
             values["cf/ps_paraphrase_prompts"] = _mean(
-                [float(n < t) for (n, t), kind in zip(pairs, post.para_kinds, strict=True) if kind == "paraphrase"])
+                [float(n < t) for n, t in on_paraphrase_prompts(pairs, post.para_kinds)])
     neigh = list(zip(post.neigh_new_nll, post.neigh_true_nll, strict=True))
     values["cf/ns"] = _mean([float(t < n) for n, t in neigh])
     values["cf/nm"] = _mean([_prob(t) - _prob(n) for n, t in neigh])

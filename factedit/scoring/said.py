@@ -42,7 +42,7 @@ import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import compress
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -52,6 +52,7 @@ from ..core.request import encode_prompt, encode_target
 from ..model.chat import chat_ids, has_chat_template, user_message
 from .sequences import DEFAULT_BATCH_SIZE, pad_id_of, pad_sequences
 
+T = TypeVar("T")
 GREEDY_EXTRA = 2  # tokens generated past the target's length (greedy success, neighbours)
 CHAT_TOKENS = 16  # tokens of chat reply
 CHAT_SENTENCE = "Complete the sentence: {prompt}"  # the edit prompt, asked in a chat
@@ -275,6 +276,14 @@ def _share(values: Sequence[bool]) -> float | None:
     return sum(map(float, values)) / len(values) if values else None
 
 
+def on_paraphrase_prompts(values: Sequence[T], para_kinds: Sequence[str]) -> list[T]:
+    """The per-paraphrase `values` of the paraphrases whose kind is "paraphrase" (the same question),
+    not a CounterFact generation prompt (factedit.core.rephrases); kinds aligned with the values."""
+    if len(values) != len(para_kinds):
+        raise ValueError(f"{len(values)} paraphrase values but {len(para_kinds)} paraphrase kinds")
+    return list(compress(values, [kind == "paraphrase" for kind in para_kinds]))
+
+
 def said_case_metrics(
     pre: SaidScores | None, post: SaidScores | None, para_kinds: Sequence[str] = (),
 ) -> dict[str, float]:
@@ -286,18 +295,17 @@ def said_case_metrics(
     gen/chat_paraphrase_prompts, the two paraphrase rates over the "paraphrase" ones alone."""
     if post is None:
         return {}
-    same_question = [kind == "paraphrase" for kind in para_kinds]
     values: dict[str, float | None] = {
         "gen/prompt": float(post.prompt_ok),
         "gen/paraphrase": _share(post.para_ok),
     }
     if para_kinds:
-        values["gen/paraphrase_prompts"] = _share(list(compress(post.para_ok, same_question)))
+        values["gen/paraphrase_prompts"] = _share(on_paraphrase_prompts(post.para_ok, para_kinds))
     if post.chat_ok is not None and post.chat_ok:
         values["gen/chat"] = float(post.chat_ok[0])
         values["gen/chat_paraphrase"] = _share(post.chat_ok[1:])
         if para_kinds:
-            values["gen/chat_paraphrase_prompts"] = _share(list(compress(post.chat_ok[1:], same_question)))
+            values["gen/chat_paraphrase_prompts"] = _share(on_paraphrase_prompts(post.chat_ok[1:], para_kinds))
     if pre is not None:
         if len(pre.neigh_texts) != len(post.neigh_texts):
             raise ValueError("pre and post generations of a case have different neighbour prompts")
