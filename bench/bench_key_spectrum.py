@@ -1,0 +1,82 @@
+"""Whether a model's MLP matrices have a null space to edit in: the spectrum of E[k kᵀ] over the
+reference corpus (the statistics AlphaEdit's projection and every preserver read), per block.
+
+    python bench/bench_key_spectrum.py                              # default model, down projections
+    python bench/bench_key_spectrum.py --layers 3,4,5,6,7 --role in --thresholds 0.1,0.5
+    python bench/bench_key_spectrum.py --model Qwen/Qwen2.5-0.5B --layers 4-8
+
+For each matrix: the largest eigenvalue's share of the key energy (a "massive activation" direction
+makes the mean eigenvalue, and so a threshold × the mean, mostly its own), then, at each threshold,
+how many directions lie under threshold × the mean eigenvalue and the share of the corpus keys'
+energy they carry (what an update confined to them still moves on the corpus), and the smallest
+eigenvalue over the mean of the rest (the two largest left out). A preserver's null space is those
+directions (`PreserveConfig.threshold`); a real one carries almost no energy. The statistics come
+from the cache, or are computed once (a forward pass over the corpus).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import factedit
+from factedit.model.loading import model_id
+from factedit.model.specs import mlp_param_names, num_layers
+from factedit.model.weights import model_fingerprint
+from factedit.safety.keys import key_statistics
+from factedit.safety.reference import key_corpus
+
+
+def layer_list(text: str | None, count: int) -> list[int]:
+    """"3,4,7" or "4-8" (inclusive); None: every block."""
+    if not text:
+        return list(range(count))
+    out: list[int] = []
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        out += list(range(int(first), int(last) + 1)) if last else [int(first)]
+    return out
+
+
+def spectrum_row(moment: torch.Tensor, thresholds: list[float]) -> dict[str, float]:
+    """The figures of one matrix (module docstring) from its E[k kᵀ] (in, in)."""
+    eigenvalues = torch.linalg.eigvalsh(moment.double()).clamp(min=0)  # ascending, (in,)
+    total, mean = float(eigenvalues.sum()), float(eigenvalues.mean())
+    row = {"top share": float(eigenvalues[-1]) / total}
+    for t in thresholds:
+        under = eigenvalues < t * mean
+        row[f"dims < {t}"] = int(under.sum())
+        row[f"energy < {t}"] = float(eigenvalues[under].sum()) / total
+    rest = eigenvalues[:-2]
+    row["min / rest mean"] = float(rest[0] / rest.mean())
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="hub id or folder (default: the embedded model)")
+    parser.add_argument("--layers", default=None, help='blocks, "3,4,7" or "4-8" (default: all)')
+    parser.add_argument("--role", default="out", help="MLP matrix role: out (down projection), in, gate")
+    parser.add_argument("--thresholds", default="0.1,0.25,0.5", help="× the mean eigenvalue")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    thresholds = [float(t) for t in args.thresholds.split(",")]
+    model, tok = factedit.load_model(args.model)
+    names = mlp_param_names(model, layer_list(args.layers, num_layers(model)), args.role)
+    modules = [n.rpartition(".")[0] for n in names]
+    moments = key_statistics(model, tok, modules, key_corpus(), fingerprint=model_fingerprint(model),
+                             model_id=model_id(model))
+    header = ["top share"] + [f"{k} < {t}" for t in thresholds for k in ("dims", "energy")] + ["min / rest mean"]
+    print("| matrix | " + " | ".join(header) + " |")
+    print("|---|" + "---:|" * len(header))
+    for module in modules:
+        row = spectrum_row(moments[module], thresholds)
+        cells = [f"{row[h]:.4f}" if isinstance(row[h], float) else str(row[h]) for h in header]
+        print(f"| {module} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
