@@ -98,6 +98,26 @@ def test_covariance_term_leans_on_the_emptiest_null_space_directions():
         PreserveConfig(cov_weight=-1.0)
 
 
+def test_a_threshold_above_every_eigenvalue_gives_memits_covariance_solve_with_earlier_keys_held():
+    """threshold above the largest eigenvalue ÷ the mean: the whole input space, and with cov_weight w
+    the rows are MEMIT's covariance solve with earlier edits' keys held (docs/locate.md):
+    X = K (K Kᵀ + K_p K_pᵀ + r e I + w C)^{-1} (symmetric), e the mean energy of a corpus key."""
+    g = torch.Generator().manual_seed(4)
+    basis, _ = torch.linalg.qr(torch.randn(12, 12, generator=g, dtype=torch.float64))
+    moment = basis @ torch.diag(torch.logspace(-1, 1, 12, dtype=torch.float64)) @ basis.T
+    q, energy = null_space_basis(moment, 1000.0)
+    assert q.shape == (12, 12) and energy == pytest.approx(float(torch.trace(moment)))
+    along = ((q.T @ moment) * q.T).sum(dim=1)  # (12,) the eigenvalues
+    config = PreserveConfig(threshold=1000.0, ridge=0.01, cov_weight=50.0)
+    preserver = KeyPreserver({"w": (q, energy)}, {"w": "out_in"}, config, {"w": along})
+    earlier = torch.randn(2, 12, generator=g, dtype=torch.float64)
+    preserver.protect("e1", {"w": earlier})
+    keys, values = torch.randn(3, 12, generator=g, dtype=torch.float64), torch.randn(3, 4, generator=g)
+    x, _ = preserver.solve_rows({"w": keys}, {"w": values})["w"]
+    gram = keys.T @ keys + earlier.T @ earlier + 0.01 * energy * torch.eye(12, dtype=torch.float64) + 50.0 * moment
+    assert torch.allclose(x.double(), keys @ torch.linalg.inv(gram), atol=1e-9)
+
+
 def test_protect_then_release_gives_back_the_inverse():
     preserver = preserver_from_keys(low_rank_keys(12, 3, 20), 4)
     before = preserver._inverse["w"].clone()

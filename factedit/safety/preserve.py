@@ -50,14 +50,17 @@ from .reference import key_corpus
 class PreserveConfig:
     """How edits are kept off the keys of the reference corpus (see the module docstring)."""
 
-    threshold: float = 0.1  # null space: eigenvalues of E[kkᵀ] below threshold × their mean
+    # null space: eigenvalues of E[kkᵀ] below threshold × their mean. Above the largest (e.g. 1000): the
+    # whole input space, for models with no null space; cov_weight then does the preserving (MEMIT's
+    # covariance solve with earlier edits' keys held, docs/locate.md).
+    threshold: float = 0.1
     ridge: float = 1.0  # r of solve_rows, × the mean projected energy of a corpus key
     protect_edits: bool = True  # earlier active edits' keys are held at zero change (solve_rows)
     # Weight of the corpus keys' outputs left in the null space (the corpus counts as this many keys);
     # 0 = AlphaEdit's plain ridge.
     cov_weight: float = 0.0
 
-    SETTABLE: ClassVar[Settable] = {"threshold": Number(1e-3, 10.0), "ridge": Number(1e-3, 1e3),
+    SETTABLE: ClassVar[Settable] = {"threshold": Number(1e-3, 1e4), "ridge": Number(1e-3, 1e3),
                                     "protect_edits": Flag(), "cov_weight": Number(0.0, 1e6)}
 
     def __post_init__(self) -> None:
