@@ -9,9 +9,9 @@ For each edited matrix: the singular values of ΣΔW (every edit in the journal,
 summed) beside W's largest, and ‖ΣΔW‖ beside ‖W‖; then the reference text's perplexity over the
 unedited model's (the `drift/ppl_ratio` of an evaluation) with all of ΣΔW, with one matrix's alone,
 with ΣΔW's largest singular values removed or capped (`--cap`), and (`--each`) with each edit's delta
-alone, to see whether a few edits carry the drift. `--texts heldout` reads the drift on text the model
-writes after openings that are not in the reference corpus (the shipped samples are part of the key
-corpus that preserving editors solve against, so their drift there may flatter them). With `--records
+alone, to see whether a few edits carry the drift. `--texts heldout` reads the drift on the shipped
+held-out text (bench/make_heldout_text.py), outside the key corpus that preserving editors solve against
+(the shipped samples are in it, so their drift may flatter them). With `--records
 SPLIT:START` (the CounterFact records the journal's edits were made from, in order) each reading also
 gives the share of them whose new target beats the true one (ES) and whose every target token is the
 argmax. Nothing is written:
@@ -63,31 +63,6 @@ def reach(model, tok, records: list[dict], changed: dict[str, torch.Tensor]) -> 
     return beats / len(records), said / len(records)
 
 
-# Openings for held-out text: topics unlike the shipped samples'; the model writes the rest (heldout_texts).
-HELDOUT_OPENINGS = (
-    "The migration of monarch butterflies", "A good way to start learning the violin is",
-    "In the kitchen of a small restaurant,", "The rules of cricket can seem strange at first:",
-    "When the tide goes out on a rocky shore,", "Knitting a scarf takes", "Coral reefs are home to",
-    "My grandmother's garden was full of", "The referee blew the whistle and", "Sourdough starter needs",
-    "Submarines stay underwater by", "During the winter festival, the village", "A thunderstorm begins when",
-    "The harbour pilot guided the tanker", "Learning to swim as an adult", "Penguins survive the cold by",
-)
-
-
-def heldout_texts(model, tok) -> list[str]:
-    """Text the unedited model writes after HELDOUT_OPENINGS (the shipped samples' recipe: temperature
-    0.7, top-p 0.95, 64 new tokens, seed 1000 + index), none of it in the key corpus."""
-    texts = []
-    for i, opening in enumerate(HELDOUT_OPENINGS):
-        torch.manual_seed(1000 + i)
-        ids = tok(opening, return_tensors="pt").input_ids
-        with torch.no_grad():
-            out = model.generate(ids, do_sample=True, temperature=0.7, top_p=0.95, max_new_tokens=64,
-                                 pad_token_id=tok.eos_token_id)
-        texts.append(tok.decode(out[0], skip_special_tokens=True))
-    return texts
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("journal")
@@ -101,7 +76,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = factedit.load_model()
-    texts = reference_texts("samples") if args.texts == "samples" else heldout_texts(model, tok)
+    texts = reference_texts(args.texts)
     weights = {n: p.detach() for n, p in model.named_parameters()}
     edits = journal_edits(args.journal)
     total: dict[str, torch.Tensor] = {}

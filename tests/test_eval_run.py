@@ -113,6 +113,9 @@ def test_batch_mode_measures_drift_per_batch(tiny_dir, tmp_path):
     ft = json.loads((out / "summary.json").read_text())["metrics"]["ft_l"]
     assert ft["drift/ppl_ratio"] == pytest.approx((ratios[0] + ratios[2]) / 2)  # each batch once
     assert ft["drift/ppl_ratio_max"] == max(ratios)
+    heldout = [r["drift"]["drift/ppl_ratio_heldout"] for r in rows]  # the same on held-out text
+    assert all(ratio > 0 for ratio in heldout)
+    assert ft["drift/ppl_ratio_heldout"] == pytest.approx((heldout[0] + heldout[2]) / 2)
 
 
 def test_sequential_mode_measures_retention_and_drift(sequential_run):
@@ -126,6 +129,9 @@ def test_sequential_mode_measures_retention_and_drift(sequential_run):
         assert cp["metrics"]["gen/retention"] == sum(said) / len(said)
         assert cp["metrics"]["drift/ppl"] > 0
         assert cp["metrics"]["drift/ppl_ratio"] == pytest.approx(cp["metrics"]["drift/ppl"] / base_ppl(cps))
+        assert cp["metrics"]["drift/ppl_ratio_heldout"] == pytest.approx(
+            cp["metrics"]["drift/ppl_heldout"] / base_ppl(cps, "_heldout"))
+        assert cp["metrics"]["drift/ppl_heldout"] != cp["metrics"]["drift/ppl"]  # another text
     assert (sequential_run / "retention.png").is_file()
     summary = json.loads((sequential_run / "summary.json").read_text())
     assert [c["edits"] for c in summary["sequential"]["ft_l"]["checkpoints"]] == [1, 2, 3]
@@ -133,6 +139,7 @@ def test_sequential_mode_measures_retention_and_drift(sequential_run):
     assert ft["seq/retention"] == cps[-1]["metrics"]["seq/retention"]
     assert ft["gen/retention"] == cps[-1]["metrics"]["gen/retention"]
     assert ft["drift/ppl_ratio"] == cps[-1]["metrics"]["drift/ppl_ratio"]
+    assert ft["drift/ppl_ratio_heldout"] == cps[-1]["metrics"]["drift/ppl_ratio_heldout"]
     assert ft["revert/exact"] == 1.0
     report = (sequential_run / "report.md").read_text()
     assert "| ft_l | 3 |" in report and "drift/ppl_ratio" in report
@@ -179,10 +186,11 @@ def test_sequential_batches_are_kept_and_checkpointed_at_whole_batches(tiny_dir,
     assert resumed[2]["post"]["new_nll"] == pytest.approx(rows[2]["post"]["new_nll"], abs=1e-6)
 
 
-def base_ppl(checkpoints) -> float:
-    """The unedited reference perplexity a checkpoint's ratio divides by (ppl / ratio)."""
+def base_ppl(checkpoints, text: str = "") -> float:
+    """The unedited reference perplexity a checkpoint's ratio divides by (ppl / ratio); text "_heldout":
+    the held-out text's."""
     first = checkpoints[0]["metrics"]
-    return first["drift/ppl"] / first["drift/ppl_ratio"]
+    return first[f"drift/ppl{text}"] / first[f"drift/ppl_ratio{text}"]
 
 
 def test_a_breaking_run_is_flagged(tiny_dir, tmp_path, caplog):

@@ -161,6 +161,14 @@ def test_no_null_space_is_refused():
         null_space_basis(full, 0.5)
 
 
+def test_the_heldout_text_is_outside_the_key_corpus():
+    """The held-out drift text shares no text, and no opening, with the corpus preserving solves hold."""
+    heldout, corpus = reference_texts("heldout"), key_corpus()
+    assert len(heldout) == 16 and not set(heldout) & set(corpus)
+    openings = {" ".join(t.split()[:4]) for t in corpus}  # "During the winter festival" / "... months"
+    assert not {" ".join(t.split()[:4]) for t in heldout} & openings
+
+
 def test_key_statistics_are_the_second_moment_of_the_module_inputs(tiny):
     model, tok = tiny
     (name,) = mlp_param_names(model, (1,), ("out",))

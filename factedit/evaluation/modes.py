@@ -12,7 +12,8 @@ sequential  edit every record in turn without reverting (or `sequential_batch` r
 
 Drift: with every batch edit (batch mode) and at every checkpoint (sequential mode) the perplexity of
 the shipped reference text (drift.py) is measured, as `drift/ppl` and as `drift/ppl_ratio` over the
-unedited model's; a ratio above `DRIFT_WARNING` is logged as a warning: the model is breaking.
+unedited model's; a ratio above `DRIFT_WARNING` is logged as a warning: the model is breaking. The same
+over held-out text (`drift/ppl_ratio_heldout`): the samples are in the key corpus preserving editors hold.
 The unedited baseline (method "none") scores each record once: post = pre.
 
 Per-case timings: edit_ms (the whole Editor call), compute_ms/apply_ms (its parts), metrics_ms (the
@@ -64,25 +65,30 @@ class RunContext:
     checkpoints: JsonLines
     pre: dict[int, CaseScores] = field(default_factory=dict)  # record index -> unedited scores
     pre_ms: float = 0.0  # per-case share of the batched pre-edit scoring
-    base_perplexity: float | None = None  # of the reference text, on the unedited model
+    base_perplexity: dict[str, float] = field(default_factory=dict)  # reference kind -> on the unedited model
 
     def drift(self, where: str) -> dict[str, float]:
-        """Perplexity of the reference text now, and over the unedited model's (warns past 2×)."""
-        texts = reference_texts("samples")
-        now = reference_perplexity(self.model, self.tokenizer, texts, batch_size=self.config.score_batch_size)
-        if self.base_perplexity is None:
-            self.base_perplexity = now
-        ratio = now / self.base_perplexity
+        """Perplexity of the reference text now, and over the unedited model's (warns past 2×); the same
+        over the held-out text, which no preserving solve holds (the samples are in the key corpus)."""
+        now, ratio = self._perplexity("samples")
+        heldout, heldout_ratio = self._perplexity("heldout")
         if not ratio <= DRIFT_WARNING:
             logger.warning(
                 "%s: the perplexity of the reference text is %.3g× the unedited model's (%.2f -> %.2f): "
                 "the edits are breaking the model",
                 where,
                 ratio,
-                self.base_perplexity,
+                self.base_perplexity["samples"],
                 now,
             )
-        return {"drift/ppl": now, "drift/ppl_ratio": ratio}
+        return {"drift/ppl": now, "drift/ppl_ratio": ratio, "drift/ppl_heldout": heldout,
+                "drift/ppl_ratio_heldout": heldout_ratio}
+
+    def _perplexity(self, kind: str) -> tuple[float, float]:
+        """(perplexity of a reference text now, its ratio to the unedited model's, the first reading)."""
+        now = reference_perplexity(self.model, self.tokenizer, reference_texts(kind),
+                                   batch_size=self.config.score_batch_size)
+        return now, now / self.base_perplexity.setdefault(kind, now)
 
     def score(self, records: Sequence[EvalRecord]) -> list[CaseScores]:
         cfg = self.config

@@ -22,7 +22,7 @@ BAR_PANELS = {
 CURVE_KEYS = [
     "cf/es", "cf/ps", "cf/ns", "seq/retention",
     "gen/prompt", "gen/paraphrase", "gen/neighbour_kept", "gen/retention",
-    "tok/locality", "drift/ppl_ratio",
+    "tok/locality", "drift/ppl_ratio", "drift/ppl_ratio_heldout",
 ]
 
 

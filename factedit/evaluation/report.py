@@ -62,7 +62,9 @@ PROTOCOL = {
     "prompt and its new target (cost.fwd_bwd_ms, timed when the run's edits began; a gradient editor's floor)",
     "drift": "drift/ppl: perplexity of the shipped reference text (sampled from the unedited default model); "
     "drift/ppl_ratio: over the unedited model's (1 = unchanged). Batch mode: mean over batches, with "
-    "drift/ppl_ratio_max; sequential: at each checkpoint",
+    "drift/ppl_ratio_max; sequential: at each checkpoint. The samples are part of the key corpus that "
+    "preserving editors hold; drift/ppl_ratio_heldout reads the same on held-out text the model writes "
+    "(resources/reference/heldout.json), which no solve looked at",
 }
 
 # Success rates also reported over every edit asked for (<key>_requested), a refused edit counted as
@@ -94,6 +96,7 @@ ROW_ORDER = [  # teacher-forced and generated figures of the same question side 
     "gen/retention",
     "drift/ppl_ratio",
     "drift/ppl_ratio_max",
+    "drift/ppl_ratio_heldout",
     "drift/ppl",
     "revert/exact",
     "time/edit_ms",
@@ -122,6 +125,7 @@ CHECKPOINT_KEYS = [
     "seq/retention",
     "gen/retention",
     "drift/ppl_ratio",
+    "drift/ppl_ratio_heldout",
 ]
 # The headline table: each question scored teacher-forced (probabilities) and by what the model
 # generates, in adjacent columns.
@@ -172,7 +176,7 @@ def _sequential_metrics(
         return immediate, {"immediate": immediate, "checkpoints": []}
     now = _scores(final["post"])
     metrics = compute_metrics([pre[i] for i in final["indices"]], now, timings, state.get("peak_mb"))
-    for key in ("seq/retention", "gen/retention", "drift/ppl", "drift/ppl_ratio"):
+    for key in ("seq/retention", "gen/retention", "drift/ppl", "drift/ppl_ratio", "drift/ppl_ratio_heldout"):
         if key in final["metrics"]:
             metrics[key] = final["metrics"][key]
     if "revert_exact" in state:  # revert of every edit gave the base back bit for bit (torch.equal)
@@ -190,11 +194,15 @@ def _batch_drift(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     if not batches:
         return {}
     ratios = [d["drift/ppl_ratio"] for d in batches.values()]
-    return {
+    out = {
         "drift/ppl_ratio": sum(ratios) / len(ratios),
         "drift/ppl_ratio_max": max(ratios),
         "drift/ppl": sum(d["drift/ppl"] for d in batches.values()) / len(batches),
     }
+    heldout = [d["drift/ppl_ratio_heldout"] for d in batches.values() if "drift/ppl_ratio_heldout" in d]
+    if len(heldout) == len(batches):  # runs made before the held-out text have none
+        out["drift/ppl_ratio_heldout"] = sum(heldout) / len(heldout)
+    return out
 
 
 def drift_warnings(summary: Mapping[str, Any]) -> list[str]:

@@ -32,6 +32,7 @@ OVERVIEW_COLUMNS = [
     ("nbr kept", "gen/neighbour_kept"),
     ("retention", "seq/retention"),
     ("drift", "drift/ppl_ratio"),
+    ("drift, held-out text", "drift/ppl_ratio_heldout"),
     ("exact revert", "revert/exact"),
     ("refused", "data/errors"),
     ("ES, refused = failed", "cf/es_requested"),

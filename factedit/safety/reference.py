@@ -5,6 +5,8 @@ samples     text sampled from the unedited default model after 64 openings writt
             (evaluation, the guard)
 statements  2,000 true statements from CounterFact's train split: with the samples, the corpus whose
             inputs to the edited matrices are the keys an edit must preserve (`keys.py`)
+heldout     text the unedited default model writes after openings the samples do not touch, outside
+            the key corpus: the drift read where no preserving solve looked (evaluation)
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ import hashlib
 import json
 from importlib import resources
 
-KINDS = ("samples", "statements")
+KINDS = ("samples", "statements", "heldout")
 
 
 def reference_texts(kind: str) -> list[str]:
-    """The texts of one shipped reference file ("samples" or "statements")."""
+    """The texts of one shipped reference file (one of KINDS)."""
     if kind not in KINDS:
         raise ValueError(f"unknown reference text {kind!r}; known: {', '.join(KINDS)}")
     data = resources.files("factedit").joinpath("resources", "reference", f"{kind}.json").read_text("utf-8")
