@@ -98,6 +98,7 @@ ROW_ORDER = [  # teacher-forced and generated figures of the same question side 
     "drift/ppl_ratio_max",
     "drift/ppl_ratio_heldout",
     "drift/ppl",
+    "drift/ppl_heldout",
     "revert/exact",
     "time/edit_ms",
     "time/edit_per_fwd_bwd",
@@ -176,7 +177,8 @@ def _sequential_metrics(
         return immediate, {"immediate": immediate, "checkpoints": []}
     now = _scores(final["post"])
     metrics = compute_metrics([pre[i] for i in final["indices"]], now, timings, state.get("peak_mb"))
-    for key in ("seq/retention", "gen/retention", "drift/ppl", "drift/ppl_ratio", "drift/ppl_ratio_heldout"):
+    for key in ("seq/retention", "gen/retention", "drift/ppl", "drift/ppl_ratio", "drift/ppl_heldout",
+                "drift/ppl_ratio_heldout"):
         if key in final["metrics"]:
             metrics[key] = final["metrics"][key]
     if "revert_exact" in state:  # revert of every edit gave the base back bit for bit (torch.equal)
