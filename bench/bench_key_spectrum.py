@@ -22,7 +22,7 @@ import torch
 
 import factedit
 from factedit.model.loading import model_id
-from factedit.model.specs import mlp_param_names, num_layers
+from factedit.model.specs import mlp_param_names, module_of, num_layers
 from factedit.model.weights import model_fingerprint
 from factedit.safety.keys import key_statistics
 from factedit.safety.reference import key_corpus
@@ -66,7 +66,7 @@ def main() -> None:
     thresholds = [float(t) for t in args.thresholds.split(",")]
     model, tok = factedit.load_model(args.model)
     names = mlp_param_names(model, layer_list(args.layers, num_layers(model)), args.role)
-    modules = [n.rpartition(".")[0] for n in names]
+    modules = [module_of(n) for n in names]
     moments = key_statistics(model, tok, modules, key_corpus(), fingerprint=model_fingerprint(model),
                              model_id=model_id(model))
     header = ["top share"] + [f"{k} < {t}" for t in thresholds for k in ("dims", "energy")] + ["min / rest mean"]

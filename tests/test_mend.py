@@ -291,8 +291,9 @@ def test_the_applied_delta_is_the_update_mend_was_trained_with(arch, tmp_path):
     """The low-rank factors the method returns, in each parameter's own layout (Conv1D included),
     add exactly the W + ΔW that the training objective evaluates (`objective.edited_params`)."""
     from factedit.mend.capture import capture
-    from factedit.mend.objective import edited_params, module_of
+    from factedit.mend.objective import edited_params
     from factedit.model.hooks import frozen
+    from factedit.model.specs import module_of
 
     model, tok = tiny_model(arch)
     path, network = tiny_checkpoint(tmp_path, model, roles=ROLES[arch])

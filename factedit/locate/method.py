@@ -38,7 +38,7 @@ from ..core.request import TokenizedRequest, max_context, subject_span
 from ..model.contexts import ContextPrefixes
 from ..model.hooks import frozen
 from ..model.loading import model_id
-from ..model.specs import layer_index, mlp_param_names, weight_layout
+from ..model.specs import layer_index, mlp_param_names, module_of, weight_layout
 from ..model.weights import model_fingerprint
 from ..safety.keys import key_statistics
 from ..safety.preserve import KeyPreserver, build_preserver, covariance_solve_rows
@@ -51,10 +51,6 @@ from .values import Values, fit_values
 LOG = logging.getLogger(__name__)
 Moments = Callable[[Sequence[str]], dict[str, torch.Tensor]]
 Solve = Callable[[str, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
-def module_of(name: str) -> str:
-    return name.rpartition(".")[0]
 
 
 class Locate:

@@ -25,7 +25,7 @@ from ..core.methods import MethodSpec, StreamState
 from ..core.request import TokenizedRequest, max_context
 from ..model.contexts import ContextPrefixes
 from ..model.hooks import frozen
-from ..model.specs import layer_index, mlp_param_names, weight_layout
+from ..model.specs import layer_index, mlp_param_names, module_of, weight_layout
 from ..safety.keys import anchor_keys
 from ..safety.preserve import KeyPreserver
 from ..scoring.batches import chat_requests, loss_positions, make_batch, next_tokens, prefixed_requests
@@ -48,10 +48,6 @@ def length_groups(requests: Sequence[TokenizedRequest], size: int | None) -> lis
     if size is None:
         return [ordered]
     return [ordered[i : i + size] for i in range(0, len(ordered), size)]
-
-
-def module_of(param_name: str) -> str:
-    return param_name.rpartition(".")[0]
 
 
 def edited_params(model: nn.Module, layers: Sequence[int], matrices: Sequence[str]) -> list[EditedParam]:

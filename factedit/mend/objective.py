@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..model.specs import module_of
 from ..safety.preserve import KeyPreserver
 from ..scoring.batches import IGNORE, loss_positions, make_batch, next_tokens
 from ..scoring.sequences import logits_at, pad_sequences
@@ -46,10 +47,6 @@ def skipping_cached_blocks(cache: PrefixCache | None, model: nn.Module, requests
         return contextlib.nullcontext()
     rows = [tuple(r.input_ids) if hasattr(r, "input_ids") else tuple(r[0]) + tuple(r[1]) for r in requests]
     return cache.skipping(model, rows, pad_id)
-
-
-def module_of(param_name: str) -> str:
-    return param_name.rpartition(".")[0]
 
 
 def rows_in(logits: torch.Tensor, select: torch.Tensor, first: int, end: int) -> torch.Tensor:

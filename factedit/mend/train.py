@@ -28,12 +28,13 @@ import torch
 
 from ..core.configs import validated
 from ..core.errors import ConfigError
+from ..model.specs import module_of
 from ..paths import CONFIG_DIR as PACKAGE_CONFIG_DIR
 from ..paths import CONFIG_MODULE
 from .config import check_step_scales
 from .data import EditExample
 from .network import AGGREGATIONS
-from .objective import edit_step_loss, module_of, skipping_cached_blocks, unwrap
+from .objective import edit_step_loss, skipping_cached_blocks, unwrap
 from .prefix import PrefixCache
 from .run import Keeper, batches, prepare
 

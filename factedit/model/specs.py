@@ -239,6 +239,11 @@ def mlp_module_name(model: nn.Module, layer: int, role: str) -> str:
     return f"{spec.layers_path}.{index}.{spec.mlp_modules[real]}"
 
 
+def module_of(param_name: str) -> str:
+    """The module that owns a parameter: "model.layers.3.mlp.down_proj.weight" -> "model.layers.3.mlp.down_proj"."""
+    return param_name.rpartition(".")[0]
+
+
 def mlp_param_names(model: nn.Module, layers: Sequence[int] | int, roles: Sequence[str] | str) -> list[str]:
     """Full names of the MLP weight matrices, ordered by layer, then by the role order given.
 
