@@ -41,7 +41,7 @@ from transformers import PreTrainedTokenizerBase
 from ..core.delta import Delta, ParamDelta
 from ..core.errors import ConfigError
 from ..core.settable import Flag, Number, Settable
-from ..model.specs import weight_layout
+from ..model.specs import module_of, weight_layout
 from .keys import cached_derivative, key_statistics
 from .reference import key_corpus
 
@@ -271,7 +271,7 @@ def build_preserver(
     """A KeyPreserver for the weight matrices `names` of `model`, from the key statistics of the
     shipped reference corpus on the base weights (`base_params` hold base values of parameters that
     are already edited). Statistics and bases are cached (keys.py)."""
-    modules = {name: name.rpartition(".")[0] for name in names}
+    modules = {name: module_of(name) for name in names}
     corpus = key_corpus()
     moments = key_statistics(model, tokenizer, sorted(set(modules.values())), corpus,
                              fingerprint=fingerprint, model_id=model_id, params=base_params)

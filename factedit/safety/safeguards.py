@@ -28,7 +28,7 @@ from ..core.cost import ms_since
 from ..core.delta import Delta
 from ..core.errors import ConfigError
 from ..core.request import TokenizedRequest
-from ..model.specs import layer_index
+from ..model.specs import layer_index, module_of
 from ..model.weights import WeightState
 from .drift import DriftGuard, GuardConfig
 from .guard_store import GuardStore
@@ -125,7 +125,7 @@ class Safeguards:
         names = self._protected_names(delta)
         if not names or keys is not None:
             return None
-        modules = {name: name.rpartition(".")[0] for name in names}
+        modules = {name: module_of(name) for name in names}
         taken = edit_keys(model, tokenizer, sorted(set(modules.values())), requests, params)
         return {name: taken[module] for name, module in modules.items()}
 
@@ -144,7 +144,7 @@ class Safeguards:
     ) -> dict[str, torch.Tensor]:
         """{param name: E[k kᵀ] (in, in)} of the reference corpus's keys of each weight matrix, on the
         base weights (keys.key_statistics: cached on disk per base model)."""
-        modules = {name: name.rpartition(".")[0] for name in names}
+        modules = {name: module_of(name) for name in names}
         moments = key_statistics(model, tokenizer, sorted(set(modules.values())), key_corpus(),
                                  fingerprint=self.fingerprint, model_id=self.model_id,
                                  params=state.base_values(list(state.base)))
@@ -156,7 +156,7 @@ class Safeguards:
     ) -> dict[str, torch.Tensor]:
         if keys is not None:
             return keys(model, tokenizer, names, requests)
-        modules = {name: name.rpartition(".")[0] for name in names}
+        modules = {name: module_of(name) for name in names}
         keys = edit_keys(model, tokenizer, sorted(set(modules.values())), requests)
         return {name: keys[module] for name, module in modules.items()}
 
