@@ -4,18 +4,23 @@
     python bench/bench_accumulated.py runs/tune21b/grad0.25-shrink4-refine2/journal-alphaedit.sqlite \
         --remove 1,3,10 --records train:3000
     python bench/bench_accumulated.py runs/t21c/full-cw1500/journal-alphaedit.sqlite --remove 0 --texts heldout
+    python bench/bench_accumulated.py RUN/journal-alphaedit.sqlite --remove 0 --leak --scale 0.5,0.7,1.4 --each
 
-For each edited matrix: the singular values of ΣΔW (every edit in the journal, active or reverted,
-summed) beside W's largest, and ‖ΣΔW‖ beside ‖W‖; then the reference text's perplexity over the
-unedited model's (the `drift/ppl_ratio` of an evaluation) with all of ΣΔW, with one matrix's alone,
-with ΣΔW's largest singular values removed or capped (`--cap`), and (`--each`) with each edit's delta
-alone, to see whether a few edits carry the drift. `--texts heldout` reads the drift on the shipped
-held-out text (bench/make_heldout_text.py), outside the key corpus that preserving editors solve against
-(the shipped samples are in it, so their drift may flatter them). With `--records
-SPLIT:START` (the CounterFact records the journal's edits were made from, in order) each reading also
-gives the share of them whose new target beats the true one (ES) and whose every target token is the
-argmax. Nothing is written:
-the sums enter through `functional_call` (reference_perplexity's `params`).
+For each edited matrix: the singular values of ΣΔW (every edit in the journal, active or reverted, summed)
+beside W's largest, and ‖ΣΔW‖ beside ‖W‖; then the reference text's perplexity over the unedited model's (the
+`drift/ppl_ratio` of an evaluation) with all of ΣΔW, with one matrix's alone, with ΣΔW's largest singular
+values removed or capped (`--cap`), and (`--each`) with each edit's delta alone, to see whether a few edits
+carry the drift. `--leak` gives each matrix's leak into the corpus keys' outputs, ‖ΣΔW C^½‖² (C = E[kkᵀ] over
+the key corpus, the term MEMIT's covariance solve weighs), beside the sum of each edit's own leak (a ratio
+near 1: the edits' leaks are orthogonal and add in quadrature, not in step) and W's own output energy ‖W
+C^½‖²; `--scale` reads the drift with ΣΔW scaled, to see how it grows with the size of the accumulated change;
+`--each --leak` also ranks each edit's leak against its own drift (does a large leak mark the edits that move
+the text?). `--texts heldout` reads the drift on the shipped held-out text (bench/make_heldout_text.py),
+outside the key corpus that preserving editors solve against (the shipped samples are in it, so their drift
+may flatter them). With `--records SPLIT:START` (the CounterFact records the journal's edits were made from,
+in order) each reading also gives the share of them whose new target beats the true one (ES) and whose every
+target token is the argmax. Nothing is written: the sums enter through `functional_call`
+(reference_perplexity's `params`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from torch.func import functional_call
 import factedit
 from factedit.core.request import encode_prompt, encode_target
 from factedit.editing.journal import Journal
+from factedit.locate.method import own_moments
 from factedit.paths import PACKAGE_DIR
 from factedit.safety.drift import reference_perplexity
 from factedit.safety.reference import reference_texts
@@ -43,6 +49,17 @@ def journal_edits(path: str) -> list[tuple[str, dict[str, torch.Tensor]]]:
             what = "; ".join(f"{r.prompt} -> {r.target}" for r in record.requests)
             edits.append((what, {name: d.materialize(torch.float32) for name, d in record.delta.items()}))
     return edits
+
+
+def corpus_leak(delta: torch.Tensor, moment: torch.Tensor) -> float:
+    """‖ΔW C^½‖² = tr(ΔW C ΔWᵀ): the summed squared change of the outputs over the corpus keys, per key."""
+    return float(torch.einsum("oi,ij,oj->", delta, moment, delta))  # delta (out, in), moment (in, in)
+
+
+def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman's ρ of two (N,) tensors (ties broken by order)."""
+    ranks = torch.stack([a.argsort().argsort(), b.argsort().argsort()]).double()  # (2, N)
+    return float(torch.corrcoef(ranks)[0, 1])
 
 
 def reach(model, tok, records: list[dict], changed: dict[str, torch.Tensor]) -> tuple[float, float]:
@@ -70,6 +87,8 @@ def main() -> None:
     parser.add_argument("--remove", default="1,10,30", help="numbers of largest singular values to remove")
     parser.add_argument("--cap", default="", help="singular values of each ΣΔW to cap at, e.g. 20,15,10")
     parser.add_argument("--each", action="store_true", help="also the drift of each edit alone")
+    parser.add_argument("--leak", action="store_true", help="each matrix's leak into the corpus keys' outputs")
+    parser.add_argument("--scale", default="", help="factors to scale ΣΔW by, e.g. 0.5,0.7,1.4")
     parser.add_argument("--records", help="SPLIT:START of the CounterFact records the edits were made from")
     parser.add_argument("--texts", choices=("samples", "heldout"), default="samples",
                         help="drift on the shipped samples (as evaluations read it) or on held-out text")
@@ -126,14 +145,30 @@ def main() -> None:
         capped = {name: (u * s.clamp(max=cap)) @ vh for name, (u, s, vh) in svd.items()}
         print(f"each matrix's singular values capped at {cap:g}: {read(capped)}")
 
+    for factor in (float(x) for x in args.scale.split(",") if x):
+        print(f"ΣΔW × {factor:g}: {read({name: factor * d for name, d in total.items()})}")
+    moments: dict[str, torch.Tensor] = {}  # name -> (in, in) E[kkᵀ] over the key corpus
+    if args.leak:
+        moments = {name: c.to(total[name].dtype) for name, c in own_moments(model, tok, sorted(total)).items()}
+        for name, d in total.items():
+            own = sum(corpus_leak(deltas[name], moments[name]) for _, deltas in edits if name in deltas)
+            print(f"{name}: leak ||dW C^1/2||^2 {corpus_leak(d, moments[name]):.4g}, the edits' own leaks summed "
+                  f"{own:.4g} (ratio {corpus_leak(d, moments[name]) / own:.2f}); W's output energy "
+                  f"{corpus_leak(weights[name], moments[name]):.4g}")
     if args.each:
-        alone = sorted(((ratio(changed(deltas)), what) for what, deltas in edits), reverse=True)
-        values = torch.tensor([r for r, _ in alone])
+        alone = sorted(((ratio(changed(deltas)), what, deltas) for what, deltas in edits), key=lambda x: -x[0])
+        values = torch.tensor([r for r, _, _ in alone])
         excess = values - 1  # each edit's own excess perplexity
         print(f"each edit alone: median {float(values.median()):.4f}x, max {float(values.max()):.4f}x; the 10% largest "
-              f"carry {float(excess[: max(1, len(alone) // 10)].sum() / excess.sum()):.0%} of the summed excess")
-        for r, what in alone[:5]:
+              f"carry {float(excess[: max(1, len(alone) // 10)].sum() / excess.sum()):.0%} of the summed excess "
+              f"({float(excess.sum()):.4f})")
+        for r, what, _ in alone[:5]:
             print(f"  {r:.4f}x  {what}")
+        if args.leak:
+            leaks = torch.tensor([sum(corpus_leak(d, moments[n]) for n, d in deltas.items()) for _, _, deltas in alone])
+            top = leaks.argsort(descending=True)[: max(1, len(alone) // 10)]
+            print(f"each edit's leak against its excess: rank correlation {rank_correlation(leaks, excess):.2f}; "
+                  f"the 10% largest leaks carry {float(excess[top].sum() / excess.sum()):.0%} of the summed excess")
 
 
 if __name__ == "__main__":

@@ -12,18 +12,29 @@ energy they carry (what an update confined to them still moves on the corpus), a
 eigenvalue over the mean of the rest (the two largest left out). A preserver's null space is those
 directions (`PreserveConfig.threshold`); a real one carries almost no energy. The statistics come
 from the cache, or are computed once (a forward pass over the corpus).
+
+`--subject-keys SPLIT:START:N` (down projections only) adds, over N CounterFact records, the median of
+s = kᵀ(w C)⁻¹k for the key an edit writes at (the subject's last token, averaged over the context
+prefixes, as `alphaedit` reads it), w = `--cov-weight`: MEMIT's covariance solve delivers s / (1 + s) of
+a value at such a key, and its leak into the corpus keys' outputs per unit of value delivered falls as s
+grows, so a block whose subject keys have a larger s is a cheaper place to write a fact.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 
 import torch
 
 import factedit
+from factedit.core.request import EditRequest, tokenize_request
+from factedit.locate.config import LocateConfig
+from factedit.locate.method import Locate
 from factedit.model.loading import model_id
-from factedit.model.specs import mlp_param_names, module_of, num_layers
+from factedit.model.specs import layer_index, mlp_param_names, module_of, num_layers
 from factedit.model.weights import model_fingerprint
+from factedit.paths import PACKAGE_DIR
 from factedit.safety.keys import key_statistics
 from factedit.safety.reference import key_corpus
 
@@ -53,12 +64,33 @@ def spectrum_row(moment: torch.Tensor, thresholds: list[float]) -> dict[str, flo
     return row
 
 
+def subject_key_norms(model, tok, names: list[str], moments: dict[str, torch.Tensor], records: str,
+                      cov_weight: float) -> dict[str, float]:
+    """{name: median s = kᵀ(w C)⁻¹k} over the subject keys of CounterFact `records` ("SPLIT:START:N")."""
+    split, start, count = records.split(":")
+    data = json.loads((PACKAGE_DIR / f"data/counterfact/{split}.json").read_text())
+    data = data[int(start) : int(start) + int(count)]
+    requests = [tokenize_request(EditRequest(r["prompt"], r["target_new"], subject=r["subject"]), tok, None)
+                for r in data]
+    layers = tuple(layer_index(model, n) for n in names)
+    keys = Locate(LocateConfig(layers=layers)).edit_keys(model, tok, names, requests)  # {name: (N, in)}
+    out = {}
+    for name in names:
+        moment = moments[module_of(name)].double() * cov_weight  # (in, in)
+        k = keys[name].double()
+        s = (k * torch.linalg.solve(moment, k.T).T).sum(dim=1)  # (N,)
+        out[name] = float(s.median())
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="hub id or folder (default: the embedded model)")
     parser.add_argument("--layers", default=None, help='blocks, "3,4,7" or "4-8" (default: all)')
     parser.add_argument("--role", default="out", help="MLP matrix role: out (down projection), in, gate")
     parser.add_argument("--thresholds", default="0.1,0.25,0.5", help="× the mean eigenvalue")
+    parser.add_argument("--subject-keys", default=None, help="SPLIT:START:N CounterFact records (module docstring)")
+    parser.add_argument("--cov-weight", type=float, default=1500.0, help="w of the subject keys' s")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
@@ -70,10 +102,18 @@ def main() -> None:
     moments = key_statistics(model, tok, modules, key_corpus(), fingerprint=model_fingerprint(model),
                              model_id=model_id(model))
     header = ["top share"] + [f"{k} < {t}" for t in thresholds for k in ("dims", "energy")] + ["min / rest mean"]
+    subject = {}
+    if args.subject_keys:
+        if args.role != "out":
+            parser.error("--subject-keys reads the keys of down projections (--role out)")
+        subject = subject_key_norms(model, tok, names, moments, args.subject_keys, args.cov_weight)
+        header.append("subject key s")
     print("| matrix | " + " | ".join(header) + " |")
     print("|---|" + "---:|" * len(header))
     for module in modules:
         row = spectrum_row(moments[module], thresholds)
+        if subject:
+            row["subject key s"] = subject[module + ".weight"]
         cells = [f"{row[h]:.4f}" if isinstance(row[h], float) else str(row[h]) for h in header]
         print(f"| {module} | " + " | ".join(cells) + " |")
 
