@@ -19,7 +19,7 @@ TINY_OVERRIDES = {
     "ultraedit": dict(layers=(-1,), positions="all", step_scales=(1.0, 4.0, 16.0, 64.0)),
     # Locate-then-edit: a tiny random model passes almost nothing between positions through attention, so
     # keys and values sit at the prompt's last token ("last"; tests/test_locate.py covers "subject_last").
-    "alphaedit": dict(**_LOCATE, layers=(-2, -1), preserve={"threshold": 0.5, "ridge": 0.01}),
+    "alphaedit": dict(**_LOCATE, layers=(-2, -1), preserve={"threshold": 0.5, "ridge": 0.01, "cov_weight": 0.0}),
     "memit": dict(**_LOCATE, layers=(-2, -1), cov_weight=1.0),
     "rome": dict(**_LOCATE, layers=(-1,)),
     "ia3": dict(layers=(-2, -1), lr=0.3, max_steps=80),

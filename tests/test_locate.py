@@ -25,7 +25,7 @@ from factedit.scoring.positions import key_rows, value_rows
 from factedit.scoring.sequences import logits_at
 
 TINY = dict(v_steps=10, v_weight_decay=None, clamp_norm=None, layers=(1, 2))
-NULL = {"threshold": 0.5, "ridge": 1e-3}  # a tiny random model needs a wider null space
+NULL = {"threshold": 0.5, "ridge": 1e-3, "cov_weight": 0.0}  # a tiny random model needs a wider null space
 PROMPT = "The capital of France is"
 
 

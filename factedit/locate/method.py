@@ -8,7 +8,7 @@
                                                                        (one block: its down projection's)
                 ΔW_l = Rᵀ X_l with X_l = the least-squares rows for (K_l, R):
                     preserve set (AlphaEdit):  KeyPreserver.solve_rows, in the null space of the corpus
-                        keys, earlier edits' keys held
+                        keys (by default the whole space, with the covariance term), earlier edits' keys held
                     preserve None (MEMIT, ROME): covariance_solve_rows, the corpus keys' outputs weighed
                         by cov_weight (0: each key inserted exactly, ROME)
             refine  (refine_passes > 0) while some request still has more than refine_tol of its
