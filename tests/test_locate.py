@@ -327,19 +327,21 @@ def test_v_star_is_the_same_from_tails_and_from_whole_rows(monkeypatch):
 
 
 def test_v_star_is_shortened_to_the_least_of_its_length_that_still_meets_the_stop():
-    model, _, rows, _ = _value_setup("llama")
+    model, tok, _, requests = _value_setup("llama")
+    # one request: on a tiny random model no one stop lies between two requests' start and reach
+    rows = value_rows(tok, ("", "Some prefix words here", "I"), requests[:1], "{} is a")
     name, block = "model.layers.2.mlp.down_proj", "model.layers.2"
 
     def fitted(**settings):
-        return fit_values(model, rows, 2, name, 2, block, LocateConfig(**{**TINY, **settings}))
+        return fit_values(model, rows, 1, name, 2, block, LocateConfig(**{**TINY, **settings}))
 
-    start, far = fitted(v_steps=0).nll, fitted(v_steps=20, v_stop_nll=0.0).nll  # (2,) each
-    stop = float((start.max() + far.max()) / 2)  # both requests meet it within 20 steps, not at the start
+    start, far = fitted(v_steps=0).nll, fitted(v_steps=20, v_stop_nll=0.0).nll  # (1,) each
+    stop = float((start.max() + far.max()) / 2)  # met within 20 steps, not at the start
     assert float(far.max()) < stop < float(start.max())
     plain, short = fitted(v_steps=20, v_stop_nll=stop), fitted(v_steps=20, v_stop_nll=stop, v_shrink_checks=6)
     assert bool((plain.nll < stop).all()) and short.steps == plain.steps
     assert bool((short.nll < stop).all()) and bool((short.nll >= plain.nll).all())
-    wanted, kept = plain.target - plain.initial, short.target - short.initial  # (2, H) each
+    wanted, kept = plain.target - plain.initial, short.target - short.initial  # (1, H) each
     fraction = kept.norm(dim=1) / wanted.norm(dim=1)
     assert bool((fraction < 1).all()) and bool((fraction > 0).all())
     assert torch.allclose(kept, wanted * fraction[:, None], atol=1e-5)  # the same direction, shorter
@@ -348,6 +350,25 @@ def test_v_star_is_shortened_to_the_least_of_its_length_that_still_meets_the_sto
     assert torch.equal(unmet[0].target, unmet[1].target)
     with pytest.raises(ValueError, match="v_shrink_checks"):
         LocateConfig(v_shrink_checks=-1)
+
+
+def test_each_request_stops_on_its_own_and_gets_the_value_it_would_alone():
+    model, tok, rows, requests = _value_setup("llama")
+    name, block = "model.layers.2.mlp.down_proj", "model.layers.2"
+    prefixes = ("", "Some prefix words here", "I")
+
+    def fitted(rows, n, **settings):
+        return fit_values(model, rows, n, name, 2, block, LocateConfig(**{**TINY, "v_steps": 20, **settings}))
+
+    start, far = fitted(rows, 2, v_steps=0).nll, fitted(rows, 2, v_stop_nll=0.0).nll  # (2,) each
+    stop = float((start.max() + far.max()) / 2)
+    alone = [fitted(value_rows(tok, prefixes, [r], "{} is a"), 1, v_stop_nll=stop) for r in requests]
+    assert alone[0].steps != alone[1].steps  # one request meets the stop before the other
+    together = fitted(rows, 2, v_stop_nll=stop)
+    assert together.steps == max(a.steps for a in alone)
+    # the request that met the stop first was not pushed on while the other one went on
+    assert torch.allclose(together.target, torch.cat([a.target for a in alone]), atol=1e-4)
+    assert torch.allclose(together.nll, torch.cat([a.nll for a in alone]), atol=1e-4)
 
 
 def test_gradient_steps_move_each_value_by_its_share_of_the_hidden_norm_along_its_gradient():

@@ -57,8 +57,8 @@ class LocateConfig:
     # is the target a little less often (held-out val[1740:1780]: 0.875 against 0.925): off by default,
     # the setting for long streams of kept edits (docs/locate.md, "Locate-then-edit").
     v_shrink_checks: int = 0
-    # v* is fitted for at most this many requests at a time, each group stopping on its own requests'
-    # NLL: the fit's memory grows with its rows (about 0.2 GB a fact on the default model: an
+    # v* is fitted for at most this many requests at a time (each request stopping on its own NLL, as
+    # if fitted alone): the fit's memory grows with its rows (about 0.2 GB a fact on the default model: an
     # edit_batch of 100 facts in one fit needed more than 23 GB). Batches up to this size are one fit.
     v_chunk: int = 16
     # Without preserve: the corpus keys count as this many tokens; 0 = exact (ROME). MEMIT's 15000 is for

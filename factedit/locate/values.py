@@ -14,10 +14,12 @@ block, the down projection's own output, as ROME measures it: exact for blocks t
 output, e.g. Gemma's); v*_i = h_i + δ_i. The
 requests' δ are independent (the loss is a sum over requests). Each step runs only what δ changes:
 each row from its subject's last token on, from block L up, the tokens before it cached (tails.py).
-Stops when every request's NLL is below `stop_nll`; with `chat_context` its chat row counts in the loss
-and not in that check (the prompt's rows decide, as without it). With v_optimizer "gradient" each step
-moves δ_i by v_lr · ‖h_i‖ along its own gradient instead of Adam's; with v_shrink_checks > 0 each δ_i
-that met the stop is then cut, by bisection, to the least fraction of it that still meets it.
+Each request stops once its NLL is below `stop_nll` (its δ is kept from then on, as if it were fitted
+alone: MEMIT fits each z on its own), and the fit once every request has; with `chat_context` its chat
+row counts in the loss and not in that check (the prompt's rows decide, as without it). With
+v_optimizer "gradient" each step moves δ_i by v_lr · ‖h_i‖ along its own gradient instead of Adam's;
+with v_shrink_checks > 0 each δ_i that met the stop is then cut, by bisection, to the least fraction of
+it that still meets it.
 """
 
 from __future__ import annotations
@@ -165,17 +167,20 @@ def fit_values(
     optimizer = torch.optim.Adam([delta], lr=config.v_lr)
     norms = initial.norm(dim=1)  # (N,)
     steps = 0
+    met = torch.zeros(n, dtype=torch.bool, device=initial.device)  # (N,): requests whose δ is final
     for steps in range(config.v_steps + 1):
         with torch.enable_grad():
             logits = passes.run({out_module: _adding(delta[rows.owner])})  # delta[owner]: (B, H)
             nll, stop_nll, kl = _losses(logits, rows, select, targets, n, base_kl)
-            if bool((stop_nll < config.v_stop_nll).all()) or steps == config.v_steps:
+            met |= stop_nll.detach() < config.v_stop_nll
+            if bool(met.all()) or steps == config.v_steps:
                 break
             loss = nll + (config.kl_factor or 0.0) * kl
             if config.v_weight_decay:
                 loss = loss + config.v_weight_decay * delta.norm(dim=1) / norms**2
             optimizer.zero_grad(set_to_none=True)
             loss.sum().backward()
+        final = delta.detach().clone()  # (N, H): the rows of `met` are restored from it after the step
         if config.v_optimizer == "adam":
             optimizer.step()
         else:  # "gradient": a step of v_lr × ‖h_i‖ along each request's own gradient
@@ -187,6 +192,8 @@ def fit_values(
                 limit = config.clamp_norm * norms  # (N,)
                 scale = (limit / delta.norm(dim=1).clamp(min=1e-12)).clamp(max=1.0)
                 delta.mul_(scale[:, None])
+        with torch.no_grad():  # a request that met the stop keeps its δ while the others go on (as if fitted alone)
+            delta[met] = final[met]
     if config.v_shrink_checks:
         fraction, stop_nll = _shortest(passes, rows, select, targets, n, delta.detach(), out_module,
                                        config.v_stop_nll, stop_nll, config.v_shrink_checks)
