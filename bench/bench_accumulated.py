@@ -151,10 +151,10 @@ def main() -> None:
     if args.leak:
         moments = {name: c.to(total[name].dtype) for name, c in own_moments(model, tok, sorted(total)).items()}
         for name, d in total.items():
+            whole = corpus_leak(d, moments[name])
             own = sum(corpus_leak(deltas[name], moments[name]) for _, deltas in edits if name in deltas)
-            print(f"{name}: leak ||dW C^1/2||^2 {corpus_leak(d, moments[name]):.4g}, the edits' own leaks summed "
-                  f"{own:.4g} (ratio {corpus_leak(d, moments[name]) / own:.2f}); W's output energy "
-                  f"{corpus_leak(weights[name], moments[name]):.4g}")
+            print(f"{name}: leak ||dW C^1/2||^2 {whole:.4g}, the edits' own leaks summed {own:.4g} (ratio "
+                  f"{whole / own:.2f}); W's output energy {corpus_leak(weights[name], moments[name]):.4g}")
     if args.each:
         alone = sorted(((ratio(changed(deltas)), what, deltas) for what, deltas in edits), key=lambda x: -x[0])
         values = torch.tensor([r for r, _, _ in alone])

@@ -14,16 +14,13 @@ more than single solves asks its blocks to write larger values (docs/locate.md).
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
+from bench_key_spectrum import subject_keys
 
 import factedit
-from factedit.core.request import EditRequest, tokenize_request
-from factedit.locate.config import LocateConfig
-from factedit.locate.method import Locate, own_moments
+from factedit.locate.method import own_moments
 from factedit.model.specs import mlp_param_names
-from factedit.paths import PACKAGE_DIR
 
 
 def leak_and_delivered(keys: torch.Tensor, moment: torch.Tensor, weight: float) -> tuple[float, float]:
@@ -42,14 +39,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = factedit.load_model()
-    split, start, count = args.records.split(":")
-    data = json.loads((PACKAGE_DIR / f"data/counterfact/{split}.json").read_text())
-    data = data[int(start) : int(start) + int(count)]
-    requests = [tokenize_request(EditRequest(r["prompt"], r["target_new"], subject=r["subject"]), tok, None)
-                for r in data]
-    layers = tuple(int(x) for x in args.layers.split(","))
-    names = mlp_param_names(model, layers, "out")
-    keys = Locate(LocateConfig(layers=layers)).edit_keys(model, tok, names, requests)  # {name: (N, in)}
+    names = mlp_param_names(model, [int(x) for x in args.layers.split(",")], "out")
+    keys = subject_keys(model, tok, names, args.records)  # {name: (N, in)}
     moments = own_moments(model, tok, names)
     print("| matrix | w | joint leak | single leaks summed | ratio | delivered joint | delivered single |")
     print("|---|---:|---:|---:|---:|---:|---:|")

@@ -64,16 +64,23 @@ def spectrum_row(moment: torch.Tensor, thresholds: list[float]) -> dict[str, flo
     return row
 
 
-def subject_key_norms(model, tok, names: list[str], moments: dict[str, torch.Tensor], records: str,
-                      cov_weight: float) -> dict[str, float]:
-    """{name: median s = kᵀ(w C)⁻¹k} over the subject keys of CounterFact `records` ("SPLIT:START:N")."""
+def subject_keys(model, tok, names: list[str], records: str) -> dict[str, torch.Tensor]:
+    """{name: (N, in)}: the keys an edit of each of the CounterFact `records` ("SPLIT:START:N") writes at
+    in the down projections `names` (the subject's last token, averaged over the prefixes, as `alphaedit`
+    reads them), on the model as it is."""
     split, start, count = records.split(":")
     data = json.loads((PACKAGE_DIR / f"data/counterfact/{split}.json").read_text())
     data = data[int(start) : int(start) + int(count)]
     requests = [tokenize_request(EditRequest(r["prompt"], r["target_new"], subject=r["subject"]), tok, None)
                 for r in data]
     layers = tuple(layer_index(model, n) for n in names)
-    keys = Locate(LocateConfig(layers=layers)).edit_keys(model, tok, names, requests)  # {name: (N, in)}
+    return Locate(LocateConfig(layers=layers)).edit_keys(model, tok, names, requests)
+
+
+def subject_key_norms(model, tok, names: list[str], moments: dict[str, torch.Tensor], records: str,
+                      cov_weight: float) -> dict[str, float]:
+    """{name: median s = kᵀ(w C)⁻¹k} over the subject keys of CounterFact `records` ("SPLIT:START:N")."""
+    keys = subject_keys(model, tok, names, records)  # {name: (N, in)}
     out = {}
     for name in names:
         moment = moments[module_of(name)].double() * cov_weight  # (in, in)
