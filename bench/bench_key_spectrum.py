@@ -15,9 +15,10 @@ from the cache, or are computed once (a forward pass over the corpus).
 
 `--subject-keys SPLIT:START:N` (down projections only) adds, over N CounterFact records, the median of
 s = kᵀ(w C)⁻¹k for the key an edit writes at (the subject's last token, averaged over the context
-prefixes, as `alphaedit` reads it), w = `--cov-weight`: MEMIT's covariance solve delivers s / (1 + s) of
-a value at such a key, and its leak into the corpus keys' outputs per unit of value delivered falls as s
-grows, so a block whose subject keys have a larger s is a cheaper place to write a fact.
+prefixes, as `alphaedit` reads it), w = `--cov-weight` (default: the key width, as the editors weigh):
+MEMIT's covariance solve delivers s / (1 + s) of a value at such a key, and its leak into the corpus
+keys' outputs per unit of value delivered falls as s grows, so a block whose subject keys have a larger s
+is a cheaper place to write a fact.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from factedit.model.specs import layer_index, mlp_param_names, module_of, num_la
 from factedit.model.weights import model_fingerprint
 from factedit.paths import PACKAGE_DIR
 from factedit.safety.keys import key_statistics
+from factedit.safety.preserve import covariance_weight
 from factedit.safety.reference import key_corpus
 
 
@@ -78,12 +80,13 @@ def subject_keys(model, tok, names: list[str], records: str) -> dict[str, torch.
 
 
 def subject_key_norms(model, tok, names: list[str], moments: dict[str, torch.Tensor], records: str,
-                      cov_weight: float) -> dict[str, float]:
+                      cov_weight: float | None) -> dict[str, float]:
     """{name: median s = kᵀ(w C)⁻¹k} over the subject keys of CounterFact `records` ("SPLIT:START:N")."""
     keys = subject_keys(model, tok, names, records)  # {name: (N, in)}
     out = {}
     for name in names:
-        moment = moments[module_of(name)].double() * cov_weight  # (in, in)
+        moment = moments[module_of(name)].double()  # (in, in)
+        moment = moment * covariance_weight(cov_weight, moment.shape[0])
         k = keys[name].double()
         s = (k * torch.linalg.solve(moment, k.T).T).sum(dim=1)  # (N,)
         out[name] = float(s.median())
@@ -97,7 +100,7 @@ def main() -> None:
     parser.add_argument("--role", default="out", help="MLP matrix role: out (down projection), in, gate")
     parser.add_argument("--thresholds", default="0.1,0.25,0.5", help="× the mean eigenvalue")
     parser.add_argument("--subject-keys", default=None, help="SPLIT:START:N CounterFact records (module docstring)")
-    parser.add_argument("--cov-weight", type=float, default=1500.0, help="w of the subject keys' s")
+    parser.add_argument("--cov-weight", type=float, default=None, help="w of the subject keys' s (default: the width)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:

@@ -411,6 +411,18 @@ def _share_left(method: Locate, model, tok, request, delta) -> float:
     return float((target - after[0]).norm() / (target - before[0]).norm())
 
 
+def test_memits_default_covariance_weight_is_the_key_width():
+    model, tok = tiny_model("llama")
+    request = tokenized(tok, subject="France")
+    width = model.model.layers[0].mlp.down_proj.in_features
+    deltas = [Locate(MEMITConfig(**TINY, prefixes=None, cov_weight=w)).compute(model, tok, [request])
+              for w in (None, float(width), 10.0 * width)]
+    for name, param in deltas[0].params.items():
+        assert torch.equal(param.materialize(torch.float32), deltas[1].params[name].materialize(torch.float32))
+    assert not torch.equal(next(iter(deltas[0].params.values())).materialize(torch.float32),
+                           next(iter(deltas[2].params.values())).materialize(torch.float32))
+
+
 def test_refinement_passes_solve_again_for_what_a_regularised_solve_left():
     model, tok = tiny_model("llama")
     request = tokenized(tok, subject="France")

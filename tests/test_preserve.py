@@ -13,7 +13,7 @@ from factedit.core.errors import ConfigError, DriftError
 from factedit.model.specs import mlp_param_names
 from factedit.safety.drift import DriftGuard, GuardConfig, reference_perplexity
 from factedit.safety.keys import compute_key_statistics
-from factedit.safety.preserve import KeyPreserver, PreserveConfig, null_space_basis
+from factedit.safety.preserve import KeyPreserver, PreserveConfig, covariance_weight, null_space_basis
 from factedit.safety.reference import key_corpus, reference_texts
 
 
@@ -116,6 +116,25 @@ def test_a_threshold_above_every_eigenvalue_gives_memits_covariance_solve_with_e
     x, _ = preserver.solve_rows({"w": keys}, {"w": values})["w"]
     gram = keys.T @ keys + earlier.T @ earlier + 0.01 * energy * torch.eye(12, dtype=torch.float64) + 50.0 * moment
     assert torch.allclose(x.double(), keys @ torch.linalg.inv(gram), atol=1e-9)
+    # cov_weight None weighs by the key width: bit for bit the solve with w = 12
+    by_width = KeyPreserver({"w": (q, energy)}, {"w": "out_in"}, PreserveConfig(threshold=1000.0, ridge=0.01,
+                            cov_weight=None, protect_edits=False), {"w": along})
+    explicit = KeyPreserver({"w": (q, energy)}, {"w": "out_in"}, PreserveConfig(threshold=1000.0, ridge=0.01,
+                            cov_weight=12.0, protect_edits=False), {"w": along})
+    widths = [p.solve_rows({"w": keys}, {"w": values})["w"][0] for p in (by_width, explicit)]
+    assert torch.equal(widths[0], widths[1])
+
+
+def test_the_covariance_weight_by_default_is_the_key_width():
+    """A corpus key's kᵀC⁻¹k averages to the width, so w = width makes kᵀ(wC)⁻¹k about 1 at any width."""
+    assert covariance_weight(None, 1536) == 1536.0 and covariance_weight(15000.0, 16384) == 15000.0
+    assert covariance_weight(0.0, 64) == 0.0
+    g = torch.Generator().manual_seed(5)
+    for width in (8, 64):
+        keys = torch.randn(4000, width, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, width)
+        moment = keys.T @ keys / len(keys)  # (width, width)
+        s = torch.einsum("ni,ij,nj->n", keys, torch.linalg.inv(covariance_weight(None, width) * moment), keys)
+        assert float(s.mean()) == pytest.approx(1.0, rel=1e-6)
 
 
 def test_protect_then_release_gives_back_the_inverse():

@@ -61,10 +61,13 @@ class LocateConfig:
     # if fitted alone): the fit's memory grows with its rows (about 0.2 GB a fact on the default model: an
     # edit_batch of 100 facts in one fit needed more than 23 GB). Batches up to this size are one fit.
     v_chunk: int = 16
-    # Without preserve: the corpus keys count as this many tokens; 0 = exact (ROME). MEMIT's 15000 is for
-    # GPT-J's 16384-wide keys (k C⁻¹ k grows with the width); 1500 for the default model's 1536 (at 15000
-    # France -> Rome does not take; at 1500 it does, paraphrases too: not tuned further).
-    cov_weight: float = 1500.0
+    # Without preserve: the corpus keys count as this many tokens; 0 = exact (ROME); None = the edited
+    # matrix's input width (1536 on the default model). kᵀC⁻¹k grows with the width (its mean over the
+    # corpus is the width), so a weight in proportion to it trades reach against the corpus alike on
+    # every model: MEMIT's 15000 for GPT-J's 16384-wide keys is 0.92 × the width. On the default model
+    # 15000 leaves France -> Rome untaken; about the width (1500, then 1536) takes it, paraphrases too
+    # (preserve.covariance_weight; not tuned further).
+    cov_weight: float | None = None
     # AlphaEdit's solve: earlier edits' keys (subject's last token) held when protect_edits, the update
     # confined to the directions whose eigenvalue of the corpus keys' E[kkᵀ] is under threshold × the
     # mean, with a ridge and MEMIT's covariance term inside them (cov_weight). None = MEMIT's covariance
@@ -73,9 +76,9 @@ class LocateConfig:
     # the default is the whole space (threshold above every eigenvalue) with the covariance term: 200 kept
     # edits on held-out CounterFact val[1700:1900] drift 1.175x against 1.380x with the published null
     # space (threshold 0.5, ridge 1), with ES, PS, what the model says and retention as good or better
-    # (docs/locate.md). On a model whose MLPs have a null space, threshold=0.5, ridge=1.0,
-    # cov_weight=0 is AlphaEdit as published.
-    preserve: PreserveConfig | None = preserve_field(PreserveConfig(threshold=1000.0, ridge=0.01, cov_weight=1500.0))
+    # (docs/locate.md; measured with cov_weight 1500, now the width: 1536). On a model whose MLPs have
+    # a null space, threshold=0.5, ridge=1.0, cov_weight=0 is AlphaEdit as published.
+    preserve: PreserveConfig | None = preserve_field(PreserveConfig(threshold=1000.0, ridge=0.01, cov_weight=None))
     # More passes of the spread while the update falls short of v* at the measured block: after a pass,
     # when some request still has more than `refine_tol` of its initial ‖v* − h‖ left (a regularised
     # solve, e.g. preserve.cov_weight, gives each key less than it asks for), the blocks are solved
@@ -91,7 +94,7 @@ class LocateConfig:
         "v_weight_decay": Number(0.0, 1.0, optional=True),
         "clamp_norm": Number(0.0, 100.0, optional=True), "kl_factor": Number(0.0, 10.0, optional=True),
         "v_stop_nll": Number(0.0, 10.0), "v_shrink_checks": Integer(0, 16),
-        "cov_weight": Number(0.0, 1e6), "preserve": Nested(PreserveConfig.SETTABLE),
+        "cov_weight": Number(0.0, 1e6, optional=True), "preserve": Nested(PreserveConfig.SETTABLE),
         "refine_passes": Integer(0, 8), "refine_tol": Number(0.0, 1.0),
     }
 
@@ -112,8 +115,8 @@ class LocateConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, or None to turn it off")
         if self.kl_prompt.count("{}") != 1:
             raise ValueError(f"kl_prompt must hold one '{{}}' for the subject, got {self.kl_prompt!r}")
-        if not self.cov_weight >= 0 or self.v_stop_nll < 0:
-            raise ValueError("cov_weight and v_stop_nll must be >= 0")
+        if (self.cov_weight is not None and not self.cov_weight >= 0) or self.v_stop_nll < 0:
+            raise ValueError("cov_weight (a number, or None for the key width) and v_stop_nll must be >= 0")
         if self.refine_passes < 0 or not (0 <= self.refine_tol <= 1):
             raise ValueError("refine_passes must be >= 0 and refine_tol in [0, 1]")
 

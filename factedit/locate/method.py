@@ -10,7 +10,7 @@
                     preserve set (AlphaEdit):  KeyPreserver.solve_rows, in the null space of the corpus
                         keys (by default the whole space, with the covariance term), earlier edits' keys held
                     preserve None (MEMIT, ROME): covariance_solve_rows, the corpus keys' outputs weighed
-                        by cov_weight (0: each key inserted exactly, ROME)
+                        by cov_weight (by default the key width; 0: each key inserted exactly, ROME)
             refine  (refine_passes > 0) while some request still has more than refine_tol of its
                     initial ‖v* − h_L‖ left after a pass, the blocks are solved again for what is left
                     (a regularised solve gives each key less than it asks for); each pass adds rank N
@@ -41,7 +41,7 @@ from ..model.loading import model_id
 from ..model.specs import layer_index, mlp_param_names, module_of, weight_layout
 from ..model.weights import model_fingerprint
 from ..safety.keys import key_statistics
-from ..safety.preserve import KeyPreserver, build_preserver, covariance_solve_rows
+from ..safety.preserve import KeyPreserver, build_preserver, covariance_solve_rows, covariance_weight
 from ..safety.reference import key_corpus
 from ..scoring.positions import Rows, first_rows, key_rows, subject_of, value_rows
 from .config import LocateConfig, MEMITConfig, ROMEConfig
@@ -158,7 +158,8 @@ class Locate:
             moments = lambda wanted: own_moments(model, tokenizer, wanted)  # noqa: E731
         second = moments(names)
         weight = self.config.cov_weight
-        return lambda name, k, v: covariance_solve_rows(second[name], k, v, weight)
+        return lambda name, k, v: covariance_solve_rows(second[name], k, v,
+                                                        covariance_weight(weight, second[name].shape[0]))
 
     def edit_keys(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, names: Sequence[str],

@@ -18,7 +18,8 @@ corpus keys unchanged up to their small residual energy (AlphaEdit, Fang et al. 
 - `cov_weight` > 0 adds MEMIT's covariance term inside the null space: a threshold above zero keeps
   directions in which corpus keys still have some energy (λ_i), and the solve then also minimises
   what the update does to them, cov_weight · Σ_i λ_i ‖ΔW q_i‖², so it leans on the emptiest
-  directions: the ridge becomes diagonal, r·e + cov_weight·λ_i.
+  directions: the ridge becomes diagonal, r·e + cov_weight·λ_i. None weighs by each matrix's input
+  width (`covariance_weight`), the same trade on every model.
 - `covariance_solve_rows(C, keys, values, weight)` is MEMIT's least squares without a projection
   (Meng et al. 2023): the update that maps the keys to their values while weighing the corpus keys'
   outputs by `weight` (ΔW = V (K (weight C + KᵀK)^{-1})); weight 0 inserts the keys exactly with the
@@ -57,17 +58,26 @@ class PreserveConfig:
     ridge: float = 1.0  # r of solve_rows, × the mean projected energy of a corpus key
     protect_edits: bool = True  # earlier active edits' keys are held at zero change (solve_rows)
     # Weight of the corpus keys' outputs left in the null space (the corpus counts as this many keys);
-    # 0 = AlphaEdit's plain ridge.
-    cov_weight: float = 0.0
+    # 0 = AlphaEdit's plain ridge; None = each matrix's input width (covariance_weight).
+    cov_weight: float | None = 0.0
 
     SETTABLE: ClassVar[Settable] = {"threshold": Number(1e-3, 1e4), "ridge": Number(1e-3, 1e3),
-                                    "protect_edits": Flag(), "cov_weight": Number(0.0, 1e6)}
+                                    "protect_edits": Flag(), "cov_weight": Number(0.0, 1e6, optional=True)}
 
     def __post_init__(self) -> None:
         if not self.threshold > 0 or not self.ridge > 0:
             raise ConfigError("preserve threshold and ridge must be > 0")
-        if not 0 <= self.cov_weight < float("inf"):
-            raise ConfigError("preserve cov_weight must be a finite number >= 0")
+        if self.cov_weight is not None and not 0 <= self.cov_weight < float("inf"):
+            raise ConfigError("preserve cov_weight must be a finite number >= 0, or None for the key width")
+
+
+def covariance_weight(weight: float | None, width: int) -> float:
+    """The covariance term's weight w for keys `width` wide: `weight`, or the width itself when None.
+
+    For a key k of the corpus E[kᵀ C⁻¹ k] = tr(C⁻¹ C) = width, so with w = width a typical corpus key
+    has kᵀ (w C)⁻¹ k = 1 on any model: the solve trades reach against the corpus alike whatever the
+    MLP's width (MEMIT's 15000 for GPT-J's 16,384-wide keys is 0.92 × the width)."""
+    return float(width) if weight is None else weight
 
 
 def preserve_field(default: PreserveConfig | None) -> PreserveConfig | None:
@@ -107,10 +117,11 @@ class KeyPreserver:
         self.layouts = dict(layouts)
         self.bases = {name: q for name, (q, _) in bases.items()}
         self.ridge = {name: config.ridge * energy for name, (_, energy) in bases.items()}
-        if config.cov_weight > 0 and (energies is None or not set(self.bases) <= set(energies)):
+        weights = {name: covariance_weight(config.cov_weight, q.shape[0]) for name, q in self.bases.items()}
+        if any(w > 0 for w in weights.values()) and (energies is None or not set(self.bases) <= set(energies)):
             raise ConfigError("preserve cov_weight > 0 needs the corpus energy along every null-space direction")
         # (m,) the covariance term's share of the diagonal ridge (zero without cov_weight)
-        self._cov_diag = {name: (config.cov_weight * energies[name].double() if config.cov_weight > 0
+        self._cov_diag = {name: (weights[name] * energies[name].double() if weights[name] > 0
                                  else torch.zeros(q.shape[1], dtype=torch.float64))
                           for name, q in self.bases.items()}
         # (m, m) inverse of Qᵀ K_pᵀ K_p Q + diag(r + cov) per matrix: earlier edits' keys in null-space
@@ -286,6 +297,7 @@ def build_preserver(
 
     bases = {name: basis(module) for name, module in modules.items()}
     energies = None
-    if config.cov_weight > 0:  # (m,) corpus energy along each null-space direction: diag(Qᵀ C Q), the eigenvalues kept
+    if config.cov_weight is None or config.cov_weight > 0:
+        # (m,) corpus energy along each null-space direction: diag(Qᵀ C Q), the eigenvalues kept
         energies = {name: ((q.T @ moments[modules[name]].double()) * q.T).sum(dim=1) for name, (q, _) in bases.items()}
     return KeyPreserver(bases, {name: weight_layout(model, name) for name in names}, config, energies)
