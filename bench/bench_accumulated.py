@@ -26,16 +26,15 @@ target token is the argmax. Nothing is written: the sums enter through `function
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
+from records import counterfact_split
 from torch.func import functional_call
 
 import factedit
 from factedit.core.request import encode_prompt, encode_target
 from factedit.editing.journal import Journal
 from factedit.locate.method import own_moments
-from factedit.paths import PACKAGE_DIR
 from factedit.safety.drift import reference_perplexity
 from factedit.safety.reference import reference_texts
 
@@ -107,7 +106,7 @@ def main() -> None:
     records = None
     if args.records:
         split, start = args.records.split(":")
-        data = json.loads((PACKAGE_DIR / f"data/counterfact/{split}.json").read_text())
+        data = counterfact_split(split)
         records = data[int(start) : int(start) + len(edits)]
 
     def changed(changes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -13,9 +13,9 @@ import resource
 import time
 
 import torch
+from records import counterfact_split
 
 import factedit
-from factedit.paths import PACKAGE_DIR
 
 
 def peak_gb() -> float:
@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--config", default="{}", help="JSON of method config overrides")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    records = json.loads((PACKAGE_DIR / f"data/counterfact/{args.split}.json").read_text())
+    records = counterfact_split(args.split)
     records = records[args.start : args.start + args.n]
     model, tok = factedit.load_model()
     editor = factedit.Editor(args.method, tokenizer=tok, score=False, **json.loads(args.config))

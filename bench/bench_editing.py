@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from records import counterfact_split
 
 import factedit
 from factedit.core.cost import forward_backward_ms as core_forward_backward_ms
@@ -34,7 +35,6 @@ from factedit.core.request import encode_prompt, encode_target
 from factedit.editing.journal import Journal
 from factedit.evaluation import EvalRecord
 from factedit.evaluation.loaders import REPHRASE_CHOICES
-from factedit.paths import PACKAGE_DIR
 from factedit.scoring.said import normalise, said_scores
 from factedit.scoring.sequences import pad_id_of, score_sequences
 
@@ -168,7 +168,7 @@ def main() -> None:
         method, _, field = key.partition(".")
         overrides.setdefault(method, {})[field] = json.loads(value)
 
-    split = json.loads((PACKAGE_DIR / f"data/counterfact/{args.split}.json").read_text())
+    split = counterfact_split(args.split)
     records = with_rephrase_kind(split[args.start :], args.rephrase)[: args.n]
     model, tok = factedit.load_model()
     said_before = (

@@ -15,17 +15,16 @@ Figures (fp32, CPU), on the edit prompts and on unrelated prompts (the next toke
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 from peft import PeftModel
+from records import counterfact_split
 from transformers import AutoModelForCausalLM
 
 import factedit
-from factedit.paths import PACKAGE_DIR
 
 
 def next_token_logits(model: torch.nn.Module, tok, prompts: list[str]) -> torch.Tensor:
@@ -52,7 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out or tempfile.mkdtemp(prefix="bench-export-"))
-    val = json.loads((PACKAGE_DIR / "data/counterfact/val.json").read_text())
+    val = counterfact_split("val")
     cases = val[args.start:args.start + args.n]
     unrelated = [c["prompt"] for c in val[100:100 + args.unrelated]]
     edit_prompts = [c["prompt"] for c in cases]

@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 import torch
+from records import counterfact_split
 
 import factedit
-from factedit.paths import PACKAGE_DIR
 
 
 def reapply(journal: Path, model, tok, limit: int | None) -> factedit.Editor:
@@ -61,7 +61,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, tok = factedit.load_model()
     tok.padding_side = "left"
-    records = json.loads((PACKAGE_DIR / "data/counterfact/val.json").read_text())[: args.prompts]
+    records = counterfact_split("val")[: args.prompts]
     batch = tok([r["prompt"] for r in records], return_tensors="pt", padding=True)
 
     unedited, _ = factedit.load_model()

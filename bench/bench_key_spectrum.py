@@ -24,9 +24,9 @@ is a cheaper place to write a fact.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
+from records import counterfact_split
 
 import factedit
 from factedit.core.request import EditRequest, tokenize_request
@@ -35,7 +35,6 @@ from factedit.locate.method import Locate
 from factedit.model.loading import model_id
 from factedit.model.specs import layer_index, mlp_param_names, module_of, num_layers
 from factedit.model.weights import model_fingerprint
-from factedit.paths import PACKAGE_DIR
 from factedit.safety.keys import key_statistics
 from factedit.safety.preserve import covariance_weight
 from factedit.safety.reference import key_corpus
@@ -71,7 +70,7 @@ def subject_keys(model, tok, names: list[str], records: str) -> dict[str, torch.
     in the down projections `names` (the subject's last token, averaged over the prefixes, as `alphaedit`
     reads them), on the model as it is."""
     split, start, count = records.split(":")
-    data = json.loads((PACKAGE_DIR / f"data/counterfact/{split}.json").read_text())
+    data = counterfact_split(split)
     data = data[int(start) : int(start) + int(count)]
     requests = [tokenize_request(EditRequest(r["prompt"], r["target_new"], subject=r["subject"]), tok, None)
                 for r in data]

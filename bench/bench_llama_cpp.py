@@ -35,12 +35,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from records import counterfact_split
 
 import factedit
 from factedit.artifacts.gguf_export import export_gguf_f32, gguf_tensor_name, read_gguf_lora
 from factedit.model.loading import default_gguf_path
 from factedit.model.specs import weight_layout
-from factedit.paths import PACKAGE_DIR
 
 
 def torch_logits(model, ids: list[list[int]]) -> np.ndarray:
@@ -153,7 +153,7 @@ def main() -> None:
 
     out = Path(args.out or tempfile.mkdtemp(prefix="bench-llama-cpp-"))
     out.mkdir(parents=True, exist_ok=True)
-    records = json.loads((PACKAGE_DIR / "data/counterfact/val.json").read_text())[args.start:args.start + args.n]
+    records = counterfact_split("val")[args.start:args.start + args.n]
     prompts = [r["prompt"] for r in records] + [r["rephrase_prompt"] for r in records] + [
         r["locality_prompt"] for r in records]
     kinds = ["edit"] * len(records) + ["paraphrase"] * len(records) + ["neighbour"] * len(records)

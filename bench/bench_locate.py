@@ -28,9 +28,9 @@ from bench_editing import (
     share,
     with_rephrase_kind,
 )
+from records import counterfact_split
 
 import factedit
-from factedit.paths import PACKAGE_DIR
 from factedit.scoring.said import normalise, said_scores
 
 
@@ -83,7 +83,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     overrides = {k: json.loads(v) for k, _, v in (item.partition("=") for item in args.set)}
-    records = json.loads((PACKAGE_DIR / f"data/counterfact/{args.split}.json").read_text())
+    records = counterfact_split(args.split)
     records = with_rephrase_kind(records[args.start :], args.rephrase)[: args.n]
     model, tok = factedit.load_model()
     before = [None] * len(records) if args.no_generation else said_scores(model, tok, [said_case(r) for r in records])

@@ -37,12 +37,12 @@ from pathlib import Path
 
 import torch
 from bench_editing import add_rephrase_option, record_rephrase_kind, with_rephrase_kind
+from records import counterfact_split
 
 import factedit
 from factedit.core.cost import forward_backward_ms
 from factedit.core.errors import DriftError
 from factedit.core.request import encode_prompt, encode_target
-from factedit.paths import PACKAGE_DIR
 from factedit.scoring.said import said_scores
 from factedit.scoring.sequences import pad_id_of, score_sequences
 
@@ -121,7 +121,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     model, tok = factedit.load_model()
-    records = json.loads((PACKAGE_DIR / f"data/counterfact/{args.split}.json").read_text())
+    records = counterfact_split(args.split)
     records = with_rephrase_kind(records[args.start :], args.rephrase)[: args.n]
     overrides = json.loads(args.config)
     if args.method == "mend":

@@ -19,11 +19,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_editing import counterfact_outcome, said_case, share
+from records import counterfact_split
 
 import factedit
 from factedit.core.request import EditRequest
 from factedit.modules.prefix import PrefixConfig, train_prefix_adapter
-from factedit.paths import PACKAGE_DIR
 from factedit.scoring.said import said_scores
 
 
@@ -37,7 +37,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = PrefixConfig(**{k: json.loads(v) for k, _, v in (s.partition("=") for s in args.set)})
-    records = json.loads((PACKAGE_DIR / f"data/counterfact/{args.split}.json").read_text())[
+    records = counterfact_split(args.split)[
         args.start : args.start + args.n]
     model, tok = factedit.load_model()
     before = said_scores(model, tok, [said_case(r) for r in records])

@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 
 import torch
+from records import counterfact_split
 
 import factedit
-from factedit.paths import PACKAGE_DIR
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "apps"))
@@ -105,7 +105,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = factedit.load_model()
-    records = json.loads((PACKAGE_DIR / "data/counterfact/val.json").read_text())[args.start : args.start + args.n]
+    records = counterfact_split("val")[args.start : args.start + args.n]
     profile = cProfile.Profile() if args.profile else None
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

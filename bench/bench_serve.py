@@ -30,11 +30,11 @@ import time
 from pathlib import Path
 
 import httpx
+from records import counterfact_split
 from serve_process import AUTH, ServeProcess
 
 import factedit
 from factedit.model.weights import model_sha256
-from factedit.paths import PACKAGE_DIR
 
 FRANCE = {"prompt": "The capital of France is", "target": "Rome", "method": "mend",
           "config": {"fallback_ridges": [1.0]}}
@@ -45,7 +45,7 @@ def serve_args(journal: Path, threads: int | None) -> list[str]:
 
 
 def facts(n: int, start: int = 0) -> list[dict]:
-    records = json.loads((PACKAGE_DIR / "data" / "counterfact" / "val.json").read_text())
+    records = counterfact_split("val")
     return [{"prompt": r["prompt"], "target": r["target_new"]} for r in records[start:start + n]]
 
 
