@@ -218,7 +218,7 @@ class KeyPreserver:
     def _current_inverse(self, name: str) -> torch.Tensor:
         """(m, m) inverse at the config's ridge, rebuilt first if a release left it stale."""
         if name in self._stale:
-            self._inverse[name] = torch.linalg.inv(self._gram(name, self.ridge[name]))
+            self._inverse[name] = self._gram_inverse(name, self.ridge[name])
             self._stale.discard(name)
         return self._inverse[name]
 
@@ -227,7 +227,17 @@ class KeyPreserver:
         if ridge is None or ridge == self.config.ridge:
             return self._current_inverse(name)
         energy = self.ridge[name] / self.config.ridge  # the mean projected energy of a corpus key
-        return torch.linalg.inv(self._gram(name, ridge * energy))
+        return self._gram_inverse(name, ridge * energy)
+
+    def _gram_inverse(self, name: str, scaled_ridge: float) -> torch.Tensor:
+        """(m, m) inverse of `_gram`. With no key held it is diagonal: its reciprocal, the inverse a new
+        preserver starts from (an edit made then reverted costs no inversion, and leaves the state of a
+        fresh one). Else by Cholesky (the Gram matrix is positive definite): half an LU inverse's work,
+        which for the whole 1,536-wide space was a fifth of an edit-then-revert."""
+        gram = self._gram(name, scaled_ridge)
+        if not any(name in coords for coords in self._protected.values()):
+            return torch.diag(1.0 / gram.diagonal())
+        return torch.cholesky_inverse(torch.linalg.cholesky(gram))
 
     def _gram(self, name: str, scaled_ridge: float) -> torch.Tensor:
         """(m, m) Gram matrix of the protected keys in null-space coordinates, plus the diagonal
