@@ -79,3 +79,24 @@ def test_the_guard_store_reads_back_onto_the_models_device(tmp_path, monkeypatch
     GuardStore("fp", "m", ["a text"], 4, 64, torch.float32, torch.device("meta")).save(0, 12.5, hidden)
     base, loaded = GuardStore("fp", "m", ["a text"], 4, 64, torch.float32, torch.device("meta")).load(0)
     assert base == 12.5 and loaded[3].device.type == "meta" and loaded[3].shape == (2, 5, 8)
+
+
+def test_a_derived_file_missing_a_required_tensor_is_computed_and_written_again(tmp_path, monkeypatch):
+    """A file an older version wrote (without a tensor this one keeps) is rewritten once, then read."""
+    from factedit.safety.keys import cached_derivative
+
+    monkeypatch.setenv("FACTEDIT_CACHE", str(tmp_path))
+    calls = []
+
+    def compute(keys: tuple[str, ...]):
+        def make() -> dict[str, torch.Tensor]:
+            calls.append(keys)
+            return {k: torch.ones(3) for k in keys}
+        return make
+
+    old = cached_derivative("fp", ["a text"], "m", "tag", compute(("basis",)))
+    assert set(old) == {"basis"} and len(calls) == 1
+    args = ("fp", ["a text"], "m", "tag", compute(("basis", "along")))
+    assert set(cached_derivative(*args, required=("basis", "along"))) == {"basis", "along"} and len(calls) == 2
+    assert set(cached_derivative(*args, required=("basis", "along"))) == {"basis", "along"} and len(calls) == 2
+    assert set(cached_derivative(*args)) == {"basis", "along"} and len(calls) == 2  # nothing required: as read

@@ -126,13 +126,15 @@ def key_statistics(
 
 def cached_derivative(
     fingerprint: str, corpus: Sequence[str], module: str, tag: str, compute: Callable[[], dict[str, torch.Tensor]],
+    required: Sequence[str] = (),
 ) -> dict[str, torch.Tensor]:
     """Tensors derived from a module's statistics (e.g. a null-space basis for one threshold), cached
-    beside them as `<module>.<tag>.safetensors`; `compute()` makes them when the file is missing."""
+    beside them as `<module>.<tag>.safetensors`; `compute()` makes them when the file is missing or
+    lacks one of the `required` tensors (a file of an older version: it is written again)."""
     corpus_sha = texts_sha256(list(corpus))
     path = _stats_path(fingerprint, corpus_sha, module).with_name(f"{module}.{tag}.safetensors")
     cached = read_cached_tensors(path, _expected(corpus_sha))
-    if cached is not None:
+    if cached is not None and (not required or set(required) <= set(cached)):
         return cached
     tensors = compute()
     meta = {"format": STATS_FORMAT, "module": module, "derived": tag, "model_fingerprint": fingerprint,

@@ -297,17 +297,21 @@ def build_preserver(
     moments = key_statistics(model, tokenizer, sorted(set(modules.values())), corpus,
                              fingerprint=fingerprint, model_id=model_id, params=base_params)
 
-    def basis(module: str) -> tuple[torch.Tensor, float]:  # the eigendecomposition is cached too
+    def along(q: torch.Tensor, module: str) -> torch.Tensor:
+        """(m,) corpus energy along each null-space direction: diag(Qᵀ C Q), the eigenvalues kept."""
+        return ((q.T @ moments[module].double()) * q.T).sum(dim=1)
+
+    def basis(module: str) -> dict[str, torch.Tensor]:  # the eigendecomposition is cached too
         def compute() -> dict[str, torch.Tensor]:
             q, energy = null_space_basis(moments[module], config.threshold)
-            return {"basis": q, "energy": torch.tensor(energy, dtype=torch.float64)}
+            return {"basis": q, "energy": torch.tensor(energy, dtype=torch.float64), "along": along(q, module)}
 
-        tensors = cached_derivative(fingerprint, corpus, module, f"null-{config.threshold:g}", compute)
-        return tensors["basis"], float(tensors["energy"])
+        return cached_derivative(fingerprint, corpus, module, f"null-{config.threshold:g}", compute,
+                                 required=("basis", "energy", "along"))
 
-    bases = {name: basis(module) for name, module in modules.items()}
-    energies = None
-    if config.cov_weight is None or config.cov_weight > 0:
-        # (m,) corpus energy along each null-space direction: diag(Qᵀ C Q), the eigenvalues kept
-        energies = {name: ((q.T @ moments[modules[name]].double()) * q.T).sum(dim=1) for name, (q, _) in bases.items()}
+    cached = {name: basis(module) for name, module in modules.items()}
+    bases = {name: (t["basis"], float(t["energy"])) for name, t in cached.items()}
+    # the energies are kept beside the basis: for the whole 1,536-wide space diag(QᵀCQ) is most of
+    # building a preserver (0.8 of 0.95 s for five blocks), which every new Editor does
+    energies = {name: t["along"] for name, t in cached.items()} if config.cov_weight != 0 else None
     return KeyPreserver(bases, {name: weight_layout(model, name) for name in names}, config, energies)
