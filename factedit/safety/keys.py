@@ -134,7 +134,7 @@ def cached_derivative(
     corpus_sha = texts_sha256(list(corpus))
     path = _stats_path(fingerprint, corpus_sha, module).with_name(f"{module}.{tag}.safetensors")
     cached = read_cached_tensors(path, _expected(corpus_sha))
-    if cached is not None and (not required or set(required) <= set(cached)):
+    if cached is not None and set(required) <= set(cached):
         return cached
     tensors = compute()
     meta = {"format": STATS_FORMAT, "module": module, "derived": tag, "model_fingerprint": fingerprint,

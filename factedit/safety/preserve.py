@@ -297,14 +297,11 @@ def build_preserver(
     moments = key_statistics(model, tokenizer, sorted(set(modules.values())), corpus,
                              fingerprint=fingerprint, model_id=model_id, params=base_params)
 
-    def along(q: torch.Tensor, module: str) -> torch.Tensor:
-        """(m,) corpus energy along each null-space direction: diag(Qᵀ C Q), the eigenvalues kept."""
-        return ((q.T @ moments[module].double()) * q.T).sum(dim=1)
-
     def basis(module: str) -> dict[str, torch.Tensor]:  # the eigendecomposition is cached too
         def compute() -> dict[str, torch.Tensor]:
             q, energy = null_space_basis(moments[module], config.threshold)
-            return {"basis": q, "energy": torch.tensor(energy, dtype=torch.float64), "along": along(q, module)}
+            along = ((q.T @ moments[module].double()) * q.T).sum(dim=1)  # (m,) diag(QᵀCQ): the eigenvalues kept
+            return {"basis": q, "energy": torch.tensor(energy, dtype=torch.float64), "along": along}
 
         return cached_derivative(fingerprint, corpus, module, f"null-{config.threshold:g}", compute,
                                  required=("basis", "energy", "along"))
