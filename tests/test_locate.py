@@ -16,7 +16,7 @@ from factedit.locate import values as values_module
 from factedit.locate.config import LocateConfig, MEMITConfig
 from factedit.locate.method import Locate, measured_at
 from factedit.locate.reads import read_at_subject
-from factedit.locate.tails import split_at_subject, tail_logits
+from factedit.locate.tails import first_pass, split_at_subject, tail_logits
 from factedit.locate.values import fit_values, selection
 from factedit.model.contexts import ContextPrefixes, PrefixConfig, generate_prefixes, token_at
 from factedit.model.hooks import capture_linear_io
@@ -306,8 +306,8 @@ def test_tail_passes_give_the_full_passes_logits(arch):
     select, _ = selection(rows)
     full = logits_at(model, rows.input_ids, rows.attention_mask, select)
     for layer in (0, 1):
-        tails, logits = split_at_subject(model, rows, select, layer)
-        assert tails.ids.shape[1] < rows.input_ids.shape[1]
+        tails, logits, _ = first_pass(model, split_at_subject(model, rows, select), layer)
+        assert tails.ids.shape[0] == 2 and tails.ids.numel() < int(rows.attention_mask.sum())  # a row per request
         assert torch.allclose(logits, full, atol=1e-5), layer
         assert torch.allclose(tail_logits(model, tails), full, atol=1e-5), layer  # replayed from block `layer`
 
@@ -321,7 +321,7 @@ def test_v_star_is_the_same_from_tails_and_from_whole_rows(monkeypatch):
     whole = fit_values(model, rows, 2, name, 2, "model.layers.2", config)
     assert tails.tails and not whole.tails and tails.steps == whole.steps
     assert torch.allclose(tails.target, whole.target, atol=1e-4)
-    # a sliding window shorter than the rows: the check catches the difference and whole rows are run
+    # a sliding window shorter than the rows: its cache does not fit the packed mask and whole rows are run
     model, _, rows, _ = _value_setup("gemma3_text")
     assert not fit_values(model, rows, 2, name, 2, "model.layers.2", LocateConfig(**{**TINY, "v_steps": 1})).tails
 

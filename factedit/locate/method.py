@@ -49,6 +49,9 @@ from .reads import Start, block_name, mean_by_owner, read_at_subject
 from .values import Values, fit_values
 
 LOG = logging.getLogger(__name__)
+# Models whose tail passes (tails.py) agreed with a full pass once: not checked again, by any Editor (an
+# architecture's property; a new Editor per edit, as `factedit eval mode=single` makes, pays it once).
+TAILS_AGREE: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 Moments = Callable[[Sequence[str]], dict[str, torch.Tensor]]
 Solve = Callable[[str, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -60,8 +63,6 @@ class Locate:
         self.config = config
         self.prefixes = ContextPrefixes.of(config.prefixes)
         self.last_values = None  # the last compute's Values (steps, NLL): for benchmarks and tests
-        # Models whose tail passes (tails.py) agreed with a full pass once: not checked again.
-        self._tails_agree: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
         self._spread_keys: SpreadKeys | None = None  # the last compute's keys (edit_keys reuses them)
 
     def param_names(self, model: nn.Module) -> list[str]:
@@ -90,9 +91,9 @@ class Locate:
                 value_batch = value_rows(tokenizer, prefixes, group, kl_prompt, self.config.position,
                                          chat=self.config.chat_context, context_length=context_length).to(device)
                 parts.append(fit_values(model, value_batch, len(group), module_of(names[-1]), layers[-1], measured,
-                                        self.config, check=model not in self._tails_agree))
+                                        self.config, check=model not in TAILS_AGREE))
                 if parts[-1].tails:
-                    self._tails_agree[model] = True
+                    TAILS_AGREE[model] = True
             values = self.last_values = Values.joined(parts)
             solve = self._solver(model, tokenizer, names, preserver, moments)
             rows = key_rows(tokenizer, prefixes, requests, self.config.position, context_length).to(device)

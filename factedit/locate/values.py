@@ -13,7 +13,8 @@ h_i is block L's output at the subject's last token of the prompt alone (MEMIT; 
 block, the down projection's own output, as ROME measures it: exact for blocks that normalise their MLP
 output, e.g. Gemma's); v*_i = h_i + δ_i. The
 requests' δ are independent (the loss is a sum over requests). Each step runs only what δ changes:
-each row from its subject's last token on, from block L up, the tokens before it cached (tails.py).
+each row from its subject's last token on, from block L up, the tokens before it cached, a request's
+rows packed into one sequence (tails.py); the first step is the pass that reads h.
 Each request stops once its NLL is below `stop_nll` (its δ is kept from then on, as if it were fitted
 alone: MEMIT fits each z on its own), and the fit once every request has; with `chat_context` its chat
 row counts in the loss and not in that check (the prompt's rows decide, as without it). With
@@ -35,8 +36,8 @@ from ..model.hooks import ForwardHook, forward_hooks
 from ..scoring.positions import IGNORE, Rows, first_rows
 from ..scoring.sequences import logits_at
 from .config import LocateConfig
-from .reads import block_hidden, read_at_subject, started
-from .tails import split_at_subject, tail_logits
+from .reads import read_at_subject, started
+from .tails import At, first_pass, split_at_subject, tail_logits
 
 LOG = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ LOG = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Passes:
     run: Callable[[Mapping[str, ForwardHook]], torch.Tensor]  # hooks -> logits (M, V) at the selected positions
+    subject_at: At  # where each row's subject's last token is in what a pass runs
     tails: bool  # tail passes (else whole rows)
 
 
@@ -105,50 +107,39 @@ def _mean_per_request(per_row: torch.Tensor, owner: torch.Tensor, rows: torch.Te
 
 def _passes(
     model: nn.Module, rows: Rows, select: torch.Tensor, layer: int, measured: str, check: bool,
+    adding: Callable[[At], Mapping[str, ForwardHook]],
 ) -> tuple[Passes, torch.Tensor, torch.Tensor]:
     """(a pass over `rows` with hooks -> logits (M, V) at `select`; the unedited h (B, H) of module
-    `measured` at each row's subject token; the unedited logits (M, V)). Tail passes (tails.py) when
-    `check` is off or a full pass agrees with them, else whole rows from block `layer` up."""
-    taken: dict[str, torch.Tensor] = {}
-
-    def take(module: nn.Module, args: tuple, output: object) -> None:
-        taken["h"] = block_hidden(output)[:, 0].detach()  # tail position 0: the subject's last token
-
-    tails, logits = split_at_subject(model, rows, select, layer, hooks={measured: take})
-    if not check or _agree(logits, model, rows, select):
-        return Passes(lambda hooks: tail_logits(model, tails, hooks), True), taken["h"], logits
-    LOG.warning("%s: tail passes differ from full passes; v* runs whole rows", type(model).__name__)
+    `measured` at each row's subject token; the first pass's logits (M, V), with the hooks `adding`
+    gives at the rows' subject tokens when it ran tails (graph attached: the fit's first step), else
+    detached). Tail passes (tails.py) when `check` is off or a full pass agrees with them, else whole
+    rows from block `layer` up."""
+    try:
+        with torch.no_grad():
+            tails = split_at_subject(model, rows, select)
+        with torch.enable_grad():
+            tails, logits, read = first_pass(model, tails, layer, adding(tails.subject_at), reads=[measured])
+        if not check or _agree(logits.detach(), model, rows, select):
+            passes = Passes(lambda hooks: tail_logits(model, tails, hooks), tails.subject_at, True)
+            return passes, read[measured], logits
+        LOG.warning("%s: tail passes differ from full passes; v* runs whole rows", type(model).__name__)
+    except RuntimeError as error:  # a cache the packed mask does not fit (a sliding window's keeps fewer keys)
+        LOG.warning("%s: tail passes failed (%s); v* runs whole rows", type(model).__name__, error)
     _, hidden, start = read_at_subject(model, rows, [], measured, record=layer if layer >= 1 else None)
 
     def whole(hooks: Mapping[str, ForwardHook]) -> torch.Tensor:
-        at = (torch.arange(rows.input_ids.shape[0]), rows.subject)
-        moved = {name: _moved_to(hook, at) for name, hook in hooks.items()}
-        with started(model, start), forward_hooks(model, hooks=moved):
+        with started(model, start), forward_hooks(model, hooks=hooks):
             return logits_at(model, rows.input_ids, rows.attention_mask, select)
 
     with torch.no_grad():
-        return Passes(whole, False), hidden, whole({})
+        at = (torch.arange(rows.input_ids.shape[0], device=rows.subject.device), rows.subject)
+        return Passes(whole, at, False), hidden, whole({})
 
 
 def _agree(logits: torch.Tensor, model: nn.Module, rows: Rows, select: torch.Tensor) -> bool:
     with torch.no_grad():
         full = logits_at(model, rows.input_ids, rows.attention_mask, select)  # (M, V)
     return bool(torch.allclose(logits, full, atol=1e-3, rtol=1e-4))
-
-
-def _moved_to(hook: ForwardHook, at: tuple[torch.Tensor, torch.Tensor]) -> ForwardHook:
-    """A hook written for tails (the subject's token at position 0) applied to whole rows (at `at`)."""
-
-    def moved(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        rows = output[at].unsqueeze(1)  # (B, 1, H)
-        changed = hook(module, args, rows)
-        if changed is None:
-            return output
-        out = output.clone()
-        out[at] = changed.squeeze(1)
-        return out
-
-    return moved
 
 
 def fit_values(
@@ -160,9 +151,12 @@ def fit_values(
     `layer`, or `out_module` itself). `check`: compare the tail passes with a full pass first (once per
     model is enough). The model's weights are not touched (the caller freezes it)."""
     select, targets = selection(rows)
-    passes, hidden, base = _passes(model, rows, select, layer, measured, check)
+    width = model.get_input_embeddings().embedding_dim  # H: the residual stream's
+    delta = torch.zeros(n, width, device=rows.input_ids.device, requires_grad=True)  # (N, H)
+    adding = lambda at: {out_module: _adding(delta[rows.owner], at)}  # noqa: E731 delta[owner]: (B, H)
+    passes, hidden, first = _passes(model, rows, select, layer, measured, check, adding)
     initial = hidden[first_rows(rows.owner, n)]  # (N, H): the prompt alone (its first row: the empty prefix)
-    delta = torch.zeros_like(initial, requires_grad=True)
+    base = first.detach()  # δ = 0: the unedited logits
     base_kl = torch.log_softmax(base.float(), -1)[targets == IGNORE] if config.kl_factor else None  # (K, V)
     optimizer = torch.optim.Adam([delta], lr=config.v_lr)
     norms = initial.norm(dim=1)  # (N,)
@@ -170,7 +164,8 @@ def fit_values(
     met = torch.zeros(n, dtype=torch.bool, device=initial.device)  # (N,): requests whose δ is final
     for steps in range(config.v_steps + 1):
         with torch.enable_grad():
-            logits = passes.run({out_module: _adding(delta[rows.owner])})  # delta[owner]: (B, H)
+            # the first pass ran step 0 (δ = 0) already, when it ran through δ
+            logits = first if steps == 0 and first.requires_grad else passes.run(adding(passes.subject_at))
             nll, stop_nll, kl = _losses(logits, rows, select, targets, n, base_kl)
             met |= stop_nll.detach() < config.v_stop_nll
             if bool(met.all()) or steps == config.v_steps:
@@ -201,13 +196,12 @@ def fit_values(
     return Values(initial + delta.detach(), initial, steps, stop_nll, passes.tails)
 
 
-def _adding(per_row: torch.Tensor) -> ForwardHook:
-    """A hook adding per_row (B, H) to its module's output (B, Q, H) at tail position 0: each row's
-    subject's last token."""
+def _adding(per_row: torch.Tensor, at: At) -> ForwardHook:
+    """A hook adding per_row (B, H) to its module's output at `at`: each row's subject's last token."""
 
     def add(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        added = torch.zeros_like(output)  # (B, Q, H)
-        added[:, 0] = per_row.to(output.dtype)
+        added = torch.zeros_like(output)  # (R, Q, H) packed tails, or (B, T, H) whole rows
+        added[at] = per_row.to(output.dtype)
         return output + added
 
     return add
@@ -228,7 +222,7 @@ def _shortest(
     best = nll.clone()
     for _ in range(checks):
         middle = torch.where(met, (low + high) / 2, high)
-        logits = passes.run({out_module: _adding((delta * middle[:, None])[rows.owner])})
+        logits = passes.run({out_module: _adding((delta * middle[:, None])[rows.owner], passes.subject_at)})
         _, at_middle, _ = _losses(logits, rows, select, targets, n, None)
         holds = met & (at_middle < stop)
         high = torch.where(holds, middle, high)
