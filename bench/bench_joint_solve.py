@@ -30,9 +30,8 @@ from bench_key_spectrum import subject_keys
 import factedit
 from factedit.locate.method import own_moments
 from factedit.model.specs import mlp_param_names, module_of
-from factedit.safety.keys import module_inputs
+from factedit.safety.keys import corpus_keys
 from factedit.safety.reference import key_corpus, reference_texts
-from factedit.scoring.sequences import pad_id_of, pad_sequences
 
 
 def leak_and_delivered(keys: torch.Tensor, moment: torch.Tensor, weight: float) -> tuple[float, float]:
@@ -42,17 +41,10 @@ def leak_and_delivered(keys: torch.Tensor, moment: torch.Tensor, weight: float) 
     return leak, float(torch.diagonal(keys.T @ solved).mean())
 
 
-def joint_keys(model, tok, names: list[str], texts: list[str], batch: int = 32) -> torch.Tensor:
+def joint_keys(model, tok, names: list[str], texts: list[str]) -> torch.Tensor:
     """(T, J): every non-padding token's inputs to the down projections `names`, side by side."""
     modules = [module_of(n) for n in names]
-    rows = []
-    for start in range(0, len(texts), batch):
-        encoded = [tok(t).input_ids[:128] for t in texts[start : start + batch]]
-        ids, mask = pad_sequences([e for e in encoded if e], pad_id_of(tok))
-        inputs = module_inputs(model, modules, ids, mask)
-        keep = mask.bool()
-        rows.append(torch.cat([inputs[m][keep].float() for m in modules], dim=1))
-    return torch.cat(rows)
+    return torch.cat([torch.cat([keys[m] for m in modules], dim=1) for keys in corpus_keys(model, tok, modules, texts)])
 
 
 def across_blocks(model, tok, names: list[str], records: str, ridges: list[float]) -> None:

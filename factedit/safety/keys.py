@@ -13,7 +13,7 @@ in the file's metadata (model id and fingerprint, corpus hash, token count, fact
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -40,6 +40,33 @@ def _last_module(model: nn.Module, modules: Sequence[str]) -> str:
 
 
 @torch.no_grad()
+def corpus_keys(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    modules: Sequence[str],
+    texts: Sequence[str],
+    *,
+    params: Mapping[str, torch.Tensor] | None = None,
+    batch_size: int = 32,
+    max_tokens: int = 128,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """For each batch of `texts`: {module: (n, in) float32} its inputs at the batch's n non-padding tokens.
+
+    `params` replace some of the model's tensors (through `functional_call`, the model is not written),
+    e.g. the base values of parameters an Editor has already edited. Texts are cut at `max_tokens`.
+    """
+    pad_id = pad_id_of(tokenizer)
+    limit = min(max_tokens, max_context(model.config) or max_tokens)
+    device = next(model.parameters()).device
+    on_device = {name: value.to(device) for name, value in params.items()} if params else None
+    for start in range(0, len(texts), batch_size):
+        encoded = [tokenizer(t).input_ids[:limit] for t in texts[start : start + batch_size]]
+        ids, mask = pad_sequences([e for e in encoded if e], pad_id)
+        inputs = module_inputs(model, modules, ids, mask, on_device)  # module -> (B, T, in)
+        keep = mask.bool().to(device)  # (B, T)
+        yield {name: inputs[name][keep].float() for name in modules}
+
+
 def compute_key_statistics(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -50,33 +77,15 @@ def compute_key_statistics(
     batch_size: int = 32,
     max_tokens: int = 128,
 ) -> tuple[dict[str, torch.Tensor], int]:
-    """({module: E[k kᵀ] (in, in) float64}, tokens) over every non-padding token of `texts`.
-
-    `params` replace some of the model's tensors (through `functional_call`, the model is not written),
-    e.g. the base values of parameters an Editor has already edited. Texts are cut at `max_tokens`.
-    """
-    pad_id = pad_id_of(tokenizer)
+    """({module: E[k kᵀ] (in, in) float64}, tokens) over every non-padding token of `texts` (`corpus_keys`)."""
     sums: dict[str, torch.Tensor] = {}
     tokens = 0
-    last = _last_module(model, modules)
-    limit = min(max_tokens, max_context(model.config) or max_tokens)
-    for start in range(0, len(texts), batch_size):
-        encoded = [tokenizer(t).input_ids[:limit] for t in texts[start : start + batch_size]]
-        ids, mask = pad_sequences([e for e in encoded if e], pad_id)
-        device = next(model.parameters()).device
-        kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-        with capture_linear_io(model, modules, grads=False) as io, stop_after(model, last):
-            if params:
-                on_device = {name: value.to(device) for name, value in params.items()}
-                torch.func.functional_call(model, on_device, args=(), kwargs=kwargs, strict=False)
-            else:
-                model(**kwargs)
-        keep = mask.bool().to(device)  # (B, T)
-        for name in modules:
-            k = io.inputs[name][keep].float()  # (n, in)
+    for keys in corpus_keys(model, tokenizer, modules, texts, params=params, batch_size=batch_size,
+                            max_tokens=max_tokens):
+        for name, k in keys.items():  # k: (n, in)
             moment = (k.T @ k).double()  # (in, in)
             sums[name] = sums[name] + moment if name in sums else moment
-        tokens += int(keep.sum())
+        tokens += next(iter(keys.values())).shape[0] if keys else 0
     return {name: (s / max(tokens, 1)).cpu() for name, s in sums.items()}, tokens
 
 
