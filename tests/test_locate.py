@@ -326,6 +326,30 @@ def test_v_star_is_the_same_from_tails_and_from_whole_rows(monkeypatch):
     assert not fit_values(model, rows, 2, name, 2, "model.layers.2", LocateConfig(**{**TINY, "v_steps": 1})).tails
 
 
+def test_a_request_that_met_the_stop_leaves_the_passes_and_the_others_fit_as_if_alone():
+    model, tok, rows, requests = _value_setup("llama")
+    name, prefixes = "model.layers.2.mlp.down_proj", ("", "Some prefix words here", "I")
+    unedited = fit_values(model, rows, 2, name, 2, "model.layers.2", LocateConfig(**{**TINY, "v_steps": 0})).nll
+    config = LocateConfig(**{**TINY, "v_stop_nll": float(unedited.mean())})  # between the two requests' NLL
+    both = fit_values(model, rows, 2, name, 2, "model.layers.2", config)
+    alone = [fit_values(model, value_rows(tok, prefixes, [r], "{} is a"), 1, name, 2, "model.layers.2", config)
+             for r in requests]
+    assert sorted(a.steps for a in alone) == [0, config.v_steps]  # one stops at once, one runs every step
+    assert both.steps == config.v_steps
+    assert torch.allclose(both.target, torch.cat([a.target for a in alone]), atol=1e-5)
+    assert torch.allclose(both.nll, torch.cat([a.nll for a in alone]), atol=1e-5)
+
+
+def test_the_tails_of_some_requests_give_those_requests_logits():
+    model, _, rows, _ = _value_setup("llama")
+    select, _ = selection(rows)
+    tails, full, _ = first_pass(model, split_at_subject(model, rows, select), 1)
+    for keep in ([True, False], [False, True]):
+        kept = torch.tensor(keep)
+        of_kept = kept[rows.owner[select.nonzero()[:, 0]]]  # (M,): positions in a kept request's rows
+        assert torch.allclose(tail_logits(model, tails.of_requests(kept)), full[of_kept], atol=1e-5)
+
+
 def test_v_star_is_shortened_to_the_least_of_its_length_that_still_meets_the_stop():
     model, tok, _, requests = _value_setup("llama")
     # one request: on a tiny random model no one stop lies between two requests' start and reach

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..model.hooks import ForwardHook, forward_hooks
-from ..model.replay import capture_block_input
+from ..model.replay import CapturedInput, capture_block_input
 from ..scoring.positions import Rows
 from .reads import Start, block_hidden, started
 
@@ -52,6 +52,27 @@ class Tails:
     subject_at: At  # each row's (B) subject's last token in the packed tails
     cache: Any  # the heads' key/value cache (None: no row has a head)
     start: Start | None = None  # what enters block L at the tails
+
+    def of_requests(self, keep: torch.Tensor) -> Tails:
+        """The tails of the requests `keep` (R,) bool only: their packed rows, in order, each logit
+        row-major over those requests' rows. A fit runs only the requests still short of their stop."""
+        if bool(keep.all()):
+            return self
+        index = keep.nonzero().squeeze(1)  # (R',)
+        cache = None
+        if self.cache is not None:
+            cache = copy.deepcopy(self.cache)
+            cache.batch_select_indices(index)
+        start = None
+        if self.start is not None:
+            start = Start(self.start.layer, CapturedInput(self.start.captured.hidden[index], self.start.captured.form))
+        kept_rows = keep[self.subject_at[0]]  # (B,): a row of a kept request
+        renumber = torch.cumsum(keep.long(), 0) - 1  # (R,) a kept packed row's new index
+        at = (renumber[self.subject_at[0][kept_rows]], self.subject_at[1][kept_rows])
+        kept_selected = keep[self.select.nonzero()[:, 0]]  # (M,) packed order: in a kept request
+        order = self.order[kept_selected].argsort().argsort()  # ranks: row-major over the kept rows
+        return Tails(self.ids[index], self.positions[index], self.mask[index], self.select[index], order, at, cache,
+                     start)
 
 
 @dataclass

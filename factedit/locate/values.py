@@ -44,9 +44,30 @@ LOG = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Passes:
-    run: Callable[[Mapping[str, ForwardHook]], torch.Tensor]  # hooks -> logits (M, V) at the selected positions
-    subject_at: At  # where each row's subject's last token is in what a pass runs
+    """Passes over the rows of some of the requests, each request's δ added at its rows' subject token."""
+
+    # (δ (N, H), which requests (N,) bool) -> logits (M', V) at the selected positions of their rows, row-major
+    run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     tails: bool  # tail passes (else whole rows)
+
+
+@dataclass(frozen=True)
+class Selected:
+    """The rows of some requests and what the losses read of them."""
+
+    rows: Rows
+    select: torch.Tensor  # (B, T) positions predicting a target token, or a KL row's last
+    targets: torch.Tensor  # (M,) the label each selected position predicts (IGNORE at KL positions)
+    base_kl: torch.Tensor | None  # (K, V) the unedited log-probabilities at the KL positions
+
+    def of_requests(self, keep: torch.Tensor) -> Selected:
+        """The rows of the requests `keep` (N,) bool, in order."""
+        if bool(keep.all()):
+            return self
+        row_kept = keep[self.rows.owner]  # (B,)
+        position_kept = row_kept[self.select.nonzero()[:, 0]]  # (M,)
+        base_kl = self.base_kl[position_kept[self.targets == IGNORE]] if self.base_kl is not None else None
+        return Selected(self.rows.subset(row_kept), self.select[row_kept], self.targets[position_kept], base_kl)
 
 
 @dataclass(frozen=True)
@@ -76,9 +97,11 @@ def selection(rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
     return select, targets[select]
 
 
-def _losses(logits, rows: Rows, select, targets, n: int, base_kl: torch.Tensor | None):
+def _losses(logits: torch.Tensor, part: Selected, n: int):
     """(nll (n,), nll of the rows the stop reads (n,), kl (n,)) per request from logits (M, V) at
-    `select`: the NLL over all of a request's target rows, and over those without its chat row."""
+    `part.select`: the NLL over all of a request's target rows, and over those without its chat row
+    (NaN for a request with no rows in `part`)."""
+    rows, select, targets, base_kl = part.rows, part.select, part.targets, part.base_kl
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # (M, V)
     row = select.nonzero()[:, 0]  # (M,)
     on_target = targets != IGNORE
@@ -106,34 +129,43 @@ def _mean_per_request(per_row: torch.Tensor, owner: torch.Tensor, rows: torch.Te
 
 
 def _passes(
-    model: nn.Module, rows: Rows, select: torch.Tensor, layer: int, measured: str, check: bool,
-    adding: Callable[[At], Mapping[str, ForwardHook]],
+    model: nn.Module, rows: Rows, select: torch.Tensor, layer: int, measured: str, check: bool, out_module: str,
+    delta: torch.Tensor,
 ) -> tuple[Passes, torch.Tensor, torch.Tensor]:
-    """(a pass over `rows` with hooks -> logits (M, V) at `select`; the unedited h (B, H) of module
-    `measured` at each row's subject token; the first pass's logits (M, V), with the hooks `adding`
-    gives at the rows' subject tokens when it ran tails (graph attached: the fit's first step), else
-    detached). Tail passes (tails.py) when `check` is off or a full pass agrees with them, else whole
-    rows from block `layer` up."""
+    """(passes over `rows` adding δ (N, H) at the output of `out_module`; the unedited h (B, H) of module
+    `measured` at each row's subject token; the first pass's logits (M, V) at `select`, with `delta`
+    added when it ran tails (graph attached: the fit's first step), else unedited and detached). Tail
+    passes (tails.py) when `check` is off or a full pass agrees with them, else whole rows from block
+    `layer` up."""
     try:
         with torch.no_grad():
             tails = split_at_subject(model, rows, select)
         with torch.enable_grad():
-            tails, logits, read = first_pass(model, tails, layer, adding(tails.subject_at), reads=[measured])
+            adding = {out_module: _adding(delta[rows.owner], tails.subject_at)}
+            tails, logits, read = first_pass(model, tails, layer, adding, reads=[measured])
         if not check or _agree(logits.detach(), model, rows, select):
-            passes = Passes(lambda hooks: tail_logits(model, tails, hooks), tails.subject_at, True)
-            return passes, read[measured], logits
+            def on_tails(added: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+                part = tails.of_requests(keep)  # packed row r: request r
+                return tail_logits(model, part, {out_module: _adding(added[rows.owner[keep[rows.owner]]],
+                                                                     part.subject_at)})
+
+            return Passes(on_tails, True), read[measured], logits
         LOG.warning("%s: tail passes differ from full passes; v* runs whole rows", type(model).__name__)
     except RuntimeError as error:  # a cache the packed mask does not fit (a sliding window's keeps fewer keys)
         LOG.warning("%s: tail passes failed (%s); v* runs whole rows", type(model).__name__, error)
     _, hidden, start = read_at_subject(model, rows, [], measured, record=layer if layer >= 1 else None)
+    at = (torch.arange(rows.input_ids.shape[0], device=rows.subject.device), rows.subject)
+    owner_of_selected = rows.owner[select.nonzero()[:, 0]]  # (M,)
 
     def whole(hooks: Mapping[str, ForwardHook]) -> torch.Tensor:
         with started(model, start), forward_hooks(model, hooks=hooks):
             return logits_at(model, rows.input_ids, rows.attention_mask, select)
 
+    def on_rows(added: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:  # every row run, the kept read
+        return whole({out_module: _adding(added[rows.owner], at)})[keep[owner_of_selected]]
+
     with torch.no_grad():
-        at = (torch.arange(rows.input_ids.shape[0], device=rows.subject.device), rows.subject)
-        return Passes(whole, at, False), hidden, whole({})
+        return Passes(on_rows, False), hidden, whole({})
 
 
 def _agree(logits: torch.Tensor, model: nn.Module, rows: Rows, select: torch.Tensor) -> bool:
@@ -153,28 +185,31 @@ def fit_values(
     select, targets = selection(rows)
     width = model.get_input_embeddings().embedding_dim  # H: the residual stream's
     delta = torch.zeros(n, width, device=rows.input_ids.device, requires_grad=True)  # (N, H)
-    adding = lambda at: {out_module: _adding(delta[rows.owner], at)}  # noqa: E731 delta[owner]: (B, H)
-    passes, hidden, first = _passes(model, rows, select, layer, measured, check, adding)
+    passes, hidden, first = _passes(model, rows, select, layer, measured, check, out_module, delta)
     initial = hidden[first_rows(rows.owner, n)]  # (N, H): the prompt alone (its first row: the empty prefix)
     base = first.detach()  # δ = 0: the unedited logits
     base_kl = torch.log_softmax(base.float(), -1)[targets == IGNORE] if config.kl_factor else None  # (K, V)
+    everything = Selected(rows, select, targets, base_kl)
     optimizer = torch.optim.Adam([delta], lr=config.v_lr)
     norms = initial.norm(dim=1)  # (N,)
     steps = 0
     met = torch.zeros(n, dtype=torch.bool, device=initial.device)  # (N,): requests whose δ is final
+    stop_nll = torch.full((n,), float("inf"), device=initial.device)  # (N,): each request's last reading
     for steps in range(config.v_steps + 1):
+        running = ~met  # only these requests' rows are run: the others' δ is final (as if fitted alone)
         with torch.enable_grad():
-            # the first pass ran step 0 (δ = 0) already, when it ran through δ
-            logits = first if steps == 0 and first.requires_grad else passes.run(adding(passes.subject_at))
-            nll, stop_nll, kl = _losses(logits, rows, select, targets, n, base_kl)
-            met |= stop_nll.detach() < config.v_stop_nll
+            # the first pass ran step 0 (δ = 0, every request) already, when it ran through δ
+            logits = first if steps == 0 and first.requires_grad else passes.run(delta, running)
+            nll, now, kl = _losses(logits, everything.of_requests(running), n)
+            stop_nll = torch.where(running, now.detach(), stop_nll)
+            met |= running & (stop_nll < config.v_stop_nll)
             if bool(met.all()) or steps == config.v_steps:
                 break
             loss = nll + (config.kl_factor or 0.0) * kl
             if config.v_weight_decay:
                 loss = loss + config.v_weight_decay * delta.norm(dim=1) / norms**2
             optimizer.zero_grad(set_to_none=True)
-            loss.sum().backward()
+            loss[running].sum().backward()
         final = delta.detach().clone()  # (N, H): the rows of `met` are restored from it after the step
         if config.v_optimizer == "adam":
             optimizer.step()
@@ -187,11 +222,11 @@ def fit_values(
                 limit = config.clamp_norm * norms  # (N,)
                 scale = (limit / delta.norm(dim=1).clamp(min=1e-12)).clamp(max=1.0)
                 delta.mul_(scale[:, None])
-        with torch.no_grad():  # a request that met the stop keeps its δ while the others go on (as if fitted alone)
+        with torch.no_grad():  # a request that met the stop keeps its δ while the others go on
             delta[met] = final[met]
     if config.v_shrink_checks:
-        fraction, stop_nll = _shortest(passes, rows, select, targets, n, delta.detach(), out_module,
-                                       config.v_stop_nll, stop_nll, config.v_shrink_checks)
+        fraction, stop_nll = _shortest(passes, everything, n, delta.detach(), config.v_stop_nll, stop_nll,
+                                       config.v_shrink_checks)
         delta = delta.detach() * fraction[:, None]
     return Values(initial + delta.detach(), initial, steps, stop_nll, passes.tails)
 
@@ -209,8 +244,7 @@ def _adding(per_row: torch.Tensor, at: At) -> ForwardHook:
 
 @torch.no_grad()
 def _shortest(
-    passes: Passes, rows: Rows, select: torch.Tensor, targets: torch.Tensor, n: int, delta: torch.Tensor,
-    out_module: str, stop: float, nll: torch.Tensor, checks: int,
+    passes: Passes, everything: Selected, n: int, delta: torch.Tensor, stop: float, nll: torch.Tensor, checks: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """((n,) the smallest fraction of each request's δ (N, H) found by `checks` bisection passes that
     still meets the stop, 1 for a request that did not meet it; (n,) the stop NLL there).
@@ -220,10 +254,12 @@ def _shortest(
     met = nll < stop  # (n,)
     low, high = torch.zeros(n, device=delta.device), torch.ones(n, device=delta.device)
     best = nll.clone()
+    if not bool(met.any()):
+        return high, best
+    part = everything.of_requests(met)  # only the requests that met the stop are shortened
     for _ in range(checks):
         middle = torch.where(met, (low + high) / 2, high)
-        logits = passes.run({out_module: _adding((delta * middle[:, None])[rows.owner], passes.subject_at)})
-        _, at_middle, _ = _losses(logits, rows, select, targets, n, None)
+        _, at_middle, _ = _losses(passes.run(delta * middle[:, None], met), part, n)
         holds = met & (at_middle < stop)
         high = torch.where(holds, middle, high)
         low = torch.where(met & ~holds, middle, low)

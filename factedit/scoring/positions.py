@@ -37,8 +37,14 @@ class Rows:
     chat: torch.Tensor  # (B,) bool: the fact asked as a chat (chat_row)
 
     def to(self, device: torch.device) -> Rows:
-        return Rows(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.subject, self.owner,
-                                              self.labels, self.kl, self.chat)))
+        return Rows(*(t.to(device) for t in self._fields()))
+
+    def subset(self, keep: torch.Tensor) -> Rows:
+        """The rows `keep` (B,) bool, in order (padding as it was)."""
+        return Rows(*(t[keep] for t in self._fields()))
+
+    def _fields(self) -> tuple[torch.Tensor, ...]:
+        return (self.input_ids, self.attention_mask, self.subject, self.owner, self.labels, self.kl, self.chat)
 
 
 def subject_of(request: TokenizedRequest) -> str:
