@@ -83,6 +83,10 @@ class _Packed:
     positions: list[list[int]]
     rows: list[list[int]]
 
+    @classmethod
+    def empty(cls, sequences: int) -> _Packed:
+        return cls([[] for _ in range(sequences)], [[] for _ in range(sequences)], [[] for _ in range(sequences)])
+
     def tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ids, positions, rows), each (R, width) right-padded: pad id 0, position 0, row -1."""
         width = max(1, max(len(p) for p in self.ids))
@@ -113,8 +117,7 @@ def _pack(rows: Rows, select: torch.Tensor) -> tuple[_Packed, _Packed, list[list
     counts = select.sum(1)
     first = (torch.cumsum(counts, 0) - counts).tolist()  # (B,) each row's first index in the selection
     requests = sorted(set(owner))
-    heads, tails = _Packed([[] for _ in requests], [[] for _ in requests], [[] for _ in requests]), \
-        _Packed([[] for _ in requests], [[] for _ in requests], [[] for _ in requests])
+    heads, tails = _Packed.empty(len(requests)), _Packed.empty(len(requests))
     chosen: list[list[bool]] = [[] for _ in requests]
     order: list[int] = []
     at_sequence, at_position = [0] * len(owner), [0] * len(owner)
