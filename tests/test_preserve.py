@@ -152,6 +152,17 @@ def test_protect_then_release_gives_back_the_inverse():
     assert torch.equal(preserver._inverse_at("w", None), before)
 
 
+def test_protecting_updates_the_inverse_to_the_rebuilt_one():
+    """protect's Woodbury update after each edit gives the inverse a rebuild from every held key gives."""
+    preserver = preserver_from_keys(low_rank_keys(12, 3, 20), 4)
+    g = torch.Generator().manual_seed(3)
+    for edit, n in (("a", 1), ("b", 3), ("c", 1)):
+        preserver.protect(edit, {"w": torch.randn(n, 12, generator=g, dtype=torch.float64)})
+    updated = preserver._inverse["w"]
+    rebuilt = preserver._gram_inverse("w", preserver.ridge["w"])
+    assert torch.allclose(updated, rebuilt, rtol=1e-9, atol=1e-12)
+
+
 def test_releases_rebuild_the_inverse_once_when_it_is_next_needed(monkeypatch):
     """A revert is cheap: releasing edits only marks the inverse stale; the next solve rebuilds it
     once, from the edits still protected."""
@@ -166,8 +177,8 @@ def test_releases_rebuild_the_inverse_once_when_it_is_next_needed(monkeypatch):
         return preserver
 
     inversions = []
-    real_cholesky = torch.linalg.cholesky
-    monkeypatch.setattr(torch.linalg, "cholesky", lambda m: inversions.append(1) or real_cholesky(m))
+    real_inverse = torch.cholesky_inverse  # the rebuild's (m, m) inversion (protect's Woodbury update has none)
+    monkeypatch.setattr(torch, "cholesky_inverse", lambda m: inversions.append(1) or real_inverse(m))
     released = preserver_holding("abc")
     released.release("a")
     released.release("b")

@@ -272,11 +272,14 @@ def covariance_solve_rows(
 
 
 def _woodbury(inverse: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """(B + zᵀz)^{-1} from B^{-1} (m, m) and rows z (N, m)."""
+    """(B + zᵀz)^{-1} from B^{-1} (m, m) and rows z (N, m): B^{-1} − W Wᵀ with W = B^{-1}zᵀ L^{-ᵀ}, where
+    L Lᵀ = I + z B^{-1} zᵀ. One addmm writes the (m, m) result: W Wᵀ is symmetric by its form (entries
+    (i, j) and (j, i) sum the same products), so it needs no averaging with its transpose, which with a
+    solve in its place cost several (m, m) passes (a protected edit's main cost in float64 at m = 1,536)."""
     b_z = inverse @ z.T  # (m, N)
-    inner = torch.eye(z.shape[0], dtype=torch.float64) + z @ b_z  # (N, N)
-    updated = inverse - b_z @ torch.linalg.solve(inner, b_z.T)
-    return (updated + updated.T) / 2  # keep it symmetric against rounding
+    inner = torch.eye(z.shape[0], dtype=torch.float64) + z @ b_z  # (N, N), positive definite
+    w = torch.linalg.solve_triangular(torch.linalg.cholesky(inner), b_z.T, upper=False)  # (N, m): L^{-1} (B^{-1}zᵀ)ᵀ
+    return torch.addmm(inverse, w.T, w, alpha=-1)
 
 
 def build_preserver(
