@@ -40,6 +40,7 @@ from ..core.methods import StreamState, config_to_dict, get_method, make_config
 from ..core.record import EditRecord, new_edit_id
 from ..core.request import EditRequest, TokenizedRequest, as_requests, max_context, tokenize_request, with_subject
 from ..model.loading import model_id as model_id_of
+from ..model.owner import OWNER_ATTRIBUTE, BaseWeights
 from ..model.views import is_view, viewed_model
 from ..model.weights import WeightState, model_fingerprint, tensor_sha256
 from ..safety.drift import GuardConfig
@@ -52,8 +53,6 @@ from .preview import BeforeScores, EditPreview, check_probes, edit_effect, previ
 from .replay_journal import replay
 
 LOG = logging.getLogger(__name__)
-
-OWNER_ATTRIBUTE = "factedit_editor"  # set on a model: a weak reference to the Editor it belongs to
 
 
 class Editor:
@@ -594,6 +593,12 @@ class Editor:
             self._model_ref, self._model_id, self._fingerprint = weakref.ref(model), model_id, fingerprint
             self._safeguards = Safeguards(model_id, fingerprint)
             setattr(model, OWNER_ATTRIBUTE, weakref.ref(self))
+
+    def base_weights(self) -> BaseWeights:
+        """The weights this Editor found when it bound its model (owner.py): what a method derives once
+        from the model, such as its context prefixes, is derived from these, so a reopened journal
+        derives what the process that wrote it did."""
+        return BaseWeights(self._fingerprint, dict(self._state.base))
 
     def close(self) -> None:
         """Close the journal (releases its lock) and release the model to other Editors."""

@@ -6,9 +6,13 @@ over several contexts, not one (MEMIT's context templates, Meng et al. 2023).
 
 Each seed word is continued by the model for `tokens` tokens, sampled from its top-k next tokens with a
 fixed seed (a generator of its own: torch's global RNG is not touched), so the prefixes of a model are
-deterministic. The empty prefix (the prompt alone) comes first. `ContextPrefixes` keeps the prefixes
-of each model object it has seen (weakly; nothing global): generated the first time a method meets a
-model, they stay fixed while that model is edited.
+deterministic. The empty prefix (the prompt alone) comes first. They are written by the weights the
+model's Editor found when it bound the model (owner.py), not by the weights its edits left: the same
+prefixes before and after any edits, in the process that made them and in one that reopens its journal,
+and no edited fact written into them. Those of an Editor's model are kept for each model object (weakly)
+by prefix settings, tokenizer and base-weights fingerprint, so every Editor that binds the same weights
+(a method switch; `factedit eval mode=single`'s Editor per record) reads them without writing them again.
+Outside an Editor, a `ContextPrefixes` keeps those of each model it meets as the model is then.
 
 `token_at(tokenizer, text, char_end)` finds the last token of a character span (a subject) in the ids
 the tokenizer gives for the whole text: the key position of locate-then-edit methods.
@@ -17,7 +21,7 @@ the tokenizer gives for the whole text: the key position of locate-then-edit met
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -30,6 +34,7 @@ from ..core.request import encode_prompt
 from ..core.settable import Integer, Settable
 from .chat import chat_text, has_chat_template, user_message
 from .hooks import frozen
+from .owner import base_weights
 from .views import viewed_model
 
 SEPARATOR = ". "  # between a prefix and the prompt
@@ -57,13 +62,18 @@ class PrefixConfig:
 
 
 @torch.no_grad()
-def generate_prefixes(model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: PrefixConfig) -> tuple[str, ...]:
+def generate_prefixes(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: PrefixConfig,
+    params: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[str, ...]:
     """The empty prefix, then `per_seed` texts for each seed word (seed word + `tokens` sampled tokens),
-    with braces and line breaks replaced by spaces."""
+    with braces and line breaks replaced by spaces. `params` replace some of the model's tensors
+    (through functional_call; the model is not written)."""
     if config.per_seed == 0 or not config.seeds:
         return ("",)
     generator = torch.Generator().manual_seed(config.seed)
     device = next(model.parameters()).device
+    replaced = {name: value.to(device) for name, value in (params or {}).items()}
     out = [""]
     with frozen(model):
         for word in config.seeds:
@@ -71,7 +81,9 @@ def generate_prefixes(model: nn.Module, tokenizer: PreTrainedTokenizerBase, conf
             ids = torch.tensor([start] * config.per_seed, device=device)  # (n, T): no padding needed
             step, past = ids, None  # the KV cache: each pass after the first runs the new token only
             for _ in range(config.tokens):
-                output = model(input_ids=step, past_key_values=past, use_cache=True)
+                kwargs = {"input_ids": step, "past_key_values": past, "use_cache": True}
+                output = (torch.func.functional_call(model, replaced, args=(), kwargs=kwargs, strict=False)
+                          if replaced else model(**kwargs))
                 past, logits = output.past_key_values, output.logits[:, -1].float().cpu()  # (n, V)
                 top = logits.topk(min(config.top_k, logits.shape[-1]))
                 choice = torch.multinomial(torch.softmax(top.values, -1), 1, generator=generator)  # (n, 1)
@@ -84,7 +96,10 @@ def generate_prefixes(model: nn.Module, tokenizer: PreTrainedTokenizerBase, conf
 
 
 class ContextPrefixes:
-    """The prefixes of each model this object meets, generated once per model object (weakly held)."""
+    """The prefixes a method's setting asks for, of each model it meets (see the module docstring)."""
+
+    # model -> {(settings, tokenizer, base fingerprint): prefixes}: an Editor's model's, for every Editor
+    _of_base: ClassVar[weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[str, ...]]]] = weakref.WeakKeyDictionary()
 
     def __init__(self, config: PrefixConfig) -> None:
         self.config = config
@@ -96,12 +111,20 @@ class ContextPrefixes:
         return cls(config) if config is not None else None
 
     def get(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:
-        """The prefixes of `model`; a read view (a preview's, views.py) shares its model's, so a session's
-        previews do not write them again (two seconds each on the default model)."""
+        """The prefixes of `model`, written by its Editor's base weights; a read view (a preview's,
+        views.py) shares its model's, so a session's previews do not write them again (two seconds
+        each on the default model)."""
         source = viewed_model(model)
-        if source not in self._by_model:
-            self._by_model[source] = generate_prefixes(model, tokenizer, self.config)
-        return self._by_model[source]
+        base = base_weights(source)
+        if base is None:
+            if source not in self._by_model:
+                self._by_model[source] = generate_prefixes(model, tokenizer, self.config)
+            return self._by_model[source]
+        known = self._of_base.setdefault(source, {})
+        key = (self.config, type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer), base.fingerprint)
+        if key not in known:
+            known[key] = generate_prefixes(model, tokenizer, self.config, params=base.values)
+        return known[key]
 
 
 def in_context(prefix: str, prompt: str) -> tuple[str, int]:
