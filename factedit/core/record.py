@@ -53,6 +53,9 @@ class EditRecord:
     delta: Delta | None = field(default=None, repr=False, compare=False)
     # A lifelong method's state after this edit (methods.StreamState.after); journaled beside the delta.
     state: Mapping[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    # The keys the Editor's preserver holds for this edit in later solves ({param name: (N, in)}), as they
+    # were taken right after it; journaled beside the delta, so a reopened journal holds the same ones.
+    held_keys: Mapping[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.delta is not None:
@@ -65,7 +68,7 @@ class EditRecord:
 
     def without_delta(self) -> EditRecord:
         """This record without its tensors (its `params` stay)."""
-        return replace(self, delta=None, state=None)
+        return replace(self, delta=None, state=None, held_keys=None)
 
     def with_status(self, status: Status) -> EditRecord:
         return replace(self, status=status, reverted_at=time.time() if status == "reverted" else None)

@@ -200,8 +200,8 @@ class Editor:
             return impl.compute(model, self.tokenizer, tokenized, **extra)
         preserver = self._safeguards.preserver_for(
             model, self.tokenizer, self._state, impl.param_names(model), preserve,
-            lambda: [(r.id, [tokenize_request(q, self.tokenizer, None) for q in r.requests], self._keys_fn(r.method))
-                     for r in self._records.values() if r.status == "active"],
+            lambda: [(r.id, [tokenize_request(q, self.tokenizer, None) for q in r.requests], self._keys_fn(r.method),
+                      r.held_keys) for r in self._records.values() if r.status == "active"],
         )
         if accepts(impl.compute, "preserver"):
             delta = impl.compute(model, self.tokenizer, tokenized, preserver=preserver, **extra)
@@ -440,11 +440,12 @@ class Editor:
                 what = f"this {method} edit of {len(requests)} fact(s)"
                 drift = self._safeguards.check_drift(model, self.tokenizer, self._state, self.guard, what, timings,
                                                      reuse.drift if reuse else None, facts=len(requests))
-                self._safeguards.protect(model, self.tokenizer, edit_id, delta, tokenized, self._keys_fn(method),
-                                         reuse.keys if reuse else None)
+                held = self._safeguards.protect(model, self.tokenizer, edit_id, delta, tokenized,
+                                                self._keys_fn(method), reuse.keys if reuse else None)
                 state = stream.after if stream is not None else None
                 record = self._measure_and_record(model, edit_id, tokenized, pre, reuse.post if reuse else None,
-                                                  delta, method, config, timings, start, first_touched, drift, state)
+                                                  delta, method, config, timings, start, first_touched, drift, state,
+                                                  held)
             except BaseException:
                 self._state.revert(model, edit_id)  # guard, scoring or journal failed: change nothing
                 self._safeguards.release(edit_id)
@@ -456,6 +457,7 @@ class Editor:
 
     def _measure_and_record(
         self, model, edit_id, tokenized, pre, post, delta, method, config, timings, start, first_touched, drift, state,
+        held,
     ) -> EditRecord:
         """Steps 5-7: score after the edit (unless `post` is given), build the record, journal it."""
         t = time.perf_counter()
@@ -467,7 +469,7 @@ class Editor:
         record = EditRecord(
             id=edit_id, method=method, config=dict(config), requests=tuple(r.request for r in tokenized),
             pre=pre, post=post, timings=timings, model_id=self._model_id, model_fingerprint=self._fingerprint,
-            factedit_version=__version__, delta=delta, drift=drift, state=state,
+            factedit_version=__version__, delta=delta, drift=drift, state=state, held_keys=held,
         )
         if self._journal is not None:
             t = time.perf_counter()

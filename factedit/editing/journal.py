@@ -2,6 +2,7 @@
 
 Keys and values are bytes: `meta` and `record/<id>` hold UTF-8 JSON, `delta/<id>` holds safetensors
 bytes, `state/<id>` (lifelong methods only) the method's state after the edit as safetensors bytes,
+`keys/<id>` (preserving methods only) the keys the preserver holds for the edit as safetensors bytes,
 `order` the JSON list of edit ids. Decoding is the identity, so opening a journal cannot run
 code. Each edit (record, delta, order and the base hashes of newly touched parameters) is committed
 in one sqlite transaction, so a crash leaves the journal at the last whole edit. An exclusive file
@@ -81,12 +82,13 @@ class Journal:
         return json.loads(self._db["order"]) if "order" in self._db else []
 
     def records(self, *, deltas: bool = True) -> list[EditRecord]:
-        """Every record, oldest first. With `deltas`, the active edits carry theirs; a reverted edit's
-        delta is read only when asked for, through `record` (to diff or export it)."""
+        """Every record, oldest first. With `deltas`, the active edits carry theirs and their held keys;
+        a reverted edit's delta is read only when asked for, through `record` (to diff or export it)."""
         records = [self.record(edit_id, delta=False) for edit_id in self.order()]
         if not deltas:
             return records
-        return [replace(r, delta=self._delta(r.id)) if r.status == "active" else r for r in records]
+        return [replace(r, delta=self._delta(r.id), held_keys=self._tensors("keys", r.id)) if r.status == "active"
+                else r for r in records]
 
     def record(self, edit_id: str, *, delta: bool = True) -> EditRecord:
         """One record, with its delta unless `delta` is False."""
@@ -110,13 +112,17 @@ class Journal:
 
     def state(self, edit_id: str) -> dict[str, torch.Tensor] | None:
         """The lifelong state an edit left (`StreamState.after`), or None when its method keeps none."""
-        key = f"state/{edit_id}"
+        return self._tensors("state", edit_id)
+
+    def _tensors(self, kind: str, edit_id: str) -> dict[str, torch.Tensor] | None:
+        """An edit's tensors stored under `kind` ("state", "keys"), or None when it has none."""
+        key = f"{kind}/{edit_id}"
         if key not in self._db:
             return None
         try:
             return load_safetensors(self._db[key])
         except (SafetensorError, ValueError) as exc:
-            raise JournalError(f"{self.path}: the state of edit {edit_id} is unreadable ({exc})") from None
+            raise JournalError(f"{self.path}: the {kind} of edit {edit_id} is unreadable ({exc})") from None
 
     def latest_states(self, records: list[EditRecord] | None = None) -> dict[str, dict[str, torch.Tensor]]:
         """method -> the state its latest edit (active or reverted) left, for the methods that keep one;
@@ -181,9 +187,10 @@ class Journal:
             "order": _json_bytes([*order, record.id]),
             "meta": _json_bytes(meta),
         }
-        if record.state is not None:
-            state = {name: t.detach().cpu().contiguous() for name, t in record.state.items()}
-            items[f"state/{record.id}"] = save_safetensors(state, metadata=delta_meta)
+        for kind, tensors in (("state", record.state), ("keys", record.held_keys)):
+            if tensors is not None:
+                stored = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+                items[f"{kind}/{record.id}"] = save_safetensors(stored, metadata=delta_meta)
         self._commit(items)
         self.meta = meta
 
@@ -215,11 +222,11 @@ class Journal:
         return dict(self.meta.get("weights_sha256", {}))
 
     def compact(self, older_than_s: float = 0.0, now: float | None = None) -> dict[str, Any]:
-        """Drop the deltas of edits reverted at least `older_than_s` seconds ago (one transaction, then
-        VACUUM gives the space back). Their records stay, marked `compacted_at`; the state each lifelong
-        method's latest edit left stays too (the stream goes on from it). Replay reads only active edits'
-        deltas and those states, so the journal replays bit for bit as before; a dropped delta can no
-        longer be diffed, exported or re-applied.
+        """Drop the deltas of edits reverted at least `older_than_s` seconds ago, and the keys held for
+        them (one transaction, then VACUUM gives the space back). Their records stay, marked
+        `compacted_at`; the state each lifelong method's latest edit left stays too (the stream goes on
+        from it). Replay reads only active edits' deltas and keys and those states, so the journal
+        replays bit for bit as before; a dropped delta can no longer be diffed, exported or re-applied.
 
         Returns {"dropped": edits compacted now, "bytes_before", "bytes_after"}."""
         if older_than_s < 0:
@@ -236,6 +243,7 @@ class Journal:
             chunk = dropped[first:first + 256]
             items = {f"record/{r.id}": _json_bytes(replace(r, compacted_at=now).to_dict()) for r in chunk}
             removed = [f"delta/{r.id}" for r in chunk]
+            removed += [f"keys/{r.id}" for r in chunk if f"keys/{r.id}" in self._db]
             removed += [f"state/{r.id}" for r in chunk
                         if f"state/{r.id}" in self._db and latest_states.get(r.method) != r.id]
             self._commit(items, removed)

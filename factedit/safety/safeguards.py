@@ -8,8 +8,10 @@
   model's; past the bound the Editor undoes the edit and raises `DriftError`.
 
 Both are measured on the base weights (`WeightState.base` for parameters already edited), so an
-Editor that replayed a journal sees the same base as the one that wrote it. Keys of edits replayed
-from a journal are taken on the replayed model, when preservation is first needed.
+Editor that replayed a journal sees the same base as the one that wrote it. The keys held for an edit
+are those taken right after it (`EditRecord.held_keys`, journaled), so a reopened journal holds what its
+writer held; for an edit that carries none (a journal written before they were kept) they are taken on
+the replayed model when preservation is first needed.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ Guard = GuardConfig | Mapping[str, Any] | float | None | str
 # without one get every token of prompt + target (`keys.edit_keys`).
 KeysFn = Callable[[nn.Module, PreTrainedTokenizerBase, Sequence[str], Sequence[TokenizedRequest]],
                   dict[str, torch.Tensor]]
+Held = Mapping[str, torch.Tensor] | None  # the keys held for an edit (EditRecord.held_keys)
 
 
 def resolve_guard(option: Guard, guarded_by_default: bool) -> GuardConfig | None:
@@ -87,18 +90,21 @@ class Safeguards:
     def preserver_for(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, state: WeightState,
         names: Sequence[str], config: PreserveConfig,
-        active: Callable[[], Sequence[tuple[str, Sequence[TokenizedRequest], KeysFn | None]]],
+        active: Callable[[], Sequence[tuple[str, Sequence[TokenizedRequest], KeysFn | None, Held]]],
     ) -> KeyPreserver:
         """The preserver for `names` under `config`, built on first need; the keys of the `active()`
-        edits (id, requests, the method's KeysFn or None) are protected when it is built."""
+        edits (id, requests, the method's KeysFn or None, the keys held for it or None) are protected
+        when it is built: those held when they cover every matrix it covers, else taken now."""
         current = self.preserver
         if current is not None and current.config == config and set(names) <= set(current.names):
             return current
         wanted = sorted(set(names) | (set(current.names) if current and current.config == config else set()))
         preserver = build_preserver(model, tokenizer, wanted, config, fingerprint=self.fingerprint,
                                     model_id=self.model_id, base_params=state.base_values(wanted))
-        for edit_id, requests, keys in active() if config.protect_edits else ():
-            preserver.protect(edit_id, self._keys(model, tokenizer, preserver.names, requests, keys))
+        for edit_id, requests, keys, held in active() if config.protect_edits else ():
+            covered = held is not None and set(preserver.names) <= set(held)
+            preserver.protect(edit_id, dict(held) if covered else self._keys(model, tokenizer, preserver.names,
+                                                                            requests, keys))
         self.preserver = preserver
         return preserver
 
@@ -106,15 +112,18 @@ class Safeguards:
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, edit_id: str, delta: Delta,
         requests: Sequence[TokenizedRequest], keys: KeysFn | None = None,
         known: Mapping[str, torch.Tensor] | None = None,
-    ) -> None:
+    ) -> dict[str, torch.Tensor] | None:
         """Protect the keys of an applied edit, for the matrices the preserver covers: those `keys` (the
         method's KeysFn) gives, else those of every token of its sequences. `known`: those keys, taken
-        on these same weights by a preview (`applied_keys`), used when they cover every such matrix."""
+        on these same weights by a preview (`applied_keys`), used when they cover every such matrix.
+        Returns the keys held ({name: (N, in)}, on CPU; None when none are)."""
         names = self._protected_names(delta)
-        if names:
-            covered = keys is None and known is not None and set(names) <= set(known)
-            taken = {n: known[n] for n in names} if covered else self._keys(model, tokenizer, names, requests, keys)
-            self.preserver.protect(edit_id, taken)
+        if not names:
+            return None
+        covered = keys is None and known is not None and set(names) <= set(known)
+        taken = {n: known[n] for n in names} if covered else self._keys(model, tokenizer, names, requests, keys)
+        self.preserver.protect(edit_id, taken)
+        return {n: k.detach().cpu() for n, k in taken.items()}
 
     def applied_keys(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, delta: Delta,

@@ -1,8 +1,11 @@
-"""Context prefixes are written by the weights an Editor found (model/contexts.py, model/owner.py)."""
+"""A reopened journal edits on as the process that wrote it: the context prefixes come from the base
+weights the Editor found (model/contexts.py, model/owner.py), and the keys a preserver holds for each
+edit are those taken right after it, journaled (EditRecord.held_keys)."""
 
 from __future__ import annotations
 
 import pytest
+import sqlitedict
 import torch
 from test_contract import TINY_OVERRIDES
 from test_lifelong import FACTS, assert_same_delta
@@ -11,6 +14,7 @@ from tiny_models import tiny_model
 
 import factedit
 from factedit import EditRequest
+from factedit.editing.journal import TABLE, Journal
 from factedit.model import contexts
 from factedit.model.contexts import ContextPrefixes, PrefixConfig, generate_prefixes
 
@@ -28,12 +32,12 @@ def test_the_prefixes_are_the_base_models_after_kept_edits():
         assert ContextPrefixes(PrefixConfig()).get(model, tok) == unedited
 
 
-@pytest.mark.parametrize("method", ["memit", "rome", "ft_l", "mend"])
-def test_a_reopened_journal_writes_the_same_prefixes_and_the_same_next_delta(method, tmp_path):
+@pytest.mark.parametrize("method", ["memit", "rome", "ft_l", "mend", "alphaedit"])
+def test_a_reopened_journal_gives_bit_for_bit_the_writers_next_delta(method, tmp_path):
     model, tok = tiny_model("llama")
 
     def editor(journal) -> factedit.Editor:
-        if method == "mend":  # its defaults: preserved, keyed on the subject, more steps
+        if method == "mend":  # its defaults: preserved, keyed on the subject, prefixed, more steps
             path = tmp_path / "ck"
             if not path.exists():
                 tiny_checkpoint(tmp_path, model)
@@ -43,7 +47,11 @@ def test_a_reopened_journal_writes_the_same_prefixes_and_the_same_next_delta(met
 
     journal = tmp_path / "edits.sqlite"
     writer = editor(journal)
-    writer.edit(model, *FACTS[0])  # kept: the reader replays it before it computes anything
+    # kept edits, replayed by the reader before it computes anything; the second moves the weights the
+    # first's keys are read from, and the reverted one is released
+    for fact in FACTS[:2]:
+        writer.edit(model, *fact)
+    writer.revert(model, writer.edit(model, "The capital of Italy is", "Madrid").id)
     continued = writer.preview(model, [EditRequest(*FACTS[2])])
     writer.close()
 
@@ -68,18 +76,36 @@ def test_editors_binding_the_same_weights_write_the_prefixes_once(monkeypatch):
     assert len(written) == 2
 
 
-def test_alphaedits_next_delta_after_reopening_is_the_writers_to_rounding(tmp_path):
-    """Not bit for bit: the writer protects the keys it read while spreading the edit, on the unprojected
-    update (locate/method.py, `_reused_keys`); the reader reads them again on the applied weights."""
+def test_the_keys_held_for_each_edit_are_journaled_and_dropped_with_its_delta(tmp_path):
     model, tok = tiny_model("llama")
     journal = tmp_path / "edits.sqlite"
-    with editor_for("alphaedit", tok, journal=journal) as writer:
-        writer.edit(model, *FACTS[0])
-        continued = writer.preview(model, [EditRequest(*FACTS[2])])
+    with editor_for("alphaedit", tok, journal=journal) as editor:
+        kept = editor.edit(model, *FACTS[0])
+        reverted = editor.edit(model, *FACTS[1])
+        editor.revert(model, reverted.id)
+    assert set(kept.held_keys) == set(kept.delta.names())  # every edited matrix, (facts, in) each
+    assert all(k.shape[0] == 1 for k in kept.held_keys.values())
+    with Journal(journal) as opened:
+        active = [r for r in opened.records() if r.status == "active"]
+        assert [r.id for r in active] == [kept.id]
+        assert all(torch.equal(active[0].held_keys[n], kept.held_keys[n]) for n in kept.held_keys)
+        assert opened._tensors("keys", reverted.id) is not None
+        opened.compact()
+        assert opened._tensors("keys", reverted.id) is None and opened._tensors("keys", kept.id) is not None
+
+
+def test_a_journal_without_held_keys_takes_them_on_the_replayed_model(tmp_path):
+    """A journal written before the keys were journaled replays, and its preserver reads them."""
+    model, tok = tiny_model("llama")
+    journal = tmp_path / "edits.sqlite"
+    with editor_for("alphaedit", tok, journal=journal) as editor:
+        kept = editor.edit(model, *FACTS[0])
+    with sqlitedict.SqliteDict(str(journal), tablename=TABLE, autocommit=True,
+                               encode=lambda x: x, decode=lambda x: x) as db:
+        del db[f"keys/{kept.id}"]
+    with Journal(journal) as opened:
+        assert opened.records()[0].held_keys is None
     fresh, _ = tiny_model("llama")
     with editor_for("alphaedit", tok, journal=journal) as reader:
-        record = reader.edit(fresh, *FACTS[2])
-    for name in continued.delta.names():
-        mine, theirs = record.delta.params[name].materialize(torch.float64), continued.delta.params[name].materialize(
-            torch.float64)
-        assert torch.allclose(mine, theirs, rtol=1e-5, atol=1e-6 * float(theirs.abs().max())), name
+        record = reader.edit(fresh, *FACTS[1])
+        assert reader._safeguards.preserver.protected_edits() == [kept.id, record.id]
