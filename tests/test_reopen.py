@@ -109,3 +109,16 @@ def test_a_journal_without_held_keys_takes_them_on_the_replayed_model(tmp_path):
     with editor_for("alphaedit", tok, journal=journal) as reader:
         record = reader.edit(fresh, *FACTS[1])
         assert reader._safeguards.preserver.protected_edits() == [kept.id, record.id]
+
+
+def test_a_preserver_over_more_matrices_holds_the_kept_keys_and_reads_the_others():
+    model, tok = tiny_model("llama")
+    with editor_for("alphaedit", tok, layers=(-2, -1)) as editor:
+        kept = editor.edit(model, *FACTS[0])
+        editor.set_method("alphaedit", **{**TINY_OVERRIDES["alphaedit"], "layers": (-3, -2, -1)})
+        editor.edit(model, *FACTS[1])  # its preserver covers one more matrix: built anew
+        held = editor._safeguards.preserver._protected[kept.id]
+    assert len(held) == 3 and set(kept.held_keys) < set(held)
+    preserver = editor._safeguards.preserver
+    for name, keys in kept.held_keys.items():  # in the preserver's null-space coordinates, as protect holds them
+        assert torch.equal(held[name], keys.double() @ preserver.bases[name])

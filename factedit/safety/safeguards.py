@@ -94,7 +94,7 @@ class Safeguards:
     ) -> KeyPreserver:
         """The preserver for `names` under `config`, built on first need; the keys of the `active()`
         edits (id, requests, the method's KeysFn or None, the keys held for it or None) are protected
-        when it is built: those held when they cover every matrix it covers, else taken now."""
+        when it is built: those held, and for a matrix it covers that they do not, taken now."""
         current = self.preserver
         if current is not None and current.config == config and set(names) <= set(current.names):
             return current
@@ -102,9 +102,11 @@ class Safeguards:
         preserver = build_preserver(model, tokenizer, wanted, config, fingerprint=self.fingerprint,
                                     model_id=self.model_id, base_params=state.base_values(wanted))
         for edit_id, requests, keys, held in active() if config.protect_edits else ():
-            covered = held is not None and set(preserver.names) <= set(held)
-            preserver.protect(edit_id, dict(held) if covered else self._keys(model, tokenizer, preserver.names,
-                                                                            requests, keys))
+            taken = dict(held or {})
+            missing = [n for n in preserver.names if n not in taken]
+            if missing:
+                taken.update(self._keys(model, tokenizer, missing, requests, keys))
+            preserver.protect(edit_id, taken)
         self.preserver = preserver
         return preserver
 
