@@ -32,7 +32,7 @@ def test_the_prefixes_are_the_base_models_after_kept_edits():
         assert ContextPrefixes(PrefixConfig()).get(model, tok) == unedited
 
 
-@pytest.mark.parametrize("method", ["memit", "rome", "ft_l", "mend", "alphaedit"])
+@pytest.mark.parametrize("method", ["memit", "rome", "ft_l", "mend", "ultraedit", "alphaedit"])
 def test_a_reopened_journal_gives_bit_for_bit_the_writers_next_delta(method, tmp_path):
     model, tok = tiny_model("llama")
 
