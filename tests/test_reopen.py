@@ -122,3 +122,25 @@ def test_a_preserver_over_more_matrices_holds_the_kept_keys_and_reads_the_others
     preserver = editor._safeguards.preserver
     for name, keys in kept.held_keys.items():  # in the preserver's null-space coordinates, as protect holds them
         assert torch.equal(held[name], keys.double() @ preserver.bases[name])
+
+
+@pytest.mark.parametrize("revert_last", [False, True])
+def test_a_reopened_preserver_holds_the_writers_inverse_bit_for_bit(revert_last, tmp_path):
+    """The writer updates its inverse edit by edit and rebuilds it after a revert; a reader holds the
+    edits before the last revert as rebuilt and updates for the ones after it."""
+    model, tok = tiny_model("llama")
+    journal = tmp_path / "edits.sqlite"
+    with editor_for("alphaedit", tok, journal=journal) as writer:
+        writer.edit(model, *FACTS[0])
+        writer.revert(model, writer.edit(model, "The capital of Italy is", "Madrid").id)
+        writer.edit(model, *FACTS[1])  # after a revert: its update follows the rebuild
+        if revert_last:
+            writer.revert(model, writer.edit(model, "The Eiffel Tower is in", "Rome").id)
+        writer.preview(model, [EditRequest(*FACTS[2])])
+        theirs = writer._safeguards.preserver
+        expected = {n: theirs._current_inverse(n).clone() for n in theirs.names}
+    fresh, _ = tiny_model("llama")
+    with editor_for("alphaedit", tok, journal=journal) as reader:
+        reader.preview(fresh, [EditRequest(*FACTS[2])])
+        mine = reader._safeguards.preserver
+        assert all(torch.equal(mine._current_inverse(n), expected[n]) for n in expected)

@@ -44,7 +44,7 @@ from ..model.owner import OWNER_ATTRIBUTE, BaseWeights
 from ..model.views import is_view, viewed_model
 from ..model.weights import WeightState, model_fingerprint, tensor_sha256
 from ..safety.drift import GuardConfig
-from ..safety.safeguards import Guard, Safeguards, accepts, resolve_guard
+from ..safety.safeguards import Guard, KeptEdit, Safeguards, accepts, resolve_guard
 from ..scoring.sequences import score_requests
 from .diff import EditDiff, diff_edit
 from .journal import Journal
@@ -198,16 +198,25 @@ class Editor:
         preserve = getattr(config, "preserve", None)
         if preserve is None:
             return impl.compute(model, self.tokenizer, tokenized, **extra)
-        preserver = self._safeguards.preserver_for(
-            model, self.tokenizer, self._state, impl.param_names(model), preserve,
-            lambda: [(r.id, [tokenize_request(q, self.tokenizer, None) for q in r.requests], self._keys_fn(r.method),
-                      r.held_keys) for r in self._records.values() if r.status == "active"],
-        )
+        names = impl.param_names(model)
+        preserver = self._safeguards.preserver_for(model, self.tokenizer, self._state, names, preserve,
+                                                   lambda: self._kept_edits(names))
         if accepts(impl.compute, "preserver"):
             delta = impl.compute(model, self.tokenizer, tokenized, preserver=preserver, **extra)
         else:
             delta = impl.compute(model, self.tokenizer, tokenized, **extra)
         return preserver.project(delta)
+
+    def _kept_edits(self, names: Sequence[str]) -> list[KeptEdit]:
+        """The active edits, oldest first, as a preserver over `names` built now holds them: those applied
+        before the last revert of a preserved edit touching them are held as a preserver that released it
+        holds them (rebuilt, not updated one by one)."""
+        reverts = [r.reverted_at for r in self._records.values() if r.status == "reverted" and r.reverted_at
+                   and r.config.get("preserve") and set(r.params) & set(names)]
+        last = max(reverts, default=None)
+        return [KeptEdit(r.id, [tokenize_request(q, self.tokenizer, None) for q in r.requests], self._keys_fn(r.method),
+                         r.held_keys, before_release=last is not None and r.created_at < last)
+                for r in self._records.values() if r.status == "active"]
 
     def preview(
         self,

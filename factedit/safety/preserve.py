@@ -204,10 +204,23 @@ class KeyPreserver:
         """Hold `keys` (name -> (N, in)) of an applied edit at zero change in later solves."""
         if not self.config.protect_edits:
             return
-        coords = {name: k.detach().cpu().double() @ self.bases[name] for name, k in keys.items() if name in self.bases}
+        coords = self._coords(keys)
         for name, z in coords.items():
             self._inverse[name] = _woodbury(self._current_inverse(name), z)
         self._protected[edit_id] = coords
+
+    def hold(self, edit_id: str, keys: Mapping[str, torch.Tensor]) -> None:
+        """Hold `keys` as `protect` does, the inverse left to be rebuilt from every held key when next
+        needed, as after a `release`: how a preserver that released edits since stands (safeguards.py)."""
+        if not self.config.protect_edits:
+            return
+        coords = self._coords(keys)
+        self._protected[edit_id] = coords
+        self._stale |= set(coords)
+
+    def _coords(self, keys: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{name: (N, m)}: the keys of the matrices this preserver covers, in null-space coordinates."""
+        return {name: k.detach().cpu().double() @ self.bases[name] for name, k in keys.items() if name in self.bases}
 
     def release(self, edit_id: str) -> None:
         """Stop protecting a reverted edit's keys. The inverse is rebuilt from the edits still

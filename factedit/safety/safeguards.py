@@ -11,7 +11,8 @@ Both are measured on the base weights (`WeightState.base` for parameters already
 Editor that replayed a journal sees the same base as the one that wrote it. The keys held for an edit
 are those taken right after it (`EditRecord.held_keys`, journaled), so a reopened journal holds what its
 writer held; for an edit that carries none (a journal written before they were kept) they are taken on
-the replayed model when preservation is first needed.
+the replayed model when preservation is first needed. A preserver built later holds them the way the
+writer's did (`KeptEdit.before_release`), so its inverse is the writer's bit for bit.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -47,6 +49,19 @@ Guard = GuardConfig | Mapping[str, Any] | float | None | str
 KeysFn = Callable[[nn.Module, PreTrainedTokenizerBase, Sequence[str], Sequence[TokenizedRequest]],
                   dict[str, torch.Tensor]]
 Held = Mapping[str, torch.Tensor] | None  # the keys held for an edit (EditRecord.held_keys)
+
+
+@dataclass(frozen=True)
+class KeptEdit:
+    """An active edit whose keys a preserver built now holds (`Safeguards.preserver_for`)."""
+
+    id: str
+    requests: Sequence[TokenizedRequest]
+    keys: KeysFn | None  # the method's own keys, or None (every token)
+    held: Held  # the keys held for it right after it, when known
+    # Applied before the last revert of an edit a preserver held: the preserver that held it then
+    # rebuilt its inverse from these (KeyPreserver.release), so a new one does too (KeyPreserver.hold).
+    before_release: bool = False
 
 
 def resolve_guard(option: Guard, guarded_by_default: bool) -> GuardConfig | None:
@@ -90,23 +105,24 @@ class Safeguards:
     def preserver_for(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, state: WeightState,
         names: Sequence[str], config: PreserveConfig,
-        active: Callable[[], Sequence[tuple[str, Sequence[TokenizedRequest], KeysFn | None, Held]]],
+        active: Callable[[], Sequence[KeptEdit]],
     ) -> KeyPreserver:
         """The preserver for `names` under `config`, built on first need; the keys of the `active()`
-        edits (id, requests, the method's KeysFn or None, the keys held for it or None) are protected
-        when it is built: those held, and for a matrix it covers that they do not, taken now."""
+        edits are protected when it is built: those held, and for a matrix it covers that they do not,
+        taken now; in the order and the way the preserver that held them did (`KeptEdit`), so that its
+        inverse is the one a process that made the edits has."""
         current = self.preserver
         if current is not None and current.config == config and set(names) <= set(current.names):
             return current
         wanted = sorted(set(names) | (set(current.names) if current and current.config == config else set()))
         preserver = build_preserver(model, tokenizer, wanted, config, fingerprint=self.fingerprint,
                                     model_id=self.model_id, base_params=state.base_values(wanted))
-        for edit_id, requests, keys, held in active() if config.protect_edits else ():
-            taken = dict(held or {})
+        for kept in active() if config.protect_edits else ():
+            taken = dict(kept.held or {})
             missing = [n for n in preserver.names if n not in taken]
             if missing:
-                taken.update(self._keys(model, tokenizer, missing, requests, keys))
-            preserver.protect(edit_id, taken)
+                taken.update(self._keys(model, tokenizer, missing, kept.requests, kept.keys))
+            (preserver.hold if kept.before_release else preserver.protect)(kept.id, taken)
         self.preserver = preserver
         return preserver
 
