@@ -144,3 +144,22 @@ def test_a_reopened_preserver_holds_the_writers_inverse_bit_for_bit(revert_last,
         reader.preview(fresh, [EditRequest(*FACTS[2])])
         mine = reader._safeguards.preserver
         assert all(torch.equal(mine._current_inverse(n), expected[n]) for n in expected)
+
+
+def test_a_reopened_preserver_rebuilds_only_the_matrices_a_revert_touched(tmp_path):
+    model, tok = tiny_model("llama")
+    journal = tmp_path / "edits.sqlite"
+    two = {**TINY_OVERRIDES["alphaedit"], "layers": (-2, -1)}
+    with editor_for("alphaedit", tok, journal=journal, layers=(-2, -1)) as writer:
+        writer.edit(model, *FACTS[0])
+        writer.set_method("alphaedit", **{**two, "layers": (-1,)})
+        writer.revert(model, writer.edit(model, "The capital of Italy is", "Madrid").id)  # the last block only
+        writer.set_method("alphaedit", **two)
+        writer.preview(model, [EditRequest(*FACTS[2])])
+        theirs = writer._safeguards.preserver
+        expected = {n: theirs._current_inverse(n).clone() for n in theirs.names}
+    fresh, _ = tiny_model("llama")
+    with editor_for("alphaedit", tok, journal=journal, layers=(-2, -1)) as reader:
+        reader.preview(fresh, [EditRequest(*FACTS[2])])
+        mine = reader._safeguards.preserver
+        assert all(torch.equal(mine._current_inverse(n), expected[n]) for n in expected)

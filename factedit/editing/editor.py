@@ -198,24 +198,26 @@ class Editor:
         preserve = getattr(config, "preserve", None)
         if preserve is None:
             return impl.compute(model, self.tokenizer, tokenized, **extra)
-        names = impl.param_names(model)
-        preserver = self._safeguards.preserver_for(model, self.tokenizer, self._state, names, preserve,
-                                                   lambda: self._kept_edits(names))
+        preserver = self._safeguards.preserver_for(model, self.tokenizer, self._state, impl.param_names(model),
+                                                   preserve, self._kept_edits)
         if accepts(impl.compute, "preserver"):
             delta = impl.compute(model, self.tokenizer, tokenized, preserver=preserver, **extra)
         else:
             delta = impl.compute(model, self.tokenizer, tokenized, **extra)
         return preserver.project(delta)
 
-    def _kept_edits(self, names: Sequence[str]) -> list[KeptEdit]:
-        """The active edits, oldest first, as a preserver over `names` built now holds them: those applied
-        before the last revert of a preserved edit touching them are held as a preserver that released it
-        holds them (rebuilt, not updated one by one)."""
-        reverts = [r.reverted_at for r in self._records.values() if r.status == "reverted" and r.reverted_at
-                   and r.config.get("preserve") and set(r.params) & set(names)]
-        last = max(reverts, default=None)
+    def _kept_edits(self) -> list[KeptEdit]:
+        """The active edits, oldest first, as a preserver built now holds them: on each matrix the edits
+        applied before the last revert of a preserved edit there are held as the preserver that released
+        it holds them (its inverse rebuilt, not updated one by one)."""
+        last: dict[str, float] = {}  # matrix -> when a preserved edit of it was last reverted
+        for r in self._records.values():
+            if r.status == "reverted" and r.reverted_at is not None and (r.config.get("preserve") or {}).get(
+                    "protect_edits", True):
+                for name in r.params:
+                    last[name] = max(last.get(name, r.reverted_at), r.reverted_at)
         return [KeptEdit(r.id, [tokenize_request(q, self.tokenizer, None) for q in r.requests], self._keys_fn(r.method),
-                         r.held_keys, before_release=last is not None and r.created_at < last)
+                         r.held_keys, frozenset(n for n, t in last.items() if r.created_at < t))
                 for r in self._records.values() if r.status == "active"]
 
     def preview(

@@ -31,7 +31,7 @@ exactly the delta it applied.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -200,27 +200,20 @@ class KeyPreserver:
         return out
 
     # --- earlier edits ----------------------------------------------------------------------------
-    def protect(self, edit_id: str, keys: Mapping[str, torch.Tensor]) -> None:
-        """Hold `keys` (name -> (N, in)) of an applied edit at zero change in later solves."""
+    def protect(self, edit_id: str, keys: Mapping[str, torch.Tensor], rebuilt: Collection[str] = ()) -> None:
+        """Hold `keys` (name -> (N, in)) of an applied edit at zero change in later solves. For the
+        matrices `rebuilt` names the inverse is not updated but left to be rebuilt from every held key
+        when next needed, as after a `release`: how a preserver that released an edit since stands, for
+        one built later to hold the same inverse (safeguards.py)."""
         if not self.config.protect_edits:
             return
-        coords = self._coords(keys)
+        coords = {name: k.detach().cpu().double() @ self.bases[name] for name, k in keys.items() if name in self.bases}
         for name, z in coords.items():
-            self._inverse[name] = _woodbury(self._current_inverse(name), z)
+            if name in rebuilt:
+                self._stale.add(name)
+            else:
+                self._inverse[name] = _woodbury(self._current_inverse(name), z)
         self._protected[edit_id] = coords
-
-    def hold(self, edit_id: str, keys: Mapping[str, torch.Tensor]) -> None:
-        """Hold `keys` as `protect` does, the inverse left to be rebuilt from every held key when next
-        needed, as after a `release`: how a preserver that released edits since stands (safeguards.py)."""
-        if not self.config.protect_edits:
-            return
-        coords = self._coords(keys)
-        self._protected[edit_id] = coords
-        self._stale |= set(coords)
-
-    def _coords(self, keys: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """{name: (N, m)}: the keys of the matrices this preserver covers, in null-space coordinates."""
-        return {name: k.detach().cpu().double() @ self.bases[name] for name, k in keys.items() if name in self.bases}
 
     def release(self, edit_id: str) -> None:
         """Stop protecting a reverted edit's keys. The inverse is rebuilt from the edits still

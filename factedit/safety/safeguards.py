@@ -12,7 +12,7 @@ Editor that replayed a journal sees the same base as the one that wrote it. The 
 are those taken right after it (`EditRecord.held_keys`, journaled), so a reopened journal holds what its
 writer held; for an edit that carries none (a journal written before they were kept) they are taken on
 the replayed model when preservation is first needed. A preserver built later holds them the way the
-writer's did (`KeptEdit.before_release`), so its inverse is the writer's bit for bit.
+writer's did (`KeptEdit.rebuilt`), so its inverse is the writer's bit for bit.
 """
 
 from __future__ import annotations
@@ -59,9 +59,10 @@ class KeptEdit:
     requests: Sequence[TokenizedRequest]
     keys: KeysFn | None  # the method's own keys, or None (every token)
     held: Held  # the keys held for it right after it, when known
-    # Applied before the last revert of an edit a preserver held: the preserver that held it then
-    # rebuilt its inverse from these (KeyPreserver.release), so a new one does too (KeyPreserver.hold).
-    before_release: bool = False
+    # The matrices for which it was applied before the last revert of an edit a preserver held there:
+    # that preserver rebuilt its inverse of them from the keys then held (KeyPreserver.release), so a
+    # new one does too (KeyPreserver.protect's `rebuilt`).
+    rebuilt: frozenset[str] = frozenset()
 
 
 def resolve_guard(option: Guard, guarded_by_default: bool) -> GuardConfig | None:
@@ -122,7 +123,7 @@ class Safeguards:
             missing = [n for n in preserver.names if n not in taken]
             if missing:
                 taken.update(self._keys(model, tokenizer, missing, kept.requests, kept.keys))
-            (preserver.hold if kept.before_release else preserver.protect)(kept.id, taken)
+            preserver.protect(kept.id, taken, rebuilt=kept.rebuilt)
         self.preserver = preserver
         return preserver
 
