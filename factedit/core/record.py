@@ -50,6 +50,9 @@ class EditRecord:
     drift: float | None = None
     # When `Journal.compact` dropped this reverted edit's delta (None: the journal keeps it).
     compacted_at: float | None = None
+    # The matrices whose keys the Editor's preserver held for this edit (those of `held_keys`; known
+    # without them): its revert made that preserver rebuild its inverse of them.
+    held: tuple[str, ...] = ()
     delta: Delta | None = field(default=None, repr=False, compare=False)
     # A lifelong method's state after this edit (methods.StreamState.after); journaled beside the delta.
     state: Mapping[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
@@ -60,6 +63,8 @@ class EditRecord:
     def __post_init__(self) -> None:
         if self.delta is not None:
             object.__setattr__(self, "params", tuple(self.delta.names()))
+        if self.held_keys is not None:
+            object.__setattr__(self, "held", tuple(sorted(self.held_keys)))
 
     @property
     def request(self) -> EditRequest:
@@ -92,11 +97,13 @@ class EditRecord:
             "params": list(self.params),
             "drift": self.drift,
             "compacted_at": self.compacted_at,
+            "held": list(self.held),
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], delta: Delta | None = None) -> EditRecord:
         fields = dict(data)
         fields["params"] = tuple(fields.get("params", ()))
+        fields["held"] = tuple(fields.get("held", ()))
         fields["requests"] = tuple(EditRequest.from_dict(r) for r in fields["requests"])
         return cls(**fields, delta=delta)

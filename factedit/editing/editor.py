@@ -210,11 +210,10 @@ class Editor:
         """The active edits, oldest first, as a preserver built now holds them: on each matrix the edits
         applied before the last revert of a preserved edit there are held as the preserver that released
         it holds them (its inverse rebuilt, not updated one by one)."""
-        last: dict[str, float] = {}  # matrix -> when a preserved edit of it was last reverted
+        last: dict[str, float] = {}  # matrix -> when an edit whose keys were held there was last reverted
         for r in self._records.values():
-            if r.status == "reverted" and r.reverted_at is not None and (r.config.get("preserve") or {}).get(
-                    "protect_edits", True):
-                for name in r.params:
+            if r.status == "reverted" and r.reverted_at is not None:
+                for name in r.held:
                     last[name] = max(last.get(name, r.reverted_at), r.reverted_at)
         return [KeptEdit(r.id, [tokenize_request(q, self.tokenizer, None) for q in r.requests], self._keys_fn(r.method),
                          r.held_keys, frozenset(n for n, t in last.items() if r.created_at < t))
