@@ -37,7 +37,7 @@ from ..scoring.positions import IGNORE, Rows, first_rows
 from ..scoring.sequences import logits_at
 from .config import LocateConfig
 from .reads import read_at_subject, started
-from .tails import At, first_pass, split_at_subject, tail_logits
+from .tails import At, Tails, first_pass, split_at_subject, tail_logits
 
 LOG = logging.getLogger(__name__)
 
@@ -144,8 +144,16 @@ def _passes(
             adding = {out_module: _adding(delta[rows.owner], tails.subject_at)}
             tails, logits, read = first_pass(model, tails, layer, adding, reads=[measured])
         if not check or _agree(logits.detach(), model, rows, select):
+            # The running requests change only when one meets the stop (and not at all while δ is
+            # shortened): their tails, a copy of the cache among them, are made once per such set.
+            last: dict[tuple[bool, ...], Tails] = {}
+
             def on_tails(added: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-                part = tails.of_requests(keep)  # packed row r: request r
+                key = tuple(keep.tolist())
+                if key not in last:
+                    last.clear()
+                    last[key] = tails.of_requests(keep)  # packed row r: request r
+                part = last[key]
                 return tail_logits(model, part, {out_module: _adding(added[rows.owner[keep[rows.owner]]],
                                                                      part.subject_at)})
 
