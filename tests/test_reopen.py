@@ -1,8 +1,11 @@
 """A reopened journal edits on as the process that wrote it: the context prefixes come from the base
-weights the Editor found (model/contexts.py, model/owner.py), and the keys a preserver holds for each
-edit are those taken right after it, journaled (EditRecord.held_keys)."""
+weights the Editor found (model/contexts.py, model/owner.py), the keys a preserver holds for each
+edit are those taken right after it, journaled (EditRecord.held_keys), and the drift guard goes on
+from the rotation its writer's stood at (the journal's `guard`)."""
 
 from __future__ import annotations
+
+import shutil
 
 import pytest
 import sqlitedict
@@ -11,16 +14,21 @@ from test_contract import TINY_OVERRIDES
 from test_lifelong import FACTS, assert_same_delta
 from test_mend import tiny_checkpoint
 from tiny_models import tiny_model
+from wreck import WRECK
 
 import factedit
-from factedit import EditRequest
+from factedit import EditRequest, GuardConfig
+from factedit.core.errors import DriftError
 from factedit.editing.journal import TABLE, Journal
 from factedit.model import contexts
 from factedit.model.contexts import ContextPrefixes, PrefixConfig, generate_prefixes
+from factedit.safety.drift import DriftGuard
+
+GUARD_STRICT = GuardConfig(max_ratio=1.5, texts=4, max_tokens=8)
 
 
 def editor_for(method: str, tok, **extra) -> factedit.Editor:
-    return factedit.Editor(method, tokenizer=tok, guard=None, **{**TINY_OVERRIDES[method], **extra})
+    return factedit.Editor(method, tokenizer=tok, **{"guard": None, **TINY_OVERRIDES[method], **extra})
 
 
 def test_the_prefixes_are_the_base_models_after_kept_edits():
@@ -165,3 +173,80 @@ def test_a_reopened_preserver_rebuilds_only_the_matrices_a_revert_touched(tmp_pa
         reader.preview(fresh, [EditRequest(*FACTS[2])])
         mine = reader._safeguards.preserver
         assert all(torch.equal(mine._current_inverse(n), expected[n]) for n in expected)
+
+
+GUARD = GuardConfig(max_ratio=100.0, texts=4, max_tokens=8)  # far from the bound: each check reads one group
+
+
+def test_a_reopened_guard_reads_what_its_writers_would_have(tmp_path):
+    model, tok = tiny_model("llama")
+    journal, copy = tmp_path / "edits.sqlite", tmp_path / "copy.sqlite"
+    writer = editor_for("ft_l", tok, journal=journal, guard=GUARD)
+    for fact in FACTS[:2]:
+        writer.edit(model, *fact)
+    writer.revert(model, writer.edit(model, "The capital of Italy is", "Madrid").id)
+    shutil.copy(journal, copy)  # the journal as it stands before the next edit (every write committed)
+    continued = writer.edit(model, *FACTS[2])
+    after = writer._safeguards.guard.rotation()
+    writer.close()
+    assert after["next"] == 4
+
+    fresh, _ = tiny_model("llama")
+    with editor_for("ft_l", tok, journal=copy, guard=GUARD) as reader:
+        record = reader.edit(fresh, *FACTS[2])
+        assert record.drift == continued.drift  # the same group read (a fresh guard reads group 0)
+        assert reader._safeguards.guard.rotation() == after
+
+
+def test_a_refused_edit_moves_the_journaled_rotation(tmp_path):
+    model, tok = tiny_model("llama")
+    journal = tmp_path / "edits.sqlite"
+    with factedit.Editor(WRECK, tokenizer=tok, journal=journal, guard=GUARD_STRICT) as editor:
+        with pytest.raises(DriftError):
+            editor.edit(model, "The capital of France is", "Rome")
+        assert editor.history == []
+    with Journal(journal) as kept:
+        rotation = kept.guard_rotation()
+    assert rotation["next"] == 1 and rotation["last"][0] > GUARD_STRICT.max_ratio  # refused, yet read
+    with editor_for("ft_l", tok, journal=journal, guard=GUARD_STRICT) as reader:
+        reader.warm_guard(model)
+        assert reader._safeguards.guard.plan() == (1, 0)  # the next group, and the one that read worst
+    with editor_for("ft_l", tok, journal=journal, guard=GUARD) as other:
+        other.warm_guard(model)  # another config: its guard starts afresh, as the writer's would have
+        assert other._safeguards.guard.plan() == (0,)
+
+
+def test_a_guard_takes_up_only_a_rotation_of_its_own_config():
+    guard = DriftGuard(GUARD)
+    rotation = guard.rotation()
+    rotation["next"], rotation["last"][2] = 3, 1.25
+    assert DriftGuard(GUARD).resume(rotation)
+    taken = DriftGuard(GUARD)
+    taken.resume(rotation)
+    assert taken.plan() == (3, 2) and taken.rotation() == rotation
+    for bad in ({**rotation, "config": {**rotation["config"], "texts": 8}}, {**rotation, "next": len(guard.groups)},
+                {**rotation, "last": rotation["last"][:-1]}, {**rotation, "last": ["1.2"] * len(guard.groups)}, {}):
+        fresh = DriftGuard(GUARD)
+        assert not fresh.resume(bad) and fresh.plan() == (0,)
+
+
+def test_a_replayed_journal_keeps_the_base_of_what_reverted_edits_touched(tmp_path):
+    """The writer keeps the base of every parameter an edit touched, a reverted one's too; the guard
+    reads from the lowest such block, so a reader that forgot them would read from another block."""
+    model, tok = tiny_model("llama")
+    journal, copy = tmp_path / "edits.sqlite", tmp_path / "copy.sqlite"
+    writer = editor_for("ft_l", tok, journal=journal, guard=GUARD)
+    writer.set_method("ft_l", **{**TINY_OVERRIDES["ft_l"], "layers": (0,)})
+    writer.revert(model, writer.edit(model, "The capital of Italy is", "Madrid").id)
+    writer.set_method("ft_l", **TINY_OVERRIDES["ft_l"])
+    writer.edit(model, *FACTS[0])
+    shutil.copy(journal, copy)
+    continued = writer.edit(model, *FACTS[1])
+    kept = sorted(writer._state.base)
+    writer.close()
+
+    fresh, _ = tiny_model("llama")
+    with editor_for("ft_l", tok, journal=copy, guard=GUARD) as reader:
+        record = reader.edit(fresh, *FACTS[1])
+        assert record.drift == continued.drift
+        assert sorted(reader._state.base) == kept

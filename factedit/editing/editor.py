@@ -603,7 +603,9 @@ class Editor:
             self._state, self._streams = replayed.state, replayed.streams
             self._records = {r.id: r for r in replayed.records}
             self._model_ref, self._model_id, self._fingerprint = weakref.ref(model), model_id, fingerprint
-            self._safeguards = Safeguards(model_id, fingerprint)
+            journal = self._journal
+            self._safeguards = Safeguards(model_id, fingerprint, journal.guard_rotation() if journal else None,
+                                          journal.set_guard_rotation if journal else None)
             setattr(model, OWNER_ATTRIBUTE, weakref.ref(self))
 
     def base_weights(self) -> BaseWeights:

@@ -3,10 +3,11 @@
 Keys and values are bytes: `meta` and `record/<id>` hold UTF-8 JSON, `delta/<id>` holds safetensors
 bytes, `state/<id>` (lifelong methods only) the method's state after the edit as safetensors bytes,
 `keys/<id>` (preserving methods only) the keys the preserver holds for the edit as safetensors bytes,
-`order` the JSON list of edit ids. Decoding is the identity, so opening a journal cannot run
-code. Each edit (record, delta, order and the base hashes of newly touched parameters) is committed
-in one sqlite transaction, so a crash leaves the journal at the last whole edit. An exclusive file
-lock beside the journal keeps a second process out while one has it open.
+`order` the JSON list of edit ids, `guard` the drift guard's rotation after its last check (JSON).
+Decoding is the identity, so opening a journal cannot run code. Each edit (record, delta, order and
+the base hashes of newly touched parameters) is committed in one sqlite transaction, so a crash leaves
+the journal at the last whole edit. An exclusive file lock beside the journal keeps a second process
+out while one has it open.
 """
 
 from __future__ import annotations
@@ -193,6 +194,22 @@ class Journal:
                 items[f"{kind}/{record.id}"] = save_safetensors(stored, metadata=delta_meta)
         self._commit(items)
         self.meta = meta
+
+    def guard_rotation(self) -> dict[str, Any] | None:
+        """The drift guard's rotation after its last check (`DriftGuard.rotation`, with the model's
+        fingerprint), or None when no check was made."""
+        if "guard" not in self._db:
+            return None
+        try:
+            rotation = json.loads(self._db["guard"])
+        except ValueError:
+            raise JournalError(f"{self.path}: its guard rotation is not JSON; the file is corrupt") from None
+        return rotation if isinstance(rotation, dict) else None
+
+    def set_guard_rotation(self, rotation: Mapping[str, Any]) -> None:
+        """Keep the guard's rotation after a check, accepted or refused (its own transaction): the
+        writer's guard moved on either way."""
+        self._commit({"guard": _json_bytes(dict(rotation))})
 
     def set_status(self, record: EditRecord, weights_hashes: Mapping[str, str] | None = None) -> None:
         """Rewrite the record's status fields (revert); `weights_hashes` as for `append`, after it."""

@@ -1,6 +1,7 @@
 """Replaying a journal onto a freshly loaded model: check it is the journal's base model (sha256 of every
 parameter, and of each parameter an edit touched first), apply the active edits in order, and check the
-result against the hashes the journal's writer recorded after its last change."""
+result against the hashes the journal's writer recorded after its last change. The weight state then
+keeps the base of every parameter an edit ever touched, as the writer's did."""
 
 from __future__ import annotations
 
@@ -52,6 +53,9 @@ def replay(
         for record in records:
             if record.status == "active":
                 state.apply(model, record.id, record.delta)
+        # The parameters only reverted edits touched are base now; the writer kept them as base too, and
+        # what is read from the base weights (the guard's first block, among others) follows that set.
+        state.keep_base(model, sorted(journal.meta.get("base_hashes", {})))
     except BaseException:
         state.restore_base(model)  # undo the ones already replayed
         raise

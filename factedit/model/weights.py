@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -194,6 +194,14 @@ class WeightState:
                 handle.remove()
             for module, key, hook in taken:
                 module._forward_hooks[key] = hook
+
+    def keep_base(self, model: nn.Module, names: Sequence[str]) -> None:
+        """Keep the current values of `names` as their base, as an edit touching them would (a replayed
+        journal's reverted edits touched them: the state is then the one its writer had)."""
+        params = dict(model.named_parameters())
+        for name in names:
+            if name in params and name not in self.base:
+                self.base[name] = params[name].detach().to("cpu", copy=True)
 
     def apply(self, model: nn.Module, edit_id: str, delta: Delta) -> None:
         """Add `delta` to the model's weights and attach its side modules. Refused, with nothing changed,

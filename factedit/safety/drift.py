@@ -15,7 +15,8 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -177,6 +178,26 @@ class DriftGuard:
         self._next = 0
         self._forms: dict[int, BlockForm | str] = {}  # block -> its checked output form, or _NOT_REPLAYABLE
         self.base_perplexity: float | None = None  # of the worst group of the last check
+
+    def rotation(self) -> dict[str, Any]:
+        """Where the rotation stands, as JSON: the config it runs under, the next group, each group's last
+        ratio. A journal keeps it after every check, so that a reopened Editor's guard reads the groups
+        and makes the decisions the writer's would have (`resume`)."""
+        return {"config": asdict(self.config), "next": self._next, "last": [g.last for g in self.groups]}
+
+    def resume(self, rotation: Mapping[str, Any]) -> bool:
+        """Take up a `rotation()` made under this guard's config (and so its groups); False, nothing
+        taken, for another config (its guard would have started afresh, as this one does) or a malformed one."""
+        last = rotation.get("last")
+        if (rotation.get("config") != asdict(self.config) or not isinstance(last, list)
+                or len(last) != len(self.groups) or not isinstance(rotation.get("next"), int)
+                or not 0 <= rotation["next"] < len(self.groups)
+                or not all(x is None or isinstance(x, (int, float)) for x in last)):
+            return False
+        for group, value in zip(self.groups, last, strict=True):
+            group.last = None if value is None else float(value)
+        self._next = rotation["next"]
+        return True
 
     def plan(self) -> tuple[int, ...]:
         """The groups a full check reads: the next group in turn, and the group that read worst so far (the

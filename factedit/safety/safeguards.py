@@ -5,7 +5,9 @@
   `preserver` also fit inside it), and the keys of each applied edit are protected in later
   least-squares solves until it is reverted.
 - The guard (`drift.py`): after an edit is applied, the perplexity of reference text over the base
-  model's; past the bound the Editor undoes the edit and raises `DriftError`.
+  model's; past the bound the Editor undoes the edit and raises `DriftError`. Its rotation (the next
+  group, each group's last reading) is journaled after every check, so a reopened journal's guard
+  goes on from where its writer's stood.
 
 Both are measured on the base weights (`WeightState.base` for parameters already edited), so an
 Editor that replayed a journal sees the same base as the one that wrote it. The keys held for an edit
@@ -98,10 +100,17 @@ def accepts(compute: Callable[..., Any], name: str) -> bool:
 class Safeguards:
     """The preserver and the guard of one Editor bound to one model (see the module docstring)."""
 
-    def __init__(self, model_id: str, fingerprint: str) -> None:
+    def __init__(
+        self, model_id: str, fingerprint: str, rotation: Mapping[str, Any] | None = None,
+        keep_rotation: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        """`rotation`: the guard's rotation a journal kept (`DriftGuard.rotation`, with the model's
+        fingerprint), taken up by the guard when it is made under the same config; `keep_rotation` is
+        given the rotation after every check (the journal's `set_guard_rotation`)."""
         self.model_id, self.fingerprint = model_id, fingerprint
         self.preserver: KeyPreserver | None = None
         self.guard: DriftGuard | None = None
+        self._rotation, self._keep_rotation = rotation, keep_rotation
 
     def preserver_for(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, state: WeightState,
@@ -203,6 +212,8 @@ class Safeguards:
         ratio = guard.ratio(model, tokenizer, base, lowest_touched_block(model, state), known,
                             whole=config.reads_whole(facts))
         timings["guard_ms"] = ms_since(start)
+        if self._keep_rotation is not None and not config.reads_whole(facts):  # a whole read moves no rotation
+            self._keep_rotation({**guard.rotation(), "fingerprint": self.fingerprint})
         guard.check(ratio, what)
         return ratio
 
@@ -243,4 +254,7 @@ class Safeguards:
             store = GuardStore(self.fingerprint, self.model_id, reference_texts("samples"), config.texts,
                                config.max_tokens, param.dtype, param.device)
             self.guard = DriftGuard(config, store)
+            if self._rotation is not None and self._rotation.get("fingerprint") == self.fingerprint:
+                self.guard.resume(self._rotation)
+            self._rotation = None  # taken up once: a guard made later (another config) starts afresh
         return self.guard
