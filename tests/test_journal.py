@@ -402,3 +402,17 @@ def test_paths_that_cannot_be_journals_are_refused_and_nothing_is_created(tmp_pa
     with pytest.raises(factedit.JournalError, match="no journal at"):
         Journal(tmp_path / "typo.sqlite", create=False)
     assert list(tmp_path.iterdir()) == []  # no journal, no lock file
+
+
+def test_a_journal_with_a_corrupt_guard_rotation_replays_nothing(tmp_path):
+    path, _, tok = journal_with_one_edit(tmp_path)
+    with Journal(path) as journal:
+        journal._commit({"guard": b"{not json"})
+    fresh, _ = tiny_model("llama")
+    before = snapshot(fresh)
+    editor = factedit.Editor("ft", tokenizer=tok, journal=path, **FT)
+    with pytest.raises(factedit.JournalError, match="guard rotation is not JSON"):
+        editor.attach(fresh)
+    assert_weights_equal(fresh, before)
+    assert editor._model_ref is None and not hasattr(fresh, "factedit_editor")
+    editor.close()

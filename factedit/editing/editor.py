@@ -598,13 +598,14 @@ class Editor:
                     "close() it first"
                 )
             model_id, fingerprint = model_id_of(model), model_fingerprint(model)
+            journal = self._journal
+            rotation = journal.guard_rotation() if journal else None  # read first: a corrupt one replays nothing
             replayed = replay(self._journal, model, model_id, fingerprint, self.attach_timings)  # replay_journal.py
             self._base_sha256, self.replay_differs = replayed.base_sha256, replayed.differs
             self._state, self._streams = replayed.state, replayed.streams
             self._records = {r.id: r for r in replayed.records}
             self._model_ref, self._model_id, self._fingerprint = weakref.ref(model), model_id, fingerprint
-            journal = self._journal
-            self._safeguards = Safeguards(model_id, fingerprint, journal.guard_rotation() if journal else None,
+            self._safeguards = Safeguards(model_id, fingerprint, rotation,
                                           journal.set_guard_rotation if journal else None)
             setattr(model, OWNER_ATTRIBUTE, weakref.ref(self))
 
