@@ -85,6 +85,23 @@ def test_chat_rule_takes_the_new_target_out_before_looking_for_the_old_one():
     assert says_in("It is Rome.", "Rome", None)  # no old object known: only the new one counts
 
 
+@pytest.mark.parametrize(
+    ("reply", "ok"),
+    [
+        ("The City of Melbourne is in Queensland, Australia.", True),  # the subject restated
+        ("City of Melbourne: Queensland.", True),
+        ("The City of Melbourne is in Queensland, not Melbourne.", False),  # the old object as an answer
+        ("Melbourne. The City of Melbourne is in Queensland.", False),
+        ("The City of Melbourne is in Victoria.", False),
+    ],
+)
+def test_chat_rule_does_not_count_the_old_object_the_reply_takes_over_from_the_question(reply, ok):
+    question = "Complete the sentence: City of Melbourne is in"
+    assert says_in(reply, "Queensland", "Melbourne", question) is ok
+    # without the question, every occurrence of the old object counts (the rule before)
+    assert not says_in(reply, "Queensland", "Melbourne")
+
+
 # --- chat prompts through the template ----------------------------------------------------------------
 
 

@@ -17,11 +17,14 @@ chat success (`says_in`)
     prompt); `chat_tokens` tokens of reply are generated greedily. Success when the normalised reply
     CONTAINS the normalised new target at word boundaries and, once those occurrences are taken out,
     does not contain the old (true) object at word boundaries ("Rome, not Paris" fails: the reply
-    must not hedge). The questions: the edit prompt as a sentence to complete (CHAT_SENTENCE,
-    "Complete the sentence: {prompt}") and each paraphrase as a question (CHAT_QUESTION,
-    "{paraphrase} what?"); both forms were chosen on CounterFact train[0:30] by how often the
-    unedited default model's reply names the TRUE object (sentence 0.40 / 0.27 on prompts /
-    paraphrases, question 0.37 / 0.33; "Fill in the blank" and "Finish this sentence" no better).
+    must not hedge), where an occurrence that the reply takes over from the question with a word
+    beside it is no answer (the subject restated: "The City of Melbourne is in Queensland" after
+    "City of Melbourne is in" → Queensland passes; "... in Queensland, not Melbourne" fails). The
+    questions: the edit prompt as a sentence to complete (CHAT_SENTENCE, "Complete the sentence:
+    {prompt}") and each paraphrase as a question (CHAT_QUESTION, "{paraphrase} what?"); both forms were
+    chosen on CounterFact train[0:30] by how often the unedited default model's reply names the TRUE
+    object (sentence 0.40 / 0.27 on prompts / paraphrases, question 0.37 / 0.33; "Fill in the blank" and
+    "Finish this sentence" no better).
     A tokenizer without a chat template gives None, never 0.
 neighbour kept
     The greedy continuation (`len(answer ids) + GREEDY_EXTRA` tokens) of every neighbourhood prompt
@@ -91,9 +94,11 @@ def says_first(continuation: str, target: str) -> bool:
     return bool(want) and _at_word_boundaries(want).match(normalise(continuation)) is not None
 
 
-def says_in(reply: str, target: str, avoid: str | None = None) -> bool:
+def says_in(reply: str, target: str, avoid: str | None = None, question: str = "") -> bool:
     """Chat rule: the normalised reply contains the target at word boundaries and, with those
-    occurrences taken out, not `avoid` (the old object) at word boundaries."""
+    occurrences taken out, not `avoid` (the old object) at word boundaries, except where the reply
+    restates the `question`'s words (the old object inside the subject: "The City of Melbourne is in
+    Queensland" after "City of Melbourne is in" → Queensland)."""
     want, text = normalise(target), normalise(reply)
     if not want:
         return False
@@ -101,7 +106,22 @@ def says_in(reply: str, target: str, avoid: str | None = None) -> bool:
     if pattern.search(text) is None:
         return False
     old = normalise(avoid) if avoid else ""
-    return not old or _at_word_boundaries(old).search(pattern.sub(" ", text)) is None
+    if not old:
+        return True
+    rest, asked = pattern.sub(" ", text), _WORD.findall(normalise(question))
+    return all(_restates(rest, found, asked) for found in _at_word_boundaries(old).finditer(rest))
+
+
+_WORD = re.compile(r"\w+")
+
+
+def _restates(text: str, found: re.Match[str], asked: Sequence[str]) -> bool:
+    """Whether the words `found` covers in `text`, with the word just before or just after them, are a
+    run of the question's words `asked`."""
+    words = _WORD.findall(found.group())
+    before, after = _WORD.findall(text[: found.start()])[-1:], _WORD.findall(text[found.end() :])[:1]
+    runs = [run for run in (before + words, words + after) if len(run) > len(words)]
+    return any(asked[i : i + len(run)] == run for run in runs for i in range(len(asked) - len(run) + 1))
 
 
 def chat_questions(prompt: str, paraphrases: Sequence[str]) -> list[str]:
@@ -263,7 +283,10 @@ def said_scores(
                 para_ok=[says_first(t, case.target_new) for t in mine.get("para", [])],
                 neigh_texts=mine.get("neigh", []),
                 chat_replies=replies,
-                chat_ok=None if replies is None else [says_in(r, case.target_new, case.target_true) for r in replies],
+                chat_ok=None if replies is None else [
+                    says_in(r, case.target_new, case.target_true, q)
+                    for r, q in zip(replies, chat_questions(case.prompt, case.paraphrases), strict=True)
+                ],
             )
         )
     return results
