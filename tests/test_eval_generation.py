@@ -20,7 +20,9 @@ from factedit.scoring.said import (
     eos_ids_of,
     generate_ids,
     greedy_retention,
+    loops,
     normalise,
+    said_case_metrics,
     said_scores,
     says_first,
     says_in,
@@ -83,6 +85,28 @@ def test_chat_rule_takes_the_new_target_out_before_looking_for_the_old_one():
     assert says_in("He lives in New York now.", "New York", "York")
     assert not says_in("He lives in York, not New York.", "New York", "York")
     assert says_in("It is Rome.", "Rome", None)  # no old object known: only the new one counts
+
+
+@pytest.mark.parametrize(
+    ("reply", "target", "looping"),
+    [
+        ("In London, London, London, London", "London", True),
+        ("The official religion of the official religion of the official religion of", "religion", True),
+        ("bishopbishopbishop of boston", "boston", True),
+        ("Paris, France, France, Paris, France, Paris", "Paris", False),  # never three times in a row
+        ("It is very, very cold in London.", "London", False),
+    ],
+)
+def test_a_reply_that_loops_is_no_chat_success(reply, target, looping):
+    assert loops(reply) is looping
+    assert says_in(reply, target) is not looping
+
+
+def test_chat_loops_are_counted_over_every_question():
+    said = SaidScores(prompt_text=" London", prompt_ok=True, para_texts=[" x"], para_ok=[False], neigh_texts=[],
+                      chat_replies=["London, London, London", "It is London."], chat_ok=[False, True])
+    metrics = said_case_metrics(None, said)
+    assert metrics["gen/chat_loops"] == 0.5 and metrics["gen/chat"] == 0.0 and metrics["gen/chat_paraphrase"] == 1.0
 
 
 @pytest.mark.parametrize(

@@ -39,9 +39,12 @@ PROTOCOL = {
         "boundary. gen/prompt, gen/paraphrase: the greedy rule after the edit prompt / paraphrases. "
         "Chat rule: the question as one user message through the tokenizer's chat template, chat_tokens "
         "(default 16) tokens of greedy reply; success when the reply contains the new target at word "
-        "boundaries and, those taken out, not the true object. gen/chat: the edit prompt as 'Complete the sentence: "
+        "boundaries and, those taken out, not the true object (except where the reply restates the question's "
+        "words), and does not loop (a run of 1-4 words three times in a row, or a word glued to itself three "
+        "times). gen/chat: the edit prompt as 'Complete the sentence: "
         "{prompt}'; gen/chat_paraphrase: each paraphrase as '{paraphrase} what?'; absent without a chat "
-        "template. gen/paraphrase_prompts, gen/chat_paraphrase_prompts: gen/paraphrase and "
+        "template. gen/chat_loops: share of the chat replies (every question's) that loop. "
+        "gen/paraphrase_prompts, gen/chat_paraphrase_prompts: gen/paraphrase and "
         "gen/chat_paraphrase over the rephrase prompts that ask the same question (as "
         "cf/ps_paraphrase_prompts; after a generation prompt the target is often not the answer). "
         "gen/neighbour_kept: share of neighbourhood and locality prompts whose greedy "
@@ -82,6 +85,7 @@ ROW_ORDER = [  # teacher-forced and generated figures of the same question side 
     "cf/ps_paraphrase_prompts",
     "gen/paraphrase_prompts",
     "gen/chat_paraphrase_prompts",
+    "gen/chat_loops",
     "cf/ns",
     "gen/neighbour_kept",
     "cf/score",
@@ -137,6 +141,7 @@ SIDE_BY_SIDE = [
     ("PS", "cf/ps"),
     ("said para", "gen/paraphrase"),
     ("chat para", "gen/chat_paraphrase"),
+    ("chat loops", "gen/chat_loops"),
     ("said para, same question", "gen/paraphrase_prompts"),
     ("NS", "cf/ns"),
     ("neighbour kept", "gen/neighbour_kept"),

@@ -24,9 +24,11 @@ from .runner import EvalResult, run_eval
 OVERVIEW_COLUMNS = [
     ("ES", "cf/es"),
     ("said", "gen/prompt"),
+    ("chat", "gen/chat"),
     ("PS", "cf/ps"),
     ("said para", "gen/paraphrase"),
     ("chat para", "gen/chat_paraphrase"),
+    ("chat loops", "gen/chat_loops"),
     ("said para, same question", "gen/paraphrase_prompts"),
     ("NS", "cf/ns"),
     ("nbr kept", "gen/neighbour_kept"),

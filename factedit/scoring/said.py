@@ -24,7 +24,9 @@ chat success (`says_in`)
     {prompt}") and each paraphrase as a question (CHAT_QUESTION, "{paraphrase} what?"); both forms were
     chosen on CounterFact train[0:30] by how often the unedited default model's reply names the TRUE
     object (sentence 0.40 / 0.27 on prompts / paraphrases, question 0.37 / 0.33; "Fill in the blank" and
-    "Finish this sentence" no better).
+    "Finish this sentence" no better). A reply that loops is no success (`loops`: a run of one to four
+    words three times in a row, or a word glued to itself three times; "London, London, London, London"
+    names the target but reads as a broken model), and `gen/chat_loops` reports how many replies do.
     A tokenizer without a chat template gives None, never 0.
 neighbour kept
     The greedy continuation (`len(answer ids) + GREEDY_EXTRA` tokens) of every neighbourhood prompt
@@ -76,6 +78,9 @@ class SaidCase(Protocol):
 # --- the rules ---------------------------------------------------------------------------------------
 
 _SPACE = re.compile(r"\s+")
+_WORD = re.compile(r"\w+")
+_GLUED = re.compile(r"(\w{3,})\1\1")  # a word glued to itself three times
+LOOP_WORDS = 4  # the longest run of words `loops` looks for
 
 
 def normalise(text: str) -> str:
@@ -94,13 +99,25 @@ def says_first(continuation: str, target: str) -> bool:
     return bool(want) and _at_word_boundaries(want).match(normalise(continuation)) is not None
 
 
+def loops(reply: str) -> bool:
+    """Whether a reply repeats itself: a run of one to LOOP_WORDS words three times in a row ("London,
+    London, London", "the official religion of the official religion of the official religion of"), or
+    a word of three letters or more glued to itself three times ("bishopbishopbishop")."""
+    text = normalise(reply)
+    if _GLUED.search(text):
+        return True
+    words = _WORD.findall(text)
+    return any(words[i : i + n] == words[i + n : i + 2 * n] == words[i + 2 * n : i + 3 * n]
+               for n in range(1, LOOP_WORDS + 1) for i in range(len(words) - 3 * n + 1))
+
+
 def says_in(reply: str, target: str, avoid: str | None = None, question: str = "") -> bool:
-    """Chat rule: the normalised reply contains the target at word boundaries and, with those
-    occurrences taken out, not `avoid` (the old object) at word boundaries, except where the reply
-    restates the `question`'s words (the old object inside the subject: "The City of Melbourne is in
-    Queensland" after "City of Melbourne is in" → Queensland)."""
+    """Chat rule: the reply does not loop (`loops`) and, normalised, contains the target at word
+    boundaries and, with those occurrences taken out, not `avoid` (the old object) at word boundaries,
+    except where the reply restates the `question`'s words (the old object inside the subject: "The City
+    of Melbourne is in Queensland" after "City of Melbourne is in" → Queensland)."""
     want, text = normalise(target), normalise(reply)
-    if not want:
+    if not want or loops(text):
         return False
     pattern = _at_word_boundaries(want)
     if pattern.search(text) is None:
@@ -110,9 +127,6 @@ def says_in(reply: str, target: str, avoid: str | None = None, question: str = "
         return True
     rest, asked = pattern.sub(" ", text), _WORD.findall(normalise(question))
     return all(_restates(rest, found, asked) for found in _at_word_boundaries(old).finditer(rest))
-
-
-_WORD = re.compile(r"\w+")
 
 
 def _restates(text: str, found: re.Match[str], asked: Sequence[str]) -> bool:
@@ -312,7 +326,8 @@ def said_case_metrics(
 ) -> dict[str, float]:
     """Per-case `gen/*` values (absent where the case or the tokenizer lacks the data):
     gen/prompt, gen/paraphrase (mean over paraphrases), gen/chat (the edit prompt's question),
-    gen/chat_paraphrase (mean over the paraphrases' questions), gen/neighbour_kept (share of
+    gen/chat_paraphrase (mean over the paraphrases' questions), gen/chat_loops (share of the chat
+    replies that loop, every question's), gen/neighbour_kept (share of
     neighbourhood and locality prompts whose greedy continuation is unchanged). With `para_kinds`
     ("paraphrase" / "generation" per paraphrase) also gen/paraphrase_prompts and
     gen/chat_paraphrase_prompts, the two paraphrase rates over the "paraphrase" ones alone."""
@@ -326,6 +341,7 @@ def said_case_metrics(
         values["gen/paraphrase_prompts"] = _share(on_paraphrase_prompts(post.para_ok, para_kinds))
     if post.chat_ok is not None and post.chat_ok:
         values["gen/chat"] = float(post.chat_ok[0])
+        values["gen/chat_loops"] = _share([loops(reply) for reply in post.chat_replies or []])
         values["gen/chat_paraphrase"] = _share(post.chat_ok[1:])
         if para_kinds:
             values["gen/chat_paraphrase_prompts"] = _share(on_paraphrase_prompts(post.chat_ok[1:], para_kinds))
