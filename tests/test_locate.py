@@ -21,7 +21,7 @@ from factedit.locate.values import fit_values, selection
 from factedit.model.contexts import ContextPrefixes, PrefixConfig, generate_prefixes, token_at
 from factedit.model.hooks import capture_linear_io
 from factedit.safety.preserve import PreserveConfig, covariance_solve_rows
-from factedit.scoring.positions import key_rows, value_rows
+from factedit.scoring.positions import IGNORE, key_rows, value_rows
 from factedit.scoring.sequences import logits_at
 
 TINY = dict(v_steps=10, v_weight_decay=None, clamp_norm=None, layers=(1, 2))
@@ -473,3 +473,30 @@ def test_refinement_passes_solve_again_for_what_a_regularised_solve_left():
     for bad in (dict(refine_passes=-1), dict(refine_tol=1.5)):
         with pytest.raises(ConfigError):
             factedit.Editor("alphaedit", tokenizer=tok, **bad)
+
+
+def test_after_kl_keeps_what_follows_the_target_as_the_unedited_model_has_it(monkeypatch):
+    model, _, rows, _ = _value_setup("llama")
+    name, block = "model.layers.2.mlp.down_proj", "model.layers.2"
+    plain, _ = selection(rows)
+    select, targets = selection(rows, after=True)
+    with_target = (rows.labels != IGNORE).any(1)  # (B,)
+    last = rows.attention_mask.sum(1) - 1
+    assert torch.equal(select & ~plain, torch.zeros_like(select).index_put_(
+        (with_target.nonzero()[:, 0], last[with_target]), torch.tensor(True)))  # one more: each target row's last
+    assert int((targets == IGNORE).sum()) == int(with_target.sum() + rows.kl.sum())
+
+    readings = []
+    real = values_module._losses
+    monkeypatch.setattr(values_module, "_losses", lambda *a: readings.append(real(*a)) or readings[-1])
+
+    def after_at_the_end(weight: float) -> float:
+        readings.clear()
+        fit_values(model, rows, 2, name, 2, block, LocateConfig(**{**TINY, "v_steps": 30, "v_stop_nll": 0.0, "after_kl": weight}))
+        return float(readings[-1][3].detach().sum())  # (nll, stop, kl, after): the last pass's
+
+    # a tiny random model's edit moves the next token little: the weight that shows it is large
+    loose, held = after_at_the_end(1e-9), after_at_the_end(1e3)
+    assert loose > 0 and held < loose / 2  # held close to the unedited distribution after the target
+    with pytest.raises(ValueError, match="after_kl"):
+        LocateConfig(after_kl=-1.0)

@@ -48,6 +48,9 @@ class LocateConfig:
     clamp_norm: float | None = 4.0  # ‖δ‖ kept <= clamp_norm × ‖h‖, h the hidden state it is added to; None = off
     kl_factor: float | None = 0.0625  # weight of KL(edited ‖ unedited) on `kl_prompt`; None = off
     kl_prompt: str = "{} is a"  # the subject's other facts: the next token after this, "{}" = the subject
+    # Weight of KL(edited ‖ unedited) of the token after the target, in each row that has one: what follows
+    # the new object stays what the model would say after it ("Paris, France", not "Paris, Paris"); None = off.
+    after_kl: float | None = None
     v_stop_nll: float = 0.05  # stop once every request's mean target NLL (over its contexts) is below
     # After the stop, each request's δ is shortened to the smallest fraction of it that still meets the
     # stop, found by this many bisection passes (forward only); 0 = δ as the steps left it. Adam at lr 2.0
@@ -93,6 +96,7 @@ class LocateConfig:
         "v_optimizer": Choice("adam", "gradient"), "v_chunk": Integer(1, 256),
         "v_weight_decay": Number(0.0, 1.0, optional=True),
         "clamp_norm": Number(0.0, 100.0, optional=True), "kl_factor": Number(0.0, 10.0, optional=True),
+        "after_kl": Number(0.0, 100.0, optional=True),
         "v_stop_nll": Number(0.0, 10.0), "v_shrink_checks": Integer(0, 16),
         "cov_weight": Number(0.0, 1e6, optional=True), "preserve": Nested(PreserveConfig.SETTABLE),
         "refine_passes": Integer(0, 8), "refine_tol": Number(0.0, 1.0),
@@ -109,7 +113,7 @@ class LocateConfig:
             raise ValueError("v_chunk must be >= 1")
         if self.v_steps < 0 or self.v_shrink_checks < 0 or not (0 < self.v_lr < float("inf")):
             raise ValueError("v_steps and v_shrink_checks must be >= 0 and v_lr a finite number > 0")
-        for name in ("v_weight_decay", "clamp_norm", "kl_factor"):
+        for name in ("v_weight_decay", "clamp_norm", "kl_factor", "after_kl"):
             value = getattr(self, name)
             if value is not None and not (0 <= value < float("inf")):
                 raise ValueError(f"{name} must be a finite number >= 0, or None to turn it off")

@@ -6,6 +6,7 @@ last token of every row of request i (its prompt under each context prefix, and 
 
     loss_i = mean over i's prefixed prompts of the target's mean NLL
              + kl_factor · KL(p_edited ‖ p_unedited) of the next token after kl_prompt(subject)
+             + after_kl · mean over i's target rows of KL(p_edited ‖ p_unedited) of the token after the target
              + weight_decay · ‖δ_i‖ / ‖h_i‖²
     ‖δ_i‖ <= clamp_norm · ‖h_i‖  after each step
 
@@ -85,22 +86,25 @@ class Values:
                    max(p.steps for p in parts), torch.cat([p.nll for p in parts]), all(p.tails for p in parts))
 
 
-def selection(rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
-    """(select (B, T) positions predicting a target token, or the last token of a KL row; and the
-    label each selected position predicts (IGNORE for KL positions)), row-major."""
+def selection(rows: Rows, after: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(select (B, T) positions predicting a target token, or the last token of a KL row, and with
+    `after` the last token of every row with a target (what comes after the target); and the label each
+    selected position predicts (IGNORE for KL and after positions)), row-major."""
     select = torch.zeros_like(rows.labels, dtype=torch.bool)
     select[:, :-1] = rows.labels[:, 1:] != IGNORE
     last = rows.attention_mask.sum(1) - 1  # (B,)
-    select[rows.kl, last[rows.kl]] = True
+    ends = rows.kl | ((rows.labels != IGNORE).any(1) if after else rows.kl)  # (B,)
+    select[ends, last[ends]] = True
     targets = torch.full_like(rows.labels, IGNORE)
     targets[:, :-1] = rows.labels[:, 1:]
     return select, targets[select]
 
 
 def _losses(logits: torch.Tensor, part: Selected, n: int):
-    """(nll (n,), nll of the rows the stop reads (n,), kl (n,)) per request from logits (M, V) at
-    `part.select`: the NLL over all of a request's target rows, and over those without its chat row
-    (NaN for a request with no rows in `part`)."""
+    """(nll (n,), nll of the rows the stop reads (n,), kl (n,), after (n,)) per request from logits
+    (M, V) at `part.select`: the NLL over all of a request's target rows, and over those without its
+    chat row (NaN for a request with no rows in `part`); KL(edited ‖ unedited) at its KL row, and its
+    mean over the positions after its targets (`selection(after=True)`; 0 without them)."""
     rows, select, targets, base_kl = part.rows, part.select, part.targets, part.base_kl
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # (M, V)
     row = select.nonzero()[:, 0]  # (M,)
@@ -114,12 +118,16 @@ def _losses(logits: torch.Tensor, part: Selected, n: int):
     rewrite = ~rows.kl
     nll = _mean_per_request(per_row, rows.owner, rewrite, n)
     stop = _mean_per_request(per_row.detach(), rows.owner, rewrite & ~rows.chat, n)
-    kl = torch.zeros(n, device=logits.device)
+    kl, after = torch.zeros(n, device=logits.device), torch.zeros(n, device=logits.device)
     if base_kl is not None:
-        edited = logprobs[~on_target]  # (K, V), K = KL rows, in row order
+        edited = logprobs[~on_target]  # (K, V): the KL rows' last and the after positions, in row order
         terms = (edited.exp() * (edited - base_kl)).sum(-1)  # KL(edited ‖ unedited)
-        kl = kl.index_add(0, rows.owner[rows.kl], terms)
-    return nll, stop, kl
+        owners, at_kl_row = rows.owner[row[~on_target]], rows.kl[row[~on_target]]  # (K,)
+        kl = kl.index_add(0, owners[at_kl_row], terms[at_kl_row])
+        ends = ~at_kl_row
+        after = after.index_add(0, owners[ends], terms[ends]) / torch.zeros(n, device=logits.device).index_add(
+            0, owners[ends], torch.ones_like(terms[ends])).clamp(min=1)
+    return nll, stop, kl, after
 
 
 def _mean_per_request(per_row: torch.Tensor, owner: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
@@ -190,13 +198,14 @@ def fit_values(
     the down projection of block `layer`, `measured` the module whose output h and v* are (block
     `layer`, or `out_module` itself). `check`: compare the tail passes with a full pass first (once per
     model is enough). The model's weights are not touched (the caller freezes it)."""
-    select, targets = selection(rows)
+    select, targets = selection(rows, after=bool(config.after_kl))
     width = model.get_input_embeddings().embedding_dim  # H: the residual stream's
     delta = torch.zeros(n, width, device=rows.input_ids.device, requires_grad=True)  # (N, H)
     passes, hidden, first = _passes(model, rows, select, layer, measured, check, out_module, delta)
     initial = hidden[first_rows(rows.owner, n)]  # (N, H): the prompt alone (its first row: the empty prefix)
     base = first.detach()  # δ = 0: the unedited logits
-    base_kl = torch.log_softmax(base.float(), -1)[targets == IGNORE] if config.kl_factor else None  # (K, V)
+    reads_kl = bool(config.kl_factor or config.after_kl)
+    base_kl = torch.log_softmax(base.float(), -1)[targets == IGNORE] if reads_kl else None  # (K, V)
     everything = Selected(rows, select, targets, base_kl)
     optimizer = torch.optim.Adam([delta], lr=config.v_lr)
     norms = initial.norm(dim=1)  # (N,)
@@ -208,12 +217,12 @@ def fit_values(
         with torch.enable_grad():
             # the first pass ran step 0 (δ = 0, every request) already, when it ran through δ
             logits = first if steps == 0 and first.requires_grad else passes.run(delta, running)
-            nll, now, kl = _losses(logits, everything.of_requests(running), n)
+            nll, now, kl, after = _losses(logits, everything.of_requests(running), n)
             stop_nll = torch.where(running, now.detach(), stop_nll)
             met |= running & (stop_nll < config.v_stop_nll)
             if bool(met.all()) or steps == config.v_steps:
                 break
-            loss = nll + (config.kl_factor or 0.0) * kl
+            loss = nll + (config.kl_factor or 0.0) * kl + (config.after_kl or 0.0) * after
             if config.v_weight_decay:
                 loss = loss + config.v_weight_decay * delta.norm(dim=1) / norms**2
             optimizer.zero_grad(set_to_none=True)
@@ -267,7 +276,7 @@ def _shortest(
     part = everything.of_requests(met)  # only the requests that met the stop are shortened
     for _ in range(checks):
         middle = torch.where(met, (low + high) / 2, high)
-        _, at_middle, _ = _losses(passes.run(delta * middle[:, None], met), part, n)
+        _, at_middle, _, _ = _losses(passes.run(delta * middle[:, None], met), part, n)
         holds = met & (at_middle < stop)
         high = torch.where(holds, middle, high)
         low = torch.where(met & ~holds, middle, low)
