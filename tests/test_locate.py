@@ -492,7 +492,8 @@ def test_after_kl_keeps_what_follows_the_target_as_the_unedited_model_has_it(mon
 
     def after_at_the_end(weight: float) -> float:
         readings.clear()
-        fit_values(model, rows, 2, name, 2, block, LocateConfig(**{**TINY, "v_steps": 30, "v_stop_nll": 0.0, "after_kl": weight}))
+        config = LocateConfig(**{**TINY, "v_steps": 30, "v_stop_nll": 0.0, "after_kl": weight})
+        fit_values(model, rows, 2, name, 2, block, config)
         return float(readings[-1][3].detach().sum())  # (nll, stop, kl, after): the last pass's
 
     # a tiny random model's edit moves the next token little: the weight that shows it is large
