@@ -93,7 +93,7 @@ def selection(rows: Rows, after: bool = False) -> tuple[torch.Tensor, torch.Tens
     select = torch.zeros_like(rows.labels, dtype=torch.bool)
     select[:, :-1] = rows.labels[:, 1:] != IGNORE
     last = rows.attention_mask.sum(1) - 1  # (B,)
-    ends = rows.kl | ((rows.labels != IGNORE).any(1) if after else rows.kl)  # (B,)
+    ends = (rows.kl | (rows.labels != IGNORE).any(1)) if after else rows.kl  # (B,): rows whose last token is read
     select[ends, last[ends]] = True
     targets = torch.full_like(rows.labels, IGNORE)
     targets[:, :-1] = rows.labels[:, 1:]
@@ -124,9 +124,9 @@ def _losses(logits: torch.Tensor, part: Selected, n: int):
         terms = (edited.exp() * (edited - base_kl)).sum(-1)  # KL(edited ‖ unedited)
         owners, at_kl_row = rows.owner[row[~on_target]], rows.kl[row[~on_target]]  # (K,)
         kl = kl.index_add(0, owners[at_kl_row], terms[at_kl_row])
-        ends = ~at_kl_row
-        after = after.index_add(0, owners[ends], terms[ends]) / torch.zeros(n, device=logits.device).index_add(
-            0, owners[ends], torch.ones_like(terms[ends])).clamp(min=1)
+        at_end = ~at_kl_row
+        count = torch.zeros(n, device=logits.device).index_add(0, owners[at_end], torch.ones_like(terms[at_end]))
+        after = after.index_add(0, owners[at_end], terms[at_end]) / count.clamp(min=1)
     return nll, stop, kl, after
 
 
