@@ -95,6 +95,7 @@ def test_chat_rule_takes_the_new_target_out_before_looking_for_the_old_one():
         ("bishopbishopbishop of boston", "boston", True),
         ("Paris, France, France, Paris, France, Paris", "Paris", False),  # never three times in a row
         ("It is very, very cold in London.", "London", False),
+        ("London has 1000000000 bricks.", "London", False),  # digits are no glued word
     ],
 )
 def test_a_reply_that_loops_is_no_chat_success(reply, target, looping):

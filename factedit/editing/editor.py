@@ -600,7 +600,7 @@ class Editor:
             model_id, fingerprint = model_id_of(model), model_fingerprint(model)
             journal = self._journal
             rotation = journal.guard_rotation() if journal else None  # read first: a corrupt one replays nothing
-            replayed = replay(self._journal, model, model_id, fingerprint, self.attach_timings)  # replay_journal.py
+            replayed = replay(journal, model, model_id, fingerprint, self.attach_timings)  # replay_journal.py
             self._base_sha256, self.replay_differs = replayed.base_sha256, replayed.differs
             self._state, self._streams = replayed.state, replayed.streams
             self._records = {r.id: r for r in replayed.records}

@@ -79,7 +79,7 @@ class SaidCase(Protocol):
 
 _SPACE = re.compile(r"\s+")
 _WORD = re.compile(r"\w+")
-_GLUED = re.compile(r"(\w{3,})\1\1")  # a word glued to itself three times
+_GLUED = re.compile(r"([^\W\d_]{3,})\1\1")  # letters glued to themselves three times (not "1000000000")
 LOOP_WORDS = 4  # the longest run of words `loops` looks for
 
 
