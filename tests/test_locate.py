@@ -17,7 +17,7 @@ from factedit.locate.config import LocateConfig, MEMITConfig
 from factedit.locate.method import Locate, measured_at
 from factedit.locate.reads import read_at_subject
 from factedit.locate.tails import first_pass, split_at_subject, tail_logits
-from factedit.locate.values import fit_values, selection
+from factedit.locate.values import fit_values, selection, with_what_follows
 from factedit.model.contexts import ContextPrefixes, PrefixConfig, generate_prefixes, token_at
 from factedit.model.hooks import capture_linear_io
 from factedit.safety.preserve import PreserveConfig, covariance_solve_rows
@@ -501,3 +501,30 @@ def test_after_kl_keeps_what_follows_the_target_as_the_unedited_model_has_it(mon
     assert loose > 0 and held < loose / 2  # held close to the unedited distribution after the target
     with pytest.raises(ValueError, match="after_kl"):
         LocateConfig(after_kl=-1.0)
+    with pytest.raises(ValueError, match="after_tokens"):
+        LocateConfig(after_tokens=0)
+
+
+def test_after_tokens_hold_the_unedited_continuation_after_the_target():
+    model, tok, rows, _ = _value_setup("llama")
+    longer = with_what_follows(model, tok, rows, 2, None)
+    has_target = (rows.labels != IGNORE).any(1)
+    grown = longer.attention_mask.sum(1) - rows.attention_mask.sum(1)  # (B,)
+    assert bool((grown[~has_target] == 0).all()) and bool((grown[has_target] <= 2).all()) and int(grown.sum()) > 0
+    for b in range(rows.input_ids.shape[0]):  # the text and its labels as they were, the continuation unlabelled
+        n = int(rows.attention_mask[b].sum())
+        assert torch.equal(longer.input_ids[b, :n], rows.input_ids[b, :n])
+        assert torch.equal(longer.labels[b, :n], rows.labels[b, :n])
+        assert bool((longer.labels[b, n:] == IGNORE).all())
+        if int(grown[b]):  # what the model itself says next (greedy)
+            with torch.no_grad():
+                first = model(input_ids=rows.input_ids[b : b + 1, :n]).logits[0, -1].argmax()
+            assert int(longer.input_ids[b, n]) == int(first)
+    select, targets = selection(longer, after=True)
+    last = longer.attention_mask.sum(1) - 1
+    target_end = (longer.labels != IGNORE).float().cumsum(1).argmax(1)  # (B,): the last labelled position
+    for b in range(longer.input_ids.shape[0]):
+        if has_target[b]:  # from the target's last token to the row's last: one more read than tokens appended
+            assert bool(select[b, int(target_end[b]) : int(last[b]) + 1].all())
+            assert int(select[b, int(target_end[b]) :].sum()) == int(grown[b]) + 1
+    assert int((targets == IGNORE).sum()) == int((grown + 1)[has_target].sum() + rows.kl.sum())

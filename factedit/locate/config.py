@@ -51,6 +51,9 @@ class LocateConfig:
     # Weight of KL(edited ‖ unedited) of the token after the target, in each row that has one: what follows
     # the new object stays what the model would say after it ("Paris, France", not "Paris, Paris"); None = off.
     after_kl: float | None = None
+    # How many tokens after the target `after_kl` holds: 1, the next token; more, the unedited model's
+    # greedy continuation of after_tokens - 1 tokens is appended to each row and each prediction along it held.
+    after_tokens: int = 1
     v_stop_nll: float = 0.05  # stop once every request's mean target NLL (over its contexts) is below
     # After the stop, each request's δ is shortened to the smallest fraction of it that still meets the
     # stop, found by this many bisection passes (forward only); 0 = δ as the steps left it. Adam at lr 2.0
@@ -96,7 +99,7 @@ class LocateConfig:
         "v_optimizer": Choice("adam", "gradient"), "v_chunk": Integer(1, 256),
         "v_weight_decay": Number(0.0, 1.0, optional=True),
         "clamp_norm": Number(0.0, 100.0, optional=True), "kl_factor": Number(0.0, 10.0, optional=True),
-        "after_kl": Number(0.0, 100.0, optional=True),
+        "after_kl": Number(0.0, 100.0, optional=True), "after_tokens": Integer(1, 8),
         "v_stop_nll": Number(0.0, 10.0), "v_shrink_checks": Integer(0, 16),
         "cov_weight": Number(0.0, 1e6, optional=True), "preserve": Nested(PreserveConfig.SETTABLE),
         "refine_passes": Integer(0, 8), "refine_tol": Number(0.0, 1.0),
@@ -109,8 +112,8 @@ class LocateConfig:
             raise ValueError(f"v_optimizer must be 'adam' or 'gradient', got {self.v_optimizer!r}")
         if not self.layers:
             raise ValueError("layers must name at least one block")
-        if self.v_chunk < 1:
-            raise ValueError("v_chunk must be >= 1")
+        if self.v_chunk < 1 or self.after_tokens < 1:
+            raise ValueError("v_chunk and after_tokens must be >= 1")
         if self.v_steps < 0 or self.v_shrink_checks < 0 or not (0 < self.v_lr < float("inf")):
             raise ValueError("v_steps and v_shrink_checks must be >= 0 and v_lr a finite number > 0")
         for name in ("v_weight_decay", "clamp_norm", "kl_factor", "after_kl"):

@@ -46,7 +46,7 @@ from ..safety.reference import key_corpus
 from ..scoring.positions import Rows, first_rows, key_rows, subject_of, value_rows
 from .config import LocateConfig, MEMITConfig, ROMEConfig
 from .reads import Start, block_name, mean_by_owner, read_at_subject
-from .values import Values, fit_values
+from .values import Values, fit_values, with_what_follows
 
 LOG = logging.getLogger(__name__)
 # Models whose tail passes (tails.py) agreed with a full pass once: not checked again, by any Editor (an
@@ -89,7 +89,11 @@ class Locate:
             for start in range(0, len(requests), self.config.v_chunk):  # a fit's memory grows with its rows
                 group = requests[start : start + self.config.v_chunk]
                 value_batch = value_rows(tokenizer, prefixes, group, kl_prompt, self.config.position,
-                                         chat=self.config.chat_context, context_length=context_length).to(device)
+                                         chat=self.config.chat_context, context_length=context_length)
+                if self.config.after_kl and self.config.after_tokens > 1:
+                    value_batch = with_what_follows(model, tokenizer, value_batch.to(device),
+                                                    self.config.after_tokens - 1, context_length)
+                value_batch = value_batch.to(device)
                 parts.append(fit_values(model, value_batch, len(group), module_of(names[-1]), layers[-1], measured,
                                         self.config, check=model not in TAILS_AGREE))
                 if parts[-1].tails:

@@ -6,7 +6,8 @@ last token of every row of request i (its prompt under each context prefix, and 
 
     loss_i = mean over i's prefixed prompts of the target's mean NLL
              + kl_factor · KL(p_edited ‖ p_unedited) of the next token after kl_prompt(subject)
-             + after_kl · mean over i's target rows of KL(p_edited ‖ p_unedited) of the token after the target
+             + after_kl · mean over i's target rows of KL(p_edited ‖ p_unedited) of the after_tokens tokens
+               after the target (the first: the next token; the rest along the unedited model's continuation)
              + weight_decay · ‖δ_i‖ / ‖h_i‖²
     ‖δ_i‖ <= clamp_norm · ‖h_i‖  after each step
 
@@ -32,10 +33,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from ..model.hooks import ForwardHook, forward_hooks
-from ..scoring.positions import IGNORE, Rows, first_rows
-from ..scoring.sequences import logits_at
+from ..scoring.positions import IGNORE, Rows, continued, first_rows
+from ..scoring.said import eos_ids_of, generate_ids
+from ..scoring.sequences import logits_at, pad_id_of
 from .config import LocateConfig
 from .reads import read_at_subject, started
 from .tails import At, Tails, first_pass, split_at_subject, tail_logits
@@ -88,16 +91,37 @@ class Values:
 
 def selection(rows: Rows, after: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(select (B, T) positions predicting a target token, or the last token of a KL row, and with
-    `after` the last token of every row with a target (what comes after the target); and the label each
-    selected position predicts (IGNORE for KL and after positions)), row-major."""
-    select = torch.zeros_like(rows.labels, dtype=torch.bool)
-    select[:, :-1] = rows.labels[:, 1:] != IGNORE
+    `after` every position of a row with a target from the target's last token to the row's last (what
+    comes after the target: the next token, and those `continued` appended); and the label each selected
+    position predicts (IGNORE for KL and after positions)), row-major."""
+    labelled = rows.labels != IGNORE  # (B, T)
+    select = torch.zeros_like(labelled)
+    select[:, :-1] = labelled[:, 1:]
     last = rows.attention_mask.sum(1) - 1  # (B,)
-    ends = (rows.kl | (rows.labels != IGNORE).any(1)) if after else rows.kl  # (B,): rows whose last token is read
-    select[ends, last[ends]] = True
+    select[rows.kl, last[rows.kl]] = True
+    if after:
+        at = torch.arange(labelled.shape[1], device=labelled.device)[None]  # (1, T)
+        target_end = torch.where(labelled, at, -1).amax(1)  # (B,): the target's last token (-1: none)
+        select |= (at >= target_end[:, None]) & (at <= last[:, None]) & labelled.any(1)[:, None]
     targets = torch.full_like(rows.labels, IGNORE)
     targets[:, :-1] = rows.labels[:, 1:]
     return select, targets[select]
+
+
+@torch.no_grad()
+def with_what_follows(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, rows: Rows, tokens: int, context_length: int | None,
+) -> Rows:
+    """`rows` with the model's greedy continuation (at most `tokens`, cut before an end of sequence and at
+    `context_length`) after the text of each row with a target, as the model says it before the edit:
+    what `after_kl` holds beyond the token right after the target."""
+    has_target = (rows.labels != IGNORE).any(1).tolist()
+    lengths = rows.attention_mask.sum(1).tolist()
+    texts = [rows.input_ids[b, :n].tolist() for b, n in enumerate(lengths) if has_target[b]]
+    said = iter(generate_ids(model, texts, tokens, pad_id_of(tokenizer), eos_ids_of(model, tokenizer)))
+    room = [tokens if context_length is None else max(0, min(tokens, context_length - n)) for n in lengths]
+    return continued(rows, [next(said)[: room[b]] if has else [] for b, has in enumerate(has_target)],
+                     pad_id_of(tokenizer))
 
 
 def _losses(logits: torch.Tensor, part: Selected, n: int):

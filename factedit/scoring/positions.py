@@ -11,7 +11,7 @@ carries the position of the subject's last token and the request it belongs to.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -134,6 +134,19 @@ def value_rows(
             ids, index = token_at(tokenizer, kl_prompt.replace("{}", subject), start + len(subject))
             items.append(_Item(ids, index if position == SUBJECT_LAST else len(ids) - 1, owner, [], kl=True))
     return _batch(tokenizer, items, context_length)
+
+
+def continued(rows: Rows, tails: Sequence[Sequence[int]], pad_id: int) -> Rows:
+    """`rows` with `tails[b]` appended after row b's text, unlabelled (what a model says after the target,
+    for a term that holds it: values.selection(after=True) reads every position from the target's last
+    token on)."""
+    lengths = rows.attention_mask.sum(1).tolist()
+    pairs = enumerate(zip(lengths, tails, strict=True))
+    texts = [rows.input_ids[b, :n].tolist() + list(tail) for b, (n, tail) in pairs]
+    ids, mask = pad_sequences(texts, pad_id)
+    labels = torch.full_like(ids, IGNORE)
+    labels[:, : rows.labels.shape[1]] = rows.labels
+    return replace(rows, input_ids=ids, attention_mask=mask, labels=labels)
 
 
 def first_rows(owner: torch.Tensor, n: int) -> torch.Tensor:
