@@ -26,6 +26,7 @@ from factedit.scoring.said import (
     said_scores,
     says_first,
     says_in,
+    says_twice,
 )
 from factedit.scoring.sequences import pad_id_of
 
@@ -101,6 +102,14 @@ def test_chat_rule_takes_the_new_target_out_before_looking_for_the_old_one():
 def test_a_reply_that_loops_is_no_chat_success(reply, target, looping):
     assert loops(reply) is looping
     assert says_in(reply, target) is not looping
+
+
+def test_the_target_said_twice_is_counted():
+    assert says_twice(" Italy, Italy", "Italy") and says_twice(" opera. Opera", "opera")
+    assert not says_twice(" Italy, where", "Italy") and not says_twice(" Italian Italy", "Italy twice")
+    said = SaidScores(prompt_text=" Rome, Rome", prompt_ok=True, prompt_repeats=says_twice(" Rome, Rome", "Rome"))
+    assert said_case_metrics(None, said)["gen/prompt_repeats"] == 1.0
+    assert SaidScores.from_dict({"prompt_text": " Rome", "prompt_ok": True}).prompt_repeats is False  # older runs
 
 
 def test_chat_loops_are_counted_over_every_question():

@@ -37,6 +37,7 @@ PROTOCOL = {
         "len(target tokens) + 2 tokens generated greedily; success when the continuation, normalised "
         "(NFKC, casefolded, whitespace collapsed), starts with the normalised target ending at a word "
         "boundary. gen/prompt, gen/paraphrase: the greedy rule after the edit prompt / paraphrases. "
+        "gen/prompt_repeats: the prompt's continuation holds the target twice (' Italy, Italy'). "
         "Chat rule: the question as one user message through the tokenizer's chat template, chat_tokens "
         "(default 16) tokens of greedy reply; success when the reply contains the new target at word "
         "boundaries and, those taken out, not the true object (except where the reply restates the question's "
@@ -78,6 +79,7 @@ ROW_ORDER = [  # teacher-forced and generated figures of the same question side 
     "cf/es_requested",
     "gen/prompt",
     "gen/prompt_requested",
+    "gen/prompt_repeats",
     "gen/chat",
     "cf/ps",
     "gen/paraphrase",

@@ -28,6 +28,10 @@ chat success (`says_in`)
     words three times in a row, or a word glued to itself three times; "London, London, London, London"
     names the target but reads as a broken model), and `gen/chat_loops` reports how many replies do.
     A tokenizer without a chat template gives None, never 0.
+repeats (`says_twice`, `gen/prompt_repeats`)
+    The prompt's greedy continuation (the greedy rule's `len(target ids) + GREEDY_EXTRA` tokens) holds
+    the target twice at word boundaries (" Italy, Italy"): a success of the greedy rule that reads as a
+    glitch. Within that short window only: " New York, New York" is past it.
 neighbour kept
     The greedy continuation (`len(answer ids) + GREEDY_EXTRA` tokens) of every neighbourhood prompt
     and every unrelated (locality) prompt, before and after the edit: kept when the two normalised
@@ -97,6 +101,13 @@ def says_first(continuation: str, target: str) -> bool:
     boundary."""
     want = normalise(target)
     return bool(want) and _at_word_boundaries(want).match(normalise(continuation)) is not None
+
+
+def says_twice(continuation: str, target: str) -> bool:
+    """Whether the normalised continuation holds the normalised target twice at word boundaries (" Italy,
+    Italy": the edit pulls the model back to its target right after saying it)."""
+    want = normalise(target)
+    return bool(want) and len(_at_word_boundaries(want).findall(normalise(continuation))) >= 2
 
 
 def loops(reply: str) -> bool:
@@ -241,6 +252,7 @@ class SaidScores:
     neigh_texts: list[str] = field(default_factory=list)  # neighbourhood prompts, then locality prompts
     chat_replies: list[str] | None = None
     chat_ok: list[bool] | None = None
+    prompt_repeats: bool = False  # the target said twice in the prompt's continuation (`says_twice`)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -293,6 +305,7 @@ def said_scores(
             SaidScores(
                 prompt_text=mine["prompt"][0],
                 prompt_ok=says_first(mine["prompt"][0], case.target_new),
+                prompt_repeats=says_twice(mine["prompt"][0], case.target_new),
                 para_texts=mine.get("para", []),
                 para_ok=[says_first(t, case.target_new) for t in mine.get("para", [])],
                 neigh_texts=mine.get("neigh", []),
@@ -325,7 +338,8 @@ def said_case_metrics(
     pre: SaidScores | None, post: SaidScores | None, para_kinds: Sequence[str] = (),
 ) -> dict[str, float]:
     """Per-case `gen/*` values (absent where the case or the tokenizer lacks the data):
-    gen/prompt, gen/paraphrase (mean over paraphrases), gen/chat (the edit prompt's question),
+    gen/prompt, gen/prompt_repeats (the target twice in the prompt's greedy continuation), gen/paraphrase
+    (mean over paraphrases), gen/chat (the edit prompt's question),
     gen/chat_paraphrase (mean over the paraphrases' questions), gen/chat_loops (share of the chat
     replies that loop, every question's), gen/neighbour_kept (share of
     neighbourhood and locality prompts whose greedy continuation is unchanged). With `para_kinds`
@@ -336,6 +350,7 @@ def said_case_metrics(
     values: dict[str, float | None] = {
         "gen/prompt": float(post.prompt_ok),
         "gen/paraphrase": _share(post.para_ok),
+        "gen/prompt_repeats": float(post.prompt_repeats),
     }
     if para_kinds:
         values["gen/paraphrase_prompts"] = _share(on_paraphrase_prompts(post.para_ok, para_kinds))
