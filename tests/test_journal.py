@@ -195,10 +195,16 @@ def test_a_journal_with_a_corrupt_delta_replays_nothing(tmp_path):
         bad[0, 0] = float("nan")
         corrupt = Delta({**delta.params, name: ParamDelta(dense=bad)})
         journal._commit({f"delta/{second.id}": corrupt.to_bytes({"edit_id": second.id})})
+    assert_attach_refused(path, tok, factedit.InvalidDeltaError, "NaN")
+
+
+def assert_attach_refused(path, tok, error: type[Exception], match: str) -> None:
+    """Attaching a fresh model to the journal at `path` raises `error`, and leaves the model as it was
+    and the Editor unbound."""
     fresh, _ = tiny_model("llama")
     before = snapshot(fresh)
     editor = factedit.Editor("ft", tokenizer=tok, journal=path, **FT)
-    with pytest.raises(factedit.InvalidDeltaError, match="NaN"):
+    with pytest.raises(error, match=match):
         editor.attach(fresh)
     assert_weights_equal(fresh, before)
     assert editor._model_ref is None and not hasattr(fresh, "factedit_editor")  # unbound, model free
@@ -408,11 +414,4 @@ def test_a_journal_with_a_corrupt_guard_rotation_replays_nothing(tmp_path):
     path, _, tok = journal_with_one_edit(tmp_path)
     with Journal(path) as journal:
         journal._commit({"guard": b"{not json"})
-    fresh, _ = tiny_model("llama")
-    before = snapshot(fresh)
-    editor = factedit.Editor("ft", tokenizer=tok, journal=path, **FT)
-    with pytest.raises(factedit.JournalError, match="guard rotation is not JSON"):
-        editor.attach(fresh)
-    assert_weights_equal(fresh, before)
-    assert editor._model_ref is None and not hasattr(fresh, "factedit_editor")
-    editor.close()
+    assert_attach_refused(path, tok, factedit.JournalError, "guard rotation is not JSON")

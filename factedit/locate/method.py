@@ -90,9 +90,9 @@ class Locate:
                 group = requests[start : start + self.config.v_chunk]
                 value_batch = value_rows(tokenizer, prefixes, group, kl_prompt, self.config.position,
                                          chat=self.config.chat_context, context_length=context_length)
-                if self.config.after_kl and self.config.after_tokens > 1:
-                    value_batch = with_what_follows(model, tokenizer, value_batch.to(device),
-                                                    self.config.after_tokens - 1, context_length)
+                if self.config.after_kl and self.config.after_tokens > 1:  # generation reads token lists: CPU rows
+                    value_batch = with_what_follows(model, tokenizer, value_batch, self.config.after_tokens - 1,
+                                                    context_length)
                 value_batch = value_batch.to(device)
                 parts.append(fit_values(model, value_batch, len(group), module_of(names[-1]), layers[-1], measured,
                                         self.config, check=model not in TAILS_AGREE))
